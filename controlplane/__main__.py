@@ -1,0 +1,5 @@
+"""Lets `python -m controlplane` behave like the console script."""
+
+from controlplane.cli import main
+
+main()

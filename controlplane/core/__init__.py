@@ -1,0 +1,1 @@
+"""The pure core: data in, data out; see README.md in this folder."""

@@ -1,0 +1,312 @@
+"""Docker state -> topology: which containers serve which services, and why others don't.
+
+A pure function of the listing, so any trigger (start-up, event, timer) rebuilds the same
+answer from scratch and a missed event can't leave the result wrong. Bad input excludes the
+one container or alias it came from, with a reason; everything else is still built.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+
+from controlplane.core import labels as L
+from controlplane.core.lifecycle import StopMark, is_stopping
+from controlplane.core.model import (
+    METHODS_WITHOUT_BACKUP,
+    Algorithm,
+    Backend,
+    BackendState,
+    ContainerFacts,
+    DockerState,
+    Endpoint,
+    Exclusion,
+    Method,
+    NginxTarget,
+    Service,
+    Topology,
+)
+from controlplane.errors import InvalidValue
+
+DEFAULT_CONFIG_PATH = "/etc/nginx/conf.d/controlplane.conf"
+DEFAULT_PORT = 80
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """`networks` None watches every user-defined bridge network."""
+
+    networks: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class _Member:
+    container: ContainerFacts
+    endpoint: Endpoint
+    backend: L.BackendLabels
+    service: L.ServiceLabels
+    port: int
+    state: BackendState
+
+
+def build_topology(
+    state: DockerState,
+    options: BuildOptions = BuildOptions(),
+    stopping: Mapping[str, StopMark] | None = None,
+) -> Topology:
+    watched, warnings = _watched_networks(state, options)
+    marks = stopping or {}
+    nginx: list[NginxTarget] = []
+    excluded: list[Exclusion] = []
+    members: dict[str, list[_Member]] = defaultdict(list)
+    for container in sorted(state.containers, key=lambda c: (c.created, c.name)):
+        if container.status not in ("running", "paused"):
+            continue
+        if container.labels.get(L.ROLE) == "nginx":
+            target = _nginx_target(container, excluded)
+            if target is not None:
+                nginx.append(target)
+            continue
+        _collect_members(container, watched, marks, members, excluded)
+
+    services = []
+    for name in sorted(members):
+        service, dropped = _service(name, members[name])
+        services.append(service)
+        excluded.extend(dropped)
+    services, host_warnings = _claim_hosts(services)
+    return Topology(
+        services=tuple(services),
+        excluded=tuple(dict.fromkeys(excluded)),
+        nginx=tuple(nginx),
+        warnings=tuple(warnings + host_warnings),
+    )
+
+
+def _watched_networks(state: DockerState, options: BuildOptions) -> tuple[set[str], list[str]]:
+    bridges = {n.name for n in state.networks if n.driver == "bridge" and n.name != "bridge"}
+    if options.networks is None:
+        return bridges, []
+    warnings = []
+    drivers = {n.name: n.driver for n in state.networks}
+    for name in sorted(options.networks - bridges):
+        if name not in drivers:
+            warnings.append(f"network {L.show(name)} does not exist (yet): nothing is watched on it")
+        else:
+            warnings.append(
+                f"network {L.show(name)} has driver {drivers[name]}, not a user-defined bridge: "
+                "it is not watched"
+            )
+    return bridges & options.networks, warnings
+
+
+def _nginx_target(container: ContainerFacts, excluded: list[Exclusion]) -> NginxTarget | None:
+    def exclude(reason: str) -> None:
+        excluded.append(Exclusion(container.id, container.name, reason))
+
+    if container.status != "running":
+        exclude("managed nginx is paused: it gets the current config when it is unpaused")
+        return None
+    try:
+        path = L.parse_config_path(container.labels.get(L.CONFIG_PATH, DEFAULT_CONFIG_PATH))
+    except InvalidValue as error:
+        exclude(f"managed nginx not updated: {error}")
+        return None
+    return NginxTarget(
+        container_id=container.id,
+        container=container.name,
+        config_path=path,
+        started_at=container.started_at,
+        networks=tuple(e.network for e in container.endpoints),
+    )
+
+
+def _collect_members(
+    container: ContainerFacts,
+    watched: set[str],
+    marks: Mapping[str, StopMark],
+    members: dict[str, list[_Member]],
+    excluded: list[Exclusion],
+) -> None:
+    endpoints = [e for e in container.endpoints if e.network in watched and e.ip]
+    names_by_endpoint = [(e, _alias_services(container, e, excluded)) for e in endpoints]
+    if not any(names for _, names in names_by_endpoint) and L.SERVICE not in container.labels:
+        return
+
+    def exclude(reason: str) -> None:
+        excluded.append(Exclusion(container.id, container.name, reason))
+
+    try:
+        backend = L.parse_backend_labels(container.labels)
+        service = L.parse_service_labels(container.labels)
+    except InvalidValue as error:
+        exclude(str(error))
+        return
+    if not backend.enabled:
+        exclude(f"opted out with {L.ENABLE}=false")
+        return
+    port = backend.port
+    if port is None:
+        if len(container.exposed_tcp_ports) > 1:
+            ports = ", ".join(str(p) for p in container.exposed_tcp_ports)
+            exclude(f"exposes several TCP ports ({ports}): set {L.PORT} to the one to use")
+            return
+        port = container.exposed_tcp_ports[0] if container.exposed_tcp_ports else DEFAULT_PORT
+    state = _backend_state(container, marks.get(container.id))
+    for endpoint, names in names_by_endpoint:
+        if backend.service is not None:
+            names = (*names, backend.service)
+        for name in dict.fromkeys(names):
+            members[name].append(_Member(container, endpoint, backend, service, port, state))
+
+
+def _alias_services(
+    container: ContainerFacts, endpoint: Endpoint, excluded: list[Exclusion]
+) -> tuple[str, ...]:
+    """Network aliases that name services; Docker's own ID alias and the name are not ones."""
+    names = []
+    for alias in endpoint.aliases:
+        if container.id.startswith(alias) or alias == container.name:
+            continue
+        try:
+            names.append(L.parse_name(alias, "network alias"))
+        except InvalidValue as error:
+            excluded.append(Exclusion(container.id, container.name, str(error), service=alias))
+    return tuple(names)
+
+
+def _backend_state(container: ContainerFacts, mark: StopMark | None) -> BackendState:
+    if is_stopping(mark, container.stop_signal):
+        return BackendState.STOPPING
+    if container.status == "paused":
+        return BackendState.PAUSED
+    if container.health == "unhealthy":
+        return BackendState.UNHEALTHY
+    if container.health == "starting":
+        return BackendState.STARTING
+    return BackendState.UP
+
+
+def _service(name: str, members: list[_Member]) -> tuple[Service, list[Exclusion]]:
+    settings, warnings = _merge_service_labels(members)
+    algorithm, source, problem = _algorithm(settings)
+    if problem:
+        warnings.append(f"{problem}; using round_robin until that is fixed")
+    excluded = []
+    backends = []
+    for m in members:
+        if m.backend.backup and algorithm.method in METHODS_WITHOUT_BACKUP:
+            excluded.append(
+                Exclusion(
+                    m.container.id,
+                    m.container.name,
+                    f"{L.BACKUP}=true can't be used with method {algorithm.method.value} "
+                    "(nginx refuses it): left out of the upstream",
+                    service=name,
+                )
+            )
+            continue
+        backends.append(
+            Backend(
+                container_id=m.container.id,
+                container=m.container.name,
+                network=m.endpoint.network,
+                ip=m.endpoint.ip,
+                ipv6=m.endpoint.ipv6,
+                port=m.port,
+                created=m.container.created,
+                state=m.state,
+                weight=m.backend.weight,
+                backup=m.backend.backup,
+                max_fails=m.backend.max_fails,
+                fail_timeout=m.backend.fail_timeout,
+                max_conns=m.backend.max_conns,
+            )
+        )
+    live = [b for b in backends if b.state is BackendState.UP]
+    if live and all(b.backup for b in live):
+        warnings.append(
+            f"every live backend is {L.BACKUP}=true: they serve as primaries until one that is "
+            "not a backup is up"
+        )
+    service = Service(
+        name=name,
+        networks=tuple(sorted({m.endpoint.network for m in members})),
+        algorithm=algorithm,
+        algorithm_source=source,
+        hosts=settings.hosts or (),
+        backends=tuple(backends),
+        warnings=tuple(warnings),
+    )
+    return service, excluded
+
+
+def _merge_service_labels(members: Iterable[_Member]) -> tuple[L.ServiceLabels, list[str]]:
+    """The first backend (oldest) that sets a service label wins; disagreement is reported."""
+    chosen: dict[str, tuple[object, str]] = {}
+    warnings: list[str] = []
+    label_of = {
+        "method": L.ALGORITHM,
+        "hash_key": L.HASH_KEY,
+        "consistent": L.HASH_CONSISTENT,
+        "two": L.RANDOM_TWO,
+        "hosts": L.HOSTS,
+    }
+    for m in members:
+        for f in fields(L.ServiceLabels):
+            value = getattr(m.service, f.name)
+            if value is None:
+                continue
+            if f.name not in chosen:
+                chosen[f.name] = (value, m.container.name)
+            elif chosen[f.name][0] != value and m.container.name != chosen[f.name][1]:
+                first_value, first = chosen[f.name]
+                warning = (
+                    f"{label_of[f.name]}: {m.container.name} says {_plain(value)} but "
+                    f"{first} (older) says {_plain(first_value)}; using {_plain(first_value)}"
+                )
+                if warning not in warnings:
+                    warnings.append(warning)
+    merged = L.ServiceLabels(**{k: v for k, (v, _) in chosen.items()})  # type: ignore[arg-type]
+    return merged, warnings
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value.value if isinstance(value, Method) else value).lower()
+
+
+def _algorithm(settings: L.ServiceLabels) -> tuple[Algorithm, str, str | None]:
+    method = settings.method or Method.ROUND_ROBIN
+    algorithm = Algorithm(
+        method=method,
+        key=settings.hash_key if method is Method.HASH else None,
+        consistent=bool(settings.consistent) if method is Method.HASH else False,
+        two=bool(settings.two) if method is Method.RANDOM else False,
+    )
+    source = "label" if settings.method is not None else "default"
+    problem = L.algorithm_problem(algorithm)
+    if problem:
+        return Algorithm(), source, problem
+    return algorithm, source, None
+
+
+def _claim_hosts(services: list[Service]) -> tuple[list[Service], list[str]]:
+    """Each host name routes to one service: the service's own name first, then by name order."""
+    owner: dict[str, str] = {s.name: s.name for s in services}
+    warnings = []
+    result = []
+    for service in services:
+        kept = []
+        for host in service.hosts:
+            if owner.setdefault(host, service.name) == service.name:
+                kept.append(host)
+            else:
+                warnings.append(
+                    f"host {host} of service {service.name} already routes to service "
+                    f"{owner[host]}: ignored for {service.name}"
+                )
+        result.append(replace(service, hosts=tuple(kept)))
+    return result, warnings

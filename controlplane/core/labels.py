@@ -1,0 +1,254 @@
+"""The grammar of every value that may reach an nginx config.
+
+Labels come from whoever can start a container, so each value is checked against a strict
+pattern before it is used; a value that fails is reported, never passed through.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from controlplane.core.model import Algorithm, Method
+from controlplane.errors import InvalidValue
+
+PREFIX = "controlplane."
+ROLE = PREFIX + "role"
+ENABLE = PREFIX + "enable"
+SERVICE = PREFIX + "service"
+PORT = PREFIX + "port"
+WEIGHT = PREFIX + "weight"
+BACKUP = PREFIX + "backup"
+MAX_FAILS = PREFIX + "max_fails"
+FAIL_TIMEOUT = PREFIX + "fail_timeout"
+MAX_CONNS = PREFIX + "max_conns"
+ALGORITHM = PREFIX + "algorithm"
+HASH_KEY = PREFIX + "hash_key"
+HASH_CONSISTENT = PREFIX + "hash_consistent"
+RANDOM_TWO = PREFIX + "random_two"
+HOSTS = PREFIX + "hosts"
+CONFIG_PATH = PREFIX + "config_path"
+
+T = TypeVar("T")
+
+SERVICE_LABELS = (ALGORITHM, HASH_KEY, HASH_CONSISTENT, RANDOM_TWO, HOSTS)
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+HOST_RE = re.compile(
+    r"(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+DURATION_RE = re.compile(r"([0-9]{1,6})(s|m|h)?")
+CONFIG_PATH_RE = re.compile(r"/([A-Za-z0-9_.-]+/)*[A-Za-z0-9_-][A-Za-z0-9_.-]*\.conf")
+HASH_TOKEN_RE = re.compile(r"\$([a-z_][a-z0-9_]*)|([A-Za-z0-9_.:/,=-]+)")
+
+HASH_VARIABLES = frozenset(
+    {
+        "args", "binary_remote_addr", "cookie", "document_uri", "host", "http_host",
+        "query_string", "remote_addr", "remote_user", "request_method", "request_uri",
+        "scheme", "server_name", "uri",
+    }
+)
+HASH_VARIABLE_PREFIXES = ("http_", "cookie_", "arg_")
+
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+MAX_DURATION_SECONDS = 86_400
+
+
+def show(value: str) -> str:
+    """Quote a rejected value for a message, escaping anything unprintable."""
+    return repr(value[:80] + ("..." if len(value) > 80 else ""))
+
+
+def parse_name(value: str, what: str) -> str:
+    name = value.strip().lower()
+    if not NAME_RE.fullmatch(name):
+        raise InvalidValue(
+            f"{what} {show(value)} is not a valid name: use 1-63 characters from a-z, 0-9, "
+            "'_', '.', '-', starting with a letter or digit"
+        )
+    return name
+
+
+def parse_bool(value: str, label: str) -> bool:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise InvalidValue(f"{label}={show(value)} is not a boolean: use true or false")
+
+
+def parse_int(value: str, label: str, low: int, high: int) -> int:
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 7 or not low <= int(text) <= high:
+        raise InvalidValue(f"{label}={show(value)} must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def parse_duration(value: str, label: str) -> str:
+    """nginx's whole-second time syntax, bounded to a day so a typo can't disable failure
+    handling."""
+    text = value.strip()
+    match = DURATION_RE.fullmatch(text)
+    factor = {"s": 1, None: 1, "m": 60, "h": 3600}
+    if not match or int(match.group(1)) * factor[match.group(2)] > MAX_DURATION_SECONDS:
+        raise InvalidValue(
+            f"{label}={show(value)} is not a duration: use whole seconds, minutes or hours "
+            "(e.g. 10s, 2m), at most 24h"
+        )
+    return text
+
+
+def parse_hash_key(value: str) -> str:
+    """A key built only from known nginx variables and harmless literal characters."""
+    text = value.strip()
+    position, variables = 0, 0
+    while position < len(text):
+        match = HASH_TOKEN_RE.match(text, position)
+        if not match:
+            raise InvalidValue(
+                f"{HASH_KEY}={show(value)} has a character not allowed at position {position}: "
+                "use nginx variables such as $request_uri, $remote_addr, $http_x_user, "
+                "$cookie_id, $arg_id and the characters A-Z a-z 0-9 _ . : / , = -"
+            )
+        variable = match.group(1)
+        if variable is not None:
+            if variable not in HASH_VARIABLES and not (
+                variable.startswith(HASH_VARIABLE_PREFIXES)
+                and len(variable) > len(variable.split("_", 1)[0]) + 1
+            ):
+                raise InvalidValue(
+                    f"{HASH_KEY}={show(value)} uses unknown variable ${variable}: allowed are "
+                    f"{', '.join('$' + v for v in sorted(HASH_VARIABLES))} and $http_*, "
+                    "$cookie_*, $arg_*"
+                )
+            variables += 1
+        position = match.end()
+    if variables == 0 or len(text) > 200:
+        raise InvalidValue(
+            f"{HASH_KEY}={show(value)} must contain at least one nginx variable "
+            "(e.g. $request_uri) and be at most 200 characters"
+        )
+    return text
+
+
+def parse_hosts(value: str) -> tuple[str, ...]:
+    hosts = []
+    for part in value.split(","):
+        host = part.strip().lower().rstrip(".")
+        if not host:
+            continue
+        if len(host) > 253 or not HOST_RE.fullmatch(host):
+            raise InvalidValue(
+                f"{HOSTS} has an invalid host name {show(part)}: use DNS names such as "
+                "shop.example.com or *.example.com, separated by commas"
+            )
+        hosts.append(host)
+    return tuple(dict.fromkeys(hosts))
+
+
+def parse_method(value: str) -> Method:
+    try:
+        return Method(value.strip().lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in Method)
+        raise InvalidValue(f"{ALGORITHM}={show(value)} is not a method: use one of {allowed}") from None
+
+
+def parse_config_path(value: str) -> str:
+    path = value.strip()
+    if not CONFIG_PATH_RE.fullmatch(path) or "/../" in path or "/./" in path:
+        raise InvalidValue(
+            f"{CONFIG_PATH}={show(value)} must be an absolute path to a .conf file made of "
+            "letters, digits, '_', '.', '-' (e.g. /etc/nginx/conf.d/controlplane.conf)"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class BackendLabels:
+    """Per-container settings; None means the label is absent."""
+
+    enabled: bool = True
+    service: str | None = None
+    port: int | None = None
+    weight: int = 1
+    backup: bool = False
+    max_fails: int | None = None
+    fail_timeout: str | None = None
+    max_conns: int | None = None
+
+
+@dataclass(frozen=True)
+class ServiceLabels:
+    """Service-wide settings a backend proposes; None means this backend says nothing."""
+
+    method: Method | None = None
+    hash_key: str | None = None
+    consistent: bool | None = None
+    two: bool | None = None
+    hosts: tuple[str, ...] | None = None
+
+
+class _Collector:
+    """Runs each parser, keeping every error so the operator sees them all at once."""
+
+    def __init__(self, labels: Mapping[str, str]) -> None:
+        self.labels = labels
+        self.errors: list[str] = []
+
+    def get(self, label: str, parse: Callable[[str], T]) -> T | None:
+        raw = self.labels.get(label)
+        if raw is None:
+            return None
+        try:
+            return parse(raw)
+        except InvalidValue as error:
+            self.errors.append(str(error))
+            return None
+
+    def done(self) -> None:
+        if self.errors:
+            raise InvalidValue("; ".join(self.errors))
+
+
+def parse_backend_labels(labels: Mapping[str, str]) -> BackendLabels:
+    """Raises InvalidValue naming every bad label of the container."""
+    c = _Collector(labels)
+    enabled = c.get(ENABLE, lambda v: parse_bool(v, ENABLE))
+    result = BackendLabels(
+        enabled=enabled is not False,
+        service=c.get(SERVICE, lambda v: parse_name(v, SERVICE)),
+        port=c.get(PORT, lambda v: parse_int(v, PORT, 1, 65535)),
+        weight=c.get(WEIGHT, lambda v: parse_int(v, WEIGHT, 1, 1000)) or 1,
+        backup=c.get(BACKUP, lambda v: parse_bool(v, BACKUP)) or False,
+        max_fails=c.get(MAX_FAILS, lambda v: parse_int(v, MAX_FAILS, 0, 1000)),
+        fail_timeout=c.get(FAIL_TIMEOUT, lambda v: parse_duration(v, FAIL_TIMEOUT)),
+        max_conns=c.get(MAX_CONNS, lambda v: parse_int(v, MAX_CONNS, 0, 100_000)),
+    )
+    c.done()
+    return result
+
+
+def parse_service_labels(labels: Mapping[str, str]) -> ServiceLabels:
+    """Raises InvalidValue naming every bad service-wide label of the container."""
+    c = _Collector(labels)
+    result = ServiceLabels(
+        method=c.get(ALGORITHM, parse_method),
+        hash_key=c.get(HASH_KEY, parse_hash_key),
+        consistent=c.get(HASH_CONSISTENT, lambda v: parse_bool(v, HASH_CONSISTENT)),
+        two=c.get(RANDOM_TWO, lambda v: parse_bool(v, RANDOM_TWO)),
+        hosts=c.get(HOSTS, parse_hosts),
+    )
+    c.done()
+    return result
+
+
+def algorithm_problem(algorithm: Algorithm) -> str | None:
+    """Why a combination of service settings can't be rendered, or None when it can."""
+    if algorithm.method is Method.HASH and not algorithm.key:
+        return f"{ALGORITHM}=hash needs {HASH_KEY} (e.g. $request_uri)"
+    return None

@@ -1,0 +1,148 @@
+"""The typed model: what Docker shows (facts) and what controlplane makes of it (topology).
+
+Every value is frozen so a snapshot can be shared between the reconciler, the DNS server and
+the API without locks; a new snapshot replaces the old one as a whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Method(StrEnum):
+    """nginx balancing methods, named as operators write them in labels and the API."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONN = "least_conn"
+    IP_HASH = "ip_hash"
+    HASH = "hash"
+    RANDOM = "random"
+
+
+METHODS_WITHOUT_BACKUP = frozenset({Method.HASH, Method.IP_HASH, Method.RANDOM})
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    method: Method = Method.ROUND_ROBIN
+    key: str | None = None
+    consistent: bool = False
+    two: bool = False
+
+
+class BackendState(StrEnum):
+    """Why a backend does or does not get traffic; only UP backends are served."""
+
+    UP = "up"
+    PAUSED = "paused"
+    UNHEALTHY = "unhealthy"
+    STARTING = "starting"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One network attachment of a container, as `docker inspect` shows it."""
+
+    network: str
+    ip: str
+    ipv6: str
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ContainerFacts:
+    """The part of `docker inspect` that controlplane reads, owned so no SDK object leaks."""
+
+    id: str
+    name: str
+    created: str
+    status: str
+    health: str | None
+    started_at: str
+    labels: Mapping[str, str] = field(hash=False)
+    exposed_tcp_ports: tuple[int, ...]
+    endpoints: tuple[Endpoint, ...]
+    stop_signal: str | None
+
+
+@dataclass(frozen=True)
+class NetworkFacts:
+    id: str
+    name: str
+    driver: str
+    scope: str
+
+
+@dataclass(frozen=True)
+class DockerState:
+    containers: tuple[ContainerFacts, ...]
+    networks: tuple[NetworkFacts, ...]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One container on one network, serving one service."""
+
+    container_id: str
+    container: str
+    network: str
+    ip: str
+    ipv6: str
+    port: int
+    created: str
+    state: BackendState = BackendState.UP
+    weight: int = 1
+    backup: bool = False
+    max_fails: int | None = None
+    fail_timeout: str | None = None
+    max_conns: int | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    networks: tuple[str, ...]
+    algorithm: Algorithm
+    algorithm_source: str
+    hosts: tuple[str, ...]
+    backends: tuple[Backend, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def live_backends(self) -> tuple[Backend, ...]:
+        return tuple(b for b in self.backends if b.state is BackendState.UP)
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """A container (or one of its aliases) left out, with the reason the operator needs."""
+
+    container_id: str
+    container: str
+    reason: str
+    service: str | None = None
+
+
+@dataclass(frozen=True)
+class NginxTarget:
+    """A managed nginx container: where its config goes and which networks it can reach."""
+
+    container_id: str
+    container: str
+    config_path: str
+    started_at: str
+    networks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Topology:
+    services: tuple[Service, ...] = ()
+    excluded: tuple[Exclusion, ...] = ()
+    nginx: tuple[NginxTarget, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def service(self, name: str) -> Service | None:
+        return next((s for s in self.services if s.name == name), None)

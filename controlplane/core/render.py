@@ -1,0 +1,149 @@
+"""Topology -> nginx config text, through a Jinja2 template.
+
+The template gets plain view objects whose every string has passed the label grammar, and
+quotes them again with the `q` filter; StrictUndefined turns a template typo into an error
+instead of an empty directive. The same topology always gives byte-identical text, so a
+checksum tells whether an nginx needs the file at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import jinja2
+
+from controlplane.core.model import Backend, Exclusion, Method, Service, Topology
+from controlplane.errors import TemplateError
+
+@dataclass(frozen=True)
+class RenderOptions:
+    domain: str = "internal"
+    listen_port: int = 80
+    keepalive: int = 32
+
+
+@dataclass(frozen=True)
+class ServerView:
+    address: str
+    params: tuple[str, ...]
+    container: str
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    name: str
+    upstream: str
+    balancing: str | None
+    servers: tuple[ServerView, ...]
+    server_names: tuple[str, ...]
+    service: Service
+
+
+def nginx_quote(value: object) -> str:
+    """Double-quote a value for nginx; control characters are refused, never escaped away."""
+    text = str(value)
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise TemplateError(f"refusing to write a control character into the nginx config: {text!r}")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def comment(value: object) -> str:
+    """Make any text safe inside a `#` comment: one line, printable ASCII only."""
+    return "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in str(value))
+
+
+def make_environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=loader,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["q"] = nginx_quote
+    env.filters["comment"] = comment
+    return env
+
+
+def balancing_directive(service: Service) -> str | None:
+    algorithm = service.algorithm
+    if algorithm.method is Method.ROUND_ROBIN:
+        return None
+    if algorithm.method is Method.HASH:
+        return f"hash {nginx_quote(algorithm.key)}" + (" consistent" if algorithm.consistent else "")
+    if algorithm.method is Method.RANDOM:
+        return "random two least_conn" if algorithm.two else "random"
+    return algorithm.method.value
+
+
+def server_params(backend: Backend) -> tuple[str, ...]:
+    params = []
+    if backend.weight != 1:
+        params.append(f"weight={backend.weight}")
+    if backend.max_fails is not None:
+        params.append(f"max_fails={backend.max_fails}")
+    if backend.fail_timeout is not None:
+        params.append(f"fail_timeout={backend.fail_timeout}")
+    if backend.max_conns is not None:
+        params.append(f"max_conns={backend.max_conns}")
+    if backend.backup:
+        params.append("backup")
+    return tuple(params)
+
+
+def address(backend: Backend) -> str:
+    ip = ipaddress.ip_address(backend.ip)
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"{host}:{backend.port}"
+
+
+def upstream_backends(service: Service, reachable: Iterable[str]) -> tuple[Backend, ...]:
+    """One server per container: on a network a managed nginx shares, else the first one."""
+    preferred = set(reachable)
+    chosen: dict[str, Backend] = {}
+    for backend in service.live_backends:
+        current = chosen.get(backend.container_id)
+        if current is None or (backend.network in preferred and current.network not in preferred):
+            chosen[backend.container_id] = backend
+    return tuple(chosen.values())
+
+
+def service_view(service: Service, reachable: Iterable[str], options: RenderOptions) -> ServiceView:
+    backends = upstream_backends(service, reachable)
+    # nginx refuses an upstream of backups only; build.py reports it as a service warning.
+    if backends and all(b.backup for b in backends):
+        backends = tuple(replace(b, backup=False) for b in backends)
+    return ServiceView(
+        name=service.name,
+        upstream=f"cp_{service.name}",
+        balancing=balancing_directive(service),
+        servers=tuple(ServerView(address(b), server_params(b), b.container) for b in backends),
+        server_names=tuple(
+            dict.fromkeys((service.name, f"{service.name}.{options.domain}", *service.hosts))
+        ),
+        service=service,
+    )
+
+
+def render_config(
+    topology: Topology, template: jinja2.Template, options: RenderOptions = RenderOptions()
+) -> str:
+    reachable = {network for target in topology.nginx for network in target.networks}
+    excluded: list[Exclusion] = sorted(
+        topology.excluded, key=lambda e: (e.container, e.service or "", e.reason)
+    )
+    try:
+        return template.render(
+            services=[service_view(s, reachable, options) for s in topology.services],
+            excluded=excluded,
+            warnings=list(topology.warnings),
+            options=options,
+        )
+    except jinja2.TemplateError as error:
+        raise TemplateError(
+            f"template {template.name or '?'} failed to render: {error}; fix the template "
+            "(the previous config stays in place)"
+        ) from error

@@ -1,0 +1,145 @@
+"""The Docker edge for discovery: listing, inspecting and the event stream.
+
+Inspect results are cached per container and dropped whenever an event names that container,
+so a reconcile after one event inspects one container, not all of them; a periodic full resync
+drops the whole cache, which repairs anything an event could have missed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from controlplane.core.model import ContainerFacts, DockerState
+from controlplane.core.observe import container_facts, network_facts
+from controlplane.errors import DockerUnavailable
+
+log = logging.getLogger(__name__)
+
+CONTAINER_ACTIONS = frozenset(
+    {"start", "restart", "kill", "die", "stop", "pause", "unpause", "destroy", "rename",
+     "update", "oom", "health_status"}
+)
+NETWORK_ACTIONS = frozenset({"connect", "disconnect", "create", "destroy"})
+DOCKER_ERRORS = (requests.exceptions.ConnectionError, docker.errors.DockerException, OSError)
+
+
+@dataclass(frozen=True)
+class DockerEvent:
+    """A Docker event reduced to what the loop needs; `time_ns` is the engine's timestamp."""
+
+    kind: str
+    action: str
+    container_id: str
+    signal: str | None
+    time_ns: int
+
+
+def connect(base_url: str | None, timeout: float = 10.0) -> docker.APIClient:
+    """A low-level client negotiating the engine's API version (dockerd 20.10 is API 1.41)."""
+    try:
+        if base_url:
+            api = docker.APIClient(base_url=base_url, version="auto", timeout=timeout)
+        else:
+            api = docker.from_env(version="auto", timeout=timeout).api
+        api.ping()
+    except DOCKER_ERRORS as error:
+        where = base_url or "DOCKER_HOST or the default socket"
+        raise DockerUnavailable(
+            f"cannot reach the Docker engine at {where}: {error}. Start dockerd, or point "
+            "--docker-url (or DOCKER_HOST) at it, and check you may use its socket"
+        ) from error
+    return api
+
+
+def parse_event(raw: dict[str, Any]) -> DockerEvent | None:
+    """None for events that can't change the topology (exec, attach, archive, ...)."""
+    kind = raw.get("Type")
+    action = str(raw.get("Action") or raw.get("status") or "").split(":", 1)[0]
+    actor = raw.get("Actor") or {}
+    attributes = actor.get("Attributes") or {}
+    if kind == "container" and action in CONTAINER_ACTIONS:
+        container_id = str(actor.get("ID") or raw.get("id") or "")
+    elif kind == "network" and action in NETWORK_ACTIONS:
+        container_id = str(attributes.get("container") or "")
+    else:
+        return None
+    return DockerEvent(
+        kind=kind,
+        action=action,
+        container_id=container_id,
+        signal=attributes.get("signal"),
+        time_ns=int(raw.get("timeNano") or 0),
+    )
+
+
+class DockerSource:
+    def __init__(self, api: docker.APIClient) -> None:
+        self._api = api
+        self._cache: dict[str, ContainerFacts] = {}
+        self._stream: Any = None
+
+    @property
+    def api(self) -> docker.APIClient:
+        return self._api
+
+    def invalidate(self, container_id: str | None = None) -> None:
+        """Forget one container's inspect result, or every one with None."""
+        if container_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(container_id, None)
+
+    def snapshot(self) -> DockerState:
+        try:
+            networks = tuple(network_facts(n) for n in self._api.networks())
+            listed = [c["Id"] for c in self._api.containers(all=False)]
+            containers = []
+            for container_id in listed:
+                facts = self._cache.get(container_id) or self._inspect(container_id)
+                if facts is not None:
+                    self._cache[container_id] = facts
+                    containers.append(facts)
+        except DOCKER_ERRORS as error:
+            raise DockerUnavailable(f"lost the Docker engine while listing: {error}") from error
+        for gone in set(self._cache) - set(listed):
+            del self._cache[gone]
+        return DockerState(containers=tuple(containers), networks=networks)
+
+    def _inspect(self, container_id: str) -> ContainerFacts | None:
+        try:
+            return container_facts(self._api.inspect_container(container_id))
+        except docker.errors.NotFound:
+            log.debug("container %s vanished between listing and inspect", container_id[:12])
+            return None
+
+    def open_events(self) -> Iterator[DockerEvent]:
+        """Opens the stream now (raising DockerUnavailable if it can't) and yields from it."""
+        try:
+            stream = self._api.events(decode=True, filters={"type": ["container", "network"]})
+        except DOCKER_ERRORS as error:
+            raise DockerUnavailable(f"cannot open the Docker event stream: {error}") from error
+        self._stream = stream
+        return self._follow(stream)
+
+    def close_events(self) -> None:
+        """Unblocks a thread reading the stream; used at shutdown."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    @staticmethod
+    def _follow(stream: Iterator[dict[str, Any]]) -> Iterator[DockerEvent]:
+        try:
+            for raw in stream:
+                event = parse_event(raw)
+                if event is not None:
+                    yield event
+        except DOCKER_ERRORS as error:
+            raise DockerUnavailable(f"the Docker event stream broke: {error}") from error

@@ -1,0 +1,24 @@
+"""One error root, so callers can catch everything controlplane raises on purpose.
+
+Messages say what happened and what to do next; the causing library error is chained.
+"""
+
+
+class ControlPlaneError(Exception):
+    """Root of every error controlplane raises deliberately."""
+
+
+class InvalidValue(ControlPlaneError):
+    """A label, flag or request value does not match its grammar."""
+
+
+class DockerUnavailable(ControlPlaneError):
+    """The Docker engine cannot be reached; temporary, retried by the loop."""
+
+
+class DeployError(ControlPlaneError):
+    """A config could not be put into, tested in or reloaded by one nginx container."""
+
+
+class TemplateError(ControlPlaneError):
+    """A template is missing or fails to render; the previous config stays in place."""

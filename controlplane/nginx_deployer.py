@@ -1,0 +1,116 @@
+"""The nginx edge: copy a config into a container, test it there, reload only if it passes.
+
+Works with any nginx image (the official one, or one without a shell): the file goes in
+through the archive API (`docker cp`), the test is `nginx -t` exec'd in the container, and the
+reload is SIGHUP to its PID 1. A config that fails the test is replaced by the file that was
+there before, so a later restart of that nginx still starts from a good config.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import tarfile
+import time
+from dataclasses import dataclass, field
+
+import docker
+import docker.errors
+
+from controlplane.core.model import NginxTarget
+from controlplane.docker_source import DOCKER_ERRORS
+from controlplane.errors import DeployError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    container: str
+    ok: bool
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict, hash=False)
+
+
+def pack(name: str, content: bytes) -> bytes:
+    """A one-file tar archive, as the archive API wants it."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(content)
+        info.mode = 0o644
+        info.mtime = int(time.time())
+        tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def unpack(archive: bytes, name: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        member = tar.extractfile(name)
+        if member is None:
+            raise DeployError(f"{name} in the container is not a regular file")
+        return member.read()
+
+
+class NginxDeployer:
+    def __init__(self, api: docker.APIClient) -> None:
+        self._api = api
+
+    def deploy(self, target: NginxTarget, content: bytes) -> DeployResult:
+        """Never raises for a problem of this one container: the result says what happened."""
+        timings: dict[str, float] = {}
+        try:
+            start = time.perf_counter()
+            previous = self._read(target)
+            timings["read"] = time.perf_counter() - start
+            self._write(target, content)
+            timings["copy"] = time.perf_counter() - start - timings["read"]
+            mark = time.perf_counter()
+            code, output = self._exec(target, ["nginx", "-t"])
+            timings["test"] = time.perf_counter() - mark
+            if code != 0:
+                self._write(target, previous if previous is not None else b"")
+                lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+                error = "nginx -t failed, previous config kept: " + " | ".join(lines[-3:])
+                log.error("nginx %s rejected the new config: %s", target.container, error)
+                return DeployResult(target.container, False, error, timings)
+            mark = time.perf_counter()
+            self._api.kill(target.container_id, signal="SIGHUP")
+            timings["reload"] = time.perf_counter() - mark
+        except (DeployError, *DOCKER_ERRORS) as error:
+            message = f"could not update nginx {target.container}: {error}"
+            log.error("%s", message)
+            return DeployResult(target.container, False, message, timings)
+        log.info(
+            "nginx %s reloaded with the new config (copy %.0f ms, test %.0f ms)",
+            target.container, timings["copy"] * 1000, timings["test"] * 1000,
+        )
+        return DeployResult(target.container, True, None, timings)
+
+    def _read(self, target: NginxTarget) -> bytes | None:
+        try:
+            stream, _ = self._api.get_archive(target.container_id, target.config_path)
+        except docker.errors.NotFound:
+            return None
+        return unpack(b"".join(stream), posixpath.basename(target.config_path))
+
+    def _write(self, target: NginxTarget, content: bytes) -> None:
+        directory, name = posixpath.split(target.config_path)
+        try:
+            ok = self._api.put_archive(target.container_id, directory, pack(name, content))
+        except docker.errors.NotFound as error:
+            raise DeployError(
+                f"directory {directory} does not exist in the container: create it in the image "
+                f"or set controlplane.config_path to a path in an included directory"
+            ) from error
+        if not ok:
+            raise DeployError(f"the engine refused to copy {target.config_path} into the container")
+
+    def _exec(self, target: NginxTarget, command: list[str]) -> tuple[int, str]:
+        exec_id = self._api.exec_create(target.container_id, command)["Id"]
+        output = self._api.exec_start(exec_id).decode("utf-8", "replace")
+        code = self._api.exec_inspect(exec_id).get("ExitCode")
+        if code is None:
+            raise DeployError(f"`{' '.join(command)}` did not finish in the container")
+        return int(code), output

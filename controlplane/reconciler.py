@@ -1,0 +1,246 @@
+"""One reconcile pass, and the loop that decides when to run one.
+
+Level-triggered: an event only wakes the loop; every pass rebuilds the whole desired state
+from a fresh listing, renders it, and deploys only to the nginx containers whose last good
+config differs. Events are coalesced: a pass runs once the stream has been quiet for
+`quiet_window`, but never later than `max_wait` after the first event of a burst.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import jinja2
+
+from controlplane.core.build import BuildOptions, build_topology
+from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
+from controlplane.core.model import Topology
+from controlplane.core.render import RenderOptions, render_config
+from controlplane.docker_source import DockerEvent, DockerSource
+from controlplane.errors import ControlPlaneError, DockerUnavailable
+from controlplane.nginx_deployer import DeployResult, NginxDeployer
+from controlplane.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the controller currently believes; swapped whole, read without locks."""
+
+    version: int
+    topology: Topology
+    config: str
+    checksum: str
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    reason: str
+    version: int
+    changed: bool
+    deployed: tuple[DeployResult, ...]
+    timings: dict[str, float] = field(default_factory=dict, hash=False)
+
+
+def checksum(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Reconciler:
+    def __init__(
+        self,
+        source: DockerSource,
+        deployer: NginxDeployer,
+        template: jinja2.Template,
+        settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._deployer = deployer
+        self._template = template
+        self._settings = settings
+        self._build = BuildOptions(networks=settings.networks)
+        self._render = RenderOptions(domain=settings.domain, listen_port=settings.listen_port)
+        self._clock = clock
+        self._marks: dict[str, StopMark] = {}
+        self._deployed: dict[tuple[str, str], str] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+        self.snapshot: Snapshot | None = None
+        self.on_report: list[Callable[[ReconcileReport], None]] = []
+
+    def handle_event(self, event: DockerEvent) -> None:
+        self._source.invalidate(event.container_id or None)
+        if event.kind == "container":
+            self._marks = apply_event(
+                self._marks, ContainerEvent(event.container_id, event.action, event.signal),
+                self._clock(),
+            )
+
+    def invalidate(self) -> None:
+        """Re-inspect everything and retry configs nginx rejected: for resyncs and reconnects."""
+        self._source.invalidate()
+        self._failed.clear()
+
+    def reconcile(self, reason: str) -> ReconcileReport:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        state = self._source.snapshot()
+        timings["list"] = time.perf_counter() - start
+        running = [c.id for c in state.containers]
+        self._marks = prune(self._marks, running, self._clock(), self._settings.stop_grace)
+        mark = time.perf_counter()
+        topology = build_topology(state, self._build, self._marks)
+        config = render_config(topology, self._template, self._render)
+        timings["render"] = time.perf_counter() - mark
+        digest = checksum(config)
+        previous = self.snapshot
+        changed = previous is None or previous.checksum != digest
+        if previous is None or changed:
+            version = previous.version + 1 if previous else 1
+            self.snapshot = Snapshot(version, topology, config, digest)
+            for warning in topology.warnings:
+                log.warning("%s", warning)
+            for exclusion in topology.excluded:
+                log.warning(
+                    "container %s%s left out: %s", exclusion.container,
+                    f" (service {exclusion.service})" if exclusion.service else "", exclusion.reason,
+                )
+        mark = time.perf_counter()
+        deployed = self._deploy(topology, config, digest)
+        timings["deploy"] = time.perf_counter() - mark
+        report = ReconcileReport(reason, self.snapshot.version, changed, deployed, timings)
+        for callback in self.on_report:
+            callback(report)
+        return report
+
+    def _deploy(self, topology: Topology, config: str, digest: str) -> tuple[DeployResult, ...]:
+        pending = [
+            t for t in topology.nginx
+            if digest not in (self._deployed.get(key := (t.container_id, t.started_at)), self._failed.get(key))
+        ]
+        if not pending:
+            return ()
+        content = config.encode()
+        with ThreadPoolExecutor(max_workers=min(8, len(pending))) as pool:
+            results = list(pool.map(lambda t: self._deployer.deploy(t, content), pending))
+        for target, result in zip(pending, results, strict=True):
+            key = (target.container_id, target.started_at)
+            if result.ok:
+                self._deployed[key] = digest
+                self._failed.pop(key, None)
+            else:
+                self._failed[key] = digest
+        live = {(t.container_id, t.started_at) for t in topology.nginx}
+        self._deployed = {k: v for k, v in self._deployed.items() if k in live}
+        return tuple(results)
+
+
+STREAM_RESTORED = "stream-restored"
+STOP = "stop"
+
+
+class ControlLoop:
+    """Runs the event watcher thread and the reconcile loop until `stop()`."""
+
+    def __init__(self, reconciler: Reconciler, events: DockerSource, settings: Settings) -> None:
+        self._reconciler = reconciler
+        self._events = events
+        self._settings = settings
+        self._queue: queue.Queue[DockerEvent | str] = queue.Queue()
+        self._stopping = threading.Event()
+        self.ready = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._events.close_events()
+        self._queue.put(STOP)
+
+    def run(self) -> None:
+        watcher = threading.Thread(target=self._watch, name="docker-events", daemon=True)
+        watcher.start()
+        self._pass("start")
+        self.ready.set()
+        next_resync = time.monotonic() + self._settings.resync_interval
+        while not self._stopping.is_set():
+            try:
+                item = self._queue.get(timeout=max(0.0, next_resync - time.monotonic()))
+            except queue.Empty:
+                self._reconciler.invalidate()
+                self._pass("periodic resync")
+                next_resync = time.monotonic() + self._settings.resync_interval
+                continue
+            reason = self._coalesce(item)
+            if not self._stopping.is_set():
+                self._pass(reason)
+        watcher.join(timeout=5)
+
+    def _coalesce(self, first: DockerEvent | str) -> str:
+        """Drain the burst that `first` opens; returns a short description of it."""
+        started = time.monotonic()
+        count = 0
+        item: DockerEvent | str | None = first
+        while item is not None:
+            count += 1
+            if isinstance(item, DockerEvent):
+                self._reconciler.handle_event(item)
+            elif item == STREAM_RESTORED:
+                self._reconciler.invalidate()
+            elif item == STOP:
+                return STOP
+            deadline = min(
+                time.monotonic() + self._settings.quiet_window, started + self._settings.max_wait
+            )
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                item = None
+        return f"{count} event(s)" if isinstance(first, DockerEvent) else str(first)
+
+    def _pass(self, reason: str) -> None:
+        try:
+            report = self._reconciler.reconcile(reason)
+        except DockerUnavailable as error:
+            log.warning("reconcile (%s) skipped: %s", reason, error)
+            return
+        except ControlPlaneError as error:
+            log.error("reconcile (%s) failed, nginx keeps its config: %s", reason, error)
+            return
+        except Exception:
+            log.exception("reconcile (%s) crashed, nginx keeps its config; please report", reason)
+            return
+        if report.changed or report.deployed:
+            log.info(
+                "reconciled (%s): version %d, %d nginx updated, %.1f ms",
+                reason, report.version, len(report.deployed),
+                sum(report.timings.values()) * 1000,
+            )
+
+    def _watch(self) -> None:
+        """Follows the event stream; after a break, reconnects with backoff and resyncs."""
+        delay = 0.1
+        first = True
+        while not self._stopping.is_set():
+            try:
+                stream = self._events.open_events()
+                if not first:
+                    log.info("Docker event stream reconnected; resyncing")
+                    self._queue.put(STREAM_RESTORED)
+                first = False
+                delay = 0.1
+                for event in stream:
+                    self._queue.put(event)
+                raise DockerUnavailable("the Docker event stream ended (dockerd restarting?)")
+            except Exception as error:
+                if self._stopping.is_set():
+                    return
+                log.warning("%s; reconnecting in %.1f s", error, delay)
+            self._stopping.wait(delay)
+            delay = min(delay * 2, 5.0)

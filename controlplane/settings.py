@@ -1,0 +1,19 @@
+"""Every knob of a running controller in one typed value, filled from the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    docker_url: str | None = None
+    networks: frozenset[str] | None = None
+    domain: str = "internal"
+    listen_port: int = 80
+    templates_dir: Path | None = None
+    quiet_window: float = 0.05
+    max_wait: float = 1.0
+    resync_interval: float = 30.0
+    stop_grace: float = 60.0
