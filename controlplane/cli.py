@@ -19,7 +19,9 @@ from controlplane.wiring import build_controller, render_once
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _networks(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> frozenset[str] | None:
+def _networks(
+    _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> frozenset[str] | None:
     try:
         return frozenset(L.parse_name(v, "--network") for v in value) or None
     except InvalidValue as error:
@@ -36,18 +38,46 @@ def _domain(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 def discovery_options(command: F) -> F:
     """Flags shared by every command that reads Docker and renders."""
     options = [
-        click.option("--docker-url", envvar="DOCKER_HOST", default=None,
-                     help="Docker engine URL (default: DOCKER_HOST or the local socket)."),
-        click.option("--network", "networks", multiple=True, callback=_networks,
-                     help="Watch only this network (repeatable). Default: every user-defined bridge network."),
-        click.option("--domain", default="internal", show_default=True, callback=_domain,
-                     help="Services answer to NAME and NAME.DOMAIN."),
-        click.option("--listen-port", default=80, show_default=True, type=click.IntRange(1, 65535),
-                     help="Port the rendered nginx server blocks listen on."),
-        click.option("--templates", "templates_dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=None, help="Directory whose templates override the shipped ones."),
-        click.option("--log-level", default="info", show_default=True,
-                     type=click.Choice(["debug", "info", "warning", "error"])),
+        click.option(
+            "--docker-url",
+            envvar="DOCKER_HOST",
+            default=None,
+            help="Docker engine URL (default: DOCKER_HOST or the local socket).",
+        ),
+        click.option(
+            "--network",
+            "networks",
+            multiple=True,
+            callback=_networks,
+            help="Watch only this network (repeatable). Default: all user-defined bridge networks.",
+        ),
+        click.option(
+            "--domain",
+            default="internal",
+            show_default=True,
+            callback=_domain,
+            help="Services answer to NAME and NAME.DOMAIN.",
+        ),
+        click.option(
+            "--listen-port",
+            default=80,
+            show_default=True,
+            type=click.IntRange(1, 65535),
+            help="Port the rendered nginx server blocks listen on.",
+        ),
+        click.option(
+            "--templates",
+            "templates_dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Directory whose templates override the shipped ones.",
+        ),
+        click.option(
+            "--log-level",
+            default="info",
+            show_default=True,
+            type=click.Choice(["debug", "info", "warning", "error"]),
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -70,22 +100,48 @@ def main() -> None:
 
 @main.command()
 @discovery_options
-@click.option("--debounce", default=0.05, show_default=True, type=click.FloatRange(0, 10),
-              help="Seconds of quiet in the event stream before a reconcile.")
-@click.option("--debounce-max", default=1.0, show_default=True, type=click.FloatRange(0, 60),
-              help="A reconcile runs at most this many seconds after the first event of a burst.")
-@click.option("--resync", default=30.0, show_default=True, type=click.FloatRange(1, 86400),
-              help="Seconds between full resyncs that repair missed events.")
+@click.option(
+    "--debounce",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0, 10),
+    help="Seconds of quiet in the event stream before a reconcile.",
+)
+@click.option(
+    "--debounce-max",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 60),
+    help="A reconcile runs at most this many seconds after the first event of a burst.",
+)
+@click.option(
+    "--resync",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(1, 86400),
+    help="Seconds between full resyncs that repair missed events.",
+)
 def run(
-    docker_url: str | None, networks: frozenset[str] | None, domain: str, listen_port: int,
-    templates_dir: Path | None, log_level: str, debounce: float, debounce_max: float,
+    docker_url: str | None,
+    networks: frozenset[str] | None,
+    domain: str,
+    listen_port: int,
+    templates_dir: Path | None,
+    log_level: str,
+    debounce: float,
+    debounce_max: float,
     resync: float,
 ) -> None:
     """Watch Docker and keep every managed nginx serving the live backends."""
     _setup_logging(log_level)
     settings = Settings(
-        docker_url=docker_url, networks=networks, domain=domain, listen_port=listen_port,
-        templates_dir=templates_dir, quiet_window=debounce, max_wait=max(debounce, debounce_max),
+        docker_url=docker_url,
+        networks=networks,
+        domain=domain,
+        listen_port=listen_port,
+        templates_dir=templates_dir,
+        quiet_window=debounce,
+        max_wait=max(debounce, debounce_max),
         resync_interval=resync,
     )
     try:
@@ -101,13 +157,20 @@ def run(
 @main.command()
 @discovery_options
 def render(
-    docker_url: str | None, networks: frozenset[str] | None, domain: str, listen_port: int,
-    templates_dir: Path | None, log_level: str,
+    docker_url: str | None,
+    networks: frozenset[str] | None,
+    domain: str,
+    listen_port: int,
+    templates_dir: Path | None,
+    log_level: str,
 ) -> None:
     """Print the nginx config the current Docker state gives; changes nothing."""
     _setup_logging(log_level)
     settings = Settings(
-        docker_url=docker_url, networks=networks, domain=domain, listen_port=listen_port,
+        docker_url=docker_url,
+        networks=networks,
+        domain=domain,
+        listen_port=listen_port,
         templates_dir=templates_dir,
     )
     try:

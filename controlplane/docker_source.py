@@ -23,8 +23,20 @@ from controlplane.errors import DockerUnavailable
 log = logging.getLogger(__name__)
 
 CONTAINER_ACTIONS = frozenset(
-    {"start", "restart", "kill", "die", "stop", "pause", "unpause", "destroy", "rename",
-     "update", "oom", "health_status"}
+    {
+        "start",
+        "restart",
+        "kill",
+        "die",
+        "stop",
+        "pause",
+        "unpause",
+        "destroy",
+        "rename",
+        "update",
+        "oom",
+        "health_status",
+    }
 )
 NETWORK_ACTIONS = frozenset({"connect", "disconnect", "create", "destroy"})
 DOCKER_ERRORS = (requests.exceptions.ConnectionError, docker.errors.DockerException, OSError)
@@ -41,7 +53,7 @@ class DockerEvent:
     time_ns: int
 
 
-def connect(base_url: str | None, timeout: float = 10.0) -> docker.APIClient:
+def connect(base_url: str | None, timeout: int = 10) -> docker.APIClient:
     """A low-level client negotiating the engine's API version (dockerd 20.10 is API 1.41)."""
     try:
         if base_url:

@@ -80,7 +80,8 @@ class Reconciler:
         self._source.invalidate(event.container_id or None)
         if event.kind == "container":
             self._marks = apply_event(
-                self._marks, ContainerEvent(event.container_id, event.action, event.signal),
+                self._marks,
+                ContainerEvent(event.container_id, event.action, event.signal),
                 self._clock(),
             )
 
@@ -103,43 +104,50 @@ class Reconciler:
         digest = checksum(config)
         previous = self.snapshot
         changed = previous is None or previous.checksum != digest
-        if previous is None or changed:
-            version = previous.version + 1 if previous else 1
-            self.snapshot = Snapshot(version, topology, config, digest)
+        snapshot = previous
+        if snapshot is None or changed:
+            snapshot = Snapshot(previous.version + 1 if previous else 1, topology, config, digest)
+            self.snapshot = snapshot
             for warning in topology.warnings:
                 log.warning("%s", warning)
             for exclusion in topology.excluded:
                 log.warning(
-                    "container %s%s left out: %s", exclusion.container,
-                    f" (service {exclusion.service})" if exclusion.service else "", exclusion.reason,
+                    "container %s%s left out: %s",
+                    exclusion.container,
+                    f" (service {exclusion.service})" if exclusion.service else "",
+                    exclusion.reason,
                 )
         mark = time.perf_counter()
         deployed = self._deploy(topology, config, digest)
         timings["deploy"] = time.perf_counter() - mark
-        report = ReconcileReport(reason, self.snapshot.version, changed, deployed, timings)
+        report = ReconcileReport(reason, snapshot.version, changed, deployed, timings)
         for callback in self.on_report:
             callback(report)
         return report
 
     def _deploy(self, topology: Topology, config: str, digest: str) -> tuple[DeployResult, ...]:
+        """Deploy to each nginx whose last good config differs, unless it already refused
+        this very config (retried after the next resync)."""
+        keys = {(t.container_id, t.started_at): t for t in topology.nginx}
+        self._deployed = {k: v for k, v in self._deployed.items() if k in keys}
+        self._failed = {k: v for k, v in self._failed.items() if k in keys}
+        self._deployer.retain({t.container_id for t in topology.nginx})
         pending = [
-            t for t in topology.nginx
-            if digest not in (self._deployed.get(key := (t.container_id, t.started_at)), self._failed.get(key))
+            (key, target)
+            for key, target in keys.items()
+            if digest not in (self._deployed.get(key), self._failed.get(key))
         ]
         if not pending:
             return ()
         content = config.encode()
         with ThreadPoolExecutor(max_workers=min(8, len(pending))) as pool:
-            results = list(pool.map(lambda t: self._deployer.deploy(t, content), pending))
-        for target, result in zip(pending, results, strict=True):
-            key = (target.container_id, target.started_at)
+            results = list(pool.map(lambda p: self._deployer.deploy(p[1], content), pending))
+        for (key, _), result in zip(pending, results, strict=True):
             if result.ok:
                 self._deployed[key] = digest
                 self._failed.pop(key, None)
             else:
                 self._failed[key] = digest
-        live = {(t.container_id, t.started_at) for t in topology.nginx}
-        self._deployed = {k: v for k, v in self._deployed.items() if k in live}
         return tuple(results)
 
 
@@ -219,7 +227,9 @@ class ControlLoop:
         if report.changed or report.deployed:
             log.info(
                 "reconciled (%s): version %d, %d nginx updated, %.1f ms",
-                reason, report.version, len(report.deployed),
+                reason,
+                report.version,
+                len(report.deployed),
                 sum(report.timings.values()) * 1000,
             )
 

@@ -92,7 +92,9 @@ def _watched_networks(state: DockerState, options: BuildOptions) -> tuple[set[st
     drivers = {n.name: n.driver for n in state.networks}
     for name in sorted(options.networks - bridges):
         if name not in drivers:
-            warnings.append(f"network {L.show(name)} does not exist (yet): nothing is watched on it")
+            warnings.append(
+                f"network {L.show(name)} does not exist (yet): nothing is watched on it"
+            )
         else:
             warnings.append(
                 f"network {L.show(name)} has driver {drivers[name]}, not a user-defined bridge: "

@@ -45,9 +45,20 @@ HASH_TOKEN_RE = re.compile(r"\$([a-z_][a-z0-9_]*)|([A-Za-z0-9_.:/,=-]+)")
 
 HASH_VARIABLES = frozenset(
     {
-        "args", "binary_remote_addr", "cookie", "document_uri", "host", "http_host",
-        "query_string", "remote_addr", "remote_user", "request_method", "request_uri",
-        "scheme", "server_name", "uri",
+        "args",
+        "binary_remote_addr",
+        "cookie",
+        "document_uri",
+        "host",
+        "http_host",
+        "query_string",
+        "remote_addr",
+        "remote_user",
+        "request_method",
+        "request_uri",
+        "scheme",
+        "server_name",
+        "uri",
     }
 )
 HASH_VARIABLE_PREFIXES = ("http_", "cookie_", "arg_")
@@ -155,7 +166,9 @@ def parse_method(value: str) -> Method:
         return Method(value.strip().lower())
     except ValueError:
         allowed = ", ".join(m.value for m in Method)
-        raise InvalidValue(f"{ALGORITHM}={show(value)} is not a method: use one of {allowed}") from None
+        raise InvalidValue(
+            f"{ALGORITHM}={show(value)} is not a method: use one of {allowed}"
+        ) from None
 
 
 def parse_config_path(value: str) -> str:

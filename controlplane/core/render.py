@@ -17,6 +17,7 @@ import jinja2
 from controlplane.core.model import Backend, Exclusion, Method, Service, Topology
 from controlplane.errors import TemplateError
 
+
 @dataclass(frozen=True)
 class RenderOptions:
     domain: str = "internal"
@@ -45,7 +46,9 @@ def nginx_quote(value: object) -> str:
     """Double-quote a value for nginx; control characters are refused, never escaped away."""
     text = str(value)
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
-        raise TemplateError(f"refusing to write a control character into the nginx config: {text!r}")
+        raise TemplateError(
+            f"refusing to write a control character into the nginx config: {text!r}"
+        )
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -73,7 +76,9 @@ def balancing_directive(service: Service) -> str | None:
     if algorithm.method is Method.ROUND_ROBIN:
         return None
     if algorithm.method is Method.HASH:
-        return f"hash {nginx_quote(algorithm.key)}" + (" consistent" if algorithm.consistent else "")
+        return f"hash {nginx_quote(algorithm.key)}" + (
+            " consistent" if algorithm.consistent else ""
+        )
     if algorithm.method is Method.RANDOM:
         return "random two least_conn" if algorithm.two else "random"
     return algorithm.method.value
