@@ -64,7 +64,7 @@ def build_topology(
         if container.status not in ("running", "paused"):
             continue
         if container.labels.get(L.ROLE) == "nginx":
-            target = _nginx_target(container, excluded)
+            target = _nginx_target(container, watched, excluded)
             if target is not None:
                 nginx.append(target)
             continue
@@ -103,10 +103,18 @@ def _watched_networks(state: DockerState, options: BuildOptions) -> tuple[set[st
     return bridges & options.networks, warnings
 
 
-def _nginx_target(container: ContainerFacts, excluded: list[Exclusion]) -> NginxTarget | None:
+def _nginx_target(
+    container: ContainerFacts, watched: set[str], excluded: list[Exclusion]
+) -> NginxTarget | None:
+    """Only an nginx on a watched network is managed: elsewhere it could reach no backend,
+    and another controller may own it."""
+
     def exclude(reason: str) -> None:
         excluded.append(Exclusion(container.id, container.name, reason))
 
+    networks = tuple(e.network for e in container.endpoints)
+    if not watched.intersection(networks):
+        return None
     if container.status != "running":
         exclude("managed nginx is paused: it gets the current config when it is unpaused")
         return None
@@ -120,7 +128,7 @@ def _nginx_target(container: ContainerFacts, excluded: list[Exclusion]) -> Nginx
         container=container.name,
         config_path=path,
         started_at=container.started_at,
-        networks=tuple(e.network for e in container.endpoints),
+        networks=networks,
     )
 
 

@@ -1,0 +1,46 @@
+"""Scaling a service: nginx serves exactly the live set after each step."""
+
+from __future__ import annotations
+
+from tests.integration.conftest import ControllerFactory
+from tests.support.lab import Http, Lab, wait_until
+
+
+def test_scale_up_and_down(
+    lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
+) -> None:
+    net = lab.network()
+    lb = lab.nginx(net)
+    start_controller(net.name)
+    http = http_for(lab.published_port(lb))
+    backends = [lab.backend(net)]
+    for step in (3, 1, 3, 0, 2):
+        while len(backends) < step:
+            backends.append(lab.backend(net))
+        while len(backends) > step:
+            backends.pop().remove(force=True)
+        names = {b.name for b in backends}
+        if names:
+            wait_until(
+                lambda: http.only("web", names) and http.serves("web", names),
+                what=f"nginx to serve exactly {sorted(names)}",
+            )
+            assert set(http.bodies("web", 60)) == names
+        else:
+            wait_until(lambda: http.status("web") == 404, what="web to be gone (404)")
+
+
+def test_service_with_no_live_backend_answers_503(
+    lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
+) -> None:
+    net = lab.network()
+    lb = lab.nginx(net)
+    backend = lab.backend(net)
+    start_controller(net.name)
+    http = http_for(lab.published_port(lb))
+    wait_until(lambda: http.serves("web", {backend.name}), what="web served")
+    backend.pause()
+    wait_until(lambda: http.status("web") == 503, what="503 while the only backend is paused")
+    assert "no live backend" in http.get("web").text
+    backend.unpause()
+    wait_until(lambda: http.serves("web", {backend.name}), what="web served again after unpause")

@@ -1,0 +1,187 @@
+"""Real Docker resources for one test: random names, labels, and removal at the end.
+
+Everything a test creates carries `controlplane.test=1` (so a crashed run can be swept with
+`docker rm -f $(docker ps -aq --filter label=controlplane.test=1)`) and the test's run id.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import httpx
+from docker.models.containers import Container
+from docker.models.networks import Network
+from docker.types import EndpointConfig
+
+from tests.support.images import TestImages
+
+TEST_LABEL = "controlplane.test"
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """Poll instead of sleeping; the failure names what was awaited and the last value."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {what or predicate}: {value!r}"
+            )
+        time.sleep(interval)
+        value = predicate()
+    return value
+
+
+class Lab:
+    def __init__(self, client: docker.DockerClient, images: TestImages) -> None:
+        self.client = client
+        self.images = images
+        self.run_id = secrets.token_hex(4)
+        self._count = 0
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {TEST_LABEL: "1", f"{TEST_LABEL}.run": self.run_id}
+
+    def name(self, prefix: str) -> str:
+        self._count += 1
+        return f"cpt-{self.run_id}-{prefix}-{self._count}"
+
+    def network(self, prefix: str = "net") -> Network:
+        return self.client.networks.create(self.name(prefix), driver="bridge", labels=self.labels)
+
+    def nginx(self, network: Network, labels: Mapping[str, str] | None = None) -> Container:
+        """A managed nginx published on a random loopback port."""
+        container = self._run(
+            self.images.nginx,
+            "lb",
+            network,
+            labels={"controlplane.role": "nginx", **(labels or {})},
+            ports={"80/tcp": ("127.0.0.1", None)},
+        )
+        return container
+
+    def backend(
+        self,
+        network: Network,
+        alias: str | None = "web",
+        labels: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Container:
+        """A busybox backend answering its hostname; the hostname is its container name."""
+        name = self.name(alias or "backend")
+        return self._run(
+            self.images.backend,
+            name,
+            network,
+            aliases=[alias] if alias else None,
+            labels=labels,
+            environment=dict(env or {}),
+            hostname=name,
+            exact_name=True,
+            **kwargs,
+        )
+
+    def _run(
+        self,
+        image: str,
+        prefix: str,
+        network: Network,
+        aliases: list[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        exact_name: bool = False,
+        **kwargs: Any,
+    ) -> Container:
+        name = prefix if exact_name else self.name(prefix)
+        endpoint = EndpointConfig(version=self.client.api.api_version, aliases=aliases or [])
+        container = self.client.containers.run(
+            image,
+            name=name,
+            detach=True,
+            labels={**self.labels, **(labels or {})},
+            network=network.name,
+            networking_config={network.name: endpoint},
+            **kwargs,
+        )
+        container.reload()
+        return container
+
+    def published_port(self, container: Container) -> int:
+        container.reload()
+        return int(container.ports["80/tcp"][0]["HostPort"])
+
+    def cleanup(self) -> None:
+        for container in self.client.containers.list(
+            all=True, filters={"label": f"{TEST_LABEL}.run={self.run_id}"}
+        ):
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        for network in self.client.networks.list(
+            filters={"label": f"{TEST_LABEL}.run={self.run_id}"}
+        ):
+            try:
+                network.remove()
+            except docker.errors.NotFound:
+                pass
+
+
+class Http:
+    """A client of one published nginx; a new connection per request, so a reload's closed
+    keep-alive connection can't be mistaken for a failure."""
+
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(timeout=10.0, headers={"Connection": "close"})
+
+    def get(self, host: str, path: str = "/", timeout: float = 10.0) -> httpx.Response:
+        return self.client.get(self.base + path, headers={"Host": host}, timeout=timeout)
+
+    def status(self, host: str, path: str = "/") -> int | None:
+        """For polling: None while requests fail (e.g. one stuck on a backend being paused)."""
+        try:
+            return self.get(host, path, timeout=2.0).status_code
+        except httpx.HTTPError:
+            return None
+
+    def bodies(self, host: str, count: int, path: str = "/", timeout: float = 10.0) -> Counter[str]:
+        result: Counter[str] = Counter()
+        for _ in range(count):
+            response = self.get(host, path, timeout)
+            result[
+                response.text.strip()
+                if response.status_code == 200
+                else f"HTTP {response.status_code}"
+            ] += 1
+        return result
+
+    def serves(self, host: str, expected: Iterable[str], probes: int = 30) -> bool:
+        """True once `probes` requests reach exactly the expected backends."""
+        try:
+            seen = self.bodies(host, probes, timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return set(seen) == set(expected)
+
+    def only(self, host: str, expected: Iterable[str], probes: int = 40) -> bool:
+        """True when `probes` requests in a row come from the expected backends only: after a
+        reload, the old workers keep answering with the old config for a little while."""
+        allowed = set(expected)
+        try:
+            return set(self.bodies(host, probes, timeout=2.0)) <= allowed
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        self.client.close()
