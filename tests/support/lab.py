@@ -6,6 +6,7 @@ Everything a test creates carries `controlplane.test=1` (so a crashed run can be
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections import Counter
@@ -124,17 +125,13 @@ class Lab:
         for container in self.client.containers.list(
             all=True, filters={"label": f"{TEST_LABEL}.run={self.run_id}"}
         ):
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 container.remove(force=True)
-            except docker.errors.NotFound:
-                pass
         for network in self.client.networks.list(
             filters={"label": f"{TEST_LABEL}.run={self.run_id}"}
         ):
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 network.remove()
-            except docker.errors.NotFound:
-                pass
 
 
 class Http:

@@ -403,7 +403,9 @@ def test_stop_mark_of_another_container_is_ignored() -> None:
     ],
     ids=["default-path", "config-path-label", "all-its-networks", "exited-ignored"],
 )
-def test_nginx_target(target: ContainerFacts, expected: list[tuple[str, str, tuple[str, ...]]]) -> None:
+def test_nginx_target(
+    target: ContainerFacts, expected: list[tuple[str, str, tuple[str, ...]]]
+) -> None:
     topology = build(target)
     assert [(n.container, n.config_path, n.networks) for n in topology.nginx] == expected
     assert topology.services == ()
@@ -461,7 +463,11 @@ def test_nginx_with_an_alias_is_not_a_backend() -> None:
         ({L.ALGORITHM: "least_conn"}, Algorithm(Method.LEAST_CONN), "label"),
         ({L.ALGORITHM: "ip_hash"}, Algorithm(Method.IP_HASH), "label"),
         ({L.ALGORITHM: "random"}, Algorithm(Method.RANDOM), "label"),
-        ({L.ALGORITHM: "random", L.RANDOM_TWO: "true"}, Algorithm(Method.RANDOM, two=True), "label"),
+        (
+            {L.ALGORITHM: "random", L.RANDOM_TWO: "true"},
+            Algorithm(Method.RANDOM, two=True),
+            "label",
+        ),
         (
             {L.ALGORITHM: "hash", L.HASH_KEY: "$request_uri"},
             Algorithm(Method.HASH, key="$request_uri"),
@@ -473,7 +479,12 @@ def test_nginx_with_an_alias_is_not_a_backend() -> None:
             "label",
         ),
         (
-            {L.ALGORITHM: "least_conn", L.HASH_KEY: "$uri", L.HASH_CONSISTENT: "1", L.RANDOM_TWO: "1"},
+            {
+                L.ALGORITHM: "least_conn",
+                L.HASH_KEY: "$uri",
+                L.HASH_CONSISTENT: "1",
+                L.RANDOM_TWO: "1",
+            },
             Algorithm(Method.LEAST_CONN),
             "label",
         ),
@@ -493,7 +504,11 @@ def test_nginx_with_an_alias_is_not_a_backend() -> None:
 )
 def test_algorithm(labels: dict[str, str], algorithm: Algorithm, source: str) -> None:
     (service,) = build(container("w1", labels=labels)).services
-    assert (service.algorithm, service.algorithm_source, service.warnings) == (algorithm, source, ())
+    assert (service.algorithm, service.algorithm_source, service.warnings) == (
+        algorithm,
+        source,
+        (),
+    )
 
 
 def test_hash_without_key_warns_and_falls_back_to_round_robin() -> None:
@@ -586,7 +601,11 @@ def test_oldest_wins_within_the_same_second() -> None:
 def test_backup_with_a_method_nginx_refuses(method: dict[str, str], kept: bool) -> None:
     primary = container("p", created=t(1), labels=method)
     backup = container(
-        "b", ip="172.20.0.3", created=t(2), labels={L.BACKUP: "true"}, more_networks={"back": "1.2.3.4"}
+        "b",
+        ip="172.20.0.3",
+        created=t(2),
+        labels={L.BACKUP: "true"},
+        more_networks={"back": "1.2.3.4"},
     )
     topology = build(primary, backup)
     (service,) = topology.services

@@ -88,7 +88,9 @@ def test_parse_bool_accepts(value: str, expected: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["", "y", "2", "truee", "enabled", "t rue"], ids=["empty", "y", "2", "typo", "word", "space"]
+    "value",
+    ["", "y", "2", "truee", "enabled", "t rue"],
+    ids=["empty", "y", "2", "typo", "word", "space"],
 )
 def test_parse_bool_rejects(value: str) -> None:
     with pytest.raises(InvalidValue, match=re.escape(L.BACKUP)):
@@ -508,7 +510,11 @@ def test_parse_service_labels_reads_every_label() -> None:
         L.HOSTS: "a.com,b.com",
     }
     assert L.parse_service_labels(labels) == L.ServiceLabels(
-        method=Method.HASH, hash_key="$request_uri", consistent=True, two=False, hosts=("a.com", "b.com")
+        method=Method.HASH,
+        hash_key="$request_uri",
+        consistent=True,
+        two=False,
+        hosts=("a.com", "b.com"),
     )
 
 

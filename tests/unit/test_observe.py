@@ -177,7 +177,10 @@ def test_container_facts_absorbs_gaps(changes: dict[str, Any], field: str, expec
 @pytest.mark.parametrize(
     ("endpoint", "expected"),
     [
-        ({"Aliases": None, "IPAddress": None, "GlobalIPv6Address": None}, Endpoint("n", "", "", ())),
+        (
+            {"Aliases": None, "IPAddress": None, "GlobalIPv6Address": None},
+            Endpoint("n", "", "", ()),
+        ),
         ({}, Endpoint("n", "", "", ())),
         (None, Endpoint("n", "", "", ())),
         ({"Aliases": ["a"], "IPAddress": "10.0.0.2"}, Endpoint("n", "10.0.0.2", "", ("a",))),
