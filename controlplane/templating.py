@@ -1,7 +1,8 @@
 """Finds and loads the nginx templates: the user's directory first, then the shipped ones.
 
 In a wheel the templates live inside the package (`controlplane/templates`); in a source
-checkout they are the top-level `templates/` folder next to the package.
+checkout they are the top-level `templates/` folder next to the package. The shipped ones are
+also reachable as `builtin/NAME`, so a custom template can extend or include the original.
 """
 
 from __future__ import annotations
@@ -26,14 +27,21 @@ def builtin_templates_dir() -> Path:
 
 def load_template(templates_dir: Path | None = None) -> jinja2.Template:
     """A user directory overrides any shipped template file of the same name."""
-    searchpath = [str(builtin_templates_dir())]
+    builtin = str(builtin_templates_dir())
+    searchpath = [builtin]
     if templates_dir is not None:
         if not templates_dir.is_dir():
             raise TemplateError(
                 f"templates directory {templates_dir} does not exist: create it or drop the flag"
             )
         searchpath.insert(0, str(templates_dir))
-    env = make_environment(jinja2.FileSystemLoader(searchpath))
+    loader = jinja2.ChoiceLoader(
+        [
+            jinja2.FileSystemLoader(searchpath),
+            jinja2.PrefixLoader({"builtin": jinja2.FileSystemLoader(builtin)}),
+        ]
+    )
+    env = make_environment(loader)
     try:
         return env.get_template(MAIN_TEMPLATE)
     except jinja2.TemplateSyntaxError as error:

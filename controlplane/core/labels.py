@@ -47,7 +47,6 @@ HASH_VARIABLES = frozenset(
     {
         "args",
         "binary_remote_addr",
-        "cookie",
         "document_uri",
         "host",
         "http_host",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
@@ -30,9 +32,12 @@ NETWORKS = (
 )
 
 
+WATCH_ALL = BuildOptions()
+
+
 def build(
     *containers: ContainerFacts,
-    options: BuildOptions = BuildOptions(),
+    options: BuildOptions = WATCH_ALL,
     stopping: Mapping[str, StopMark] | None = None,
 ) -> Topology:
     return build_topology(state(*containers, networks=NETWORKS), options, stopping)
@@ -285,6 +290,19 @@ def test_bad_label_excludes_only_that_container(labels: dict[str, str], named: l
         assert label in reason
 
 
+@pytest.mark.xfail(
+    reason="BUG: backend and service labels are parsed in one try block, so a container with a "
+    "bad backend label never hears about its bad service labels (the fix-one-see-the-next loop "
+    "the collector exists to prevent)",
+    strict=True,
+)
+def test_exclusion_names_bad_backend_and_service_labels_together() -> None:
+    topology = build(container("w1", labels={L.PORT: "0", L.HOSTS: "a..b"}))
+    ((_, _, reason),) = reasons(topology)
+    assert L.PORT in reason
+    assert L.HOSTS in reason
+
+
 def test_invalid_alias_excludes_that_alias_only() -> None:
     c = container("w1", aliases=("web", "bad alias", "-x"))
     topology = build(c)
@@ -348,7 +366,7 @@ def test_labelled_container_on_no_watched_network_is_reported() -> None:
         ({}, StopMark(9, 1.0), BackendState.STOPPING),
         ({}, StopMark(1, 1.0), BackendState.UP),
         ({"stop_signal": "SIGHUP"}, StopMark(1, 1.0), BackendState.STOPPING),
-        ({"stop_signal": "SIGWINCH"}, StopMark(28, 1.0), BackendState.STOPPING),
+        ({"stop_signal": "SIGWINCH"}, StopMark(signal.SIGWINCH.value, 1.0), BackendState.STOPPING),
         ({"status": "paused", "health": "unhealthy"}, None, BackendState.PAUSED),
         ({"health": "unhealthy"}, StopMark(15, 1.0), BackendState.STOPPING),
     ],
@@ -368,7 +386,7 @@ def test_labelled_container_on_no_watched_network_is_reported() -> None:
     ],
 )
 def test_backend_state(
-    kwargs: dict[str, str], mark: StopMark | None, expected: BackendState
+    kwargs: dict[str, Any], mark: StopMark | None, expected: BackendState
 ) -> None:
     c = container("w1", **kwargs)
     stopping = {c.id: mark} if mark else {}
