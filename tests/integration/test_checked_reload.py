@@ -76,7 +76,9 @@ def test_bad_labels_exclude_only_their_container(
     lab.backend(net, labels={"controlplane.port": "99999"})
     controller = start_controller(net.name)
     http = http_for(lab.published_port(lb))
-    wait_until(lambda: http.only("web", {good.name}) and http.serves("web", {good.name}), what="web")
+    wait_until(
+        lambda: http.only("web", {good.name}) and http.serves("web", {good.name}), what="web"
+    )
     config = controller.config
     assert config.count("# excluded: ") == 3
     assert all(line.startswith("# ") for line in config.splitlines() if "listen 81" in line)

@@ -101,14 +101,16 @@ class Lab:
         aliases: list[str] | None = None,
         labels: Mapping[str, str] | None = None,
         exact_name: bool = False,
+        start: bool = True,
         **kwargs: Any,
     ) -> Container:
         name = prefix if exact_name else self.name(prefix)
         endpoint = EndpointConfig(version=self.client.api.api_version, aliases=aliases or [])
-        container = self.client.containers.run(
+        create = self.client.containers.run if start else self.client.containers.create
+        container = create(
             image,
             name=name,
-            detach=True,
+            **({"detach": True} if start else {}),
             labels={**self.labels, **(labels or {})},
             network=network.name,
             networking_config={network.name: endpoint},

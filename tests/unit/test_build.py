@@ -418,8 +418,19 @@ def test_stop_mark_of_another_container_is_ignored() -> None:
             [("proxy", DEFAULT_CONFIG_PATH, ("app", "back", "bridge"))],
         ),
         (nginx(status="exited"), []),
+        (nginx(network="bridge"), []),
+        (nginx(network="ov"), []),
+        (nginx(network="bridge", status="paused", config_path="bad"), []),
     ],
-    ids=["default-path", "config-path-label", "all-its-networks", "exited-ignored"],
+    ids=[
+        "default-path",
+        "config-path-label",
+        "all-its-networks",
+        "exited-ignored",
+        "only-on-default-bridge-not-ours",
+        "only-on-overlay-not-ours",
+        "not-ours-so-not-even-excluded",
+    ],
 )
 def test_nginx_target(
     target: ContainerFacts, expected: list[tuple[str, str, tuple[str, ...]]]
@@ -428,6 +439,11 @@ def test_nginx_target(
     assert [(n.container, n.config_path, n.networks) for n in topology.nginx] == expected
     assert topology.services == ()
     assert topology.excluded == ()
+
+
+def test_nginx_outside_the_watched_networks_is_not_managed() -> None:
+    topology = build(nginx(), options=BuildOptions(networks=frozenset({"back"})))
+    assert (topology.nginx, topology.excluded) == ((), ())
 
 
 def test_nginx_target_fields() -> None:

@@ -554,21 +554,8 @@ def test_nginx_accepts_the_golden_config(tmp_path: Path) -> None:
     assert "[warn]" not in result.stderr, result.stderr
 
 
-COOKIE_BUG = pytest.mark.xfail(
-    reason="BUG: $cookie is allowed by the hash-key grammar but is no nginx variable",
-    strict=True,
-)
-
-
 @pytest.mark.parametrize(
-    "variable",
-    [
-        *(
-            pytest.param(v, marks=COOKIE_BUG) if v == "cookie" else v
-            for v in sorted(L.HASH_VARIABLES)
-        ),
-        *("http_x_user", "cookie_id", "arg_id"),
-    ],
+    "variable", [*sorted(L.HASH_VARIABLES), "http_x_user", "cookie_id", "arg_id"]
 )
 def test_nginx_knows_every_hash_variable_the_grammar_allows(
     tmp_path: Path, template: jinja2.Template, variable: str
