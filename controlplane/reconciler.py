@@ -67,7 +67,7 @@ class Reconciler:
         self._deployer = deployer
         self._template = template
         self._settings = settings
-        self._build = BuildOptions(networks=settings.networks)
+        self._build = BuildOptions(networks=settings.networks, domain=settings.domain)
         self._render = RenderOptions(domain=settings.domain, listen_port=settings.listen_port)
         self._clock = clock
         self._marks: dict[str, StopMark] = {}

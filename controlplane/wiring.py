@@ -33,7 +33,9 @@ def render_once(settings: Settings) -> str:
     """The config the current Docker state gives, without touching any nginx."""
     template = load_template(settings.templates_dir)
     state = DockerSource(connect(settings.docker_url)).snapshot()
-    topology = build_topology(state, BuildOptions(networks=settings.networks))
+    topology = build_topology(
+        state, BuildOptions(networks=settings.networks, domain=settings.domain)
+    )
     return render_config(
         topology, template, RenderOptions(domain=settings.domain, listen_port=settings.listen_port)
     )

@@ -35,9 +35,11 @@ DEFAULT_PORT = 80
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """`networks` None watches every user-defined bridge network."""
+    """`networks` None watches every user-defined bridge network; `domain` is the zone that
+    services are named in (NAME.DOMAIN), so no label can claim another service's name."""
 
     networks: frozenset[str] | None = None
+    domain: str = "internal"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ def build_topology(
     for container in sorted(state.containers, key=lambda c: (c.created, c.name)):
         if container.status not in ("running", "paused"):
             continue
+        warnings.extend(_label_typos(container))
         if container.labels.get(L.ROLE) == "nginx":
             target = _nginx_target(container, watched, excluded)
             if target is not None:
@@ -70,18 +73,35 @@ def build_topology(
             continue
         _collect_members(container, watched, marks, members, excluded)
 
+    reachable = {network for target in nginx for network in target.networks}
     services = []
     for name in sorted(members):
-        service, dropped = _service(name, members[name])
+        service, dropped = _service(name, members[name], reachable if nginx else None)
         services.append(service)
         excluded.extend(dropped)
-    services, host_warnings = _claim_hosts(services)
+    services, host_warnings = _claim_hosts(services, options.domain)
     return Topology(
         services=tuple(services),
         excluded=tuple(dict.fromkeys(excluded)),
         nginx=tuple(nginx),
-        warnings=tuple(warnings + host_warnings),
+        warnings=tuple(dict.fromkeys(warnings + host_warnings)),
     )
+
+
+def _label_typos(container: ContainerFacts) -> list[str]:
+    """A misspelt label would otherwise be ignored without a word."""
+    warnings = [
+        f"container {container.name}: unknown label {L.show(key)} is ignored (a typo?)"
+        for key in sorted(container.labels)
+        if key.startswith(L.PREFIX) and key not in L.KNOWN_LABELS
+    ]
+    role = container.labels.get(L.ROLE)
+    if role is not None and role != "nginx":
+        warnings.append(
+            f"container {container.name}: {L.ROLE}={L.show(role)} is ignored "
+            "(the only role is nginx)"
+        )
+    return warnings
 
 
 def _watched_networks(state: DockerState, options: BuildOptions) -> tuple[set[str], list[str]]:
@@ -139,19 +159,28 @@ def _collect_members(
     members: dict[str, list[_Member]],
     excluded: list[Exclusion],
 ) -> None:
-    endpoints = [e for e in container.endpoints if e.network in watched and e.ip]
-    names_by_endpoint = [(e, _alias_services(container, e, excluded)) for e in endpoints]
-    if not any(names for _, names in names_by_endpoint) and L.SERVICE not in container.labels:
-        return
-
     def exclude(reason: str) -> None:
         excluded.append(Exclusion(container.id, container.name, reason))
 
+    endpoints = [e for e in container.endpoints if e.network in watched and (e.ip or e.ipv6)]
+    names_by_endpoint = [(e, _alias_services(container, e, excluded)) for e in endpoints]
+    if not any(names for _, names in names_by_endpoint) and L.SERVICE not in container.labels:
+        return
+    if not endpoints:
+        on = ", ".join(e.network for e in container.endpoints) or "no network"
+        exclude(f"has {L.SERVICE} but is on no watched network (it is on {on})")
+        return
+    errors = []
     try:
         backend = L.parse_backend_labels(container.labels)
+    except InvalidValue as error:
+        errors.append(str(error))
+    try:
         service = L.parse_service_labels(container.labels)
     except InvalidValue as error:
-        exclude(str(error))
+        errors.append(str(error))
+    if errors:
+        exclude("; ".join(errors))
         return
     if not backend.enabled:
         exclude(f"opted out with {L.ENABLE}=false")
@@ -174,10 +203,11 @@ def _collect_members(
 def _alias_services(
     container: ContainerFacts, endpoint: Endpoint, excluded: list[Exclusion]
 ) -> tuple[str, ...]:
-    """Network aliases that name services; Docker's own ID alias and the name are not ones."""
+    """Network aliases that name services. Docker adds the 12-digit short ID, and Compose the
+    container's own name; neither names a service."""
     names = []
     for alias in endpoint.aliases:
-        if container.id.startswith(alias) or alias == container.name:
+        if alias == container.name or alias in (container.id, container.id[:12]):
             continue
         try:
             names.append(L.parse_name(alias, "network alias"))
@@ -198,7 +228,10 @@ def _backend_state(container: ContainerFacts, mark: StopMark | None) -> BackendS
     return BackendState.UP
 
 
-def _service(name: str, members: list[_Member]) -> tuple[Service, list[Exclusion]]:
+def _service(
+    name: str, members: list[_Member], reachable: set[str] | None
+) -> tuple[Service, list[Exclusion]]:
+    """`reachable`: networks some managed nginx is on (None: no nginx is managed)."""
     settings, warnings = _merge_service_labels(members)
     algorithm, source, problem = _algorithm(settings)
     if problem:
@@ -234,6 +267,17 @@ def _service(name: str, members: list[_Member]) -> tuple[Service, list[Exclusion
                 max_conns=m.backend.max_conns,
             )
         )
+    if reachable is not None:
+        networks_of: dict[str, set[str]] = defaultdict(set)
+        for m in members:
+            networks_of[m.container.name].add(m.endpoint.network)
+        for container, networks in networks_of.items():
+            if not networks & reachable:
+                warnings.append(
+                    f"{container} is on no network a managed nginx is on "
+                    f"({', '.join(sorted(networks))}): nginx can't reach it, so it gets no "
+                    "traffic; connect the nginx to one of them"
+                )
     live = [b for b in backends if b.state is BackendState.UP]
     if live and all(b.backup for b in live):
         warnings.append(
@@ -296,16 +340,18 @@ def _algorithm(settings: L.ServiceLabels) -> tuple[Algorithm, str, str | None]:
         consistent=bool(settings.consistent) if method is Method.HASH else False,
         two=bool(settings.two) if method is Method.RANDOM else False,
     )
-    source = "label" if settings.method is not None else "default"
     problem = L.algorithm_problem(algorithm)
     if problem:
-        return Algorithm(), source, problem
-    return algorithm, source, None
+        return Algorithm(), "default", problem
+    return algorithm, "label" if settings.method is not None else "default", None
 
 
-def _claim_hosts(services: list[Service]) -> tuple[list[Service], list[str]]:
-    """Each host name routes to one service: the service's own name first, then by name order."""
-    owner: dict[str, str] = {s.name: s.name for s in services}
+def _claim_hosts(services: list[Service], domain: str) -> tuple[list[Service], list[str]]:
+    """Each host name routes to one service. Every service owns NAME and NAME.DOMAIN; an extra
+    host from a label goes to the first service (by name) that asks for it."""
+    owner: dict[str, str] = {}
+    for service in services:
+        owner[service.name] = owner[f"{service.name}.{domain}"] = service.name
     warnings = []
     result = []
     for service in services:

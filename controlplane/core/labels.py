@@ -33,7 +33,25 @@ CONFIG_PATH = PREFIX + "config_path"
 
 T = TypeVar("T")
 
-SERVICE_LABELS = (ALGORITHM, HASH_KEY, HASH_CONSISTENT, RANDOM_TWO, HOSTS)
+KNOWN_LABELS = frozenset(
+    {
+        ROLE,
+        ENABLE,
+        SERVICE,
+        PORT,
+        WEIGHT,
+        BACKUP,
+        MAX_FAILS,
+        FAIL_TIMEOUT,
+        MAX_CONNS,
+        ALGORITHM,
+        HASH_KEY,
+        HASH_CONSISTENT,
+        RANDOM_TWO,
+        HOSTS,
+        CONFIG_PATH,
+    }
+)
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 HOST_RE = re.compile(
@@ -41,7 +59,8 @@ HOST_RE = re.compile(
 )
 DURATION_RE = re.compile(r"([0-9]{1,6})(s|m|h)?")
 CONFIG_PATH_RE = re.compile(r"/([A-Za-z0-9_.-]+/)*[A-Za-z0-9_-][A-Za-z0-9_.-]*\.conf")
-HASH_TOKEN_RE = re.compile(r"\$([a-z_][a-z0-9_]*)|([A-Za-z0-9_.:/,=-]+)")
+# nginx reads a variable name as far as [A-Za-z0-9_] goes, so the token must too.
+HASH_TOKEN_RE = re.compile(r"\$([A-Za-z0-9_]*)|([A-Za-z0-9_.:/,=-]+)")
 
 HASH_VARIABLES = frozenset(
     {
@@ -60,7 +79,7 @@ HASH_VARIABLES = frozenset(
         "uri",
     }
 )
-HASH_VARIABLE_PREFIXES = ("http_", "cookie_", "arg_")
+HASH_PREFIX_VARIABLE_RE = re.compile(r"(http|cookie|arg)_[A-Za-z0-9_]+")
 
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
@@ -126,12 +145,10 @@ def parse_hash_key(value: str) -> str:
             )
         variable = match.group(1)
         if variable is not None:
-            if variable not in HASH_VARIABLES and not (
-                variable.startswith(HASH_VARIABLE_PREFIXES)
-                and len(variable) > len(variable.split("_", 1)[0]) + 1
-            ):
+            if variable not in HASH_VARIABLES and not HASH_PREFIX_VARIABLE_RE.fullmatch(variable):
                 raise InvalidValue(
-                    f"{HASH_KEY}={show(value)} uses unknown variable ${variable}: allowed are "
+                    f"{HASH_KEY}={show(value)} uses unknown variable {show('$' + variable)} "
+                    "(a name goes on as far as letters, digits and '_' do): allowed are "
                     f"{', '.join('$' + v for v in sorted(HASH_VARIABLES))} and $http_*, "
                     "$cookie_*, $arg_*"
                 )
@@ -172,6 +189,11 @@ def parse_method(value: str) -> Method:
 
 def parse_config_path(value: str) -> str:
     path = value.strip()
+    if path == "/etc/nginx/nginx.conf":
+        raise InvalidValue(
+            f"{CONFIG_PATH}={show(value)} would replace nginx's main config with a fragment for "
+            "its http block: use a file that nginx.conf includes, e.g. in /etc/nginx/conf.d/"
+        )
     if not CONFIG_PATH_RE.fullmatch(path) or "/../" in path or "/./" in path:
         raise InvalidValue(
             f"{CONFIG_PATH}={show(value)} must be an absolute path to a .conf file made of "

@@ -7,6 +7,7 @@ its in-flight requests, instead of after it has gone.
 
 from __future__ import annotations
 
+import re
 import signal as signals
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,19 +25,30 @@ class ContainerEvent:
 
 @dataclass(frozen=True)
 class StopMark:
-    signal: int
+    """Every signal sent since the container (re)started, so a later SIGHUP can't hide an
+    earlier SIGTERM; `at` is the latest one."""
+
+    signals: frozenset[int]
     at: float
 
 
+REALTIME_RE = re.compile(r"RTM(IN|AX)([+-][0-9]{1,2})?")
+
+
 def signal_number(value: str | None) -> int | None:
-    """Docker reports signals as numbers ("15") or names ("SIGTERM", "TERM")."""
+    """Docker reports signals as numbers ("15") or names ("SIGTERM", "TERM", "SIGRTMIN+3")."""
     if not value:
         return None
     text = value.strip().upper()
     if text.isdigit():
         return int(text)
+    name = text.removeprefix("SIG")
+    realtime = REALTIME_RE.fullmatch(name)
+    if realtime:
+        base = signals.SIGRTMIN if realtime.group(1) == "IN" else signals.SIGRTMAX
+        return int(base) + int(realtime.group(2) or 0)
     try:
-        return int(signals.Signals[text if text.startswith("SIG") else "SIG" + text])
+        return int(signals.Signals["SIG" + name])
     except KeyError:
         return None
 
@@ -47,7 +59,9 @@ def apply_event(
     result = dict(marks)
     number = signal_number(event.signal)
     if event.action == "kill" and number is not None:
-        result[event.container_id] = StopMark(number, now)
+        previous = result.get(event.container_id)
+        sent = previous.signals if previous else frozenset()
+        result[event.container_id] = StopMark(sent | {number}, now)
     elif event.action in RETURN_ACTIONS:
         result.pop(event.container_id, None)
     return result
@@ -57,7 +71,7 @@ def is_stopping(mark: StopMark | None, stop_signal: str | None) -> bool:
     """A signal counts when it ends processes by default or is the container's STOPSIGNAL."""
     if mark is None:
         return False
-    return mark.signal in TERMINATING or mark.signal == signal_number(stop_signal)
+    return bool(mark.signals & TERMINATING) or signal_number(stop_signal) in mark.signals
 
 
 def prune(

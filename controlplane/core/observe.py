@@ -6,6 +6,7 @@ absorbs that so the rest of the code reads plain typed values.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,19 @@ def _dict(value: Any) -> Mapping[str, Any]:
 
 def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+TIMESTAMP_RE = re.compile(r"(.*T\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def canonical_time(value: Any) -> str:
+    """RFC 3339 with all nine fraction digits: Docker trims trailing zeros, which would make
+    `...:00.1Z` sort after `...:00.12Z` as text."""
+    text = _str(value)
+    match = TIMESTAMP_RE.fullmatch(text)
+    if not match:
+        return text
+    return f"{match.group(1)}.{(match.group(2) or '').ljust(9, '0')}{match.group(3)}"
 
 
 def container_facts(inspect: Mapping[str, Any]) -> ContainerFacts:
@@ -47,10 +61,10 @@ def container_facts(inspect: Mapping[str, Any]) -> ContainerFacts:
     return ContainerFacts(
         id=_str(inspect.get("Id")),
         name=_str(inspect.get("Name")).lstrip("/"),
-        created=_str(inspect.get("Created")),
+        created=canonical_time(inspect.get("Created")),
         status=status,
         health=health if isinstance(health, str) and health != "none" else None,
-        started_at=_str(state.get("StartedAt")),
+        started_at=canonical_time(state.get("StartedAt")),
         labels=labels,
         exposed_tcp_ports=tuple(dict.fromkeys(exposed)),
         endpoints=endpoints,

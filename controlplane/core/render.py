@@ -39,6 +39,7 @@ class ServiceView:
     balancing: str | None
     servers: tuple[ServerView, ...]
     server_names: tuple[str, ...]
+    containers: int
     service: Service
 
 
@@ -100,19 +101,20 @@ def server_params(backend: Backend) -> tuple[str, ...]:
 
 
 def address(backend: Backend) -> str:
-    ip = ipaddress.ip_address(backend.ip)
+    ip = ipaddress.ip_address(backend.ip or backend.ipv6)
     host = f"[{ip}]" if ip.version == 6 else str(ip)
     return f"{host}:{backend.port}"
 
 
 def upstream_backends(service: Service, reachable: Iterable[str]) -> tuple[Backend, ...]:
-    """One server per container: on a network a managed nginx shares, else the first one."""
-    preferred = set(reachable)
+    """One server per container, on a network a managed nginx is on; with no managed nginx
+    (e.g. `controlplane render` to preview), on the container's first network."""
+    networks = set(reachable)
     chosen: dict[str, Backend] = {}
     for backend in service.live_backends:
-        current = chosen.get(backend.container_id)
-        if current is None or (backend.network in preferred and current.network not in preferred):
-            chosen[backend.container_id] = backend
+        if networks and backend.network not in networks:
+            continue
+        chosen.setdefault(backend.container_id, backend)
     return tuple(chosen.values())
 
 
@@ -129,6 +131,7 @@ def service_view(service: Service, reachable: Iterable[str], options: RenderOpti
         server_names=tuple(
             dict.fromkeys((service.name, f"{service.name}.{options.domain}", *service.hosts))
         ),
+        containers=len({b.container_id for b in service.backends}),
         service=service,
     )
 
