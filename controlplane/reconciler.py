@@ -13,22 +13,45 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import jinja2
 
 from controlplane.core.build import BuildOptions, build_topology
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
-from controlplane.core.model import Topology
+from controlplane.core.model import DockerState, NginxTarget, Topology
 from controlplane.core.render import RenderOptions, render_config
-from controlplane.docker_source import DockerEvent, DockerSource
+from controlplane.docker_source import DockerEvent
 from controlplane.errors import ControlPlaneError, DockerUnavailable
-from controlplane.nginx_deployer import DeployResult, NginxDeployer
+from controlplane.nginx_deployer import DeployResult
 from controlplane.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    """What the reconciler needs from Docker (DockerSource, or a fake in tests)."""
+
+    def snapshot(self) -> DockerState: ...
+
+    def invalidate(self, container_id: str | None = None) -> None: ...
+
+
+class Deployer(Protocol):
+    """What the reconciler needs from nginx (NginxDeployer, or a fake in tests)."""
+
+    def deploy(self, target: NginxTarget, content: bytes) -> DeployResult: ...
+
+    def retain(self, container_ids: set[str]) -> None: ...
+
+
+class EventStream(Protocol):
+    def open_events(self) -> Iterator[DockerEvent]: ...
+
+    def close_events(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -57,8 +80,8 @@ def checksum(text: str) -> str:
 class Reconciler:
     def __init__(
         self,
-        source: DockerSource,
-        deployer: NginxDeployer,
+        source: Source,
+        deployer: Deployer,
         template: jinja2.Template,
         settings: Settings,
         clock: Callable[[], float] = time.monotonic,
@@ -158,7 +181,7 @@ STOP = "stop"
 class ControlLoop:
     """Runs the event watcher thread and the reconcile loop until `stop()`."""
 
-    def __init__(self, reconciler: Reconciler, events: DockerSource, settings: Settings) -> None:
+    def __init__(self, reconciler: Reconciler, events: EventStream, settings: Settings) -> None:
         self._reconciler = reconciler
         self._events = events
         self._settings = settings
@@ -234,16 +257,16 @@ class ControlLoop:
             )
 
     def _watch(self) -> None:
-        """Follows the event stream; after a break, reconnects with backoff and resyncs."""
+        """Follows the event stream; after a break, reconnects with backoff and resyncs, since
+        events may have been missed while it was down (or before it first opened)."""
         delay = 0.1
-        first = True
+        missed = False
         while not self._stopping.is_set():
             try:
                 stream = self._events.open_events()
-                if not first:
+                if missed:
                     log.info("Docker event stream reconnected; resyncing")
                     self._queue.put(STREAM_RESTORED)
-                first = False
                 delay = 0.1
                 for event in stream:
                     self._queue.put(event)
@@ -252,5 +275,6 @@ class ControlLoop:
                 if self._stopping.is_set():
                     return
                 log.warning("%s; reconnecting in %.1f s", error, delay)
+            missed = True
             self._stopping.wait(delay)
             delay = min(delay * 2, 5.0)
