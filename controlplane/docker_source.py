@@ -8,6 +8,7 @@ drops the whole cache, which repairs anything an event could have missed.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,13 +45,15 @@ DOCKER_ERRORS = (requests.exceptions.ConnectionError, docker.errors.DockerExcept
 
 @dataclass(frozen=True)
 class DockerEvent:
-    """A Docker event reduced to what the loop needs; `time_ns` is the engine's timestamp."""
+    """A Docker event reduced to what the loop needs. `time_ns` is the engine's timestamp and
+    `received_ns` this process's clock on arrival, for the event-to-served breakdown."""
 
     kind: str
     action: str
     container_id: str
     signal: str | None
     time_ns: int
+    received_ns: int = 0
 
 
 def connect(base_url: str | None, timeout: int = 10) -> docker.APIClient:
@@ -70,7 +73,7 @@ def connect(base_url: str | None, timeout: int = 10) -> docker.APIClient:
     return api
 
 
-def parse_event(raw: dict[str, Any]) -> DockerEvent | None:
+def parse_event(raw: dict[str, Any], received_ns: int = 0) -> DockerEvent | None:
     """None for events that can't change the topology (exec, attach, archive, ...)."""
     kind = raw.get("Type")
     action = str(raw.get("Action") or raw.get("status") or "").split(":", 1)[0]
@@ -88,6 +91,7 @@ def parse_event(raw: dict[str, Any]) -> DockerEvent | None:
         container_id=container_id,
         signal=attributes.get("signal"),
         time_ns=int(raw.get("timeNano") or 0),
+        received_ns=received_ns,
     )
 
 
@@ -150,7 +154,7 @@ class DockerSource:
     def _follow(stream: Iterator[dict[str, Any]]) -> Iterator[DockerEvent]:
         try:
             for raw in stream:
-                event = parse_event(raw)
+                event = parse_event(raw, time.time_ns())
                 if event is not None:
                     yield event
         except DOCKER_ERRORS as error:

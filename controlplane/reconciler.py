@@ -66,11 +66,15 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class ReconcileReport:
+    """One pass: what triggered it, what it changed, where its time went (seconds)."""
+
     reason: str
     version: int
     changed: bool
     deployed: tuple[DeployResult, ...]
     timings: dict[str, float] = field(default_factory=dict, hash=False)
+    trigger: DockerEvent | None = None
+    started_ns: int = 0
 
 
 def checksum(text: str) -> str:
@@ -113,7 +117,9 @@ class Reconciler:
         self._source.invalidate()
         self._failed.clear()
 
-    def reconcile(self, reason: str) -> ReconcileReport:
+    def reconcile(self, reason: str, trigger: DockerEvent | None = None) -> ReconcileReport:
+        """`trigger`: the first event of the burst this pass answers, if any."""
+        started_ns = time.time_ns()
         timings: dict[str, float] = {}
         start = time.perf_counter()
         state = self._source.snapshot()
@@ -131,19 +137,13 @@ class Reconciler:
         if snapshot is None or changed:
             snapshot = Snapshot(previous.version + 1 if previous else 1, topology, config, digest)
             self.snapshot = snapshot
-            for warning in topology.warnings:
-                log.warning("%s", warning)
-            for exclusion in topology.excluded:
-                log.warning(
-                    "container %s%s left out: %s",
-                    exclusion.container,
-                    f" (service {exclusion.service})" if exclusion.service else "",
-                    exclusion.reason,
-                )
+            _log_news(topology, previous.topology if previous else Topology())
         mark = time.perf_counter()
         deployed = self._deploy(topology, config, digest)
         timings["deploy"] = time.perf_counter() - mark
-        report = ReconcileReport(reason, snapshot.version, changed, deployed, timings)
+        report = ReconcileReport(
+            reason, snapshot.version, changed, deployed, timings, trigger, started_ns
+        )
         for callback in self.on_report:
             callback(report)
         return report
@@ -172,6 +172,30 @@ class Reconciler:
             else:
                 self._failed[key] = digest
         return tuple(results)
+
+
+def _warnings(topology: Topology) -> list[str]:
+    found = list(topology.warnings)
+    for service in topology.services:
+        found.extend(f"service {service.name}: {w}" for w in service.warnings)
+    return found
+
+
+def _log_news(topology: Topology, before: Topology) -> None:
+    """Log each warning and exclusion once, when it appears, not on every change."""
+    seen = set(_warnings(before))
+    for warning in _warnings(topology):
+        if warning not in seen:
+            log.warning("%s", warning)
+    old = set(before.excluded)
+    for exclusion in topology.excluded:
+        if exclusion not in old:
+            log.warning(
+                "container %s%s left out: %s",
+                exclusion.container,
+                f" (service {exclusion.service})" if exclusion.service else "",
+                exclusion.reason,
+            )
 
 
 STREAM_RESTORED = "stream-restored"
@@ -210,7 +234,7 @@ class ControlLoop:
                 continue
             reason = self._coalesce(item)
             if not self._stopping.is_set():
-                self._pass(reason)
+                self._pass(reason, item if isinstance(item, DockerEvent) else None)
         watcher.join(timeout=5)
 
     def _coalesce(self, first: DockerEvent | str) -> str:
@@ -235,9 +259,9 @@ class ControlLoop:
                 item = None
         return f"{count} event(s)" if isinstance(first, DockerEvent) else str(first)
 
-    def _pass(self, reason: str) -> None:
+    def _pass(self, reason: str, trigger: DockerEvent | None = None) -> None:
         try:
-            report = self._reconciler.reconcile(reason)
+            report = self._reconciler.reconcile(reason, trigger)
         except DockerUnavailable as error:
             log.warning("reconcile (%s) skipped: %s", reason, error)
             return

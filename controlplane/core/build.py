@@ -93,7 +93,9 @@ def _label_typos(container: ContainerFacts) -> list[str]:
     warnings = [
         f"container {container.name}: unknown label {L.show(key)} is ignored (a typo?)"
         for key in sorted(container.labels)
-        if key.startswith(L.PREFIX) and key not in L.KNOWN_LABELS
+        if key.startswith(L.PREFIX)
+        and key not in L.KNOWN_LABELS
+        and not key.startswith(L.TEST_PREFIX)
     ]
     role = container.labels.get(L.ROLE)
     if role is not None and role != "nginx":

@@ -33,6 +33,8 @@ CONFIG_PATH = PREFIX + "config_path"
 
 T = TypeVar("T")
 
+# Labels under this prefix belong to controlplane's own test harness, not to users.
+TEST_PREFIX = PREFIX + "test"
 KNOWN_LABELS = frozenset(
     {
         ROLE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import signal
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from controlplane.core.model import (
     NginxTarget,
     Topology,
 )
+from controlplane.core.observe import canonical_time
 from tests.unit.builders import container, network, nginx, state
 
 NETWORKS = (
@@ -53,8 +55,12 @@ def reasons(topology: Topology) -> list[tuple[str, str | None, str]]:
 
 
 def t(minute: int) -> str:
-    """A Docker-style Created timestamp, `minute` minutes into the day."""
+    """A Created timestamp as observe gives it (nine fraction digits), `minute` minutes in."""
     return f"2024-05-01T10:{minute:02d}:00.000000001Z"
+
+
+def mark(*sent: int) -> StopMark:
+    return StopMark(frozenset(sent), 1.0)
 
 
 # ---------------------------------------------------------------- membership
@@ -70,15 +76,20 @@ def t(minute: int) -> str:
         ([container("w1", aliases=("w1",))], {}),
         ([container("w1", aliases=("w1", "web"))], {"web": ["w1@app"]}),
         ([container("w1", aliases=(container("w1").id,))], {}),
+        ([container("db-1", aliases=("db",), id="db" + "0" * 62)], {"db": ["db-1@app"]}),
+        (
+            [container("w1", aliases=(container("w1").id[:8],))],
+            {container("w1").id[:8]: ["w1@app"]},
+        ),
         ([container("a1", aliases=(), labels={L.SERVICE: "api"})], {"api": ["a1@app"]}),
         ([container("a1", labels={L.SERVICE: "api"})], {"api": ["a1@app"], "web": ["a1@app"]}),
         ([container("w1", labels={L.SERVICE: "Web"})], {"web": ["w1@app"]}),
         ([container("w1", network="bridge")], {}),
-        ([container("w1", aliases=(), network="bridge", labels={L.SERVICE: "api"})], {}),
         ([container("w1", network="ov")], {}),
         ([container("w1", network="mac")], {}),
         ([container("w1", network="unknown-net")], {}),
         ([container("w1", ip="")], {}),
+        ([container("w1", ip="", ipv6="fd00::2")], {"web": ["w1@app"]}),
         ([container("w1"), container("w2", ip="172.20.0.3")], {"web": ["w1@app", "w2@app"]}),
         (
             [container("w1", more_networks={"back": "172.21.0.2"})],
@@ -97,15 +108,17 @@ def t(minute: int) -> str:
         "container-name-alias-ignored",
         "name-alias-ignored-other-kept",
         "full-id-alias-ignored",
+        "hex-alias-prefixing-the-id-is-a-service",
+        "id-prefix-other-than-12-digits-is-a-service",
         "service-label-without-alias",
         "service-label-plus-alias",
         "label-and-alias-same-service-once",
         "default-bridge-not-watched",
-        "labelled-on-default-bridge-not-watched",
         "overlay-not-watched",
         "macvlan-not-watched",
         "network-not-listed",
         "no-ip",
+        "ipv6-only",
         "two-replicas",
         "two-watched-networks-two-backends",
         "unwatched-networks-skipped",
@@ -264,7 +277,7 @@ def test_several_exposed_ports_exclude_the_container() -> None:
         ({L.ALGORITHM: "fair"}, [L.ALGORITHM]),
         ({L.HASH_KEY: "$uri; deny all"}, [L.HASH_KEY]),
         ({L.ENABLE: "perhaps"}, [L.ENABLE]),
-        ({L.PORT: "0", L.ALGORITHM: "x"}, [L.PORT]),
+        ({L.PORT: "0", L.ALGORITHM: "x"}, [L.PORT, L.ALGORITHM]),
         ({L.WEIGHT: "-1", L.BACKUP: "maybe"}, [L.WEIGHT, L.BACKUP]),
     ],
     ids=[
@@ -276,7 +289,7 @@ def test_several_exposed_ports_exclude_the_container() -> None:
         "algorithm",
         "hash-key-injection",
         "enable",
-        "backend-errors-reported-before-service-ones",
+        "backend-and-service-errors-together",
         "two-backend-labels",
     ],
 )
@@ -290,17 +303,12 @@ def test_bad_label_excludes_only_that_container(labels: dict[str, str], named: l
         assert label in reason
 
 
-@pytest.mark.xfail(
-    reason="BUG: backend and service labels are parsed in one try block, so a container with a "
-    "bad backend label never hears about its bad service labels (the fix-one-see-the-next loop "
-    "the collector exists to prevent)",
-    strict=True,
-)
 def test_exclusion_names_bad_backend_and_service_labels_together() -> None:
-    topology = build(container("w1", labels={L.PORT: "0", L.HOSTS: "a..b"}))
+    topology = build(container("w1", labels={L.PORT: "0", L.WEIGHT: "x", L.HOSTS: "a..b"}))
     ((_, _, reason),) = reasons(topology)
-    assert L.PORT in reason
-    assert L.HOSTS in reason
+    backend_errors, service_errors = reason.rsplit("; ", 1)
+    assert L.PORT in backend_errors and L.WEIGHT in backend_errors
+    assert L.HOSTS in service_errors
 
 
 def test_invalid_alias_excludes_that_alias_only() -> None:
@@ -331,24 +339,63 @@ def test_container_outside_any_service_is_silent_even_with_bad_labels() -> None:
     assert topology == Topology()
 
 
-@pytest.mark.xfail(
-    reason="BUG: the ID-alias check is `container.id.startswith(alias)`, so a service alias "
-    "made of hex digits (db, cafe, a1) is dropped whenever the ID happens to start with it",
-    strict=True,
-)
-def test_hex_alias_that_prefixes_the_id_still_names_a_service() -> None:
-    c = container("db-1", aliases=("db",), id="db" + "0" * 62)
-    assert members(build(c)) == {"db": ["db-1@app"]}
+NO_WATCHED = f"has {L.SERVICE} but is on no watched network"
 
 
-@pytest.mark.xfail(
-    reason="BUG (silent drop): a container asking for a service with controlplane.service but "
-    "on no watched network is neither a backend nor excluded, so the operator sees nothing",
-    strict=True,
+@pytest.mark.parametrize(
+    ("c", "watch", "reason"),
+    [
+        (
+            container("a1", aliases=(), network="bridge", labels={L.SERVICE: "api"}),
+            None,
+            f"{NO_WATCHED} (it is on bridge)",
+        ),
+        (
+            container(
+                "a1", network="ov", more_networks={"mac": "1.2.3.4"}, labels={L.SERVICE: "api"}
+            ),
+            None,
+            f"{NO_WATCHED} (it is on mac, ov)",
+        ),
+        (
+            replace(container("a1", labels={L.SERVICE: "api"}), endpoints=()),
+            None,
+            f"{NO_WATCHED} (it is on no network)",
+        ),
+        (
+            container("a1", network="app", labels={L.SERVICE: "api"}),
+            frozenset({"back"}),
+            f"{NO_WATCHED} (it is on app)",
+        ),
+        (
+            container("a1", network="bridge", labels={L.SERVICE: "bad name"}),
+            None,
+            f"{NO_WATCHED} (it is on bridge)",
+        ),
+        (container("a1", network="bridge"), None, None),
+        (container("a1", aliases=("api", "bad alias"), network="ov"), None, None),
+        (container("a1", network="bridge", labels={L.SERVICE: "api"}, status="exited"), None, None),
+    ],
+    ids=[
+        "service-label-on-default-bridge",
+        "service-label-on-overlay-and-macvlan",
+        "service-label-on-no-network-at-all",
+        "service-label-on-a-bridge-not-in-options",
+        "invalid-service-label-still-reported-as-unreachable",
+        "aliases-only-stays-silent",
+        "bad-alias-on-unwatched-network-stays-silent",
+        "not-running-stays-silent",
+    ],
 )
-def test_labelled_container_on_no_watched_network_is_reported() -> None:
-    c = container("a1", aliases=(), network="bridge", labels={L.SERVICE: "api"})
-    assert [(e.container, e.service) for e in build(c).excluded] == [("a1", "api")]
+def test_service_label_on_no_watched_network_is_reported(
+    c: ContainerFacts, watch: frozenset[str] | None, reason: str | None
+) -> None:
+    """Asking for a service by label and getting nothing is reported; a network alias is not
+    a request to controlplane (every Compose service has one), so it stays silent."""
+    topology = build(c, options=BuildOptions(networks=watch))
+    assert topology.services == ()
+    expected = [] if reason is None else [("a1", None, reason)]
+    assert reasons(topology) == expected
 
 
 # ---------------------------------------------------------------- backend state
@@ -362,13 +409,20 @@ def test_labelled_container_on_no_watched_network_is_reported() -> None:
         ({"status": "paused"}, None, BackendState.PAUSED),
         ({"health": "unhealthy"}, None, BackendState.UNHEALTHY),
         ({"health": "starting"}, None, BackendState.STARTING),
-        ({}, StopMark(15, 1.0), BackendState.STOPPING),
-        ({}, StopMark(9, 1.0), BackendState.STOPPING),
-        ({}, StopMark(1, 1.0), BackendState.UP),
-        ({"stop_signal": "SIGHUP"}, StopMark(1, 1.0), BackendState.STOPPING),
-        ({"stop_signal": "SIGWINCH"}, StopMark(signal.SIGWINCH.value, 1.0), BackendState.STOPPING),
+        ({}, mark(15), BackendState.STOPPING),
+        ({}, mark(9), BackendState.STOPPING),
+        ({}, mark(1), BackendState.UP),
+        ({"stop_signal": "SIGHUP"}, mark(1), BackendState.STOPPING),
+        ({"stop_signal": "SIGWINCH"}, mark(signal.SIGWINCH.value), BackendState.STOPPING),
         ({"status": "paused", "health": "unhealthy"}, None, BackendState.PAUSED),
-        ({"health": "unhealthy"}, StopMark(15, 1.0), BackendState.STOPPING),
+        ({"health": "unhealthy"}, mark(15), BackendState.STOPPING),
+        ({}, mark(1, 15), BackendState.STOPPING),
+        (
+            {"stop_signal": "SIGRTMIN+3"},
+            mark(int(signal.SIGRTMIN) + 3),
+            BackendState.STOPPING,
+        ),
+        ({}, mark(int(signal.SIGRTMIN) + 3), BackendState.UP),
     ],
     ids=[
         "up",
@@ -383,6 +437,9 @@ def test_labelled_container_on_no_watched_network_is_reported() -> None:
         "winch-stop-signal",
         "paused-before-unhealthy",
         "stopping-first",
+        "term-then-hup-still-stopping",
+        "realtime-stop-signal",
+        "realtime-signal-not-the-stop-signal",
     ],
 )
 def test_backend_state(
@@ -398,7 +455,7 @@ def test_backend_state(
 
 def test_stop_mark_of_another_container_is_ignored() -> None:
     c = container("w1")
-    (service,) = build(c, stopping={"f" * 64: StopMark(15, 1.0)}).services
+    (service,) = build(c, stopping={"f" * 64: mark(15)}).services
     assert service.backends[0].state is BackendState.UP
 
 
@@ -465,9 +522,10 @@ def test_nginx_target_fields() -> None:
         (nginx(config_path="conf.d/x.conf"), L.CONFIG_PATH),
         (nginx(config_path="/etc/nginx/../passwd.conf"), L.CONFIG_PATH),
         (nginx(config_path="/etc/nginx/x.conf\nuser root;"), L.CONFIG_PATH),
+        (nginx(config_path="/etc/nginx/nginx.conf"), "main config"),
         (nginx(status="paused"), "paused"),
     ],
-    ids=["relative", "dotdot", "newline", "paused"],
+    ids=["relative", "dotdot", "newline", "main-nginx-conf", "paused"],
 )
 def test_nginx_target_excluded(target: ContainerFacts, reason: str) -> None:
     topology = build(target, container("w1"))
@@ -545,9 +603,14 @@ def test_algorithm(labels: dict[str, str], algorithm: Algorithm, source: str) ->
     )
 
 
-def test_hash_without_key_warns_and_falls_back_to_round_robin() -> None:
-    (service,) = build(container("w1", labels={L.ALGORITHM: "hash"})).services
-    assert service.algorithm == Algorithm()
+@pytest.mark.parametrize(
+    "labels",
+    [{L.ALGORITHM: "hash"}, {L.ALGORITHM: "hash", L.HASH_CONSISTENT: "true"}],
+    ids=["hash", "hash-consistent"],
+)
+def test_hash_without_key_warns_and_falls_back_to_round_robin(labels: dict[str, str]) -> None:
+    (service,) = build(container("w1", labels=labels)).services
+    assert (service.algorithm, service.algorithm_source) == (Algorithm(), "default")
     (warning,) = service.warnings
     assert L.HASH_KEY in warning
     assert "round_robin" in warning
@@ -593,19 +656,25 @@ def test_conflict_on_hosts_is_reported_once() -> None:
     )
 
 
-@pytest.mark.xfail(
-    reason="BUG: containers are ordered by the Created string, but Docker trims trailing zeros "
-    "of the nanoseconds (RFC3339Nano), so '...:00.1Z' sorts after '...:00.12Z' and the "
-    "younger container's service labels win",
-    strict=True,
+@pytest.mark.parametrize(
+    ("older", "younger"),
+    [
+        ("2024-05-01T10:00:00.1Z", "2024-05-01T10:00:00.12Z"),
+        ("2024-05-01T10:00:00Z", "2024-05-01T10:00:00.000000001Z"),
+        ("2024-05-01T10:00:00.9Z", "2024-05-01T10:00:01Z"),
+    ],
+    ids=["trimmed-zeros", "no-fraction", "next-second"],
 )
-def test_oldest_wins_within_the_same_second() -> None:
-    older = container("a", created="2024-05-01T10:00:00.1Z", labels={L.ALGORITHM: "least_conn"})
-    younger = container(
-        "b", ip="172.20.0.3", created="2024-05-01T10:00:00.12Z", labels={L.ALGORITHM: "ip_hash"}
+def test_oldest_wins_within_the_same_second(older: str, younger: str) -> None:
+    """Docker trims trailing zeros of the nanoseconds (RFC3339Nano); observe pads them back,
+    so the builder's text order is the time order."""
+    old = container("b", created=canonical_time(older), labels={L.ALGORITHM: "least_conn"})
+    young = container(
+        "a", ip="172.20.0.3", created=canonical_time(younger), labels={L.ALGORITHM: "ip_hash"}
     )
-    (service,) = build(older, younger).services
+    (service,) = build(young, old).services
     assert service.algorithm.method is Method.LEAST_CONN
+    assert [b.container for b in service.backends] == ["b", "a"]
 
 
 # ---------------------------------------------------------------- backup
@@ -700,6 +769,158 @@ def test_host_naming_another_service_stays_with_that_service() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("hosts", "domain", "kept", "taken_from_alpha"),
+    [
+        ("beta.internal,x.com", "internal", ("x.com",), ["beta.internal"]),
+        ("beta.svc.local", "svc.local", (), ["beta.svc.local"]),
+        ("beta.internal", "svc.local", ("beta.internal",), []),
+        ("alpha.internal,alpha", "internal", ("alpha.internal", "alpha"), []),
+        ("beta,beta.internal", "internal", (), ["beta", "beta.internal"]),
+    ],
+    ids=[
+        "name-dot-domain-stays-with-its-service",
+        "custom-domain",
+        "other-domain-is-just-a-host",
+        "own-names-kept",
+        "bare-name-and-name-dot-domain",
+    ],
+)
+def test_every_service_owns_name_and_name_dot_domain(
+    hosts: str, domain: str, kept: tuple[str, ...], taken_from_alpha: list[str]
+) -> None:
+    """alpha sorts first, so without the reservation its label would win beta's names."""
+    a = container("a1", aliases=("alpha",), labels={L.HOSTS: hosts})
+    b = container("b1", aliases=("beta",), ip="172.20.0.3")
+    topology = build(a, b, options=BuildOptions(domain=domain))
+    assert {s.name: s.hosts for s in topology.services} == {"alpha": kept, "beta": ()}
+    assert topology.warnings == tuple(
+        f"host {host} of service alpha already routes to service beta: ignored for alpha"
+        for host in taken_from_alpha
+    )
+
+
+def test_build_options_default_domain_is_internal() -> None:
+    assert BuildOptions().domain == "internal"
+
+
+# ---------------------------------------------------------------- label typos
+
+
+@pytest.mark.parametrize(
+    ("c", "warnings"),
+    [
+        (
+            container("w1", labels={"controlplane.wieght": "3"}),
+            ["container w1: unknown label 'controlplane.wieght' is ignored (a typo?)"],
+        ),
+        (
+            container("w1", labels={"controlplane.b": "1", "controlplane.a": "1"}),
+            [
+                "container w1: unknown label 'controlplane.a' is ignored (a typo?)",
+                "container w1: unknown label 'controlplane.b' is ignored (a typo?)",
+            ],
+        ),
+        (
+            container("w1", aliases=(), labels={"controlplane.servce": "api"}),
+            ["container w1: unknown label 'controlplane.servce' is ignored (a typo?)"],
+        ),
+        (
+            container("p1", aliases=(), labels={L.ROLE: "proxy"}),
+            [f"container p1: {L.ROLE}='proxy' is ignored (the only role is nginx)"],
+        ),
+        (
+            container("p1", aliases=(), labels={L.ROLE: "Nginx"}),
+            [f"container p1: {L.ROLE}='Nginx' is ignored (the only role is nginx)"],
+        ),
+        (
+            container("w1", labels={"controlplane.x\n}": "1"}),
+            ["container w1: unknown label 'controlplane.x\\n}' is ignored (a typo?)"],
+        ),
+        (container("w1", labels={label: "" for label in L.KNOWN_LABELS if label != L.ROLE}), []),
+        (container("w1", labels={"com.example.controlplane.x": "1", "controlplanex": "1"}), []),
+        (container("w1", labels={"controlplane.wieght": "3"}, status="exited"), []),
+    ],
+    ids=[
+        "misspelt-label",
+        "several-sorted",
+        "misspelt-service-label-alone",
+        "unknown-role",
+        "role-is-case-sensitive",
+        "label-name-shown-escaped",
+        "every-known-label-is-quiet",
+        "other-prefixes-are-not-ours",
+        "stopped-container-not-checked",
+    ],
+)
+def test_unknown_controlplane_labels_and_roles_warn(c: ContainerFacts, warnings: list[str]) -> None:
+    assert list(build(c).warnings) == warnings
+
+
+def test_label_typo_of_a_managed_nginx_warns() -> None:
+    proxy = replace(nginx(), labels={L.ROLE: "nginx", "controlplane.config-path": "/x.conf"})
+    topology = build(proxy)
+    assert [n.container for n in topology.nginx] == ["proxy"]
+    assert topology.warnings == (
+        "container proxy: unknown label 'controlplane.config-path' is ignored (a typo?)",
+    )
+
+
+# ---------------------------------------------------------------- reachability
+
+
+def unreachable(container: str, networks: str) -> str:
+    return (
+        f"{container} is on no network a managed nginx is on ({networks}): nginx can't reach "
+        "it, so it gets no traffic; connect the nginx to one of them"
+    )
+
+
+@pytest.mark.parametrize(
+    ("proxies", "backends", "warnings"),
+    [
+        ([nginx()], [container("w1")], []),
+        ([nginx()], [container("w1", network="back")], [unreachable("w1", "back")]),
+        ([nginx()], [container("w1", network="back", more_networks={"app": "1.2.3.4"})], []),
+        ([nginx(network="back")], [container("w1")], [unreachable("w1", "app")]),
+        ([nginx(), nginx("p2", network="back", ip="172.21.0.100")], [container("w1")], []),
+        ([], [container("w1", network="back")], []),
+        ([nginx(config_path="bad")], [container("w1", network="back")], []),
+        (
+            [nginx()],
+            [
+                container("w1", network="back"),
+                container("w2", network="back", ip="172.21.0.3", health="unhealthy"),
+            ],
+            [unreachable("w1", "back"), unreachable("w2", "back")],
+        ),
+        (
+            [nginx(network="bridge", more_networks={"app": "172.20.0.100"})],
+            [container("w1", network="back", more_networks={"bridge": "172.17.0.3"})],
+            [unreachable("w1", "back")],
+        ),
+    ],
+    ids=[
+        "shared-network",
+        "only-on-another-network",
+        "one-shared-network-is-enough",
+        "nginx-elsewhere",
+        "any-managed-nginx-counts",
+        "no-managed-nginx-no-warning",
+        "excluded-nginx-is-not-managed",
+        "one-warning-per-container-live-or-not",
+        "unwatched-shared-network-does-not-count",
+    ],
+)
+def test_backend_no_managed_nginx_can_reach_is_warned(
+    proxies: list[ContainerFacts], backends: list[ContainerFacts], warnings: list[str]
+) -> None:
+    topology = build(*proxies, *backends)
+    (service,) = topology.services
+    assert list(service.warnings) == warnings
+    assert topology.warnings == ()
+
+
 # ---------------------------------------------------------------- determinism
 
 
@@ -721,7 +942,7 @@ def rich_state_containers() -> list[ContainerFacts]:
 @pytest.mark.parametrize("seed", range(5))
 def test_same_input_in_any_order_gives_the_same_topology(seed: int) -> None:
     containers = rich_state_containers()
-    marks = {c.id: StopMark(15, 1.0) for c in containers if c.name == "w2"}
+    marks = {c.id: mark(15) for c in containers if c.name == "w2"}
     expected = build(*containers, stopping=marks)
     random.Random(seed).shuffle(containers)
     assert build(*containers, stopping=marks) == expected

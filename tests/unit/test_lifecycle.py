@@ -16,6 +16,12 @@ from controlplane.core.lifecycle import (
 )
 
 CID = "c" * 64
+RTMIN = int(signal.SIGRTMIN)
+RTMAX = int(signal.SIGRTMAX)
+
+
+def mark(*sent: int, at: float = 1.0) -> StopMark:
+    return StopMark(frozenset(sent), at)
 
 
 @pytest.mark.parametrize(
@@ -30,8 +36,34 @@ CID = "c" * 64
         ("", None),
         (None, None),
         ("SIGNOPE", None),
+        ("SIGRTMIN+3", RTMIN + 3),
+        ("RTMIN+3", RTMIN + 3),
+        ("sigrtmin+3", RTMIN + 3),
+        ("SIGRTMIN", RTMIN),
+        ("SIGRTMAX", RTMAX),
+        ("RTMAX-1", RTMAX - 1),
+        ("SIGRTMIN+", None),
+        ("SIGRTMIN*3", None),
     ],
-    ids=["number", "name", "short-name", "lower", "padded", "winch", "empty", "none", "unknown"],
+    ids=[
+        "number",
+        "name",
+        "short-name",
+        "lower",
+        "padded",
+        "winch",
+        "empty",
+        "none",
+        "unknown",
+        "rtmin-plus",
+        "rtmin-plus-short-name",
+        "rtmin-lower",
+        "rtmin-bare",
+        "rtmax-bare",
+        "rtmax-minus-short-name",
+        "rtmin-dangling-plus",
+        "rtmin-bad-operator",
+    ],
 )
 def test_signal_number(value: str | None, expected: int | None) -> None:
     assert signal_number(value) == expected
@@ -54,6 +86,11 @@ def test_signal_number(value: str | None, expected: int | None) -> None:
         ("SIGWINCH", "WINCH", True),
         ("SIGWINCH", None, False),
         ("SIGUSR1", "SIGUSR2", False),
+        (str(RTMIN + 3), "SIGRTMIN+3", True),
+        ("SIGRTMIN+3", "RTMIN+3", True),
+        (str(RTMAX - 1), "SIGRTMAX-1", True),
+        (str(RTMIN + 3), None, False),
+        (str(RTMIN + 3), "SIGRTMIN+4", False),
     ],
     ids=[
         "term-number",
@@ -70,12 +107,17 @@ def test_signal_number(value: str | None, expected: int | None) -> None:
         "winch-short-name",
         "winch-without-stop-signal",
         "usr1-vs-usr2",
+        "rtmin-plus-3-stop-signal-of-systemd-images",
+        "rtmin-name-and-short-name",
+        "rtmax-minus-1-stop-signal",
+        "realtime-without-stop-signal",
+        "realtime-other-than-stop-signal",
     ],
 )
 def test_kill_marks_stopping(sig: str, stop_signal: str | None, stopping: bool) -> None:
     marks = apply_event({}, ContainerEvent(CID, "kill", sig), now=100.0)
     # Every kill is remembered, even a reload; whether it means "stopping" is decided later.
-    assert marks == {CID: StopMark(signal_number(sig) or -1, 100.0)}
+    assert marks == {CID: mark(signal_number(sig) or -1, at=100.0)}
     assert is_stopping(marks[CID], stop_signal) is stopping
 
 
@@ -91,13 +133,13 @@ def test_kill_without_a_known_signal_is_not_recorded(event: ContainerEvent) -> N
 @pytest.mark.parametrize("action", ["start", "unpause", "restart"])
 def test_return_actions_clear_the_mark(action: str) -> None:
     other = "d" * 64
-    marks = {CID: StopMark(15, 1.0), other: StopMark(15, 1.0)}
-    assert apply_event(marks, ContainerEvent(CID, action), now=2.0) == {other: StopMark(15, 1.0)}
+    marks = {CID: mark(15), other: mark(15)}
+    assert apply_event(marks, ContainerEvent(CID, action), now=2.0) == {other: mark(15)}
 
 
 @pytest.mark.parametrize("action", ["die", "stop", "pause", "health_status: healthy", "create"])
 def test_other_actions_keep_the_mark(action: str) -> None:
-    marks = {CID: StopMark(15, 1.0)}
+    marks = {CID: mark(15)}
     assert apply_event(marks, ContainerEvent(CID, action, "15"), now=2.0) == marks
 
 
@@ -111,25 +153,48 @@ def test_is_stopping_without_a_mark() -> None:
     assert is_stopping(None, "SIGTERM") is False
 
 
-@pytest.mark.xfail(
-    reason="BUG: a later non-terminating kill (e.g. `docker kill -s HUP` during the stop "
-    "timeout) overwrites the SIGTERM mark, so nginx routes to the dying container again",
-    strict=True,
+@pytest.mark.parametrize(
+    ("events", "stop_signal", "signals", "stopping"),
+    [
+        ([("kill", "15"), ("kill", "1")], None, {15, 1}, True),
+        ([("kill", "1"), ("kill", "15")], None, {1, 15}, True),
+        ([("kill", "1"), ("kill", "1")], None, {1}, False),
+        ([("kill", "1"), ("kill", "SIGWINCH")], "SIGWINCH", {1, int(signal.SIGWINCH)}, True),
+        ([("kill", str(RTMIN + 3)), ("kill", "1")], "SIGRTMIN+3", {RTMIN + 3, 1}, True),
+        ([("kill", "15"), ("die", None), ("kill", "1")], None, {15, 1}, True),
+        ([("kill", "15"), ("start", None), ("kill", "1")], None, {1}, False),
+        ([("kill", "15"), ("restart", None), ("kill", "1")], None, {1}, False),
+        ([("kill", "15"), ("kill", "SIGNOPE")], None, {15}, True),
+    ],
+    ids=[
+        "reload-after-term-keeps-stopping",
+        "term-after-reload",
+        "two-reloads",
+        "stop-signal-after-reload",
+        "realtime-stop-signal-then-reload",
+        "die-keeps-the-signals",
+        "start-forgets-earlier-signals",
+        "restart-forgets-earlier-signals",
+        "unknown-signal-adds-nothing",
+    ],
 )
-def test_reload_signal_after_term_keeps_stopping() -> None:
+def test_stop_mark_keeps_every_signal_since_start(
+    events: list[tuple[str, str | None]], stop_signal: str | None, signals: set[int], stopping: bool
+) -> None:
+    """A later kill (e.g. `docker kill -s HUP` during the stop timeout) can't hide an earlier
+    stop signal; only a (re)start forgets what was sent."""
+    marks: dict[str, StopMark] = {}
+    for now, (action, sig) in enumerate(events, start=1):
+        marks = apply_event(marks, ContainerEvent(CID, action, sig), now=float(now))
+    assert marks[CID].signals == signals
+    assert is_stopping(marks[CID], stop_signal) is stopping
+
+
+def test_stop_mark_time_is_the_latest_signal() -> None:
     marks = apply_event({}, ContainerEvent(CID, "kill", "15"), now=1.0)
-    marks = apply_event(marks, ContainerEvent(CID, "kill", "1"), now=2.0)
-    assert is_stopping(marks.get(CID), None)
-
-
-@pytest.mark.xfail(
-    reason="BUG: signal_number() can't parse real-time signal names such as 'SIGRTMIN+3' "
-    "(the STOPSIGNAL of systemd images), so their docker stop is never seen as stopping",
-    strict=True,
-)
-def test_realtime_stop_signal() -> None:
-    mark = StopMark(int(signal.SIGRTMIN) + 3, 1.0)
-    assert is_stopping(mark, "SIGRTMIN+3")
+    marks = apply_event(marks, ContainerEvent(CID, "kill", "1"), now=7.0)
+    marks = apply_event(marks, ContainerEvent(CID, "die"), now=9.0)
+    assert marks == {CID: mark(15, 1, at=7.0)}
 
 
 @pytest.mark.parametrize(
@@ -152,5 +217,5 @@ def test_realtime_stop_signal() -> None:
     ],
 )
 def test_prune(running: set[str], now: float, expected: set[str]) -> None:
-    marks = {"a": StopMark(15, 5.0), "b": StopMark(15, 30.0)}
+    marks = {"a": mark(15, at=5.0), "b": mark(15, at=30.0)}
     assert set(prune(marks, running, now=now, grace=30.0)) == expected

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from controlplane.core.model import ContainerFacts, Endpoint, NetworkFacts
-from controlplane.core.observe import container_facts, network_facts
+from controlplane.core.observe import canonical_time, container_facts, network_facts
 
 ID = "4f1c0d2e9b8a7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d"
 
@@ -103,7 +103,7 @@ def test_container_facts_from_a_real_inspect() -> None:
         created="2024-05-01T10:00:00.123456789Z",
         status="running",
         health="healthy",
-        started_at="2024-05-01T10:00:01.5Z",
+        started_at="2024-05-01T10:00:01.500000000Z",
         labels={"com.docker.compose.project": "shop", "controlplane.weight": "3"},
         exposed_tcp_ports=(80, 8080),
         endpoints=(
@@ -141,6 +141,13 @@ def test_container_facts_from_a_real_inspect() -> None:
         ({"State__Status": "running", "State__Paused": True}, "status", "paused"),
         ({"Name": DELETE}, "name", ""),
         ({"Created": None}, "created", ""),
+        ({"Created": "2024-05-01T10:00:00.12Z"}, "created", "2024-05-01T10:00:00.120000000Z"),
+        (
+            {"State__StartedAt": "0001-01-01T00:00:00Z"},
+            "started_at",
+            "0001-01-01T00:00:00.000000000Z",
+        ),
+        ({"State__StartedAt": None}, "started_at", ""),
         ({"NetworkSettings": None}, "endpoints", ()),
         ({"NetworkSettings__Networks": None}, "endpoints", ()),
         ({"NetworkSettings__Networks": {}}, "endpoints", ()),
@@ -165,6 +172,9 @@ def test_container_facts_from_a_real_inspect() -> None:
         "paused-flag-wins",
         "name-missing",
         "created-null",
+        "created-padded",
+        "never-started",
+        "started-at-null",
         "network-settings-null",
         "networks-null",
         "no-networks",
@@ -172,6 +182,52 @@ def test_container_facts_from_a_real_inspect() -> None:
 )
 def test_container_facts_absorbs_gaps(changes: dict[str, Any], field: str, expected: Any) -> None:
     assert getattr(container_facts(inspect(**changes)), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2024-05-01T10:00:00.123456789Z", "2024-05-01T10:00:00.123456789Z"),
+        ("2024-05-01T10:00:00.1Z", "2024-05-01T10:00:00.100000000Z"),
+        ("2024-05-01T10:00:00.12Z", "2024-05-01T10:00:00.120000000Z"),
+        ("2024-05-01T10:00:00Z", "2024-05-01T10:00:00.000000000Z"),
+        ("2024-05-01T12:00:00.5+02:00", "2024-05-01T12:00:00.500000000+02:00"),
+        ("2024-05-01T10:00:00.1234567891Z", "2024-05-01T10:00:00.1234567891Z"),
+        ("2024-05-01 10:00:00Z", "2024-05-01 10:00:00Z"),
+        ("yesterday", "yesterday"),
+        ("", ""),
+        (None, ""),
+        (1714557600, ""),
+    ],
+    ids=[
+        "nine-digits-kept",
+        "one-digit",
+        "two-digits",
+        "no-fraction",
+        "offset-kept",
+        "ten-digits-left-alone",
+        "not-rfc3339-left-alone",
+        "garbage-left-alone",
+        "empty",
+        "null",
+        "not-a-string",
+    ],
+)
+def test_canonical_time(value: object, expected: str) -> None:
+    assert canonical_time(value) == expected
+
+
+def test_canonical_times_sort_as_text_in_time_order() -> None:
+    """Docker trims trailing zeros of the nanoseconds, so raw text order is not time order."""
+    raw = [
+        "2024-05-01T10:00:01Z",
+        "2024-05-01T10:00:00.12Z",
+        "2024-05-01T10:00:00.1Z",
+        "2024-05-01T10:00:00.000000001Z",
+        "2024-05-01T10:00:00Z",
+    ]
+    assert sorted(raw) != raw[::-1]
+    assert sorted(raw, key=canonical_time) == raw[::-1]
 
 
 @pytest.mark.parametrize(

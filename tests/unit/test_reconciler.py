@@ -77,7 +77,7 @@ def test_deploys_once_per_config_and_nginx() -> None:
 
 
 def test_restarted_nginx_gets_the_config_again() -> None:
-    source, deployer, reconciler = make(nginx("lb"), container("w1"))
+    source, _, reconciler = make(nginx("lb"), container("w1"))
     reconciler.reconcile("start")
     restarted = replace(nginx("lb"), started_at="2030-01-01T00:00:00.000000000Z")
     source.state = state(restarted, container("w1"))
@@ -145,7 +145,7 @@ class FakeEvents:
 
 
 def run_loop(events: FakeEvents, seconds: float, **settings: float) -> list[str]:
-    source, _, reconciler = make(nginx("lb"), container("w1"))
+    _, _, reconciler = make(nginx("lb"), container("w1"))
     reasons: list[str] = []
     reconciler.on_report.append(lambda report: reasons.append(report.reason))
     loop = ControlLoop(reconciler, events, replace(Settings(), **settings))

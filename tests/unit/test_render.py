@@ -52,7 +52,8 @@ def t(minute: int) -> str:
 
 
 def golden_topology() -> Topology:
-    """Every method, every server parameter, extra hosts, every reason to leave something out."""
+    """Every method, every server parameter, extra hosts, every reason to leave something out,
+    every kind of warning."""
     stopping = container("api-3", aliases=("api",), ip="172.20.0.23", created=t(3), exposed=(8080,))
     containers = [
         nginx(),
@@ -118,13 +119,16 @@ def golden_topology() -> Topology:
             exposed=(6081,),
             labels={L.BACKUP: "true"},
         ),
-        # session: ip_hash, and a host web also wants.
+        # session: ip_hash, a host web also wants, and search's default name it can't have.
         container(
             "session-1",
             aliases=("session",),
             ip="172.20.0.41",
             created=t(1),
-            labels={L.ALGORITHM: "ip_hash", L.HOSTS: "login.example.com,www.example.com"},
+            labels={
+                L.ALGORITHM: "ip_hash",
+                L.HOSTS: "login.example.com,www.example.com,search.internal",
+            },
         ),
         # search: random two.
         container(
@@ -134,7 +138,16 @@ def golden_topology() -> Topology:
             created=t(1),
             labels={L.ALGORITHM: "random", L.RANDOM_TWO: "true", L.WEIGHT: "2"},
         ),
-        container("search-2", aliases=("search",), ip="172.20.0.52", created=t(2)),
+        # A misspelt label is warned about, and the container serves with the default.
+        container(
+            "search-2",
+            aliases=("search",),
+            ip="172.20.0.52",
+            created=t(2),
+            labels={"controlplane.wieght": "5"},
+        ),
+        # v6: an IPv6-only endpoint.
+        container("v6-1", aliases=("v6",), ip="", ipv6="fd00:20::71", created=t(1)),
         # reports: no live backend.
         container(
             "reports-1", aliases=("reports",), ip="172.20.0.61", created=t(1), status="paused"
@@ -150,7 +163,7 @@ def golden_topology() -> Topology:
     ]
     docker = state(*containers, networks=("bridge", "app", "back", network("ov", "overlay")))
     options = BuildOptions(networks=frozenset({"app", "back", "ov"}))
-    return build_topology(docker, options, {stopping.id: StopMark(15, 1.0)})
+    return build_topology(docker, options, {stopping.id: StopMark(frozenset({15}), 1.0)})
 
 
 def backend(name: str, ip: str, network: str = "app", **changes: Any) -> Backend:
@@ -233,7 +246,7 @@ def test_service_without_live_backend_returns_503(template: jinja2.Template) -> 
     assert "upstream" not in text
     assert "proxy_pass" not in text
     assert 'return 503 "controlplane: service idle has no live backend";' in text
-    assert "# service idle: 0 live of 1 backends" in text
+    assert "# service idle: 0 of 1 containers serving, method round_robin (label)" in text
 
 
 def test_render_options(template: jinja2.Template) -> None:
@@ -259,23 +272,53 @@ def test_template_typo_is_an_error_not_an_empty_directive() -> None:
         render_config(Topology(), env.get_template("t.j2"))
 
 
-@pytest.mark.xfail(
-    reason="BUG: _claim_hosts only protects bare service names; a host label equal to another "
-    "service's <name>.<domain> gives two server blocks the same server_name and nginx routes "
-    "it to whichever comes first (a label can hijack another service's default name)",
-    strict=True,
-)
-def test_each_server_name_belongs_to_one_server_block(template: jinja2.Template) -> None:
-    alpha = container("a1", aliases=("alpha",), labels={L.HOSTS: "beta.internal"})
-    beta = container("b1", aliases=("beta",), ip="172.20.0.3")
-    text = render_config(build_topology(state(alpha, beta)), template)
-    server_names = [
+def server_names(text: str) -> list[str]:
+    return [
         name
         for line in code_lines(text)
         if line.startswith("server_name ")
         for name in line.rstrip(";").split()[1:]
     ]
-    assert server_names.count('"beta.internal"') == 1
+
+
+@pytest.mark.parametrize(
+    ("hosts", "domain"),
+    [
+        ("beta.internal", "internal"),
+        ("beta", "internal"),
+        ("beta.svc.local", "svc.local"),
+        ("beta.svc.local,beta,x.com", "svc.local"),
+    ],
+    ids=["name-dot-domain", "bare-name", "custom-domain", "mixed"],
+)
+def test_each_server_name_belongs_to_one_server_block(
+    template: jinja2.Template, hosts: str, domain: str
+) -> None:
+    """A host label can't take another service's NAME or NAME.DOMAIN: nginx would route it to
+    whichever server block comes first."""
+    alpha = container("a1", aliases=("alpha",), labels={L.HOSTS: hosts})
+    beta = container("b1", aliases=("beta",), ip="172.20.0.3")
+    topology = build_topology(state(alpha, beta), BuildOptions(domain=domain))
+    names = server_names(render_config(topology, template, RenderOptions(domain=domain)))
+    assert len(names) == len(set(names)), names
+    assert f'"beta.{domain}"' in names
+
+
+@pytest.mark.xfail(
+    reason="BUG: _claim_hosts reserves NAME and NAME.DOMAIN with plain dict assignment, so a "
+    "service whose own name is another service's NAME.DOMAIN (a dotted alias 'beta.internal' "
+    "next to service 'beta') silently takes over the reservation; render still lists NAME and "
+    "NAME.DOMAIN in each block, so two server blocks share server_name 'beta.internal' (nginx "
+    "-t: conflicting server name, ignored) and service beta.internal can't be reached by its "
+    "own name; no warning or exclusion says so",
+    strict=True,
+)
+def test_service_named_like_another_services_default_name(template: jinja2.Template) -> None:
+    a = container("a1", aliases=("beta.internal",))
+    b = container("b1", aliases=("beta",), ip="172.20.0.3")
+    topology = build_topology(state(a, b))
+    names = server_names(render_config(topology, template))
+    assert len(names) == len(set(names)), names
 
 
 # ---------------------------------------------------------------- quoting
@@ -394,6 +437,26 @@ def test_address(ip: str, port: int, expected: str) -> None:
     assert address(backend("w1", ip, port=port)) == expected
 
 
+@pytest.mark.parametrize(
+    ("ip", "ipv6", "expected"),
+    [
+        ("", "fd00::5", "[fd00::5]:80"),
+        ("", "2001:db8:0:0:0:0:0:1", "[2001:db8::1]:80"),
+        ("172.20.0.2", "fd00::5", "172.20.0.2:80"),
+    ],
+    ids=["ipv6-only", "ipv6-only-compressed", "dual-stack-uses-ipv4"],
+)
+def test_address_falls_back_to_ipv6(ip: str, ipv6: str, expected: str) -> None:
+    assert address(backend("w1", ip, ipv6=ipv6)) == expected
+
+
+def test_ipv6_only_container_renders_bracketed(template: jinja2.Template) -> None:
+    """From Docker state to the server line: an endpoint with only a GlobalIPv6Address."""
+    w1 = container("w1", ip="", ipv6="fd00::7", exposed=(8080,))
+    text = render_config(build_topology(state(w1)), template)
+    assert "server [fd00::7]:8080;  # w1" in text
+
+
 def test_ipv6_backend_renders_bracketed(template: jinja2.Template) -> None:
     topology = Topology(services=(service("v6", backend("w1", "fd00::5", port=8080)),))
     assert "server [fd00::5]:8080;  # w1" in render_config(topology, template)
@@ -403,6 +466,8 @@ A_APP = backend("a", "172.20.0.2", "app")
 A_BACK = backend("a", "172.21.0.2", "back")
 B_BACK = backend("b", "172.21.0.3", "back")
 C_DOWN = backend("c", "172.20.0.4", "app", state=BackendState.UNHEALTHY)
+A_APP_DOWN = backend("a", "172.20.0.2", "app", state=BackendState.STOPPING)
+A_OTHER = backend("a", "172.22.0.2", "other")
 
 
 @pytest.mark.parametrize(
@@ -411,21 +476,33 @@ C_DOWN = backend("c", "172.20.0.4", "app", state=BackendState.UNHEALTHY)
         ((A_APP, A_BACK), {"app"}, (A_APP,)),
         ((A_APP, A_BACK), {"back"}, (A_BACK,)),
         ((A_APP, A_BACK), {"app", "back"}, (A_APP,)),
+        ((A_BACK, A_APP), {"app", "back"}, (A_BACK,)),
         ((A_APP, A_BACK), set(), (A_APP,)),
-        ((A_APP, A_BACK), {"other"}, (A_APP,)),
+        ((A_BACK, A_APP), set(), (A_BACK,)),
+        ((A_APP, A_BACK), {"other"}, ()),
         ((A_APP, A_BACK, B_BACK), {"back"}, (A_BACK, B_BACK)),
-        ((A_APP, B_BACK, C_DOWN), {"app"}, (A_APP, B_BACK)),
+        ((A_APP, B_BACK, C_DOWN), {"app"}, (A_APP,)),
+        ((A_APP, B_BACK, C_DOWN), set(), (A_APP, B_BACK)),
+        ((A_APP, A_OTHER, B_BACK), {"back", "other"}, (A_OTHER, B_BACK)),
+        ((A_APP_DOWN, A_BACK), {"app", "back"}, (A_BACK,)),
         ((C_DOWN,), {"app"}, ()),
+        ((C_DOWN,), set(), ()),
     ],
     ids=[
         "prefer-shared-app",
         "prefer-shared-back",
         "both-shared-first-wins",
-        "no-nginx-first-wins",
-        "none-shared-first-wins",
+        "both-shared-first-wins-reversed",
+        "no-nginx-first-network",
+        "no-nginx-first-network-reversed",
+        "none-shared-left-out",
         "one-per-container",
-        "unreachable-container-still-listed-and-not-live-dropped",
+        "unreachable-container-left-out-and-not-live-dropped",
+        "no-nginx-every-live-container",
+        "first-allowed-network-per-container",
+        "not-live-on-one-network-live-on-another",
         "nothing-live",
+        "nothing-live-no-nginx",
     ],
 )
 def test_upstream_backends(
@@ -440,6 +517,49 @@ def test_nginx_networks_choose_the_server_address(template: jinja2.Template) -> 
     text = render_config(topology, template)
     assert "server 172.21.0.2:80;  # a" in text
     assert "172.20.0.2" not in text
+
+
+def test_container_no_managed_nginx_can_reach_is_left_out(template: jinja2.Template) -> None:
+    """From Docker state: the builder warns, and the upstream leaves the container out."""
+    reachable = container("w1", exposed=(8080,))
+    stranded = container("w2", network="back", ip="172.21.0.3", exposed=(8080,))
+    docker = state(nginx(), reachable, stranded, networks=("bridge", "app", "back"))
+    text = render_config(build_topology(docker), template)
+    assert "# service web: 1 of 2 containers serving" in text
+    assert "# warning: w2 is on no network a managed nginx is on (back)" in text
+    assert "server 172.20.0.2:8080;  # w1" in text
+    assert "172.21.0.3" not in text
+
+
+def test_without_a_managed_nginx_every_container_is_previewed(template: jinja2.Template) -> None:
+    """`controlplane render` with no nginx yet: each container on its first network."""
+    w1 = container("w1", exposed=(8080,), more_networks={"back": "172.21.0.2"})
+    w2 = container("w2", network="back", ip="172.21.0.3", exposed=(8080,))
+    text = render_config(build_topology(state(w1, w2, networks=("app", "back"))), template)
+    assert "# service web: 2 of 2 containers serving" in text
+    assert "warning" not in text
+    assert code_lines(text).count("server 172.20.0.2:8080;") == 1
+    assert code_lines(text).count("server 172.21.0.3:8080;") == 1
+    assert "172.21.0.2" not in text
+
+
+@pytest.mark.parametrize(
+    ("backends", "containers", "serving"),
+    [
+        ((), 0, 0),
+        ((A_APP,), 1, 1),
+        ((A_APP, A_BACK), 1, 1),
+        ((A_APP, A_BACK, B_BACK), 2, 2),
+        ((A_APP, C_DOWN), 2, 1),
+        ((C_DOWN,), 1, 0),
+    ],
+    ids=["empty", "one", "one-container-two-networks", "two", "one-down", "all-down"],
+)
+def test_service_view_counts_containers_not_backends(
+    backends: tuple[Backend, ...], containers: int, serving: int
+) -> None:
+    view = service_view(service("s", *backends), (), RenderOptions())
+    assert (view.containers, len(view.servers)) == (containers, serving)
 
 
 @pytest.mark.parametrize(
@@ -500,7 +620,7 @@ def test_keepalive_comes_after_the_balancing_directive(
 
 def test_keepalive_is_last_in_every_golden_upstream(template: jinja2.Template) -> None:
     blocks = upstream_blocks(render_config(golden_topology(), template))
-    assert sorted(blocks) == ["cp_api", "cp_cache", "cp_search", "cp_session", "cp_web"]
+    assert sorted(blocks) == ["cp_api", "cp_cache", "cp_search", "cp_session", "cp_v6", "cp_web"]
     for name, body in blocks.items():
         assert body[-1] == "keepalive 32;", name
         assert sum(line.startswith("keepalive") for line in body) == 1, name
