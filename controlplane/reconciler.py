@@ -95,7 +95,7 @@ class Reconciler:
         self._template = template
         self._settings = settings
         self._build = BuildOptions(networks=settings.networks, domain=settings.domain)
-        self._render = RenderOptions(domain=settings.domain, listen_port=settings.listen_port)
+        self._render = RenderOptions(listen_port=settings.listen_port)
         self._clock = clock
         self._marks: dict[str, StopMark] = {}
         self._deployed: dict[tuple[str, str], str] = {}

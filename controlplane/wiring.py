@@ -36,6 +36,4 @@ def render_once(settings: Settings) -> str:
     topology = build_topology(
         state, BuildOptions(networks=settings.networks, domain=settings.domain)
     )
-    return render_config(
-        topology, template, RenderOptions(domain=settings.domain, listen_port=settings.listen_port)
-    )
+    return render_config(topology, template, RenderOptions(listen_port=settings.listen_port))

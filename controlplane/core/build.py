@@ -349,22 +349,26 @@ def _algorithm(settings: L.ServiceLabels) -> tuple[Algorithm, str, str | None]:
 
 
 def _claim_hosts(services: list[Service], domain: str) -> tuple[list[Service], list[str]]:
-    """Each host name routes to one service. Every service owns NAME and NAME.DOMAIN; an extra
-    host from a label goes to the first service (by name) that asks for it."""
+    """Each host name routes to one service. Bare service names are claimed first, then every
+    NAME.DOMAIN, then extra hosts from labels, each by the first service (by name) to ask."""
     owner: dict[str, str] = {}
-    for service in services:
-        owner[service.name] = owner[f"{service.name}.{domain}"] = service.name
     warnings = []
+
+    def claim(service: Service, host: str, what: str) -> bool:
+        if owner.setdefault(host, service.name) == service.name:
+            return True
+        warnings.append(
+            f"{what} {host} of service {service.name} already routes to service "
+            f"{owner[host]}: ignored for {service.name}"
+        )
+        return False
+
+    for service in services:
+        claim(service, service.name, "name")
+    own = {s.name: claim(s, f"{s.name}.{domain}", "name") for s in services}
     result = []
     for service in services:
-        kept = []
-        for host in service.hosts:
-            if owner.setdefault(host, service.name) == service.name:
-                kept.append(host)
-            else:
-                warnings.append(
-                    f"host {host} of service {service.name} already routes to service "
-                    f"{owner[host]}: ignored for {service.name}"
-                )
-        result.append(replace(service, hosts=tuple(kept)))
+        hosts = tuple(h for h in service.hosts if claim(service, h, "host"))
+        names = (service.name, *([f"{service.name}.{domain}"] if own[service.name] else []))
+        result.append(replace(service, hosts=hosts, names=tuple(dict.fromkeys((*names, *hosts)))))
     return result, warnings

@@ -110,6 +110,9 @@ class Service:
     hosts: tuple[str, ...]
     backends: tuple[Backend, ...]
     warnings: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    """Every host name that routes to this service: NAME, NAME.DOMAIN, then `hosts`, each
+    only where no other service owns it first."""
 
     @property
     def live_backends(self) -> tuple[Backend, ...]:

@@ -20,7 +20,6 @@ from controlplane.errors import TemplateError
 
 @dataclass(frozen=True)
 class RenderOptions:
-    domain: str = "internal"
     listen_port: int = 80
     keepalive: int = 32
 
@@ -128,9 +127,7 @@ def service_view(service: Service, reachable: Iterable[str], options: RenderOpti
         upstream=f"cp_{service.name}",
         balancing=balancing_directive(service),
         servers=tuple(ServerView(address(b), server_params(b), b.container) for b in backends),
-        server_names=tuple(
-            dict.fromkeys((service.name, f"{service.name}.{options.domain}", *service.hosts))
-        ),
+        server_names=service.names or (service.name,),
         containers=len({b.container_id for b in service.backends}),
         service=service,
     )
