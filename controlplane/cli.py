@@ -23,7 +23,7 @@ def _networks(
     _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
 ) -> frozenset[str] | None:
     try:
-        return frozenset(L.parse_name(v, "--network") for v in value) or None
+        return frozenset(L.parse_network(v) for v in value) or None
     except InvalidValue as error:
         raise click.BadParameter(str(error)) from error
 

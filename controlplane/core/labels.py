@@ -55,7 +55,11 @@ KNOWN_LABELS = frozenset(
     }
 )
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+# Dot-separated labels, none empty and none starting or ending with '-' or '_': every
+# service name is also a host name nginx must accept in server_name.
+NAME_RE = re.compile(
+    r"(?=.{1,63}$)[a-z0-9]([a-z0-9_-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9_-]*[a-z0-9])?)*"
+)
 HOST_RE = re.compile(
     r"(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
 )
@@ -98,7 +102,21 @@ def parse_name(value: str, what: str) -> str:
     if not NAME_RE.fullmatch(name):
         raise InvalidValue(
             f"{what} {show(value)} is not a valid name: use 1-63 characters from a-z, 0-9, "
-            "'_', '.', '-', starting with a letter or digit"
+            "'_', '.', '-', starting and ending with a letter or digit, with no '..'"
+        )
+    return name
+
+
+NETWORK_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
+
+
+def parse_network(value: str) -> str:
+    """Docker's own grammar for network names, case kept (they are case-sensitive)."""
+    name = value.strip()
+    if not NETWORK_RE.fullmatch(name):
+        raise InvalidValue(
+            f"network {show(value)} is not a Docker network name: use letters, digits, '_', '.' "
+            "and '-', starting with a letter or digit"
         )
     return name
 

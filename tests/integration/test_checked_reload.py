@@ -83,5 +83,5 @@ def test_bad_labels_exclude_only_their_container(
     assert config.count("# excluded: ") == 3
     assert all(line.startswith("# ") for line in config.splitlines() if "listen 81" in line)
     assert "controlplane.weight='5;\\n} server { listen 81; ' must be a whole number" in config
-    assert "unknown variable $foo" in config
+    assert "unknown variable '$foo'" in config
     assert "controlplane.port='99999' must be a whole number from 1 to 65535" in config

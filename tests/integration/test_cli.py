@@ -74,7 +74,7 @@ def test_render_prints_the_config_and_changes_nothing(lab: Lab) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["render", "--network", "Not A Name"], "is not a valid name"),
+        (["render", "--network", "Not A Name"], "is not a Docker network name"),
         (["render", "--domain", "bad domain"], "is not a DNS domain"),
         (["render", "--docker-url", "tcp://127.0.0.1:1"], "cannot reach the Docker engine"),
         (["render", "--templates", "/nonexistent"], "does not exist"),

@@ -105,23 +105,25 @@ class Lab:
         **kwargs: Any,
     ) -> Container:
         name = prefix if exact_name else self.name(prefix)
+        network_name = str(network.name)
         endpoint = EndpointConfig(version=self.client.api.api_version, aliases=aliases or [])
-        create = self.client.containers.run if start else self.client.containers.create
-        container = create(
+        container = self.client.containers.create(
             image,
             name=name,
-            **({"detach": True} if start else {}),
             labels={**self.labels, **(labels or {})},
-            network=network.name,
-            networking_config={network.name: endpoint},
+            network=network_name,
+            networking_config={network_name: endpoint},
             **kwargs,
         )
+        if start:
+            container.start()
         container.reload()
         return container
 
     def published_port(self, container: Container) -> int:
         container.reload()
-        return int(container.ports["80/tcp"][0]["HostPort"])
+        bindings = container.ports.get("80/tcp") or []
+        return int(bindings[0]["HostPort"])
 
     def cleanup(self) -> None:
         for container in self.client.containers.list(
