@@ -92,10 +92,7 @@ def _label_typos(container: ContainerFacts) -> list[str]:
     """A misspelt label would otherwise be ignored without a word."""
     warnings = [
         f"container {container.name}: unknown label {L.show(key)} is ignored (a typo?)"
-        for key in sorted(container.labels)
-        if key.startswith(L.PREFIX)
-        and key not in L.KNOWN_LABELS
-        and not key.startswith(L.TEST_PREFIX)
+        for key in L.parse_container_labels(container.labels).unknown
     ]
     role = container.labels.get(L.ROLE)
     if role is not None and role != "nginx":
@@ -172,18 +169,11 @@ def _collect_members(
         on = ", ".join(e.network for e in container.endpoints) or "no network"
         exclude(f"has {L.SERVICE} but is on no watched network (it is on {on})")
         return
-    errors = []
-    try:
-        backend = L.parse_backend_labels(container.labels)
-    except InvalidValue as error:
-        errors.append(str(error))
-    try:
-        service = L.parse_service_labels(container.labels)
-    except InvalidValue as error:
-        errors.append(str(error))
-    if errors:
-        exclude("; ".join(errors))
+    parsed = L.parse_container_labels(container.labels)
+    if parsed.errors:
+        exclude("; ".join(parsed.errors))
         return
+    backend, service = parsed.backend, parsed.service
     if not backend.enabled:
         exclude(f"opted out with {L.ENABLE}=false")
         return

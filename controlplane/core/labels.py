@@ -6,6 +6,7 @@ pattern before it is used; a value that fails is reported, never passed through.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -299,6 +300,43 @@ def parse_service_labels(labels: Mapping[str, str]) -> ServiceLabels:
     )
     c.done()
     return result
+
+
+@dataclass(frozen=True)
+class ContainerLabels:
+    """Everything a container's controlplane.* labels say, or every error they contain."""
+
+    backend: BackendLabels
+    service: ServiceLabels
+    errors: tuple[str, ...]
+    unknown: tuple[str, ...]
+
+
+def parse_container_labels(labels: Mapping[str, str]) -> ContainerLabels:
+    """Replicas of a service share their labels, so the parse is memoised on them: a build of
+    thousands of containers parses each distinct label set once."""
+    return _parse_container_labels(
+        frozenset((k, v) for k, v in labels.items() if k.startswith(PREFIX))
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_container_labels(own: frozenset[tuple[str, str]]) -> ContainerLabels:
+    labels = dict(own)
+    errors = []
+    backend, service = BackendLabels(), ServiceLabels()
+    try:
+        backend = parse_backend_labels(labels)
+    except InvalidValue as error:
+        errors.append(str(error))
+    try:
+        service = parse_service_labels(labels)
+    except InvalidValue as error:
+        errors.append(str(error))
+    unknown = tuple(
+        sorted(k for k in labels if k not in KNOWN_LABELS and not k.startswith(TEST_PREFIX))
+    )
+    return ContainerLabels(backend, service, tuple(errors), unknown)
 
 
 def algorithm_problem(algorithm: Algorithm) -> str | None:

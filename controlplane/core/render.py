@@ -9,6 +9,7 @@ checksum tells whether an nginx needs the file at all.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -99,7 +100,16 @@ def server_params(backend: Backend) -> tuple[str, ...]:
     return tuple(params)
 
 
+IPV4_RE = re.compile(
+    r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}"
+)
+
+
 def address(backend: Backend) -> str:
+    """ip:port, checked: an address from Docker still goes into the config only if valid
+    (a regex for IPv4, which is fast at thousands of backends; ipaddress for IPv6)."""
+    if backend.ip and IPV4_RE.fullmatch(backend.ip):
+        return f"{backend.ip}:{backend.port}"
     ip = ipaddress.ip_address(backend.ip or backend.ipv6)
     host = f"[{ip}]" if ip.version == 6 else str(ip)
     return f"{host}:{backend.port}"

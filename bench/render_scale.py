@@ -1,0 +1,128 @@
+"""Render at scale: 1,000 services x 10 backends through the pure core, and nginx -t on it.
+
+.venv/bin/python bench/render_scale.py [--services 1000] [--backends 10] [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine_line, row, table
+from controlplane.core.build import build_topology
+from controlplane.core.model import ContainerFacts, DockerState, Endpoint, NetworkFacts
+from controlplane.core.observe import container_facts
+from controlplane.core.render import render_config
+from controlplane.templating import load_template
+
+METHODS = ["round_robin", "least_conn", "ip_hash", "random"]
+
+
+def docker_state(services: int, backends: int) -> DockerState:
+    containers: list[ContainerFacts] = []
+    for s in range(services):
+        for b in range(backends):
+            n = s * backends + b
+            containers.append(
+                ContainerFacts(
+                    id=f"{n:064x}",
+                    name=f"svc{s}-{b}",
+                    created=f"2026-01-01T00:00:00.{n:09d}Z",
+                    status="running",
+                    health=None,
+                    started_at="2026-01-01T00:00:00.000000000Z",
+                    labels={
+                        "controlplane.algorithm": METHODS[s % len(METHODS)],
+                        "controlplane.weight": str(1 + b % 3),
+                    },
+                    exposed_tcp_ports=(8080,),
+                    endpoints=(
+                        Endpoint(
+                            "app", f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", "", (f"svc{s}",)
+                        ),
+                    ),
+                    stop_signal=None,
+                )
+            )
+    lb = container_facts(
+        {
+            "Id": "f" * 64,
+            "Name": "/lb",
+            "State": {"Status": "running"},
+            "Config": {"Labels": {"controlplane.role": "nginx"}},
+            "NetworkSettings": {"Networks": {"app": {"IPAddress": "10.255.255.254"}}},
+        }
+    )
+    return DockerState(
+        containers=(*containers, lb), networks=(NetworkFacts("n", "app", "bridge", "local"),)
+    )
+
+
+def nginx_t(config: str) -> float | None:
+    nginx = shutil.which("nginx", path="/usr/sbin:/usr/bin")
+    if nginx is None:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        root = Path(directory)
+        (root / "cp.conf").write_text(config)
+        (root / "nginx.conf").write_text(
+            f"pid {root}/pid;\nerror_log {root}/err;\nevents {{}}\n"
+            f"http {{ server_names_hash_bucket_size 128; include {root}/cp.conf; }}\n"
+        )
+        started = time.perf_counter()
+        result = subprocess.run(
+            [nginx, "-t", "-p", directory, "-e", f"{root}/err", "-c", f"{root}/nginx.conf"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        elapsed = time.perf_counter() - started
+        if result.returncode != 0:
+            raise SystemExit(f"nginx -t failed on the rendered config:\n{result.stderr}")
+        return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--backends", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    state = docker_state(args.services, args.backends)
+    template = load_template()
+    builds, renders, totals = [], [], []
+    config = ""
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        topology = build_topology(state)
+        t1 = time.perf_counter()
+        config = render_config(topology, template)
+        t2 = time.perf_counter()
+        builds.append((t1 - t0) * 1000)
+        renders.append((t2 - t1) * 1000)
+        totals.append((t2 - t0) * 1000)
+    check = nginx_t(config)
+    print(machine_line())
+    print(
+        f"{args.services} services x {args.backends} backends, "
+        f"{len(config) / 1e6:.1f} MB of config, {args.runs} runs\n"
+    )
+    rows = [
+        row("build_topology (facts -> topology)", builds),
+        row("render_config (topology -> text)", renders),
+        row("build + render", totals),
+    ]
+    if check is not None:
+        rows.append(row("nginx -t on the host (once, apart)", [check * 1000]))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
