@@ -125,7 +125,7 @@ def main() -> None:
         port = lab.published_port(lb)
         prober = Prober(port, max_seconds=60 + args.events * 6)
         steady_ip = steady.attrs["NetworkSettings"]["Networks"][net.name]["IPAddress"]
-        wait_until(lambda: prober.first_to(steady_ip, 0) is not None, what="the steady backend")
+        serving_since = wait_until(lambda: prober.first_to(steady_ip, 0), what="steady backend")
 
         run_total: list[float] = []
         stop_total: list[float] = []
@@ -162,7 +162,8 @@ def main() -> None:
             new.remove(force=True)
             time.sleep(random.uniform(0.1, 0.3))
         prober.stop()
-        failed = sum(1 for h in prober.hits if h.upstream in ("", "error"))
+        measured = [h for h in prober.hits if h.started_ns >= serving_since]
+        failed = sum(1 for h in measured if h.upstream in ("", "error"))
 
         created = [lab.backend(net, alias="burst", start=False) for _ in range(args.burst)]
         count_before = sum(1 for r in reports if r.deployed)
@@ -197,7 +198,7 @@ def main() -> None:
     for kind in ("run", "stop"):
         print(f"\nbreakdown, {kind} (from the controller's reports):")
         print(table([row(name, values) for name, values in breakdown[kind].items()]))
-    print(f"\nrequests sent: {len(prober.hits)}, failed or unanswered: {failed}")
+    print(f"\nrequests sent while measuring: {len(measured)}, failed or not proxied: {failed}")
     print(
         f"burst: {args.burst} containers started by 25 threads over {span:.1f} s "
         f"-> {burst_reloads} reloads (quiet window 50 ms, max wait 1 s)"
