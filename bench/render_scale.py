@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,7 +20,7 @@ from bench.common import machine_line, row, table
 from controlplane.core.build import build_topology
 from controlplane.core.model import ContainerFacts, DockerState, Endpoint, NetworkFacts
 from controlplane.core.observe import container_facts
-from controlplane.core.render import render_config
+from controlplane.core.render import RenderCache, render_config
 from controlplane.templating import load_template
 
 METHODS = ["round_robin", "least_conn", "ip_hash", "random"]
@@ -97,17 +98,27 @@ def main() -> None:
     args = parser.parse_args()
     state = docker_state(args.services, args.backends)
     template = load_template()
-    builds, renders, totals = [], [], []
+    cache = RenderCache()
+    cold: dict[str, list[float]] = {"build": [], "render": [], "total": []}
+    warm: dict[str, list[float]] = {"build": [], "render": [], "total": []}
     config = ""
-    for _ in range(args.runs):
+    for run in range(args.runs):
+        # Each run after the first changes one container, as one event would: the warm path.
+        changed = state.containers[run % len(state.containers)]
+        containers = list(state.containers)
+        containers[run % len(containers)] = replace(
+            changed, labels={**changed.labels, "controlplane.weight": str(5 + run % 100)}
+        )
+        state = replace(state, containers=tuple(containers))
         t0 = time.perf_counter()
         topology = build_topology(state)
         t1 = time.perf_counter()
-        config = render_config(topology, template)
+        config = render_config(topology, template, cache=cache)
         t2 = time.perf_counter()
-        builds.append((t1 - t0) * 1000)
-        renders.append((t2 - t1) * 1000)
-        totals.append((t2 - t0) * 1000)
+        into = cold if run == 0 else warm
+        into["build"].append((t1 - t0) * 1000)
+        into["render"].append((t2 - t1) * 1000)
+        into["total"].append((t2 - t0) * 1000)
     check = nginx_t(config)
     print(machine_line())
     print(
@@ -115,9 +126,12 @@ def main() -> None:
         f"{len(config) / 1e6:.1f} MB of config, {args.runs} runs\n"
     )
     rows = [
-        row("build_topology (facts -> topology)", builds),
-        row("render_config (topology -> text)", renders),
-        row("build + render", totals),
+        row("cold: build_topology (first pass)", cold["build"]),
+        row("cold: render_config", cold["render"]),
+        row("cold: build + render", cold["total"]),
+        row("one container changed: build_topology", warm["build"]),
+        row("one container changed: render_config", warm["render"]),
+        row("one container changed: build + render", warm["total"]),
     ]
     if check is not None:
         rows.append(row("nginx -t on the host (once, apart)", [check * 1000]))

@@ -23,7 +23,7 @@ import jinja2
 from controlplane.core.build import BuildOptions, build_topology
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
 from controlplane.core.model import DockerState, NginxTarget, Topology
-from controlplane.core.render import RenderOptions, render_config
+from controlplane.core.render import RenderCache, RenderOptions, render_config
 from controlplane.docker_source import DockerEvent
 from controlplane.errors import ControlPlaneError, DockerUnavailable
 from controlplane.nginx_deployer import DeployResult
@@ -96,6 +96,7 @@ class Reconciler:
         self._settings = settings
         self._build = BuildOptions(networks=settings.networks, domain=settings.domain)
         self._render = RenderOptions(listen_port=settings.listen_port)
+        self._render_cache = RenderCache()
         self._clock = clock
         self._marks: dict[str, StopMark] = {}
         self._deployed: dict[tuple[str, str], str] = {}
@@ -128,7 +129,7 @@ class Reconciler:
         self._marks = prune(self._marks, running, self._clock(), self._settings.stop_grace)
         mark = time.perf_counter()
         topology = build_topology(state, self._build, self._marks)
-        config = render_config(topology, self._template, self._render)
+        config = render_config(topology, self._template, self._render, self._render_cache)
         timings["render"] = time.perf_counter() - mark
         digest = checksum(config)
         previous = self.snapshot

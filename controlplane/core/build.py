@@ -7,9 +7,11 @@ one container or alias it came from, with a reason; everything else is still bui
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 from controlplane.core import labels as L
 from controlplane.core.lifecycle import StopMark, is_stopping
@@ -42,8 +44,9 @@ class BuildOptions:
     domain: str = "internal"
 
 
-@dataclass(frozen=True)
-class _Member:
+class _Member(NamedTuple):
+    """A tuple, not a dataclass: thousands are made per pass and hashed for the memo."""
+
     container: ContainerFacts
     endpoint: Endpoint
     backend: L.BackendLabels
@@ -65,18 +68,29 @@ def build_topology(
     for container in sorted(state.containers, key=lambda c: (c.created, c.name)):
         if container.status not in ("running", "paused"):
             continue
-        warnings.extend(_label_typos(container))
         if container.labels.get(L.ROLE) == "nginx":
+            warnings.extend(_label_typos(container))
             target = _nginx_target(container, watched, excluded)
             if target is not None:
                 nginx.append(target)
             continue
-        _collect_members(container, watched, marks, members, excluded)
+        mark = marks.get(container.id)
+        plan = _plan(
+            container, watched, mark is not None and is_stopping(mark, container.stop_signal)
+        )
+        if plan.warnings:
+            warnings.extend(plan.warnings)
+        if plan.excluded:
+            excluded.extend(plan.excluded)
+        for name, member in plan.members:
+            members[name].append(member)
 
-    reachable = {network for target in nginx for network in target.networks}
+    reachable = frozenset(network for target in nginx for network in target.networks)
     services = []
     for name in sorted(members):
-        service, dropped = _service(name, members[name], reachable if nginx else None)
+        service, dropped = _service(
+            name, tuple(members[name]), reachable if nginx else None, options.domain
+        )
         services.append(service)
         excluded.extend(dropped)
     services, host_warnings = _claim_hosts(services, options.domain)
@@ -103,8 +117,12 @@ def _label_typos(container: ContainerFacts) -> list[str]:
     return warnings
 
 
-def _watched_networks(state: DockerState, options: BuildOptions) -> tuple[set[str], list[str]]:
-    bridges = {n.name for n in state.networks if n.driver == "bridge" and n.name != "bridge"}
+def _watched_networks(
+    state: DockerState, options: BuildOptions
+) -> tuple[frozenset[str], list[str]]:
+    bridges = frozenset(
+        n.name for n in state.networks if n.driver == "bridge" and n.name != "bridge"
+    )
     if options.networks is None:
         return bridges, []
     warnings = []
@@ -123,7 +141,7 @@ def _watched_networks(state: DockerState, options: BuildOptions) -> tuple[set[st
 
 
 def _nginx_target(
-    container: ContainerFacts, watched: set[str], excluded: list[Exclusion]
+    container: ContainerFacts, watched: frozenset[str], excluded: list[Exclusion]
 ) -> NginxTarget | None:
     """Only an nginx on a watched network is managed: elsewhere it could reach no backend,
     and another controller may own it."""
@@ -151,45 +169,54 @@ def _nginx_target(
     )
 
 
-def _collect_members(
-    container: ContainerFacts,
-    watched: set[str],
-    marks: Mapping[str, StopMark],
-    members: dict[str, list[_Member]],
-    excluded: list[Exclusion],
-) -> None:
-    def exclude(reason: str) -> None:
+@dataclass(frozen=True)
+class _Plan:
+    """What one container brings to the topology, whatever the others and the stop marks."""
+
+    warnings: tuple[str, ...] = ()
+    excluded: tuple[Exclusion, ...] = ()
+    members: tuple[tuple[str, _Member], ...] = ()
+
+
+@functools.lru_cache(maxsize=65_536)
+def _plan(container: ContainerFacts, watched: frozenset[str], stopping: bool) -> _Plan:
+    """Memoised: the Docker edge hands over the same facts for an unchanged container, so a
+    reconcile of thousands of containers redoes this only for the ones that changed."""
+    warnings = tuple(_label_typos(container))
+    excluded: list[Exclusion] = []
+
+    def exclude(reason: str) -> _Plan:
         excluded.append(Exclusion(container.id, container.name, reason))
+        return _Plan(warnings, tuple(excluded))
 
     endpoints = [e for e in container.endpoints if e.network in watched and (e.ip or e.ipv6)]
     names_by_endpoint = [(e, _alias_services(container, e, excluded)) for e in endpoints]
     if not any(names for _, names in names_by_endpoint) and L.SERVICE not in container.labels:
-        return
+        return _Plan(warnings, tuple(excluded))
     if not endpoints:
         on = ", ".join(e.network for e in container.endpoints) or "no network"
-        exclude(f"has {L.SERVICE} but is on no watched network (it is on {on})")
-        return
+        return exclude(f"has {L.SERVICE} but is on no watched network (it is on {on})")
     parsed = L.parse_container_labels(container.labels)
     if parsed.errors:
-        exclude("; ".join(parsed.errors))
-        return
+        return exclude("; ".join(parsed.errors))
     backend, service = parsed.backend, parsed.service
     if not backend.enabled:
-        exclude(f"opted out with {L.ENABLE}=false")
-        return
+        return exclude(f"opted out with {L.ENABLE}=false")
     port = backend.port
     if port is None:
         if len(container.exposed_tcp_ports) > 1:
             ports = ", ".join(str(p) for p in container.exposed_tcp_ports)
-            exclude(f"exposes several TCP ports ({ports}): set {L.PORT} to the one to use")
-            return
+            return exclude(f"exposes several TCP ports ({ports}): set {L.PORT} to the one to use")
         port = container.exposed_tcp_ports[0] if container.exposed_tcp_ports else DEFAULT_PORT
-    state = _backend_state(container, marks.get(container.id))
-    for endpoint, names in names_by_endpoint:
-        if backend.service is not None:
-            names = (*names, backend.service)
-        for name in dict.fromkeys(names):
-            members[name].append(_Member(container, endpoint, backend, service, port, state))
+    state = _backend_state(container, stopping)
+    members = tuple(
+        (name, _Member(container, endpoint, backend, service, port, state))
+        for endpoint, names in names_by_endpoint
+        for name in dict.fromkeys(
+            (*names, backend.service) if backend.service is not None else names
+        )
+    )
+    return _Plan(warnings, tuple(excluded), members)
 
 
 def _alias_services(
@@ -208,8 +235,8 @@ def _alias_services(
     return tuple(names)
 
 
-def _backend_state(container: ContainerFacts, mark: StopMark | None) -> BackendState:
-    if is_stopping(mark, container.stop_signal):
+def _backend_state(container: ContainerFacts, stopping: bool) -> BackendState:
+    if stopping:
         return BackendState.STOPPING
     if container.status == "paused":
         return BackendState.PAUSED
@@ -220,10 +247,12 @@ def _backend_state(container: ContainerFacts, mark: StopMark | None) -> BackendS
     return BackendState.UP
 
 
+@functools.lru_cache(maxsize=16_384)
 def _service(
-    name: str, members: list[_Member], reachable: set[str] | None
-) -> tuple[Service, list[Exclusion]]:
-    """`reachable`: networks some managed nginx is on (None: no nginx is managed)."""
+    name: str, members: tuple[_Member, ...], reachable: frozenset[str] | None, domain: str
+) -> tuple[Service, tuple[Exclusion, ...]]:
+    """`reachable`: networks some managed nginx is on (None: no nginx is managed). Memoised
+    like `_plan`: an unchanged service is not rebuilt."""
     settings, warnings = _merge_service_labels(members)
     algorithm, source, problem = _algorithm(settings)
     if problem:
@@ -284,8 +313,9 @@ def _service(
         hosts=settings.hosts or (),
         backends=tuple(backends),
         warnings=tuple(warnings),
+        names=tuple(dict.fromkeys((name, f"{name}.{domain}", *(settings.hosts or ())))),
     )
-    return service, excluded
+    return service, tuple(excluded)
 
 
 def _merge_service_labels(members: Iterable[_Member]) -> tuple[L.ServiceLabels, list[str]]:
@@ -340,7 +370,8 @@ def _algorithm(settings: L.ServiceLabels) -> tuple[Algorithm, str, str | None]:
 
 def _claim_hosts(services: list[Service], domain: str) -> tuple[list[Service], list[str]]:
     """Each host name routes to one service. Bare service names are claimed first, then every
-    NAME.DOMAIN, then extra hosts from labels, each by the first service (by name) to ask."""
+    NAME.DOMAIN, then extra hosts from labels, each by the first service (by name) to ask.
+    A service keeps the names `_service` gave it unless another one claimed one first."""
     owner: dict[str, str] = {}
     warnings = []
 
@@ -359,6 +390,9 @@ def _claim_hosts(services: list[Service], domain: str) -> tuple[list[Service], l
     result = []
     for service in services:
         hosts = tuple(h for h in service.hosts if claim(service, h, "host"))
+        if own[service.name] and hosts == service.hosts:
+            result.append(service)
+            continue
         names = (service.name, *([f"{service.name}.{domain}"] if own[service.name] else []))
         result.append(replace(service, hosts=hosts, names=tuple(dict.fromkeys((*names, *hosts)))))
     return result, warnings

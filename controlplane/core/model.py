@@ -67,6 +67,10 @@ class ContainerFacts:
     endpoints: tuple[Endpoint, ...]
     stop_signal: str | None
 
+    def __hash__(self) -> int:
+        """Cheap, for the builder's memo: equal facts have equal IDs, states and start times."""
+        return hash((self.id, self.status, self.health, self.started_at))
+
 
 @dataclass(frozen=True)
 class NetworkFacts:

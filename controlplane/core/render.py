@@ -18,6 +18,8 @@ import jinja2
 from controlplane.core.model import Backend, Exclusion, Method, Service, Topology
 from controlplane.errors import TemplateError
 
+SERVICE_TEMPLATE = "service.conf.j2"
+
 
 @dataclass(frozen=True)
 class RenderOptions:
@@ -143,22 +145,66 @@ def service_view(service: Service, reachable: Iterable[str], options: RenderOpti
     )
 
 
+class RenderCache:
+    """Each service's view and rendered block, by (template, service, reachable networks,
+    options): a pass where one service changed renders one block. Bounded: it is emptied once
+    it holds four times as many entries as a render uses."""
+
+    def __init__(self) -> None:
+        self._entries: dict[
+            tuple[jinja2.Template, Service, frozenset[str], RenderOptions], tuple[ServiceView, str]
+        ] = {}
+
+    def render(
+        self,
+        template: jinja2.Template,
+        service: Service,
+        reachable: frozenset[str],
+        options: RenderOptions,
+        size: int,
+    ) -> tuple[ServiceView, str]:
+        key = (template, service, reachable, options)
+        entry = self._entries.get(key)
+        if entry is None:
+            if len(self._entries) > 4 * max(size, 64):
+                self._entries.clear()
+            view = service_view(service, reachable, options)
+            entry = self._entries[key] = (view, template.render(s=view, options=options))
+        return entry
+
+
 def render_config(
-    topology: Topology, template: jinja2.Template, options: RenderOptions = RenderOptions()
+    topology: Topology,
+    template: jinja2.Template,
+    options: RenderOptions = RenderOptions(),
+    cache: RenderCache | None = None,
 ) -> str:
-    reachable = {network for target in topology.nginx for network in target.networks}
+    """`template` is the main template; each service is rendered by SERVICE_TEMPLATE from the
+    same environment, through `cache` when one is given."""
+    reachable = frozenset(network for target in topology.nginx for network in target.networks)
     excluded: list[Exclusion] = sorted(
         topology.excluded, key=lambda e: (e.container, e.service or "", e.reason)
     )
     try:
+        rendered: list[tuple[ServiceView, str]] = []
+        if topology.services:
+            service_template = template.environment.get_template(SERVICE_TEMPLATE)
+            memo = cache or RenderCache()
+            size = len(topology.services)
+            rendered = [
+                memo.render(service_template, s, reachable, options, size)
+                for s in topology.services
+            ]
         return template.render(
-            services=[service_view(s, reachable, options) for s in topology.services],
+            services=[view for view, _ in rendered],
+            service_blocks=[block for _, block in rendered],
             excluded=excluded,
             warnings=list(topology.warnings),
             options=options,
         )
     except jinja2.TemplateError as error:
+        name = getattr(error, "name", None) or template.name or "?"
         raise TemplateError(
-            f"template {template.name or '?'} failed to render: {error}; fix the template "
+            f"template {name} failed to render: {error}; fix the template "
             "(the previous config stays in place)"
         ) from error
