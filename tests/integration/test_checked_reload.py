@@ -37,7 +37,7 @@ def test_rejected_config_is_never_loaded(
     web = lab.backend(net)
     controller = start_controller(net.name, templates_dir=tmp_path)
     http = http_for(lab.published_port(lb))
-    wait_until(lambda: http.only("web", {web.name}) and http.serves("web", {web.name}), what="web")
+    wait_until(lambda: http.settled("web", {web.name}), what="web")
     good = config_in(lb)
 
     lab.backend(net, alias="broken")
@@ -60,7 +60,7 @@ def test_rejected_config_is_never_loaded(
     second = lab.backend(net)
     names = {web.name, second.name}
     wait_until(
-        lambda: http.only("web", names) and http.serves("web", names),
+        lambda: http.settled("web", names),
         what="the next good change to apply",
     )
 
@@ -76,9 +76,7 @@ def test_bad_labels_exclude_only_their_container(
     lab.backend(net, labels={"controlplane.port": "99999"})
     controller = start_controller(net.name)
     http = http_for(lab.published_port(lb))
-    wait_until(
-        lambda: http.only("web", {good.name}) and http.serves("web", {good.name}), what="web"
-    )
+    wait_until(lambda: http.settled("web", {good.name}), what="web")
     config = controller.config
     assert config.count("# excluded: ") == 3
     assert all(line.startswith("# ") for line in config.splitlines() if "listen 81" in line)

@@ -46,7 +46,7 @@ def test_run_serves_scaled_service_and_stops_cleanly(
     backends = [lab.backend(net) for _ in range(3)]
     names = {b.name for b in backends}
     http = http_for(lab.published_port(lb))
-    wait_until(lambda: http.only("web", names) and http.serves("web", names), what="3 backends")
+    wait_until(lambda: http.settled("web", names), what="3 backends")
     assert set(http.bodies("web", 30)) == names
 
     backends[0].stop()

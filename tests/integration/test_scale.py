@@ -22,7 +22,7 @@ def test_scale_up_and_down(
         names = {b.name for b in backends}
         if names:
             wait_until(
-                lambda names=names: http.only("web", names) and http.serves("web", names),
+                lambda names=names: http.settled("web", names),
                 what=f"nginx to serve exactly {sorted(names)}",
             )
             assert set(http.bodies("web", 60)) == names

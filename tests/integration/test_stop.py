@@ -5,24 +5,32 @@ from __future__ import annotations
 import time
 
 import pytest
+from docker.models.containers import Container
 
-from tests.integration.conftest import ControllerFactory
+from tests.integration.conftest import ControllerFactory, RunningController
 from tests.support.lab import Http, Lab, wait_until
 from tests.support.load import Load
+
+
+def serving_three(
+    lab: Lab, start_controller: ControllerFactory, http_for: type[Http], stop_delay: str
+) -> tuple[RunningController, int, list[Container]]:
+    """Three backends of web behind a managed nginx, all served: (controller, port, backends)."""
+    net = lab.network()
+    lb = lab.nginx(net)
+    backends = [lab.backend(net, env={"STOP_DELAY": stop_delay}) for _ in range(3)]
+    controller = start_controller(net.name)
+    port = lab.published_port(lb)
+    http = http_for(port)
+    wait_until(lambda: http.settled("web", {b.name for b in backends}), what="all served")
+    return controller, port, backends
 
 
 @pytest.mark.parametrize("stop_delay", ["0", "2"], ids=["exits-at-once", "503-for-2s"])
 def test_docker_stop_under_load_fails_nothing(
     lab: Lab, start_controller: ControllerFactory, http_for: type[Http], stop_delay: str
 ) -> None:
-    net = lab.network()
-    lb = lab.nginx(net)
-    backends = [lab.backend(net, env={"STOP_DELAY": stop_delay}) for _ in range(3)]
-    names = {b.name for b in backends}
-    controller = start_controller(net.name)
-    port = lab.published_port(lb)
-    http = http_for(port)
-    wait_until(lambda: http.only("web", names) and http.serves("web", names), what="all served")
+    controller, port, backends = serving_three(lab, start_controller, http_for, stop_delay)
 
     victim = backends[0]
     with Load(port, "web", max_seconds=30) as load:
@@ -40,14 +48,7 @@ def test_docker_stop_under_load_fails_nothing(
 def test_docker_kill_under_load_fails_no_idempotent_request(
     lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
 ) -> None:
-    net = lab.network()
-    lb = lab.nginx(net)
-    backends = [lab.backend(net) for _ in range(3)]
-    names = {b.name for b in backends}
-    controller = start_controller(net.name)
-    port = lab.published_port(lb)
-    http = http_for(port)
-    wait_until(lambda: http.only("web", names) and http.serves("web", names), what="all served")
+    controller, port, backends = serving_three(lab, start_controller, http_for, "0")
 
     victim = backends[0]
     with Load(port, "web", max_seconds=30) as load:

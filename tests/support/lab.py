@@ -184,5 +184,10 @@ class Http:
         except httpx.HTTPError:
             return False
 
+    def settled(self, host: str, expected: Iterable[str]) -> bool:
+        """Exactly the expected backends answer, and nothing else does any more."""
+        names = set(expected)
+        return self.only(host, names) and self.serves(host, names)
+
     def close(self) -> None:
         self.client.close()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from controlplane.core.render import (
     upstream_backends,
 )
 from controlplane.errors import TemplateError
+from tests.support.nginx_check import nginx_t
 from tests.unit.builders import container, network, nginx, state
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -620,45 +619,6 @@ def test_keepalive_is_last_in_every_golden_upstream(template: jinja2.Template) -
 
 
 # ---------------------------------------------------------------- nginx -t
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nginx is not installed; CI must run the nginx -t checks")
-        pytest.skip("nginx is not installed")
-    return found
-
-
-def nginx_t(tmp_path: Path, config: str) -> subprocess.CompletedProcess[str]:
-    """`nginx -t` on `config` included in a minimal http block; every path in tmp_path."""
-    (tmp_path / "controlplane.conf").write_text(config, encoding="utf-8")
-    temp_paths = "\n".join(
-        f"    {kind}_temp_path {tmp_path / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    (tmp_path / "nginx.conf").write_text(
-        f"pid {tmp_path / 'nginx.pid'};\n"
-        f"error_log {tmp_path / 'error.log'};\n"
-        "events {}\n"
-        "http {\n"
-        f"{temp_paths}\n"
-        f"    access_log {tmp_path / 'access.log'};\n"
-        f"    include {tmp_path / 'controlplane.conf'};\n"
-        "}\n",
-        encoding="utf-8",
-    )
-    return subprocess.run(
-        [
-            *(nginx_binary(), "-t", "-p", str(tmp_path)),
-            *("-e", str(tmp_path / "error.log"), "-c", str(tmp_path / "nginx.conf")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def test_nginx_accepts_the_golden_config(tmp_path: Path) -> None:
