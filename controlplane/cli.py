@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import sys
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from controlplane.core import labels as L
+from controlplane.dns_answer import IpNetwork
 from controlplane.errors import ControlPlaneError, InvalidValue
 from controlplane.settings import Settings
 from controlplane.wiring import build_controller, render_once
@@ -33,6 +35,15 @@ def _domain(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     if not L.HOST_RE.fullmatch(domain) or domain.startswith("*"):
         raise click.BadParameter(f"{value!r} is not a DNS domain such as internal or svc.example")
     return domain
+
+
+def _cidrs(
+    _ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> tuple[IpNetwork, ...] | None:
+    try:
+        return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in value) or None
+    except ValueError as error:
+        raise click.BadParameter(f"{error}: use CIDRs such as 10.0.0.0/8 or ::1/128") from error
 
 
 def discovery_options(command: F) -> F:
@@ -121,6 +132,32 @@ def main() -> None:
     type=click.FloatRange(1, 86400),
     help="Seconds between full resyncs that repair missed events.",
 )
+@click.option(
+    "--dns-bind",
+    "dns_binds",
+    multiple=True,
+    help="Answer DNS on IP:PORT, UDP and TCP (repeatable). Default: no DNS server.",
+)
+@click.option(
+    "--dns-domain",
+    default=None,
+    callback=lambda ctx, param, value: None if value is None else _domain(ctx, param, value),
+    help="Zone the resolver answers for. Default: the --domain value.",
+)
+@click.option("--dns-ttl", default=5, show_default=True, type=click.IntRange(0, 86400))
+@click.option(
+    "--dns-upstream",
+    "dns_upstreams",
+    multiple=True,
+    help="Forward names outside the zone to IP:PORT (repeatable, tried in order).",
+)
+@click.option(
+    "--dns-allow",
+    "dns_allow",
+    multiple=True,
+    callback=_cidrs,
+    help="CIDR allowed to use forwarding (repeatable). Default: loopback and watched networks.",
+)
 def run(
     docker_url: str | None,
     networks: frozenset[str] | None,
@@ -131,6 +168,11 @@ def run(
     debounce: float,
     debounce_max: float,
     resync: float,
+    dns_binds: tuple[str, ...],
+    dns_domain: str | None,
+    dns_ttl: int,
+    dns_upstreams: tuple[str, ...],
+    dns_allow: tuple[IpNetwork, ...] | None,
 ) -> None:
     """Watch Docker and keep every managed nginx serving the live backends."""
     _setup_logging(log_level)
@@ -143,15 +185,24 @@ def run(
         quiet_window=debounce,
         max_wait=max(debounce, debounce_max),
         resync_interval=resync,
+        dns_binds=dns_binds,
+        dns_domain=dns_domain or domain,
+        dns_ttl=dns_ttl,
+        dns_upstreams=dns_upstreams,
+        dns_allow=dns_allow,
     )
     try:
         controller = build_controller(settings)
+        if controller.dns is not None:
+            controller.dns.start()
     except ControlPlaneError as error:
         raise click.ClickException(str(error)) from error
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: controller.loop.stop())
     logging.getLogger("controlplane").info("controlplane running; watching Docker events")
     controller.loop.run()
+    if controller.dns is not None:
+        controller.dns.stop()
 
 
 @main.command()

@@ -21,6 +21,7 @@ from typing import Protocol
 import jinja2
 
 from controlplane.core.build import BuildOptions, build_topology
+from controlplane.core.dns_records import Zone, build_zone
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
 from controlplane.core.model import DockerState, NginxTarget, Topology
 from controlplane.core.render import RenderCache, RenderOptions, render_config
@@ -62,6 +63,7 @@ class Snapshot:
     topology: Topology
     config: str
     checksum: str
+    dns: Zone
 
 
 @dataclass(frozen=True)
@@ -133,10 +135,12 @@ class Reconciler:
         timings["render"] = time.perf_counter() - mark
         digest = checksum(config)
         previous = self.snapshot
-        changed = previous is None or previous.checksum != digest
+        changed = previous is None or previous.checksum != digest or previous.topology != topology
         snapshot = previous
         if snapshot is None or changed:
-            snapshot = Snapshot(previous.version + 1 if previous else 1, topology, config, digest)
+            version = previous.version + 1 if previous else 1
+            zone = build_zone(topology, self._settings.dns_domain, self._settings.dns_ttl, version)
+            snapshot = Snapshot(version, topology, config, digest, zone)
             self.snapshot = snapshot
             _log_news(topology, previous.topology if previous else Topology())
         mark = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,3 +18,9 @@ class Settings:
     max_wait: float = 1.0
     resync_interval: float = 30.0
     stop_grace: float = 60.0
+    dns_binds: tuple[str, ...] = ()
+    dns_domain: str = "internal"
+    dns_ttl: int = 5
+    dns_upstreams: tuple[str, ...] = ()
+    dns_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    """None: loopback and the watched networks' subnets may use the forwarder."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from controlplane.core.build import BuildOptions, build_topology
+from controlplane.core.dns_records import Zone
 from controlplane.core.render import RenderOptions, render_config
+from controlplane.dns_answer import Answerer, IpNetwork
+from controlplane.dns_server import DnsServer, Forwarder, parse_endpoint
 from controlplane.docker_source import DockerSource, connect
 from controlplane.nginx_deployer import NginxDeployer
 from controlplane.reconciler import ControlLoop, Reconciler
@@ -17,6 +21,7 @@ from controlplane.templating import load_template
 class Controller:
     reconciler: Reconciler
     loop: ControlLoop
+    dns: DnsServer | None = None
 
 
 def build_controller(settings: Settings) -> Controller:
@@ -26,7 +31,29 @@ def build_controller(settings: Settings) -> Controller:
     source = DockerSource(api)
     reconciler = Reconciler(source, NginxDeployer(api), template, settings)
     loop = ControlLoop(reconciler, DockerSource(connect(settings.docker_url)), settings)
-    return Controller(reconciler, loop)
+    return Controller(reconciler, loop, _dns_server(settings, reconciler))
+
+
+def _dns_server(settings: Settings, reconciler: Reconciler) -> DnsServer | None:
+    """The resolver reads the zone of the reconciler's current snapshot, whole."""
+    if not settings.dns_binds:
+        return None
+
+    def zone() -> Zone | None:
+        snapshot = reconciler.snapshot
+        return snapshot.dns if snapshot else None
+
+    def allowed() -> list[IpNetwork]:
+        if settings.dns_allow is not None:
+            return list(settings.dns_allow)
+        snapshot = reconciler.snapshot
+        networks = snapshot.topology.networks if snapshot else ()
+        return [ipaddress.ip_network(s, strict=False) for n in networks for s in n.subnets]
+
+    upstreams = [parse_endpoint(u) for u in settings.dns_upstreams]
+    answerer = Answerer(zone, allowed, forwarding=bool(upstreams))
+    binds = [parse_endpoint(b, default_port=53) for b in settings.dns_binds]
+    return DnsServer(binds, answerer, Forwarder(upstreams) if upstreams else None)
 
 
 def render_once(settings: Settings) -> str:

@@ -99,6 +99,7 @@ def build_topology(
         excluded=tuple(dict.fromkeys(excluded)),
         nginx=tuple(nginx),
         warnings=tuple(dict.fromkeys(warnings + host_warnings)),
+        networks=tuple(n for n in state.networks if n.name in watched),
     )
 
 

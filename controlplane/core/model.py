@@ -78,6 +78,7 @@ class NetworkFacts:
     name: str
     driver: str
     scope: str
+    subnets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,8 @@ class Topology:
     excluded: tuple[Exclusion, ...] = ()
     nginx: tuple[NginxTarget, ...] = ()
     warnings: tuple[str, ...] = ()
+    networks: tuple[NetworkFacts, ...] = ()
+    """The watched networks."""
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)

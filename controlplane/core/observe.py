@@ -79,4 +79,9 @@ def network_facts(inspect: Mapping[str, Any]) -> NetworkFacts:
         name=_str(inspect.get("Name")),
         driver=_str(inspect.get("Driver")),
         scope=_str(inspect.get("Scope")),
+        subnets=tuple(
+            _str(_dict(c).get("Subnet"))
+            for c in (_dict(inspect.get("IPAM")).get("Config") or ())
+            if _str(_dict(c).get("Subnet"))
+        ),
     )

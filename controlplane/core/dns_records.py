@@ -1,0 +1,125 @@
+"""Topology -> the DNS zone controlplane answers for, as plain data.
+
+Built from the same snapshot that renders nginx, so a backend nginx no longer routes to is no
+longer answered, and one zone value is one version of the model: an answer can't mix two.
+Names are lower case without the trailing dot. The server turns these records into wire
+format; nothing here knows dnslib.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from controlplane.core.model import Backend, Topology
+
+LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+SOA_TIMES = (3600, 600, 86400)  # refresh, retry, expire: no secondaries, so only informative
+
+
+@dataclass(frozen=True)
+class Srv:
+    priority: int
+    weight: int
+    port: int
+    target: str
+
+
+@dataclass(frozen=True)
+class Soa:
+    mname: str
+    rname: str
+    serial: int
+    refresh: int
+    retry: int
+    expire: int
+    minimum: int
+
+
+@dataclass(frozen=True)
+class Record:
+    """`value` is an address (A, AAAA), a name (PTR, NS), an Srv or a Soa."""
+
+    name: str
+    rtype: str
+    ttl: int
+    value: str | Srv | Soa
+
+
+@dataclass(frozen=True)
+class Zone:
+    domain: str
+    version: int
+    ttl: int
+    records: Mapping[str, Mapping[str, tuple[Record, ...]]] = field(hash=False)
+    """name -> record type -> records; a name with an empty mapping exists with no data."""
+
+    @property
+    def soa(self) -> Record:
+        return self.records[self.domain]["SOA"][0]
+
+    def in_zone(self, name: str) -> bool:
+        return name == self.domain or name.endswith("." + self.domain) or name in self.records
+
+    def lookup(self, name: str, rtype: str) -> tuple[Record, ...] | None:
+        """The records of that type; () for a name that exists without them (NODATA); None for
+        a name that does not exist (NXDOMAIN)."""
+        types = self.records.get(name)
+        if types is None:
+            return None
+        return types.get(rtype, ())
+
+
+def reverse_name(ip: str) -> str:
+    return ipaddress.ip_address(ip).reverse_pointer
+
+
+def host_label(backend: Backend) -> str:
+    """A container's own DNS label: its name when that is a valid label, else its short ID."""
+    name = backend.container.lower()
+    return name if LABEL_RE.fullmatch(name) else backend.container_id[:12]
+
+
+def build_zone(topology: Topology, domain: str, ttl: int, version: int) -> Zone:
+    """Records for every service and live backend of `topology` under `domain`."""
+    records: dict[str, dict[str, list[Record]]] = defaultdict(lambda: defaultdict(list))
+    exists: set[str] = set()
+
+    def add(name: str, rtype: str, value: str | Srv | Soa) -> None:
+        existing = records[name][rtype]
+        record = Record(name, rtype, ttl, value)
+        if record not in existing:
+            existing.append(record)
+
+    add(domain, "SOA", Soa(f"ns.{domain}", f"hostmaster.{domain}", version, *SOA_TIMES, ttl))
+    add(domain, "NS", f"ns.{domain}")
+    for service in topology.services:
+        base = f"{service.name}.{domain}"
+        exists.add(base)  # a service with no live backend still exists: NODATA, not NXDOMAIN
+        seen_containers: set[str] = set()
+        for backend in service.live_backends:
+            host = f"{host_label(backend)}.container.{domain}"
+            scoped = f"{service.name}.{backend.network}.{domain}"
+            for ip, rtype in ((backend.ip, "A"), (backend.ipv6, "AAAA")):
+                if ip:
+                    add(base, rtype, ip)
+                    add(scoped, rtype, ip)
+                    add(host, rtype, ip)
+                    add(reverse_name(ip), "PTR", host)
+            if backend.container_id not in seen_containers:
+                seen_containers.add(backend.container_id)
+                srv = Srv(1, backend.weight, backend.port, host)
+                add(f"_{service.name}._tcp.{domain}", "SRV", srv)
+                add(base, "SRV", srv)
+    names: dict[str, dict[str, tuple[Record, ...]]] = {name: {} for name in exists}
+    names.update({n: {t: tuple(rs) for t, rs in types.items()} for n, types in records.items()})
+    for name in list(names):
+        if name.endswith("." + domain):
+            parent = name[: -len(domain) - 1]
+            while "." in parent:
+                parent = parent.split(".", 1)[1]
+                names.setdefault(f"{parent}.{domain}", {})
+    return Zone(domain, version, ttl, names)

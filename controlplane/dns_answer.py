@@ -1,0 +1,223 @@
+"""DNS wire format: from a query's bytes to the reply's bytes, for one zone version.
+
+The hot path does no parsing: replies are kept by the query's bytes after the transaction ID
+(so case and EDNS options are echoed exactly) and only the ID is patched in. dnslib parses
+and encodes on a miss only. The cache belongs to one zone version and is bounded, so random
+names can't grow it and a reply never outlives the model it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from dnslib import AAAA, NS, OPCODE, PTR, QTYPE, RCODE, RR, SOA, SRV, A, DNSHeader, DNSRecord
+from dnslib import EDNS0 as Edns0
+
+from controlplane.core.dns_records import Record, Soa, Srv, Zone
+
+log = logging.getLogger(__name__)
+
+UDP_PLAIN_LIMIT = 512
+UDP_EDNS_MAX = 1232  # the DNS flag day 2020 size: no IP fragmentation on common paths
+CACHE_ENTRIES = 10_000
+ROTATIONS = 8
+OPT = 41
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Forward:
+    """The query is for a name outside the zone and the client may use the upstreams."""
+
+    request: DNSRecord
+
+
+@dataclass
+class _Cached:
+    variants: list[bytes]
+    turn: int = 0
+
+
+@dataclass
+class _Cache:
+    """One zone version's replies, and each name's rotation turn: clients that send a fresh
+    EDNS cookie with every query miss the reply cache but still see the order rotate."""
+
+    version: int
+    entries: dict[tuple[bool, bytes], _Cached] = field(default_factory=dict)
+    turns: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class Answerer:
+    """Answers from `zone_of()`, which returns the current zone (None before the first sync)."""
+
+    def __init__(
+        self,
+        zone_of: Callable[[], Zone | None],
+        allowed: Callable[[], Iterable[IpNetwork]],
+        forwarding: bool,
+    ) -> None:
+        self._zone_of = zone_of
+        self._allowed = allowed
+        self._forwarding = forwarding
+        self._cache = _Cache(-1)
+
+    def answer(self, data: bytes, client: str, udp: bool) -> bytes | Forward | None:
+        """Reply bytes, a Forward, or None to drop (not even a DNS header)."""
+        zone = self._zone_of()
+        cache = self._cache
+        if zone is not None and cache.version != zone.version:
+            cache = self._cache = _Cache(zone.version)
+        key = (udp, data[2:])
+        hit = cache.entries.get(key)
+        if hit is not None:
+            variant = hit.variants[hit.turn % len(hit.variants)]
+            hit.turn += 1
+            return data[:2] + variant
+        result = self._answer(data, client, udp, zone)
+        if isinstance(result, _Replies):
+            turn = 0
+            if result.rotation is not None and len(result.variants) > 1:
+                turn = cache.turns.get(result.rotation, 0)
+                cache.turns[result.rotation] = turn + 1
+            if result.cacheable and zone is not None and len(cache.entries) < CACHE_ENTRIES:
+                cache.entries[key] = _Cached([r[2:] for r in result.variants], turn + 1)
+            return result.variants[turn % len(result.variants)]
+        return result
+
+    def _answer(
+        self, data: bytes, client: str, udp: bool, zone: Zone | None
+    ) -> _Replies | Forward | bytes | None:
+        try:
+            request = DNSRecord.parse(data)
+        except Exception:  # dnslib raises several types for bad packets; all mean FORMERR
+            return formerr(data)
+        if request.header.qr:
+            return None  # a reply sent to us: answering it could start a loop
+        if request.header.opcode != OPCODE.QUERY:
+            return _status(request, RCODE.NOTIMP)
+        if len(request.questions) != 1:
+            return _status(request, RCODE.FORMERR)
+        if zone is None:
+            return _status(request, RCODE.SERVFAIL)
+        name = str(request.q.qname).rstrip(".").lower()
+        if zone.in_zone(name):
+            return self._authoritative(request, name, zone, udp)
+        if self._forwarding and self._client_allowed(client):
+            return Forward(request)
+        return _status(request, RCODE.REFUSED, cacheable=False)
+
+    def _client_allowed(self, client: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client.split("%", 1)[0])
+        except ValueError:
+            return False
+        return address.is_loopback or any(address in net for net in self._allowed())
+
+    def _authoritative(self, request: DNSRecord, name: str, zone: Zone, udp: bool) -> _Replies:
+        qtype = QTYPE.get(request.q.qtype)
+        found: tuple[Record, ...] | None
+        if qtype == "ANY":
+            types = zone.records.get(name)
+            found = None if types is None else tuple(r for rs in types.values() for r in rs)
+        else:
+            found = zone.lookup(name, str(qtype))
+        reply = request.reply(ra=1 if self._forwarding else 0, aa=1)
+        if found is None:
+            reply.header.rcode = RCODE.NXDOMAIN
+        if not found:
+            reply.add_auth(_rr(zone.soa))
+            return _Replies([_pack(reply, request, udp)])
+        additional = [
+            r
+            for srv in found
+            if isinstance(srv.value, Srv)
+            for t in ("A", "AAAA")
+            for r in zone.lookup(srv.value.target, t) or ()
+        ]
+        variants = []
+        for turn in range(min(len(found), ROTATIONS)):
+            variant = request.reply(ra=reply.header.ra, aa=1)
+            for record in found[turn:] + found[:turn]:
+                variant.add_answer(_rr(record))
+            for record in additional:
+                variant.add_ar(_rr(record))
+            variants.append(_pack(variant, request, udp))
+        return _Replies(variants, rotation=(name, int(request.q.qtype)))
+
+
+@dataclass(frozen=True)
+class _Replies:
+    variants: list[bytes]
+    cacheable: bool = True
+    rotation: tuple[str, int] | None = None
+
+
+def _status(request: DNSRecord, rcode: int, cacheable: bool = True) -> _Replies:
+    reply = DNSRecord(
+        DNSHeader(id=request.header.id, qr=1, opcode=request.header.opcode, rd=request.header.rd),
+        q=request.questions[0] if len(request.questions) == 1 else None,
+    )
+    reply.header.rcode = rcode
+    return _Replies([reply.pack()], cacheable)
+
+
+def formerr(data: bytes) -> bytes | None:
+    """FORMERR for a packet with a readable header; nothing for one too short to have one."""
+    if len(data) < 12:
+        return None
+    header = DNSHeader(id=int.from_bytes(data[:2], "big"), qr=1, rcode=RCODE.FORMERR)
+    header.opcode = (data[2] >> 3) & 0xF
+    return bytes(DNSRecord(header).pack())
+
+
+def udp_limit(request: DNSRecord) -> int:
+    """The client's EDNS0 buffer size (bounded), or 512 without EDNS0."""
+    for rr in request.ar:
+        if rr.rtype == OPT:
+            return max(UDP_PLAIN_LIMIT, min(int(rr.rclass), UDP_EDNS_MAX))
+    return UDP_PLAIN_LIMIT
+
+
+def _pack(reply: DNSRecord, request: DNSRecord, udp: bool) -> bytes:
+    """Adds OPT when the client sent one; over UDP, a reply that doesn't fit goes out
+    truncated (TC, question only) so the client retries over TCP."""
+    has_edns = any(rr.rtype == OPT for rr in request.ar)
+    if has_edns:
+        reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
+    packed: bytes = reply.pack()
+    if udp and len(packed) > udp_limit(request):
+        truncated = DNSRecord(
+            DNSHeader(id=request.header.id, qr=1, aa=1, tc=1, rd=request.header.rd),
+            q=request.q,
+        )
+        if has_edns:
+            truncated.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
+        packed = truncated.pack()
+    return packed
+
+
+def _rr(record: Record) -> RR:
+    value = record.value
+    rdata: object
+    if isinstance(value, Srv):
+        rdata = SRV(value.priority, value.weight, value.port, value.target + ".")
+    elif isinstance(value, Soa):
+        rdata = SOA(
+            value.mname + ".",
+            value.rname + ".",
+            (value.serial, value.refresh, value.retry, value.expire, value.minimum),
+        )
+    elif record.rtype == "A":
+        rdata = A(value)
+    elif record.rtype == "AAAA":
+        rdata = AAAA(value)
+    elif record.rtype == "PTR":
+        rdata = PTR(value + ".")
+    else:
+        rdata = NS(value + ".")
+    return RR(record.name + ".", getattr(QTYPE, record.rtype), rdata=rdata, ttl=record.ttl)

@@ -1,0 +1,269 @@
+"""The DNS edge: UDP and TCP listeners, and forwarding to upstream resolvers.
+
+Runs its own asyncio loop (uvloop when installed) in a thread of `controlplane run`. Every
+packet goes through `Answerer`; nothing a client sends can raise out of a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from controlplane.dns_answer import Answerer, Forward, formerr
+from controlplane.errors import ControlPlaneError
+
+log = logging.getLogger(__name__)
+
+TCP_IDLE_SECONDS = 10.0
+TCP_MAX_CONNECTIONS = 256
+FORWARD_CACHE_ENTRIES = 10_000
+FORWARD_MAX_TTL = 300
+MAX_PENDING_FORWARDS = 1_000
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoint(value: str, default_port: int = 53) -> Endpoint:
+    """IP, IP:PORT or [IPv6]:PORT. Literal addresses only: a resolver must not need DNS to
+    find where to listen or whom to ask."""
+    text = value.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        ipaddress.ip_address(host)
+        number = int(port) if port else default_port
+    except ValueError:
+        number = -1
+    if not 0 < number < 65536:
+        raise ControlPlaneError(
+            f"{value!r} is not IP:PORT (e.g. 127.0.0.1:5353 or [::1]:53); names are not allowed"
+        )
+    return Endpoint(host, number)
+
+
+class Forwarder:
+    """Asks the upstreams in order, each with a timeout, and keeps answers for their TTL."""
+
+    def __init__(self, upstreams: Sequence[Endpoint], timeout: float = 1.0) -> None:
+        self._upstreams = list(upstreams)
+        self._timeout = timeout
+        self._cache: OrderedDict[tuple[str, int, int], tuple[float, bytes]] = OrderedDict()
+
+    async def resolve(self, request: DNSRecord) -> bytes:
+        q = request.q
+        key = (str(q.qname).lower(), int(q.qtype), int(q.qclass))
+        cached = self._cache.get(key)
+        ident: bytes = int(request.header.id).to_bytes(2, "big")
+        if cached is not None and cached[0] > time.monotonic():
+            return ident + cached[1][2:]
+        for upstream in self._upstreams:
+            try:
+                reply = await asyncio.wait_for(_ask(upstream, request.pack()), self._timeout)
+            except (OSError, TimeoutError):
+                log.debug("upstream %s did not answer %s", upstream, q.qname)
+                continue
+            self._remember(key, reply)
+            return ident + reply[2:]
+        reply = request.reply()
+        reply.header.rcode = RCODE.SERVFAIL
+        return bytes(reply.pack())
+
+    def _remember(self, key: tuple[str, int, int], reply: bytes) -> None:
+        try:
+            parsed = DNSRecord.parse(reply)
+        except Exception:
+            return
+        ttls = [rr.ttl for rr in parsed.rr] or [
+            rr.ttl for rr in parsed.auth if rr.rtype == QTYPE.SOA
+        ]
+        if (
+            parsed.header.tc
+            or not ttls
+            or parsed.header.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN)
+        ):
+            return
+        self._cache[key] = (time.monotonic() + min(min(ttls), FORWARD_MAX_TTL), reply)
+        self._cache.move_to_end(key)
+        while len(self._cache) > FORWARD_CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+
+
+async def _ask(upstream: Endpoint, query: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bytes] = loop.create_future()
+
+    class Once(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            if not future.done() and data[:2] == query[:2]:
+                future.set_result(data)
+
+        def error_received(self, exc: Exception) -> None:
+            if not future.done():
+                future.set_exception(exc)
+
+    transport, _ = await loop.create_datagram_endpoint(
+        Once, remote_addr=(upstream.host, upstream.port)
+    )
+    try:
+        transport.sendto(query)
+        return await future
+    finally:
+        transport.close()
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+        self.forwarding: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's isn't a subclass
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        result = self.server.answer(data, addr[0], udp=True)
+        if isinstance(result, Forward):
+            if len(self.forwarding) < MAX_PENDING_FORWARDS:  # past that, drop: a flood
+                task = asyncio.ensure_future(self._forward(result, addr))
+                self.forwarding.add(task)
+                task.add_done_callback(self.forwarding.discard)
+        elif result is not None and self.transport is not None:
+            self.transport.sendto(result, addr)
+
+    async def _forward(self, forward: Forward, addr: tuple[str, int]) -> None:
+        reply = await self.server.forward(forward)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+
+class DnsServer:
+    """Listens on every endpoint over UDP and TCP; `start()` returns once they are bound."""
+
+    def __init__(
+        self, binds: Sequence[Endpoint], answerer: Answerer, forwarder: Forwarder | None
+    ) -> None:
+        self._binds = list(binds)
+        self._answerer = answerer
+        self._forwarder = forwarder
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._connections = 0
+        self._listeners: list[tuple[asyncio.BaseTransport, asyncio.Server]] = []
+
+    def answer(self, data: bytes, client: str, udp: bool) -> bytes | Forward | None:
+        """Never raises: a bug on an odd packet costs that packet, not the server."""
+        try:
+            return self._answerer.answer(data, client, udp)
+        except Exception:
+            log.exception("DNS query from %s could not be answered", client)
+            return formerr(data)
+
+    async def forward(self, forward: Forward) -> bytes:
+        if self._forwarder is None:
+            reply = forward.request.reply()
+            reply.header.rcode = RCODE.REFUSED
+            return bytes(reply.pack())
+        try:
+            return await self._forwarder.resolve(forward.request)
+        except Exception:
+            log.exception("forwarding %s failed", forward.request.q.qname)
+            reply = forward.request.reply()
+            reply.header.rcode = RCODE.SERVFAIL
+            return bytes(reply.pack())
+
+    def start(self) -> None:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = _new_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._listen())
+            except BaseException as error:
+                failure.append(error)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="dns", daemon=True)
+        self._thread.start()
+        ready.wait(timeout=10)
+        if failure:
+            raise ControlPlaneError(
+                f"the DNS server could not listen on {', '.join(map(str, self._binds))}: "
+                f"{failure[0]}; pick a free address with --dns-bind (ports below 1024 need root)"
+            ) from failure[0]
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        for bind in self._binds:
+            await loop.create_datagram_endpoint(
+                lambda: _Udp(self), local_addr=(bind.host, bind.port)
+            )
+            await asyncio.start_server(self._tcp, bind.host, bind.port)
+            log.info("DNS listening on %s (UDP and TCP)", bind)
+
+    async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = str(writer.get_extra_info("peername", ("?", 0))[0])
+        if self._connections >= TCP_MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._connections += 1
+        try:
+            while True:
+                size = int.from_bytes(
+                    await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_SECONDS), "big"
+                )
+                data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE_SECONDS)
+                result = self.answer(data, client, udp=False)
+                if isinstance(result, Forward):
+                    result = await self.forward(result)
+                if result is None:
+                    break
+                writer.write(len(result).to_bytes(2, "big") + result)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._connections -= 1
+            writer.close()
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
