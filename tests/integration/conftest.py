@@ -83,6 +83,8 @@ class RunningController:
     def stop(self) -> None:
         self.controller.loop.stop()
         self.thread.join(timeout=10)
+        if self.controller.dns is not None:
+            self.controller.dns.stop()
 
 
 class ControllerFactory:
@@ -92,6 +94,8 @@ class ControllerFactory:
     def __call__(self, *networks: str, **overrides: object) -> RunningController:
         settings = replace(Settings(networks=frozenset(networks)), **overrides)  # type: ignore[arg-type]
         controller = build_controller(settings)
+        if controller.dns is not None:
+            controller.dns.start()
         running = RunningController(
             controller, threading.Thread(target=controller.loop.run, daemon=True)
         )
