@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
+import time
 
+from dnslib import DNSRecord
 from docker.models.containers import Container
 
 from tests.integration.conftest import ControllerFactory
@@ -83,3 +86,47 @@ def test_a_container_resolves_services_through_the_resolver(
     exit_code, output = client.exec_run(["nslookup", "web.internal"])
     assert exit_code == 0, output.decode()
     assert web_ip in output.decode()
+
+
+def test_no_stale_answer_once_the_change_is_applied(
+    lab: Lab, start_controller: ControllerFactory
+) -> None:
+    """Under a steady query load, no answer sent after the reconcile that removed a backend
+    still names it, and every answer is one whole version (never a mix)."""
+    net = lab.network()
+    port = free_port()
+    backends = [lab.backend(net) for _ in range(3)]
+    controller = start_controller(net.name, dns_binds=(f"127.0.0.1:{port}",))
+    all_ips = {ip_of(b, str(net.name)) for b in backends}
+    wait_until(lambda: set(dig(port, "web.internal", "A")) == all_ips, what="all in DNS")
+    victim = backends[0]
+    victim_ip = ip_of(victim, str(net.name))
+    applied: list[float] = []
+    controller.controller.reconciler.on_report.append(
+        lambda r: applied.append(time.monotonic()) if r.changed else None
+    )
+    answers: list[tuple[float, set[str]]] = []
+    stop = threading.Event()
+
+    def query() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(1.0)
+            deadline = time.monotonic() + 20
+            while not stop.is_set() and time.monotonic() < deadline:
+                sent = time.monotonic()
+                sock.sendto(DNSRecord.question("web.internal", "A").pack(), ("127.0.0.1", port))
+                reply = DNSRecord.parse(sock.recv(4096))
+                answers.append((sent, {str(rr.rdata) for rr in reply.rr}))
+
+    thread = threading.Thread(target=query)
+    thread.start()
+    time.sleep(0.3)
+    victim.stop()
+    wait_until(lambda: applied, what="the reconcile that removed the backend")
+    time.sleep(0.5)
+    stop.set()
+    thread.join()
+    after = [ips for sent, ips in answers if sent > applied[0]]
+    assert after and all(victim_ip not in ips for ips in after)
+    versions = {frozenset(ips) for _, ips in answers}
+    assert versions <= {frozenset(all_ips), frozenset(all_ips - {victim_ip})}, versions
