@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 UDP_PLAIN_LIMIT = 512
 UDP_EDNS_MAX = 1232  # the DNS flag day 2020 size: no IP fragmentation on common paths
 CACHE_ENTRIES = 10_000
-ROTATIONS = 8
+CACHE_BYTES = 32 * 1024 * 1024
+MAX_NAME_OCTETS = 255
 OPT = 41
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -50,6 +51,7 @@ class _Cache:
     version: int
     entries: dict[tuple[bool, bytes], _Cached] = field(default_factory=dict)
     turns: dict[tuple[str, int], int] = field(default_factory=dict)
+    size: int = 0
 
 
 class Answerer:
@@ -84,8 +86,15 @@ class Answerer:
             if result.rotation is not None and len(result.variants) > 1:
                 turn = cache.turns.get(result.rotation, 0)
                 cache.turns[result.rotation] = turn + 1
-            if result.cacheable and zone is not None and len(cache.entries) < CACHE_ENTRIES:
+            size = sum(len(r) for r in result.variants) + len(key[1])
+            if (
+                result.cacheable
+                and zone is not None
+                and len(cache.entries) < CACHE_ENTRIES
+                and cache.size + size <= CACHE_BYTES
+            ):
                 cache.entries[key] = _Cached([r[2:] for r in result.variants], turn + 1)
+                cache.size += size
             return result.variants[turn % len(result.variants)]
         return result
 
@@ -102,6 +111,8 @@ class Answerer:
             return _status(request, RCODE.NOTIMP)
         if len(request.questions) != 1:
             return _status(request, RCODE.FORMERR)
+        if sum(len(label) + 1 for label in request.q.qname.label) + 1 > MAX_NAME_OCTETS:
+            return formerr(data)  # dnslib reads such a name but can't write it back
         if zone is None:
             return _status(request, RCODE.SERVFAIL)
         name = str(request.q.qname).rstrip(".").lower()
@@ -116,6 +127,8 @@ class Answerer:
             address = ipaddress.ip_address(client.split("%", 1)[0])
         except ValueError:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # an IPv4 client of a dual-stack [::] socket
         return address.is_loopback or any(address in net for net in self._allowed())
 
     def _authoritative(self, request: DNSRecord, name: str, zone: Zone, udp: bool) -> _Replies:
@@ -126,10 +139,11 @@ class Answerer:
             found = None if types is None else tuple(r for rs in types.values() for r in rs)
         else:
             found = zone.lookup(name, str(qtype))
-        reply = request.reply(ra=1 if self._forwarding else 0, aa=1)
-        if found is None:
-            reply.header.rcode = RCODE.NXDOMAIN
+        ra = self._forwarding
         if not found:
+            reply = _reply_to(request, aa=True, ra=ra)
+            if found is None:
+                reply.header.rcode = RCODE.NXDOMAIN
             reply.add_auth(_rr(zone.soa))
             return _Replies([_pack(reply, request, udp)])
         additional = [
@@ -139,14 +153,17 @@ class Answerer:
             for t in ("A", "AAAA")
             for r in zone.lookup(srv.value.target, t) or ()
         ]
-        variants = []
-        for turn in range(min(len(found), ROTATIONS)):
-            variant = request.reply(ra=reply.header.ra, aa=1)
+        variants: list[bytes] = []
+        for turn in range(len(found)):  # every record comes first in its turn
+            variant = _reply_to(request, aa=True, ra=ra)
             for record in found[turn:] + found[:turn]:
                 variant.add_answer(_rr(record))
             for record in additional:
                 variant.add_ar(_rr(record))
-            variants.append(_pack(variant, request, udp))
+            packed = _pack(variant, request, udp)
+            if variants and packed == variants[0]:
+                break  # truncated replies are all alike: one is enough
+            variants.append(packed)
         return _Replies(variants, rotation=(name, int(request.q.qtype)))
 
 
@@ -157,13 +174,30 @@ class _Replies:
     rotation: tuple[str, int] | None = None
 
 
+def _reply_to(request: DNSRecord, aa: bool, ra: bool) -> DNSRecord:
+    """A fresh header: only ID, opcode, RD and CD come from the query (dnslib's reply()
+    would echo AD, TC, Z and RCODE bits a client set)."""
+    header = DNSHeader(id=request.header.id, qr=1, aa=int(aa), ra=int(ra), rd=request.header.rd)
+    header.opcode = request.header.opcode
+    header.cd = request.header.cd  # RFC 4035 3.2.2: CD is copied
+    return DNSRecord(header, q=request.questions[0] if len(request.questions) == 1 else None)
+
+
 def _status(request: DNSRecord, rcode: int, cacheable: bool = True) -> _Replies:
-    reply = DNSRecord(
-        DNSHeader(id=request.header.id, qr=1, opcode=request.header.opcode, rd=request.header.rd),
-        q=request.questions[0] if len(request.questions) == 1 else None,
-    )
+    return _Replies([status(request, rcode)], cacheable)
+
+
+def status(request: DNSRecord, rcode: int, ra: bool = False) -> bytes:
+    """A reply with no records and this RCODE, keeping the client's EDNS0."""
+    reply = _reply_to(request, aa=False, ra=ra)
     reply.header.rcode = rcode
-    return _Replies([reply.pack()], cacheable)
+    if _has_edns(request):
+        reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
+    return bytes(reply.pack())
+
+
+def _has_edns(request: DNSRecord) -> bool:
+    return any(rr.rtype == OPT for rr in request.ar)
 
 
 def formerr(data: bytes) -> bytes | None:
@@ -186,15 +220,13 @@ def udp_limit(request: DNSRecord) -> int:
 def _pack(reply: DNSRecord, request: DNSRecord, udp: bool) -> bytes:
     """Adds OPT when the client sent one; over UDP, a reply that doesn't fit goes out
     truncated (TC, question only) so the client retries over TCP."""
-    has_edns = any(rr.rtype == OPT for rr in request.ar)
+    has_edns = _has_edns(request)
     if has_edns:
         reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
     packed: bytes = reply.pack()
     if udp and len(packed) > udp_limit(request):
-        truncated = DNSRecord(
-            DNSHeader(id=request.header.id, qr=1, aa=1, tc=1, rd=request.header.rd),
-            q=request.q,
-        )
+        truncated = _reply_to(request, aa=True, ra=bool(reply.header.ra))
+        truncated.header.tc = 1
         if has_edns:
             truncated.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
         packed = truncated.pack()

@@ -18,7 +18,7 @@ from typing import cast
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from controlplane.dns_answer import Answerer, Forward, formerr
+from controlplane.dns_answer import Answerer, Forward, formerr, status
 from controlplane.errors import ControlPlaneError
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,7 @@ class Forwarder:
                 continue
             self._remember(key, reply)
             return ident + reply[2:]
-        reply = request.reply()
-        reply.header.rcode = RCODE.SERVFAIL
-        return bytes(reply.pack())
+        return status(request, RCODE.SERVFAIL, ra=True)
 
     def _remember(self, key: tuple[str, int, int], reply: bytes) -> None:
         try:
@@ -181,16 +179,12 @@ class DnsServer:
 
     async def forward(self, forward: Forward) -> bytes:
         if self._forwarder is None:
-            reply = forward.request.reply()
-            reply.header.rcode = RCODE.REFUSED
-            return bytes(reply.pack())
+            return status(forward.request, RCODE.REFUSED)
         try:
             return await self._forwarder.resolve(forward.request)
         except Exception:
             log.exception("forwarding %s failed", forward.request.q.qname)
-            reply = forward.request.reply()
-            reply.header.rcode = RCODE.SERVFAIL
-            return bytes(reply.pack())
+            return status(forward.request, RCODE.SERVFAIL, ra=True)
 
     def start(self) -> None:
         ready = threading.Event()

@@ -89,6 +89,7 @@ def build_zone(topology: Topology, domain: str, ttl: int, version: int) -> Zone:
     exists: set[str] = set()
 
     def add(name: str, rtype: str, value: str | Srv | Soa) -> None:
+        name = name.lower()  # Docker network names may have upper case; DNS has no case
         existing = records[name][rtype]
         record = Record(name, rtype, ttl, value)
         if record not in existing:
@@ -97,7 +98,7 @@ def build_zone(topology: Topology, domain: str, ttl: int, version: int) -> Zone:
     add(domain, "SOA", Soa(f"ns.{domain}", f"hostmaster.{domain}", version, *SOA_TIMES, ttl))
     add(domain, "NS", f"ns.{domain}")
     for service in topology.services:
-        base = f"{service.name}.{domain}"
+        base = f"{service.name}.{domain}".lower()
         exists.add(base)  # a service with no live backend still exists: NODATA, not NXDOMAIN
         seen_containers: set[str] = set()
         for backend in service.live_backends:
