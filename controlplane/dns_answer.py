@@ -13,7 +13,20 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from dnslib import AAAA, NS, OPCODE, PTR, QTYPE, RCODE, RR, SOA, SRV, A, DNSHeader, DNSRecord
+from dnslib import (
+    AAAA,
+    NS,
+    OPCODE,
+    PTR,
+    QTYPE,
+    RCODE,
+    RR,
+    SOA,
+    SRV,
+    A,
+    DNSHeader,
+    DNSRecord,
+)
 from dnslib import EDNS0 as Edns0
 
 from controlplane.core.dns_records import Record, Soa, Srv, Zone
@@ -25,6 +38,8 @@ UDP_EDNS_MAX = 1232  # the DNS flag day 2020 size: no IP fragmentation on common
 CACHE_ENTRIES = 10_000
 CACHE_BYTES = 32 * 1024 * 1024
 MAX_NAME_OCTETS = 255
+TC_BIT = 0x02  # in the header's third byte
+CLASS_IN, CLASS_ANY = 1, 255
 OPT = 41
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -39,7 +54,10 @@ class Forward:
 
 @dataclass
 class _Cached:
-    variants: list[bytes]
+    """A reply set: the orders built so far (without the ID) and whose turn is next."""
+
+    replies: _Replies
+    variants: dict[int, bytes]
     turn: int = 0
 
 
@@ -77,26 +95,33 @@ class Answerer:
         key = (udp, data[2:])
         hit = cache.entries.get(key)
         if hit is not None:
-            variant = hit.variants[hit.turn % len(hit.variants)]
+            turn = hit.turn % hit.replies.count
             hit.turn += 1
+            variant = hit.variants.get(turn)
+            if variant is None:  # each order is encoded once, when its turn first comes
+                variant = hit.replies.build(turn)[2:]
+                if cache.size + len(variant) <= CACHE_BYTES:
+                    hit.variants[turn] = variant
+                    cache.size += len(variant)
             return data[:2] + variant
         result = self._answer(data, client, udp, zone)
-        if isinstance(result, _Replies):
-            turn = 0
-            if result.rotation is not None and len(result.variants) > 1:
-                turn = cache.turns.get(result.rotation, 0)
-                cache.turns[result.rotation] = turn + 1
-            size = sum(len(r) for r in result.variants) + len(key[1])
-            if (
-                result.cacheable
-                and zone is not None
-                and len(cache.entries) < CACHE_ENTRIES
-                and cache.size + size <= CACHE_BYTES
-            ):
-                cache.entries[key] = _Cached([r[2:] for r in result.variants], turn + 1)
-                cache.size += size
-            return result.variants[turn % len(result.variants)]
-        return result
+        if not isinstance(result, _Replies):
+            return result
+        turn = 0
+        if result.rotation is not None and result.count > 1:
+            turn = cache.turns.get(result.rotation, 0) % result.count
+            cache.turns[result.rotation] = turn + 1
+        reply = result.build(turn)
+        size = len(reply) + len(key[1])
+        if (
+            result.cacheable
+            and zone is not None
+            and len(cache.entries) < CACHE_ENTRIES
+            and cache.size + size <= CACHE_BYTES
+        ):
+            cache.entries[key] = _Cached(result, {turn: reply[2:]}, turn + 1)
+            cache.size += size
+        return reply
 
     def _answer(
         self, data: bytes, client: str, udp: bool, zone: Zone | None
@@ -116,6 +141,8 @@ class Answerer:
         if zone is None:
             return _status(request, RCODE.SERVFAIL)
         name = str(request.q.qname).rstrip(".").lower()
+        if request.q.qclass not in (CLASS_IN, CLASS_ANY):
+            return _status(request, RCODE.REFUSED)  # CHAOS, HESIOD: not served here
         if zone.in_zone(name):
             return self._authoritative(request, name, zone, udp)
         if self._forwarding and self._client_allowed(client):
@@ -145,7 +172,8 @@ class Answerer:
             if found is None:
                 reply.header.rcode = RCODE.NXDOMAIN
             reply.add_auth(_rr(zone.soa))
-            return _Replies([_pack(reply, request, udp)])
+            packed = _pack(reply, request, udp)
+            return _Replies(1, lambda _turn: packed)
         additional = [
             r
             for srv in found
@@ -153,23 +181,31 @@ class Answerer:
             for t in ("A", "AAAA")
             for r in zone.lookup(srv.value.target, t) or ()
         ]
-        variants: list[bytes] = []
-        for turn in range(len(found)):  # every record comes first in its turn
-            variant = _reply_to(request, aa=True, ra=ra)
+
+        def build(turn: int) -> bytes:
+            """The reply with the records rotated by `turn`: encoding is O(records)."""
+            reply = _reply_to(request, aa=True, ra=ra)
             for record in found[turn:] + found[:turn]:
-                variant.add_answer(_rr(record))
+                reply.add_answer(_rr(record))
             for record in additional:
-                variant.add_ar(_rr(record))
-            packed = _pack(variant, request, udp)
-            if variants and packed == variants[0]:
-                break  # truncated replies are all alike: one is enough
-            variants.append(packed)
-        return _Replies(variants, rotation=(name, int(request.q.qtype)))
+                reply.add_ar(_rr(record))
+            return _pack(reply, request, udp)
+
+        first = build(0)
+        count = 1 if first[2] & TC_BIT else len(found)  # truncated replies are all alike
+        return _Replies(
+            count,
+            lambda turn: first if turn == 0 else build(turn),
+            rotation=(name, int(request.q.qtype)),
+        )
 
 
 @dataclass(frozen=True)
 class _Replies:
-    variants: list[bytes]
+    """`count` orders of one reply, each built on demand by `build(turn)`."""
+
+    count: int
+    build: Callable[[int], bytes]
     cacheable: bool = True
     rotation: tuple[str, int] | None = None
 
@@ -184,7 +220,8 @@ def _reply_to(request: DNSRecord, aa: bool, ra: bool) -> DNSRecord:
 
 
 def _status(request: DNSRecord, rcode: int, cacheable: bool = True) -> _Replies:
-    return _Replies([status(request, rcode)], cacheable)
+    reply = status(request, rcode)
+    return _Replies(1, lambda _turn: reply, cacheable)
 
 
 def status(request: DNSRecord, rcode: int, ra: bool = False) -> bytes:
@@ -223,13 +260,13 @@ def _pack(reply: DNSRecord, request: DNSRecord, udp: bool) -> bytes:
     has_edns = _has_edns(request)
     if has_edns:
         reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
-    packed: bytes = reply.pack()
+    packed = bytes(reply.pack())
     if udp and len(packed) > udp_limit(request):
         truncated = _reply_to(request, aa=True, ra=bool(reply.header.ra))
         truncated.header.tc = 1
         if has_edns:
             truncated.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
-        packed = truncated.pack()
+        packed = bytes(truncated.pack())
     return packed
 
 

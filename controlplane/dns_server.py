@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -39,23 +41,27 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+ENDPOINT_RE = re.compile(
+    r"\[(?P<v6>[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?)\](:(?P<p6>[0-9]{1,5}))?"
+    r"|(?P<v4>[0-9.]+)(:(?P<p4>[0-9]{1,5}))?"
+    r"|(?P<bare6>[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*(%[A-Za-z0-9_.-]+)?)"
+)
+
+
 def parse_endpoint(value: str, default_port: int = 53) -> Endpoint:
     """IP, IP:PORT or [IPv6]:PORT. Literal addresses only: a resolver must not need DNS to
     find where to listen or whom to ask."""
-    text = value.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":")
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, ""
+    match = ENDPOINT_RE.fullmatch(value.strip())
+    host = port = None
+    if match:
+        host = match.group("v6") or match.group("v4") or match.group("bare6")
+        port = match.group("p6") or match.group("p4")
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(host or "")
         number = int(port) if port else default_port
     except ValueError:
         number = -1
-    if not 0 < number < 65536:
+    if host is None or not 0 < number < 65536:
         raise ControlPlaneError(
             f"{value!r} is not IP:PORT (e.g. 127.0.0.1:5353 or [::1]:53); names are not allowed"
         )
@@ -72,14 +78,16 @@ class Forwarder:
 
     async def resolve(self, request: DNSRecord) -> bytes:
         q = request.q
-        key = (str(q.qname).lower(), int(q.qtype), int(q.qclass))
+        key = (str(q.qname), int(q.qtype), int(q.qclass))  # exact case: the reply echoes it
         cached = self._cache.get(key)
         ident: bytes = int(request.header.id).to_bytes(2, "big")
         if cached is not None and cached[0] > time.monotonic():
             return ident + cached[1][2:]
+        query = bytearray(request.pack())
+        query[:2] = secrets.randbelow(65536).to_bytes(2, "big")  # not the client's guessable ID
         for upstream in self._upstreams:
             try:
-                reply = await asyncio.wait_for(_ask(upstream, request.pack()), self._timeout)
+                reply = await asyncio.wait_for(_ask(upstream, bytes(query)), self._timeout)
             except (OSError, TimeoutError):
                 log.debug("upstream %s did not answer %s", upstream, q.qname)
                 continue
@@ -88,6 +96,7 @@ class Forwarder:
         return status(request, RCODE.SERVFAIL, ra=True)
 
     def _remember(self, key: tuple[str, int, int], reply: bytes) -> None:
+        """Kept for the smallest TTL (5 min at most); truncated or failed replies are not."""
         try:
             parsed = DNSRecord.parse(reply)
         except Exception:

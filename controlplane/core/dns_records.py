@@ -97,6 +97,8 @@ def build_zone(topology: Topology, domain: str, ttl: int, version: int) -> Zone:
 
     add(domain, "SOA", Soa(f"ns.{domain}", f"hostmaster.{domain}", version, *SOA_TIMES, ttl))
     add(domain, "NS", f"ns.{domain}")
+    # A dotted service name (web.app) beats a network-scoped one (web on network app).
+    service_names = {f"{s.name}.{domain}".lower() for s in topology.services}
     for service in topology.services:
         base = f"{service.name}.{domain}".lower()
         exists.add(base)  # a service with no live backend still exists: NODATA, not NXDOMAIN
@@ -107,7 +109,8 @@ def build_zone(topology: Topology, domain: str, ttl: int, version: int) -> Zone:
             for ip, rtype in ((backend.ip, "A"), (backend.ipv6, "AAAA")):
                 if ip:
                     add(base, rtype, ip)
-                    add(scoped, rtype, ip)
+                    if scoped.lower() not in service_names:
+                        add(scoped, rtype, ip)
                     add(host, rtype, ip)
                     add(reverse_name(ip), "PTR", host)
             if backend.container_id not in seen_containers:

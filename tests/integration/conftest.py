@@ -20,12 +20,10 @@ from controlplane.wiring import Controller, build_controller
 from tests.support.images import TestImages, ensure_images
 from tests.support.lab import Http, Lab, wait_until
 
-pytestmark = pytest.mark.docker
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the engine (through any fixture) carry the `docker` marker."""
     for item in items:
-        if "/integration/" in str(item.fspath):
+        if "docker_client" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.docker)
 
 

@@ -1,0 +1,478 @@
+"""The DNS server on real loopback sockets: `dig` and raw dnslib clients over UDP and TCP,
+forwarding to a stub upstream on loopback (never a real resolver), and parse_endpoint."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from dnslib import EDNS0 as Edns0
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from controlplane.dns_answer import UDP_PLAIN_LIMIT
+from controlplane.dns_server import DnsServer, Endpoint, parse_endpoint
+from controlplane.errors import ControlPlaneError
+from tests.support.dns_stub import (
+    BIG,
+    BIG_IPS,
+    LOOPBACK,
+    WEB_IPS,
+    CountingAnswerer,
+    RunningDns,
+    StubUpstream,
+    frame,
+    free_port,
+    read_frame,
+    running_dns,
+    sample_zone,
+    tcp_ask,
+    udp_ask,
+)
+
+ZONE = sample_zone()
+DNS_LOGGERS = ("controlplane.dns_server", "controlplane.dns_answer", "asyncio")
+
+
+def query(name: str, qtype: str = "A", *, ident: int = 0x2222, edns: int | None = None) -> bytes:
+    request = DNSRecord.question(name, qtype)
+    request.header.id = ident
+    if edns is not None:
+        request.add_ar(Edns0(udp_len=edns))
+    return bytes(request.pack())
+
+
+def dig(port: int, *args: str) -> str:
+    """`dig` against the server, one try, bounded; the output as text."""
+    done = subprocess.run(
+        ["dig", f"@{LOOPBACK}", "-p", str(port), "+time=2", "+tries=1", *args],
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line]
+
+
+@pytest.fixture(autouse=True)
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Nothing a client does may end in a logged exception."""
+    caplog.set_level(logging.WARNING)
+    yield
+    errors = [
+        r for r in caplog.records if r.name.startswith(DNS_LOGGERS) and r.levelno >= logging.ERROR
+    ]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[RunningDns]:
+    """Authoritative only: no upstream."""
+    with running_dns(ZONE) as running:
+        yield running
+
+
+# ---------------------------------------------------------------- with dig
+
+
+@pytest.mark.parametrize("transport", [(), ("+tcp",)], ids=["udp", "tcp"])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("web.internal", "A"), set(WEB_IPS)),
+        (("WeB.InTeRnAl", "A"), set(WEB_IPS)),
+        (("web.app.internal", "A"), set(WEB_IPS)),
+        (("web.internal", "AAAA"), {"fd00::1"}),
+        (
+            ("_web._tcp.internal", "SRV"),
+            {f"1 1 8080 w{i}.container.internal." for i in (1, 2, 3)},
+        ),
+        (
+            ("web.internal", "SRV"),
+            {f"1 1 8080 w{i}.container.internal." for i in (1, 2, 3)},
+        ),
+        (("w2.container.internal", "A"), {"172.20.0.3"}),
+        (("-x", "172.20.0.3"), {"w2.container.internal."}),
+        (("-x", "fd00::1"), {"w1.container.internal."}),
+        (("internal", "NS"), {"ns.internal."}),
+        (("internal", "SOA"), {"ns.internal. hostmaster.internal. 1 3600 600 86400 5"}),
+        (("idle.internal", "A"), set()),
+        (("nope.internal", "A"), set()),
+    ],
+    ids=[
+        "a",
+        "a-mixed-case",
+        "a-scoped",
+        "aaaa",
+        "srv",
+        "srv-consul",
+        "host",
+        "ptr",
+        "ptr-v6",
+        "ns",
+        "soa",
+        "nodata",
+        "nxdomain",
+    ],
+)
+def test_dig_short(
+    dns: RunningDns, args: tuple[str, ...], expected: set[str], transport: tuple[str, ...]
+) -> None:
+    assert set(lines(dig(dns.port, *args, "+short", *transport))) == expected
+
+
+@pytest.mark.parametrize("transport", [(), ("+tcp",)], ids=["udp", "tcp"])
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [("nope.internal", "NXDOMAIN"), ("idle.internal", "NOERROR"), ("example.test", "REFUSED")],
+    ids=["nxdomain", "nodata", "outside-refused"],
+)
+def test_dig_status(dns: RunningDns, name: str, status: str, transport: tuple[str, ...]) -> None:
+    out = dig(dns.port, name, *transport)
+    assert f"status: {status}" in out
+    flags = next(line for line in out.splitlines() if line.startswith(";; flags:"))
+    assert "ad" not in flags.split(";")[2].split(), flags  # dig asks with AD=1; we validate nothing
+    if status != "REFUSED":
+        assert "flags: qr aa" in out
+        assert "ANSWER: 0, AUTHORITY: 1" in out
+        assert "IN\tSOA\tns.internal. hostmaster.internal. 1 " in out
+
+
+def test_dig_falls_back_to_tcp_for_a_big_answer(dns: RunningDns) -> None:
+    out = dig(dns.port, "big.internal", "+noedns")
+    assert "Truncated, retrying in TCP mode" in out
+    assert f"ANSWER: {BIG}," in out
+    assert set(lines(dig(dns.port, "big.internal", "+noedns", "+short"))) == set(BIG_IPS)
+
+
+def test_dig_with_edns_gets_big_a_answers_over_udp(dns: RunningDns) -> None:
+    out = dig(dns.port, "big.internal", "+bufsize=1232")
+    assert "Truncated" not in out
+    assert f"ANSWER: {BIG}," in out
+    assert "udp: 1232" in out
+
+
+# ---------------------------------------------------------------- raw UDP and TCP
+
+
+def test_udp_answer(dns: RunningDns) -> None:
+    reply = DNSRecord.parse(udp_ask(dns.port, query("web.internal", ident=0x1357)))
+    assert reply.header.id == 0x1357
+    assert reply.header.rcode == RCODE.NOERROR
+    assert reply.header.aa == 1
+    assert {str(rr.rdata) for rr in reply.rr} == set(WEB_IPS)
+
+
+def test_tcp_answer(dns: RunningDns) -> None:
+    (raw,) = tcp_ask(dns.port, query("web.internal", ident=0x2468))
+    reply = DNSRecord.parse(raw)
+    assert reply.header.id == 0x2468
+    assert {str(rr.rdata) for rr in reply.rr} == set(WEB_IPS)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
+def test_several_queries_on_one_tcp_connection(dns: RunningDns, pipelined: bool) -> None:
+    asked = [
+        query("web.internal", ident=1),
+        query("_web._tcp.internal", "SRV", ident=2),
+        query("nope.internal", ident=3),
+        query("big.internal", ident=4),
+        query("web.internal", ident=5),
+        query("example.test", ident=6),
+    ]
+    replies = [DNSRecord.parse(r) for r in tcp_ask(dns.port, *asked, pipelined=pipelined)]
+    assert [r.header.id for r in replies] == [1, 2, 3, 4, 5, 6]
+    assert [r.header.rcode for r in replies] == [
+        RCODE.NOERROR,
+        RCODE.NOERROR,
+        RCODE.NXDOMAIN,
+        RCODE.NOERROR,
+        RCODE.NOERROR,
+        RCODE.REFUSED,
+    ]
+    assert [len(r.rr) for r in replies] == [3, 3, 0, BIG, 3, 0]
+    assert replies[3].header.tc == 0
+
+
+def test_truncated_over_udp_then_full_over_tcp(dns: RunningDns) -> None:
+    data = query("big.internal", ident=0x0BAD)
+    raw = udp_ask(dns.port, data)
+    assert len(raw) <= UDP_PLAIN_LIMIT
+    truncated = DNSRecord.parse(raw)
+    assert truncated.header.tc == 1
+    assert truncated.header.id == 0x0BAD
+    assert truncated.rr == []
+    assert str(truncated.q.qname) == "big.internal."
+
+    (raw,) = tcp_ask(dns.port, data)
+    full = DNSRecord.parse(raw)
+    assert full.header.tc == 0
+    assert full.header.id == 0x0BAD
+    assert {str(rr.rdata) for rr in full.rr} == set(BIG_IPS)
+
+
+def test_big_srv_is_truncated_even_with_a_large_edns_buffer(dns: RunningDns) -> None:
+    data = query("_big._tcp.internal", "SRV", edns=4096)
+    truncated = DNSRecord.parse(udp_ask(dns.port, data))
+    assert truncated.header.tc == 1
+    (raw,) = tcp_ask(dns.port, data)
+    full = DNSRecord.parse(raw)
+    assert len(full.rr) == BIG
+    assert len([rr for rr in full.ar if rr.rtype == QTYPE.A]) == BIG
+
+
+def test_rotation_is_seen_by_a_real_client(dns: RunningDns) -> None:
+    firsts = [
+        str(DNSRecord.parse(udp_ask(dns.port, query("web.internal", ident=i))).rr[0].rdata)
+        for i in range(6)
+    ]
+    assert len(set(firsts[:3])) == 3
+    assert set(firsts) == set(WEB_IPS)
+
+
+def test_garbage_over_udp_gets_formerr_and_short_packets_nothing(dns: RunningDns) -> None:
+    raw = udp_ask(dns.port, b"\xab\xcd" + b"\xff" * 30)
+    reply = DNSRecord.parse(raw)
+    assert reply.header.rcode == RCODE.FORMERR
+    assert reply.header.id == 0xABCD
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.3)
+        sock.sendto(b"\x01\x02\x03", dns.address)
+        with pytest.raises(TimeoutError):
+            sock.recv(512)
+    assert DNSRecord.parse(udp_ask(dns.port, query("web.internal"))).rr
+
+
+def test_a_tcp_message_without_a_header_closes_the_connection(dns: RunningDns) -> None:
+    with socket.create_connection(dns.address, timeout=3) as sock:
+        sock.sendall(frame(query("web.internal", ident=9)))
+        assert DNSRecord.parse(read_frame(sock)).header.id == 9
+        sock.sendall(frame(b"\x00\x01"))
+        assert sock.recv(10) == b""
+    (raw,) = tcp_ask(dns.port, query("web.internal"))
+    assert DNSRecord.parse(raw).rr
+
+
+def test_a_tcp_client_that_hangs_up_mid_message(dns: RunningDns) -> None:
+    for partial in (b"\x00", b"\x00\x40", b"\x00\x40" + query("web.internal")[:10]):
+        with socket.create_connection(dns.address, timeout=3) as sock:
+            sock.sendall(partial)
+    (raw,) = tcp_ask(dns.port, query("web.internal"))
+    assert DNSRecord.parse(raw).rr
+
+
+def test_stop_releases_the_port() -> None:
+    port = free_port()
+    for _ in range(2):
+        server = DnsServer(
+            [Endpoint(LOOPBACK, port)], CountingAnswerer(lambda: ZONE, list, False), None
+        )
+        server.start()
+        try:
+            assert DNSRecord.parse(udp_ask(port, query("web.internal"))).rr
+        finally:
+            server.stop()
+
+
+def test_a_taken_port_is_a_clear_error(dns: RunningDns) -> None:
+    server = DnsServer(
+        [Endpoint(LOOPBACK, dns.port)], CountingAnswerer(lambda: ZONE, list, False), None
+    )
+    with pytest.raises(ControlPlaneError, match="--dns-bind"):
+        server.start()
+    server.stop()
+
+
+def test_before_the_first_sync_servfail() -> None:
+    with running_dns(None) as running:
+        reply = DNSRecord.parse(udp_ask(running.port, query("web.internal")))
+        assert reply.header.rcode == RCODE.SERVFAIL
+
+
+# ---------------------------------------------------------------- forwarding
+
+
+def test_forwarded_answer_carries_the_client_id_then_comes_from_the_cache() -> None:
+    with StubUpstream() as stub, running_dns(ZONE, upstreams=[stub.endpoint]) as running:
+        first = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=0x1111)))
+        assert first.header.id == 0x1111
+        assert first.header.rcode == RCODE.NOERROR
+        assert [(str(rr.rdata), rr.ttl) for rr in first.rr] == [("192.0.2.1", 30)]
+        assert stub.count == 1
+        assert str(stub.queries[0].q.qname) == "example.test."
+
+        second = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=0x2222)))
+        assert second.header.id == 0x2222
+        assert [str(rr.rdata) for rr in second.rr] == ["192.0.2.1"]
+        (raw,) = tcp_ask(running.port, query("example.test", ident=0x3333))
+        assert DNSRecord.parse(raw).header.id == 0x3333
+        assert set(lines(dig(running.port, "example.test", "+short"))) == {"192.0.2.1"}
+        assert stub.count == 1  # all from the forward cache
+
+        # In-zone names are still answered here, never forwarded.
+        assert set(lines(dig(running.port, "web.internal", "+short"))) == set(WEB_IPS)
+        assert stub.count == 1
+
+
+def test_forwarding_over_tcp() -> None:
+    with StubUpstream() as stub, running_dns(ZONE, upstreams=[stub.endpoint]) as running:
+        assert set(lines(dig(running.port, "example.test", "+short", "+tcp"))) == {"192.0.2.1"}
+        assert stub.count == 1
+
+
+def test_upstream_nxdomain_is_relayed() -> None:
+    with StubUpstream() as stub, running_dns(ZONE, upstreams=[stub.endpoint]) as running:
+        reply = DNSRecord.parse(udp_ask(running.port, query("nothing.test", ident=7)))
+        assert reply.header.rcode == RCODE.NXDOMAIN
+        assert reply.header.id == 7
+        assert stub.count == 1
+
+
+def test_forward_cache_honours_the_ttl() -> None:
+    records = {"short.test": ("192.0.2.7", 1)}
+    with StubUpstream(records) as stub, running_dns(ZONE, upstreams=[stub.endpoint]) as running:
+        udp_ask(running.port, query("short.test"))
+        udp_ask(running.port, query("short.test"))
+        assert stub.count == 1
+        time.sleep(1.2)  # the TTL itself is what is under test
+        reply = DNSRecord.parse(udp_ask(running.port, query("short.test")))
+        assert [str(rr.rdata) for rr in reply.rr] == ["192.0.2.7"]
+        assert stub.count == 2
+
+
+@pytest.mark.parametrize("dead", ["refused", "silent"])
+def test_fail_over_to_the_next_upstream(dead: str) -> None:
+    with StubUpstream(silent=True) as silent, StubUpstream() as stub:
+        first = silent.endpoint if dead == "silent" else Endpoint(LOOPBACK, free_port())
+        with running_dns(ZONE, upstreams=[first, stub.endpoint], timeout=1.0) as running:
+            started = time.monotonic()
+            reply = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=0x0F0F)))
+            elapsed = time.monotonic() - started
+            assert reply.header.id == 0x0F0F
+            assert [str(rr.rdata) for rr in reply.rr] == ["192.0.2.1"]
+            assert elapsed < 1.5
+            assert stub.count == 1
+            assert silent.count == (1 if dead == "silent" else 0)
+
+
+def test_every_upstream_dead_is_servfail() -> None:
+    with StubUpstream(silent=True) as silent:
+        upstreams = [Endpoint(LOOPBACK, free_port()), silent.endpoint]
+        with running_dns(ZONE, upstreams=upstreams, timeout=0.5) as running:
+            started = time.monotonic()
+            reply = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=0x5A5A)))
+            assert time.monotonic() - started < 2.0
+            assert reply.header.rcode == RCODE.SERVFAIL
+            assert reply.header.id == 0x5A5A
+            assert (reply.header.aa, reply.header.ra) == (0, 1)
+            assert str(reply.q.qname) == "example.test."
+            # A failure is not cached: the next query asks again.
+            udp_ask(running.port, query("example.test", ident=0x5A5B))
+            assert silent.count == 2
+
+
+def test_forward_cache_echoes_the_question_of_each_client() -> None:
+    with StubUpstream() as stub, running_dns(ZONE, upstreams=[stub.endpoint]) as running:
+        udp_ask(running.port, query("example.test"))
+        reply = DNSRecord.parse(udp_ask(running.port, query("ExAmPlE.TeSt")))
+        assert str(reply.q.qname) == "ExAmPlE.TeSt."
+
+
+# ---------------------------------------------------------------- parse_endpoint
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:5353", Endpoint("127.0.0.1", 5353)),
+        ("127.0.0.1", Endpoint("127.0.0.1", 53)),
+        (" 10.0.0.1:53 ", Endpoint("10.0.0.1", 53)),
+        ("0.0.0.0:1", Endpoint("0.0.0.0", 1)),
+        ("127.0.0.1:65535", Endpoint("127.0.0.1", 65535)),
+        ("[::1]:5353", Endpoint("::1", 5353)),
+        ("[::1]", Endpoint("::1", 53)),
+        ("::1", Endpoint("::1", 53)),
+        ("::", Endpoint("::", 53)),
+        ("fd00::53", Endpoint("fd00::53", 53)),
+        ("[fe80::1%eth0]:53", Endpoint("fe80::1%eth0", 53)),
+    ],
+    ids=[
+        "v4-port",
+        "v4-default-port",
+        "spaces",
+        "any-port-1",
+        "port-max",
+        "v6-port",
+        "v6-brackets-default-port",
+        "v6-bare",
+        "v6-any",
+        "v6-bare-ula",
+        "v6-scoped",
+    ],
+)
+def test_parse_endpoint_accepts(text: str, expected: Endpoint) -> None:
+    assert parse_endpoint(text) == expected
+
+
+def test_parse_endpoint_default_port_and_str() -> None:
+    assert parse_endpoint("127.0.0.1", default_port=5353) == Endpoint("127.0.0.1", 5353)
+    assert str(parse_endpoint("[::1]:53")) == "[::1]:53"
+    assert str(parse_endpoint("127.0.0.1:53")) == "127.0.0.1:53"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "localhost:53",
+        "localhost",
+        "dns.example",
+        "127.0.0.1:0",
+        "127.0.0.1:65536",
+        "127.0.0.1:-1",
+        "127.0.0.1:53:53",
+        "127.0.0.1:port",
+        "127.0.0.256:53",
+        "::1:53:x",
+        "[::1]:x",
+        "[::1]:99999",
+        "[localhost]:53",
+        "1.2.3:53",
+        ":53",
+    ],
+    ids=[
+        "empty",
+        "name-port",
+        "name",
+        "fqdn",
+        "port-0",
+        "port-too-big",
+        "port-negative",
+        "two-ports",
+        "port-not-number",
+        "bad-octet",
+        "v6-junk",
+        "v6-port-not-number",
+        "v6-port-too-big",
+        "name-in-brackets",
+        "short-v4",
+        "port-only",
+    ],
+)
+def test_parse_endpoint_rejects(text: str) -> None:
+    with pytest.raises(ControlPlaneError, match="IP:PORT"):
+        parse_endpoint(text)
+
+
+@pytest.mark.parametrize("text", ["[::1]53", "127.0.0.1:", "127.0.0.1:+53", "127.0.0.1:5_3"])
+def test_parse_endpoint_rejects_sloppy_forms(text: str) -> None:
+    with pytest.raises(ControlPlaneError):
+        parse_endpoint(text)

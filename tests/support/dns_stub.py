@@ -1,0 +1,248 @@
+"""DNS test helpers on loopback only: a stub upstream resolver, a running DnsServer, clients.
+
+Nothing here talks to a real resolver: the forwarder under test is pointed at `StubUpstream`,
+a tiny UDP responder in a thread that answers a fixed table and counts what it was asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+
+from controlplane.core import labels as L
+from controlplane.core.build import BuildOptions, build_topology
+from controlplane.core.dns_records import Zone, build_zone
+from controlplane.dns_answer import Answerer, Forward, IpNetwork
+from controlplane.dns_server import DnsServer, Endpoint, Forwarder
+from controlplane.errors import ControlPlaneError
+from tests.unit.builders import container, state
+
+LOOPBACK = "127.0.0.1"
+KEPT_QUERIES = 100
+
+
+def free_port() -> int:
+    """A loopback port free for UDP and TCP alike (the server binds both)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((LOOPBACK, 0))
+            port: int = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free loopback port for UDP and TCP")
+
+
+class StubUpstream:
+    """A UDP resolver on loopback: A records from `records` (name -> (ip, ttl)), NXDOMAIN for
+    anything else; `silent` never answers (an upstream that is down without saying so)."""
+
+    def __init__(
+        self,
+        records: Mapping[str, tuple[str, int]] | None = None,
+        *,
+        silent: bool = False,
+    ) -> None:
+        self.records = {
+            k.lower(): v for k, v in (records or {"example.test": ("192.0.2.1", 30)}).items()
+        }
+        self.silent = silent
+        self.queries: list[DNSRecord] = []  # the first KEPT_QUERIES, so a flood can't grow it
+        self._count = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind((LOOPBACK, 0))
+        self._sock.settimeout(0.05)
+        self.port: int = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name="stub-upstream", daemon=True)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(LOOPBACK, self.port)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return self._count
+
+    def __enter__(self) -> StubUpstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                request = DNSRecord.parse(data)
+            except Exception:
+                continue
+            with self._lock:
+                self._count += 1
+                if len(self.queries) < KEPT_QUERIES:
+                    self.queries.append(request)
+            if self.silent:
+                continue
+            reply = request.reply(ra=1, aa=0)
+            name = str(request.q.qname).rstrip(".").lower()
+            found = self.records.get(name)
+            if found is None:
+                reply.header.rcode = RCODE.NXDOMAIN
+            elif request.q.qtype == QTYPE.A:
+                ip, ttl = found
+                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=ttl))
+            with contextlib.suppress(OSError):
+                self._sock.sendto(bytes(reply.pack()), addr)
+
+
+class CountingAnswerer(Answerer):
+    """Counts every packet the server hands over, so a load test knows what was processed;
+    the count lives in shared memory so a sender in another process can pace itself by it."""
+
+    def __init__(
+        self,
+        zone_of: Callable[[], Zone | None],
+        allowed: Callable[[], Iterable[IpNetwork]],
+        forwarding: bool,
+    ) -> None:
+        super().__init__(zone_of, allowed, forwarding)
+        self.shared_seen = multiprocessing.RawValue(ctypes.c_uint64, 0)
+
+    @property
+    def seen(self) -> int:
+        return int(self.shared_seen.value)
+
+    def answer(self, data: bytes, client: str, udp: bool) -> bytes | Forward | None:
+        self.shared_seen.value += 1
+        return super().answer(data, client, udp)
+
+
+@dataclass
+class RunningDns:
+    server: DnsServer
+    answerer: CountingAnswerer
+    forwarder: Forwarder | None
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (LOOPBACK, self.port)
+
+
+@contextlib.contextmanager
+def running_dns(
+    zone: Zone | None,
+    *,
+    upstreams: Sequence[Endpoint] = (),
+    allowed: Iterable[IpNetwork] = (),
+    timeout: float = 1.0,
+) -> Iterator[RunningDns]:
+    """A DnsServer on a free loopback port, wired the way `wiring._dns_server` wires it."""
+    networks = list(allowed)
+    answerer = CountingAnswerer(lambda: zone, lambda: networks, forwarding=bool(upstreams))
+    forwarder = Forwarder(upstreams, timeout) if upstreams else None
+    for attempt in range(5):
+        port = free_port()
+        server = DnsServer([Endpoint(LOOPBACK, port)], answerer, forwarder)
+        try:
+            server.start()
+        except ControlPlaneError:  # the port was taken in between: try another
+            if attempt == 4:
+                raise
+            continue
+        break
+    try:
+        yield RunningDns(server, answerer, forwarder, port)
+    finally:
+        server.stop()
+
+
+def udp_ask(port: int, data: bytes, timeout: float = 3.0) -> bytes:
+    """One datagram out, the reply with the same ID back."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(data, (LOOPBACK, port))
+        deadline = time.monotonic() + timeout
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            reply = sock.recv(65535)
+            if reply[:2] == data[:2]:
+                return reply
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def frame(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    return recv_exactly(sock, int.from_bytes(recv_exactly(sock, 2), "big"))
+
+
+def tcp_ask(
+    port: int, *queries: bytes, timeout: float = 3.0, pipelined: bool = False
+) -> list[bytes]:
+    """Every query on one connection, one reply each; `pipelined` sends them all first."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+        if pipelined:
+            sock.sendall(b"".join(frame(q) for q in queries))
+            return [read_frame(sock) for _ in queries]
+        replies = []
+        for query in queries:
+            sock.sendall(frame(query))
+            replies.append(read_frame(sock))
+        return replies
+
+
+WEB_IPS = ("172.20.0.2", "172.20.0.3", "172.20.0.4")
+BIG = 60
+BIG_IPS = tuple(f"172.20.1.{i}" for i in range(1, BIG + 1))
+
+
+def sample_zone(domain: str = "internal", ttl: int = 5, version: int = 1) -> Zone:
+    """web: three backends (w1 also on IPv6) on port 8080; big: 60 backends, too many for a
+    UDP reply; idle: a service whose only backend is paused."""
+    web = [
+        container(
+            f"w{i}",
+            ip=ip,
+            ipv6="fd00::1" if i == 1 else "",
+            labels={L.PORT: "8080"},
+        )
+        for i, ip in enumerate(WEB_IPS, start=1)
+    ]
+    big = [container(f"b{i:02d}", aliases=("big",), ip=ip) for i, ip in enumerate(BIG_IPS)]
+    idle = container("p1", aliases=("idle",), ip="172.20.2.1", status="paused")
+    topology = build_topology(state(*web, *big, idle), BuildOptions())
+    return build_zone(topology, domain, ttl, version)
