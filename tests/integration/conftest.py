@@ -20,6 +20,7 @@ from controlplane.wiring import Controller, build_controller
 from tests.support.images import TestImages, ensure_images
 from tests.support.lab import Http, Lab, wait_until
 
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use the engine (through any fixture) carry the `docker` marker."""
     for item in items:
