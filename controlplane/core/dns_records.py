@@ -101,7 +101,8 @@ def build_zone(topology: Topology, domain: str, ttl: int, version: int) -> Zone:
     service_names = {f"{s.name}.{domain}".lower() for s in topology.services}
     for service in topology.services:
         base = f"{service.name}.{domain}".lower()
-        exists.add(base)  # a service with no live backend still exists: NODATA, not NXDOMAIN
+        # A service with no live backend still exists: NODATA, not NXDOMAIN, for both names.
+        exists.update((base, f"_{service.name}._tcp.{domain}".lower()))
         seen_containers: set[str] = set()
         for backend in service.live_backends:
             host = f"{host_label(backend)}.container.{domain}"

@@ -356,3 +356,10 @@ def test_a_dotted_service_name_and_a_scoped_name_do_not_mix() -> None:
     z = zone(dotted, W1)
     assert values(z, "web.internal", "A") == ("172.20.0.2",)
     assert values(z, "web.app.internal", "A") in (("172.20.0.7",), ("172.20.0.2",))
+
+
+def test_a_service_with_no_live_backend_has_both_names_without_records() -> None:
+    """NODATA, not NXDOMAIN, for S.<domain> and _S._tcp.<domain> alike."""
+    z = zone(container("w1", status="paused"))
+    assert z.lookup("web.internal", "A") == ()
+    assert z.lookup("_web._tcp.internal", "SRV") == ()
