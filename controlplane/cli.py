@@ -51,9 +51,9 @@ def discovery_options(command: F) -> F:
     options = [
         click.option(
             "--docker-url",
-            envvar="DOCKER_HOST",
             default=None,
-            help="Docker engine URL (default: DOCKER_HOST or the local socket).",
+            help="Docker engine URL. Default: DOCKER_HOST (with DOCKER_TLS_VERIFY and "
+            "DOCKER_CERT_PATH) or the local socket.",
         ),
         click.option(
             "--network",

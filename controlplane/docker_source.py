@@ -16,6 +16,7 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
+from docker.utils import kwargs_from_env
 
 from controlplane.core.model import ContainerFacts, DockerState
 from controlplane.core.observe import container_facts, network_facts
@@ -60,7 +61,9 @@ def connect(base_url: str | None, timeout: int = 10) -> docker.APIClient:
     """A low-level client negotiating the engine's API version (dockerd 20.10 is API 1.41)."""
     try:
         if base_url:
-            api = docker.APIClient(base_url=base_url, version="auto", timeout=timeout)
+            # TLS settings still come from DOCKER_TLS_VERIFY and DOCKER_CERT_PATH.
+            tls = kwargs_from_env().get("tls", False)
+            api = docker.APIClient(base_url=base_url, version="auto", timeout=timeout, tls=tls)
         else:
             api = docker.from_env(version="auto", timeout=timeout).api
         api.ping()

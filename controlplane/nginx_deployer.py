@@ -19,7 +19,6 @@ import docker
 import docker.errors
 
 from controlplane.core.model import NginxTarget
-from controlplane.docker_source import DOCKER_ERRORS
 from controlplane.errors import DeployError
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,17 @@ def pack(name: str, content: bytes) -> bytes:
 
 
 def unpack(archive: bytes, name: str) -> bytes:
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        member = tar.extractfile(name)
-        if member is None:
-            raise DeployError(f"{name} in the container is not a regular file")
-        return member.read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            member = tar.extractfile(name)
+            if member is None:
+                raise DeployError(f"{name} in the container is not a regular file")
+            return member.read()
+    except (KeyError, tarfile.TarError) as error:
+        raise DeployError(
+            f"{name} in the container is a link or unreadable ({error}): point "
+            "controlplane.config_path at a regular file"
+        ) from error
 
 
 class NginxDeployer:
@@ -66,8 +71,12 @@ class NginxDeployer:
         """Never raises for a problem of this one container: the result says what happened.
 
         The file that was there before is read once per container and then remembered, since
-        each archive call costs tens of milliseconds on dockerd."""
+        each archive call costs tens of milliseconds on dockerd. Whatever fails after the new
+        file went in (a refused test, a container restarting, a lost engine), the previous
+        file is put back, so a restart of that nginx never starts from an untested file."""
         timings: dict[str, float] = {}
+        previous: bytes | None = None
+        written = False
         try:
             if target.container_id not in self._good:
                 mark = time.perf_counter()
@@ -76,12 +85,13 @@ class NginxDeployer:
             previous = self._good[target.container_id]
             mark = time.perf_counter()
             self._write(target, content)
+            written = True
             timings["copy"] = time.perf_counter() - mark
             mark = time.perf_counter()
             code, output = self._exec(target, ["nginx", "-t"])
             timings["test"] = time.perf_counter() - mark
             if code != 0:
-                self._write(target, previous if previous is not None else b"")
+                self._restore(target, previous)
                 lines = [ln for ln in output.strip().splitlines() if ln.strip()]
                 error = "nginx -t failed, previous config kept: " + " | ".join(lines[-3:])
                 log.error("nginx %s rejected the new config: %s", target.container, error)
@@ -90,7 +100,9 @@ class NginxDeployer:
             self._api.kill(target.container_id, signal="SIGHUP")
             timings["reload"] = time.perf_counter() - mark
             self._good[target.container_id] = content
-        except (DeployError, *DOCKER_ERRORS) as error:
+        except Exception as error:  # any failure stays this container's, never the pass's
+            if written:
+                self._restore(target, previous)
             message = f"could not update nginx {target.container}: {error}"
             log.error("%s", message)
             return DeployResult(target.container, False, message, timings)
@@ -101,6 +113,18 @@ class NginxDeployer:
             timings["test"] * 1000,
         )
         return DeployResult(target.container, True, None, timings)
+
+    def _restore(self, target: NginxTarget, previous: bytes | None) -> None:
+        try:
+            self._write(target, previous if previous is not None else b"")
+        except Exception as error:
+            self._good.pop(target.container_id, None)  # unknown now: read it again next time
+            log.error(
+                "could not put the previous config back into nginx %s (%s): the untested file "
+                "stays there until the next deploy",
+                target.container,
+                error,
+            )
 
     def _read(self, target: NginxTarget) -> bytes | None:
         try:

@@ -107,7 +107,9 @@ class Reconciler:
         self.on_report: list[Callable[[ReconcileReport], None]] = []
 
     def handle_event(self, event: DockerEvent) -> None:
-        self._source.invalidate(event.container_id or None)
+        """Network create/destroy name no container: networks are listed on every pass."""
+        if event.container_id:
+            self._source.invalidate(event.container_id)
         if event.kind == "container":
             self._marks = apply_event(
                 self._marks,
@@ -214,7 +216,8 @@ class ControlLoop:
         self._reconciler = reconciler
         self._events = events
         self._settings = settings
-        self._queue: queue.Queue[DockerEvent | str] = queue.Queue()
+        # SimpleQueue: stop() puts from a signal handler, and its put is reentrant.
+        self._queue: queue.SimpleQueue[DockerEvent | str] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self.ready = threading.Event()
 
@@ -233,25 +236,30 @@ class ControlLoop:
             try:
                 item = self._queue.get(timeout=max(0.0, next_resync - time.monotonic()))
             except queue.Empty:
+                item = None
+            if item is not None:
+                reason = self._coalesce(item)
+                if not self._stopping.is_set():
+                    self._pass(reason, item if isinstance(item, DockerEvent) else None)
+            if time.monotonic() >= next_resync and not self._stopping.is_set():
+                # Due even while events keep coming: it is what repairs a missed one.
                 self._reconciler.invalidate()
                 self._pass("periodic resync")
                 next_resync = time.monotonic() + self._settings.resync_interval
-                continue
-            reason = self._coalesce(item)
-            if not self._stopping.is_set():
-                self._pass(reason, item if isinstance(item, DockerEvent) else None)
         watcher.join(timeout=5)
 
     def _coalesce(self, first: DockerEvent | str) -> str:
         """Drain the burst that `first` opens; returns a short description of it."""
         started = time.monotonic()
-        count = 0
+        events = 0
+        restored = False
         item: DockerEvent | str | None = first
         while item is not None:
-            count += 1
             if isinstance(item, DockerEvent):
+                events += 1
                 self._reconciler.handle_event(item)
             elif item == STREAM_RESTORED:
+                restored = True
                 self._reconciler.invalidate()
             elif item == STOP:
                 return STOP
@@ -262,7 +270,8 @@ class ControlLoop:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 item = None
-        return f"{count} event(s)" if isinstance(first, DockerEvent) else str(first)
+        parts = [STREAM_RESTORED] if restored else []
+        return " + ".join([*parts, f"{events} event(s)"] if events else parts)
 
     def _pass(self, reason: str, trigger: DockerEvent | None = None) -> None:
         try:
@@ -289,7 +298,7 @@ class ControlLoop:
         """Follows the event stream; after a break, reconnects with backoff and resyncs, since
         events may have been missed while it was down (or before it first opened)."""
         delay = 0.1
-        missed = False
+        missed = True  # the first pass listed before the stream opened: resync once it is
         while not self._stopping.is_set():
             try:
                 stream = self._events.open_events()

@@ -87,6 +87,18 @@ def build_topology(
 
     reachable = frozenset(network for target in nginx for network in target.networks)
     services = []
+    for name in [n for n in members if n.endswith(f".{options.domain}")]:
+        # web.internal as a service would take service web's own NAME.DOMAIN
+        excluded.extend(
+            Exclusion(
+                m.container.id,
+                m.container.name,
+                f"service name {name} ends with the zone .{options.domain}: every service is "
+                "already reachable as NAME.DOMAIN; name it without the domain",
+                service=name,
+            )
+            for m in members.pop(name)
+        )
     for name in sorted(members):
         service, dropped = _service(
             name, tuple(members[name]), reachable if nginx else None, options.domain

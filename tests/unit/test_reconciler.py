@@ -161,14 +161,14 @@ def run_loop(events: FakeEvents, seconds: float, **settings: float) -> list[str]
 def test_a_burst_of_events_gives_one_reconcile() -> None:
     burst = [event(f"{i:064x}", "start") for i in range(50)]
     reasons = run_loop(FakeEvents(burst, gap=0.002), 0.6)
-    assert reasons == ["start", "50 event(s)"]
+    assert reasons == ["start", "stream-restored + 50 event(s)"]
 
 
 @pytest.mark.parametrize("max_wait", [0.2, 0.3])
 def test_a_long_burst_is_cut_at_the_maximum_wait(max_wait: float) -> None:
     burst = [event(f"{i:064x}", "start") for i in range(40)]  # ~0.8 s of events 20 ms apart
     reasons = run_loop(FakeEvents(burst, gap=0.02), 1.5, max_wait=max_wait)
-    passes = len(reasons) - 1
+    passes = len(reasons) - 1  # the first burst also carries the resync after the stream opened
     assert 0.8 / max_wait - 1 <= passes <= 0.8 / max_wait + 2, reasons
 
 
@@ -177,3 +177,9 @@ def test_a_broken_stream_is_reopened_and_resynced() -> None:
     reasons = run_loop(events, 1.0)
     assert events.opened == 3
     assert reasons == ["start", "stream-restored"]
+
+
+def test_the_periodic_resync_runs_while_events_keep_coming() -> None:
+    storm = [event(f"{i:064x}", "start") for i in range(200)]  # ~2 s of events 10 ms apart
+    reasons = run_loop(FakeEvents(storm, gap=0.01), 1.5, resync_interval=0.3, max_wait=0.2)
+    assert reasons.count("periodic resync") >= 2, reasons
