@@ -104,10 +104,6 @@ class DockerSource:
         self._cache: dict[str, ContainerFacts] = {}
         self._stream: Any = None
 
-    @property
-    def api(self) -> docker.APIClient:
-        return self._api
-
     def invalidate(self, container_id: str | None = None) -> None:
         """Forget one container's inspect result, or every one with None."""
         if container_id is None:

@@ -153,6 +153,3 @@ class Topology:
     warnings: tuple[str, ...] = ()
     networks: tuple[NetworkFacts, ...] = ()
     """The watched networks."""
-
-    def service(self, name: str) -> Service | None:
-        return next((s for s in self.services if s.name == name), None)
