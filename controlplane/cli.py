@@ -13,9 +13,8 @@ from typing import Any, TypeVar
 import click
 
 from controlplane.core import labels as L
-from controlplane.dns_answer import IpNetwork
 from controlplane.errors import ControlPlaneError, InvalidValue
-from controlplane.settings import Settings
+from controlplane.settings import IpNetwork, Settings
 from controlplane.wiring import build_controller, render_once
 
 F = TypeVar("F", bound=Callable[..., Any])

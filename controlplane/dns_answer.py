@@ -30,6 +30,7 @@ from dnslib import (
 from dnslib import EDNS0 as Edns0
 
 from controlplane.core.dns_records import Record, Soa, Srv, Zone
+from controlplane.settings import IpNetwork
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ MAX_NAME_OCTETS = 255
 TC_BIT = 0x02  # in the header's third byte
 CLASS_IN, CLASS_ANY = 1, 255
 OPT = 41
-
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)

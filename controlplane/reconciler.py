@@ -20,11 +20,11 @@ from typing import Protocol
 
 import jinja2
 
-from controlplane.core.build import BuildOptions, build_topology
+from controlplane.core.build import build_topology
 from controlplane.core.dns_records import Zone, build_zone
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
 from controlplane.core.model import DockerState, NginxTarget, Topology
-from controlplane.core.render import RenderCache, RenderOptions, render_config
+from controlplane.core.render import RenderCache, render_config
 from controlplane.docker_source import DockerEvent
 from controlplane.errors import ControlPlaneError, DockerUnavailable
 from controlplane.nginx_deployer import DeployResult
@@ -96,8 +96,8 @@ class Reconciler:
         self._deployer = deployer
         self._template = template
         self._settings = settings
-        self._build = BuildOptions(networks=settings.networks, domain=settings.domain)
-        self._render = RenderOptions(listen_port=settings.listen_port)
+        self._build = settings.build_options
+        self._render = settings.render_options
         self._render_cache = RenderCache()
         self._clock = clock
         self._marks: dict[str, StopMark] = {}

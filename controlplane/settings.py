@@ -6,6 +6,11 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from controlplane.core.build import BuildOptions
+from controlplane.core.render import RenderOptions
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -22,5 +27,13 @@ class Settings:
     dns_domain: str = "internal"
     dns_ttl: int = 5
     dns_upstreams: tuple[str, ...] = ()
-    dns_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    dns_allow: tuple[IpNetwork, ...] | None = None
     """None: loopback and the watched networks' subnets may use the forwarder."""
+
+    @property
+    def build_options(self) -> BuildOptions:
+        return BuildOptions(networks=self.networks, domain=self.domain)
+
+    @property
+    def render_options(self) -> RenderOptions:
+        return RenderOptions(listen_port=self.listen_port)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from controlplane.core.build import BuildOptions, build_topology
+from controlplane.core.build import build_topology
 from controlplane.core.dns_records import Zone
-from controlplane.core.render import RenderOptions, render_config
-from controlplane.dns_answer import Answerer, IpNetwork
+from controlplane.core.render import render_config
+from controlplane.dns_answer import Answerer
 from controlplane.dns_server import DnsServer, Forwarder, parse_endpoint
 from controlplane.docker_source import DockerSource, connect
 from controlplane.nginx_deployer import NginxDeployer
 from controlplane.reconciler import ControlLoop, Reconciler
-from controlplane.settings import Settings
+from controlplane.settings import IpNetwork, Settings
 from controlplane.templating import load_template
 
 
@@ -60,7 +60,5 @@ def render_once(settings: Settings) -> str:
     """The config the current Docker state gives, without touching any nginx."""
     template = load_template(settings.templates_dir)
     state = DockerSource(connect(settings.docker_url)).snapshot()
-    topology = build_topology(
-        state, BuildOptions(networks=settings.networks, domain=settings.domain)
-    )
-    return render_config(topology, template, RenderOptions(listen_port=settings.listen_port))
+    topology = build_topology(state, settings.build_options)
+    return render_config(topology, template, settings.render_options)

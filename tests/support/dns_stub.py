@@ -20,9 +20,10 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 from controlplane.core import labels as L
 from controlplane.core.build import BuildOptions, build_topology
 from controlplane.core.dns_records import Zone, build_zone
-from controlplane.dns_answer import Answerer, Forward, IpNetwork
+from controlplane.dns_answer import Answerer, Forward
 from controlplane.dns_server import DnsServer, Endpoint, Forwarder
 from controlplane.errors import ControlPlaneError
+from controlplane.settings import IpNetwork
 from tests.unit.builders import container, state
 
 LOOPBACK = "127.0.0.1"

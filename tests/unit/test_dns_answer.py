@@ -26,8 +26,8 @@ from controlplane.dns_answer import (
     UDP_PLAIN_LIMIT,
     Answerer,
     Forward,
-    IpNetwork,
 )
+from controlplane.settings import IpNetwork
 from tests.unit.builders import container, state
 
 DOMAIN = "internal"
