@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
+from controlplane.cli_client import COMMANDS
 from controlplane.core import labels as L
 from controlplane.errors import ControlPlaneError, InvalidValue
 from controlplane.settings import IpNetwork, Settings
@@ -43,6 +45,29 @@ def _cidrs(
         return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in value) or None
     except ValueError as error:
         raise click.BadParameter(f"{error}: use CIDRs such as 10.0.0.0/8 or ::1/128") from error
+
+
+def default_state_dir() -> Path:
+    """Root (as in the container image) keeps state under /var/lib; a user under XDG."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/controlplane")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "controlplane"
+
+
+def _state_dir(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path:
+    return value if value is not None else default_state_dir()
+
+
+STATE_DIR_OPTION = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="CONTROLPLANE_STATE_DIR",
+    default=None,
+    callback=_state_dir,
+    help="Where the API's overrides persist (env CONTROLPLANE_STATE_DIR). "
+    "Default: /var/lib/controlplane as root, else $XDG_STATE_HOME/controlplane.",
+)
 
 
 def discovery_options(command: F) -> F:
@@ -157,6 +182,25 @@ def main() -> None:
     callback=_cidrs,
     help="CIDR allowed to use forwarding (repeatable). Default: loopback and watched networks.",
 )
+@click.option(
+    "--api-bind",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="IP:PORT of the REST API, or 'off'. Off loopback it needs --api-token or --insecure.",
+)
+@click.option(
+    "--api-token",
+    envvar="CONTROLPLANE_API_TOKEN",
+    default=None,
+    help="Bearer token every mutating API request must carry (env CONTROLPLANE_API_TOKEN, "
+    "which keeps it out of `ps`).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Serve the API off loopback without a token (only on a network you trust).",
+)
+@STATE_DIR_OPTION
 def run(
     docker_url: str | None,
     networks: frozenset[str] | None,
@@ -172,6 +216,10 @@ def run(
     dns_ttl: int,
     dns_upstreams: tuple[str, ...],
     dns_allow: tuple[IpNetwork, ...] | None,
+    api_bind: str,
+    api_token: str | None,
+    insecure: bool,
+    state_dir: Path,
 ) -> None:
     """Watch Docker and keep every managed nginx serving the live backends."""
     _setup_logging(log_level)
@@ -189,23 +237,28 @@ def run(
         dns_ttl=dns_ttl,
         dns_upstreams=dns_upstreams,
         dns_allow=dns_allow,
+        api_bind=None if api_bind.strip().lower() == "off" else api_bind,
+        api_token=api_token or None,
+        insecure=insecure,
+        state_dir=state_dir,
     )
     try:
         controller = build_controller(settings)
-        if controller.dns is not None:
-            controller.dns.start()
+        controller.start_servers()
     except ControlPlaneError as error:
         raise click.ClickException(str(error)) from error
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: controller.loop.stop())
     logging.getLogger("controlplane").info("controlplane running; watching Docker events")
-    controller.loop.run()
-    if controller.dns is not None:
-        controller.dns.stop()
+    try:
+        controller.loop.run()
+    finally:
+        controller.stop_servers()
 
 
 @main.command()
 @discovery_options
+@STATE_DIR_OPTION
 def render(
     docker_url: str | None,
     networks: frozenset[str] | None,
@@ -213,8 +266,10 @@ def render(
     listen_port: int,
     templates_dir: Path | None,
     log_level: str,
+    state_dir: Path,
 ) -> None:
-    """Print the nginx config the current Docker state gives; changes nothing."""
+    """Print the nginx config the current Docker state gives, with the persisted overrides;
+    changes nothing."""
     _setup_logging(log_level)
     settings = Settings(
         docker_url=docker_url,
@@ -222,8 +277,13 @@ def render(
         domain=domain,
         listen_port=listen_port,
         templates_dir=templates_dir,
+        state_dir=state_dir,
     )
     try:
         click.echo(render_once(settings), nl=False)
     except ControlPlaneError as error:
         raise click.ClickException(str(error)) from error
+
+
+for _command in COMMANDS:
+    main.add_command(_command)

@@ -7,19 +7,17 @@ packet goes through `Answerer`; nothing a client sends can raise out of a handle
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import re
 import secrets
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import cast
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from controlplane.addresses import SocketAddress
 from controlplane.dns_answer import Answerer, Forward, formerr, status
 from controlplane.errors import ControlPlaneError
 
@@ -27,51 +25,28 @@ log = logging.getLogger(__name__)
 
 TCP_IDLE_SECONDS = 10.0
 TCP_MAX_CONNECTIONS = 256
+# Indexes 0-15 are the reply's RCODE; then what got no reply of ours.
+OUTCOMES = (
+    "noerror",
+    "formerr",
+    "servfail",
+    "nxdomain",
+    "notimp",
+    "refused",
+    *(f"rcode{n}" for n in range(6, 16)),
+    "forwarded",
+    "dropped",
+)
+FORWARDED, DROPPED = 16, 17
 FORWARD_CACHE_ENTRIES = 10_000
 FORWARD_MAX_TTL = 300
 MAX_PENDING_FORWARDS = 1_000
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-ENDPOINT_RE = re.compile(
-    r"\[(?P<v6>[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?)\](:(?P<p6>[0-9]{1,5}))?"
-    r"|(?P<v4>[0-9.]+)(:(?P<p4>[0-9]{1,5}))?"
-    r"|(?P<bare6>[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*(%[A-Za-z0-9_.-]+)?)"
-)
-
-
-def parse_endpoint(value: str, default_port: int = 53) -> Endpoint:
-    """IP, IP:PORT or [IPv6]:PORT. Literal addresses only: a resolver must not need DNS to
-    find where to listen or whom to ask."""
-    match = ENDPOINT_RE.fullmatch(value.strip())
-    host = port = None
-    if match:
-        host = match.group("v6") or match.group("v4") or match.group("bare6")
-        port = match.group("p6") or match.group("p4")
-    try:
-        ipaddress.ip_address(host or "")
-        number = int(port) if port else default_port
-    except ValueError:
-        number = -1
-    if host is None or not 0 < number < 65536:
-        raise ControlPlaneError(
-            f"{value!r} is not IP:PORT (e.g. 127.0.0.1:5353 or [::1]:53); names are not allowed"
-        )
-    return Endpoint(host, number)
-
-
 class Forwarder:
     """Asks the upstreams in order, each with a timeout, and keeps answers for their TTL."""
 
-    def __init__(self, upstreams: Sequence[Endpoint], timeout: float = 1.0) -> None:
+    def __init__(self, upstreams: Sequence[SocketAddress], timeout: float = 1.0) -> None:
         self._upstreams = list(upstreams)
         self._timeout = timeout
         self._cache: OrderedDict[tuple[str, int, int], tuple[float, bytes]] = OrderedDict()
@@ -116,7 +91,7 @@ class Forwarder:
             self._cache.popitem(last=False)
 
 
-async def _ask(upstream: Endpoint, query: bytes) -> bytes:
+async def _ask(upstream: SocketAddress, query: bytes) -> bytes:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[bytes] = loop.create_future()
 
@@ -168,7 +143,7 @@ class DnsServer:
     """Listens on every endpoint over UDP and TCP; `start()` returns once they are bound."""
 
     def __init__(
-        self, binds: Sequence[Endpoint], answerer: Answerer, forwarder: Forwarder | None
+        self, binds: Sequence[SocketAddress], answerer: Answerer, forwarder: Forwarder | None
     ) -> None:
         self._binds = list(binds)
         self._answerer = answerer
@@ -177,14 +152,27 @@ class DnsServer:
         self._thread: threading.Thread | None = None
         self._connections = 0
         self._listeners: list[tuple[asyncio.BaseTransport, asyncio.Server]] = []
+        self._outcomes = [0] * len(OUTCOMES)
 
     def answer(self, data: bytes, client: str, udp: bool) -> bytes | Forward | None:
         """Never raises: a bug on an odd packet costs that packet, not the server."""
         try:
-            return self._answerer.answer(data, client, udp)
+            result = self._answerer.answer(data, client, udp)
         except Exception:
             log.exception("DNS query from %s could not be answered", client)
-            return formerr(data)
+            result = formerr(data)
+        if result is None:
+            self._outcomes[DROPPED] += 1
+        elif isinstance(result, Forward):
+            self._outcomes[FORWARDED] += 1
+        else:
+            self._outcomes[result[3] & 0x0F] += 1
+        return result
+
+    def outcomes(self) -> dict[str, int]:
+        """Queries by how they were answered, since the start (a plain list on the hot path:
+        a metrics library's labelled counter would cost more than the answer)."""
+        return dict(zip(OUTCOMES, self._outcomes, strict=True))
 
     async def forward(self, forward: Forward) -> bytes:
         if self._forwarder is None:

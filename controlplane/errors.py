@@ -9,7 +9,12 @@ class ControlPlaneError(Exception):
 
 
 class InvalidValue(ControlPlaneError):
-    """A label, flag or request value does not match its grammar."""
+    """A label, flag or request value does not match its grammar. `details` says, for an API
+    client, which field was wrong and what is allowed."""
+
+    def __init__(self, message: str, details: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}
 
 
 class DockerUnavailable(ControlPlaneError):
@@ -22,3 +27,7 @@ class DeployError(ControlPlaneError):
 
 class TemplateError(ControlPlaneError):
     """A template is missing or fails to render; the previous config stays in place."""
+
+
+class StateError(ControlPlaneError):
+    """The persisted overrides can't be read or written; never silently replaced."""

@@ -30,6 +30,7 @@ class DeployResult:
     ok: bool
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict, hash=False)
+    container_id: str = ""
 
 
 def pack(name: str, content: bytes) -> bytes:
@@ -95,7 +96,7 @@ class NginxDeployer:
                 lines = [ln for ln in output.strip().splitlines() if ln.strip()]
                 error = "nginx -t failed, previous config kept: " + " | ".join(lines[-3:])
                 log.error("nginx %s rejected the new config: %s", target.container, error)
-                return DeployResult(target.container, False, error, timings)
+                return DeployResult(target.container, False, error, timings, target.container_id)
             mark = time.perf_counter()
             self._api.kill(target.container_id, signal="SIGHUP")
             timings["reload"] = time.perf_counter() - mark
@@ -105,14 +106,14 @@ class NginxDeployer:
                 self._restore(target, previous)
             message = f"could not update nginx {target.container}: {error}"
             log.error("%s", message)
-            return DeployResult(target.container, False, message, timings)
+            return DeployResult(target.container, False, message, timings, target.container_id)
         log.info(
             "nginx %s reloaded with the new config (copy %.0f ms, test %.0f ms)",
             target.container,
             timings["copy"] * 1000,
             timings["test"] * 1000,
         )
-        return DeployResult(target.container, True, None, timings)
+        return DeployResult(target.container, True, None, timings, target.container_id)
 
     def _restore(self, target: NginxTarget, previous: bytes | None) -> None:
         try:

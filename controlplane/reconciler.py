@@ -23,7 +23,7 @@ import jinja2
 from controlplane.core.build import build_topology
 from controlplane.core.dns_records import Zone, build_zone
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
-from controlplane.core.model import DockerState, NginxTarget, Topology
+from controlplane.core.model import DockerState, NginxTarget, Overrides, Topology
 from controlplane.core.render import RenderCache, render_config
 from controlplane.docker_source import DockerEvent
 from controlplane.errors import ControlPlaneError, DockerUnavailable
@@ -77,6 +77,7 @@ class ReconcileReport:
     timings: dict[str, float] = field(default_factory=dict, hash=False)
     trigger: DockerEvent | None = None
     started_ns: int = 0
+    checksum: str = ""
 
 
 def checksum(text: str) -> str:
@@ -91,8 +92,11 @@ class Reconciler:
         template: jinja2.Template,
         settings: Settings,
         clock: Callable[[], float] = time.monotonic,
+        overrides: Callable[[], Overrides] = Overrides,
     ) -> None:
+        """`overrides` returns the operator's current choices (the store's value)."""
         self._source = source
+        self._overrides = overrides
         self._deployer = deployer
         self._template = template
         self._settings = settings
@@ -122,8 +126,14 @@ class Reconciler:
         self._source.invalidate()
         self._failed.clear()
 
-    def reconcile(self, reason: str, trigger: DockerEvent | None = None) -> ReconcileReport:
-        """`trigger`: the first event of the burst this pass answers, if any."""
+    def reconcile(
+        self,
+        reason: str,
+        trigger: DockerEvent | None = None,
+        on_snapshot: Callable[[Snapshot], None] | None = None,
+    ) -> ReconcileReport:
+        """`trigger`: the first event of the burst this pass answers, if any. `on_snapshot`
+        hears the snapshot this pass settled on before its deploys start."""
         started_ns = time.time_ns()
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -132,7 +142,7 @@ class Reconciler:
         running = [c.id for c in state.containers]
         self._marks = prune(self._marks, running, self._clock(), self._settings.stop_grace)
         mark = time.perf_counter()
-        topology = build_topology(state, self._build, self._marks)
+        topology = build_topology(state, self._build, self._marks, self._overrides())
         config = render_config(topology, self._template, self._render, self._render_cache)
         timings["render"] = time.perf_counter() - mark
         digest = checksum(config)
@@ -145,11 +155,13 @@ class Reconciler:
             snapshot = Snapshot(version, topology, config, digest, zone)
             self.snapshot = snapshot
             _log_news(topology, previous.topology if previous else Topology())
+        if on_snapshot is not None:
+            on_snapshot(snapshot)
         mark = time.perf_counter()
         deployed = self._deploy(topology, config, digest)
         timings["deploy"] = time.perf_counter() - mark
         report = ReconcileReport(
-            reason, snapshot.version, changed, deployed, timings, trigger, started_ns
+            reason, snapshot.version, changed, deployed, timings, trigger, started_ns, digest
         )
         for callback in self.on_report:
             callback(report)
@@ -209,6 +221,36 @@ STREAM_RESTORED = "stream-restored"
 STOP = "stop"
 
 
+class PassTicket:
+    """A pass someone asked for (the API): `planned` is set once the pass settled on its
+    snapshot, `done` once its deploys finished; `error` says why it could not run."""
+
+    def __init__(self, reason: str, resync: bool = False) -> None:
+        self.reason = reason
+        self.resync = resync
+        self.planned = threading.Event()
+        self.done = threading.Event()
+        self.snapshot: Snapshot | None = None
+        self.report: ReconcileReport | None = None
+        self.error: str | None = None
+
+    def plan(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.planned.set()
+
+    def finish(self, report: ReconcileReport) -> None:
+        self.report = report
+        self.planned.set()
+        self.done.set()
+
+    def fail(self, error: str) -> None:
+        if self.done.is_set():
+            return
+        self.error = error
+        self.planned.set()
+        self.done.set()
+
+
 class ControlLoop:
     """Runs the event watcher thread and the reconcile loop until `stop()`."""
 
@@ -217,14 +259,27 @@ class ControlLoop:
         self._events = events
         self._settings = settings
         # SimpleQueue: stop() puts from a signal handler, and its put is reentrant.
-        self._queue: queue.SimpleQueue[DockerEvent | str] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[DockerEvent | PassTicket | str] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self.ready = threading.Event()
+        self.healthy = False
+        """True while the last pass could reach Docker."""
+        self.on_failure: list[Callable[[str, str], None]] = []
 
     def stop(self) -> None:
         self._stopping.set()
         self._events.close_events()
         self._queue.put(STOP)
+
+    def request(self, reason: str, resync: bool = False) -> PassTicket:
+        """Ask for a pass now, without waiting for a quiet event stream; `resync` re-inspects
+        everything first."""
+        ticket = PassTicket(reason, resync)
+        if self._stopping.is_set():
+            ticket.fail("the controller is stopping")
+        else:
+            self._queue.put(ticket)
+        return ticket
 
     def run(self) -> None:
         watcher = threading.Thread(target=self._watch, name="docker-events", daemon=True)
@@ -238,53 +293,82 @@ class ControlLoop:
             except queue.Empty:
                 item = None
             if item is not None:
-                reason = self._coalesce(item)
+                reason, tickets = self._coalesce(item)
                 if not self._stopping.is_set():
-                    self._pass(reason, item if isinstance(item, DockerEvent) else None)
+                    self._pass(reason, item if isinstance(item, DockerEvent) else None, tickets)
+                for ticket in tickets:
+                    ticket.fail("the controller is stopping")  # a no-op once it finished
             if time.monotonic() >= next_resync and not self._stopping.is_set():
                 # Due even while events keep coming: it is what repairs a missed one.
                 self._reconciler.invalidate()
                 self._pass("periodic resync")
                 next_resync = time.monotonic() + self._settings.resync_interval
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, PassTicket):
+                item.fail("the controller is stopping")
         watcher.join(timeout=5)
 
-    def _coalesce(self, first: DockerEvent | str) -> str:
-        """Drain the burst that `first` opens; returns a short description of it."""
+    def _coalesce(self, first: DockerEvent | PassTicket | str) -> tuple[str, list[PassTicket]]:
+        """Drain the burst that `first` opens; returns a short description of it and the
+        tickets it answers. A ticket ends the wait for quiet: someone is waiting for it."""
         started = time.monotonic()
         events = 0
         restored = False
-        item: DockerEvent | str | None = first
+        tickets: list[PassTicket] = []
+        item: DockerEvent | PassTicket | str | None = first
         while item is not None:
             if isinstance(item, DockerEvent):
                 events += 1
                 self._reconciler.handle_event(item)
+            elif isinstance(item, PassTicket):
+                tickets.append(item)
+                if item.resync:
+                    self._reconciler.invalidate()
             elif item == STREAM_RESTORED:
                 restored = True
                 self._reconciler.invalidate()
             elif item == STOP:
-                return STOP
+                return STOP, tickets
             deadline = min(
                 time.monotonic() + self._settings.quiet_window, started + self._settings.max_wait
             )
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                if tickets:
+                    item = self._queue.get_nowait()
+                else:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 item = None
         parts = [STREAM_RESTORED] if restored else []
-        return " + ".join([*parts, f"{events} event(s)"] if events else parts)
+        parts.extend(dict.fromkeys(t.reason for t in tickets))
+        if events:
+            parts.append(f"{events} event(s)")
+        return " + ".join(parts), tickets
 
-    def _pass(self, reason: str, trigger: DockerEvent | None = None) -> None:
+    def _pass(
+        self,
+        reason: str,
+        trigger: DockerEvent | None = None,
+        tickets: list[PassTicket] | None = None,
+    ) -> None:
+        waiting = tickets or []
+
+        def planned(snapshot: Snapshot) -> None:
+            for ticket in waiting:
+                ticket.plan(snapshot)
+
         try:
-            report = self._reconciler.reconcile(reason, trigger)
-        except DockerUnavailable as error:
-            log.warning("reconcile (%s) skipped: %s", reason, error)
+            report = self._reconciler.reconcile(reason, trigger, planned)
+        except Exception as error:
+            self._failed(reason, error, waiting)
             return
-        except ControlPlaneError as error:
-            log.error("reconcile (%s) failed, nginx keeps its config: %s", reason, error)
-            return
-        except Exception:
-            log.exception("reconcile (%s) crashed, nginx keeps its config; please report", reason)
-            return
+        self.healthy = True
+        for ticket in waiting:
+            ticket.finish(report)
         if report.changed or report.deployed:
             log.info(
                 "reconciled (%s): version %d, %d nginx updated, %.1f ms",
@@ -293,6 +377,19 @@ class ControlLoop:
                 len(report.deployed),
                 sum(report.timings.values()) * 1000,
             )
+
+    def _failed(self, reason: str, error: Exception, tickets: list[PassTicket]) -> None:
+        if isinstance(error, DockerUnavailable):
+            self.healthy = False
+            log.warning("reconcile (%s) skipped: %s", reason, error)
+        elif isinstance(error, ControlPlaneError):
+            log.error("reconcile (%s) failed, nginx keeps its config: %s", reason, error)
+        else:
+            log.exception("reconcile (%s) crashed, nginx keeps its config; please report", reason)
+        for ticket in tickets:
+            ticket.fail(str(error))
+        for callback in self.on_failure:
+            callback(reason, str(error))
 
     def _watch(self) -> None:
         """Follows the event stream; after a break, reconnects with backoff and resyncs, since

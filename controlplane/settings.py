@@ -29,6 +29,14 @@ class Settings:
     dns_upstreams: tuple[str, ...] = ()
     dns_allow: tuple[IpNetwork, ...] | None = None
     """None: loopback and the watched networks' subnets may use the forwarder."""
+    api_bind: str | None = None
+    """IP:PORT of the REST API; None: no API."""
+    api_token: str | None = None
+    insecure: bool = False
+    """Allow the API on a non-loopback address without a token."""
+    state_dir: Path | None = None
+    """Where overrides persist; None keeps them in memory only (tests, `render`)."""
+    wait_timeout: float = 10.0
 
     @property
     def build_options(self) -> BuildOptions:

@@ -5,15 +5,23 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from controlplane.activity import Activity
+from controlplane.addresses import SocketAddress, is_loopback, parse_address
+from controlplane.api.app import create_app
+from controlplane.api.http import ApiContext
+from controlplane.api.server import ApiServer
 from controlplane.core.build import build_topology
 from controlplane.core.dns_records import Zone
 from controlplane.core.render import render_config
 from controlplane.dns_answer import Answerer
-from controlplane.dns_server import DnsServer, Forwarder, parse_endpoint
+from controlplane.dns_server import DnsServer, Forwarder
 from controlplane.docker_source import DockerSource, connect
+from controlplane.errors import ControlPlaneError
+from controlplane.metrics import Metrics
 from controlplane.nginx_deployer import NginxDeployer
 from controlplane.reconciler import ControlLoop, Reconciler
 from controlplane.settings import IpNetwork, Settings
+from controlplane.store import FILE_NAME, OverrideStore
 from controlplane.templating import load_template
 
 
@@ -21,17 +29,90 @@ from controlplane.templating import load_template
 class Controller:
     reconciler: Reconciler
     loop: ControlLoop
+    store: OverrideStore
+    activity: Activity
+    metrics: Metrics
     dns: DnsServer | None = None
+    api: ApiServer | None = None
+
+    def start_servers(self) -> None:
+        if self.dns is not None:
+            self.dns.start()
+        if self.api is not None:
+            self.api.start()
+
+    def stop_servers(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+        if self.dns is not None:
+            self.dns.stop()
+        self.store.close()
 
 
 def build_controller(settings: Settings) -> Controller:
-    """Two clients: the event stream holds one connection open for good."""
+    """Two Docker clients: the event stream holds one connection open for good. Everything
+    that can refuse to start (the state file, the template, a taken port) is done here,
+    before the loop runs."""
+    api_bind = _api_bind(settings)
+    store = OverrideStore(settings.state_dir)
     template = load_template(settings.templates_dir)
     api = connect(settings.docker_url)
-    source = DockerSource(api)
-    reconciler = Reconciler(source, NginxDeployer(api), template, settings)
+    reconciler = Reconciler(
+        DockerSource(api), NginxDeployer(api), template, settings, overrides=lambda: store.current
+    )
     loop = ControlLoop(reconciler, DockerSource(connect(settings.docker_url)), settings)
-    return Controller(reconciler, loop, _dns_server(settings, reconciler))
+    dns = _dns_server(settings, reconciler)
+    activity = Activity()
+    metrics = Metrics(lambda: reconciler.snapshot, dns.outcomes if dns is not None else None)
+    reconciler.on_report.extend([activity.on_report, metrics.on_report])
+    loop.on_failure.extend([activity.on_failure, metrics.on_failure])
+    server = None
+    if api_bind is not None:
+        app = create_app(api_context(settings, reconciler, loop, store, activity, metrics))
+        server = ApiServer(app, api_bind.host, api_bind.port)
+    return Controller(reconciler, loop, store, activity, metrics, dns, server)
+
+
+def api_context(
+    settings: Settings,
+    reconciler: Reconciler,
+    loop: ControlLoop,
+    store: OverrideStore,
+    activity: Activity,
+    metrics: Metrics,
+) -> ApiContext:
+    def not_ready() -> list[str]:
+        reasons = []
+        if reconciler.snapshot is None:
+            reasons.append("the first sync with Docker has not finished")
+        if not loop.healthy:
+            reasons.append("the last reconcile could not reach Docker")
+        return reasons
+
+    return ApiContext(
+        snapshot=lambda: reconciler.snapshot,
+        store=store,
+        request_pass=loop.request,
+        activity=activity,
+        metrics=metrics,
+        ready=not_ready,
+        token=settings.api_token,
+        wait_timeout=settings.wait_timeout,
+    )
+
+
+def _api_bind(settings: Settings) -> SocketAddress | None:
+    """This API can send all traffic anywhere: off loopback it needs a token, or --insecure."""
+    if settings.api_bind is None:
+        return None
+    bind = parse_address(settings.api_bind, default_port=8080, any_port=True)
+    if not is_loopback(bind) and not settings.api_token and not settings.insecure:
+        raise ControlPlaneError(
+            f"refusing to serve the API on {bind} without a token: anyone who reaches it "
+            "could send all traffic elsewhere. Set --api-token (or CONTROLPLANE_API_TOKEN), "
+            "bind to 127.0.0.1, or pass --insecure if the network is trusted"
+        )
+    return bind
 
 
 def _dns_server(settings: Settings, reconciler: Reconciler) -> DnsServer | None:
@@ -50,15 +131,21 @@ def _dns_server(settings: Settings, reconciler: Reconciler) -> DnsServer | None:
         networks = snapshot.topology.networks if snapshot else ()
         return [ipaddress.ip_network(s, strict=False) for n in networks for s in n.subnets]
 
-    upstreams = [parse_endpoint(u) for u in settings.dns_upstreams]
+    upstreams = [parse_address(u, default_port=53) for u in settings.dns_upstreams]
     answerer = Answerer(zone, allowed, forwarding=bool(upstreams))
-    binds = [parse_endpoint(b, default_port=53) for b in settings.dns_binds]
+    binds = [parse_address(b, default_port=53) for b in settings.dns_binds]
     return DnsServer(binds, answerer, Forwarder(upstreams) if upstreams else None)
 
 
 def render_once(settings: Settings) -> str:
-    """The config the current Docker state gives, without touching any nginx."""
+    """The config the current Docker state gives, with the persisted overrides (read only),
+    without touching any nginx."""
     template = load_template(settings.templates_dir)
-    state = DockerSource(connect(settings.docker_url)).snapshot()
-    topology = build_topology(state, settings.build_options)
+    saved = settings.state_dir
+    store = OverrideStore(saved if saved and (saved / FILE_NAME).exists() else None)
+    try:
+        state = DockerSource(connect(settings.docker_url)).snapshot()
+        topology = build_topology(state, settings.build_options, overrides=store.current)
+    finally:
+        store.close()
     return render_config(topology, template, settings.render_options)

@@ -19,6 +19,7 @@ from controlplane.core.model import (
     METHODS_WITHOUT_BACKUP,
     Algorithm,
     Backend,
+    BackendOverride,
     BackendState,
     ContainerFacts,
     DockerState,
@@ -26,9 +27,11 @@ from controlplane.core.model import (
     Exclusion,
     Method,
     NginxTarget,
+    Overrides,
     Service,
     Topology,
 )
+from controlplane.core.overrides import for_service
 from controlplane.errors import InvalidValue
 
 DEFAULT_CONFIG_PATH = "/etc/nginx/conf.d/controlplane.conf"
@@ -59,7 +62,10 @@ def build_topology(
     state: DockerState,
     options: BuildOptions = BuildOptions(),
     stopping: Mapping[str, StopMark] | None = None,
+    overrides: Overrides | None = None,
 ) -> Topology:
+    """`overrides`: the operator's persisted choices, which beat labels."""
+    chosen = overrides or Overrides()
     watched, warnings = _watched_networks(state, options)
     marks = stopping or {}
     nginx: list[NginxTarget] = []
@@ -101,7 +107,11 @@ def build_topology(
         )
     for name in sorted(members):
         service, dropped = _service(
-            name, tuple(members[name]), reachable if nginx else None, options.domain
+            name,
+            tuple(members[name]),
+            reachable if nginx else None,
+            options.domain,
+            *for_service(chosen, name),
         )
         services.append(service)
         excluded.extend(dropped)
@@ -262,14 +272,22 @@ def _backend_state(container: ContainerFacts, stopping: bool) -> BackendState:
 
 @functools.lru_cache(maxsize=16_384)
 def _service(
-    name: str, members: tuple[_Member, ...], reachable: frozenset[str] | None, domain: str
+    name: str,
+    members: tuple[_Member, ...],
+    reachable: frozenset[str] | None,
+    domain: str,
+    algorithm_override: Algorithm | None = None,
+    backend_overrides: tuple[tuple[str, BackendOverride], ...] = (),
 ) -> tuple[Service, tuple[Exclusion, ...]]:
     """`reachable`: networks some managed nginx is on (None: no nginx is managed). Memoised
     like `_plan`: an unchanged service is not rebuilt."""
     settings, warnings = _merge_service_labels(members)
     algorithm, source, problem = _algorithm(settings)
-    if problem:
+    if algorithm_override is not None:
+        algorithm, source = algorithm_override, "override"
+    elif problem:
         warnings.append(f"{problem}; using round_robin until that is fixed")
+    chosen = dict(backend_overrides)
     excluded = []
     backends = []
     for m in members:
@@ -284,6 +302,8 @@ def _service(
                 )
             )
             continue
+        override = chosen.get(m.container.name, BackendOverride())
+        drained = override.drain and m.state is not BackendState.STOPPING
         backends.append(
             Backend(
                 container_id=m.container.id,
@@ -293,8 +313,8 @@ def _service(
                 ipv6=m.endpoint.ipv6,
                 port=m.port,
                 created=m.container.created,
-                state=m.state,
-                weight=m.backend.weight,
+                state=BackendState.DRAINING if drained else m.state,
+                weight=override.weight or m.backend.weight,
                 backup=m.backend.backup,
                 max_fails=m.backend.max_fails,
                 fail_timeout=m.backend.fail_timeout,

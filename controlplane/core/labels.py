@@ -152,7 +152,7 @@ def parse_duration(value: str, label: str) -> str:
     return text
 
 
-def parse_hash_key(value: str) -> str:
+def parse_hash_key(value: str, what: str = HASH_KEY) -> str:
     """A key built only from known nginx variables and harmless literal characters."""
     text = value.strip()
     position, variables = 0, 0
@@ -160,7 +160,7 @@ def parse_hash_key(value: str) -> str:
         match = HASH_TOKEN_RE.match(text, position)
         if not match:
             raise InvalidValue(
-                f"{HASH_KEY}={show(value)} has a character not allowed at position {position}: "
+                f"{what}={show(value)} has a character not allowed at position {position}: "
                 "use nginx variables such as $request_uri, $remote_addr, $http_x_user, "
                 "$cookie_id, $arg_id and the characters A-Z a-z 0-9 _ . : / , = -"
             )
@@ -168,7 +168,7 @@ def parse_hash_key(value: str) -> str:
         if variable is not None:
             if variable not in HASH_VARIABLES and not HASH_PREFIX_VARIABLE_RE.fullmatch(variable):
                 raise InvalidValue(
-                    f"{HASH_KEY}={show(value)} uses unknown variable {show('$' + variable)} "
+                    f"{what}={show(value)} uses unknown variable {show('$' + variable)} "
                     "(a name goes on as far as letters, digits and '_' do): allowed are "
                     f"{', '.join('$' + v for v in sorted(HASH_VARIABLES))} and $http_*, "
                     "$cookie_*, $arg_*"
@@ -177,7 +177,7 @@ def parse_hash_key(value: str) -> str:
         position = match.end()
     if variables == 0 or len(text) > 200:
         raise InvalidValue(
-            f"{HASH_KEY}={show(value)} must contain at least one nginx variable "
+            f"{what}={show(value)} must contain at least one nginx variable "
             "(e.g. $request_uri) and be at most 200 characters"
         )
     return text
@@ -198,14 +198,12 @@ def parse_hosts(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(hosts))
 
 
-def parse_method(value: str) -> Method:
+def parse_method(value: str, what: str = ALGORITHM) -> Method:
     try:
         return Method(value.strip().lower())
     except ValueError:
         allowed = ", ".join(m.value for m in Method)
-        raise InvalidValue(
-            f"{ALGORITHM}={show(value)} is not a method: use one of {allowed}"
-        ) from None
+        raise InvalidValue(f"{what}={show(value)} is not a method: use one of {allowed}") from None
 
 
 def parse_config_path(value: str) -> str:

@@ -40,6 +40,7 @@ class BackendState(StrEnum):
     UNHEALTHY = "unhealthy"
     STARTING = "starting"
     STOPPING = "stopping"
+    DRAINING = "draining"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,23 @@ class NetworkFacts:
 class DockerState:
     containers: tuple[ContainerFacts, ...]
     networks: tuple[NetworkFacts, ...]
+
+
+@dataclass(frozen=True)
+class BackendOverride:
+    """An operator's choice for one container of one service, made through the API."""
+
+    weight: int | None = None
+    drain: bool = False
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Every persisted operator choice; it beats what labels say. Backends are keyed by
+    container name, which survives a restart of the container and of the controller."""
+
+    algorithms: Mapping[str, Algorithm] = field(default_factory=dict, hash=False)
+    backends: Mapping[str, Mapping[str, BackendOverride]] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import jinja2
 
-from controlplane.core.model import Backend, Exclusion, Method, Service, Topology
+from controlplane.core.model import Backend, BackendState, Exclusion, Method, Service, Topology
 from controlplane.errors import TemplateError
 
 SERVICE_TEMPLATE = "service.conf.j2"
@@ -42,6 +42,7 @@ class ServiceView:
     servers: tuple[ServerView, ...]
     server_names: tuple[str, ...]
     containers: int
+    serving: int
     service: Service
 
 
@@ -99,6 +100,8 @@ def server_params(backend: Backend) -> tuple[str, ...]:
         params.append(f"max_conns={backend.max_conns}")
     if backend.backup:
         params.append("backup")
+    if backend.state is BackendState.DRAINING:
+        params.append("down")
     return tuple(params)
 
 
@@ -119,10 +122,15 @@ def address(backend: Backend) -> str:
 
 def upstream_backends(service: Service, reachable: Iterable[str]) -> tuple[Backend, ...]:
     """One server per container, on a network a managed nginx is on; with no managed nginx
-    (e.g. `controlplane render` to preview), on the container's first network."""
+    (e.g. `controlplane render` to preview), on the container's first network. A drained
+    backend stays, marked down, so hash methods keep mapping the other keys as before."""
     networks = set(reachable)
     chosen: dict[str, Backend] = {}
-    for backend in service.live_backends:
+    if not service.live_backends:
+        return ()
+    for backend in service.backends:
+        if backend.state not in (BackendState.UP, BackendState.DRAINING):
+            continue
         if networks and backend.network not in networks:
             continue
         chosen.setdefault(backend.container_id, backend)
@@ -141,6 +149,7 @@ def service_view(service: Service, reachable: Iterable[str], options: RenderOpti
         servers=tuple(ServerView(address(b), server_params(b), b.container) for b in backends),
         server_names=service.names or (service.name,),
         containers=len({b.container_id for b in service.backends}),
+        serving=sum(1 for b in backends if b.state is BackendState.UP),
         service=service,
     )
 

@@ -1,5 +1,5 @@
 """The DNS server on real loopback sockets: `dig` and raw dnslib clients over UDP and TCP,
-forwarding to a stub upstream on loopback (never a real resolver), and parse_endpoint."""
+forwarding to a stub upstream on loopback (never a real resolver)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 from dnslib import EDNS0 as Edns0
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from controlplane.addresses import SocketAddress
 from controlplane.dns_answer import UDP_PLAIN_LIMIT
-from controlplane.dns_server import DnsServer, Endpoint, parse_endpoint
+from controlplane.dns_server import DnsServer
 from controlplane.errors import ControlPlaneError
 from tests.support.dns_stub import (
     BIG,
@@ -273,7 +274,7 @@ def test_stop_releases_the_port() -> None:
     port = free_port()
     for _ in range(2):
         server = DnsServer(
-            [Endpoint(LOOPBACK, port)], CountingAnswerer(lambda: ZONE, list, False), None
+            [SocketAddress(LOOPBACK, port)], CountingAnswerer(lambda: ZONE, list, False), None
         )
         server.start()
         try:
@@ -284,7 +285,7 @@ def test_stop_releases_the_port() -> None:
 
 def test_a_taken_port_is_a_clear_error(dns: RunningDns) -> None:
     server = DnsServer(
-        [Endpoint(LOOPBACK, dns.port)], CountingAnswerer(lambda: ZONE, list, False), None
+        [SocketAddress(LOOPBACK, dns.port)], CountingAnswerer(lambda: ZONE, list, False), None
     )
     with pytest.raises(ControlPlaneError, match="--dns-bind"):
         server.start()
@@ -351,7 +352,7 @@ def test_forward_cache_honours_the_ttl() -> None:
 @pytest.mark.parametrize("dead", ["refused", "silent"])
 def test_fail_over_to_the_next_upstream(dead: str) -> None:
     with StubUpstream(silent=True) as silent, StubUpstream() as stub:
-        first = silent.endpoint if dead == "silent" else Endpoint(LOOPBACK, free_port())
+        first = silent.endpoint if dead == "silent" else SocketAddress(LOOPBACK, free_port())
         with running_dns(ZONE, upstreams=[first, stub.endpoint], timeout=1.0) as running:
             started = time.monotonic()
             reply = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=0x0F0F)))
@@ -365,7 +366,7 @@ def test_fail_over_to_the_next_upstream(dead: str) -> None:
 
 def test_every_upstream_dead_is_servfail() -> None:
     with StubUpstream(silent=True) as silent:
-        upstreams = [Endpoint(LOOPBACK, free_port()), silent.endpoint]
+        upstreams = [SocketAddress(LOOPBACK, free_port()), silent.endpoint]
         with running_dns(ZONE, upstreams=upstreams, timeout=0.5) as running:
             started = time.monotonic()
             reply = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=0x5A5A)))
@@ -384,95 +385,3 @@ def test_forward_cache_echoes_the_question_of_each_client() -> None:
         udp_ask(running.port, query("example.test"))
         reply = DNSRecord.parse(udp_ask(running.port, query("ExAmPlE.TeSt")))
         assert str(reply.q.qname) == "ExAmPlE.TeSt."
-
-
-# ---------------------------------------------------------------- parse_endpoint
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("127.0.0.1:5353", Endpoint("127.0.0.1", 5353)),
-        ("127.0.0.1", Endpoint("127.0.0.1", 53)),
-        (" 10.0.0.1:53 ", Endpoint("10.0.0.1", 53)),
-        ("0.0.0.0:1", Endpoint("0.0.0.0", 1)),
-        ("127.0.0.1:65535", Endpoint("127.0.0.1", 65535)),
-        ("[::1]:5353", Endpoint("::1", 5353)),
-        ("[::1]", Endpoint("::1", 53)),
-        ("::1", Endpoint("::1", 53)),
-        ("::", Endpoint("::", 53)),
-        ("fd00::53", Endpoint("fd00::53", 53)),
-        ("[fe80::1%eth0]:53", Endpoint("fe80::1%eth0", 53)),
-    ],
-    ids=[
-        "v4-port",
-        "v4-default-port",
-        "spaces",
-        "any-port-1",
-        "port-max",
-        "v6-port",
-        "v6-brackets-default-port",
-        "v6-bare",
-        "v6-any",
-        "v6-bare-ula",
-        "v6-scoped",
-    ],
-)
-def test_parse_endpoint_accepts(text: str, expected: Endpoint) -> None:
-    assert parse_endpoint(text) == expected
-
-
-def test_parse_endpoint_default_port_and_str() -> None:
-    assert parse_endpoint("127.0.0.1", default_port=5353) == Endpoint("127.0.0.1", 5353)
-    assert str(parse_endpoint("[::1]:53")) == "[::1]:53"
-    assert str(parse_endpoint("127.0.0.1:53")) == "127.0.0.1:53"
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "",
-        "localhost:53",
-        "localhost",
-        "dns.example",
-        "127.0.0.1:0",
-        "127.0.0.1:65536",
-        "127.0.0.1:-1",
-        "127.0.0.1:53:53",
-        "127.0.0.1:port",
-        "127.0.0.256:53",
-        "::1:53:x",
-        "[::1]:x",
-        "[::1]:99999",
-        "[localhost]:53",
-        "1.2.3:53",
-        ":53",
-    ],
-    ids=[
-        "empty",
-        "name-port",
-        "name",
-        "fqdn",
-        "port-0",
-        "port-too-big",
-        "port-negative",
-        "two-ports",
-        "port-not-number",
-        "bad-octet",
-        "v6-junk",
-        "v6-port-not-number",
-        "v6-port-too-big",
-        "name-in-brackets",
-        "short-v4",
-        "port-only",
-    ],
-)
-def test_parse_endpoint_rejects(text: str) -> None:
-    with pytest.raises(ControlPlaneError, match="IP:PORT"):
-        parse_endpoint(text)
-
-
-@pytest.mark.parametrize("text", ["[::1]53", "127.0.0.1:", "127.0.0.1:+53", "127.0.0.1:5_3"])
-def test_parse_endpoint_rejects_sloppy_forms(text: str) -> None:
-    with pytest.raises(ControlPlaneError):
-        parse_endpoint(text)

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
+from controlplane.addresses import SocketAddress
 from controlplane.core import labels as L
 from controlplane.core.build import BuildOptions, build_topology
 from controlplane.core.dns_records import Zone, build_zone
 from controlplane.dns_answer import Answerer, Forward
-from controlplane.dns_server import DnsServer, Endpoint, Forwarder
+from controlplane.dns_server import DnsServer, Forwarder
 from controlplane.errors import ControlPlaneError
 from controlplane.settings import IpNetwork
 from tests.unit.builders import container, state
@@ -70,8 +71,8 @@ class StubUpstream:
         self._thread = threading.Thread(target=self._serve, name="stub-upstream", daemon=True)
 
     @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(LOOPBACK, self.port)
+    def endpoint(self) -> SocketAddress:
+        return SocketAddress(LOOPBACK, self.port)
 
     @property
     def count(self) -> int:
@@ -155,7 +156,7 @@ class RunningDns:
 def running_dns(
     zone: Zone | None,
     *,
-    upstreams: Sequence[Endpoint] = (),
+    upstreams: Sequence[SocketAddress] = (),
     allowed: Iterable[IpNetwork] = (),
     timeout: float = 1.0,
 ) -> Iterator[RunningDns]:
@@ -165,7 +166,7 @@ def running_dns(
     forwarder = Forwarder(upstreams, timeout) if upstreams else None
     for attempt in range(5):
         port = free_port()
-        server = DnsServer([Endpoint(LOOPBACK, port)], answerer, forwarder)
+        server = DnsServer([SocketAddress(LOOPBACK, port)], answerer, forwarder)
         try:
             server.start()
         except ControlPlaneError:  # the port was taken in between: try another

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -9,41 +10,12 @@ from dataclasses import replace
 
 import pytest
 
-from controlplane.core.model import DockerState, NginxTarget
 from controlplane.docker_source import DockerEvent
-from controlplane.errors import DockerUnavailable
-from controlplane.nginx_deployer import DeployResult
 from controlplane.reconciler import ControlLoop, Reconciler
 from controlplane.settings import Settings
 from controlplane.templating import load_template
 from tests.unit.builders import container, nginx, state
-
-
-class FakeSource:
-    def __init__(self, current: DockerState) -> None:
-        self.state = current
-        self.invalidated: list[str | None] = []
-
-    def snapshot(self) -> DockerState:
-        return self.state
-
-    def invalidate(self, container_id: str | None = None) -> None:
-        self.invalidated.append(container_id)
-
-
-class FakeDeployer:
-    def __init__(self) -> None:
-        self.deployed: list[tuple[str, bytes]] = []
-        self.refuse = False
-
-    def deploy(self, target: NginxTarget, content: bytes) -> DeployResult:
-        self.deployed.append((target.container, content))
-        if self.refuse:
-            return DeployResult(target.container, False, "nginx -t failed")
-        return DeployResult(target.container, True)
-
-    def retain(self, container_ids: set[str]) -> None:
-        pass
+from tests.unit.fakes import FakeDeployer, FakeEvents, FakeSource
 
 
 def make(*containers: object) -> tuple[FakeSource, FakeDeployer, Reconciler]:
@@ -117,33 +89,6 @@ def test_reload_signal_does_not_take_a_backend_out() -> None:
     assert reconciler.snapshot is not None and "# w1" in reconciler.snapshot.config
 
 
-class FakeEvents:
-    """Yields the scripted events, then blocks until closed; `breaks` first opens fail."""
-
-    def __init__(self, events: list[DockerEvent], gap: float = 0.0, breaks: int = 0) -> None:
-        self.events = events
-        self.gap = gap
-        self.breaks = breaks
-        self.opened = 0
-        self.closed = threading.Event()
-
-    def open_events(self) -> Iterator[DockerEvent]:
-        self.opened += 1
-        if self.opened <= self.breaks:
-            raise DockerUnavailable("dockerd restarting")
-        return self._stream()
-
-    def _stream(self) -> Iterator[DockerEvent]:
-        for item in self.events:
-            time.sleep(self.gap)
-            yield item
-        self.events = []
-        self.closed.wait(10)
-
-    def close_events(self) -> None:
-        self.closed.set()
-
-
 def run_loop(events: FakeEvents, seconds: float, **settings: float) -> list[str]:
     _, _, reconciler = make(nginx("lb"), container("w1"))
     reasons: list[str] = []
@@ -183,3 +128,44 @@ def test_the_periodic_resync_runs_while_events_keep_coming() -> None:
     storm = [event(f"{i:064x}", "start") for i in range(200)]  # ~2 s of events 10 ms apart
     reasons = run_loop(FakeEvents(storm, gap=0.01), 1.5, resync_interval=0.3, max_wait=0.2)
     assert reasons.count("periodic resync") >= 2, reasons
+
+
+@contextlib.contextmanager
+def running(loop: ControlLoop) -> Iterator[ControlLoop]:
+    """The loop on a daemon thread, stopped even when the test fails."""
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        assert loop.ready.wait(5)
+        yield loop
+    finally:
+        loop.stop()
+        thread.join(timeout=5)
+
+
+def test_a_requested_pass_skips_the_quiet_window_and_reports() -> None:
+    source, _, reconciler = make(nginx("lb"), container("w1"))
+    settings = replace(Settings(), quiet_window=5.0, max_wait=10.0)
+    loop = ControlLoop(reconciler, FakeEvents([]), settings)
+    with running(loop):
+        ticket = loop.request("api", resync=True)
+        assert ticket.done.wait(2), "a ticket must not wait for the 5 s quiet window"
+        assert ticket.error is None and ticket.report is not None
+        assert ticket.snapshot is not None and "api" in ticket.report.reason
+        assert None in source.invalidated
+    late = loop.request("api")
+    assert late.done.is_set() and late.error == "the controller is stopping"
+
+
+def test_a_failed_pass_fails_its_tickets_and_marks_the_loop_unhealthy() -> None:
+    source, _, reconciler = make(nginx("lb"), container("w1"))
+    loop = ControlLoop(reconciler, FakeEvents([]), Settings())
+    failures: list[str] = []
+    loop.on_failure.append(lambda reason, error: failures.append(error))
+    with running(loop):
+        assert loop.healthy
+        source.unavailable = True
+        ticket = loop.request("api")
+        assert ticket.done.wait(2)
+        assert ticket.error == "the fake engine is down" and not loop.healthy
+        assert failures == ["the fake engine is down"]

@@ -1,0 +1,121 @@
+"""What the controller did lately, and where each managed nginx stands, for the API.
+
+Fed by the reconciler's reports, the loop's failures and the API's own changes; bounded, so
+a long-running controller keeps the recent past only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from controlplane.reconciler import ReconcileReport
+
+MAX_ENTRIES = 500
+
+
+def iso_time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Entry:
+    time: str
+    kind: str
+    """reconcile, failure or override."""
+    summary: str
+    details: dict[str, object] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class NginxStatus:
+    container: str
+    container_id: str
+    checksum: str | None = None
+    """Of the config this nginx last loaded from controlplane."""
+    last_attempt: str | None = None
+    last_result: str | None = None
+    """ok or failed."""
+    last_reload: str | None = None
+    last_error: str | None = None
+    reloads: int = 0
+    failures: int = 0
+
+
+class Activity:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: deque[Entry] = deque(maxlen=MAX_ENTRIES)
+        self._nginx: dict[str, NginxStatus] = {}
+
+    def entries(self, limit: int = MAX_ENTRIES) -> list[Entry]:
+        """Newest first."""
+        with self._lock:
+            return list(reversed(self._entries))[:limit]
+
+    def nginx(self) -> dict[str, NginxStatus]:
+        with self._lock:
+            return dict(self._nginx)
+
+    def record(self, kind: str, summary: str, **details: object) -> None:
+        with self._lock:
+            self._entries.append(Entry(iso_time(time.time()), kind, summary, details))
+
+    def on_report(self, report: ReconcileReport) -> None:
+        """Passes that changed nothing and deployed nothing (resyncs) are not recorded."""
+        if not (report.changed or report.deployed):
+            return
+        now = iso_time(time.time())
+        with self._lock:
+            for result in report.deployed:
+                status = self._nginx.get(result.container_id) or NginxStatus(
+                    result.container, result.container_id
+                )
+                if result.ok:
+                    status = replace(
+                        status,
+                        checksum=report.checksum,
+                        last_attempt=now,
+                        last_result="ok",
+                        last_reload=now,
+                        last_error=None,
+                        reloads=status.reloads + 1,
+                    )
+                else:
+                    status = replace(
+                        status,
+                        last_attempt=now,
+                        last_result="failed",
+                        last_error=result.error,
+                        failures=status.failures + 1,
+                    )
+                self._nginx.pop(result.container_id, None)
+                self._nginx[result.container_id] = status
+            while len(self._nginx) > MAX_ENTRIES:  # containers long gone, least recent first
+                del self._nginx[next(iter(self._nginx))]
+            self._entries.append(
+                Entry(
+                    now,
+                    "reconcile",
+                    f"version {report.version} ({report.reason}): "
+                    f"{sum(d.ok for d in report.deployed)} nginx reloaded, "
+                    f"{sum(not d.ok for d in report.deployed)} failed",
+                    {
+                        "reason": report.reason,
+                        "version": report.version,
+                        "changed": report.changed,
+                        "checksum": report.checksum,
+                        "nginx": [
+                            {"container": d.container, "ok": d.ok, "error": d.error}
+                            for d in report.deployed
+                        ],
+                        "duration_ms": round(sum(report.timings.values()) * 1000, 1),
+                    },
+                )
+            )
+
+    def on_failure(self, reason: str, error: str) -> None:
+        self.record("failure", f"reconcile ({reason}) failed: {error}", reason=reason, error=error)

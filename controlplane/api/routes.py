@@ -1,0 +1,310 @@
+"""Every route of the API. A change is persisted first, then applied by a pass of the loop,
+so a reply never claims a change that a restart would lose."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from controlplane.api.http import (
+    ApiError,
+    context,
+    flag_arg,
+    json_body,
+    seconds_arg,
+)
+from controlplane.api.openapi import document
+from controlplane.api.views import (
+    Json,
+    absent_service_json,
+    service_json,
+    zone_json,
+)
+from controlplane.core import labels as L
+from controlplane.core.model import Algorithm, Backend, BackendOverride, Service
+from controlplane.core.overrides import parse_algorithm, parse_backend_patch, parse_container_name
+from controlplane.errors import InvalidValue
+from controlplane.reconciler import PassTicket, Snapshot
+
+routes = Blueprint("api", __name__)
+PREFIX = "/api/v1"
+MIN_ID_PREFIX = 4
+
+
+def _snapshot() -> Snapshot:
+    snapshot = context().snapshot()
+    if snapshot is None:
+        raise ApiError(
+            503,
+            "not_ready",
+            "the controller has not finished its first sync with Docker yet; retry shortly "
+            "(GET /readyz says why)",
+        )
+    return snapshot
+
+
+def _service_name(name: str) -> str:
+    """Case-insensitive like DNS, but no stray whitespace: a path names one service."""
+    try:
+        if name != name.strip():
+            raise InvalidValue(f"service {L.show(name)} has spaces or control characters")
+        return L.parse_name(name, "service")
+    except InvalidValue as error:
+        raise ApiError(404, "unknown_service", str(error)) from None
+
+
+def _find(snapshot: Snapshot, name: str) -> Service | None:
+    return next((s for s in snapshot.topology.services if s.name == name), None)
+
+
+def _require(snapshot: Snapshot, name: str) -> Service:
+    service = _find(snapshot, name)
+    if service is None:
+        known = [s.name for s in snapshot.topology.services]
+        raise ApiError(
+            404,
+            "unknown_service",
+            f"no service {name}: no running container has it as a network alias or "
+            f"controlplane.service label (add ?create=true to a change to keep it for when "
+            "the service appears)",
+            {"services": known[:100]},
+        )
+    return service
+
+
+def _view(name: str, snapshot: Snapshot) -> Json:
+    overrides = context().store.current
+    service = _find(snapshot, name)
+    if service is None:
+        return absent_service_json(name, overrides)
+    return service_json(service, snapshot.topology, overrides)
+
+
+def _apply(name: str, summary: str) -> Json:
+    """Run a pass for the change and answer with the service as that pass sees it; with
+    ?wait=true, only once every managed nginx has reloaded or failed (or the timeout)."""
+    api = context()
+    wait = flag_arg("wait")
+    timeout = seconds_arg("timeout", api.wait_timeout)
+    api.activity.record("override", f"service {name}: {summary}", service=name)
+    ticket = api.request_pass(f"api: {name} {summary}", False)
+    (ticket.done if wait else ticket.planned).wait(timeout)
+    snapshot = ticket.snapshot or _snapshot()
+    reply = _view(name, snapshot)
+    reply["applied"] = _applied(ticket, snapshot, wait, timeout)
+    return reply
+
+
+def _applied(ticket: PassTicket, snapshot: Snapshot, wait: bool, timeout: float) -> Json:
+    errors = [ticket.error] if ticket.error else []
+    report = ticket.report
+    if report is not None:
+        errors.extend(f"{d.container}: {d.error}" for d in report.deployed if not d.ok)
+    elif wait and not ticket.done.is_set():
+        errors.append(
+            f"nginx had not reloaded after {timeout:g} s; the change is saved and will apply "
+            "(GET /api/v1/nginx shows each nginx)"
+        )
+    return {
+        "version": snapshot.version,
+        "done": ticket.done.is_set() and ticket.error is None,
+        "reloaded": [d.container for d in report.deployed if d.ok] if report else [],
+        "errors": errors,
+    }
+
+
+@routes.get(f"{PREFIX}/services")
+def list_services() -> Json:
+    snapshot = _snapshot()
+    overrides = context().store.current
+    return {
+        "services": [
+            service_json(s, snapshot.topology, overrides) for s in snapshot.topology.services
+        ]
+    }
+
+
+@routes.get(f"{PREFIX}/services/<name>")
+def get_service(name: str) -> Json:
+    snapshot = _snapshot()
+    service = _service_name(name)
+    overrides = context().store.current
+    if service not in overrides.algorithms and service not in overrides.backends:
+        _require(snapshot, service)
+    return _view(service, snapshot)
+
+
+@routes.put(f"{PREFIX}/services/<name>/algorithm")
+def put_algorithm(name: str) -> Json:
+    snapshot = _snapshot()
+    service = _service_name(name)
+    algorithm = parse_algorithm(json_body())
+    if not flag_arg("create"):
+        _require(snapshot, service)
+    context().store.set_algorithm(service, algorithm)
+    return _apply(service, f"algorithm set to {_describe(algorithm)}")
+
+
+@routes.delete(f"{PREFIX}/services/<name>/algorithm")
+def delete_algorithm(name: str) -> Json:
+    snapshot = _snapshot()
+    service = _service_name(name)
+    if service not in context().store.current.algorithms:
+        _require(snapshot, service)
+    context().store.clear_algorithm(service)
+    return _apply(service, "algorithm override removed")
+
+
+def _backend_key(snapshot: Snapshot, service: str, container: str, create: bool) -> str:
+    """The container name an override is kept under: `container` may be the name, the ID or
+    an unambiguous ID prefix of a backend of the service."""
+    found = _find(snapshot, service)
+    backends: list[Backend] = list(found.backends) if found else []
+    matches = {b.container for b in backends if b.container == container.lstrip("/")}
+    if not matches and len(container) >= MIN_ID_PREFIX:
+        matches = {b.container for b in backends if b.container_id.startswith(container)}
+    if len(matches) > 1:
+        raise ApiError(
+            422,
+            "ambiguous_container",
+            f"{L.show(container)} is the start of several backends' IDs: "
+            f"{', '.join(sorted(matches))}; use the container name",
+        )
+    if matches:
+        return matches.pop()
+    if create or container in context().store.current.backends.get(service, {}):
+        return parse_container_name(container)
+    if found is None:
+        _require(snapshot, service)
+    raise ApiError(
+        404,
+        "unknown_backend",
+        f"container {L.show(container)} is not a backend of service {service} (add "
+        "?create=true to keep the override for when it joins)",
+        {"backends": sorted({b.container for b in backends})[:100]},
+    )
+
+
+@routes.patch(f"{PREFIX}/services/<name>/backends/<container>")
+def patch_backend(name: str, container: str) -> Json:
+    snapshot = _snapshot()
+    service = _service_name(name)
+    patch = parse_backend_patch(json_body())
+    key = _backend_key(snapshot, service, container, flag_arg("create"))
+    store = context().store
+    current = store.current.backends.get(service, {}).get(key, BackendOverride())
+    updated = patch.apply(current)
+    store.set_backend(service, key, updated)
+    return _apply(service, f"backend {key}: weight {updated.weight}, drain {updated.drain}")
+
+
+@routes.delete(f"{PREFIX}/services/<name>/backends/<container>")
+def delete_backend(name: str, container: str) -> Json:
+    snapshot = _snapshot()
+    service = _service_name(name)
+    key = _backend_key(snapshot, service, container, create=False)
+    context().store.clear_backend(service, key)
+    return _apply(service, f"backend {key}: overrides removed")
+
+
+@routes.get(f"{PREFIX}/config")
+def get_config() -> Response:
+    return Response(_snapshot().config, mimetype="text/plain")
+
+
+@routes.get(f"{PREFIX}/nginx")
+def get_nginx() -> Json:
+    snapshot = _snapshot()
+    statuses = context().activity.nginx()
+    managed = []
+    for target in snapshot.topology.nginx:
+        status = statuses.get(target.container_id)
+        managed.append(
+            {
+                "container": target.container_id,
+                "name": target.container,
+                "config_path": target.config_path,
+                "networks": list(target.networks),
+                "started_at": target.started_at,
+                "checksum": status.checksum if status else None,
+                "current": status is not None and status.checksum == snapshot.checksum,
+                "last_attempt": status.last_attempt if status else None,
+                "last_result": status.last_result if status else None,
+                "last_reload": status.last_reload if status else None,
+                "last_error": status.last_error if status else None,
+                "reloads": status.reloads if status else 0,
+                "failures": status.failures if status else 0,
+            }
+        )
+    excluded = [
+        {"container": e.container, "reason": e.reason}
+        for e in snapshot.topology.excluded
+        if e.reason.startswith("managed nginx")
+    ]
+    return {"checksum": snapshot.checksum, "nginx": managed, "excluded": excluded}
+
+
+@routes.get(f"{PREFIX}/events")
+def get_events() -> Json:
+    raw = request.args.get("limit", "100")
+    try:
+        limit = L.parse_int(raw, "limit", 1, 500)
+    except InvalidValue as error:
+        raise ApiError(422, "invalid_value", str(error), {"parameter": "limit"}) from None
+    return {
+        "events": [
+            {"time": e.time, "kind": e.kind, "summary": e.summary, "details": e.details}
+            for e in context().activity.entries(limit)
+        ]
+    }
+
+
+@routes.get(f"{PREFIX}/dns/records")
+def get_dns_records() -> Json:
+    return zone_json(_snapshot().dns)
+
+
+@routes.post(f"{PREFIX}/resync")
+def post_resync() -> Json:
+    api = context()
+    timeout = seconds_arg("timeout", api.wait_timeout)
+    ticket = api.request_pass("api: resync", True)
+    ticket.done.wait(timeout)
+    snapshot = ticket.snapshot or _snapshot()
+    report = ticket.report
+    return {
+        **_applied(ticket, snapshot, True, timeout),
+        "changed": bool(report and report.changed),
+    }
+
+
+@routes.get("/healthz")
+def healthz() -> Json:
+    return {"status": "ok"}
+
+
+@routes.get("/readyz")
+def readyz() -> tuple[Json, int]:
+    reasons = context().ready()
+    return {"ready": not reasons, "reasons": reasons}, 200 if not reasons else 503
+
+
+@routes.get("/metrics")
+def metrics() -> Response:
+    return Response(context().metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
+@routes.get(f"{PREFIX}/openapi.json")
+def openapi() -> Json:
+    return document()
+
+
+def _describe(algorithm: Algorithm) -> str:
+    words = [algorithm.method.value]
+    if algorithm.key:
+        words.append(algorithm.key)
+    if algorithm.consistent:
+        words.append("consistent")
+    if algorithm.two:
+        words.append("two")
+    return " ".join(words)

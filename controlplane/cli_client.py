@@ -1,0 +1,208 @@
+"""The CLI commands that talk to a running controller through its API: readable tables by
+default, the API's JSON with --json."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from controlplane.api_client import DEFAULT_URL, ApiClient
+from controlplane.errors import ControlPlaneError
+
+F = TypeVar("F", bound=Callable[..., Any])
+TOKEN_ENV = "CONTROLPLANE_API_TOKEN"
+
+
+def client_options(command: F) -> F:
+    command = click.option(
+        "--json", "as_json", is_flag=True, help="Print the API's JSON reply, for scripts."
+    )(command)
+    return click.option(
+        "--api",
+        "api_url",
+        envvar="CONTROLPLANE_API",
+        default=DEFAULT_URL,
+        show_default=True,
+        help=f"URL of the controller's API (env CONTROLPLANE_API; token from {TOKEN_ENV}).",
+    )(command)
+
+
+def _client(api_url: str) -> ApiClient:
+    return ApiClient(api_url, os.environ.get(TOKEN_ENV) or None)
+
+
+def _call(api_url: str, method: str, path: str, body: object = None, **query: str) -> Any:
+    try:
+        return _client(api_url).call(method, path, body, query or None)
+    except ControlPlaneError as error:
+        raise click.ClickException(str(error)) from error
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def describe(algorithm: dict[str, Any]) -> str:
+    words = [algorithm["method"]]
+    if algorithm.get("key"):
+        words.append(algorithm["key"])
+    words.extend(flag for flag in ("consistent", "two") if algorithm.get(flag))
+    return " ".join(words)
+
+
+def services_table(services: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            s["name"],
+            describe(s["algorithm"]),
+            s["algorithm_source"],
+            f"{sum(b['state'] == 'up' for b in s['backends'])}/{len(s['backends'])}",
+            ",".join(s["hosts"]) or "-",
+        )
+        for s in services
+    ]
+    return table(("SERVICE", "METHOD", "SOURCE", "UP", "NAMES"), rows)
+
+
+def service_text(service: dict[str, Any]) -> str:
+    lines = [
+        f"service {service['name']}: {describe(service['algorithm'])} "
+        f"({service['algorithm_source']})"
+        + ("" if service["exists"] else " - no backend yet, overrides kept for when it appears"),
+        f"names: {', '.join(service['hosts']) or '-'}",
+    ]
+    if service["backends"]:
+        lines.append(
+            table(
+                ("CONTAINER", "ID", "NETWORK", "ADDRESS", "WEIGHT", "STATE"),
+                [
+                    (
+                        b["name"],
+                        b["container"][:12],
+                        b["network"],
+                        f"{b['ip']}:{b['port']}",
+                        f"{b['weight']}{' backup' if b['backup'] else ''}",
+                        b["state"],
+                    )
+                    for b in service["backends"]
+                ],
+            )
+        )
+    lines.extend(f"excluded {e['container']}: {e['reason']}" for e in service["excluded"])
+    lines.extend(f"warning: {w}" for w in service["warnings"])
+    return "\n".join(lines)
+
+
+def _show_change(reply: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+    else:
+        click.echo(service_text(reply))
+        applied = reply["applied"]
+        reloaded = ", ".join(applied["reloaded"]) or "no nginx"
+        click.echo(f"saved; version {applied['version']}, reloaded: {reloaded}")
+    if reply["applied"]["errors"]:
+        raise click.ClickException(
+            "saved, but not applied everywhere: " + "; ".join(reply["applied"]["errors"])
+        )
+
+
+@click.command()
+@click.argument("name", required=False)
+@client_options
+def services(name: str | None, api_url: str, as_json: bool) -> None:
+    """List services, or show one with its backends."""
+    if name:
+        reply = _call(api_url, "GET", f"/api/v1/services/{name}")
+        click.echo(json.dumps(reply, indent=2) if as_json else service_text(reply))
+        return
+    reply = _call(api_url, "GET", "/api/v1/services")
+    click.echo(json.dumps(reply, indent=2) if as_json else services_table(reply["services"]))
+
+
+@click.command()
+@click.argument("service")
+@click.argument(
+    "method",
+    required=False,
+    type=click.Choice(["round_robin", "least_conn", "ip_hash", "hash", "random"]),
+)
+@click.option("--key", help="Hash key for method hash, e.g. '$request_uri'.")
+@click.option("--consistent", is_flag=True, help="Method hash: ketama consistent hashing.")
+@click.option("--two", is_flag=True, help="Method random: pick two, send to the less loaded.")
+@click.option("--reset", is_flag=True, help="Drop the override: labels decide again.")
+@click.option("--create", is_flag=True, help="Keep it even if the service does not exist yet.")
+@client_options
+def algorithm(
+    service: str,
+    method: str | None,
+    key: str | None,
+    consistent: bool,
+    two: bool,
+    reset: bool,
+    create: bool,
+    api_url: str,
+    as_json: bool,
+) -> None:
+    """Set a service's balancing method (persisted; beats labels)."""
+    path = f"/api/v1/services/{service}/algorithm"
+    if reset == (method is not None):
+        raise click.UsageError("give a METHOD, or --reset to drop the override")
+    if reset:
+        reply = _call(api_url, "DELETE", path, wait="true")
+    else:
+        body = {"method": method, "key": key, "consistent": consistent, "two": two}
+        extra = {"create": "true"} if create else {}
+        reply = _call(api_url, "PUT", path, body, wait="true", **extra)
+    _show_change(reply, as_json)
+
+
+def _patch(api_url: str, service: str, container: str, body: dict[str, object]) -> Any:
+    return _call(
+        api_url, "PATCH", f"/api/v1/services/{service}/backends/{container}", body, wait="true"
+    )
+
+
+@click.command()
+@click.argument("service")
+@click.argument("container")
+@click.argument("weight", required=False, type=click.IntRange(1, 1000))
+@click.option("--reset", is_flag=True, help="Drop the weight override: the label decides.")
+@client_options
+def weight(
+    service: str, container: str, weight: int | None, reset: bool, api_url: str, as_json: bool
+) -> None:
+    """Set a backend's weight (1-1000), by container name or ID."""
+    if reset == (weight is not None):
+        raise click.UsageError("give a WEIGHT, or --reset to drop the override")
+    _show_change(_patch(api_url, service, container, {"weight": weight}), as_json)
+
+
+@click.command()
+@click.argument("service")
+@click.argument("container")
+@client_options
+def drain(service: str, container: str, api_url: str, as_json: bool) -> None:
+    """Send a backend no new requests (and leave it out of DNS) until undrained."""
+    _show_change(_patch(api_url, service, container, {"drain": True}), as_json)
+
+
+@click.command()
+@click.argument("service")
+@click.argument("container")
+@client_options
+def undrain(service: str, container: str, api_url: str, as_json: bool) -> None:
+    """Give a drained backend traffic again."""
+    _show_change(_patch(api_url, service, container, {"drain": False}), as_json)
+
+
+COMMANDS = (services, algorithm, weight, drain, undrain)

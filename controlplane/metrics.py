@@ -1,0 +1,113 @@
+"""Prometheus metrics: counters fed by the loop, gauges read from the snapshot at scrape time.
+
+A registry of its own (not the library's global one), so two controllers in one process, as
+in the tests, don't share counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from controlplane.core.model import BackendState
+from controlplane.reconciler import ReconcileReport, Snapshot
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot | None],
+        dns_outcomes: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._reloads = Counter(
+            "controlplane_nginx_reloads",
+            "Config deploys to a managed nginx, by result (ok: tested and reloaded).",
+            ["nginx", "result"],
+            registry=self.registry,
+        )
+        self._failures = Counter(
+            "controlplane_reconcile_failures",
+            "Reconcile passes that could not run (Docker unreachable, template error).",
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "controlplane_reconcile_duration_seconds",
+            "Time of one reconcile pass that changed or deployed something: list, build, "
+            "render, deploy.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._event_to_apply = Histogram(
+            "controlplane_event_to_apply_seconds",
+            "From a Docker event to the reload of the config that answers it.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_SnapshotCollector(snapshot, dns_outcomes))
+
+    def on_report(self, report: ReconcileReport) -> None:
+        if not (report.changed or report.deployed):
+            return
+        self._duration.observe(sum(report.timings.values()))
+        for result in report.deployed:
+            self._reloads.labels(result.container, "ok" if result.ok else "failed").inc()
+        if report.trigger is not None and any(d.ok for d in report.deployed):
+            self._event_to_apply.observe(max(0, time.time_ns() - report.trigger.time_ns) / 1e9)
+
+    def on_failure(self, _reason: str, _error: str) -> None:
+        self._failures.inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _SnapshotCollector(Collector):
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot | None],
+        dns_outcomes: Callable[[], Mapping[str, int]] | None,
+    ) -> None:
+        self._snapshot = snapshot
+        self._dns_outcomes = dns_outcomes
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        snapshot = self._snapshot()
+        backends = GaugeMetricFamily(
+            "controlplane_backends",
+            "Backends (container x network) per service, by state; only up ones get traffic.",
+            labels=["service", "state"],
+        )
+        version = GaugeMetricFamily(
+            "controlplane_snapshot_version", "Version of the model the controller holds."
+        )
+        excluded = GaugeMetricFamily(
+            "controlplane_excluded", "Containers or aliases left out, each with a reason."
+        )
+        if snapshot is not None:
+            for service in snapshot.topology.services:
+                states = Tally(b.state for b in service.backends)
+                for state in BackendState:
+                    backends.add_metric([service.name, state.value], states.get(state, 0))
+            version.add_metric([], snapshot.version)
+            excluded.add_metric([], len(snapshot.topology.excluded))
+        yield backends
+        yield version
+        yield excluded
+        if self._dns_outcomes is not None:
+            queries = CounterMetricFamily(
+                "controlplane_dns_queries",
+                "DNS queries by result: the reply's RCODE, forwarded or dropped.",
+                labels=["result"],
+            )
+            for result, count in self._dns_outcomes().items():
+                if count or not result.startswith("rcode"):
+                    queries.add_metric([result], count)
+            yield queries

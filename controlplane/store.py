@@ -1,0 +1,165 @@
+"""The operator's overrides, persisted in SQLite so they survive restarts of everything.
+
+WAL with synchronous=FULL: a change is acknowledged only after its commit reached the disk,
+so a `kill -9` at any moment loses no acknowledged change and leaves no half-written file. A
+state file that can't be read or fails its integrity check stops the start; it is never
+replaced, since it may hold the only copy of an operator's choices. Readers get the current
+`Overrides` value whole, without a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from controlplane.core.model import Algorithm, BackendOverride, Method, Overrides
+from controlplane.core.overrides import check_algorithm, check_backend
+from controlplane.errors import InvalidValue, StateError
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "overrides.sqlite3"
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS algorithm (
+    service TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    key TEXT,
+    consistent INTEGER NOT NULL,
+    two INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS backend (
+    service TEXT NOT NULL,
+    container TEXT NOT NULL,
+    weight INTEGER,
+    drain INTEGER NOT NULL,
+    PRIMARY KEY (service, container)
+);
+"""
+
+
+class OverrideStore:
+    """One connection, writes serialised by a lock (the API serves from several threads)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        """`directory` None keeps the overrides in memory, for this process only."""
+        self.path = directory / FILE_NAME if directory else Path(":memory:")
+        self._lock = threading.Lock()
+        self._db = _open(directory, self.path)
+        self.current = self._load()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def set_algorithm(self, service: str, algorithm: Algorithm) -> Overrides:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO algorithm VALUES (?, ?, ?, ?, ?)",
+                (
+                    service,
+                    algorithm.method.value,
+                    algorithm.key,
+                    int(algorithm.consistent),
+                    int(algorithm.two),
+                ),
+            )
+        return self.current
+
+    def clear_algorithm(self, service: str) -> Overrides:
+        with self._write() as db:
+            db.execute("DELETE FROM algorithm WHERE service = ?", (service,))
+        return self.current
+
+    def set_backend(self, service: str, container: str, override: BackendOverride) -> Overrides:
+        """An override that changes nothing is deleted rather than kept."""
+        with self._write() as db:
+            if override == BackendOverride():
+                db.execute(
+                    "DELETE FROM backend WHERE service = ? AND container = ?", (service, container)
+                )
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO backend VALUES (?, ?, ?, ?)",
+                    (service, container, override.weight, int(override.drain)),
+                )
+        return self.current
+
+    def clear_backend(self, service: str, container: str) -> Overrides:
+        return self.set_backend(service, container, BackendOverride())
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                with self._db:
+                    yield self._db
+                self.current = self._load()
+            except sqlite3.Error as error:
+                raise StateError(
+                    f"could not save the change in {self.path}: {error}; nothing was changed "
+                    "(check that the disk is writable and not full)"
+                ) from error
+
+    def _load(self) -> Overrides:
+        try:
+            algorithms = {
+                service: check_algorithm(
+                    Algorithm(Method(method), key, bool(consistent), bool(two))
+                )
+                for service, method, key, consistent, two in self._db.execute(
+                    "SELECT service, method, key, consistent, two FROM algorithm"
+                )
+            }
+            backends: dict[str, dict[str, BackendOverride]] = {}
+            for service, container, weight, drain in self._db.execute(
+                "SELECT service, container, weight, drain FROM backend"
+            ):
+                backends.setdefault(service, {})[container] = check_backend(
+                    BackendOverride(weight, bool(drain))
+                )
+        except (sqlite3.Error, ValueError, InvalidValue) as error:
+            raise StateError(
+                f"the state file {self.path} holds a value controlplane can't use ({error}); "
+                "fix or move the file away (it is left as it is)"
+            ) from error
+        return Overrides(algorithms, backends)
+
+
+def _open(directory: Path | None, path: Path) -> sqlite3.Connection:
+    try:
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
+    except (OSError, sqlite3.Error) as error:
+        raise StateError(
+            f"can't open the state file {path}: {error}; point --state-dir at a writable directory"
+        ) from error
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check says: {check}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"it was written by a newer controlplane (schema {version}, this one knows "
+                f"{SCHEMA_VERSION})"
+            )
+        with db:
+            db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except sqlite3.Error as error:
+        db.close()
+        raise StateError(
+            f"the state file {path} is unreadable or corrupt ({error}); controlplane does not "
+            "replace it: restore it from a backup or move it away to start with no overrides"
+        ) from error
+    if directory is not None:
+        log.info("overrides are kept in %s", path)
+    return db

@@ -1,0 +1,110 @@
+"""The override store: what is acknowledged survives, what is corrupt stops the start and is
+left as it is."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from controlplane.core.model import Algorithm, BackendOverride, Method
+from controlplane.errors import StateError
+from controlplane.store import FILE_NAME, OverrideStore
+
+HASH = Algorithm(Method.HASH, "$request_uri", consistent=True)
+
+
+def test_changes_survive_reopening(tmp_path: Path) -> None:
+    store = OverrideStore(tmp_path)
+    store.set_algorithm("web", HASH)
+    store.set_backend("web", "w1", BackendOverride(weight=5, drain=True))
+    store.set_algorithm("api", Algorithm(Method.LEAST_CONN))
+    store.clear_algorithm("api")
+    store.close()
+    again = OverrideStore(tmp_path)
+    assert again.current.algorithms == {"web": HASH}
+    assert again.current.backends == {"web": {"w1": BackendOverride(5, True)}}
+    again.close()
+
+
+def test_an_empty_override_is_deleted(tmp_path: Path) -> None:
+    store = OverrideStore(tmp_path)
+    store.set_backend("web", "w1", BackendOverride(weight=2))
+    store.clear_backend("web", "w1")
+    assert store.current.backends == {}
+    assert store.set_backend("web", "w2", BackendOverride()).backends == {}
+    store.close()
+
+
+def test_in_memory_without_a_directory() -> None:
+    store = OverrideStore(None)
+    store.set_algorithm("web", HASH)
+    assert store.current.algorithms == {"web": HASH}
+    store.close()
+
+
+def test_a_corrupt_file_stops_the_start_and_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    garbage = b"SQLite format 3\x00" + b"\xde\xad" * 4000
+    path.write_bytes(garbage)
+    with pytest.raises(StateError, match=r"unreadable or corrupt.*does not replace it"):
+        OverrideStore(tmp_path)
+    assert path.read_bytes() == garbage
+
+
+def test_a_value_outside_the_grammar_stops_the_start(tmp_path: Path) -> None:
+    OverrideStore(tmp_path).close()
+    with sqlite3.connect(tmp_path / FILE_NAME) as db:
+        db.execute("INSERT INTO algorithm VALUES ('web', 'hash', '$uri; } server {', 0, 0)")
+    with pytest.raises(StateError, match="holds a value controlplane can't use"):
+        OverrideStore(tmp_path)
+
+
+def test_a_newer_schema_stops_the_start(tmp_path: Path) -> None:
+    OverrideStore(tmp_path).close()
+    with sqlite3.connect(tmp_path / FILE_NAME) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StateError, match="newer controlplane"):
+        OverrideStore(tmp_path)
+
+
+def test_an_unusable_directory_says_what_to_do(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StateError, match="--state-dir"):
+        OverrideStore(blocker / "state")
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from controlplane.core.model import BackendOverride
+from controlplane.store import OverrideStore
+
+store = OverrideStore(Path(sys.argv[1]))
+for n in range(1, 100_000):
+    store.set_backend("web", f"w{n}", BackendOverride(weight=n % 1000 + 1))
+    print(n, flush=True)
+"""
+
+
+@pytest.mark.parametrize("after", [0.3, 0.6, 0.9], ids=["early", "middle", "late"])
+def test_kill_9_loses_no_acknowledged_change(tmp_path: Path, after: float) -> None:
+    """A writer acknowledges each change on stdout once `set_backend` returned; SIGKILL it
+    mid-stream: every acknowledged change is there and the file opens cleanly."""
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(after)
+    writer.kill()
+    output, _ = writer.communicate(timeout=10)
+    acknowledged = [int(line) for line in output.split()]
+    assert acknowledged, "the writer acknowledged nothing before it was killed"
+    store = OverrideStore(tmp_path)
+    kept = store.current.backends["web"]
+    assert all(f"w{n}" in kept for n in acknowledged)
+    store.close()
