@@ -61,6 +61,7 @@ class RunningController:
     controller: Controller
     thread: threading.Thread
     reports: list[ReconcileReport] = field(default_factory=list)
+    stopped: bool = False
 
     @property
     def config(self) -> str:
@@ -79,11 +80,19 @@ class RunningController:
     def reloads(self) -> int:
         return sum(1 for r in self.reports for d in r.deployed if d.ok)
 
+    @property
+    def api_url(self) -> str:
+        assert self.controller.api is not None, "start the controller with api_bind"
+        return self.controller.api.url
+
     def stop(self) -> None:
+        """Idempotent: a test may stop a controller itself to start another."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.controller.loop.stop()
         self.thread.join(timeout=10)
-        if self.controller.dns is not None:
-            self.controller.dns.stop()
+        self.controller.stop_servers()
 
 
 class ControllerFactory:
@@ -93,8 +102,7 @@ class ControllerFactory:
     def __call__(self, *networks: str, **overrides: object) -> RunningController:
         settings = replace(Settings(networks=frozenset(networks)), **overrides)  # type: ignore[arg-type]
         controller = build_controller(settings)
-        if controller.dns is not None:
-            controller.dns.start()
+        controller.start_servers()
         running = RunningController(
             controller, threading.Thread(target=controller.loop.run, daemon=True)
         )

@@ -1,0 +1,162 @@
+"""API change to served: how long from `PUT /api/v1/services/bench/algorithm` until nginx
+answers with the new method, over a series of method switches.
+
+Runs a real controller with its API on loopback (in this process, to read its reports), a
+managed nginx and busybox backends from the offline test images. A prober sends requests back
+to back, each on a new connection, and reads the X-Balancing header that bench/templates adds.
+Run:
+
+    .venv/bin/python bench/api_to_served.py [--changes 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import docker
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine_line, row, table
+from controlplane.reconciler import ReconcileReport
+from controlplane.settings import Settings
+from controlplane.wiring import build_controller
+from tests.support.images import ensure_images
+from tests.support.lab import Lab, wait_until
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+HOST = "bench"
+CHANGES = [
+    ({"method": "least_conn"}, "least_conn"),
+    ({"method": "hash", "key": "$request_uri", "consistent": True}, "hash-consistent"),
+    ({"method": "ip_hash"}, "ip_hash"),
+    ({"method": "random", "two": True}, "random"),
+    ({"method": "round_robin"}, "round_robin"),
+]
+
+
+class Prober:
+    """Records (time, method) for each request, until stopped or `max_seconds` passed."""
+
+    def __init__(self, port: int, max_seconds: float) -> None:
+        self.seen: list[tuple[int, str]] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+        self._thread = threading.Thread(target=self._run, args=(port,), daemon=True)
+        self._thread.start()
+
+    def _run(self, port: int) -> None:
+        headers = {"Host": HOST, "Connection": "close"}
+        with httpx.Client(timeout=5.0, headers=headers) as client:
+            while not self._stop.is_set() and time.monotonic() < self._deadline:
+                started = time.time_ns()
+                try:
+                    reply = client.get(f"http://127.0.0.1:{port}/")
+                except httpx.HTTPError:
+                    self.failed += 1
+                    continue
+                if reply.status_code != 200:
+                    self.failed += 1
+                self.seen.append((started, reply.headers.get("x-balancing", "")))
+
+    def first(self, method: str, after_ns: int) -> int | None:
+        return next((t for t, m in self.seen if t >= after_ns and m == method), None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--changes", type=int, default=50, help="method switches to measure")
+    args = parser.parse_args()
+
+    client = docker.from_env(version="auto")
+    lab = Lab(client, ensure_images(client, progress=lambda line: print(line, file=sys.stderr)))
+    reports: list[ReconcileReport] = []
+    served: list[float] = []
+    replied: list[float] = []
+    phases: dict[str, list[float]] = {}
+    try:
+        net = lab.network("bench")
+        lb = lab.nginx(net)
+        for _ in range(3):
+            lab.backend(net, alias=HOST)
+        with tempfile.TemporaryDirectory() as state_dir:
+            settings = Settings(
+                networks=frozenset({net.name}),
+                templates_dir=TEMPLATES,
+                api_bind="127.0.0.1:0",
+                state_dir=Path(state_dir),
+            )
+            controller = build_controller(settings)
+            controller.reconciler.on_report.append(reports.append)
+            controller.start_servers()
+            loop = threading.Thread(target=controller.loop.run, daemon=True)
+            loop.start()
+            wait_until(controller.loop.ready.is_set)
+            assert controller.api is not None
+            api = httpx.Client(base_url=controller.api.url, timeout=30)
+            prober = Prober(lab.published_port(lb), max_seconds=60 + args.changes * 3)
+            wait_until(lambda: prober.first("round_robin", 0), what="nginx serving")
+            for n in range(args.changes):
+                body, expected = CHANGES[n % len(CHANGES)]
+                sent = time.time_ns()
+                reply = api.put(f"/api/v1/services/{HOST}/algorithm?wait=true", json=body)
+                answered = time.time_ns()
+                reply.raise_for_status()
+                seen = wait_until(
+                    lambda expected=expected, sent=sent: prober.first(expected, sent),
+                    timeout=10,
+                    interval=0.002,
+                )
+                served.append((seen - sent) / 1e6)
+                replied.append((answered - sent) / 1e6)
+                report = next(r for r in reports if r.started_ns >= sent and r.deployed)
+                deploy = report.deployed[0].timings
+                for name, value in (
+                    ("queue -> pass start", (report.started_ns - sent) / 1e6),
+                    (
+                        "list + build + render",
+                        (report.timings["list"] + report.timings["render"]) * 1000,
+                    ),
+                    ("copy (put_archive)", deploy.get("copy", 0) * 1000),
+                    ("nginx -t (exec)", deploy.get("test", 0) * 1000),
+                    ("SIGHUP", deploy.get("reload", 0) * 1000),
+                ):
+                    phases.setdefault(name, []).append(value)
+                time.sleep(0.2)
+            prober.stop()
+            controller.loop.stop()
+            loop.join(timeout=10)
+            controller.stop_servers()
+    finally:
+        lab.cleanup()
+
+    print(machine_line())
+    print(
+        f"{args.changes} method switches through the API (?wait=true), one managed nginx "
+        "(2 workers), one client sending requests back to back\n"
+    )
+    print(
+        table(
+            [
+                row("PUT sent -> nginx serving with the new method", served),
+                row("PUT sent -> reply (?wait=true: nginx reloaded)", replied),
+                *[row(f"  {name}", values) for name, values in phases.items()],
+            ]
+        )
+    )
+    print(f"\nrequests sent while measuring: {len(prober.seen)}, failed: {prober.failed}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The CLI's API commands against a real HTTP server on loopback (waitress, port 0)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+from click.testing import CliRunner, Result
+
+from controlplane.api.server import ApiServer
+from controlplane.cli import main
+from controlplane.errors import ControlPlaneError
+from tests.unit.conftest import ApiHarness, HarnessFactory
+
+
+@pytest.fixture
+def served(make_api: HarnessFactory) -> Iterator[tuple[ApiHarness, str]]:
+    api = make_api(token="t0ken")
+    server = ApiServer(api.app, "127.0.0.1", 0)
+    server.start()
+    yield api, server.url
+    server.stop()
+
+
+def cli(url: str, *args: str, token: str | None = "t0ken") -> Result:
+    env = {"CONTROLPLANE_API": url, "CONTROLPLANE_API_TOKEN": token or ""}
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def test_services_table_and_json(served: tuple[ApiHarness, str]) -> None:
+    _, url = served
+    result = cli(url, "services")
+    assert result.exit_code == 0, result.output
+    header, row = result.output.splitlines()
+    assert header.split() == ["SERVICE", "METHOD", "SOURCE", "UP", "NAMES"]
+    assert row.split() == ["web", "round_robin", "default", "2/2", "web,web.internal"]
+    parsed = json.loads(cli(url, "services", "--json").output)
+    assert parsed["services"][0]["name"] == "web"
+
+
+def test_one_service_shows_its_backends(served: tuple[ApiHarness, str]) -> None:
+    _, url = served
+    lines = cli(url, "services", "web").output.splitlines()
+    assert lines[0] == "service web: round_robin (default)"
+    assert lines[2].split()[:3] == ["CONTAINER", "ID", "NETWORK"]
+    assert lines[3].split()[0] == "w1" and lines[3].split()[-1] == "up"
+
+
+def test_algorithm_weight_drain_undrain(served: tuple[ApiHarness, str]) -> None:
+    api, url = served
+    result = cli(url, "algorithm", "web", "hash", "--key", "$request_uri", "--consistent")
+    assert result.exit_code == 0, result.output
+    assert "service web: hash $request_uri consistent (override)" in result.output
+    assert "reloaded: lb" in result.output
+    assert 'hash "$request_uri" consistent;' in api.config
+    assert cli(url, "weight", "web", "w1", "9").exit_code == 0
+    assert "weight=9" in api.config
+    drained = cli(url, "drain", "web", "w2")
+    assert drained.exit_code == 0 and "draining" in drained.output
+    assert "172.20.0.3:80 down;" in api.config
+    assert cli(url, "undrain", "web", "w2").exit_code == 0
+    assert cli(url, "weight", "web", "w1", "--reset").exit_code == 0
+    assert cli(url, "algorithm", "web", "--reset").exit_code == 0
+    assert api.store.current.algorithms == {} and api.store.current.backends == {}
+
+
+def test_errors_say_what_to_do(served: tuple[ApiHarness, str]) -> None:
+    _, url = served
+    unknown = cli(url, "drain", "web", "w9")
+    assert unknown.exit_code == 1
+    assert "not a backend of service web" in unknown.output and "(HTTP 404)" in unknown.output
+    no_token = cli(url, "algorithm", "web", "ip_hash", token=None)
+    assert no_token.exit_code == 1 and "set CONTROLPLANE_API_TOKEN" in no_token.output
+    usage = cli(url, "algorithm", "web")
+    assert usage.exit_code == 2 and "give a METHOD, or --reset" in usage.output
+
+
+def test_no_api_listening() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = cli(f"http://127.0.0.1:{port}", "services")
+    assert result.exit_code == 1
+    assert "no controlplane API answers" in result.output and "CONTROLPLANE_API" in result.output
+
+
+def test_a_taken_port_fails_the_start(served: tuple[ApiHarness, str]) -> None:
+    api, url = served
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(ControlPlaneError, match=r"could not listen on 127.0.0.1:.*--api-bind"):
+        ApiServer(api.app, "127.0.0.1", port)
