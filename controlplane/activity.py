@@ -101,10 +101,17 @@ class Activity:
                     now,
                     "reconcile",
                     f"version {report.version} ({report.reason}): "
-                    f"{sum(d.ok for d in report.deployed)} nginx reloaded, "
-                    f"{sum(not d.ok for d in report.deployed)} failed",
+                    + "; ".join(
+                        [
+                            *report.changes[:3],
+                            *(["..."] if len(report.changes) > 3 else []),
+                            f"{sum(d.ok for d in report.deployed)} nginx reloaded, "
+                            f"{sum(not d.ok for d in report.deployed)} failed",
+                        ]
+                    ),
                     {
                         "reason": report.reason,
+                        "changes": list(report.changes),
                         "version": report.version,
                         "changed": report.changed,
                         "checksum": report.checksum,

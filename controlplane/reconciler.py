@@ -21,6 +21,7 @@ from typing import Protocol
 import jinja2
 
 from controlplane.core.build import build_topology
+from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import Zone, build_zone
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
 from controlplane.core.model import DockerState, NginxTarget, Overrides, Topology
@@ -78,6 +79,8 @@ class ReconcileReport:
     trigger: DockerEvent | None = None
     started_ns: int = 0
     checksum: str = ""
+    changes: tuple[str, ...] = ()
+    """What changed in the model, in words (core.diff)."""
 
 
 def checksum(text: str) -> str:
@@ -149,19 +152,32 @@ class Reconciler:
         previous = self.snapshot
         changed = previous is None or previous.checksum != digest or previous.topology != topology
         snapshot = previous
+        changes: tuple[str, ...] = ()
         if snapshot is None or changed:
             version = previous.version + 1 if previous else 1
             zone = build_zone(topology, self._settings.dns_domain, self._settings.dns_ttl, version)
             snapshot = Snapshot(version, topology, config, digest, zone)
             self.snapshot = snapshot
-            _log_news(topology, previous.topology if previous else Topology())
+            before = previous.topology if previous else Topology()
+            changes = describe_changes(before, topology)
+            for change in changes:
+                log.info("%s", change)
+            _log_news(topology, before)
         if on_snapshot is not None:
             on_snapshot(snapshot)
         mark = time.perf_counter()
         deployed = self._deploy(topology, config, digest)
         timings["deploy"] = time.perf_counter() - mark
         report = ReconcileReport(
-            reason, snapshot.version, changed, deployed, timings, trigger, started_ns, digest
+            reason,
+            snapshot.version,
+            changed,
+            deployed,
+            timings,
+            trigger,
+            started_ns,
+            digest,
+            changes,
         )
         for callback in self.on_report:
             callback(report)
@@ -409,6 +425,7 @@ class ControlLoop:
             except Exception as error:
                 if self._stopping.is_set():
                     return
+                self.healthy = False  # until a pass reaches Docker again
                 log.warning("%s; reconnecting in %.1f s", error, delay)
             missed = True
             self._stopping.wait(delay)

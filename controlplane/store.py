@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,22 +75,28 @@ class OverrideStore:
             db.execute("DELETE FROM algorithm WHERE service = ?", (service,))
         return self.current
 
-    def set_backend(self, service: str, container: str, override: BackendOverride) -> Overrides:
-        """An override that changes nothing is deleted rather than kept."""
+    def update_backend(
+        self,
+        service: str,
+        container: str,
+        change: Callable[[BackendOverride], BackendOverride],
+    ) -> BackendOverride:
+        """Read, change and write one backend's override as one step, so two concurrent
+        changes (a weight and a drain) both land. An override that changes nothing is
+        deleted rather than kept."""
         with self._write() as db:
-            if override == BackendOverride():
+            current = self.current.backends.get(service, {}).get(container, BackendOverride())
+            updated = change(current)
+            if updated == BackendOverride():
                 db.execute(
                     "DELETE FROM backend WHERE service = ? AND container = ?", (service, container)
                 )
             else:
                 db.execute(
                     "INSERT OR REPLACE INTO backend VALUES (?, ?, ?, ?)",
-                    (service, container, override.weight, int(override.drain)),
+                    (service, container, updated.weight, int(updated.drain)),
                 )
-        return self.current
-
-    def clear_backend(self, service: str, container: str) -> Overrides:
-        return self.set_backend(service, container, BackendOverride())
+        return updated
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -3,6 +3,8 @@ so a reply never claims a change that a restart would lose."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flask import Blueprint, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -21,7 +23,7 @@ from controlplane.api.views import (
     zone_json,
 )
 from controlplane.core import labels as L
-from controlplane.core.model import Algorithm, Backend, BackendOverride, Service
+from controlplane.core.model import Backend, BackendOverride, Service
 from controlplane.core.overrides import parse_algorithm, parse_backend_patch, parse_container_name
 from controlplane.errors import InvalidValue
 from controlplane.reconciler import PassTicket, Snapshot
@@ -80,12 +82,26 @@ def _view(name: str, snapshot: Snapshot) -> Json:
     return service_json(service, snapshot.topology, overrides)
 
 
-def _apply(name: str, summary: str) -> Json:
+@dataclass(frozen=True)
+class _Waiting:
+    """The query of a change, read before anything is saved: a bad value changes nothing."""
+
+    wait: bool
+    timeout: float
+    create: bool
+
+
+def _waiting() -> _Waiting:
+    return _Waiting(
+        flag_arg("wait"), seconds_arg("timeout", context().wait_timeout), flag_arg("create")
+    )
+
+
+def _apply(name: str, summary: str, query: _Waiting) -> Json:
     """Run a pass for the change and answer with the service as that pass sees it; with
     ?wait=true, only once every managed nginx has reloaded or failed (or the timeout)."""
     api = context()
-    wait = flag_arg("wait")
-    timeout = seconds_arg("timeout", api.wait_timeout)
+    wait, timeout = query.wait, query.timeout
     api.activity.record("override", f"service {name}: {summary}", service=name)
     ticket = api.request_pass(f"api: {name} {summary}", False)
     (ticket.done if wait else ticket.planned).wait(timeout)
@@ -138,21 +154,23 @@ def get_service(name: str) -> Json:
 def put_algorithm(name: str) -> Json:
     snapshot = _snapshot()
     service = _service_name(name)
+    query = _waiting()
     algorithm = parse_algorithm(json_body())
-    if not flag_arg("create"):
+    if not query.create:
         _require(snapshot, service)
     context().store.set_algorithm(service, algorithm)
-    return _apply(service, f"algorithm set to {_describe(algorithm)}")
+    return _apply(service, f"algorithm set to {algorithm}", query)
 
 
 @routes.delete(f"{PREFIX}/services/<name>/algorithm")
 def delete_algorithm(name: str) -> Json:
     snapshot = _snapshot()
     service = _service_name(name)
+    query = _waiting()
     if service not in context().store.current.algorithms:
         _require(snapshot, service)
     context().store.clear_algorithm(service)
-    return _apply(service, "algorithm override removed")
+    return _apply(service, "algorithm override removed", query)
 
 
 def _backend_key(snapshot: Snapshot, service: str, container: str, create: bool) -> str:
@@ -189,22 +207,21 @@ def _backend_key(snapshot: Snapshot, service: str, container: str, create: bool)
 def patch_backend(name: str, container: str) -> Json:
     snapshot = _snapshot()
     service = _service_name(name)
+    query = _waiting()
     patch = parse_backend_patch(json_body())
-    key = _backend_key(snapshot, service, container, flag_arg("create"))
-    store = context().store
-    current = store.current.backends.get(service, {}).get(key, BackendOverride())
-    updated = patch.apply(current)
-    store.set_backend(service, key, updated)
-    return _apply(service, f"backend {key}: weight {updated.weight}, drain {updated.drain}")
+    key = _backend_key(snapshot, service, container, query.create)
+    updated = context().store.update_backend(service, key, patch.apply)
+    return _apply(service, f"backend {key}: weight {updated.weight}, drain {updated.drain}", query)
 
 
 @routes.delete(f"{PREFIX}/services/<name>/backends/<container>")
 def delete_backend(name: str, container: str) -> Json:
     snapshot = _snapshot()
     service = _service_name(name)
+    query = _waiting()
     key = _backend_key(snapshot, service, container, create=False)
-    context().store.clear_backend(service, key)
-    return _apply(service, f"backend {key}: overrides removed")
+    context().store.update_backend(service, key, lambda _: BackendOverride())
+    return _apply(service, f"backend {key}: overrides removed", query)
 
 
 @routes.get(f"{PREFIX}/config")
@@ -297,14 +314,3 @@ def metrics() -> Response:
 @routes.get(f"{PREFIX}/openapi.json")
 def openapi() -> Json:
     return document()
-
-
-def _describe(algorithm: Algorithm) -> str:
-    words = [algorithm.method.value]
-    if algorithm.key:
-        words.append(algorithm.key)
-    if algorithm.consistent:
-        words.append("consistent")
-    if algorithm.two:
-        words.append("two")
-    return " ".join(words)

@@ -31,6 +31,11 @@ class Algorithm:
     consistent: bool = False
     two: bool = False
 
+    def __str__(self) -> str:
+        """As operators write it: `hash $request_uri consistent`, `random two`."""
+        words = [self.method.value, *([self.key] if self.key else [])]
+        return " ".join(words + [f for f in ("consistent", "two") if getattr(self, f)])
+
 
 class BackendState(StrEnum):
     """Why a backend does or does not get traffic; only UP backends are served."""

@@ -17,6 +17,7 @@ from controlplane.addresses import SocketAddress
 from controlplane.dns_answer import UDP_PLAIN_LIMIT
 from controlplane.dns_server import DnsServer
 from controlplane.errors import ControlPlaneError
+from controlplane.metrics import Metrics
 from tests.support.dns_stub import (
     BIG,
     BIG_IPS,
@@ -385,3 +386,21 @@ def test_forward_cache_echoes_the_question_of_each_client() -> None:
         udp_ask(running.port, query("example.test"))
         reply = DNSRecord.parse(udp_ask(running.port, query("ExAmPlE.TeSt")))
         assert str(reply.q.qname) == "ExAmPlE.TeSt."
+
+
+def test_queries_are_counted_by_result_for_the_metrics() -> None:
+    with running_dns(ZONE) as running:
+        udp_ask(running.port, query("web.internal"))
+        udp_ask(running.port, query("nope.internal", ident=0x3333))
+        udp_ask(running.port, query("example.com", ident=0x4444))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"\x00", (LOOPBACK, running.port))  # too short for a header
+        wait_until_dropped = time.monotonic() + 2
+        while running.server.outcomes()["dropped"] == 0 and time.monotonic() < wait_until_dropped:
+            time.sleep(0.01)
+        outcomes = running.server.outcomes()
+    assert outcomes["noerror"] == 1 and outcomes["nxdomain"] == 1
+    assert outcomes["refused"] == 1 and outcomes["dropped"] == 1
+    metrics = Metrics(lambda: None, lambda: outcomes).exposition().decode()
+    assert 'controlplane_dns_queries_total{result="nxdomain"} 1.0' in metrics
+    assert "rcode7" not in metrics

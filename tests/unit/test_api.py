@@ -448,6 +448,9 @@ def test_unknown_route_is_json_404(api: ApiHarness) -> None:
 def test_bad_query_values_are_422(api: ApiHarness, query: str) -> None:
     reply = put_algorithm(api, {"method": "least_conn"}, query=query)
     assert reply.status_code == 422 and "parameter" in error_of(reply)["details"]
+    assert api.store.current.algorithms == {}, "a refused request must change nothing"
+    patched = patch_backend(api, "w1", {"drain": True}, query=query)
+    assert patched.status_code == 422 and api.store.current.backends == {}
 
 
 # ---------------------------------------------------------------- token

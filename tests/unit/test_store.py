@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ HASH = Algorithm(Method.HASH, "$request_uri", consistent=True)
 def test_changes_survive_reopening(tmp_path: Path) -> None:
     store = OverrideStore(tmp_path)
     store.set_algorithm("web", HASH)
-    store.set_backend("web", "w1", BackendOverride(weight=5, drain=True))
+    store.update_backend("web", "w1", lambda _: BackendOverride(weight=5, drain=True))
     store.set_algorithm("api", Algorithm(Method.LEAST_CONN))
     store.clear_algorithm("api")
     store.close()
@@ -33,10 +34,34 @@ def test_changes_survive_reopening(tmp_path: Path) -> None:
 
 def test_an_empty_override_is_deleted(tmp_path: Path) -> None:
     store = OverrideStore(tmp_path)
-    store.set_backend("web", "w1", BackendOverride(weight=2))
-    store.clear_backend("web", "w1")
+    store.update_backend("web", "w1", lambda _: BackendOverride(weight=2))
+    store.update_backend("web", "w1", lambda _: BackendOverride())
     assert store.current.backends == {}
-    assert store.set_backend("web", "w2", BackendOverride()).backends == {}
+    store.update_backend("web", "w2", lambda _: BackendOverride())
+    assert store.current.backends == {}
+
+
+def test_concurrent_changes_to_one_backend_all_land(tmp_path: Path) -> None:
+    store = OverrideStore(tmp_path)
+    threads = [
+        threading.Thread(
+            target=store.update_backend,
+            args=("web", "w1", lambda o, n=n: BackendOverride(o.weight, o.drain or n == 0)),
+        )
+        for n in range(8)
+    ] + [
+        threading.Thread(
+            target=store.update_backend,
+            args=("web", "w1", lambda o: BackendOverride((o.weight or 0) + 1, o.drain)),
+        )
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.current.backends["web"]["w1"] == BackendOverride(8, True)
+    store.close()
     store.close()
 
 
@@ -87,14 +112,14 @@ from controlplane.store import OverrideStore
 
 store = OverrideStore(Path(sys.argv[1]))
 for n in range(1, 100_000):
-    store.set_backend("web", f"w{n}", BackendOverride(weight=n % 1000 + 1))
+    store.update_backend("web", f"w{n}", lambda _: BackendOverride(weight=n % 1000 + 1))
     print(n, flush=True)
 """
 
 
 @pytest.mark.parametrize("after", [0.3, 0.6, 0.9], ids=["early", "middle", "late"])
 def test_kill_9_loses_no_acknowledged_change(tmp_path: Path, after: float) -> None:
-    """A writer acknowledges each change on stdout once `set_backend` returned; SIGKILL it
+    """A writer acknowledges each change on stdout once `update_backend` returned; SIGKILL it
     mid-stream: every acknowledged change is there and the file opens cleanly."""
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
