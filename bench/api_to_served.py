@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_line, row, table
+from bench.common import Prober, machine_line, row, table
 from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
 from controlplane.wiring import build_controller
@@ -39,39 +39,6 @@ CHANGES = [
     ({"method": "random", "two": True}, "random"),
     ({"method": "round_robin"}, "round_robin"),
 ]
-
-
-class Prober:
-    """Records (time, method) for each request, until stopped or `max_seconds` passed."""
-
-    def __init__(self, port: int, max_seconds: float) -> None:
-        self.seen: list[tuple[int, str]] = []
-        self.failed = 0
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-        self._thread = threading.Thread(target=self._run, args=(port,), daemon=True)
-        self._thread.start()
-
-    def _run(self, port: int) -> None:
-        headers = {"Host": HOST, "Connection": "close"}
-        with httpx.Client(timeout=5.0, headers=headers) as client:
-            while not self._stop.is_set() and time.monotonic() < self._deadline:
-                started = time.time_ns()
-                try:
-                    reply = client.get(f"http://127.0.0.1:{port}/")
-                except httpx.HTTPError:
-                    self.failed += 1
-                    continue
-                if reply.status_code != 200:
-                    self.failed += 1
-                self.seen.append((started, reply.headers.get("x-balancing", "")))
-
-    def first(self, method: str, after_ns: int) -> int | None:
-        return next((t for t, m in self.seen if t >= after_ns and m == method), None)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def main() -> None:
@@ -105,8 +72,8 @@ def main() -> None:
             wait_until(controller.loop.ready.is_set)
             assert controller.api is not None
             api = httpx.Client(base_url=controller.api.url, timeout=30)
-            prober = Prober(lab.published_port(lb), max_seconds=60 + args.changes * 3)
-            wait_until(lambda: prober.first("round_robin", 0), what="nginx serving")
+            prober = Prober(lab.published_port(lb), HOST, "x-balancing", 60 + args.changes * 3)
+            wait_until(lambda: prober.first(lambda v: v == "round_robin", 0), what="nginx serving")
             for n in range(args.changes):
                 body, expected = CHANGES[n % len(CHANGES)]
                 sent = time.time_ns()
@@ -114,10 +81,13 @@ def main() -> None:
                 answered = time.time_ns()
                 reply.raise_for_status()
                 seen = wait_until(
-                    lambda expected=expected, sent=sent: prober.first(expected, sent),
+                    lambda expected=expected, sent=sent: prober.first(
+                        lambda v: v == expected, sent
+                    ),
                     timeout=10,
                     interval=0.002,
                 )
+                assert seen is not None
                 served.append((seen - sent) / 1e6)
                 replied.append((answered - sent) / 1e6)
                 report = next(r for r in reports if r.started_ns >= sent and r.deployed)
@@ -155,7 +125,8 @@ def main() -> None:
             ]
         )
     )
-    print(f"\nrequests sent while measuring: {len(prober.seen)}, failed: {prober.failed}")
+    failed = sum(1 for h in prober.hits if h.failed)
+    print(f"\nrequests sent while measuring: {len(prober.hits)}, failed: {failed}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -44,3 +49,53 @@ def machine_line() -> str:
     return (
         f"cores: {os.cpu_count()}  python: {sys.version.split()[0]}  command: {' '.join(sys.argv)}"
     )
+
+
+@dataclass(frozen=True)
+class Hit:
+    started_ns: int
+    value: str
+    """The watched header of a 200 reply, "HTTP <status>" otherwise, or "error"."""
+
+    @property
+    def failed(self) -> bool:
+        return self.value in ("", "error") or self.value.startswith("HTTP ")
+
+
+class Prober:
+    """One client thread sending requests to nginx on loopback back to back, each on a new
+    connection (bounded by time), recording one response header of each; its resolution is
+    one request (~2-5 ms)."""
+
+    def __init__(self, port: int, host: str, header: str, max_seconds: float) -> None:
+        self.hits: list[Hit] = []
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+        self._thread = threading.Thread(target=self._run, args=(port, host, header), daemon=True)
+        self._thread.start()
+
+    def _run(self, port: int, host: str, header: str) -> None:
+        with httpx.Client(timeout=5.0, headers={"Host": host, "Connection": "close"}) as client:
+            while not self._stop.is_set() and time.monotonic() < self._deadline:
+                started = time.time_ns()
+                try:
+                    reply = client.get(f"http://127.0.0.1:{port}/")
+                except httpx.HTTPError:
+                    self.hits.append(Hit(started, "error"))
+                    continue
+                value = reply.headers.get(header, "")
+                ok = reply.status_code == 200
+                self.hits.append(Hit(started, value if ok else f"HTTP {reply.status_code}"))
+
+    def first(self, match: Callable[[str], bool], after_ns: int) -> int | None:
+        return next(
+            (h.started_ns for h in self.hits if h.started_ns >= after_ns and match(h.value)), None
+        )
+
+    def last(self, match: Callable[[str], bool]) -> int | None:
+        times = [h.started_ns for h in self.hits if match(h.value)]
+        return max(times) if times else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

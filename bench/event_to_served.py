@@ -15,15 +15,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import docker
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_line, row, table
+from bench.common import Prober, machine_line, row, table
 from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
 from controlplane.wiring import build_controller
@@ -32,48 +30,6 @@ from tests.support.lab import Lab, wait_until
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 HOST = "bench"
-
-
-@dataclass(frozen=True)
-class Hit:
-    started_ns: int
-    upstream: str
-
-
-class Prober:
-    """One client thread sending requests back to back (bounded by time), recording which
-    upstream nginx used for each; its resolution is one request (~2-5 ms)."""
-
-    def __init__(self, port: int, max_seconds: float) -> None:
-        self.hits: list[Hit] = []
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-        self._thread = threading.Thread(target=self._run, args=(port,), daemon=True)
-        self._thread.start()
-
-    def _run(self, port: int) -> None:
-        headers = {"Host": HOST, "Connection": "close"}
-        with httpx.Client(timeout=5.0, headers=headers) as client:
-            while not self._stop.is_set() and time.monotonic() < self._deadline:
-                started = time.time_ns()
-                try:
-                    reply = client.get(f"http://127.0.0.1:{port}/")
-                    self.hits.append(Hit(started, reply.headers.get("x-upstream", "")))
-                except httpx.HTTPError:
-                    self.hits.append(Hit(started, "error"))
-
-    def first_to(self, ip: str, after_ns: int) -> int | None:
-        return next(
-            (h.started_ns for h in self.hits if h.started_ns >= after_ns and ip in h.upstream), None
-        )
-
-    def last_to(self, ip: str) -> int | None:
-        times = [h.started_ns for h in self.hits if ip in h.upstream]
-        return max(times) if times else None
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def report_for(
@@ -123,9 +79,11 @@ def main() -> None:
         loop.start()
         wait_until(controller.loop.ready.is_set)
         port = lab.published_port(lb)
-        prober = Prober(port, max_seconds=60 + args.events * 6)
+        prober = Prober(port, HOST, "x-upstream", max_seconds=60 + args.events * 6)
         steady_ip = steady.attrs["NetworkSettings"]["Networks"][net.name]["IPAddress"]
-        serving_since = wait_until(lambda: prober.first_to(steady_ip, 0), what="steady backend")
+        serving_since = wait_until(
+            lambda: prober.first(lambda v: steady_ip in v, 0), what="steady backend"
+        )
 
         run_total: list[float] = []
         stop_total: list[float] = []
@@ -139,7 +97,7 @@ def main() -> None:
             returned = time.time_ns()
             ip = new.attrs["NetworkSettings"]["Networks"][net.name]["IPAddress"]
             routed = wait_until(
-                lambda ip=ip, before=before: prober.first_to(ip, before),
+                lambda ip=ip, before=before: prober.first(lambda v: ip in v, before),
                 timeout=10,
                 interval=0.002,
             )
@@ -153,7 +111,7 @@ def main() -> None:
             stop_called = time.time_ns()
             new.stop(timeout=10)
             time.sleep(0.3)
-            last = prober.last_to(ip) or stop_called
+            last = prober.last(lambda v, ip=ip: ip in v) or stop_called
             stop_total.append(max(0.0, (last - stop_called) / 1e6))
             report = report_for(reports, new.id, stop_called)
             if report is not None:
@@ -163,7 +121,7 @@ def main() -> None:
             time.sleep(random.uniform(0.1, 0.3))
         prober.stop()
         measured = [h for h in prober.hits if h.started_ns >= serving_since]
-        failed = sum(1 for h in measured if h.upstream in ("", "error"))
+        failed = sum(1 for h in measured if h.failed)
 
         created = [lab.backend(net, alias="burst", start=False) for _ in range(args.burst)]
         count_before = sum(1 for r in reports if r.deployed)
