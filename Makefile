@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: dev test lint unit images clean-test-resources
+.PHONY: dev demo demo-down test lint unit images clean-test-resources
 
 dev: $(BIN)/controlplane
 	scripts/install-system-deps
@@ -14,6 +14,12 @@ $(BIN)/controlplane: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+demo: dev
+	$(BIN)/python scripts/demo.py up
+
+demo-down:
+	$(BIN)/python scripts/demo.py down
+
 test: lint
 	$(BIN)/pytest
 
@@ -21,12 +27,12 @@ unit:
 	$(BIN)/pytest tests/unit
 
 lint:
-	$(BIN)/ruff check controlplane tests bench
-	$(BIN)/ruff format --check controlplane tests bench
-	$(BIN)/mypy controlplane tests/support
+	$(BIN)/ruff check controlplane tests bench images scripts
+	$(BIN)/ruff format --check controlplane tests bench images scripts
+	$(BIN)/mypy controlplane tests/support images
 
 images:
-	$(BIN)/python -m tests.support.images
+	$(BIN)/python -m images.build
 
 clean-test-resources:
 	-docker rm -f $$(docker ps -aq --filter label=controlplane.test=1) 2>/dev/null

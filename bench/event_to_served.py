@@ -25,7 +25,7 @@ from bench.common import Prober, machine_line, row, table
 from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
 from controlplane.wiring import build_controller
-from tests.support.images import ensure_images
+from images.build import ensure_images
 from tests.support.lab import Lab, wait_until
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"

@@ -17,7 +17,7 @@ import pytest
 from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
 from controlplane.wiring import Controller, build_controller
-from tests.support.images import TestImages, ensure_images
+from images.build import OfflineImages, ensure_images
 from tests.support.lab import Http, Lab, wait_until
 
 
@@ -43,12 +43,12 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 
 @pytest.fixture(scope="session")
-def images(docker_client: docker.DockerClient) -> TestImages:
+def images(docker_client: docker.DockerClient) -> OfflineImages:
     return ensure_images(docker_client)
 
 
 @pytest.fixture
-def lab(docker_client: docker.DockerClient, images: TestImages) -> Iterator[Lab]:
+def lab(docker_client: docker.DockerClient, images: OfflineImages) -> Iterator[Lab]:
     lab = Lab(docker_client, images)
     yield lab
     lab.cleanup()

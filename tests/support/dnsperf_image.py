@@ -26,7 +26,7 @@ from pathlib import Path
 
 import docker
 
-from tests.support.images import (
+from images.build import (
     ImageBuildError,
     Progress,
     _ensure,

@@ -20,7 +20,7 @@ from docker.models.containers import Container
 from docker.models.networks import Network
 from docker.types import EndpointConfig
 
-from tests.support.images import TestImages
+from images.build import OfflineImages
 
 TEST_LABEL = "controlplane.test"
 T = TypeVar("T")
@@ -43,7 +43,7 @@ def wait_until(
 
 
 class Lab:
-    def __init__(self, client: docker.DockerClient, images: TestImages) -> None:
+    def __init__(self, client: docker.DockerClient, images: OfflineImages) -> None:
         self.client = client
         self.images = images
         self.run_id = secrets.token_hex(4)
