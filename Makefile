@@ -1,4 +1,5 @@
-# The README's commands: `make dev` installs everything, `make test` runs the whole suite.
+# The README's commands: `make demo` gives a running stack, `make test` runs the whole suite;
+# both start with `make dev`, which installs what is missing.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -20,18 +21,18 @@ demo: dev
 demo-down:
 	$(BIN)/python scripts/demo.py down
 
-test: lint
+test: dev lint
 	$(BIN)/pytest
 
-unit:
+unit: $(BIN)/controlplane
 	$(BIN)/pytest tests/unit
 
-lint:
+lint: $(BIN)/controlplane
 	$(BIN)/ruff check controlplane tests bench images scripts
 	$(BIN)/ruff format --check controlplane tests bench images scripts
 	$(BIN)/mypy controlplane tests/support images
 
-images:
+images: $(BIN)/controlplane
 	$(BIN)/python -m images.build
 
 clean-test-resources:

@@ -258,7 +258,13 @@ def _controller_files(progress: Progress) -> dict[str, str]:
     site = _site_packages(progress)
     for path in site.rglob("*"):
         relative = path.relative_to(site)
-        if relative.parts[0] == "bin" or "__pycache__" in relative.parts or not path.is_file():
+        # bin/ holds scripts for a venv; direct_url.json names the wheel's path on this host
+        if (
+            relative.parts[0] == "bin"
+            or "__pycache__" in relative.parts
+            or path.name == "direct_url.json"
+            or not path.is_file()
+        ):
             continue
         files[f"{SITE}/{relative.as_posix()}"] = str(path)
         if path.suffix == ".so":
