@@ -50,8 +50,8 @@ from dnslib import QTYPE, DNSRecord
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line, percentile, row, table
-from tests.support.dnsperf_image import ensure_dnsperf_image
 from images.build import ensure_images
+from tests.support.dnsperf_image import ensure_dnsperf_image
 from tests.support.lab import Lab, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
