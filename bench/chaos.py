@@ -31,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=20, help="scale 1<->5 cycles")
     parser.add_argument("--rounds", type=int, default=10, help="rolling replacements")
+    parser.add_argument("--kills", type=int, default=10, help="backends killed with SIGKILL")
     parser.add_argument("--storm", type=int, default=50, help="containers in the storm")
     parser.add_argument("--events", type=int, default=1000, help="events for the leak check")
     args = parser.parse_args()
@@ -40,7 +41,7 @@ def main() -> None:
     scenarios: list[tuple[str, Callable[[Rig], Callable[[ScenarioResult], None]]]] = [
         (f"1. scale 1<->5 x{args.cycles}", lambda r: chaos.scale(r, args.cycles)),
         ("2. stop/start/restart/pause/disconnect", chaos.lifecycle),
-        ("2. docker kill (SIGKILL)", chaos.kill),
+        (f"2. docker kill (SIGKILL) x{args.kills}", lambda r: chaos.kill(r, args.kills)),
         (f"3. rolling replacement x{args.rounds}", lambda r: chaos.rolling(r, args.rounds)),
         ("4. nginx restart + a second nginx", chaos.nginx_restart_and_second),
         ("5. controller SIGKILL during churn", chaos.controller_kill),

@@ -74,6 +74,8 @@ class Controller:
         self.dns_port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
+        self._earlier_reloads = 0
+        """Reloads counted by controller processes that were killed since."""
 
     def start(self) -> None:
         command = [
@@ -98,6 +100,7 @@ class Controller:
 
     def kill(self) -> None:
         assert self.process is not None
+        self._earlier_reloads = self.reloads()
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
 
@@ -130,11 +133,12 @@ class Controller:
         return bool(managed) and all(n["current"] for n in managed)
 
     def reloads(self) -> int:
+        """Deploys that reloaded an nginx, counted across restarts of the controller."""
         try:
             managed = self.api.get("/api/v1/nginx").json()["nginx"]
         except (httpx.HTTPError, ValueError, KeyError):
-            return 0
-        return sum(int(n["reloads"]) for n in managed)
+            return self._earlier_reloads
+        return self._earlier_reloads + sum(int(n["reloads"]) for n in managed)
 
     def dns(self) -> set[str]:
         query = DNSRecord.question(f"{SERVICE}.internal", "A")
@@ -317,12 +321,32 @@ def lifecycle(rig: Rig) -> Callable[[ScenarioResult], None]:
     return action
 
 
-def kill(rig: Rig) -> Callable[[ScenarioResult], None]:
-    """SIGKILL a backend: nginx retries idempotent requests elsewhere; out within 1 s."""
+def kill(rig: Rig, rounds: int = 1) -> Callable[[ScenarioResult], None]:
+    """SIGKILL a backend: nginx retries idempotent requests elsewhere. Notes how long until
+    the dead backend is out of the rendered config, and until nginx reloaded without it."""
+
+    def gone(ip: str) -> bool:
+        return ip not in served_ips(rig.controller.config())
 
     def action(result: ScenarioResult) -> None:
-        target = rig.add_backend()
-        timed(rig, result, target.kill)
+        rendered = []
+        for _ in range(rounds):
+            target = rig.add_backend()
+            ip = target.attrs["NetworkSettings"]["Networks"][str(rig.net.name)]["IPAddress"]
+            mark = time.monotonic()
+            target.kill()
+            wait_until(partial(gone, ip), interval=0.005, what="the killed one out of the config")
+            rendered.append(time.monotonic() - mark)
+            rig.converge()
+            result.converge.append(time.monotonic() - mark)
+            target.remove(force=True)
+            rig.backends.remove(target)
+        ordered = sorted(rendered)
+        result.notes.append(
+            f"killed backend out of the rendered config: median {ordered[len(ordered) // 2]:.3f} s,"
+            f" max {ordered[-1]:.3f} s; out of nginx and DNS (converge): max "
+            f"{result.max_converge:.3f} s ({rounds} kills)"
+        )
 
     return action
 
