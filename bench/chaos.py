@@ -47,6 +47,10 @@ def main() -> None:
         ("5. controller SIGKILL during churn", chaos.controller_kill),
         ("6. dockerd restart (live-restore)", chaos.dockerd_restart),
         (f"7. storm of {args.storm} start+stop", lambda r: chaos.storm(r, args.storm)),
+        (
+            "7. the same, backends draining 1 s",
+            lambda r: chaos.storm(r, args.storm, drain=True),
+        ),
         ("8. change nginx rejects, then a good one", chaos.rejected),
     ]
     rows = []

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import docker.errors
 import httpx
 from dnslib import QTYPE, DNSRecord
 from docker.models.containers import Container
@@ -447,11 +448,15 @@ def dockerd_restart(rig: Rig) -> Callable[[ScenarioResult], None]:
     return action
 
 
-def storm(rig: Rig, count: int) -> Callable[[ScenarioResult], None]:
-    """`count` containers started and stopped within a few seconds."""
+def storm(rig: Rig, count: int, drain: bool = False) -> Callable[[ScenarioResult], None]:
+    """`count` containers started and stopped within a few seconds; with `drain`, they keep
+    serving for a second after SIGTERM (like real apps), else they exit at once."""
 
     def action(result: ScenarioResult) -> None:
-        created = [rig.lab.backend(rig.net, alias=SERVICE, start=False) for _ in range(count)]
+        env = STOPPING_BACKEND if drain else {}
+        created = [
+            rig.lab.backend(rig.net, alias=SERVICE, start=False, env=env) for _ in range(count)
+        ]
         rig.backends.extend(created)
 
         def start_and_stop() -> None:
@@ -495,8 +500,14 @@ def leak(rig: Rig, events: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
     def cycle(n: int) -> None:
         for _ in range(n // 2):
-            target.pause()
-            target.unpause()
+            for call in (target.pause, target.unpause):
+                try:
+                    call()
+                except docker.errors.APIError as error:
+                    # dockerd can answer an unpause before the freezer thawed: "already
+                    # paused" on the next pause; the cycle goes on
+                    if error.status_code != 409:
+                        raise
 
     cycle(events // 10)
     rig.converge()
