@@ -200,6 +200,10 @@ class Rig:
             self.converge()
         return backend
 
+    def remove(self, backend: Container) -> None:
+        backend.remove(force=True)
+        self.backends.remove(backend)
+
     def serving(self, port: int) -> bool:
         try:
             reply = httpx.get(f"http://127.0.0.1:{port}/", headers={"Host": SERVICE}, timeout=2)
@@ -294,8 +298,7 @@ def scale(rig: Rig, cycles: int) -> Callable[[ScenarioResult], None]:
             timed(rig, result, grow)
             timed(rig, result, shrink)
             for backend in added:
-                backend.remove(force=True)
-                rig.backends.remove(backend)
+                rig.remove(backend)
 
     return action
 
@@ -340,8 +343,7 @@ def kill(rig: Rig, rounds: int = 1) -> Callable[[ScenarioResult], None]:
             rendered.append(time.monotonic() - mark)
             rig.converge()
             result.converge.append(time.monotonic() - mark)
-            target.remove(force=True)
-            rig.backends.remove(target)
+            rig.remove(target)
         ordered = sorted(rendered)
         result.notes.append(
             f"killed backend out of the rendered config: median {ordered[len(ordered) // 2]:.3f} s,"
@@ -358,8 +360,7 @@ def rolling(rig: Rig, rounds: int) -> Callable[[ScenarioResult], None]:
             old = rig.backends[0]
             timed(rig, result, lambda: rig.add_backend(wait=False))
             timed(rig, result, partial(old.stop, timeout=10))
-            old.remove(force=True)
-            rig.backends.remove(old)
+            rig.remove(old)
 
     return action
 
@@ -465,8 +466,7 @@ def storm(rig: Rig, count: int, drain: bool = False) -> Callable[[ScenarioResult
 
         timed(rig, result, start_and_stop)
         for container in created:
-            container.remove(force=True)
-            rig.backends.remove(container)
+            rig.remove(container)
 
     return action
 
