@@ -127,6 +127,11 @@ class Reconciler:
     def invalidate(self) -> None:
         """Re-inspect everything and retry configs nginx rejected: for resyncs and reconnects."""
         self._source.invalidate()
+        self.retry_refused()
+
+    def retry_refused(self) -> None:
+        """Deploy again to nginx that refused the current config: an operator asked for a
+        pass (the API), so the answer must say what nginx says now, not what it said before."""
         self._failed.clear()
 
     def reconcile(
@@ -344,6 +349,8 @@ class ControlLoop:
                 tickets.append(item)
                 if item.resync:
                     self._reconciler.invalidate()
+                else:
+                    self._reconciler.retry_refused()
             elif item == STREAM_RESTORED:
                 restored = True
                 self._reconciler.invalidate()

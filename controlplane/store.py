@@ -45,11 +45,12 @@ CREATE TABLE IF NOT EXISTS backend (
 class OverrideStore:
     """One connection, writes serialised by a lock (the API serves from several threads)."""
 
-    def __init__(self, directory: Path | None) -> None:
-        """`directory` None keeps the overrides in memory, for this process only."""
+    def __init__(self, directory: Path | None, read_only: bool = False) -> None:
+        """`directory` None keeps the overrides in memory, for this process only; `read_only`
+        opens an existing file without writing to it (`controlplane render`)."""
         self.path = directory / FILE_NAME if directory else Path(":memory:")
         self._lock = threading.Lock()
-        self._db = _open(directory, self.path)
+        self._db = _open_read_only(self.path) if read_only else _open(directory, self.path)
         self.current = self._load()
 
     def close(self) -> None:
@@ -134,6 +135,22 @@ class OverrideStore:
                 "fix or move the file away (it is left as it is)"
             ) from error
         return Overrides(algorithms, backends)
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
+        )
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check says: {check}")
+    except sqlite3.Error as error:
+        raise StateError(
+            f"can't read the state file {path} ({error}): check its permissions, or restore "
+            "it from a backup"
+        ) from error
+    return db
 
 
 def _open(directory: Path | None, path: Path) -> sqlite3.Connection:

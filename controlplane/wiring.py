@@ -142,7 +142,10 @@ def render_once(settings: Settings) -> str:
     without touching any nginx."""
     template = load_template(settings.templates_dir)
     saved = settings.state_dir
-    store = OverrideStore(saved if saved and (saved / FILE_NAME).exists() else None)
+    if saved is not None and (saved / FILE_NAME).exists():
+        store = OverrideStore(saved, read_only=True)
+    else:
+        store = OverrideStore(None)
     try:
         state = DockerSource(connect(settings.docker_url)).snapshot()
         topology = build_topology(state, settings.build_options, overrides=store.current)

@@ -31,7 +31,9 @@ from images.build import ImageBuildError, compose_env, ensure_images  # noqa: E4
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
 ENV_FILE = ROOT / "compose" / ".env"
 PROJECT = "controlplane-demo"
-PORTS = {"CP_HTTP_PORT": 8080, "CP_API_PORT": 8081, "CP_DNS_PORT": 5353}
+PORTS = {"CP_HTTP_PORT": 8080, "CP_API_PORT": 8081, "CP_DNS_PORT": 1053}
+IMAGE_VARIABLES = ("NGINX_IMAGE", "BACKEND_IMAGE", "CONTROLPLANE_IMAGE")
+"""Chosen afresh on every run, never taken from an old compose/.env."""
 BACKENDS = 3
 HOST_BINARIES = ("/usr/sbin/nginx", "/usr/bin/busybox", "/usr/bin/python3.11")
 
@@ -107,11 +109,7 @@ def check_ports(env: dict[str, str]) -> None:
 def images(client: docker.DockerClient) -> dict[str, str]:
     """Image variables: given ones win; else built offline from host packages when the host
     has them; else none (Compose's defaults: official images, the controller built)."""
-    given = {
-        k: os.environ[k]
-        for k in ("NGINX_IMAGE", "BACKEND_IMAGE", "CONTROLPLANE_IMAGE")
-        if os.environ.get(k)
-    }
+    given = {k: os.environ[k] for k in IMAGE_VARIABLES if os.environ.get(k)}
     if given:
         say(f"using the images you set: {', '.join(given.values())}")
         return given
@@ -161,7 +159,8 @@ def wait(what: str, check: object, timeout: float = 90.0) -> None:
 def up() -> None:
     client = engine()
     compose_command()
-    env = {**{k: str(v) for k, v in PORTS.items()}, **read_env()}
+    saved = {k: v for k, v in read_env().items() if k not in IMAGE_VARIABLES}
+    env = {**{k: str(v) for k, v in PORTS.items()}, **saved}
     env.update({k: os.environ[k] for k in PORTS if os.environ.get(k)})
     running = ours(client)
     if not running:

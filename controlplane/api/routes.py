@@ -116,6 +116,12 @@ def _applied(ticket: PassTicket, snapshot: Snapshot, wait: bool, timeout: float)
     report = ticket.report
     if report is not None:
         errors.extend(f"{d.container}: {d.error}" for d in report.deployed if not d.ok)
+    elif ticket.snapshot is None:
+        errors.append(
+            f"the pass that applies the change had not started after {timeout:g} s (another "
+            "was running); the change is saved and will apply, and this reply shows the "
+            "service as it was before"
+        )
     elif wait and not ticket.done.is_set():
         errors.append(
             f"nginx had not reloaded after {timeout:g} s; the change is saved and will apply "

@@ -492,3 +492,26 @@ def test_overrides_survive_a_restart(make_api: HarnessFactory) -> None:
         "w2": (4, "draining"),
     }
     assert 'hash "$request_uri" consistent;' in second.config
+
+
+def test_a_refused_change_sent_again_is_tried_again(api: ApiHarness) -> None:
+    """The reply must say what nginx says now, not stay silent because it refused before."""
+    api.deployer.refuse = True
+    first = patch_backend(api, "w1", {"weight": 7}).get_json()["applied"]
+    assert first["errors"] == ["lb: nginx -t failed"]
+    again = patch_backend(api, "w1", {"weight": 7}).get_json()["applied"]
+    assert again["errors"] == ["lb: nginx -t failed"] and not again["reloaded"]
+    api.deployer.refuse = False
+    fixed = patch_backend(api, "w1", {"weight": 7}).get_json()["applied"]
+    assert fixed["errors"] == [] and fixed["reloaded"] == ["lb"]
+
+
+def test_a_reply_before_the_pass_started_says_so(api: ApiHarness) -> None:
+    api.deployer.delay = 0.6
+    api.set_state(*WEB, container("w3", ip="172.20.0.4"))
+    busy = api.loop.request("busy", False)  # a pass with a slow deploy holds the loop
+    assert busy.planned.wait(2)
+    reply = put_algorithm(api, {"method": "ip_hash"}, query="?timeout=0.1").get_json()
+    applied = reply["applied"]
+    assert not applied["done"] and "had not started" in applied["errors"][0]
+    assert api.store.current.algorithms["web"].method.value == "ip_hash"

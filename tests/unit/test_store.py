@@ -133,3 +133,16 @@ def test_kill_9_loses_no_acknowledged_change(tmp_path: Path, after: float) -> No
     kept = store.current.backends["web"]
     assert all(f"w{n}" in kept for n in acknowledged)
     store.close()
+
+
+def test_read_only_sees_the_overrides_and_writes_nothing(tmp_path: Path) -> None:
+    store = OverrideStore(tmp_path)
+    store.set_algorithm("web", HASH)
+    store.close()
+    before = (tmp_path / FILE_NAME).read_bytes()
+    reader = OverrideStore(tmp_path, read_only=True)
+    assert reader.current.algorithms == {"web": HASH}
+    with pytest.raises(StateError, match="could not save"):
+        reader.set_algorithm("api", HASH)
+    reader.close()
+    assert (tmp_path / FILE_NAME).read_bytes() == before
