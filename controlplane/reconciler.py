@@ -282,6 +282,10 @@ class ControlLoop:
         # SimpleQueue: stop() puts from a signal handler, and its put is reentrant.
         self._queue: queue.SimpleQueue[DockerEvent | PassTicket | str] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._closing = threading.Lock()
+        self._closed = False
+        """Set, under `_closing`, once the loop drains its queue for good: no ticket is put
+        after that, so none is left unanswered."""
         self.ready = threading.Event()
         self.healthy = False
         """True while the last pass could reach Docker."""
@@ -296,10 +300,11 @@ class ControlLoop:
         """Ask for a pass now, without waiting for a quiet event stream; `resync` re-inspects
         everything first."""
         ticket = PassTicket(reason, resync)
-        if self._stopping.is_set():
-            ticket.fail("the controller is stopping")
-        else:
-            self._queue.put(ticket)
+        with self._closing:
+            if self._closed or self._stopping.is_set():
+                ticket.fail("the controller is stopping")
+            else:
+                self._queue.put(ticket)
         return ticket
 
     def run(self) -> None:
@@ -324,6 +329,8 @@ class ControlLoop:
                 self._reconciler.invalidate()
                 self._pass("periodic resync")
                 next_resync = time.monotonic() + self._settings.resync_interval
+        with self._closing:
+            self._closed = True
         while True:
             try:
                 item = self._queue.get_nowait()

@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 class ApiServer:
     """Binds in the constructor, so a taken port fails the start, not a thread later."""
 
-    def __init__(self, app: Flask, host: str, port: int, threads: int = 4) -> None:
+    def __init__(self, app: Flask, host: str, port: int, threads: int = 16) -> None:
+        """16 threads: a `?wait=true` request may hold one for up to 60 s, and reads must
+        still be answered while a few do."""
         try:
             self._server = create_server(
                 app, host=host, port=port, threads=threads, ident="controlplane"
