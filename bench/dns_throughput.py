@@ -32,7 +32,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from bench.common import machine_line, percentile, row, table
 from images.build import ensure_images
 from tests.support.dnsperf_image import ensure_dnsperf_image
 from tests.support.lab import Lab, wait_until
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTROLPLANE = ROOT / ".venv" / "bin" / "controlplane"
@@ -244,21 +244,6 @@ def _minutes(text: str) -> float:
 
 
 # --- servers -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 for both UDP and TCP (the resolver binds both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def a_records(port: int, name: str) -> set[str]:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from controlplane.api_client import DEFAULT_URL, ApiClient
+from controlplane.core.model import Algorithm, Method
 from controlplane.errors import ControlPlaneError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,11 +53,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def describe(algorithm: dict[str, Any]) -> str:
-    words = [algorithm["method"]]
-    if algorithm.get("key"):
-        words.append(algorithm["key"])
-    words.extend(flag for flag in ("consistent", "two") if algorithm.get(flag))
-    return " ".join(words)
+    """The API's algorithm object, written the way the model writes it."""
+    return str(
+        Algorithm(
+            Method(algorithm["method"]),
+            algorithm.get("key"),
+            bool(algorithm.get("consistent")),
+            bool(algorithm.get("two")),
+        )
+    )
 
 
 def services_table(services: list[dict[str, Any]]) -> str:

@@ -7,7 +7,6 @@ import ipaddress
 import os
 import random
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,22 +19,10 @@ from docker.models.containers import Container
 
 from images.build import ensure_images
 from tests.support.lab import Http, Lab, wait_until
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
-
-
-def free_port() -> int:
-    """A port free for TCP and UDP on loopback (the DNS port is published for both)."""
-    while True:
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port: int = tcp.getsockname()[1]
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def free_subnet(client: docker.DockerClient) -> ipaddress.IPv4Network:

@@ -12,12 +12,7 @@ from docker.models.containers import Container
 
 from tests.integration.conftest import ControllerFactory
 from tests.support.lab import Lab, wait_until
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.support.ports import free_port
 
 
 def dig(port: int, *query: str, server: str = "127.0.0.1") -> list[str]:

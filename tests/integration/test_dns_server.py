@@ -27,13 +27,13 @@ from tests.support.dns_stub import (
     RunningDns,
     StubUpstream,
     frame,
-    free_port,
     read_frame,
     running_dns,
     sample_zone,
     tcp_ask,
     udp_ask,
 )
+from tests.support.ports import free_port
 
 ZONE = sample_zone()
 DNS_LOGGERS = ("controlplane.dns_server", "controlplane.dns_answer", "asyncio")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from docker.models.containers import Container
 from docker.models.networks import Network
 
 from tests.support.lab import Lab, wait_until
+from tests.support.ports import free_port
 from tests.support.traffic import LoadResult, Traffic
 
 SERVICE = "web"
@@ -40,13 +40,6 @@ BAD_TEMPLATE = """{% include "builtin/service.conf.j2" %}
 this_directive_does_not_exist;
 {% endfor %}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -71,8 +64,8 @@ class Controller:
         self.network = network
         self.state_dir = state_dir
         self.templates = templates
-        self.api_port = _free_port()
-        self.dns_port = _free_port()
+        self.api_port = free_port()
+        self.dns_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
         self._earlier_reloads = 0

@@ -25,25 +25,11 @@ from controlplane.dns_answer import Answerer, Forward
 from controlplane.dns_server import DnsServer, Forwarder
 from controlplane.errors import ControlPlaneError
 from controlplane.settings import IpNetwork
+from tests.support.ports import free_port
 from tests.unit.builders import container, state
 
 LOOPBACK = "127.0.0.1"
 KEPT_QUERIES = 100
-
-
-def free_port() -> int:
-    """A loopback port free for UDP and TCP alike (the server binds both)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((LOOPBACK, 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((LOOPBACK, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free loopback port for UDP and TCP")
 
 
 class StubUpstream:

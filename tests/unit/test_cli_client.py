@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +11,7 @@ from click.testing import CliRunner, Result
 from controlplane.api.server import ApiServer
 from controlplane.cli import main
 from controlplane.errors import ControlPlaneError
+from tests.support.ports import free_port
 from tests.unit.conftest import ApiHarness, HarnessFactory
 
 
@@ -78,10 +78,7 @@ def test_errors_say_what_to_do(served: tuple[ApiHarness, str]) -> None:
 
 
 def test_no_api_listening() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = cli(f"http://127.0.0.1:{port}", "services")
+    result = cli(f"http://127.0.0.1:{free_port()}", "services")
     assert result.exit_code == 1
     assert "no controlplane API answers" in result.output and "CONTROLPLANE_API" in result.output
 
