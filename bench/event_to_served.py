@@ -26,7 +26,7 @@ from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
 from controlplane.wiring import build_controller
 from images.build import ensure_images
-from tests.support.lab import Lab, wait_until
+from tests.support.lab import DRAINING, Lab, wait_until
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 HOST = "bench"
@@ -93,7 +93,7 @@ def main() -> None:
             # Keeps answering 200 for 1 s after SIGTERM, like an app finishing its work: the
             # last request routed to it then shows when nginx stopped routing, not when its
             # passive health check gave up on a 503.
-            new = lab.backend(net, alias=HOST, env={"STOP_DELAY": "1", "DRAIN_STATUS": "200"})
+            new = lab.backend(net, alias=HOST, env=DRAINING)
             returned = time.time_ns()
             ip = new.attrs["NetworkSettings"]["Networks"][net.name]["IPAddress"]
             routed = wait_until(

@@ -27,13 +27,11 @@ from dnslib import QTYPE, DNSRecord
 from docker.models.containers import Container
 from docker.models.networks import Network
 
-from tests.support.lab import Lab, wait_until
+from tests.support.lab import DRAINING, Lab, wait_until
 from tests.support.ports import free_port
 from tests.support.traffic import LoadResult, Traffic
 
 SERVICE = "web"
-STOPPING_BACKEND = {"STOP_DELAY": "1", "DRAIN_STATUS": "200"}
-"""A backend that, like a real app, finishes its in-flight work for a second after SIGTERM."""
 BAD_WEIGHT = 7
 BAD_TEMPLATE = """{% include "builtin/service.conf.j2" %}
 {% for server in s.servers if "weight=7" in server.params %}
@@ -187,7 +185,7 @@ class Rig:
         self._dir.cleanup()
 
     def add_backend(self, wait: bool = True) -> Container:
-        backend = self.lab.backend(self.net, alias=SERVICE, env=STOPPING_BACKEND)
+        backend = self.lab.backend(self.net, alias=SERVICE, env=DRAINING)
         self.backends.append(backend)
         if wait:
             self.converge()
@@ -447,7 +445,7 @@ def storm(rig: Rig, count: int, drain: bool = False) -> Callable[[ScenarioResult
     serving for a second after SIGTERM (like real apps), else they exit at once."""
 
     def action(result: ScenarioResult) -> None:
-        env = STOPPING_BACKEND if drain else {}
+        env = DRAINING if drain else {}
         created = [
             rig.lab.backend(rig.net, alias=SERVICE, start=False, env=env) for _ in range(count)
         ]

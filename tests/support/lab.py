@@ -23,6 +23,8 @@ from docker.types import EndpointConfig
 from images.build import OfflineImages
 
 TEST_LABEL = "controlplane.test"
+DRAINING = {"STOP_DELAY": "1", "DRAIN_STATUS": "200"}
+"""Backend env: like a real app, it keeps answering 200 for a second after SIGTERM."""
 T = TypeVar("T")
 
 
