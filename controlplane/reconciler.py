@@ -2,8 +2,10 @@
 
 Level-triggered: an event only wakes the loop; every pass rebuilds the whole desired state
 from a fresh listing, renders it, and deploys only to the nginx containers whose last good
-config differs. Events are coalesced: a pass runs once the stream has been quiet for
-`quiet_window`, but never later than `max_wait` after the first event of a burst.
+config differs. An event after a quiet stream starts a pass at once; the events that follow
+it are coalesced: their pass runs once the stream has been quiet for `quiet_window`, but never
+later than `max_wait` after the first of them. New backends that only add capacity during a
+scale-out are held back and applied together (core.batching).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Protocol
 
 import jinja2
 
+from controlplane.core.batching import BatchPolicy, Held, due, hold
 from controlplane.core.build import build_topology
 from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import Zone, build_zone
@@ -48,6 +51,8 @@ class Deployer(Protocol):
     def deploy(self, target: NginxTarget, content: bytes) -> DeployResult: ...
 
     def retain(self, container_ids: set[str]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class EventStream(Protocol):
@@ -81,6 +86,8 @@ class ReconcileReport:
     checksum: str = ""
     changes: tuple[str, ...] = ()
     """What changed in the model, in words (core.diff)."""
+    held: tuple[str, ...] = ()
+    """What this pass found but held back for a scale-out, in words; nothing was applied."""
 
 
 def checksum(text: str) -> str:
@@ -124,6 +131,10 @@ class Reconciler:
                 self._clock(),
             )
 
+    def close(self) -> None:
+        """Ends the shells kept open in nginx containers."""
+        self._deployer.close()
+
     def invalidate(self) -> None:
         """Re-inspect everything and retry configs nginx rejected: for resyncs and reconnects."""
         self._source.invalidate()
@@ -139,9 +150,11 @@ class Reconciler:
         reason: str,
         trigger: DockerEvent | None = None,
         on_snapshot: Callable[[Snapshot], None] | None = None,
+        held: Callable[[Topology, Topology], bool] | None = None,
     ) -> ReconcileReport:
         """`trigger`: the first event of the burst this pass answers, if any. `on_snapshot`
-        hears the snapshot this pass settled on before its deploys start."""
+        hears the snapshot this pass settled on before its deploys start. `held(current,
+        wanted)` may hold a change back: the pass then changes and deploys nothing."""
         started_ns = time.time_ns()
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -156,6 +169,26 @@ class Reconciler:
         digest = checksum(config)
         previous = self.snapshot
         changed = previous is None or previous.checksum != digest or previous.topology != topology
+        if (
+            changed
+            and previous is not None
+            and held is not None
+            and held(previous.topology, topology)
+        ):
+            report = ReconcileReport(
+                reason,
+                previous.version,
+                False,
+                (),
+                timings,
+                trigger,
+                started_ns,
+                previous.checksum,
+                held=describe_changes(previous.topology, topology),
+            )
+            for callback in self.on_report:
+                callback(report)
+            return report
         snapshot = previous
         changes: tuple[str, ...] = ()
         if snapshot is None or changed:
@@ -286,6 +319,12 @@ class ControlLoop:
         self._closed = False
         """Set, under `_closing`, once the loop drains its queue for good: no ticket is put
         after that, so none is left unanswered."""
+        self._batching = BatchPolicy(settings.batch_quiet, settings.batch_max)
+        self._held: Held | None = None
+        self._last_applied = float("-inf")
+        """Monotonic time the last change went out, for core.batching."""
+        self._last_event_ns = 0
+        """Arrival of the latest event, to tell a quiet stream's first event."""
         self.ready = threading.Event()
         self.healthy = False
         """True while the last pass could reach Docker."""
@@ -314,10 +353,17 @@ class ControlLoop:
         self.ready.set()
         next_resync = time.monotonic() + self._settings.resync_interval
         while not self._stopping.is_set():
+            wake = (
+                next_resync
+                if self._held is None
+                else min(next_resync, due(self._held, self._batching))
+            )
             try:
-                item = self._queue.get(timeout=max(0.0, next_resync - time.monotonic()))
+                item = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 item = None
+            if item is None and self._held is not None and time.monotonic() >= wake:
+                self._pass("held new backends")
             if item is not None:
                 reason, tickets = self._coalesce(item)
                 if not self._stopping.is_set():
@@ -346,11 +392,16 @@ class ControlLoop:
         started = time.monotonic()
         events = 0
         restored = False
+        leading = (
+            isinstance(first, DockerEvent)
+            and first.received_ns - self._last_event_ns >= self._settings.quiet_window * 1e9
+        )
         tickets: list[PassTicket] = []
         item: DockerEvent | PassTicket | str | None = first
         while item is not None:
             if isinstance(item, DockerEvent):
                 events += 1
+                self._last_event_ns = max(self._last_event_ns, item.received_ns)
                 self._reconciler.handle_event(item)
             elif isinstance(item, PassTicket):
                 tickets.append(item)
@@ -367,7 +418,7 @@ class ControlLoop:
                 time.monotonic() + self._settings.quiet_window, started + self._settings.max_wait
             )
             try:
-                if tickets:
+                if tickets or leading:
                     item = self._queue.get_nowait()
                 else:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -392,11 +443,17 @@ class ControlLoop:
                 ticket.plan(snapshot)
 
         try:
-            report = self._reconciler.reconcile(reason, trigger, planned)
+            report = self._reconciler.reconcile(
+                reason, trigger, planned, None if waiting else self._hold
+            )
         except Exception as error:
             self._failed(reason, error, waiting)
             return
         self.healthy = True
+        if not report.held:
+            self._held = None
+        if report.changed:
+            self._last_applied = time.monotonic()
         for ticket in waiting:
             ticket.finish(report)
         if report.changed or report.deployed:
@@ -407,6 +464,13 @@ class ControlLoop:
                 len(report.deployed),
                 sum(report.timings.values()) * 1000,
             )
+
+    def _hold(self, current: Topology, wanted: Topology) -> bool:
+        """Asked by a pass (not one an operator is waiting for) that found a change."""
+        self._held = hold(
+            current, wanted, time.monotonic(), self._last_applied, self._held, self._batching
+        )
+        return self._held is not None
 
     def _failed(self, reason: str, error: Exception, tickets: list[PassTicket]) -> None:
         if isinstance(error, DockerUnavailable):

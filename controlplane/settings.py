@@ -21,6 +21,11 @@ class Settings:
     templates_dir: Path | None = None
     quiet_window: float = 0.05
     max_wait: float = 1.0
+    batch_quiet: float = 1.0
+    batch_max: float = 10.0
+    """New backends during a scale-out: see core.batching.BatchPolicy."""
+    nginx_shell: bool = True
+    """Deploy through a shell kept open in each nginx that has one (nginx_shell)."""
     resync_interval: float = 30.0
     stop_grace: float = 60.0
     dns_binds: tuple[str, ...] = ()

@@ -41,11 +41,12 @@ class Controller:
         if self.api is not None:
             self.api.start()
 
-    def stop_servers(self) -> None:
+    def close(self) -> None:
         if self.api is not None:
             self.api.stop()
         if self.dns is not None:
             self.dns.stop()
+        self.reconciler.close()
         self.store.close()
 
 
@@ -58,7 +59,11 @@ def build_controller(settings: Settings) -> Controller:
     template = load_template(settings.templates_dir)
     api = connect(settings.docker_url)
     reconciler = Reconciler(
-        DockerSource(api), NginxDeployer(api), template, settings, overrides=lambda: store.current
+        DockerSource(api),
+        NginxDeployer(api, shell=settings.nginx_shell),
+        template,
+        settings,
+        overrides=lambda: store.current,
     )
     loop = ControlLoop(reconciler, DockerSource(connect(settings.docker_url)), settings)
     dns = _dns_server(settings, reconciler)

@@ -279,10 +279,9 @@ def ensure_images(
 ) -> OfflineImages:
     """Build (or reuse) the nginx and backend images, and the controller's when asked."""
     report = progress or (lambda _line: None)
-    nginx_files = [NGINX_BINARY, *_ldd(NGINX_BINARY), "/etc/nginx/mime.types"]
-    nginx = _ensure(
-        client, "nginx", _context("nginx", {f: f for f in nginx_files}, NGINX_DIRS), report
-    )
+    nginx_files = {f: f for f in [NGINX_BINARY, *_ldd(NGINX_BINARY), "/etc/nginx/mime.types"]}
+    nginx_files["/bin/busybox"] = "/usr/bin/busybox"
+    nginx = _ensure(client, "nginx", _context("nginx", nginx_files, NGINX_DIRS), report)
     backend = _ensure(
         client,
         "backend",

@@ -92,7 +92,7 @@ class RunningController:
         self.stopped = True
         self.controller.loop.stop()
         self.thread.join(timeout=10)
-        self.controller.stop_servers()
+        self.controller.close()
 
 
 class ControllerFactory:

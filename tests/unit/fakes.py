@@ -3,9 +3,11 @@ NginxDeployer and the event stream."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from controlplane.core.model import DockerState, NginxTarget
 from controlplane.docker_source import DockerEvent
@@ -44,9 +46,13 @@ class FakeDeployer:
     def retain(self, container_ids: set[str]) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class FakeEvents:
-    """Yields the scripted events, then blocks until closed; `breaks` first opens fail."""
+    """Yields the scripted events, then the pushed ones until closed; `breaks` first opens
+    fail. Each event is stamped with its arrival, as the Docker edge does."""
 
     def __init__(self, events: list[DockerEvent], gap: float = 0.0, breaks: int = 0) -> None:
         self.events = events
@@ -54,6 +60,10 @@ class FakeEvents:
         self.breaks = breaks
         self.opened = 0
         self.closed = threading.Event()
+        self.pushed: queue.SimpleQueue[DockerEvent] = queue.SimpleQueue()
+
+    def push(self, event: DockerEvent) -> None:
+        self.pushed.put(event)
 
     def open_events(self) -> Iterator[DockerEvent]:
         self.opened += 1
@@ -64,9 +74,15 @@ class FakeEvents:
     def _stream(self) -> Iterator[DockerEvent]:
         for item in self.events:
             time.sleep(self.gap)
-            yield item
+            yield replace(item, received_ns=time.time_ns())
         self.events = []
-        self.closed.wait(10)
+        deadline = time.monotonic() + 10
+        while not self.closed.is_set() and time.monotonic() < deadline:
+            try:
+                item = self.pushed.get(timeout=0.01)
+            except queue.Empty:
+                continue
+            yield replace(item, received_ns=time.time_ns())
 
     def close_events(self) -> None:
         self.closed.set()

@@ -64,13 +64,13 @@ class FakeApi:
 
 def test_a_tested_config_is_loaded() -> None:
     api = FakeApi()
-    result = NginxDeployer(api).deploy(TARGET, NEW)  # type: ignore[arg-type]
+    result = NginxDeployer(api, shell=False).deploy(TARGET, NEW)  # type: ignore[arg-type]
     assert result.ok and api.file == NEW and api.signals == ["SIGHUP"]
 
 
 def test_a_refused_config_is_replaced_by_the_previous_one_and_not_loaded() -> None:
     api = FakeApi(test_code=1)
-    result = NginxDeployer(api).deploy(TARGET, NEW)  # type: ignore[arg-type]
+    result = NginxDeployer(api, shell=False).deploy(TARGET, NEW)  # type: ignore[arg-type]
     assert not result.ok and "unknown directive" in (result.error or "")
     assert api.file == GOOD and api.signals == []
 
@@ -83,7 +83,7 @@ def test_a_refused_config_is_replaced_by_the_previous_one_and_not_loaded() -> No
 def test_any_failure_after_the_copy_puts_the_previous_file_back(failing: str) -> None:
     api = FakeApi()
     api.fail[failing] = docker.errors.APIError("409 Conflict: container is restarting")
-    result = NginxDeployer(api).deploy(TARGET, NEW)  # type: ignore[arg-type]
+    result = NginxDeployer(api, shell=False).deploy(TARGET, NEW)  # type: ignore[arg-type]
     assert not result.ok and "could not update nginx lb" in (result.error or "")
     assert api.file == GOOD
 
@@ -91,7 +91,7 @@ def test_any_failure_after_the_copy_puts_the_previous_file_back(failing: str) ->
 def test_a_failed_restore_forgets_the_file_so_the_next_deploy_reads_it_again() -> None:
     api = FakeApi(test_code=1)
     api.fail["put_archive#2"] = docker.errors.APIError("engine went away")
-    deployer = NginxDeployer(api)
+    deployer = NginxDeployer(api, shell=False)
     assert not deployer.deploy(TARGET, NEW).ok  # type: ignore[arg-type]
     api.file, api.test_code, api.fail = GOOD, 0, {}
     reads = []
@@ -103,12 +103,12 @@ def test_a_failed_restore_forgets_the_file_so_the_next_deploy_reads_it_again() -
 
 def test_no_previous_file_means_an_empty_one_after_a_refusal() -> None:
     api = FakeApi(current=None, test_code=1)
-    NginxDeployer(api).deploy(TARGET, NEW)  # type: ignore[arg-type]
+    NginxDeployer(api, shell=False).deploy(TARGET, NEW)  # type: ignore[arg-type]
     assert api.file == b""
 
 
 def test_an_unreadable_previous_file_stops_before_writing() -> None:
     api = FakeApi()
     api.fail["get_archive"] = KeyError("controlplane.conf")
-    result = NginxDeployer(api).deploy(TARGET, NEW)  # type: ignore[arg-type]
+    result = NginxDeployer(api, shell=False).deploy(TARGET, NEW)  # type: ignore[arg-type]
     assert not result.ok and api.writes == 0 and api.file == GOOD

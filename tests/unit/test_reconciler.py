@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 
 from controlplane.docker_source import DockerEvent
-from controlplane.reconciler import ControlLoop, Reconciler
+from controlplane.reconciler import ControlLoop, Reconciler, ReconcileReport
 from controlplane.settings import Settings
 from controlplane.templating import load_template
-from tests.unit.builders import container, nginx, state
+from tests.unit.builders import container, container_id, nginx, state
 from tests.unit.fakes import FakeDeployer, FakeEvents, FakeSource
 
 
@@ -169,3 +169,85 @@ def test_a_failed_pass_fails_its_tickets_and_marks_the_loop_unhealthy() -> None:
         assert ticket.done.wait(2)
         assert ticket.error == "the fake engine is down" and not loop.healthy
         assert failures == ["the fake engine is down"]
+
+
+def watched(
+    *containers: object, **settings: float
+) -> tuple[FakeSource, FakeEvents, ControlLoop, list[ReconcileReport]]:
+    source, _, reconciler = make(*containers)
+    reports: list[ReconcileReport] = []
+    reconciler.on_report.append(reports.append)
+    events = FakeEvents([])
+    return source, events, ControlLoop(reconciler, events, replace(Settings(), **settings)), reports
+
+
+def settle(reports: list[ReconcileReport], count: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(reports) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(reports) >= count, [r.reason for r in reports]
+
+
+def test_an_event_after_a_quiet_stream_is_applied_without_the_quiet_window() -> None:
+    source, events, loop, reports = watched(nginx("lb"), container("w1"), quiet_window=1.0)
+    with running(loop):
+        settle(reports, 2)  # the first pass, then the resync once the stream opened
+        time.sleep(1.1)
+        source.state = state(nginx("lb"), container("w1"), container("w2", ip="172.20.0.3"))
+        events.push(event(container_id("w2"), "start"))
+        settle(reports, 3)
+    report = reports[2]
+    assert report.trigger is not None and report.changed
+    waited = (report.started_ns - report.trigger.received_ns) / 1e9
+    assert waited < 0.5, f"the pass waited {waited:.2f} s for a 1 s quiet window"
+
+
+def test_new_backends_soon_after_a_change_are_held_and_applied_together() -> None:
+    lb, w1 = nginx("lb"), container("w1")
+    more = [container(f"n{i}", ip=f"172.20.1.{i}") for i in range(3)]
+    source, events, loop, reports = watched(
+        lb, w1, quiet_window=0.01, batch_quiet=0.4, batch_max=5.0
+    )
+    with running(loop):
+        settle(reports, 2)
+        time.sleep(0.5)  # calm: the next new backend goes at once
+        source.state = state(lb, w1, container("w2", ip="172.20.0.3"))
+        events.push(event(container_id("w2"), "start"))
+        settle(reports, 3)
+        for i, newcomer in enumerate(more):
+            source.state = state(lb, w1, container("w2", ip="172.20.0.3"), *more[: i + 1])
+            events.push(event(newcomer.id, "start"))
+            time.sleep(0.1)
+        deadline = time.monotonic() + 3
+        while not reports[-1].changed and time.monotonic() < deadline:
+            time.sleep(0.01)
+    applied = [r for r in reports[2:] if r.changed]
+    held = [r for r in reports[2:] if r.held]
+    assert len(applied) == 2, [(r.reason, r.changed, r.held) for r in reports]
+    assert held and any("+ n0" in line for line in held[0].held)
+    assert applied[-1].reason == "held new backends"
+    assert [c.split(" (")[0] for c in applied[-1].changes] == [
+        f"service web: + n{i}" for i in range(3)
+    ]
+
+
+def test_a_leaving_backend_ends_a_hold_at_once() -> None:
+    lb, w1, w2 = nginx("lb"), container("w1"), container("w2", ip="172.20.0.3")
+    source, events, loop, reports = watched(
+        lb, w1, w2, quiet_window=0.01, batch_quiet=5.0, batch_max=30.0
+    )
+    with running(loop):
+        settle(reports, 2)
+        source.state = state(lb, w1, w2, container("w3", ip="172.20.0.4"))
+        events.push(event(container_id("w3"), "start"))
+        time.sleep(0.2)
+        source.state = state(lb, w1, container("w3", ip="172.20.0.4"))
+        events.push(event(container_id("w2"), "kill", "15"))
+        deadline = time.monotonic() + 2
+        while not any(r.changed for r in reports[2:]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    applied = [r for r in reports[2:] if r.changed]
+    assert applied, [(r.reason, r.held) for r in reports]
+    assert "service web: - w2" in applied[0].changes and "service web: + w3" in " ".join(
+        applied[0].changes
+    )

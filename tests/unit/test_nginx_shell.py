@@ -1,0 +1,231 @@
+"""The shell way into an nginx container, against a local /bin/sh framed like dockerd's attach
+stream: files arrive byte for byte, whatever they hold; replies end only at the real marker;
+a missing shell or nginx is told apart from a working one; closing ends the shell."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket as sockets
+import struct
+import subprocess
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import docker.errors
+import pytest
+
+from controlplane.core.model import NginxTarget
+from controlplane.errors import DeployError
+from controlplane.nginx_deployer import NginxDeployer, pack
+from controlplane.nginx_shell import NoShell, ShellSession
+
+FAKE_NGINX = """#!/bin/sh
+# nginx -t: refuses a config holding the word "bogus", like an unknown directive.
+if grep -q bogus "$CONFIG"; then
+  echo 'nginx: [emerg] unknown directive "bogus" in controlplane.conf:1' >&2
+  exit 1
+fi
+echo 'nginx: configuration file test is successful' >&2
+"""
+
+
+class LocalShellEngine:
+    """exec_create/exec_start(socket=True) run `command` here; archive calls read and write
+    the same file. The shell's `kill` is a function that records its arguments: this one
+    must never signal this machine's PID 1."""
+
+    def __init__(self, tmp: Path, command: list[str] | None = None, nginx: bool = True) -> None:
+        self.config = tmp / "controlplane.conf"
+        self.command = command or ["/bin/sh"]
+        self.bin = tmp / "bin"
+        self.bin.mkdir()
+        if nginx:
+            (self.bin / "nginx").write_text(FAKE_NGINX)
+            (self.bin / "nginx").chmod(0o755)
+        self.signals = tmp / "signals"
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.exec_fails = False
+
+    def exec_create(self, container: str, cmd: list[str], **_: object) -> dict[str, str]:
+        if self.exec_fails:
+            raise docker.errors.APIError("409 Conflict: container is restarting")
+        return {"Id": "exec"}
+
+    def exec_start(self, exec_id: str, socket: bool = False) -> object:
+        if not socket:
+            raise docker.errors.APIError("this fake engine runs shells only")
+        ours, theirs = sockets.socketpair()
+        env = {
+            "PATH": f"{self.bin}:/usr/bin:/bin",
+            "CONFIG": str(self.config),
+            "SIGNALS": str(self.signals),
+        }
+        process = subprocess.Popen(
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.processes.append(process)
+        assert process.stdin and process.stdout and process.stderr
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.write(b'kill() { echo "$*" >> "$SIGNALS"; }\n')
+            process.stdin.flush()
+        threading.Thread(target=_feed, args=(theirs, process.stdin), daemon=True).start()
+        lock = threading.Lock()
+        for number, pipe in ((1, process.stdout), (2, process.stderr)):
+            threading.Thread(target=_frame, args=(pipe, theirs, number, lock), daemon=True).start()
+        return ours
+
+    def get_archive(self, container: str, path: str) -> tuple[Iterator[bytes], dict[str, str]]:
+        if not self.config.exists():
+            raise docker.errors.NotFound("no such file")
+        return iter([pack(self.config.name, self.config.read_bytes())]), {}
+
+    def put_archive(self, container: str, path: str, data: bytes) -> bool:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = tar.extractfile(self.config.name)
+            assert member is not None
+            self.config.write_bytes(member.read())
+        return True
+
+
+def _feed(source: sockets.socket, sink: IO[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(65536):
+            sink.write(chunk)
+            sink.flush()
+        sink.close()
+
+
+def _frame(pipe: IO[bytes], sink: sockets.socket, number: int, lock: threading.Lock) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := os.read(pipe.fileno(), 65536):
+            with lock:
+                sink.sendall(struct.pack(">BxxxL", number, len(chunk)) + chunk)
+    if number == 1:
+        sink.close()
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[LocalShellEngine]:
+    made = LocalShellEngine(tmp_path)
+    yield made
+    for process in made.processes:
+        process.kill()
+        process.wait()
+
+
+def session(engine: LocalShellEngine) -> ShellSession:
+    return ShellSession(engine, "c" * 64, "t0")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"upstream web { server 10.0.0.2:80; }\n",
+        b"$(touch /tmp/pwned) `id` ${HOME} \\ 'quoted' \"double\"\nEOF\n'EOF'\n",
+        "caf\u00e9 \u2014 not ascii\n".encode(),
+        b"# " + b"x" * 200_000 + b"\n" + b"line\n" * 20_000,
+    ],
+    ids=["config", "shell-syntax", "utf-8", "large"],
+)
+def test_a_file_arrives_byte_for_byte(engine: LocalShellEngine, content: bytes) -> None:
+    shell = session(engine)
+    shell.write(str(engine.config), content)
+    assert engine.config.read_bytes() == content
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_the_test_reports_nginx_code_and_output(engine: LocalShellEngine) -> None:
+    shell = session(engine)
+    shell.write(str(engine.config), b"fine\n")
+    assert shell.test() == (0, "nginx: configuration file test is successful\n")
+    shell.write(str(engine.config), b"bogus;\n")
+    code, output = shell.test()
+    assert code == 1 and 'unknown directive "bogus"' in output
+
+
+def test_output_that_looks_like_a_marker_does_not_end_a_reply(engine: LocalShellEngine) -> None:
+    shell = session(engine)
+    code, output = shell.run("echo '@@controlplane-0000 0'; printf 'no newline'", 5)
+    assert code == 0 and output == "@@controlplane-0000 0\nno newline"
+
+
+def test_a_file_the_shell_cannot_carry_is_refused_before_sending(
+    engine: LocalShellEngine,
+) -> None:
+    shell = session(engine)
+    for content in (b"no final newline", b"nul \0 byte\n"):
+        assert not ShellSession.can_carry(content)
+        with pytest.raises(DeployError, match="archive API"):
+            shell.write(str(engine.config), content)
+    assert shell.run("true", 5) == (0, "")
+
+
+def test_no_nginx_on_the_path_means_no_shell(tmp_path: Path) -> None:
+    engine = LocalShellEngine(tmp_path, nginx=False)
+    with pytest.raises(NoShell, match="not on the PATH"):
+        session(engine)
+
+
+def test_a_shell_that_exits_at_once_means_no_shell(tmp_path: Path) -> None:
+    engine = LocalShellEngine(tmp_path, command=["/bin/sh", "-c", "echo 'stat /bin/sh: no such'"])
+    with pytest.raises(NoShell, match="no such"):
+        session(engine)
+
+
+def test_an_exec_the_engine_refuses_is_an_error_but_not_no_shell(
+    engine: LocalShellEngine,
+) -> None:
+    engine.exec_fails = True
+    with pytest.raises(DeployError) as raised:
+        session(engine)
+    assert not isinstance(raised.value, NoShell)
+
+
+def test_closing_ends_the_shell(engine: LocalShellEngine) -> None:
+    session(engine).close()
+    assert engine.processes[0].wait(timeout=5) == 0
+
+
+def test_a_shell_that_died_is_an_error_not_a_hang(engine: LocalShellEngine) -> None:
+    shell = session(engine)
+    engine.processes[0].kill()
+    with pytest.raises(DeployError, match="shell"):
+        shell.run("true", 5)
+
+
+TARGET = NginxTarget("c" * 64, "lb", "", "t0", ("app",))
+
+
+def test_the_deployer_goes_through_the_shell_and_restores_a_refused_file(
+    engine: LocalShellEngine,
+) -> None:
+    target = NginxTarget("c" * 64, "lb", str(engine.config), "t0", ("app",))
+    deployer = NginxDeployer(engine)  # type: ignore[arg-type]
+    ok = deployer.deploy(target, b"# new\n")
+    assert ok.ok and ok.via == "shell" and {"open", "copy", "test", "reload"} <= set(ok.timings)
+    assert engine.config.read_bytes() == b"# new\n"
+    assert engine.signals.read_text() == "-HUP 1\n"
+    refused = deployer.deploy(target, b"bogus;\n")
+    assert not refused.ok and 'unknown directive "bogus"' in (refused.error or "")
+    assert engine.config.read_bytes() == b"# new\n"
+    assert engine.signals.read_text() == "-HUP 1\n"
+    assert len(engine.processes) == 1
+
+
+def test_the_deployer_remembers_a_container_without_a_shell(tmp_path: Path) -> None:
+    engine = LocalShellEngine(tmp_path, command=["/bin/false"])
+    target = NginxTarget("c" * 64, "lb", str(engine.config), "t0", ("app",))
+    deployer = NginxDeployer(engine)  # type: ignore[arg-type]
+    for _ in range(2):
+        result = deployer.deploy(target, b"# new\n")
+        assert result.via == "engine" and "runs shells only" in (result.error or "")
+    assert len(engine.processes) == 1
