@@ -8,8 +8,9 @@ one container or alias it came from, with a reason; everything else is still bui
 from __future__ import annotations
 
 import functools
+import operator
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -47,15 +48,20 @@ class BuildOptions:
     domain: str = "internal"
 
 
-class _Member(NamedTuple):
-    """A tuple, not a dataclass: thousands are made per pass and hashed for the memo."""
+@dataclass(frozen=True, slots=True, eq=False)
+class _Member:
+    """One container on one network, in the services `names`: its backend as its labels make
+    it (`_service` applies overrides), and the service-wide labels it proposes. Compared by
+    identity: `_plan` is memoised, so an unchanged container hands over the very same members,
+    and `_service`'s memo key hashes them without hashing every field of every backend."""
 
-    container: ContainerFacts
-    endpoint: Endpoint
-    backend: L.BackendLabels
+    names: tuple[str, ...]
+    backend: Backend
     service: L.ServiceLabels
-    port: int
-    state: BackendState
+
+
+_OLDEST_FIRST = operator.attrgetter("created", "name")
+_SERVICE_LABEL_FIELDS = tuple(f.name for f in fields(L.ServiceLabels))
 
 
 def build_topology(
@@ -71,11 +77,11 @@ def build_topology(
     nginx: list[NginxTarget] = []
     excluded: list[Exclusion] = []
     members: dict[str, list[_Member]] = defaultdict(list)
-    for container in sorted(state.containers, key=lambda c: (c.created, c.name)):
+    for container in sorted(state.containers, key=_OLDEST_FIRST):
         if container.status not in ("running", "paused"):
             continue
         if container.labels.get(L.ROLE) == "nginx":
-            warnings.extend(_label_typos(container))
+            warnings.extend(_label_typos(container, L.parse_container_labels(container.labels)))
             target = _nginx_target(container, watched, excluded)
             if target is not None:
                 nginx.append(target)
@@ -88,8 +94,9 @@ def build_topology(
             warnings.extend(plan.warnings)
         if plan.excluded:
             excluded.extend(plan.excluded)
-        for name, member in plan.members:
-            members[name].append(member)
+        for member in plan.members:
+            for name in member.names:
+                members[name].append(member)
 
     reachable = frozenset(network for target in nginx for network in target.networks)
     services = []
@@ -97,13 +104,13 @@ def build_topology(
         # web.internal as a service would take service web's own NAME.DOMAIN
         excluded.extend(
             Exclusion(
-                m.container.id,
-                m.container.name,
+                m.container_id,
+                m.container,
                 f"service name {name} ends with the zone .{options.domain}: every service is "
                 "already reachable as NAME.DOMAIN; name it without the domain",
                 service=name,
             )
-            for m in members.pop(name)
+            for m in (member.backend for member in members.pop(name))
         )
     for name in sorted(members):
         service, dropped = _service(
@@ -125,11 +132,11 @@ def build_topology(
     )
 
 
-def _label_typos(container: ContainerFacts) -> list[str]:
+def _label_typos(container: ContainerFacts, parsed: L.ContainerLabels) -> list[str]:
     """A misspelt label would otherwise be ignored without a word."""
     warnings = [
         f"container {container.name}: unknown label {L.show(key)} is ignored (a typo?)"
-        for key in L.parse_container_labels(container.labels).unknown
+        for key in parsed.unknown
     ]
     role = container.labels.get(L.ROLE)
     if role is not None and role != "nginx":
@@ -192,20 +199,20 @@ def _nginx_target(
     )
 
 
-@dataclass(frozen=True)
-class _Plan:
+class _Plan(NamedTuple):
     """What one container brings to the topology, whatever the others and the stop marks."""
 
     warnings: tuple[str, ...] = ()
     excluded: tuple[Exclusion, ...] = ()
-    members: tuple[tuple[str, _Member], ...] = ()
+    members: tuple[_Member, ...] = ()
 
 
 @functools.lru_cache(maxsize=65_536)
 def _plan(container: ContainerFacts, watched: frozenset[str], stopping: bool) -> _Plan:
     """Memoised: the Docker edge hands over the same facts for an unchanged container, so a
     reconcile of thousands of containers redoes this only for the ones that changed."""
-    warnings = tuple(_label_typos(container))
+    parsed = L.parse_container_labels(container.labels)
+    warnings = tuple(_label_typos(container, parsed))
     excluded: list[Exclusion] = []
 
     def exclude(reason: str) -> _Plan:
@@ -219,7 +226,6 @@ def _plan(container: ContainerFacts, watched: frozenset[str], stopping: bool) ->
     if not endpoints:
         on = ", ".join(e.network for e in container.endpoints) or "no network"
         return exclude(f"has {L.SERVICE} but is on no watched network (it is on {on})")
-    parsed = L.parse_container_labels(container.labels)
     if parsed.errors:
         return exclude("; ".join(parsed.errors))
     backend, service = parsed.backend, parsed.service
@@ -233,11 +239,26 @@ def _plan(container: ContainerFacts, watched: frozenset[str], stopping: bool) ->
         port = container.exposed_tcp_ports[0] if container.exposed_tcp_ports else DEFAULT_PORT
     state = _backend_state(container, stopping)
     members = tuple(
-        (name, _Member(container, endpoint, backend, service, port, state))
-        for endpoint, names in names_by_endpoint
-        for name in dict.fromkeys(
-            (*names, backend.service) if backend.service is not None else names
+        _Member(
+            tuple(dict.fromkeys((*names, backend.service) if backend.service else names)),
+            Backend(
+                container.id,
+                container.name,
+                endpoint.network,
+                endpoint.ip,
+                endpoint.ipv6,
+                port,
+                container.created,
+                state,
+                backend.weight,
+                backend.backup,
+                backend.max_fails,
+                backend.fail_timeout,
+                backend.max_conns,
+            ),
+            service,
         )
+        for endpoint, names in names_by_endpoint
     )
     return _Plan(warnings, tuple(excluded), members)
 
@@ -288,43 +309,34 @@ def _service(
     elif problem:
         warnings.append(f"{problem}; using round_robin until that is fixed")
     chosen = dict(backend_overrides)
+    no_backup = algorithm.method in METHODS_WITHOUT_BACKUP
     excluded = []
     backends = []
     for m in members:
-        if m.backend.backup and algorithm.method in METHODS_WITHOUT_BACKUP:
+        backend = m.backend
+        if no_backup and backend.backup:
             excluded.append(
                 Exclusion(
-                    m.container.id,
-                    m.container.name,
+                    backend.container_id,
+                    backend.container,
                     f"{L.BACKUP}=true can't be used with method {algorithm.method.value} "
                     "(nginx refuses it): left out of the upstream",
                     service=name,
                 )
             )
             continue
-        override = chosen.get(m.container.name, BackendOverride())
-        drained = override.drain and m.state is not BackendState.STOPPING
-        backends.append(
-            Backend(
-                container_id=m.container.id,
-                container=m.container.name,
-                network=m.endpoint.network,
-                ip=m.endpoint.ip,
-                ipv6=m.endpoint.ipv6,
-                port=m.port,
-                created=m.container.created,
-                state=BackendState.DRAINING if drained else m.state,
-                weight=override.weight or m.backend.weight,
-                backup=m.backend.backup,
-                max_fails=m.backend.max_fails,
-                fail_timeout=m.backend.fail_timeout,
-                max_conns=m.backend.max_conns,
+        override = chosen.get(backend.container)
+        if override is not None:
+            drained = override.drain and backend.state is not BackendState.STOPPING
+            backend = backend._replace(
+                state=BackendState.DRAINING if drained else backend.state,
+                weight=override.weight or backend.weight,
             )
-        )
-    if reachable is not None:
+        backends.append(backend)
+    if reachable is not None and not all(m.backend.network in reachable for m in members):
         networks_of: dict[str, set[str]] = defaultdict(set)
         for m in members:
-            networks_of[m.container.name].add(m.endpoint.network)
+            networks_of[m.backend.container].add(m.backend.network)
         for container, networks in networks_of.items():
             if not networks & reachable:
                 warnings.append(
@@ -340,7 +352,7 @@ def _service(
         )
     service = Service(
         name=name,
-        networks=tuple(sorted({m.endpoint.network for m in members})),
+        networks=tuple(sorted({m.backend.network for m in members})),
         algorithm=algorithm,
         algorithm_source=source,
         hosts=settings.hosts or (),
@@ -351,8 +363,12 @@ def _service(
     return service, tuple(excluded)
 
 
-def _merge_service_labels(members: Iterable[_Member]) -> tuple[L.ServiceLabels, list[str]]:
-    """The first backend (oldest) that sets a service label wins; disagreement is reported."""
+def _merge_service_labels(members: Sequence[_Member]) -> tuple[L.ServiceLabels, list[str]]:
+    """The first backend (oldest) that sets a service label wins; disagreement is reported.
+    Replicas mostly say the same, which needs no merging."""
+    first = members[0].service
+    if all(m.service is first or m.service == first for m in members):
+        return first, []
     chosen: dict[str, tuple[object, str]] = {}
     warnings: list[str] = []
     label_of = {
@@ -363,17 +379,19 @@ def _merge_service_labels(members: Iterable[_Member]) -> tuple[L.ServiceLabels, 
         "hosts": L.HOSTS,
     }
     for m in members:
-        for f in fields(L.ServiceLabels):
-            value = getattr(m.service, f.name)
+        container = m.backend.container
+        for field in _SERVICE_LABEL_FIELDS:
+            value = getattr(m.service, field)
             if value is None:
                 continue
-            if f.name not in chosen:
-                chosen[f.name] = (value, m.container.name)
-            elif chosen[f.name][0] != value and m.container.name != chosen[f.name][1]:
-                first_value, first = chosen[f.name]
+            if field not in chosen:
+                chosen[field] = (value, container)
+            elif chosen[field][0] != value and container != chosen[field][1]:
+                first_value, first_container = chosen[field]
                 warning = (
-                    f"{label_of[f.name]}: {m.container.name} says {_plain(value)} but "
-                    f"{first} (older) says {_plain(first_value)}; using {_plain(first_value)}"
+                    f"{label_of[field]}: {container} says {_plain(value)} but "
+                    f"{first_container} (older) says {_plain(first_value)}; using "
+                    f"{_plain(first_value)}"
                 )
                 if warning not in warnings:
                     warnings.append(warning)

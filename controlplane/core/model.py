@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class Method(StrEnum):
@@ -110,9 +111,10 @@ class Overrides:
     backends: Mapping[str, Mapping[str, BackendOverride]] = field(default_factory=dict, hash=False)
 
 
-@dataclass(frozen=True)
-class Backend:
-    """One container on one network, serving one service."""
+class Backend(NamedTuple):
+    """One container on one network, serving one service. A tuple, not a frozen dataclass:
+    a pass over 10,000 containers builds one each, and a tuple is several times cheaper to
+    build and to hash."""
 
     container_id: str
     container: str

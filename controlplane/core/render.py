@@ -11,7 +11,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import jinja2
 
@@ -27,15 +28,21 @@ class RenderOptions:
     keepalive: int = 32
 
 
-@dataclass(frozen=True)
-class ServerView:
+class ServerView(NamedTuple):
+    """One server of an upstream; `directive` is `address` and `params` joined, and `note` the
+    container made safe for a comment, so a template needs no loop or filter per server."""
+
     address: str
     params: tuple[str, ...]
     container: str
+    directive: str
+    note: str
 
 
-@dataclass(frozen=True)
-class ServiceView:
+class ServiceView(NamedTuple):
+    """A tuple, like ServerView, not a frozen dataclass: a cold pass makes one per service and
+    one per server, 11,000 at 1,000 services x 10, and a tuple is several times cheaper."""
+
     name: str
     upstream: str
     balancing: str | None
@@ -49,7 +56,8 @@ class ServiceView:
 def nginx_quote(value: object) -> str:
     """Double-quote a value for nginx; control characters are refused, never escaped away."""
     text = str(value)
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+    # isprintable() is False for every control character, so it settles the common case.
+    if not text.isprintable() and any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
         raise TemplateError(
             f"refusing to write a control character into the nginx config: {text!r}"
         )
@@ -58,7 +66,10 @@ def nginx_quote(value: object) -> str:
 
 def comment(value: object) -> str:
     """Make any text safe inside a `#` comment: one line, printable ASCII only."""
-    return "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in str(value))
+    text = str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
 
 
 def make_environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
@@ -124,10 +135,10 @@ def upstream_backends(service: Service, reachable: Iterable[str]) -> tuple[Backe
     """One server per container, on a network a managed nginx is on; with no managed nginx
     (e.g. `controlplane render` to preview), on the container's first network. A drained
     backend stays, marked down, so hash methods keep mapping the other keys as before."""
+    if not any(b.state is BackendState.UP for b in service.backends):
+        return ()
     networks = set(reachable)
     chosen: dict[str, Backend] = {}
-    if not service.live_backends:
-        return ()
     for backend in service.backends:
         if backend.state not in (BackendState.UP, BackendState.DRAINING):
             continue
@@ -141,12 +152,17 @@ def service_view(service: Service, reachable: Iterable[str], options: RenderOpti
     backends = upstream_backends(service, reachable)
     # nginx refuses an upstream of backups only; build.py reports it as a service warning.
     if backends and all(b.backup for b in backends):
-        backends = tuple(replace(b, backup=False) for b in backends)
+        backends = tuple(b._replace(backup=False) for b in backends)
+    servers = []
+    for b in backends:
+        host, params = address(b), server_params(b)
+        directive = " ".join((host, *params)) if params else host
+        servers.append(ServerView(host, params, b.container, directive, comment(b.container)))
     return ServiceView(
         name=service.name,
         upstream=f"cp_{service.name}",
         balancing=balancing_directive(service),
-        servers=tuple(ServerView(address(b), server_params(b), b.container) for b in backends),
+        servers=tuple(servers),
         server_names=service.names or (service.name,),
         containers=len({b.container_id for b in service.backends}),
         serving=sum(1 for b in backends if b.state is BackendState.UP),
