@@ -101,6 +101,14 @@ def discovery_options(command: F) -> F:
             help="Port the rendered nginx server blocks listen on.",
         ),
         click.option(
+            "--reuseport/--no-reuseport",
+            default=True,
+            show_default=True,
+            help="Listen with reuseport: after a reload, new connections reach the new nginx "
+            "workers at once instead of ~100 ms later. Turn off if another server block of "
+            "yours sets options on the same port.",
+        ),
+        click.option(
             "--templates",
             "templates_dir",
             type=click.Path(file_okay=False, path_type=Path),
@@ -228,6 +236,7 @@ def run(
     networks: frozenset[str] | None,
     domain: str,
     listen_port: int,
+    reuseport: bool,
     templates_dir: Path | None,
     log_level: str,
     debounce: float,
@@ -253,6 +262,7 @@ def run(
         networks=networks,
         domain=domain,
         listen_port=listen_port,
+        reuseport=reuseport,
         templates_dir=templates_dir,
         quiet_window=debounce,
         max_wait=max(debounce, debounce_max),
@@ -292,6 +302,7 @@ def render(
     networks: frozenset[str] | None,
     domain: str,
     listen_port: int,
+    reuseport: bool,
     templates_dir: Path | None,
     log_level: str,
     state_dir: Path,
@@ -304,6 +315,7 @@ def render(
         networks=networks,
         domain=domain,
         listen_port=listen_port,
+        reuseport=reuseport,
         templates_dir=templates_dir,
         state_dir=state_dir,
     )

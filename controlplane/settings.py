@@ -18,6 +18,7 @@ class Settings:
     networks: frozenset[str] | None = None
     domain: str = "internal"
     listen_port: int = 80
+    reuseport: bool = True
     templates_dir: Path | None = None
     quiet_window: float = 0.05
     max_wait: float = 1.0
@@ -49,4 +50,4 @@ class Settings:
 
     @property
     def render_options(self) -> RenderOptions:
-        return RenderOptions(listen_port=self.listen_port)
+        return RenderOptions(listen_port=self.listen_port, reuseport=self.reuseport)

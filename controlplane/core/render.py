@@ -26,6 +26,10 @@ SERVICE_TEMPLATE = "service.conf.j2"
 class RenderOptions:
     listen_port: int = 80
     keepalive: int = 32
+    reuseport: bool = True
+    """One listening socket per worker. nginx keeps its old workers accepting for 100 ms after
+    a reload; with a shared socket they take nearly every new connection in that time (the
+    kernel wakes the first waiter), with reuseport the new workers take their share at once."""
 
 
 class ServerView(NamedTuple):

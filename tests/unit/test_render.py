@@ -256,14 +256,16 @@ def test_render_options(template: jinja2.Template) -> None:
     text = render_config(topology, template, RenderOptions(listen_port=8080, keepalive=8))
     assert 'server_name "web" "web.internal" "a.com";' in text
     assert "listen 8080;" in text
-    assert "listen 8080 default_server;" in text
+    assert "listen 8080 default_server reuseport;" in text
     assert "keepalive 8;" in text
+    shared = RenderOptions(listen_port=8080, reuseport=False)
+    assert "listen 8080 default_server;" in render_config(topology, template, shared)
 
 
 def test_empty_topology_renders_only_the_default_server(template: jinja2.Template) -> None:
     code = code_lines(render_config(Topology(), template))
     assert "upstream" not in " ".join(code)
-    assert "listen 80 default_server;" in code
+    assert "listen 80 default_server reuseport;" in code
 
 
 def test_template_typo_is_an_error_not_an_empty_directive() -> None:
