@@ -107,7 +107,7 @@ def main() -> None:
             prober.stop()
             controller.loop.stop()
             loop.join(timeout=10)
-            controller.stop_servers()
+            controller.close()
     finally:
         lab.cleanup()
 

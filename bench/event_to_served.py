@@ -169,10 +169,11 @@ def burst(lab: Lab, net: Network, running: Running, service: str, count: int) ->
     )
     served = time.monotonic() - ended
     time.sleep(1.5)
+    reloads = running.reloads - before
     for container in created:
         container.remove(force=True)
     time.sleep(1.5)
-    return Burst(service, ended - began, running.reloads - before, served)
+    return Burst(service, ended - began, reloads, served)
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ class Activity:
         self._lock = threading.Lock()
         self._entries: deque[Entry] = deque(maxlen=MAX_ENTRIES)
         self._nginx: dict[str, NginxStatus] = {}
+        self._held: tuple[str, ...] = ()
 
     def entries(self, limit: int = MAX_ENTRIES) -> list[Entry]:
         """Newest first."""
@@ -65,7 +66,12 @@ class Activity:
             self._entries.append(Entry(iso_time(time.time()), kind, summary, details))
 
     def on_report(self, report: ReconcileReport) -> None:
-        """Passes that changed nothing and deployed nothing (resyncs) are not recorded."""
+        """Passes that changed nothing and deployed nothing (resyncs) are not recorded; a held
+        scale-out is, each time what it holds grows."""
+        if report.held:
+            self._on_held(report)
+            return
+        self._held = ()
         if not (report.changed or report.deployed):
             return
         now = iso_time(time.time())
@@ -123,6 +129,19 @@ class Activity:
                     },
                 )
             )
+
+    def _on_held(self, report: ReconcileReport) -> None:
+        if report.held == self._held:
+            return
+        self._held = report.held
+        self.record(
+            "held",
+            f"holding {len(report.held)} change(s) for a scale-out ({report.reason}): "
+            + "; ".join([*report.held[:3], *(["..."] if len(report.held) > 3 else [])]),
+            reason=report.reason,
+            changes=list(report.held),
+            version=report.version,
+        )
 
     def on_failure(self, reason: str, error: str) -> None:
         self.record("failure", f"reconcile ({reason}) failed: {error}", reason=reason, error=error)

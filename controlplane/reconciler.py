@@ -10,6 +10,8 @@ scale-out are held back and applied together (core.batching).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import logging
 import queue
@@ -94,6 +96,21 @@ def checksum(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a pass builds and renders. The model is immutable
+    and acyclic, so a pass leaves no cycles to collect, yet at 1,000 services x 10 backends
+    it allocates enough to set off a full collection over every live object (~100 ms here) in
+    the middle of the pass. Collection resumes after it, off the path to the reload."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class Reconciler:
     def __init__(
         self,
@@ -163,8 +180,9 @@ class Reconciler:
         running = [c.id for c in state.containers]
         self._marks = prune(self._marks, running, self._clock(), self._settings.stop_grace)
         mark = time.perf_counter()
-        topology = build_topology(state, self._build, self._marks, self._overrides())
-        config = render_config(topology, self._template, self._render, self._render_cache)
+        with collection_paused():
+            topology = build_topology(state, self._build, self._marks, self._overrides())
+            config = render_config(topology, self._template, self._render, self._render_cache)
         timings["render"] = time.perf_counter() - mark
         digest = checksum(config)
         previous = self.snapshot

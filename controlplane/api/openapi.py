@@ -152,7 +152,7 @@ SCHEMAS: dict[str, Schema] = {
                 "items": _object(
                     {
                         "time": STRING,
-                        "kind": {"enum": ["reconcile", "failure", "override"]},
+                        "kind": {"enum": ["reconcile", "held", "failure", "override"]},
                         "summary": STRING,
                         "details": {"type": "object"},
                     }
@@ -274,7 +274,7 @@ PATHS: dict[str, Schema] = {
     "/api/v1/nginx": {"get": _get("NginxList", "managed nginx containers", 503)},
     "/api/v1/events": {
         "get": {
-            **_get("Events", "recent passes, failures and overrides, newest first", 422),
+            **_get("Events", "passes, held scale-outs, failures and overrides, newest first", 422),
             "parameters": [
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 500}}
             ],

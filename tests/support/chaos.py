@@ -495,9 +495,10 @@ def leak(rig: Rig, events: int) -> tuple[tuple[int, int], tuple[int, int]]:
                 try:
                     call()
                 except docker.errors.APIError as error:
-                    # dockerd can answer an unpause before the freezer thawed: "already
-                    # paused" on the next pause; the cycle goes on
-                    if error.status_code != 409:
+                    # dockerd can answer a pause or an unpause before the freezer changed:
+                    # "already paused" (409) or "is not paused" (500) on the next call; the
+                    # cycle goes on
+                    if error.status_code != 409 and "paused" not in str(error.explanation):
                         raise
 
     cycle(events // 10)
