@@ -92,15 +92,16 @@ def main() -> None:
                 replied.append((answered - sent) / 1e6)
                 report = next(r for r in reports if r.started_ns >= sent and r.deployed)
                 deploy = report.deployed[0].timings
+                via = report.deployed[0].via
                 for name, value in (
                     ("queue -> pass start", (report.started_ns - sent) / 1e6),
                     (
                         "list + build + render",
                         (report.timings["list"] + report.timings["render"]) * 1000,
                     ),
-                    ("copy (put_archive)", deploy.get("copy", 0) * 1000),
-                    ("nginx -t (exec)", deploy.get("test", 0) * 1000),
-                    ("SIGHUP", deploy.get("reload", 0) * 1000),
+                    (f"write the file ({via})", deploy.get("copy", 0) * 1000),
+                    (f"nginx -t ({via})", deploy.get("test", 0) * 1000),
+                    (f"SIGHUP ({via})", deploy.get("reload", 0) * 1000),
                 ):
                     phases.setdefault(name, []).append(value)
                 time.sleep(0.2)

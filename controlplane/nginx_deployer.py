@@ -200,7 +200,9 @@ class NginxDeployer:
         self._drop_session(target.container_id)
         mark = time.perf_counter()
         try:
-            session = ShellSession(self._api, target.container_id, target.started_at)
+            session = ShellSession(
+                self._api, target.container_id, target.started_at, target.config_path
+            )
         except NoShell as error:
             self._no_shell[target.container_id] = target.started_at
             log.info(

@@ -15,6 +15,7 @@ holds a random token, so no output of nginx can end a reply early.
 from __future__ import annotations
 
 import contextlib
+import posixpath
 import secrets
 import shlex
 import socket
@@ -40,7 +41,11 @@ class NoShell(DeployError):
 class ShellSession:
     """Not thread-safe: the deployer uses one session per container, from one pass at a time."""
 
-    def __init__(self, api: docker.APIClient, container_id: str, started_at: str) -> None:
+    def __init__(
+        self, api: docker.APIClient, container_id: str, started_at: str, config_path: str
+    ) -> None:
+        """Checks what a deploy needs (nginx and cat on the PATH, and that the container's
+        user may write `config_path`) before any deploy relies on it."""
         self.container_id = container_id
         self.started_at = started_at
         self._marker = f"@@controlplane-{secrets.token_hex(8)}"
@@ -55,14 +60,24 @@ class ShellSession:
             raise DeployError(f"could not start /bin/sh in the container: {error}") from error
         self._socket: socket.socket = getattr(stream, "_sock", stream)
         self._keep = stream
+        path = shlex.quote(config_path)
+        directory = shlex.quote(posixpath.dirname(config_path))
         try:
             code, output = self.run("command -v nginx && command -v cat", OPEN_TIMEOUT)
+            if code == 0:
+                writable, _ = self.run(
+                    f"if [ -e {path} ]; then [ -w {path} ]; else [ -w {directory} ]; fi",
+                    OPEN_TIMEOUT,
+                )
         except DeployError as error:
             self.close()
             raise NoShell(f"/bin/sh did not answer in the container ({error})") from error
         if code != 0:
             self.close()
             raise NoShell(f"nginx or cat is not on the PATH of /bin/sh: {output.strip()}")
+        if writable != 0:
+            self.close()
+            raise NoShell(f"the container's user may not write {config_path}")
 
     @staticmethod
     def can_carry(content: bytes) -> bool:
@@ -100,8 +115,11 @@ class ShellSession:
             self._socket.settimeout(timeout)
             self._socket.sendall(request)
             return self._reply()
-        except (OSError, ValueError) as error:
-            raise DeployError(f"the shell in the container went away: {error}") from error
+        except (OSError, ValueError, DeployError) as error:
+            said = self._last_words()
+            raise DeployError(
+                f"the shell in the container went away ({error})" + (f": {said}" if said else "")
+            ) from error
 
     def close(self) -> None:
         """Shutting the connection closes the shell's stdin, which ends it in the container.
@@ -135,9 +153,18 @@ class ShellSession:
         self._buffer += self._frames[HEADER.size : HEADER.size + size]
         self._frames = self._frames[HEADER.size + size :]
 
+    def _last_words(self) -> str:
+        """What the engine or the shell printed before the stream ended (e.g. why /bin/sh
+        could not start), for the error message."""
+        with contextlib.suppress(OSError, ValueError, DeployError):
+            self._socket.settimeout(0.5)
+            while True:
+                self._read_frame()
+        text = (self._buffer + self._frames).decode("utf-8", "replace")
+        return "".join(c for c in text if c.isprintable() or c == "\n").strip()[-300:]
+
     def _receive(self) -> None:
         chunk = self._socket.recv(65536)
         if not chunk:
-            said = (self._buffer + self._frames).decode("utf-8", "replace").strip()
-            raise DeployError("the shell exited" + (f": {said[-300:]}" if said else ""))
+            raise DeployError("the shell exited")
         self._frames += chunk

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import jinja2
 
-from controlplane.core.batching import BatchPolicy, Held, due, hold
+from controlplane.core.batching import BatchPolicy, Held, adds_backends, due, hold
 from controlplane.core.build import build_topology
 from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import Zone, build_zone
@@ -339,8 +339,8 @@ class ControlLoop:
         after that, so none is left unanswered."""
         self._batching = BatchPolicy(settings.batch_quiet, settings.batch_max)
         self._held: Held | None = None
-        self._last_applied = float("-inf")
-        """Monotonic time the last change went out, for core.batching."""
+        self._last_added = float("-inf")
+        """Monotonic time a change that added backends last went out, for core.batching."""
         self._last_event_ns = 0
         """Arrival of the latest event, to tell a quiet stream's first event."""
         self.ready = threading.Event()
@@ -460,6 +460,7 @@ class ControlLoop:
             for ticket in waiting:
                 ticket.plan(snapshot)
 
+        before = self._reconciler.snapshot
         try:
             report = self._reconciler.reconcile(
                 reason, trigger, planned, None if waiting else self._hold
@@ -470,8 +471,10 @@ class ControlLoop:
         self.healthy = True
         if not report.held:
             self._held = None
-        if report.changed:
-            self._last_applied = time.monotonic()
+        after = self._reconciler.snapshot
+        old = before.topology if before else Topology()
+        if report.changed and after is not None and adds_backends(old, after.topology):
+            self._last_added = time.monotonic()
         for ticket in waiting:
             ticket.finish(report)
         if report.changed or report.deployed:
@@ -486,7 +489,7 @@ class ControlLoop:
     def _hold(self, current: Topology, wanted: Topology) -> bool:
         """Asked by a pass (not one an operator is waiting for) that found a change."""
         self._held = hold(
-            current, wanted, time.monotonic(), self._last_applied, self._held, self._batching
+            current, wanted, time.monotonic(), self._last_added, self._held, self._batching
         )
         return self._held is not None
 

@@ -17,8 +17,8 @@ from controlplane.core.model import BackendState, Service, Topology
 @dataclass(frozen=True)
 class BatchPolicy:
     quiet: float = 1.0
-    """Seconds without a new change that end a scale-out; also how long after the last applied
-    change a new backend counts as part of one."""
+    """Seconds without a new change that end a scale-out; also how long after backends were
+    last added a new one counts as part of the same scale-out."""
     longest: float = 10.0
     """Seconds a held backend waits at most; 0 holds nothing."""
 
@@ -58,20 +58,29 @@ def only_adds_capacity(before: Topology, after: Topology) -> bool:
     return any(a != b for a, b in pairs) and all(a == b or _adds_capacity(a, b) for a, b in pairs)
 
 
+def adds_backends(before: Topology, after: Topology) -> bool:
+    """True when some service serves with a container it did not serve with before."""
+    old = {s.name: {b.container_id for b in s.live_backends} for s in before.services}
+    return any(
+        b.container_id not in old.get(s.name, ()) for s in after.services for b in s.live_backends
+    )
+
+
 def hold(
     before: Topology,
     after: Topology,
     now: float,
-    last_applied: float,
+    last_added: float,
     held: Held | None,
     policy: BatchPolicy,
 ) -> Held | None:
-    """The batch to keep holding, or None to apply `after` now. `last_applied`: when a change
-    last went out (monotonic seconds, like `now`)."""
+    """The batch to keep holding, or None to apply `after` now. `last_added`: when a change
+    that added backends last went out (monotonic seconds, like `now`); a removal, or a
+    container's exit after its stop, does not make the next new backend wait."""
     if policy.longest <= 0 or not only_adds_capacity(before, after):
         return None
     if held is None:
-        if now - last_applied >= policy.quiet:
+        if now - last_added >= policy.quiet:
             return None
         return Held(now, now, after)
     moved = now if after != held.topology else held.moved

@@ -7,7 +7,14 @@ from dataclasses import replace
 import pytest
 
 from controlplane.core import labels as L
-from controlplane.core.batching import BatchPolicy, Held, due, hold, only_adds_capacity
+from controlplane.core.batching import (
+    BatchPolicy,
+    Held,
+    adds_backends,
+    due,
+    hold,
+    only_adds_capacity,
+)
 from controlplane.core.build import build_topology
 from controlplane.core.model import BackendOverride, ContainerFacts, Overrides, Topology
 from tests.unit.builders import container, nginx, state
@@ -74,21 +81,21 @@ ONE, TWO, THREE = topology(LB, W1), topology(LB, W1, W2), topology(LB, W1, W2, W
 
 
 def test_after_a_calm_second_a_new_backend_goes_at_once() -> None:
-    assert hold(ONE, TWO, now=100.0, last_applied=99.0, held=None, policy=POLICY) is None
+    assert hold(ONE, TWO, now=100.0, last_added=99.0, held=None, policy=POLICY) is None
 
 
-def test_soon_after_a_change_new_backends_are_held_until_docker_is_quiet() -> None:
-    held = hold(ONE, TWO, now=100.0, last_applied=99.5, held=None, policy=POLICY)
+def test_soon_after_backends_were_added_new_ones_are_held_until_docker_is_quiet() -> None:
+    held = hold(ONE, TWO, now=100.0, last_added=99.5, held=None, policy=POLICY)
     assert held == Held(100.0, 100.0, TWO) and due(held, POLICY) == 101.0
-    again = hold(ONE, THREE, now=100.6, last_applied=99.5, held=held, policy=POLICY)
+    again = hold(ONE, THREE, now=100.6, last_added=99.5, held=held, policy=POLICY)
     assert again == Held(100.0, 100.6, THREE) and due(again, POLICY) == pytest.approx(101.6)
-    assert hold(ONE, THREE, now=101.6, last_applied=99.5, held=again, policy=POLICY) is None
+    assert hold(ONE, THREE, now=101.6, last_added=99.5, held=again, policy=POLICY) is None
 
 
 def test_a_long_scale_out_is_cut_at_the_longest_hold() -> None:
     held = Held(100.0, 109.5, THREE)
     assert due(held, POLICY) == 110.0
-    assert hold(ONE, THREE, now=110.0, last_applied=99.5, held=held, policy=POLICY) is None
+    assert hold(ONE, THREE, now=110.0, last_added=99.5, held=held, policy=POLICY) is None
 
 
 @pytest.mark.parametrize(
@@ -96,30 +103,43 @@ def test_a_long_scale_out_is_cut_at_the_longest_hold() -> None:
 )
 def test_anything_but_capacity_ends_a_hold(after: Topology) -> None:
     held = Held(100.0, 100.0, TWO)
-    assert hold(ONE, after, now=100.1, last_applied=99.9, held=held, policy=POLICY) is None
+    assert hold(ONE, after, now=100.1, last_added=99.9, held=held, policy=POLICY) is None
 
 
 def test_a_longest_hold_of_zero_holds_nothing() -> None:
     off = replace(POLICY, longest=0.0)
-    assert hold(ONE, TWO, now=100.0, last_applied=100.0, held=None, policy=off) is None
+    assert hold(ONE, TWO, now=100.0, last_added=100.0, held=None, policy=off) is None
 
 
 def test_fifty_starts_at_dockerds_pace_cost_three_applied_changes() -> None:
     """dockerd here starts about 4.4 containers a second: 50 take ~11.5 s."""
     names = [container(f"b{i}", ip=f"172.20.1.{i}") for i in range(50)]
-    current, held, last_applied, applied = topology(LB, W1), None, 0.0, 0
+    current, held, last_added, applied = topology(LB, W1), None, 0.0, 0
     for i in range(1, 51):
         now = 100.0 + i / 4.4
         while held is not None and due(held, POLICY) <= now:
-            current, held, last_applied, applied = (
-                held.topology,
-                None,
-                due(held, POLICY),
-                applied + 1,
-            )
+            flushed = due(held, POLICY)
+            current, held, last_added, applied = held.topology, None, flushed, applied + 1
         wanted = topology(LB, W1, *names[:i])
-        held = hold(current, wanted, now, last_applied, held, POLICY)
+        held = hold(current, wanted, now, last_added, held, POLICY)
         if held is None:
-            current, last_applied, applied = wanted, now, applied + 1
+            current, last_added, applied = wanted, now, applied + 1
     assert held is not None
     assert applied + 1 == 3
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        ((LB, W1), (LB, W1, W2), True),
+        ((LB,), (LB, W1), True),
+        ((LB, W1, W2), (LB, W1), False),
+        ((LB, W1), (LB, W1), False),
+        ((LB, W1, W2), (LB, W1, W3), True),
+    ],
+    ids=["one-more", "first", "one-left", "nothing", "one-swapped"],
+)
+def test_adds_backends(
+    before: tuple[ContainerFacts, ...], after: tuple[ContainerFacts, ...], expected: bool
+) -> None:
+    assert adds_backends(topology(*before), topology(*after)) is expected

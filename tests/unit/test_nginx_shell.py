@@ -109,7 +109,9 @@ def _frame(pipe: IO[bytes], sink: sockets.socket, number: int, lock: threading.L
         while chunk := os.read(pipe.fileno(), 65536):
             with lock:
                 sink.sendall(struct.pack(">BxxxL", number, len(chunk)) + chunk)
-    if number == 1:
+    if number == 1:  # the engine ends the stream when the process ends
+        with contextlib.suppress(OSError):
+            sink.shutdown(sockets.SHUT_RDWR)
         sink.close()
 
 
@@ -123,7 +125,7 @@ def engine(tmp_path: Path) -> Iterator[LocalShellEngine]:
 
 
 def session(engine: LocalShellEngine) -> ShellSession:
-    return ShellSession(engine, "c" * 64, "t0")  # type: ignore[arg-type]
+    return ShellSession(engine, "c" * 64, "t0", str(engine.config))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -172,6 +174,14 @@ def test_a_file_the_shell_cannot_carry_is_refused_before_sending(
 def test_no_nginx_on_the_path_means_no_shell(tmp_path: Path) -> None:
     engine = LocalShellEngine(tmp_path, nginx=False)
     with pytest.raises(NoShell, match="not on the PATH"):
+        session(engine)
+
+
+def test_a_config_path_the_containers_user_cannot_write_means_no_shell(
+    engine: LocalShellEngine,
+) -> None:
+    engine.config = Path("/nonexistent/controlplane.conf")
+    with pytest.raises(NoShell, match=r"may not write /nonexistent/controlplane\.conf"):
         session(engine)
 
 

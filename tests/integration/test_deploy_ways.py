@@ -1,0 +1,74 @@
+"""The two ways into a real nginx: the shell kept open in it, and the engine's calls for an
+image without a shell. Both serve the same; the shell leaves nothing behind in the container,
+whether the controller stops or is killed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+from docker.models.containers import Container
+
+from tests.integration.conftest import ControllerFactory
+from tests.support.lab import Http, Lab, wait_until
+
+
+def shells(nginx: Container) -> list[str]:
+    """Processes in the container started as /bin/sh (ours; nginx itself starts none)."""
+    return [p[-1] for p in nginx.top(ps_args="-o pid,args")["Processes"] if "/bin/sh" in p[-1]]
+
+
+def test_deploys_go_through_one_shell_that_ends_with_the_controller(
+    lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
+) -> None:
+    net = lab.network()
+    lb = lab.nginx(net)
+    first = lab.backend(net)
+    controller = start_controller(net.name)
+    http = http_for(lab.published_port(lb))
+    wait_until(lambda: http.settled("web", {first.name}), what="web")
+    second = lab.backend(net)
+    wait_until(lambda: http.settled("web", {first.name, second.name}), what="both")
+    deployed = [d for r in controller.reports for d in r.deployed]
+    assert len(deployed) >= 2 and all(d.ok and d.via == "shell" for d in deployed), deployed
+    assert "open" in deployed[0].timings and "open" not in deployed[-1].timings
+    assert len(shells(lb)) == 1
+
+    controller.stop()
+    wait_until(lambda: not shells(lb), timeout=5, what="the shell to end with the controller")
+    assert http.bodies("web", 10).keys() <= {first.name, second.name}
+
+
+def test_an_nginx_without_a_shell_is_served_through_the_engine(
+    lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
+) -> None:
+    net = lab.network()
+    lb = lab.nginx(net)
+    lb.exec_run(["/bin/busybox", "rm", "/bin/sh"])  # as in a distroless nginx image
+    web = lab.backend(net)
+    controller = start_controller(net.name)
+    http = http_for(lab.published_port(lb))
+    wait_until(lambda: http.settled("web", {web.name}), what="web")
+    second = lab.backend(net)
+    wait_until(lambda: http.settled("web", {web.name, second.name}), what="both")
+    deployed = [d for r in controller.reports for d in r.deployed]
+    assert len(deployed) >= 2 and all(d.ok and d.via == "engine" for d in deployed), deployed
+
+
+def test_a_killed_controller_leaves_no_shell_in_nginx(lab: Lab, http_for: type[Http]) -> None:
+    net = lab.network()
+    lb = lab.nginx(net)
+    web = lab.backend(net)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controlplane", "run", "--network", net.name, "--api-bind", "off"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        http = http_for(lab.published_port(lb))
+        wait_until(lambda: http.settled("web", {web.name}), timeout=20, what="web")
+        assert len(shells(lb)) == 1
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    wait_until(lambda: not shells(lb), timeout=5, what="the shell to end with its controller")
