@@ -67,7 +67,7 @@ class Activity:
 
     def on_report(self, report: ReconcileReport) -> None:
         """Passes that changed nothing and deployed nothing (resyncs) are not recorded; a held
-        scale-out is, each time what it holds grows."""
+        scale-out is one entry, brought up to date as it grows."""
         if report.held:
             self._on_held(report)
             return
@@ -133,15 +133,18 @@ class Activity:
     def _on_held(self, report: ReconcileReport) -> None:
         if report.held == self._held:
             return
-        self._held = report.held
-        self.record(
+        entry = Entry(
+            iso_time(time.time()),
             "held",
             f"holding {len(report.held)} change(s) for a scale-out ({report.reason}): "
             + "; ".join([*report.held[:3], *(["..."] if len(report.held) > 3 else [])]),
-            reason=report.reason,
-            changes=list(report.held),
-            version=report.version,
+            {"reason": report.reason, "changes": list(report.held), "version": report.version},
         )
+        with self._lock:
+            if self._held and self._entries and self._entries[-1].kind == "held":
+                self._entries.pop()
+            self._entries.append(entry)
+        self._held = report.held
 
     def on_failure(self, reason: str, error: str) -> None:
         self.record("failure", f"reconcile ({reason}) failed: {error}", reason=reason, error=error)

@@ -17,14 +17,14 @@ import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import docker
 import docker.errors
 
 from controlplane.core.model import NginxTarget
 from controlplane.errors import DeployError
-from controlplane.nginx_shell import NoShell, ShellSession
+from controlplane.nginx_shell import NoShell, ShellSession, printable
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class DeployResult:
     timings: dict[str, float] = field(default_factory=dict, hash=False)
     container_id: str = ""
     via: str = ""
-    """"shell" or "engine": how the config went in."""
+    """"shell" or "engine" (Via): how the config went in."""
 
 
 def pack(name: str, content: bytes) -> bytes:
@@ -66,10 +66,17 @@ def unpack(archive: bytes, name: str) -> bytes:
         ) from error
 
 
-class Channel(Protocol):
-    """How a file gets into one nginx container, is tested there and loaded."""
+Via = Literal["shell", "engine"]
 
-    def write(self, path: str, content: bytes) -> None: ...
+
+class ShellFailed(DeployError):
+    """The shell kept in a container failed during a deploy; the engine takes over."""
+
+
+class Channel(Protocol):
+    """How the config file gets into one nginx container, is tested there and loaded."""
+
+    def write(self, content: bytes) -> None: ...
 
     def test(self) -> tuple[int, str]: ...
 
@@ -79,12 +86,13 @@ class Channel(Protocol):
 class EngineChannel:
     """The engine's archive, exec and kill calls: any image, one engine round trip each."""
 
-    def __init__(self, api: docker.APIClient, container_id: str) -> None:
+    def __init__(self, api: docker.APIClient, target: NginxTarget) -> None:
         self._api = api
-        self._id = container_id
+        self._id = target.container_id
+        self._path = target.config_path
 
-    def write(self, path: str, content: bytes) -> None:
-        directory, name = posixpath.split(path)
+    def write(self, content: bytes) -> None:
+        directory, name = posixpath.split(self._path)
         try:
             ok = self._api.put_archive(self._id, directory, pack(name, content))
         except docker.errors.NotFound as error:
@@ -93,7 +101,7 @@ class EngineChannel:
                 f"or set controlplane.config_path to a path in an included directory"
             ) from error
         if not ok:
-            raise DeployError(f"the engine refused to copy {path} into the container")
+            raise DeployError(f"the engine refused to copy {self._path} into the container")
 
     def test(self) -> tuple[int, str]:
         exec_id = self._api.exec_create(self._id, ["nginx", "-t"])["Id"]
@@ -108,6 +116,10 @@ class EngineChannel:
 
 
 class NginxDeployer:
+    """The reconciler calls `deploy` from a thread pool, one call per container per pass, and
+    `retain` and `close` only between passes: each container's entries are touched by one
+    thread at a time. The session map alone is shared across those threads, under a lock."""
+
     def __init__(self, api: docker.APIClient, shell: bool = True) -> None:
         """`shell`: go in through a shell kept open in each container when it has one."""
         self._api = api
@@ -134,32 +146,50 @@ class NginxDeployer:
     def deploy(self, target: NginxTarget, content: bytes) -> DeployResult:
         """Never raises for a problem of this one container: the result says what happened.
 
-        The file that was there before is read once per container and then remembered, since
-        each archive call costs tens of milliseconds on dockerd. Whatever fails after the new
-        file went in (a refused test, a container restarting, a lost engine, a shell gone),
-        the previous file is put back through the engine, so a restart of that nginx never
-        starts from an untested file."""
+        Through the container's shell when it has one; when the shell fails on the way (it
+        died, stalled, or said something unexpected), through the engine, in the same call."""
         timings: dict[str, float] = {}
+        session = self._session(target, content, timings) if self._shell else None
+        if session is not None:
+            try:
+                return self._attempt(target, content, session, "shell", timings)
+            except ShellFailed:
+                self._drop_session(target.container_id)
+        return self._attempt(target, content, EngineChannel(self._api, target), "engine", timings)
+
+    def _attempt(
+        self,
+        target: NginxTarget,
+        content: bytes,
+        channel: Channel,
+        via: Via,
+        timings: dict[str, float],
+    ) -> DeployResult:
+        """Raises ShellFailed when the shell failed on the way (the file put back).
+
+        The file that was there before is read once per container and then remembered, since
+        each archive call costs tens of milliseconds on dockerd. Whatever fails once the new
+        file may have gone in (a refused test, a container restarting, a lost engine, a shell
+        gone), the previous file is put back through the engine, so a restart of that nginx
+        never starts from an untested file."""
         previous: bytes | None = None
         written = False
-        via = "engine"
         try:
-            channel, via = self._channel(target, content, timings)
             if target.container_id not in self._good:
                 mark = time.perf_counter()
                 self._good[target.container_id] = self._read(target)
                 timings["read"] = time.perf_counter() - mark
             previous = self._good[target.container_id]
             mark = time.perf_counter()
-            channel.write(target.config_path, content)
             written = True
+            channel.write(content)
             timings["copy"] = time.perf_counter() - mark
             mark = time.perf_counter()
             code, output = channel.test()
             timings["test"] = time.perf_counter() - mark
             if code != 0:
                 self._restore(target, previous)
-                lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+                lines = [ln for ln in printable(output).strip().splitlines() if ln.strip()]
                 error = "nginx -t failed, previous config kept: " + " | ".join(lines[-3:])
                 log.error("nginx %s rejected the new config: %s", target.container, error)
                 return DeployResult(
@@ -170,9 +200,15 @@ class NginxDeployer:
             timings["reload"] = time.perf_counter() - mark
             self._good[target.container_id] = content
         except Exception as error:  # any failure stays this container's, never the pass's
-            self._drop_session(target.container_id)
             if written:
                 self._restore(target, previous)
+            if via == "shell":
+                log.warning(
+                    "nginx %s: the shell failed (%s); deploying through the engine",
+                    target.container,
+                    error,
+                )
+                raise ShellFailed(str(error)) from error
             message = f"could not update nginx {target.container}: {error}"
             log.error("%s", message)
             return DeployResult(target.container, False, message, timings, target.container_id, via)
@@ -185,18 +221,18 @@ class NginxDeployer:
         )
         return DeployResult(target.container, True, None, timings, target.container_id, via)
 
-    def _channel(
+    def _session(
         self, target: NginxTarget, content: bytes, timings: dict[str, float]
-    ) -> tuple[Channel, str]:
-        engine = EngineChannel(self._api, target.container_id)
-        if not self._shell or not ShellSession.can_carry(content):
-            return engine, "engine"
+    ) -> ShellSession | None:
+        """The container's open shell, opened now if need be; None: use the engine."""
+        if not ShellSession.can_carry(content):
+            return None
         if self._no_shell.get(target.container_id) == target.started_at:
-            return engine, "engine"
+            return None
         with self._lock:
             session = self._sessions.get(target.container_id)
         if session is not None and session.started_at == target.started_at:
-            return session, "shell"
+            return session
         self._drop_session(target.container_id)
         mark = time.perf_counter()
         try:
@@ -211,16 +247,16 @@ class NginxDeployer:
                 target.container,
                 error,
             )
-            return engine, "engine"
+            return None
         except DeployError as error:
             log.warning(
                 "nginx %s: %s; this deploy goes through the engine", target.container, error
             )
-            return engine, "engine"
+            return None
         timings["open"] = time.perf_counter() - mark
         with self._lock:
             self._sessions[target.container_id] = session
-        return session, "shell"
+        return session
 
     def _drop_session(self, container_id: str) -> None:
         with self._lock:
@@ -231,9 +267,7 @@ class NginxDeployer:
     def _restore(self, target: NginxTarget, previous: bytes | None) -> None:
         """Through the engine: the one way in that works whatever state a shell is in."""
         try:
-            EngineChannel(self._api, target.container_id).write(
-                target.config_path, previous if previous is not None else b""
-            )
+            EngineChannel(self._api, target).write(previous if previous is not None else b"")
         except Exception as error:
             self._good.pop(target.container_id, None)  # unknown now: read it again next time
             log.error(

@@ -8,8 +8,10 @@ without /bin/sh (distroless nginx) can't open one; the deployer then uses the en
 and exec calls instead.
 
 The protocol is plain sh: each request is a short script followed by a line printing a
-marker and `$?`, and the reply is everything the shell printed before that marker. The marker
-holds a random token, so no output of nginx can end a reply early.
+marker and `$?`, and the reply is everything the shell printed before that marker (stderr is
+merged into stdout first, so the two can't arrive out of order). The marker holds a random
+token, so no output of nginx can end a reply early. The container is trusted to run nginx, not
+to behave: a reply has a deadline and a size limit, and its text is made printable.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import secrets
 import shlex
 import socket
 import struct
+import time
 from typing import Any
 
 import docker
@@ -31,11 +34,19 @@ HEADER = struct.Struct(">BxxxL")
 OPEN_TIMEOUT = 5.0
 STEP_TIMEOUT = 30.0
 """Long enough for `nginx -t` of a config with tens of thousands of servers (~0.3 s here)."""
+MAX_REPLY = 1 << 20
+"""nginx -t says a few lines; a shell that prints more is not one to keep talking to."""
 
 
 class NoShell(DeployError):
-    """The container has no usable /bin/sh (or no nginx, cat on its PATH): use the engine
-    until it restarts. Other errors of opening one (a container restarting) are DeployError."""
+    """The container has no usable /bin/sh (or no nginx, cat on its PATH, or may not write
+    the config's directory): use the engine until it restarts. Other errors of opening one (a
+    container restarting) are DeployError."""
+
+
+def printable(text: str) -> str:
+    """What a container printed, safe for a log line or an API reply."""
+    return "".join(c if c.isprintable() or c == "\n" else "?" for c in text)
 
 
 class ShellSession:
@@ -44,13 +55,21 @@ class ShellSession:
     def __init__(
         self, api: docker.APIClient, container_id: str, started_at: str, config_path: str
     ) -> None:
-        """Checks what a deploy needs (nginx and cat on the PATH, and that the container's
-        user may write `config_path`) before any deploy relies on it."""
+        """Checks what a deploy needs (nginx, cat and mv on the PATH, and that the container's
+        user may write the config's directory) before any deploy relies on it."""
         self.container_id = container_id
         self.started_at = started_at
         self._marker = f"@@controlplane-{secrets.token_hex(8)}"
         self._buffer = b""
         self._frames = b""
+        self._deadline = 0.0
+        directory = posixpath.dirname(config_path)
+        self._path = shlex.quote(config_path)
+        self._staging = shlex.quote(
+            posixpath.join(directory, f".{posixpath.basename(config_path)}.controlplane-new")
+        )
+        """Beside the file, so that mv replaces it in one rename; a dot file, so that an
+        include of `*` or `*.conf` never reads a half-written one."""
         try:
             exec_id = api.exec_create(
                 container_id, ["/bin/sh"], stdin=True, stdout=True, stderr=True
@@ -58,26 +77,26 @@ class ShellSession:
             stream: Any = api.exec_start(exec_id, socket=True)
         except docker.errors.DockerException as error:
             raise DeployError(f"could not start /bin/sh in the container: {error}") from error
+        # docker-py hands back its response's socket (a SocketIO over a unix socket); the
+        # socket itself is what takes timeouts and shutdown.
         self._socket: socket.socket = getattr(stream, "_sock", stream)
         self._keep = stream
-        path = shlex.quote(config_path)
-        directory = shlex.quote(posixpath.dirname(config_path))
+        writable = 1
         try:
-            code, output = self.run("command -v nginx && command -v cat", OPEN_TIMEOUT)
+            code, output = self.run(
+                "exec 2>&1; command -v nginx && command -v cat && command -v mv", OPEN_TIMEOUT
+            )
             if code == 0:
-                writable, _ = self.run(
-                    f"if [ -e {path} ]; then [ -w {path} ]; else [ -w {directory} ]; fi",
-                    OPEN_TIMEOUT,
-                )
+                writable, _ = self.run(f"[ -w {shlex.quote(directory)} ]", OPEN_TIMEOUT)
         except DeployError as error:
             self.close()
             raise NoShell(f"/bin/sh did not answer in the container ({error})") from error
         if code != 0:
             self.close()
-            raise NoShell(f"nginx or cat is not on the PATH of /bin/sh: {output.strip()}")
+            raise NoShell(f"nginx, cat or mv is not on the PATH of /bin/sh: {output.strip()}")
         if writable != 0:
             self.close()
-            raise NoShell(f"the container's user may not write {config_path}")
+            raise NoShell(f"the container's user may not write in {directory}")
 
     @staticmethod
     def can_carry(content: bytes) -> bool:
@@ -85,22 +104,21 @@ class ShellSession:
         every rendered config does."""
         return content.endswith(b"\n") and b"\0" not in content
 
-    def write(self, path: str, content: bytes) -> None:
+    def write(self, content: bytes) -> None:
+        """Two requests: the whole file to a staging file, then mv over the config. A shell
+        that dies or stalls while the file is on its way leaves the config untouched."""
         delimiter = f"CONTROLPLANE_EOF_{secrets.token_hex(12)}".encode()
         if not self.can_carry(content) or delimiter in content:
             raise DeployError("this file can't go through the shell; use the archive API")
-        script = b"cat > %s <<'%s'\n%s%s" % (
-            shlex.quote(path).encode(),
-            delimiter,
-            content,
-            delimiter,
-        )
+        script = b"cat > %s <<'%s'\n%s%s" % (self._staging.encode(), delimiter, content, delimiter)
         code, output = self.run(script, STEP_TIMEOUT)
+        if code == 0:
+            code, output = self.run(f"mv -f {self._staging} {self._path}", STEP_TIMEOUT)
         if code != 0:
-            raise DeployError(f"could not write {path} in the container: {output.strip()}")
+            raise DeployError(f"could not write {self._path} in the container: {output.strip()}")
 
     def test(self) -> tuple[int, str]:
-        return self.run("nginx -t 2>&1", STEP_TIMEOUT)
+        return self.run("nginx -t", STEP_TIMEOUT)
 
     def reload(self) -> None:
         code, output = self.run("kill -HUP 1", STEP_TIMEOUT)
@@ -108,9 +126,11 @@ class ShellSession:
             raise DeployError(f"could not signal the nginx master (PID 1): {output.strip()}")
 
     def run(self, script: str | bytes, timeout: float) -> tuple[int, str]:
-        """Exit status of the script's last command, and what it printed (stdout and stderr)."""
+        """Exit status of the script's last command, and what it printed; within `timeout`
+        seconds in all."""
         body = script.encode() if isinstance(script, str) else script
         request = body + f"\nprintf '\\n%s %s\\n' {self._marker} \"$?\"\n".encode()
+        self._deadline = time.monotonic() + timeout
         try:
             self._socket.settimeout(timeout)
             self._socket.sendall(request)
@@ -118,7 +138,8 @@ class ShellSession:
         except (OSError, ValueError, DeployError) as error:
             said = self._last_words()
             raise DeployError(
-                f"the shell in the container went away ({error})" + (f": {said}" if said else "")
+                f"the shell in the container did not answer ({error})"
+                + (f": {said}" if said else "")
             ) from error
 
     def close(self) -> None:
@@ -133,37 +154,45 @@ class ShellSession:
 
     def _reply(self) -> tuple[int, str]:
         marker = b"\n" + self._marker.encode() + b" "
+        searched = 0
         while True:
-            start = self._buffer.find(marker)
+            start = self._buffer.find(marker, max(0, searched - len(marker)))
             if start != -1:
                 end = self._buffer.find(b"\n", start + 1)
                 if end != -1:
-                    output = self._buffer[:start].decode("utf-8", "replace")
+                    output = printable(self._buffer[:start].decode("utf-8", "replace"))
                     code = self._buffer[start + len(marker) : end]
                     self._buffer = self._buffer[end + 1 :]
                     return int(code), output
+            searched = len(self._buffer)
             self._read_frame()
-
-    def _read_frame(self) -> None:
-        while len(self._frames) < HEADER.size:
-            self._receive()
-        _, size = HEADER.unpack_from(self._frames)
-        while len(self._frames) < HEADER.size + size:
-            self._receive()
-        self._buffer += self._frames[HEADER.size : HEADER.size + size]
-        self._frames = self._frames[HEADER.size + size :]
 
     def _last_words(self) -> str:
         """What the engine or the shell printed before the stream ended (e.g. why /bin/sh
-        could not start), for the error message."""
+        could not start), for the error message: half a second and one reply's worth at most."""
+        self._deadline = time.monotonic() + 0.5
         with contextlib.suppress(OSError, ValueError, DeployError):
-            self._socket.settimeout(0.5)
             while True:
                 self._read_frame()
         text = (self._buffer + self._frames).decode("utf-8", "replace")
         return "".join(c for c in text if c.isprintable() or c == "\n").strip()[-300:]
 
+    def _read_frame(self) -> None:
+        while len(self._frames) < HEADER.size:
+            self._receive()
+        _, size = HEADER.unpack_from(self._frames)
+        if len(self._buffer) + size > MAX_REPLY:
+            raise DeployError(f"the shell printed more than {MAX_REPLY} bytes")
+        while len(self._frames) < HEADER.size + size:
+            self._receive()
+        self._buffer += self._frames[HEADER.size : HEADER.size + size]
+        self._frames = self._frames[HEADER.size + size :]
+
     def _receive(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise DeployError("the shell did not answer in time")
+        self._socket.settimeout(left)
         chunk = self._socket.recv(65536)
         if not chunk:
             raise DeployError("the shell exited")

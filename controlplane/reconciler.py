@@ -10,8 +10,6 @@ scale-out are held back and applied together (core.batching).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import logging
 import queue
@@ -96,21 +94,6 @@ def checksum(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@contextlib.contextmanager
-def collection_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a pass builds and renders. The model is immutable
-    and acyclic, so a pass leaves no cycles to collect, yet at 1,000 services x 10 backends
-    it allocates enough to set off a full collection over every live object (~100 ms here) in
-    the middle of the pass. Collection resumes after it, off the path to the reload."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 class Reconciler:
     def __init__(
         self,
@@ -180,9 +163,8 @@ class Reconciler:
         running = [c.id for c in state.containers]
         self._marks = prune(self._marks, running, self._clock(), self._settings.stop_grace)
         mark = time.perf_counter()
-        with collection_paused():
-            topology = build_topology(state, self._build, self._marks, self._overrides())
-            config = render_config(topology, self._template, self._render, self._render_cache)
+        topology = build_topology(state, self._build, self._marks, self._overrides())
+        config = render_config(topology, self._template, self._render, self._render_cache)
         timings["render"] = time.perf_counter() - mark
         digest = checksum(config)
         previous = self.snapshot
@@ -380,7 +362,8 @@ class ControlLoop:
                 item = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 item = None
-            if item is None and self._held is not None and time.monotonic() >= wake:
+            held = self._held
+            if item is None and held is not None and time.monotonic() >= due(held, self._batching):
                 self._pass("held new backends")
             if item is not None:
                 reason, tickets = self._coalesce(item)
@@ -472,8 +455,8 @@ class ControlLoop:
         if not report.held:
             self._held = None
         after = self._reconciler.snapshot
-        old = before.topology if before else Topology()
-        if report.changed and after is not None and adds_backends(old, after.topology):
+        # The first pass finds every backend at once: that is no scale-out.
+        if report.changed and before and after and adds_backends(before.topology, after.topology):
             self._last_added = time.monotonic()
         for ticket in waiting:
             ticket.finish(report)
@@ -494,6 +477,9 @@ class ControlLoop:
         return self._held is not None
 
     def _failed(self, reason: str, error: Exception, tickets: list[PassTicket]) -> None:
+        """A failed pass releases a hold: the next pass (an event, a resync) finds it again;
+        kept, its due time would start a failing pass after another at once."""
+        self._held = None
         if isinstance(error, DockerUnavailable):
             self.healthy = False
             log.warning("reconcile (%s) skipped: %s", reason, error)

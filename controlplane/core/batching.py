@@ -2,16 +2,20 @@
 
 Every change costs each managed nginx a reload. A backend leaving, a service's first backend,
 a changed method or label and a new nginx are correctness: they go at once. More backends for a
-service that already serves are capacity: on their own they also go at once, but while the
-engine keeps starting containers (dockerd here starts about four a second) they are held and
-applied together, so a scale-out of 50 costs a few reloads instead of 50.
+service that already serves are capacity (a newcomer, or one whose health check now passes): on
+their own they also go at once, but while the engine keeps starting containers (dockerd here
+starts about four a second) they are held and applied together, so a scale-out of 50 costs a
+few reloads instead of 50.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from controlplane.core.model import BackendState, Service, Topology
+from controlplane.core.model import Backend, BackendState, Service, Topology
+from controlplane.core.render import upstream_backends
+
+NEWCOMER_STATES = (BackendState.UP, BackendState.STARTING)
 
 
 @dataclass(frozen=True)
@@ -35,35 +39,56 @@ class Held:
     """The wanted topology, as last built."""
 
 
-def _adds_capacity(before: Service, after: Service) -> bool:
+def _key(backend: Backend) -> tuple[str, str]:
+    return backend.container_id, backend.network
+
+
+def _grew(was: Backend | None, now: Backend) -> bool:
+    """A newcomer that serves or will once healthy, or one that became healthy."""
+    if was is None:
+        return now.state in NEWCOMER_STATES
+    return (
+        was.state is BackendState.STARTING
+        and now.state is BackendState.UP
+        and was._replace(state=BackendState.UP) == now
+    )
+
+
+def _adds_capacity(before: Service, after: Service, reachable: frozenset[str]) -> bool:
     if replace(before, backends=()) != replace(after, backends=()):
         return False
-    if not before.live_backends:
-        return False
-    old = set(before.backends)
-    added = [b for b in after.backends if b not in old]
-    return len(after.backends) - len(added) == len(old) and all(
-        b.state is BackendState.UP for b in added
+    if not any(b.state is BackendState.UP for b in upstream_backends(before, reachable)):
+        return False  # nothing serves in nginx yet: the next one is its first
+    old = {_key(b): b for b in before.backends}
+    new = {_key(b): b for b in after.backends}
+    return old.keys() <= new.keys() and all(
+        old.get(key) == backend or _grew(old.get(key), backend) for key, backend in new.items()
     )
 
 
 def only_adds_capacity(before: Topology, after: Topology) -> bool:
-    """True when `after` differs from `before` only by new live backends of services that
-    already had one."""
+    """True when `after` differs from `before` only by backends that add capacity to services
+    whose upstream already serves."""
     if replace(before, services=()) != replace(after, services=()):
         return False
     if [s.name for s in before.services] != [s.name for s in after.services]:
         return False
+    reachable = frozenset(n for target in before.nginx for n in target.networks)
     pairs = list(zip(before.services, after.services, strict=True))
-    return any(a != b for a, b in pairs) and all(a == b or _adds_capacity(a, b) for a, b in pairs)
+    return any(a != b for a, b in pairs) and all(
+        a == b or _adds_capacity(a, b, reachable) for a, b in pairs
+    )
 
 
 def adds_backends(before: Topology, after: Topology) -> bool:
-    """True when some service serves with a container it did not serve with before."""
-    old = {s.name: {b.container_id for b in s.live_backends} for s in before.services}
-    return any(
-        b.container_id not in old.get(s.name, ()) for s in after.services for b in s.live_backends
-    )
+    """True when some service gained capacity: a newcomer (serving or starting) or a backend
+    whose health check now passes."""
+    old = {s.name: {_key(b): b for b in s.backends} for s in before.services}
+    for service in after.services:
+        was = old.get(service.name, {})
+        if any(_grew(was.get(_key(b)), b) for b in service.backends if was.get(_key(b)) != b):
+            return True
+    return False
 
 
 def hold(

@@ -160,15 +160,20 @@ def upstream_backends(service: Service, reachable: Iterable[str]) -> tuple[Backe
     return tuple(chosen.values())
 
 
+def _directive(host: str, params: tuple[str, ...]) -> str:
+    return " ".join((host, *params)) if params else host
+
+
 def server_view(backend: Backend) -> ServerView:
     host, params = address(backend), server_params(backend)
-    directive = " ".join((host, *params)) if params else host
-    return ServerView(host, params, backend.container, directive, comment(backend.container))
+    return ServerView(
+        host, params, backend.container, _directive(host, params), comment(backend.container)
+    )
 
 
 def server_line(backend: Backend) -> str:
-    params = server_params(backend)
-    directive = " ".join((address(backend), *params)) if params else address(backend)
+    """The shipped template's line for `server_view(backend)`, without making the view."""
+    directive = _directive(address(backend), server_params(backend))
     return f"    server {directive};  # {comment(backend.container)}"
 
 

@@ -143,3 +143,23 @@ def test_adds_backends(
     before: tuple[ContainerFacts, ...], after: tuple[ContainerFacts, ...], expected: bool
 ) -> None:
     assert adds_backends(topology(*before), topology(*after)) is expected
+
+
+def test_health_checked_newcomers_and_their_first_pass_are_capacity() -> None:
+    starting = container("w2", ip="172.20.0.3", health="starting")
+    healthy = container("w2", ip="172.20.0.3", health="healthy")
+    assert only_adds_capacity(topology(LB, W1), topology(LB, W1, starting))
+    assert only_adds_capacity(topology(LB, W1, starting), topology(LB, W1, healthy))
+    assert adds_backends(topology(LB, W1, starting), topology(LB, W1, healthy))
+    sick = container("w2", ip="172.20.0.3", health="unhealthy")
+    assert not only_adds_capacity(topology(LB, W1, sick), topology(LB, W1, healthy))
+
+
+def test_a_service_nginx_cannot_reach_yet_does_not_serve() -> None:
+    far = container("w1", network="far", ip="172.30.0.2")
+    near = container("w2", ip="172.20.0.3")
+
+    def on_both(*containers: ContainerFacts) -> Topology:
+        return build_topology(state(*containers, networks=("bridge", "app", "far")))
+
+    assert not only_adds_capacity(on_both(LB, far), on_both(LB, far, near))
