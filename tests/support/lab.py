@@ -136,8 +136,28 @@ class Lab:
         for network in self.client.networks.list(
             filters={"label": f"{TEST_LABEL}.run={self.run_id}"}
         ):
-            with contextlib.suppress(docker.errors.NotFound):
-                network.remove()
+            remove_network(network)
+
+
+def remove_network(network: Network, attempts: int = 20) -> None:
+    """After dozens of containers were removed at once, dockerd can still hold an endpoint of
+    one for a moment ("has active endpoints"): disconnect what is left, by force, and retry."""
+    for _ in range(attempts - 1):
+        try:
+            network.remove()
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as error:
+            if "active endpoints" not in str(error):
+                raise
+        network.reload()
+        for endpoint in network.attrs.get("Containers") or {}:
+            with contextlib.suppress(docker.errors.APIError):
+                network.disconnect(endpoint, force=True)
+        time.sleep(0.25)
+    with contextlib.suppress(docker.errors.NotFound):
+        network.remove()
 
 
 class Http:
