@@ -82,7 +82,21 @@ class Controller:
         ]  # fmt: skip
         log = open(self.state_dir / "controller.log", "ab")  # noqa: SIM115 (kept by the child)
         self.process = subprocess.Popen(command, stdout=log, stderr=log)
-        wait_until(self.ready, timeout=30, what="the controller's API ready")
+        process = self.process
+        try:
+            wait_until(
+                lambda: self.ready() or process.poll() is not None,
+                timeout=30,
+                what="the controller's API ready",
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}; its log ends: {self.log_tail()}") from error
+        if process.poll() is not None:
+            raise AssertionError(f"the controller exited at start: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        path = self.state_dir / "controller.log"
+        return path.read_text(errors="replace")[-1500:] if path.exists() else "(no log)"
 
     def ready(self) -> bool:
         try:
