@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,10 +22,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Prober, machine_line, row, table
-from controlplane.reconciler import ReconcileReport
+from bench.common import Prober, Running, machine_line, row, table
 from controlplane.settings import Settings
-from controlplane.wiring import build_controller
 from images.build import ensure_images
 from tests.support.lab import Lab, wait_until
 
@@ -48,7 +45,6 @@ def main() -> None:
 
     client = docker.from_env(version="auto")
     lab = Lab(client, ensure_images(client, progress=lambda line: print(line, file=sys.stderr)))
-    reports: list[ReconcileReport] = []
     served: list[float] = []
     replied: list[float] = []
     phases: dict[str, list[float]] = {}
@@ -64,12 +60,9 @@ def main() -> None:
                 api_bind="127.0.0.1:0",
                 state_dir=Path(state_dir),
             )
-            controller = build_controller(settings)
-            controller.reconciler.on_report.append(reports.append)
-            controller.start_servers()
-            loop = threading.Thread(target=controller.loop.run, daemon=True)
-            loop.start()
-            wait_until(controller.loop.ready.is_set)
+            running = Running(settings)
+            reports = running.reports
+            controller = running.controller
             assert controller.api is not None
             api = httpx.Client(base_url=controller.api.url, timeout=30)
             prober = Prober(lab.published_port(lb), HOST, "x-balancing", 60 + args.changes * 3)
@@ -106,9 +99,7 @@ def main() -> None:
                     phases.setdefault(name, []).append(value)
                 time.sleep(0.2)
             prober.stop()
-            controller.loop.stop()
-            loop.join(timeout=10)
-            controller.close()
+            running.close()
     finally:
         lab.cleanup()
 

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 import httpx
 
+from controlplane.reconciler import ReconcileReport
+from controlplane.settings import Settings
+from controlplane.wiring import build_controller
+from tests.support.lab import wait_until
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
@@ -99,3 +104,26 @@ class Prober:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+class Running:
+    """A controller in this process (so a bench reads its reports), with its API and DNS when
+    the settings ask for them; stopped by `close`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.reports: list[ReconcileReport] = []
+        self.controller = build_controller(settings)
+        self.controller.reconciler.on_report.append(self.reports.append)
+        self.controller.start_servers()
+        self._thread = threading.Thread(target=self.controller.loop.run, daemon=True)
+        self._thread.start()
+        wait_until(self.controller.loop.ready.is_set)
+
+    @property
+    def reloads(self) -> int:
+        return sum(1 for r in self.reports if r.deployed)
+
+    def close(self) -> None:
+        self.controller.loop.stop()
+        self._thread.join(timeout=10)
+        self.controller.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,10 +24,9 @@ from docker.models.networks import Network
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Prober, machine_line, row, table
+from bench.common import Prober, Running, machine_line, row, table
 from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
-from controlplane.wiring import build_controller
 from images.build import ensure_images
 from tests.support.lab import DRAINING, Lab, wait_until
 
@@ -82,27 +80,6 @@ class Burst:
     reloads: int
     served_after: float
     """From the last start returning to every new backend in the config, seconds."""
-
-
-class Running:
-    """A controller in this process (to read its reports), stopped by `close`."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.reports: list[ReconcileReport] = []
-        self.controller = build_controller(settings)
-        self.controller.reconciler.on_report.append(self.reports.append)
-        self._thread = threading.Thread(target=self.controller.loop.run, daemon=True)
-        self._thread.start()
-        wait_until(self.controller.loop.ready.is_set)
-
-    @property
-    def reloads(self) -> int:
-        return sum(1 for r in self.reports if r.deployed)
-
-    def close(self) -> None:
-        self.controller.loop.stop()
-        self._thread.join(timeout=10)
-        self.controller.close()
 
 
 def run_stop_pairs(

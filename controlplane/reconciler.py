@@ -175,20 +175,19 @@ class Reconciler:
             and held is not None
             and held(previous.topology, topology)
         ):
-            report = ReconcileReport(
-                reason,
-                previous.version,
-                False,
-                (),
-                timings,
-                trigger,
-                started_ns,
-                previous.checksum,
-                held=describe_changes(previous.topology, topology),
+            return self._publish(
+                ReconcileReport(
+                    reason,
+                    previous.version,
+                    changed=False,
+                    deployed=(),
+                    timings=timings,
+                    trigger=trigger,
+                    started_ns=started_ns,
+                    checksum=previous.checksum,
+                    held=describe_changes(previous.topology, topology),
+                )
             )
-            for callback in self.on_report:
-                callback(report)
-            return report
         snapshot = previous
         changes: tuple[str, ...] = ()
         if snapshot is None or changed:
@@ -206,17 +205,21 @@ class Reconciler:
         mark = time.perf_counter()
         deployed = self._deploy(topology, config, digest)
         timings["deploy"] = time.perf_counter() - mark
-        report = ReconcileReport(
-            reason,
-            snapshot.version,
-            changed,
-            deployed,
-            timings,
-            trigger,
-            started_ns,
-            digest,
-            changes,
+        return self._publish(
+            ReconcileReport(
+                reason,
+                snapshot.version,
+                changed=changed,
+                deployed=deployed,
+                timings=timings,
+                trigger=trigger,
+                started_ns=started_ns,
+                checksum=digest,
+                changes=changes,
+            )
         )
+
+    def _publish(self, report: ReconcileReport) -> ReconcileReport:
         for callback in self.on_report:
             callback(report)
         return report
