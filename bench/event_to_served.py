@@ -5,7 +5,8 @@ Runs a real controller (in this process, to read its reports), a managed nginx a
 backends from the offline test images, and a bounded HTTP load on loopback; both ways into
 nginx side by side. Run:
 
-    .venv/bin/python bench/event_to_served.py [--events 50] [--burst 50] [--ways shell,engine]
+    .venv/bin/python bench/event_to_served.py [--events 50] [--burst 50]
+        [--ways shell,shell-keep-workers,engine]
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def phases(report: ReconcileReport, routed_ns: int) -> dict[str, float]:
         f"write the file ({via})": deploy.get("copy", 0) * 1000,
         f"nginx -t ({via})": deploy.get("test", 0) * 1000,
         f"SIGHUP ({via})": deploy.get("reload", 0) * 1000,
-        "reload -> first request routed": (routed_ns - reconcile_end) / 1e6,
+        "new workers up, old ones told to quit": deploy.get("retire", 0) * 1000,
+        "deploy done -> first request routed": (routed_ns - reconcile_end) / 1e6,
     }
 
 
@@ -159,9 +161,10 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=50, help="containers started at once")
     parser.add_argument(
         "--ways",
-        default="shell,engine",
+        default="shell,shell-keep-workers,engine",
         help="deploy ways to compare side by side: shell (a shell kept open in nginx), "
-        "engine (docker cp + exec + kill)",
+        "shell-keep-workers (the same, nginx retiring its old workers itself 100 ms after "
+        "the reload), engine (docker cp + exec + kill)",
     )
     args = parser.parse_args()
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
@@ -179,7 +182,8 @@ def main() -> None:
             settings = Settings(
                 networks=frozenset({net.name}),
                 templates_dir=TEMPLATES,
-                nginx_shell=way == "shell",
+                nginx_shell=way.startswith("shell"),
+                retire_old_workers=way == "shell",
             )
             running = Running(settings)
             try:

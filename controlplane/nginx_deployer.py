@@ -120,10 +120,13 @@ class NginxDeployer:
     `retain` and `close` only between passes: each container's entries are touched by one
     thread at a time. The session map alone is shared across those threads, under a lock."""
 
-    def __init__(self, api: docker.APIClient, shell: bool = True) -> None:
-        """`shell`: go in through a shell kept open in each container when it has one."""
+    def __init__(self, api: docker.APIClient, shell: bool = True, retire: bool = True) -> None:
+        """`shell`: go in through a shell kept open in each container when it has one.
+        `retire`: through a shell, retire nginx's old workers as soon as the new ones are up
+        (nginx_workers)."""
         self._api = api
         self._shell = shell
+        self._retire = retire
         self._good: dict[str, bytes | None] = {}
         self._sessions: dict[str, ShellSession] = {}
         self._no_shell: dict[str, str] = {}
@@ -199,6 +202,10 @@ class NginxDeployer:
             channel.reload()
             timings["reload"] = time.perf_counter() - mark
             self._good[target.container_id] = content
+            if self._retire and isinstance(channel, ShellSession):
+                mark = time.perf_counter()
+                self._retire_old_workers(target, channel, within=max(0.5, 3 * timings["test"]))
+                timings["retire"] = time.perf_counter() - mark
         except Exception as error:  # any failure stays this container's, never the pass's
             if written:
                 self._restore(target, previous)
@@ -220,6 +227,23 @@ class NginxDeployer:
             timings["test"] * 1000,
         )
         return DeployResult(target.container, True, None, timings, target.container_id, via)
+
+    def _retire_old_workers(
+        self, target: NginxTarget, session: ShellSession, within: float
+    ) -> None:
+        """The new config is loaded whatever happens here: a failure only leaves the old
+        workers to the master, 100 ms after the reload. `within`: the master starts the new
+        workers once it has read the config, which takes about what `nginx -t` took."""
+        try:
+            session.retire_old_workers(within)
+        except DeployError as error:
+            log.warning(
+                "nginx %s: could not retire its old workers early (%s); nginx retires them "
+                "itself 100 ms after the reload",
+                target.container,
+                error,
+            )
+            self._drop_session(target.container_id)
 
     def _session(
         self, target: NginxTarget, content: bytes, timings: dict[str, float]

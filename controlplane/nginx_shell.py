@@ -27,6 +27,7 @@ from typing import Any
 
 import docker
 
+from controlplane import nginx_workers
 from controlplane.errors import DeployError
 
 HEADER = struct.Struct(">BxxxL")
@@ -63,6 +64,7 @@ class ShellSession:
         self._buffer = b""
         self._frames = b""
         self._deadline = 0.0
+        self._old_workers: frozenset[int] = frozenset()
         directory = posixpath.dirname(config_path)
         self._path = shlex.quote(config_path)
         self._staging = shlex.quote(
@@ -121,9 +123,34 @@ class ShellSession:
         return self.run("nginx -t", STEP_TIMEOUT)
 
     def reload(self) -> None:
-        code, output = self.run("kill -HUP 1", STEP_TIMEOUT)
+        """Notes the workers up before the signal, for retire_old_workers."""
+        code, output = self.run(f"{nginx_workers.LISTING}\nkill -HUP 1", STEP_TIMEOUT)
         if code != 0:
             raise DeployError(f"could not signal the nginx master (PID 1): {output.strip()}")
+        self._old_workers = nginx_workers.workers(nginx_workers.parse(output))
+
+    def retire_old_workers(self, within: float) -> int:
+        """After reload: once every new worker is up, tells the old ones to quit (see
+        nginx_workers); how many it told. Gives up after `within` seconds (the master then
+        tells them itself), so a reload nginx refused costs that wait and nothing else."""
+        deadline = time.monotonic() + within
+        pause = 0.001
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(pause * 1.2, 0.02)
+            _, output = self.run(nginx_workers.LISTING, STEP_TIMEOUT)
+            now = nginx_workers.workers(nginx_workers.parse(output))
+            old = nginx_workers.retirable(self._old_workers, now)
+            if old is None:
+                continue
+            if old:
+                code, output = self.run(
+                    "kill -QUIT " + " ".join(str(pid) for pid in sorted(old)), STEP_TIMEOUT
+                )
+                if code != 0:
+                    raise DeployError(f"could not signal nginx's old workers: {output.strip()}")
+            return len(old)
+        return 0
 
     def run(self, script: str | bytes, timeout: float) -> tuple[int, str]:
         """Exit status of the script's last command, and what it printed; within `timeout`

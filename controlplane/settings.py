@@ -27,6 +27,8 @@ class Settings:
     """New backends during a scale-out: see core.batching.BatchPolicy."""
     nginx_shell: bool = True
     """Deploy through a shell kept open in each nginx that has one (nginx_shell)."""
+    retire_old_workers: bool = True
+    """Through the shell, retire nginx's old workers once the new ones are up (nginx_workers)."""
     resync_interval: float = 30.0
     stop_grace: float = 60.0
     dns_binds: tuple[str, ...] = ()

@@ -60,7 +60,7 @@ def build_controller(settings: Settings) -> Controller:
     api = connect(settings.docker_url)
     reconciler = Reconciler(
         DockerSource(api),
-        NginxDeployer(api, shell=settings.nginx_shell),
+        NginxDeployer(api, shell=settings.nginx_shell, retire=settings.retire_old_workers),
         template,
         settings,
         overrides=lambda: store.current,

@@ -1,17 +1,21 @@
 """The two ways into a real nginx: the shell kept open in it, and the engine's calls for an
 image without a shell. Both serve the same; the shell leaves nothing behind in the container,
-whether the controller stops or is killed."""
+whether the controller stops or is killed, and retires nginx's old workers early."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import time
 
+import httpx
 from docker.models.containers import Container
 from docker.models.networks import Network
 
-from controlplane.nginx_deployer import DeployResult
+from controlplane.core.build import DEFAULT_CONFIG_PATH
+from controlplane.core.model import NginxTarget
+from controlplane.nginx_deployer import DeployResult, NginxDeployer
 from tests.integration.conftest import ControllerFactory, RunningController
 from tests.support.lab import Http, Lab, wait_until
 
@@ -76,3 +80,35 @@ def test_a_killed_controller_leaves_no_shell_in_nginx(lab: Lab, http_for: type[H
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
     wait_until(lambda: not shells(lb), timeout=5, what="the shell to end with its controller")
+
+
+def generation(number: int) -> bytes:
+    return (
+        "server {\n    listen 80 default_server reuseport;\n"
+        f'    location / {{ return 200 "generation {number}\\n"; }}\n}}\n'
+    ).encode()
+
+
+def test_after_a_deploy_returns_only_new_workers_take_connections(lab: Lab) -> None:
+    """nginx itself lets its old workers accept for 100 ms after a reload; through the shell
+    they are told to quit once the new ones are up, before the deploy returns."""
+    net = lab.network()
+    lb = lab.nginx(net)
+    lb.reload()
+    target = NginxTarget(
+        lb.id, lb.name, DEFAULT_CONFIG_PATH, lb.attrs["State"]["StartedAt"], (net.name,)
+    )
+    deployer = NginxDeployer(lab.client.api)
+    url = f"http://127.0.0.1:{lab.published_port(lb)}/"
+    try:
+        with httpx.Client(headers={"Connection": "close"}, timeout=5) as client:
+            for number in range(1, 8):
+                result = deployer.deploy(target, generation(number))
+                assert result.ok and result.via == "shell" and "retire" in result.timings, result
+                time.sleep(0.01)
+                served = {client.get(url).text.strip() for _ in range(20)}
+                assert served == {f"generation {number}"}, (number, result.timings)
+    finally:
+        deployer.close()
+    workers = [p[-1] for p in lb.top(ps_args="-o pid,args")["Processes"] if "worker" in p[-1]]
+    assert len(workers) == 2, workers
