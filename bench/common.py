@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import statistics
 import sys
@@ -9,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import httpx
 
@@ -67,30 +70,47 @@ class Hit:
         return self.value in ("", "error") or self.value.startswith("HTTP ")
 
 
+def _probe(port: int, host: str, header: str, deadline_ns: int, sink: Connection) -> None:
+    """The prober's loop, in its own process: hits go back one message each."""
+    with httpx.Client(timeout=5.0, headers={"Host": host, "Connection": "close"}) as client:
+        while time.time_ns() < deadline_ns and not sink.poll():
+            started = time.time_ns()
+            try:
+                reply = client.get(f"http://127.0.0.1:{port}/")
+            except httpx.HTTPError:
+                sink.send((started, "error"))
+                continue
+            value = reply.headers.get(header, "")
+            ok = reply.status_code == 200
+            sink.send((started, value if ok else f"HTTP {reply.status_code}"))
+    sink.close()
+
+
 class Prober:
-    """One client thread sending requests to nginx on loopback back to back, each on a new
+    """One client sending requests to nginx on loopback back to back, each on a new
     connection (bounded by time), recording one response header of each; its resolution is
-    one request (~2-5 ms)."""
+    one request (~2-5 ms). The client runs in its own process, as real clients do, so it
+    does not compete with an in-process controller for the interpreter lock."""
 
     def __init__(self, port: int, host: str, header: str, max_seconds: float) -> None:
         self.hits: list[Hit] = []
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-        self._thread = threading.Thread(target=self._run, args=(port, host, header), daemon=True)
+        ours, theirs = multiprocessing.get_context("spawn").Pipe()
+        self._pipe = ours
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=_probe,
+            args=(port, host, header, time.time_ns() + int(max_seconds * 1e9), theirs),
+            daemon=True,
+        )
+        self._process.start()
+        theirs.close()
+        self._thread = threading.Thread(target=self._collect, daemon=True)
         self._thread.start()
 
-    def _run(self, port: int, host: str, header: str) -> None:
-        with httpx.Client(timeout=5.0, headers={"Host": host, "Connection": "close"}) as client:
-            while not self._stop.is_set() and time.monotonic() < self._deadline:
-                started = time.time_ns()
-                try:
-                    reply = client.get(f"http://127.0.0.1:{port}/")
-                except httpx.HTTPError:
-                    self.hits.append(Hit(started, "error"))
-                    continue
-                value = reply.headers.get(header, "")
-                ok = reply.status_code == 200
-                self.hits.append(Hit(started, value if ok else f"HTTP {reply.status_code}"))
+    def _collect(self) -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                started, value = self._pipe.recv()
+                self.hits.append(Hit(started, value))
 
     def first(self, match: Callable[[str], bool], after_ns: int) -> int | None:
         return next(
@@ -102,7 +122,11 @@ class Prober:
         return max(times) if times else None
 
     def stop(self) -> None:
-        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._pipe.send("stop")
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
         self._thread.join(timeout=10)
 
 

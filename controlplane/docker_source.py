@@ -18,7 +18,7 @@ import docker.errors
 import requests.exceptions
 from docker.utils import kwargs_from_env
 
-from controlplane.core.model import ContainerFacts, DockerState
+from controlplane.core.model import ContainerFacts, DockerState, NetworkFacts
 from controlplane.core.observe import container_facts, network_facts
 from controlplane.errors import DockerUnavailable
 
@@ -102,18 +102,27 @@ class DockerSource:
     def __init__(self, api: docker.APIClient) -> None:
         self._api = api
         self._cache: dict[str, ContainerFacts] = {}
+        self._networks: tuple[NetworkFacts, ...] | None = None
+        """Listed again after a network event (or a full invalidate): one engine call fewer
+        in a pass that a container's event started."""
         self._stream: Any = None
 
     def invalidate(self, container_id: str | None = None) -> None:
-        """Forget one container's inspect result, or every one with None."""
+        """Forget one container's inspect result, or everything (networks too) with None."""
         if container_id is None:
             self._cache.clear()
+            self._networks = None
         else:
             self._cache.pop(container_id, None)
 
+    def invalidate_networks(self) -> None:
+        self._networks = None
+
     def snapshot(self) -> DockerState:
         try:
-            networks = tuple(network_facts(n) for n in self._api.networks())
+            if self._networks is None:
+                self._networks = tuple(network_facts(n) for n in self._api.networks())
+            networks = self._networks
             listed = [c["Id"] for c in self._api.containers(all=False)]
             containers = []
             for container_id in listed:

@@ -232,8 +232,10 @@ class NginxDeployer:
         self, target: NginxTarget, session: ShellSession, within: float
     ) -> None:
         """The new config is loaded whatever happens here: a failure only leaves the old
-        workers to the master, 100 ms after the reload. `within`: the master starts the new
-        workers once it has read the config, which takes about what `nginx -t` took."""
+        workers to the master, 100 ms after the reload (a shell that broke meanwhile fails
+        the next deploy's first step, which then goes through the engine). `within`: the
+        master starts the new workers once it has read the config, which takes about what
+        `nginx -t` took."""
         try:
             session.retire_old_workers(within)
         except DeployError as error:
@@ -243,7 +245,6 @@ class NginxDeployer:
                 target.container,
                 error,
             )
-            self._drop_session(target.container_id)
 
     def _session(
         self, target: NginxTarget, content: bytes, timings: dict[str, float]

@@ -107,17 +107,28 @@ class ShellSession:
         return content.endswith(b"\n") and b"\0" not in content
 
     def write(self, content: bytes) -> None:
-        """Two requests: the whole file to a staging file, then mv over the config. A shell
-        that dies or stalls while the file is on its way leaves the config untouched."""
+        """The whole file to a staging file, then mv over the config, in one request."""
         delimiter = f"CONTROLPLANE_EOF_{secrets.token_hex(12)}".encode()
         if not self.can_carry(content) or delimiter in content:
             raise DeployError("this file can't go through the shell; use the archive API")
-        script = b"cat > %s <<'%s'\n%s%s" % (self._staging.encode(), delimiter, content, delimiter)
-        code, output = self.run(script, STEP_TIMEOUT)
-        if code == 0:
-            code, output = self.run(f"mv -f {self._staging} {self._path}", STEP_TIMEOUT)
+        code, output = self.run(self.write_script(content, delimiter), STEP_TIMEOUT)
         if code != 0:
             raise DeployError(f"could not write {self._path} in the container: {output.strip()}")
+
+    def write_script(self, content: bytes, delimiter: bytes) -> bytes:
+        """A shell whose input ends early (a controller killed, a connection cut) still runs
+        a command whose here-document was cut short, but never a `{ ...; }` group that was:
+        so the rename comes after the document, as a group, and a cut anywhere leaves the
+        config as it was."""
+        staging, path = self._staging.encode(), self._path.encode()
+        return b"cat > %s <<'%s'\n%s%s\n{ [ $? = 0 ] && mv -f %s %s; }" % (
+            staging,
+            delimiter,
+            content,
+            delimiter,
+            staging,
+            path,
+        )
 
     def test(self) -> tuple[int, str]:
         return self.run("nginx -t", STEP_TIMEOUT)
@@ -144,11 +155,15 @@ class ShellSession:
             if old is None:
                 continue
             if old:
-                code, output = self.run(
-                    "kill -QUIT " + " ".join(str(pid) for pid in sorted(old)), STEP_TIMEOUT
+                # A worker that quit meanwhile (the master's own signal came first) is fine.
+                pids = " ".join(str(pid) for pid in sorted(old))
+                _, output = self.run(
+                    f"for p in {pids}; do kill -QUIT $p 2>/dev/null || [ ! -d /proc/$p ] || "
+                    'echo "worker $p refused the signal"; done',
+                    STEP_TIMEOUT,
                 )
-                if code != 0:
-                    raise DeployError(f"could not signal nginx's old workers: {output.strip()}")
+                if output.strip():
+                    raise DeployError(output.strip())
             return len(old)
         return 0
 

@@ -44,6 +44,8 @@ class Source(Protocol):
 
     def invalidate(self, container_id: str | None = None) -> None: ...
 
+    def invalidate_networks(self) -> None: ...
+
 
 class Deployer(Protocol):
     """What the reconciler needs from nginx (NginxDeployer, or a fake in tests)."""
@@ -121,7 +123,8 @@ class Reconciler:
         self.on_report: list[Callable[[ReconcileReport], None]] = []
 
     def handle_event(self, event: DockerEvent) -> None:
-        """Network create/destroy name no container: networks are listed on every pass."""
+        if event.kind == "network":
+            self._source.invalidate_networks()
         if event.container_id:
             self._source.invalidate(event.container_id)
         if event.kind == "container":

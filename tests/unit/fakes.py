@@ -29,6 +29,9 @@ class FakeSource:
     def invalidate(self, container_id: str | None = None) -> None:
         self.invalidated.append(container_id)
 
+    def invalidate_networks(self) -> None:
+        self.invalidated.append("networks")
+
 
 class FakeDeployer:
     def __init__(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import socket as sockets
 import struct
 import subprocess
@@ -201,6 +202,26 @@ def test_the_file_goes_in_by_rename_and_leaves_no_staging_file(
         "bin",
         "controlplane.conf",
     ]
+
+
+SHELLS = [sh for sh in (["/bin/sh"], ["dash"], ["busybox", "sh"]) if shutil.which(sh[0])]
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=[" ".join(sh) for sh in SHELLS])
+def test_a_write_cut_anywhere_leaves_the_config_as_it_was(
+    engine: LocalShellEngine, shell: list[str]
+) -> None:
+    """The shell's input ends at every point of the request, as when the controller is
+    killed mid-write: the config is either the old file or, once the request is whole, the
+    new one; never a part of it."""
+    script = session(engine).write_script(b"upstream a {\n    server 10.0.0.2:80;\n}\n", b"EOF_X")
+    for cut in range(len(script) + 1):
+        engine.config.write_bytes(b"# old\n")
+        subprocess.run(shell, input=script[:cut], capture_output=True, check=False)
+        expected = (
+            b"# old\n" if cut < len(script) else b"upstream a {\n    server 10.0.0.2:80;\n}\n"
+        )
+        assert engine.config.read_bytes() == expected, (cut, script[:cut])
 
 
 def test_output_that_looks_like_a_marker_does_not_end_a_reply(engine: LocalShellEngine) -> None:

@@ -67,6 +67,15 @@ def test_refused_config_is_not_retried_until_it_changes_or_a_resync() -> None:
     assert len(reconciler.reconcile("event").deployed) == 1
 
 
+def test_networks_are_listed_again_only_after_a_network_event() -> None:
+    web = container("w1")
+    source, _, reconciler = make(nginx("lb"), web)
+    reconciler.handle_event(event(web.id, "start"))
+    reconciler.handle_event(DockerEvent("network", "create", "", None, 0))
+    reconciler.handle_event(DockerEvent("network", "connect", web.id, None, 0))
+    assert source.invalidated == [web.id, "networks", "networks", web.id]
+
+
 def test_kill_event_takes_a_backend_out_before_it_stops_running() -> None:
     web = container("w1")
     source, _, reconciler = make(nginx("lb"), web, container("w2", ip="172.20.0.3"))
