@@ -216,7 +216,8 @@ def main() -> None:
             f"\nburst into {'a new service' if b.service == 'burst' else 'a serving service'}: "
             f"{args.burst} containers started by 25 threads over {b.span:.1f} s -> "
             f"{b.reloads} reloads; all in the config {b.served_after:.2f} s after the last start "
-            "returned (--batch-quiet 1, --batch-max 10)"
+            f"returned (--batch-quiet {Settings().batch_quiet:g}, "
+            f"--batch-max {Settings().batch_max:g})"
         )
 
 

@@ -159,7 +159,7 @@ def main() -> None:
 )
 @click.option(
     "--batch-quiet",
-    default=1.0,
+    default=2.0,
     show_default=True,
     type=click.FloatRange(0.05, 60),
     help="During a scale-out, new backends of a service that already serves are held until "

@@ -22,7 +22,7 @@ class Settings:
     templates_dir: Path | None = None
     quiet_window: float = 0.05
     max_wait: float = 1.0
-    batch_quiet: float = 1.0
+    batch_quiet: float = 2.0
     batch_max: float = 10.0
     """New backends during a scale-out: see core.batching.BatchPolicy."""
     nginx_shell: bool = True

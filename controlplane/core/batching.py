@@ -20,9 +20,10 @@ NEWCOMER_STATES = (BackendState.UP, BackendState.STARTING)
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    quiet: float = 1.0
+    quiet: float = 2.0
     """Seconds without a new change that end a scale-out; also how long after backends were
-    last added a new one counts as part of the same scale-out."""
+    last added a new one counts as part of the same scale-out. dockerd pauses for a second now
+    and then while it starts many containers; each pause longer than this costs a reload."""
     longest: float = 10.0
     """Seconds a held backend waits at most; 0 holds nothing."""
 
