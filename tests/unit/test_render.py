@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -641,3 +642,16 @@ def test_nginx_knows_every_hash_variable_the_grammar_allows(
     )
     result = nginx_t(tmp_path, render_config(topology, template))
     assert result.returncode == 0, result.stderr
+
+
+def test_a_services_kept_hash_agrees_with_equality() -> None:
+    """Services hash once (the render cache looks each up every pass)."""
+    one = service("web", backend("w1", "10.0.0.2"))
+    same = service("web", backend("w1", "10.0.0.2"))
+    assert hash(one) == hash(one) == hash(same) and one == same
+    for changed in (
+        replace(one, backends=(backend("w1", "10.0.0.3"),)),
+        replace(one, algorithm=Algorithm(Method.LEAST_CONN)),
+        replace(one, warnings=("w",)),
+    ):
+        assert changed != one and hash(changed) != hash(one)
