@@ -102,7 +102,12 @@ def nginx_t(config: str) -> float | None:
 
 def forget_memos() -> None:
     """Empty the module-level memos, so the next pass is as cold as the first after start-up."""
-    for memo in (build._plan, build._service, labels._parse_container_labels):
+    for memo in (
+        build._plan,
+        build._service,
+        build._parse_aliases,
+        labels._parse_container_labels,
+    ):
         memo.cache_clear()
 
 

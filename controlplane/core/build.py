@@ -48,12 +48,14 @@ class BuildOptions:
     domain: str = "internal"
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class _Member:
     """One container on one network, in the services `names`: its backend as its labels make
     it (`_service` applies overrides), and the service-wide labels it proposes. Compared by
     identity: `_plan` is memoised, so an unchanged container hands over the very same members,
-    and `_service`'s memo key hashes them without hashing every field of every backend."""
+    and `_service`'s memo key hashes them without hashing every field of every backend. Not
+    frozen, only because a frozen one costs three times as much to make (10,000 in a cold
+    pass); nothing changes one once made."""
 
     names: tuple[str, ...]
     backend: Backend
@@ -134,6 +136,8 @@ def build_topology(
 
 def _label_typos(container: ContainerFacts, parsed: L.ContainerLabels) -> list[str]:
     """A misspelt label would otherwise be ignored without a word."""
+    if not parsed.unknown and L.ROLE not in container.labels:
+        return []
     warnings = [
         f"container {container.name}: unknown label {L.show(key)} is ignored (a typo?)"
         for key in parsed.unknown
@@ -268,15 +272,28 @@ def _alias_services(
 ) -> tuple[str, ...]:
     """Network aliases that name services. Docker adds the 12-digit short ID, and Compose the
     container's own name; neither names a service."""
+    own = (container.name, container.id, container.id[:12])
+    names, errors = _parse_aliases(tuple(a for a in endpoint.aliases if a not in own))
+    excluded.extend(
+        Exclusion(container.id, container.name, error, service=alias) for alias, error in errors
+    )
+    return names
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_aliases(
+    aliases: tuple[str, ...],
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Service names, and (alias, why not) for the aliases that are not names. Memoised like
+    the labels: replicas share their aliases."""
     names = []
-    for alias in endpoint.aliases:
-        if alias == container.name or alias in (container.id, container.id[:12]):
-            continue
+    errors = []
+    for alias in aliases:
         try:
             names.append(L.parse_name(alias, "network alias"))
         except InvalidValue as error:
-            excluded.append(Exclusion(container.id, container.name, str(error), service=alias))
-    return tuple(names)
+            errors.append((alias, str(error)))
+    return tuple(names), tuple(errors)
 
 
 def _backend_state(container: ContainerFacts, stopping: bool) -> BackendState:
