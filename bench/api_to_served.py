@@ -95,6 +95,7 @@ def main() -> None:
                     (f"write the file ({via})", deploy.get("copy", 0) * 1000),
                     (f"nginx -t ({via})", deploy.get("test", 0) * 1000),
                     (f"SIGHUP ({via})", deploy.get("reload", 0) * 1000),
+                    ("new workers up, old ones told to quit", deploy.get("retire", 0) * 1000),
                 ):
                     phases.setdefault(name, []).append(value)
                 time.sleep(0.2)

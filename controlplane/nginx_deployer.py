@@ -202,10 +202,6 @@ class NginxDeployer:
             channel.reload()
             timings["reload"] = time.perf_counter() - mark
             self._good[target.container_id] = content
-            if self._retire and isinstance(channel, ShellSession):
-                mark = time.perf_counter()
-                self._retire_old_workers(target, channel, within=max(0.5, 3 * timings["test"]))
-                timings["retire"] = time.perf_counter() - mark
         except Exception as error:  # any failure stays this container's, never the pass's
             if written:
                 self._restore(target, previous)
@@ -219,6 +215,10 @@ class NginxDeployer:
             message = f"could not update nginx {target.container}: {error}"
             log.error("%s", message)
             return DeployResult(target.container, False, message, timings, target.container_id, via)
+        if self._retire and isinstance(channel, ShellSession):
+            mark = time.perf_counter()
+            self._retire_old_workers(target, channel, within=max(0.5, 3 * timings["test"]))
+            timings["retire"] = time.perf_counter() - mark
         log.info(
             "nginx %s reloaded with the new config via the %s (copy %.1f ms, test %.1f ms)",
             target.container,
@@ -232,18 +232,19 @@ class NginxDeployer:
         self, target: NginxTarget, session: ShellSession, within: float
     ) -> None:
         """The new config is loaded whatever happens here: a failure only leaves the old
-        workers to the master, 100 ms after the reload (a shell that broke meanwhile fails
-        the next deploy's first step, which then goes through the engine). `within`: the
-        master starts the new workers once it has read the config, which takes about what
-        `nginx -t` took."""
+        workers to the master, 100 ms after the reload. `within`: the master starts the new
+        workers once it has read the config, which takes about what `nginx -t` took."""
         try:
-            session.retire_old_workers(within)
+            problem = session.retire_old_workers(within)
         except DeployError as error:
+            self._drop_session(target.container_id)
+            problem = f"{error}; the next deploy opens a new shell"
+        if problem:
             log.warning(
-                "nginx %s: could not retire its old workers early (%s); nginx retires them "
-                "itself 100 ms after the reload",
+                "nginx %s: could not retire its old workers early: %s; nginx retires them "
+                "itself 100 ms after its new workers start",
                 target.container,
-                error,
+                problem,
             )
 
     def _session(
@@ -262,7 +263,11 @@ class NginxDeployer:
         mark = time.perf_counter()
         try:
             session = ShellSession(
-                self._api, target.container_id, target.started_at, target.config_path
+                self._api,
+                target.container_id,
+                target.started_at,
+                target.config_path,
+                note_workers=self._retire,
             )
         except NoShell as error:
             self._no_shell[target.container_id] = target.started_at

@@ -54,11 +54,18 @@ class ShellSession:
     """Not thread-safe: the deployer uses one session per container, from one pass at a time."""
 
     def __init__(
-        self, api: docker.APIClient, container_id: str, started_at: str, config_path: str
+        self,
+        api: docker.APIClient,
+        container_id: str,
+        started_at: str,
+        config_path: str,
+        note_workers: bool = False,
     ) -> None:
         """Checks what a deploy needs (nginx, cat and mv on the PATH, and that the container's
-        user may write the config's directory) before any deploy relies on it."""
+        user may write the config's directory) before any deploy relies on it.
+        `note_workers`: reload notes nginx's workers, for retire_old_workers."""
         self.container_id = container_id
+        self._note_workers = note_workers
         self.started_at = started_at
         self._marker = f"@@controlplane-{secrets.token_hex(8)}"
         self._buffer = b""
@@ -107,65 +114,73 @@ class ShellSession:
         return content.endswith(b"\n") and b"\0" not in content
 
     def write(self, content: bytes) -> None:
-        """The whole file to a staging file, then mv over the config, in one request."""
+        """The whole file to a staging file, then, once the shell said it is there, mv over
+        the config: two requests, so that a shell that stalls mid-file (a paused container)
+        and resumes after the deploy went on through the engine never renames it."""
         delimiter = f"CONTROLPLANE_EOF_{secrets.token_hex(12)}".encode()
         if not self.can_carry(content) or delimiter in content:
             raise DeployError("this file can't go through the shell; use the archive API")
-        code, output = self.run(self.write_script(content, delimiter), STEP_TIMEOUT)
+        document, rename = self.write_scripts(content, delimiter)
+        code, output = self.run(document, STEP_TIMEOUT)
+        if code == 0:
+            code, output = self.run(rename, STEP_TIMEOUT)
         if code != 0:
             raise DeployError(f"could not write {self._path} in the container: {output.strip()}")
 
-    def write_script(self, content: bytes, delimiter: bytes) -> bytes:
-        """A shell whose input ends early (a controller killed, a connection cut) still runs
-        a command whose here-document was cut short, but never a `{ ...; }` group that was:
-        so the rename comes after the document, as a group, and a cut anywhere leaves the
-        config as it was."""
+    def write_scripts(self, content: bytes, delimiter: bytes) -> tuple[bytes, bytes]:
+        """The staging file's here-document, and the rename as a `{ ...; }` group: a shell
+        whose input ends early (a controller killed, a connection cut) still runs a command
+        whose here-document was cut short, but never an incomplete group."""
         staging, path = self._staging.encode(), self._path.encode()
-        return b"cat > %s <<'%s'\n%s%s\n{ [ $? = 0 ] && mv -f %s %s; }" % (
-            staging,
-            delimiter,
-            content,
-            delimiter,
-            staging,
-            path,
+        return (
+            b"cat > %s <<'%s'\n%s%s" % (staging, delimiter, content, delimiter),
+            b"{ mv -f %s %s; }" % (staging, path),
         )
 
     def test(self) -> tuple[int, str]:
         return self.run("nginx -t", STEP_TIMEOUT)
 
     def reload(self) -> None:
-        """Notes the workers up before the signal, for retire_old_workers."""
-        code, output = self.run(f"{nginx_workers.LISTING}\nkill -HUP 1", STEP_TIMEOUT)
+        """With `note_workers`, notes the workers up before the signal, for
+        retire_old_workers, in the same request."""
+        listing = f"{nginx_workers.LISTING}\n" if self._note_workers else ""
+        code, output = self.run(f"{listing}kill -HUP 1", STEP_TIMEOUT)
         if code != 0:
             raise DeployError(f"could not signal the nginx master (PID 1): {output.strip()}")
         self._old_workers = nginx_workers.workers(nginx_workers.parse(output))
 
-    def retire_old_workers(self, within: float) -> int:
+    def retire_old_workers(self, within: float) -> str | None:
         """After reload: once every new worker is up, tells the old ones to quit (see
-        nginx_workers); how many it told. Gives up after `within` seconds (the master then
-        tells them itself), so a reload nginx refused costs that wait and nothing else."""
+        nginx_workers). Returns what kept it from doing so, for a warning: a worker that
+        refused the signal, or no new worker after `within` seconds (the master retires the
+        old ones itself once its new workers are up). Raises DeployError when the shell
+        fails or stalls: it can't be trusted with another request."""
+        if not self._old_workers:
+            return None
         deadline = time.monotonic() + within
         pause = 0.001
-        while time.monotonic() < deadline:
-            time.sleep(pause)
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(pause, left))
             pause = min(pause * 1.2, 0.02)
-            _, output = self.run(nginx_workers.LISTING, STEP_TIMEOUT)
+            _, output = self.run(nginx_workers.LISTING, max(left, 0.1))
             now = nginx_workers.workers(nginx_workers.parse(output))
             old = nginx_workers.retirable(self._old_workers, now)
             if old is None:
                 continue
-            if old:
-                # A worker that quit meanwhile (the master's own signal came first) is fine.
-                pids = " ".join(str(pid) for pid in sorted(old))
-                _, output = self.run(
-                    f"for p in {pids}; do kill -QUIT $p 2>/dev/null || [ ! -d /proc/$p ] || "
-                    'echo "worker $p refused the signal"; done',
-                    STEP_TIMEOUT,
-                )
-                if output.strip():
-                    raise DeployError(output.strip())
-            return len(old)
-        return 0
+            if not old:
+                return None
+            # A worker that quit meanwhile (the master's own signal came first) is fine.
+            pids = " ".join(str(pid) for pid in sorted(old))
+            _, output = self.run(
+                f"for p in {pids}; do kill -QUIT $p 2>/dev/null || [ ! -d /proc/$p ] || "
+                'echo "worker $p refused the signal"; done',
+                max(left, 0.5),
+            )
+            return output.strip() or None
+        return (
+            f"no new worker was up {within:.1f} s after the reload: nginx is slow to load the "
+            "config, or refused it (its error log says why; the old config then still serves)"
+        )
 
     def run(self, script: str | bytes, timeout: float) -> tuple[int, str]:
         """Exit status of the script's last command, and what it printed; within `timeout`

@@ -22,10 +22,10 @@ LISTING = (
     'printf \'%s|%s\\n\' "$s" "$t"; done 2>/dev/null; :'
 )
 """A POSIX sh script printing the stat line and title of the master's children (of every
-process where the kernel has no `children` file), with no process started per entry: `read`
-stops at the title's NUL padding (busybox sh, dash and bash alike) and returns non-zero
-there, hence the `;` rather than `&&`; a process gone mid-loop prints an empty line. ~1 ms
-in the container."""
+process where the kernel has no `children` file), with no process started per entry. `read`
+drops NUL bytes (busybox sh, dash and bash alike), and nginx pads its title with them, so a
+worker's title reads whole; `read` returns non-zero there (no trailing newline), hence the
+`;` rather than `&&`. A process gone mid-loop prints an empty line. ~1 ms in the container."""
 MASTER = 1
 WORKER_TITLE = "nginx: worker process"
 """The title a worker sets once it is set up and accepting (until then it shows the master's);

@@ -22,7 +22,14 @@ from typing import Protocol
 
 import jinja2
 
-from controlplane.core.batching import BatchPolicy, Held, adds_backends, due, hold
+from controlplane.core.batching import (
+    BatchPolicy,
+    Held,
+    adds_backends,
+    due,
+    hold,
+    removes_backends,
+)
 from controlplane.core.build import build_topology
 from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import Zone, build_zone
@@ -462,8 +469,11 @@ class ControlLoop:
             self._held = None
         after = self._reconciler.snapshot
         # The first pass finds every backend at once: that is no scale-out.
-        if report.changed and before and after and adds_backends(before.topology, after.topology):
-            self._last_added = time.monotonic()
+        if report.changed and before and after:
+            if removes_backends(before.topology, after.topology):
+                self._last_added = float("-inf")
+            elif adds_backends(before.topology, after.topology):
+                self._last_added = time.monotonic()
         for ticket in waiting:
             ticket.finish(report)
         if report.changed or report.deployed:

@@ -92,6 +92,22 @@ def adds_backends(before: Topology, after: Topology) -> bool:
     return False
 
 
+def removes_backends(before: Topology, after: Topology) -> bool:
+    """True when some service lost a backend that was up (it left, or is stopping, paused or
+    failing its health check): a replacement, not a scale-out, so the next newcomer restores
+    capacity and goes at once."""
+    later = {s.name: {_key(b): b for b in s.backends} for s in after.services}
+    for service in before.services:
+        backends = later.get(service.name, {})
+        for backend in service.backends:
+            if backend.state is not BackendState.UP:
+                continue
+            kept = backends.get(_key(backend))
+            if kept is None or kept.state is not BackendState.UP:
+                return True
+    return False
+
+
 def hold(
     before: Topology,
     after: Topology,

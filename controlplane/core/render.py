@@ -251,14 +251,18 @@ class RenderCache:
         return entry
 
     def _render(self, template: jinja2.Template, view: ServiceView, options: RenderOptions) -> str:
-        """`template.render(s=view, options=options)` without copying the environment's
-        globals (a ChainMap) into a new dict for each block: Jinja's low-level API, with the
-        globals copied once per template."""
+        """`template.render(s=view, options=options)`, without merging the environment's
+        globals (a ChainMap) into each block's variables: Jinja's low-level API, with the
+        globals copied to a plain dict once per template (nothing changes them while the
+        controller runs). Errors are raised as `render` raises them."""
         globals_ = self._globals.get(template)
         if globals_ is None:
             globals_ = self._globals[template] = dict(template.globals)
         context = template.new_context({**globals_, "s": view, "options": options}, shared=True)
-        return template.environment.concat(template.root_render_func(context))
+        try:
+            return template.environment.concat(template.root_render_func(context))
+        except Exception:
+            template.environment.handle_exception()
 
 
 def render_config(

@@ -110,5 +110,9 @@ def test_after_a_deploy_returns_only_new_workers_take_connections(lab: Lab) -> N
                 assert served == {f"generation {number}"}, (number, result.timings)
     finally:
         deployer.close()
-    workers = [p[-1] for p in lb.top(ps_args="-o pid,args")["Processes"] if "worker" in p[-1]]
-    assert len(workers) == 2, workers
+
+    def workers() -> list[str]:
+        processes = lb.top(ps_args="-o pid,args")["Processes"]
+        return [p[-1] for p in processes if p[-1].strip() == "nginx: worker process"]
+
+    wait_until(lambda: len(workers()) == 2, timeout=5, what="two workers, the old ones gone")

@@ -14,6 +14,7 @@ from controlplane.core.batching import (
     due,
     hold,
     only_adds_capacity,
+    removes_backends,
 )
 from controlplane.core.build import build_topology
 from controlplane.core.model import BackendOverride, ContainerFacts, Overrides, Topology
@@ -163,3 +164,22 @@ def test_a_service_nginx_cannot_reach_yet_does_not_serve() -> None:
         return build_topology(state(*containers, networks=("bridge", "app", "far")))
 
     assert not only_adds_capacity(on_both(LB, far), on_both(LB, far, near))
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        ((LB, W1, W2), (LB, W1), True),
+        ((LB, W1, W2), (LB, W1, W3), True),
+        ((LB, W1, W2), (LB, W1, container("w2", ip="172.20.0.3", status="paused")), True),
+        ((LB, W1, W2), (LB, W1, container("w2", ip="172.20.0.3", health="unhealthy")), True),
+        ((LB, W1), (LB, W1, W2), False),
+        ((LB, W1, container("w2", ip="172.20.0.3", health="starting")), (LB, W1), False),
+        ((LB, W1), (LB, W1), False),
+    ],
+    ids=["one-left", "one-swapped", "paused", "unhealthy", "one-more", "never-up-left", "nothing"],
+)
+def test_removes_backends(
+    before: tuple[ContainerFacts, ...], after: tuple[ContainerFacts, ...], expected: bool
+) -> None:
+    assert removes_backends(topology(*before), topology(*after)) is expected

@@ -204,17 +204,20 @@ def test_the_file_goes_in_by_rename_and_leaves_no_staging_file(
     ]
 
 
-SHELLS = [sh for sh in (["/bin/sh"], ["dash"], ["busybox", "sh"]) if shutil.which(sh[0])]
+SHELLS = [sh for sh in (["/bin/sh"], ["dash"], ["busybox", "sh"], ["bash"]) if shutil.which(sh[0])]
 
 
 @pytest.mark.parametrize("shell", SHELLS, ids=[" ".join(sh) for sh in SHELLS])
 def test_a_write_cut_anywhere_leaves_the_config_as_it_was(
     engine: LocalShellEngine, shell: list[str]
 ) -> None:
-    """The shell's input ends at every point of the request, as when the controller is
+    """The shell's input ends at every point of the two requests, as when the controller is
     killed mid-write: the config is either the old file or, once the request is whole, the
     new one; never a part of it."""
-    script = session(engine).write_script(b"upstream a {\n    server 10.0.0.2:80;\n}\n", b"EOF_X")
+    document, rename = session(engine).write_scripts(
+        b"upstream a {\n    server 10.0.0.2:80;\n}\n", b"EOF_X"
+    )
+    script = document + b"\n" + rename
     for cut in range(len(script) + 1):
         engine.config.write_bytes(b"# old\n")
         subprocess.run(shell, input=script[:cut], capture_output=True, check=False)
@@ -324,3 +327,37 @@ def test_the_deployer_remembers_a_container_without_a_shell(tmp_path: Path) -> N
         result = deployer.deploy(target, b"# new\n")
         assert result.ok and result.via == "engine"
     assert len(engine.processes) == 1
+
+
+@pytest.mark.parametrize(
+    ("outcome", "kept"),
+    [
+        (DeployError("the shell did not answer in time"), False),
+        ("worker 7 refused the signal", True),
+    ],
+    ids=["shell-failed", "worker-refused"],
+)
+def test_retiring_old_workers_never_fails_a_deploy(
+    engine: LocalShellEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    outcome: Exception | str,
+    kept: bool,
+) -> None:
+    """The reload happened: a retire that fails is a warning; a shell that failed in it is
+    replaced at the next deploy, one that only met a refusal is kept."""
+
+    def retire(self: ShellSession, within: float) -> str | None:
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(ShellSession, "retire_old_workers", retire)
+    target = NginxTarget("c" * 64, "lb", str(engine.config), "t0", ("app",))
+    deployer = NginxDeployer(engine)  # type: ignore[arg-type]
+    result = deployer.deploy(target, b"# new\n")
+    assert result.ok and result.via == "shell" and "retire" in result.timings
+    assert engine.config.read_bytes() == b"# new\n"
+    assert "could not retire its old workers early" in caplog.text
+    assert deployer.deploy(target, b"# newer\n").via == "shell"
+    assert len(engine.processes) == (1 if kept else 2)

@@ -263,3 +263,26 @@ def test_a_leaving_backend_ends_a_hold_at_once() -> None:
         "service web: + w4",
         "service web: - w2",
     ]
+
+
+def test_a_newcomer_right_after_a_backend_left_goes_at_once() -> None:
+    """A replacement (as in a rolling update) restores capacity: not held like a scale-out."""
+    lb, w1, w2 = nginx("lb"), container("w1"), container("w2", ip="172.20.0.3")
+    w3, w4 = container("w3", ip="172.20.0.4"), container("w4", ip="172.20.0.5")
+    source, events, loop, reports = watched(
+        lb, w1, w2, quiet_window=0.01, batch_quiet=5.0, batch_max=30.0
+    )
+    with running(loop):
+        settle(reports, 2)
+        source.state = state(lb, w1, w2, w3)
+        events.push(event(w3.id, "start"))  # after a calm start-up: at once
+        settle(reports, 3)
+        source.state = state(lb, w1, w3)
+        events.push(event(w2.id, "kill", "15"))
+        settle(reports, 4)
+        source.state = state(lb, w1, w3, w4)
+        events.push(event(w4.id, "start"))  # within batch_quiet of w3, but w2 left since
+        settle(reports, 5)
+    assert all(r.changed and not r.held for r in reports[2:5]), [
+        (r.reason, r.changed, r.held) for r in reports
+    ]

@@ -1,0 +1,44 @@
+"""The Docker edge's listing: inspect results and the networks are kept until an event
+says they changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controlplane.docker_source import DockerSource
+
+
+class CountingApi:
+    """The three listing calls DockerSource makes, counted."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def networks(self) -> list[dict[str, Any]]:
+        self.calls.append("networks")
+        return [{"Id": "n1", "Name": "app", "Driver": "bridge", "Scope": "local"}]
+
+    def containers(self, all: bool = False) -> list[dict[str, Any]]:
+        self.calls.append("containers")
+        return [{"Id": "c1"}]
+
+    def inspect_container(self, container_id: str) -> dict[str, Any]:
+        self.calls.append(f"inspect {container_id}")
+        return {"Id": container_id, "Name": "/web", "State": {"Status": "running"}}
+
+
+def test_networks_are_listed_again_only_after_they_may_have_changed() -> None:
+    api = CountingApi()
+    source = DockerSource(api)  # type: ignore[arg-type]
+    first = source.snapshot()
+    assert [n.name for n in first.networks] == ["app"]
+    assert api.calls == ["networks", "containers", "inspect c1"]
+    source.invalidate("c1")
+    assert source.snapshot() == first
+    assert api.calls[3:] == ["containers", "inspect c1"]
+    source.invalidate_networks()
+    source.snapshot()
+    assert api.calls[5:] == ["networks", "containers"]
+    source.invalidate()
+    source.snapshot()
+    assert api.calls[7:] == ["networks", "containers", "inspect c1"]
