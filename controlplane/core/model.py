@@ -6,7 +6,6 @@ the API without locks; a new snapshot replaces the old one as a whole.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -144,26 +143,6 @@ class Service:
     names: tuple[str, ...] = ()
     """Every host name that routes to this service: NAME, NAME.DOMAIN, then `hosts`, each
     only where no other service owns it first."""
-
-    @functools.cached_property
-    def _hash(self) -> int:
-        return hash(
-            (
-                self.name,
-                self.networks,
-                self.algorithm,
-                self.algorithm_source,
-                self.hosts,
-                self.backends,
-                self.warnings,
-                self.names,
-            )
-        )
-
-    def __hash__(self) -> int:
-        """Computed once: every pass looks each service up in the render cache, and a
-        service's hash covers each of its backends. The same fields as `==` compares."""
-        return self._hash
 
     @property
     def live_backends(self) -> tuple[Backend, ...]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from controlplane.core.model import (
     Topology,
 )
 from controlplane.core.render import (
+    RenderCache,
     RenderOptions,
     address,
     balancing_directive,
@@ -644,14 +644,17 @@ def test_nginx_knows_every_hash_variable_the_grammar_allows(
     assert result.returncode == 0, result.stderr
 
 
-def test_a_services_kept_hash_agrees_with_equality() -> None:
-    """Services hash once (the render cache looks each up every pass)."""
-    one = service("web", backend("w1", "10.0.0.2"))
-    same = service("web", backend("w1", "10.0.0.2"))
-    assert hash(one) == hash(one) == hash(same) and one == same
-    for changed in (
-        replace(one, backends=(backend("w1", "10.0.0.3"),)),
-        replace(one, algorithm=Algorithm(Method.LEAST_CONN)),
-        replace(one, warnings=("w",)),
-    ):
-        assert changed != one and hash(changed) != hash(one)
+def test_the_render_cache_renders_an_unchanged_service_once(template: jinja2.Template) -> None:
+    """Looked up by identity: the same Service is not rendered again; an equal one built
+    anew is (same text); a changed one gets its own block."""
+    web = service("web", backend("w1", "10.0.0.2"))
+    topology = Topology(services=(web,))
+    cache = RenderCache()
+    first = render_config(topology, template, cache=cache)
+    blocks = dict(cache._entries)
+    assert render_config(topology, template, cache=cache) == first
+    assert cache._entries == blocks
+    rebuilt = Topology(services=(service("web", backend("w1", "10.0.0.2")),))
+    assert render_config(rebuilt, template, cache=cache) == first
+    changed = Topology(services=(service("web", backend("w1", "10.0.0.3")),))
+    assert "10.0.0.3:80" in render_config(changed, template, cache=cache)
