@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from controlplane.core.model import ContainerFacts
 from controlplane.docker_source import DockerEvent
 from controlplane.reconciler import ControlLoop, Reconciler, ReconcileReport
 from controlplane.settings import Settings
@@ -240,23 +241,33 @@ def test_new_backends_soon_after_a_change_are_held_and_applied_together() -> Non
     ]
 
 
+LB, W1, W2 = nginx("lb"), container("w1"), container("w2", ip="172.20.0.3")
+W3, W4 = container("w3", ip="172.20.0.4"), container("w4", ip="172.20.0.5")
+
+
+def change(
+    source: FakeSource,
+    events: FakeEvents,
+    reports: list[ReconcileReport],
+    containers: tuple[ContainerFacts, ...],
+    happened: DockerEvent,
+) -> None:
+    """Docker now shows `containers`, after the event `happened`; waits for its pass."""
+    source.state = state(*containers)
+    events.push(happened)
+    settle(reports, len(reports) + 1)
+
+
 def test_a_leaving_backend_ends_a_hold_at_once() -> None:
-    lb, w1, w2 = nginx("lb"), container("w1"), container("w2", ip="172.20.0.3")
-    w3, w4 = container("w3", ip="172.20.0.4"), container("w4", ip="172.20.0.5")
     source, events, loop, reports = watched(
-        lb, w1, w2, quiet_window=0.01, batch_quiet=5.0, batch_max=30.0
+        LB, W1, W2, quiet_window=0.01, batch_quiet=5.0, batch_max=30.0
     )
     with running(loop):
         settle(reports, 2)
-        source.state = state(lb, w1, w2, w3)
-        events.push(event(w3.id, "start"))  # after a calm start-up: at once
-        settle(reports, 3)
-        source.state = state(lb, w1, w2, w3, w4)
-        events.push(event(w4.id, "start"))  # right after w3: held
-        settle(reports, 4)
-        source.state = state(lb, w1, w3, w4)
-        events.push(event(w2.id, "kill", "15"))
-        settle(reports, 5)
+        # after a calm start-up: at once; then right after w3: held
+        change(source, events, reports, (LB, W1, W2, W3), event(W3.id, "start"))
+        change(source, events, reports, (LB, W1, W2, W3, W4), event(W4.id, "start"))
+        change(source, events, reports, (LB, W1, W3, W4), event(W2.id, "kill", "15"))
     assert reports[2].changed and reports[3].held and not reports[3].changed
     assert reports[4].changed
     assert [c.split(" (")[0] for c in reports[4].changes] == [
@@ -267,22 +278,15 @@ def test_a_leaving_backend_ends_a_hold_at_once() -> None:
 
 def test_a_newcomer_right_after_a_backend_left_goes_at_once() -> None:
     """A replacement (as in a rolling update) restores capacity: not held like a scale-out."""
-    lb, w1, w2 = nginx("lb"), container("w1"), container("w2", ip="172.20.0.3")
-    w3, w4 = container("w3", ip="172.20.0.4"), container("w4", ip="172.20.0.5")
     source, events, loop, reports = watched(
-        lb, w1, w2, quiet_window=0.01, batch_quiet=5.0, batch_max=30.0
+        LB, W1, W2, quiet_window=0.01, batch_quiet=5.0, batch_max=30.0
     )
     with running(loop):
         settle(reports, 2)
-        source.state = state(lb, w1, w2, w3)
-        events.push(event(w3.id, "start"))  # after a calm start-up: at once
-        settle(reports, 3)
-        source.state = state(lb, w1, w3)
-        events.push(event(w2.id, "kill", "15"))
-        settle(reports, 4)
-        source.state = state(lb, w1, w3, w4)
-        events.push(event(w4.id, "start"))  # within batch_quiet of w3, but w2 left since
-        settle(reports, 5)
+        change(source, events, reports, (LB, W1, W2, W3), event(W3.id, "start"))
+        change(source, events, reports, (LB, W1, W3), event(W2.id, "kill", "15"))
+        # within batch_quiet of w3, but w2 left since
+        change(source, events, reports, (LB, W1, W3, W4), event(W4.id, "start"))
     assert all(r.changed and not r.held for r in reports[2:5]), [
         (r.reason, r.changed, r.held) for r in reports
     ]
