@@ -147,7 +147,8 @@ class ShellSession:
         code, output = self.run(f"{listing}kill -HUP 1", STEP_TIMEOUT)
         if code != 0:
             raise DeployError(f"could not signal the nginx master (PID 1): {output.strip()}")
-        self._old_workers = nginx_workers.workers(nginx_workers.parse(output))
+        if self._note_workers:
+            self._old_workers = nginx_workers.workers(nginx_workers.parse(output))
 
     def retire_old_workers(self, within: float) -> str | None:
         """After reload: once every new worker is up, tells the old ones to quit (see
