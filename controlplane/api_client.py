@@ -10,11 +10,15 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from email.message import Message
 from typing import Any
 
+from controlplane.api import API_HEADER
+from controlplane.core.labels import show
 from controlplane.errors import ControlPlaneError
+from controlplane.settings import DEFAULT_API_PORT
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_API_PORT}"
 
 
 class ApiClientError(ControlPlaneError):
@@ -45,8 +49,10 @@ class ApiClient:
             request.add_header("Authorization", f"Bearer {self._token}")
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                self._check_is_api(response.headers, response.status)
                 raw = response.read()
         except urllib.error.HTTPError as error:
+            self._check_is_api(error.headers, error.code)
             raise ApiClientError(_message(error)) from error
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
@@ -56,6 +62,17 @@ class ApiClient:
                 "CONTROLPLANE_API) at it"
             ) from error
         return json.loads(raw) if raw.strip().startswith(b"{") else raw.decode()
+
+    def _check_is_api(self, headers: Message, status: int) -> None:
+        """nginx, or any other server, on the port the CLI was pointed at answers too."""
+        if headers.get(API_HEADER) is None:
+            server = headers.get("Server")
+            raise ApiClientError(
+                f"{self.base_url} is not a controlplane API (it answered HTTP {status}"
+                + (f", server {show(server)}" if server else "")
+                + "): point --api (or CONTROLPLANE_API) at the controller's API, by default "
+                f"{DEFAULT_URL}, or as set by `controlplane run --api-bind`"
+            )
 
 
 def _message(error: urllib.error.HTTPError) -> str:

@@ -16,7 +16,7 @@ import click
 from controlplane.cli_client import COMMANDS
 from controlplane.core import labels as L
 from controlplane.errors import ControlPlaneError, InvalidValue
-from controlplane.settings import IpNetwork, Settings
+from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
 from controlplane.wiring import build_controller, render_once
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -107,6 +107,20 @@ def discovery_options(command: F) -> F:
             help="Listen with reuseport: after a reload, new connections reach the new nginx "
             "workers at once instead of ~100 ms later. Turn off if another server block of "
             "yours sets options on the same port.",
+        ),
+        click.option(
+            "--names-hash/--no-names-hash",
+            default=True,
+            show_default=True,
+            help="Size nginx's server-names hash (server_names_hash_bucket_size and _max_size) "
+            "for the host names rendered. Turn off if your nginx.conf sets them.",
+        ),
+        click.option(
+            "--upstream-header/--no-upstream-header",
+            default=False,
+            show_default=True,
+            help="Add X-Controlplane-Upstream (the backend's address) to every proxied reply, "
+            "to see which backend answered. It shows clients internal addresses.",
         ),
         click.option(
             "--templates",
@@ -222,7 +236,7 @@ def main() -> None:
 )
 @click.option(
     "--api-bind",
-    default="127.0.0.1:8080",
+    default=f"127.0.0.1:{DEFAULT_API_PORT}",
     show_default=True,
     help="IP:PORT of the REST API, or 'off'. Off loopback it needs --api-token or --insecure.",
 )
@@ -245,6 +259,8 @@ def run(
     domain: str,
     listen_port: int,
     reuseport: bool,
+    names_hash: bool,
+    upstream_header: bool,
     templates_dir: Path | None,
     log_level: str,
     debounce: float,
@@ -272,6 +288,8 @@ def run(
         domain=domain,
         listen_port=listen_port,
         reuseport=reuseport,
+        names_hash=names_hash,
+        upstream_header=upstream_header,
         templates_dir=templates_dir,
         quiet_window=debounce,
         max_wait=max(debounce, debounce_max),
@@ -313,6 +331,8 @@ def render(
     domain: str,
     listen_port: int,
     reuseport: bool,
+    names_hash: bool,
+    upstream_header: bool,
     templates_dir: Path | None,
     log_level: str,
     state_dir: Path,
@@ -326,6 +346,8 @@ def render(
         domain=domain,
         listen_port=listen_port,
         reuseport=reuseport,
+        names_hash=names_hash,
+        upstream_header=upstream_header,
         templates_dir=templates_dir,
         state_dir=state_dir,
     )

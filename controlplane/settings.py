@@ -10,6 +10,8 @@ from controlplane.core.build import BuildOptions
 from controlplane.core.render import RenderOptions
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_API_PORT = 8081
+"""Where the controller serves its API and the CLI looks for it; 8080 stays nginx's."""
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,8 @@ class Settings:
     domain: str = "internal"
     listen_port: int = 80
     reuseport: bool = True
+    names_hash: bool = True
+    upstream_header: bool = False
     templates_dir: Path | None = None
     quiet_window: float = 0.05
     max_wait: float = 1.0
@@ -52,4 +56,9 @@ class Settings:
 
     @property
     def render_options(self) -> RenderOptions:
-        return RenderOptions(listen_port=self.listen_port, reuseport=self.reuseport)
+        return RenderOptions(
+            listen_port=self.listen_port,
+            reuseport=self.reuseport,
+            names_hash=self.names_hash,
+            upstream_header=self.upstream_header,
+        )

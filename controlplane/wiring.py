@@ -20,7 +20,7 @@ from controlplane.errors import ControlPlaneError
 from controlplane.metrics import Metrics
 from controlplane.nginx_deployer import NginxDeployer
 from controlplane.reconciler import ControlLoop, Reconciler
-from controlplane.settings import IpNetwork, Settings
+from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
 from controlplane.store import FILE_NAME, OverrideStore
 from controlplane.templating import load_template
 
@@ -110,7 +110,7 @@ def _api_bind(settings: Settings) -> SocketAddress | None:
     """This API can send all traffic anywhere: off loopback it needs a token, or --insecure."""
     if settings.api_bind is None:
         return None
-    bind = parse_address(settings.api_bind, default_port=8080, any_port=True)
+    bind = parse_address(settings.api_bind, default_port=DEFAULT_API_PORT, any_port=True)
     if not is_loopback(bind) and not settings.api_token and not settings.insecure:
         raise ControlPlaneError(
             f"refusing to serve the API on {bind} without a token: anyone who reaches it "

@@ -14,6 +14,7 @@ import logging
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from controlplane.api import API_HEADER
 from controlplane.api.http import MAX_BODY, ApiContext, ApiError, context, error_response
 from controlplane.api.routes import routes
 from controlplane.errors import InvalidValue, StateError
@@ -73,12 +74,18 @@ def _unexpected(error: Exception) -> Response:
     )
 
 
+def _mark(response: Response) -> Response:
+    response.headers[API_HEADER] = "v1"
+    return response
+
+
 def create_app(api: ApiContext) -> Flask:
     app = Flask("controlplane.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["controlplane"] = api
     app.before_request(_check_token)
+    app.after_request(_mark)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(InvalidValue, _invalid)

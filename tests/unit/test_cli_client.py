@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -88,3 +90,40 @@ def test_a_taken_port_fails_the_start(served: tuple[ApiHarness, str]) -> None:
     port = int(url.rsplit(":", 1)[1])
     with pytest.raises(ControlPlaneError, match=r"could not listen on 127.0.0.1:.*--api-bind"):
         ApiServer(api.app, "127.0.0.1", port)
+
+
+@pytest.fixture
+def not_the_api() -> Iterator[str]:
+    """What the CLI met on 8080: nginx's own 404, plain text, with a Server header."""
+
+    class Nginx(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response_only(404)
+            self.send_header("Server", "nginx/1.22.1")
+            self.end_headers()
+            self.wfile.write(b"controlplane: no service here for host 127.0.0.1\n")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Nginx)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_server_that_is_not_the_api_is_named_as_such(not_the_api: str) -> None:
+    result = cli(not_the_api, "services")
+    assert result.exit_code == 1
+    assert f"{not_the_api} is not a controlplane API (it answered HTTP 404" in result.output
+    assert "server 'nginx/1.22.1'" in result.output
+    assert "http://127.0.0.1:8081" in result.output
+
+
+def test_the_api_and_the_cli_agree_on_the_default_port() -> None:
+    run = next(p for p in main.commands["run"].params if p.name == "api_bind")
+    services = next(p for p in main.commands["services"].params if p.name == "api_url")
+    assert run.default == "127.0.0.1:8081"
+    assert services.default == "http://127.0.0.1:8081"
