@@ -30,6 +30,12 @@ class RenderOptions:
     """One listening socket per worker. nginx keeps its old workers accepting for 100 ms after
     a reload; with a shared socket they take nearly every new connection in that time (the
     kernel wakes the first waiter), with reuseport the new workers take their share at once."""
+    names_hash: bool = True
+    """Size nginx's server-names hash for the names rendered (`server_names_hash_*`); off
+    when the main nginx.conf sets those itself (nginx refuses a duplicate directive)."""
+    upstream_header: bool = False
+    """Add `X-Controlplane-Upstream: $upstream_addr` to replies, to see which backend answered;
+    off by default since it shows clients internal addresses."""
 
 
 class ServerView(NamedTuple):
@@ -51,6 +57,8 @@ class ServiceView(NamedTuple):
 
     name: str
     upstream: str
+    zone_size: str
+    """Of the upstream's shared-memory zone, in nginx's size syntax (zone_size)."""
     balancing: str | None
     server_lines: str
     server_names: tuple[str, ...]
@@ -63,6 +71,45 @@ class ServiceView(NamedTuple):
     @property
     def servers(self) -> tuple[ServerView, ...]:
         return tuple(server_view(b) for b in self.backends)
+
+
+class NamesHash(NamedTuple):
+    """`server_names_hash_bucket_size` and `_max_size` for the names a config holds."""
+
+    bucket_size: int
+    max_size: int
+
+
+ZONE_FIXED_BYTES = 32 * 1024
+ZONE_BYTES_PER_SERVER = 1280
+ZONE_MIN_KIB = 64
+
+
+def _align(value: int, to: int) -> int:
+    return -(-value // to) * to
+
+
+def zone_size(servers: int) -> str:
+    """An upstream zone that holds its servers: nginx refuses the whole config when one does
+    not ("no memory in upstream zone"). Measured on nginx 1.22: a fixed ~24 KiB and ~0.8 KiB
+    a server (0.86 with IPv6); 1.25 KiB a server leaves room for other builds."""
+    size = ZONE_FIXED_BYTES + servers * ZONE_BYTES_PER_SERVER
+    return f"{max(ZONE_MIN_KIB, _align(size, 4096) // 1024)}k"
+
+
+def names_hash(names: Iterable[str]) -> NamesHash:
+    """nginx refuses a config whose longest server name does not fit a hash bucket, and builds
+    a slow hash (with a warning) when the table can't grow enough. A bucket here holds four
+    entries of the longest name (nginx: a pointer plus the name and its length, aligned to 8;
+    buckets to a 64-byte cache line); the table may grow to twice the names' count."""
+    count, longest = 1, 1
+    for name in names:
+        count += 1
+        longest = max(longest, len(name))
+    entry = 8 + _align(longest + 2, 8)
+    return NamesHash(
+        max(64, _align(8 + 4 * entry, 64)), max(512, 1 << (2 * count - 1).bit_length())
+    )
 
 
 def nginx_quote(value: object) -> str:
@@ -211,6 +258,7 @@ def service_view(service: Service, reachable: Iterable[str], options: RenderOpti
     return ServiceView(
         name=service.name,
         upstream=f"cp_{service.name}",
+        zone_size=zone_size(len(backends)),
         balancing=balancing_directive(service),
         server_lines=server_lines(backends),
         server_names=service.names or (service.name,),
@@ -296,6 +344,11 @@ def render_config(
             excluded=excluded,
             warnings=list(topology.warnings),
             options=options,
+            names_hash=(
+                names_hash(n for view, _ in rendered for n in view.server_names)
+                if options.names_hash
+                else None
+            ),
         )
     except jinja2.TemplateError as error:
         name = getattr(error, "name", None) or template.name or "?"

@@ -42,6 +42,7 @@ from controlplane.core.render import (
     server_view,
     service_view,
     upstream_backends,
+    zone_size,
 )
 from controlplane.errors import TemplateError
 from tests.support.nginx_check import nginx_t
@@ -610,7 +611,7 @@ def test_keepalive_comes_after_the_balancing_directive(
     """nginx: a balancing directive after `keepalive` replaces keepalive's peer init."""
     topology = Topology(services=(service("s", A_APP, algorithm=algorithm),))
     (body,) = upstream_blocks(render_config(topology, template)).values()
-    assert body[0] == "zone cp_s 64k;"
+    assert body[0] == "zone cp_s 64k;"  # the least a zone gets
     assert body[-1] == "keepalive 32;"
     directive = balancing_directive(topology.services[0])
     if directive is not None:
@@ -701,3 +702,69 @@ def test_server_lines_say_what_the_server_views_say(
     )
     view = server_view(one)
     assert server_lines((one,)) == f"    server {view.directive};  # {view.note}"
+
+
+# ---------------------------------------------------------------- sizes nginx must accept
+
+
+def _many(count: int, v6: bool = False) -> tuple[Backend, ...]:
+    if v6:
+        return tuple(
+            backend(f"b{i}", "", ipv6=f"fd00:ffff:ffff:ffff:ffff:ffff:{i // 65536:x}:{i % 65536:x}",
+                    port=65535, weight=1000, max_fails=10, fail_timeout="100s")
+            for i in range(count)
+        )  # fmt: skip
+    return tuple(backend(f"b{i}", f"172.20.{i // 256}.{i % 256}") for i in range(count))
+
+
+@pytest.mark.parametrize(
+    ("count", "v6"), [(56, False), (150, False), (1000, False), (1000, True), (5000, False)]
+)
+def test_one_service_of_many_backends_fits_its_zone(
+    tmp_path: Path, template: jinja2.Template, count: int, v6: bool
+) -> None:
+    """A fixed `zone 64k` held ~55 servers: past that nginx refused every config."""
+    topology = Topology(services=(service("web", *_many(count, v6)),))
+    result = nginx_t(tmp_path, render_config(topology, template))
+    assert result.returncode == 0, result.stderr
+    assert "[warn]" not in result.stderr, result.stderr
+
+
+def test_many_services_with_long_names_fit_the_names_hash(
+    tmp_path: Path, template: jinja2.Template
+) -> None:
+    """nginx's default bucket (64 bytes) refuses a name of ~55 characters, and 2,000 names
+    outgrow its default table (a warning, then a slow hash)."""
+    long = "x" * 50
+    services = tuple(
+        service(f"s{i:04d}-{long}", backend(f"b{i}", f"172.20.{i // 256}.{i % 256}"))
+        for i in range(1000)
+    )
+    hosts = ("a" * 60 + "." + "b" * 60 + "." + "c" * 60 + "." + "d" * 60 + ".example",)
+    web = service("web", backend("w", "172.21.0.2"), hosts=hosts)
+    result = nginx_t(tmp_path, render_config(Topology(services=(*services, web)), template))
+    assert result.returncode == 0, result.stderr
+    assert "[warn]" not in result.stderr, result.stderr
+
+
+def test_names_hash_can_be_left_to_the_main_config(template: jinja2.Template) -> None:
+    topology = Topology(services=(service("web", A_APP),))
+    assert "server_names_hash_bucket_size" in render_config(topology, template)
+    off = render_config(topology, template, RenderOptions(names_hash=False))
+    assert "server_names_hash" not in off
+
+
+@pytest.mark.parametrize(
+    ("servers", "size"), [(0, "64k"), (1, "64k"), (55, "104k"), (1000, "1284k")]
+)
+def test_zone_size_grows_with_the_servers(servers: int, size: str) -> None:
+    assert zone_size(servers) == size
+
+
+def test_upstream_header_is_opt_in(tmp_path: Path, template: jinja2.Template) -> None:
+    topology = Topology(services=(service("web", A_APP),))
+    assert "X-Controlplane-Upstream" not in render_config(topology, template)
+    text = render_config(topology, template, RenderOptions(upstream_header=True))
+    assert "add_header X-Controlplane-Upstream $upstream_addr always;" in text
+    result = nginx_t(tmp_path, text)
+    assert result.returncode == 0, result.stderr
