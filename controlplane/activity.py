@@ -25,7 +25,7 @@ def iso_time(seconds: float) -> str:
 class Entry:
     time: str
     kind: str
-    """reconcile, failure or override."""
+    """reconcile, held, refused (an nginx did not take a config), failure or override."""
     summary: str
     details: dict[str, object] = field(default_factory=dict, hash=False)
 
@@ -100,6 +100,18 @@ class Activity:
                     )
                 self._nginx.pop(result.container_id, None)
                 self._nginx[result.container_id] = status
+            self._entries.extend(
+                Entry(
+                    now,
+                    "refused",
+                    f"nginx {d.container} did not take version {report.version}"
+                    f"{' (nginx -t refused it)' if d.refused else ''}: {d.error}; it keeps "
+                    "the config it had",
+                    {"nginx": d.container, "version": report.version, "error": d.error},
+                )
+                for d in report.deployed
+                if not d.ok
+            )
             while len(self._nginx) > MAX_ENTRIES:  # containers long gone, least recent first
                 del self._nginx[next(iter(self._nginx))]
             self._entries.append(

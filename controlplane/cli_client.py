@@ -64,6 +64,22 @@ def describe(algorithm: dict[str, Any]) -> str:
     )
 
 
+def nginx_summary(service: dict[str, Any]) -> str:
+    """One word for what the managed nginx run against what is wanted for this service."""
+    states = service.get("nginx") or []
+    if not states:
+        return "-"
+    if any(n["failure"] and n["failure"]["refused"] and n["in_sync"] is False for n in states):
+        return "refused"
+    if any(n["in_sync"] is False for n in states):
+        return "behind"
+    return "ok" if all(n["in_sync"] for n in states) else "?"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "?" if value is None else "yes" if value else "no"
+
+
 def services_table(services: list[dict[str, Any]]) -> str:
     rows = [
         (
@@ -71,11 +87,30 @@ def services_table(services: list[dict[str, Any]]) -> str:
             describe(s["algorithm"]),
             s["algorithm_source"],
             f"{sum(b['state'] == 'up' for b in s['backends'])}/{len(s['backends'])}",
+            nginx_summary(s),
             ",".join(s["hosts"]) or "-",
         )
         for s in services
     ]
-    return table(("SERVICE", "METHOD", "SOURCE", "UP", "NAMES"), rows)
+    return table(("SERVICE", "METHOD", "SOURCE", "UP", "NGINX", "NAMES"), rows)
+
+
+def nginx_lines(service: dict[str, Any]) -> list[str]:
+    """The nginx that do not run what the controller wants for this service, and why."""
+    lines = []
+    for n in service.get("nginx") or []:
+        if n["in_sync"] is not False:
+            continue
+        line = (
+            f"nginx {n['name']} runs version {n['version']}, serving {n['serving']} of this "
+            "service's backends"
+        )
+        failure = n["failure"]
+        if failure:
+            verdict = "refused by nginx -t" if failure["refused"] else "not deployed"
+            line += f"; version {failure['version']} {verdict}: {failure['error']}"
+        lines.append(line)
+    return lines
 
 
 def service_text(service: dict[str, Any]) -> str:
@@ -88,7 +123,7 @@ def service_text(service: dict[str, Any]) -> str:
     if service["backends"]:
         lines.append(
             table(
-                ("CONTAINER", "ID", "NETWORK", "ADDRESS", "WEIGHT", "STATE"),
+                ("CONTAINER", "ID", "NETWORK", "ADDRESS", "WEIGHT", "STATE", "IN NGINX"),
                 [
                     (
                         b["name"],
@@ -97,11 +132,13 @@ def service_text(service: dict[str, Any]) -> str:
                         f"{b['ip']}:{b['port']}",
                         f"{b['weight']}{' backup' if b['backup'] else ''}",
                         b["state"],
+                        _yes_no(b.get("in_nginx")),
                     )
                     for b in service["backends"]
                 ],
             )
         )
+    lines.extend(nginx_lines(service))
     lines.extend(f"excluded {e['container']}: {e['reason']}" for e in service["excluded"])
     lines.extend(f"warning: {w}" for w in service["warnings"])
     return "\n".join(lines)
@@ -210,4 +247,31 @@ def undrain(service: str, container: str, api_url: str, as_json: bool) -> None:
     _show_change(_patch(api_url, service, container, {"drain": False}), as_json)
 
 
-COMMANDS = (services, algorithm, weight, drain, undrain)
+def problems_text(reply: dict[str, Any]) -> str:
+    lines = [
+        f"excluded {e['container']}"
+        + (f" from service {e['service']}" if e["service"] else "")
+        + f": {e['reason']}"
+        for e in reply["excluded"]
+    ]
+    lines.extend(
+        "warning" + (f" (service {w['service']})" if w["service"] else "") + f": {w['warning']}"
+        for w in reply["warnings"]
+    )
+    lines.extend(
+        f"nginx {n['name']} did not take version {n['failure']['version']}: {n['failure']['error']}"
+        for n in reply["nginx"]
+    )
+    return "\n".join(lines) or f"no problems (version {reply['version']})"
+
+
+@click.command()
+@client_options
+def problems(api_url: str, as_json: bool) -> None:
+    """Every container left out (with the reason), every warning, and each nginx that did
+    not take the current config."""
+    reply = _call(api_url, "GET", "/api/v1/problems")
+    click.echo(json.dumps(reply, indent=2) if as_json else problems_text(reply))
+
+
+COMMANDS = (services, problems, algorithm, weight, drain, undrain)

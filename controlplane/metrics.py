@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from controlplane.core.model import BackendState
+from controlplane.core.served import NginxState
 from controlplane.reconciler import ReconcileReport, Snapshot
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -25,7 +26,9 @@ class Metrics:
         self,
         snapshot: Callable[[], Snapshot | None],
         dns_outcomes: Callable[[], Mapping[str, int]] | None = None,
+        nginx: Callable[[], Mapping[str, NginxState]] = dict,
     ) -> None:
+        """`nginx`: what each managed nginx runs (core.served), by container id."""
         self.registry = CollectorRegistry()
         self._reloads = Counter(
             "controlplane_nginx_reloads",
@@ -51,7 +54,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_SnapshotCollector(snapshot, dns_outcomes))
+        self.registry.register(_SnapshotCollector(snapshot, dns_outcomes, nginx))
 
     def on_report(self, report: ReconcileReport) -> None:
         if not (report.changed or report.deployed):
@@ -70,13 +73,17 @@ class Metrics:
 
 
 class _SnapshotCollector(Collector):
+    """Gauges read at scrape time, from the snapshot and what each nginx runs."""
+
     def __init__(
         self,
         snapshot: Callable[[], Snapshot | None],
         dns_outcomes: Callable[[], Mapping[str, int]] | None,
+        nginx: Callable[[], Mapping[str, NginxState]],
     ) -> None:
         self._snapshot = snapshot
         self._dns_outcomes = dns_outcomes
+        self._nginx = nginx
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snapshot = self._snapshot()
@@ -101,6 +108,7 @@ class _SnapshotCollector(Collector):
         yield backends
         yield version
         yield excluded
+        yield from self._served(snapshot)
         if self._dns_outcomes is not None:
             queries = CounterMetricFamily(
                 "controlplane_dns_queries",
@@ -111,3 +119,37 @@ class _SnapshotCollector(Collector):
                 if count or not result.startswith("rcode"):
                     queries.add_metric([result], count)
             yield queries
+
+    def _served(self, snapshot: Snapshot | None) -> Iterator[GaugeMetricFamily]:
+        in_nginx = GaugeMetricFamily(
+            "controlplane_backend_in_nginx",
+            "1 when the config this nginx runs sends the backend requests, 0 when it does not "
+            "(a backend the controller wants but nginx refused, or one taken out).",
+            labels=["service", "backend", "nginx"],
+        )
+        failed = GaugeMetricFamily(
+            "controlplane_nginx_config_failed",
+            "1 while this nginx refused (or did not get) the current config and runs an older "
+            "one; the API's /api/v1/nginx says why.",
+            labels=["nginx"],
+        )
+        states = self._nginx()
+        if snapshot is not None:
+            running = [
+                states[t.container_id] for t in snapshot.topology.nginx if t.container_id in states
+            ]
+            for state in running:
+                failed.add_metric([state.container], 1 if state.failure else 0)
+                if state.serves is None:
+                    continue
+                for service in snapshot.topology.services:
+                    serves = state.serves.get(service.name, frozenset())
+                    for container_id, name in {
+                        b.container_id: b.container for b in service.backends
+                    }.items():
+                        in_nginx.add_metric(
+                            [service.name, name, state.container],
+                            1 if container_id in serves else 0,
+                        )
+        yield in_nginx
+        yield failed

@@ -38,6 +38,8 @@ class DeployResult:
     container_id: str = ""
     via: str = ""
     """"shell" or "engine" (Via): how the config went in."""
+    refused: bool = False
+    """nginx -t said no: the same text will fail again (else the way in failed)."""
 
 
 def pack(name: str, content: bytes) -> bytes:
@@ -196,7 +198,7 @@ class NginxDeployer:
                 error = "nginx -t failed, previous config kept: " + " | ".join(lines[-3:])
                 log.error("nginx %s rejected the new config: %s", target.container, error)
                 return DeployResult(
-                    target.container, False, error, timings, target.container_id, via
+                    target.container, False, error, timings, target.container_id, via, True
                 )
             mark = time.perf_counter()
             channel.reload()

@@ -15,9 +15,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import jinja2
@@ -36,6 +36,7 @@ from controlplane.core.dns_records import Zone, build_zone
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
 from controlplane.core.model import DockerState, NginxTarget, Overrides, Topology
 from controlplane.core.render import RenderCache, render_config
+from controlplane.core.served import Failure, NginxState, Serves, deploy_due, failed, serving
 from controlplane.docker_source import DockerEvent
 from controlplane.errors import ControlPlaneError, DockerUnavailable
 from controlplane.nginx_deployer import DeployResult
@@ -79,6 +80,8 @@ class Snapshot:
     config: str
     checksum: str
     dns: Zone
+    serves: Serves
+    """What the config sends traffic to (core.served)."""
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,12 @@ class Reconciler:
         self._clock = clock
         self._marks: dict[str, StopMark] = {}
         self._deployed: dict[tuple[str, str], str] = {}
-        self._failed: dict[tuple[str, str], str] = {}
+        self._failed: dict[tuple[str, str], Failure] = {}
+        self._running: dict[tuple[str, str], Snapshot] = {}
+        """The snapshot whose config each nginx (id, start) last took from this controller."""
         self.snapshot: Snapshot | None = None
+        self.nginx: Mapping[str, NginxState] = {}
+        """By container id, swapped whole after each pass's deploys; read without locks."""
         self.on_report: list[Callable[[ReconcileReport], None]] = []
 
     def handle_event(self, event: DockerEvent) -> None:
@@ -146,14 +153,14 @@ class Reconciler:
         self._deployer.close()
 
     def invalidate(self) -> None:
-        """Re-inspect everything and retry configs nginx rejected: for resyncs and reconnects."""
+        """Re-inspect everything: for resyncs and reconnects. A config nginx refused is tried
+        again only when its wait is over (core.served), not on every resync."""
         self._source.invalidate()
-        self.retry_refused()
 
     def retry_refused(self) -> None:
         """Deploy again to nginx that refused the current config: an operator asked for a
         pass (the API), so the answer must say what nginx says now, not what it said before."""
-        self._failed.clear()
+        self._failed = {k: replace(f, retry_at=float("-inf")) for k, f in self._failed.items()}
 
     def reconcile(
         self,
@@ -203,7 +210,7 @@ class Reconciler:
         if snapshot is None or changed:
             version = previous.version + 1 if previous else 1
             zone = build_zone(topology, self._settings.dns_domain, self._settings.dns_ttl, version)
-            snapshot = Snapshot(version, topology, config, digest, zone)
+            snapshot = Snapshot(version, topology, config, digest, zone, serving(topology))
             self.snapshot = snapshot
             before = previous.topology if previous else Topology()
             changes = describe_changes(before, topology)
@@ -213,7 +220,7 @@ class Reconciler:
         if on_snapshot is not None:
             on_snapshot(snapshot)
         mark = time.perf_counter()
-        deployed = self._deploy(topology, config, digest)
+        deployed = self._deploy(snapshot)
         timings["deploy"] = time.perf_counter() - mark
         return self._publish(
             ReconcileReport(
@@ -234,29 +241,49 @@ class Reconciler:
             callback(report)
         return report
 
-    def _deploy(self, topology: Topology, config: str, digest: str) -> tuple[DeployResult, ...]:
-        """Deploy to each nginx whose last good config differs, unless it already refused
-        this very config (retried after the next resync)."""
-        keys = {(t.container_id, t.started_at): t for t in topology.nginx}
+    def _deploy(self, snapshot: Snapshot) -> tuple[DeployResult, ...]:
+        """Deploy to each nginx whose last good config differs, unless it failed with this
+        very config and its wait (core.served) is not over."""
+        digest, now = snapshot.checksum, self._clock()
+        keys = {(t.container_id, t.started_at): t for t in snapshot.topology.nginx}
         self._deployed = {k: v for k, v in self._deployed.items() if k in keys}
         self._failed = {k: v for k, v in self._failed.items() if k in keys}
-        self._deployer.retain({t.container_id for t in topology.nginx})
+        self._running = {k: v for k, v in self._running.items() if k in keys}
+        self._deployer.retain({t.container_id for t in snapshot.topology.nginx})
         pending = [
             (key, target)
             for key, target in keys.items()
-            if digest not in (self._deployed.get(key), self._failed.get(key))
+            if deploy_due(digest, self._deployed.get(key), self._failed.get(key), now)
         ]
-        if not pending:
-            return ()
-        content = config.encode()
-        with ThreadPoolExecutor(max_workers=min(8, len(pending))) as pool:
-            results = list(pool.map(lambda p: self._deployer.deploy(p[1], content), pending))
+        results: list[DeployResult] = []
+        if pending:
+            content = snapshot.config.encode()
+            with ThreadPoolExecutor(max_workers=min(8, len(pending))) as pool:
+                results = list(pool.map(lambda p: self._deployer.deploy(p[1], content), pending))
         for (key, _), result in zip(pending, results, strict=True):
             if result.ok:
                 self._deployed[key] = digest
+                self._running[key] = snapshot
                 self._failed.pop(key, None)
             else:
-                self._failed[key] = digest
+                self._failed[key] = failed(
+                    self._failed.get(key),
+                    digest,
+                    snapshot.version,
+                    result.error or "failed",
+                    result.refused,
+                    self._clock(),
+                )
+        self.nginx = {
+            target.container_id: NginxState(
+                target.container,
+                target.container_id,
+                self._running[key].version if key in self._running else None,
+                self._running[key].serves if key in self._running else None,
+                self._failed.get(key),
+            )
+            for key, target in keys.items()
+        }
         return tuple(results)
 
 

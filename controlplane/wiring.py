@@ -68,7 +68,11 @@ def build_controller(settings: Settings) -> Controller:
     loop = ControlLoop(reconciler, DockerSource(connect(settings.docker_url)), settings)
     dns = _dns_server(settings, reconciler)
     activity = Activity()
-    metrics = Metrics(lambda: reconciler.snapshot, dns.outcomes if dns is not None else None)
+    metrics = Metrics(
+        lambda: reconciler.snapshot,
+        dns.outcomes if dns is not None else None,
+        lambda: reconciler.nginx,
+    )
     reconciler.on_report.extend([activity.on_report, metrics.on_report])
     loop.on_failure.extend([activity.on_failure, metrics.on_failure])
     server = None
@@ -101,6 +105,7 @@ def api_context(
         activity=activity,
         metrics=metrics,
         ready=not_ready,
+        nginx=lambda: reconciler.nginx,
         token=settings.api_token,
         wait_timeout=settings.wait_timeout,
     )

@@ -4,7 +4,7 @@ parsing (content type, size, JSON, query values), each failure with its own stat
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ from flask import Response, current_app, request
 
 from controlplane.activity import Activity
 from controlplane.core import labels as L
+from controlplane.core.served import NginxState
 from controlplane.errors import InvalidValue
 from controlplane.metrics import Metrics
 from controlplane.reconciler import PassTicket, Snapshot
@@ -32,6 +33,8 @@ class ApiContext:
     metrics: Metrics
     ready: Callable[[], list[str]]
     """Why the controller is not ready; empty when it is."""
+    nginx: Callable[[], Mapping[str, NginxState]]
+    """What each managed nginx runs, by container id (core.served)."""
     token: str | None = None
     wait_timeout: float = 10.0
 

@@ -76,6 +76,58 @@ SCHEMAS: dict[str, Schema] = {
             "weight": INTEGER,
             "backup": BOOLEAN,
             "state": {"enum": [s.value for s in BackendState]},
+            "in_nginx": {
+                "type": ["boolean", "null"],
+                "description": "every managed nginx runs a config that sends it requests "
+                "(null: not known yet, or no managed nginx)",
+            },
+            "served_by": {**STRINGS, "description": "the nginx whose running config does"},
+        }
+    ),
+    "Failure": {
+        "anyOf": [
+            {"type": "null"},
+            _object(
+                {
+                    "version": {**INTEGER, "description": "of the config that did not take"},
+                    "error": STRING,
+                    "refused": {**BOOLEAN, "description": "nginx -t said no"},
+                    "attempts": INTEGER,
+                }
+            ),
+        ]
+    },
+    "ServiceNginx": _object(
+        {
+            "name": STRING,
+            "container": STRING,
+            "version": {
+                "type": ["integer", "null"],
+                "description": "of the config it runs (null: not deployed to yet)",
+            },
+            "in_sync": {
+                "type": ["boolean", "null"],
+                "description": "it sends this service's requests where the controller wants",
+            },
+            "serving": {"type": ["integer", "null"]},
+            "failure": _ref("Failure"),
+        }
+    ),
+    "Exclusion": _object(
+        {"container": STRING, "service": NULLABLE_STRING, "reason": STRING},
+    ),
+    "Problems": _object(
+        {
+            "version": INTEGER,
+            "excluded": {"type": "array", "items": _ref("Exclusion")},
+            "warnings": {
+                "type": "array",
+                "items": _object({"service": NULLABLE_STRING, "warning": STRING}),
+            },
+            "nginx": {
+                "type": "array",
+                "items": _object({"name": STRING, "container": STRING, "failure": _ref("Failure")}),
+            },
         }
     ),
     "Overrides": _object(
@@ -98,6 +150,7 @@ SCHEMAS: dict[str, Schema] = {
             "algorithm_source": {"enum": ["override", "label", "default"]},
             "hosts": STRINGS,
             "backends": {"type": "array", "items": _ref("Backend")},
+            "nginx": {"type": "array", "items": _ref("ServiceNginx")},
             "excluded": {
                 "type": "array",
                 "items": _object({"container": STRING, "reason": STRING}),
@@ -133,6 +186,8 @@ SCHEMAS: dict[str, Schema] = {
             "last_error": NULLABLE_STRING,
             "reloads": INTEGER,
             "failures": INTEGER,
+            "version": {"type": ["integer", "null"]},
+            "failure": _ref("Failure"),
         }
     ),
     "NginxList": _object(
@@ -152,7 +207,7 @@ SCHEMAS: dict[str, Schema] = {
                 "items": _object(
                     {
                         "time": STRING,
-                        "kind": {"enum": ["reconcile", "held", "failure", "override"]},
+                        "kind": {"enum": ["reconcile", "held", "refused", "failure", "override"]},
                         "summary": STRING,
                         "details": {"type": "object"},
                     }
@@ -272,6 +327,9 @@ PATHS: dict[str, Schema] = {
         }
     },
     "/api/v1/nginx": {"get": _get("NginxList", "managed nginx containers", 503)},
+    "/api/v1/problems": {
+        "get": _get("Problems", "every exclusion, warning and nginx that refused", 503)
+    },
     "/api/v1/events": {
         "get": {
             **_get("Events", "passes, held scale-outs, failures and overrides, newest first", 422),

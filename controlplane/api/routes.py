@@ -19,12 +19,15 @@ from controlplane.api.openapi import document
 from controlplane.api.views import (
     Json,
     absent_service_json,
+    exclusion_json,
+    failure_json,
     service_json,
     zone_json,
 )
 from controlplane.core import labels as L
 from controlplane.core.model import Backend, BackendOverride, Service
 from controlplane.core.overrides import parse_algorithm, parse_backend_patch, parse_container_name
+from controlplane.core.served import NginxState
 from controlplane.errors import InvalidValue
 from controlplane.reconciler import PassTicket, Snapshot
 
@@ -79,7 +82,18 @@ def _view(name: str, snapshot: Snapshot) -> Json:
     service = _find(snapshot, name)
     if service is None:
         return absent_service_json(name, overrides)
-    return service_json(service, snapshot.topology, overrides)
+    return service_json(
+        service, snapshot.topology, overrides, snapshot.serves, _nginx_states(snapshot)
+    )
+
+
+def _nginx_states(snapshot: Snapshot) -> list[NginxState]:
+    """Each nginx the snapshot manages, as far as this controller knows what it runs."""
+    states = context().nginx()
+    return [
+        states.get(t.container_id) or NginxState(t.container, t.container_id)
+        for t in snapshot.topology.nginx
+    ]
 
 
 @dataclass(frozen=True)
@@ -139,10 +153,33 @@ def _applied(ticket: PassTicket, snapshot: Snapshot, wait: bool, timeout: float)
 def list_services() -> Json:
     snapshot = _snapshot()
     overrides = context().store.current
+    nginx = _nginx_states(snapshot)
     return {
         "services": [
-            service_json(s, snapshot.topology, overrides) for s in snapshot.topology.services
+            service_json(s, snapshot.topology, overrides, snapshot.serves, nginx)
+            for s in snapshot.topology.services
         ]
+    }
+
+
+@routes.get(f"{PREFIX}/problems")
+def get_problems() -> Json:
+    """Every exclusion and warning in one place, and each nginx that did not take the
+    current config: what an operator checks when something is missing."""
+    snapshot = _snapshot()
+    topology = snapshot.topology
+    return {
+        "version": snapshot.version,
+        "excluded": [exclusion_json(e) for e in topology.excluded],
+        "warnings": [
+            *({"service": None, "warning": w} for w in topology.warnings),
+            *({"service": s.name, "warning": w} for s in topology.services for w in s.warnings),
+        ],
+        "nginx": [
+            {"name": n.container, "container": n.container_id, "failure": failure_json(n.failure)}
+            for n in _nginx_states(snapshot)
+            if n.failure is not None
+        ],
     }
 
 
@@ -239,9 +276,11 @@ def get_config() -> Response:
 def get_nginx() -> Json:
     snapshot = _snapshot()
     statuses = context().activity.nginx()
+    states = context().nginx()
     managed = []
     for target in snapshot.topology.nginx:
         status = statuses.get(target.container_id)
+        state = states.get(target.container_id)
         managed.append(
             {
                 "container": target.container_id,
@@ -257,6 +296,8 @@ def get_nginx() -> Json:
                 "last_error": status.last_error if status else None,
                 "reloads": status.reloads if status else 0,
                 "failures": status.failures if status else 0,
+                "version": state.version if state else None,
+                "failure": failure_json(state.failure if state else None),
             }
         )
     excluded = [

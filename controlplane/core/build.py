@@ -83,15 +83,16 @@ def build_topology(
         if container.status not in ("running", "paused"):
             continue
         if container.labels.get(L.ROLE) == "nginx":
-            warnings.extend(_label_typos(container, L.parse_container_labels(container.labels)))
+            if any(e.network in watched for e in container.endpoints):
+                labels = L.parse_container_labels(container.labels)
+                warnings.extend(_label_typos(container, labels))
             target = _nginx_target(container, watched, excluded)
             if target is not None:
                 nginx.append(target)
             continue
         mark = marks.get(container.id)
-        plan = _plan(
-            container, watched, mark is not None and is_stopping(mark, container.stop_signal)
-        )
+        stopping_now = mark is not None and is_stopping(mark, container.stop_signal)
+        plan = _plan(container, watched, stopping_now, options.networks is None)
         if plan.warnings:
             warnings.extend(plan.warnings)
         if plan.excluded:
@@ -212,24 +213,35 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=65_536)
-def _plan(container: ContainerFacts, watched: frozenset[str], stopping: bool) -> _Plan:
+def _plan(
+    container: ContainerFacts, watched: frozenset[str], stopping: bool, watch_all: bool
+) -> _Plan:
     """Memoised: the Docker edge hands over the same facts for an unchanged container, so a
     reconcile of thousands of containers redoes this only for the ones that changed."""
+    endpoints = [e for e in container.endpoints if e.network in watched and (e.ip or e.ipv6)]
+    if not endpoints:
+        # With --network, another controller's or nobody's: it costs nothing, not even a
+        # warning. Watching every bridge, a service label off them can only be a mistake.
+        if not watch_all or L.SERVICE not in container.labels:
+            return _Plan()
+        on = ", ".join(e.network for e in container.endpoints) or "no network"
+        reason = f"has {L.SERVICE} but is on no watched network (it is on {on})"
+        return _Plan(excluded=(Exclusion(container.id, container.name, reason),))
     parsed = L.parse_container_labels(container.labels)
     warnings = tuple(_label_typos(container, parsed))
     excluded: list[Exclusion] = []
-
-    def exclude(reason: str) -> _Plan:
-        excluded.append(Exclusion(container.id, container.name, reason))
-        return _Plan(warnings, tuple(excluded))
-
-    endpoints = [e for e in container.endpoints if e.network in watched and (e.ip or e.ipv6)]
     names_by_endpoint = [(e, _alias_services(container, e, excluded)) for e in endpoints]
     if not any(names for _, names in names_by_endpoint) and L.SERVICE not in container.labels:
         return _Plan(warnings, tuple(excluded))
-    if not endpoints:
-        on = ", ".join(e.network for e in container.endpoints) or "no network"
-        return exclude(f"has {L.SERVICE} but is on no watched network (it is on {on})")
+
+    def exclude(reason: str) -> _Plan:
+        """Under each service it would have joined, so the service's own view shows it."""
+        named = [n for _, names in names_by_endpoint for n in names]
+        label = parsed.backend.service if not parsed.errors else _label_service(container)
+        services = tuple(dict.fromkeys([*named, *([label] if label else [])])) or (None,)
+        excluded.extend(Exclusion(container.id, container.name, reason, s) for s in services)
+        return _Plan(warnings, tuple(excluded))
+
     if parsed.errors:
         return exclude("; ".join(parsed.errors))
     backend, service = parsed.backend, parsed.service
@@ -265,6 +277,14 @@ def _plan(container: ContainerFacts, watched: frozenset[str], stopping: bool) ->
         for endpoint, names in names_by_endpoint
     )
     return _Plan(warnings, tuple(excluded), members)
+
+
+def _label_service(container: ContainerFacts) -> str | None:
+    """The service its label names, when that label is valid although another is not."""
+    try:
+        return L.parse_name(container.labels.get(L.SERVICE, ""), L.SERVICE)
+    except InvalidValue:
+        return None
 
 
 def _alias_services(

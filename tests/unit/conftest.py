@@ -89,7 +89,7 @@ class HarnessFactory:
         )
         loop = ControlLoop(reconciler, FakeEvents([]), chosen)
         activity = Activity()
-        metrics = Metrics(lambda: reconciler.snapshot)
+        metrics = Metrics(lambda: reconciler.snapshot, nginx=lambda: reconciler.nginx)
         reconciler.on_report.extend([activity.on_report, metrics.on_report])
         loop.on_failure.extend([activity.on_failure, metrics.on_failure])
         app = create_app(api_context(chosen, reconciler, loop, store, activity, metrics))

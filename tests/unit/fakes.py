@@ -43,7 +43,9 @@ class FakeDeployer:
         time.sleep(self.delay)
         self.deployed.append((target.container, content))
         if self.refuse:
-            return DeployResult(target.container, False, "nginx -t failed", {}, target.container_id)
+            return DeployResult(
+                target.container, False, "nginx -t failed", {}, target.container_id, refused=True
+            )
         return DeployResult(target.container, True, None, {}, target.container_id)
 
     def retain(self, container_ids: set[str]) -> None:

@@ -59,9 +59,56 @@ def test_one_service_and_its_exclusions(make_api: HarnessFactory) -> None:
     api = make_api(*WEB, container("bad", ip="172.20.0.9", labels={L.WEIGHT: "0"}))
     reply = api.call("GET", "/api/v1/services/web")
     assert reply.status_code == 200
-    assert [e["container"] for e in reply.get_json()["excluded"]] in ([], ["bad"])
-    excluded = api.call("GET", "/api/v1/services").get_json()["services"][0]["backends"]
-    assert "bad" not in [b["name"] for b in excluded]
+    ((excluded),) = reply.get_json()["excluded"]
+    assert excluded["container"] == "bad" and excluded["reason"].startswith(f"{L.WEIGHT}='0'")
+    backends = api.call("GET", "/api/v1/services").get_json()["services"][0]["backends"]
+    assert "bad" not in [b["name"] for b in backends]
+    problems = api.call("GET", "/api/v1/problems").get_json()
+    assert [(e["container"], e["service"]) for e in problems["excluded"]] == [("bad", "web")]
+    assert problems["nginx"] == []
+    (event,) = [e for e in api.call("GET", "/api/v1/events").get_json()["events"]]
+    assert any(c.startswith("service web: bad left out") for c in event["details"]["changes"])
+
+
+def test_backends_say_whether_nginx_serves_them(make_api: HarnessFactory) -> None:
+    """The API tells what the controller wants from what each nginx runs: a config nginx
+    refused leaves the new backend out of nginx, and the service says which nginx and why."""
+    api = make_api()
+    web = api.call("GET", "/api/v1/services/web").get_json()
+    assert [(b["name"], b["in_nginx"], b["served_by"]) for b in web["backends"]] == [
+        ("w1", True, ["lb"]),
+        ("w2", True, ["lb"]),
+    ]
+    (lb,) = web["nginx"]
+    assert (lb["name"], lb["version"], lb["in_sync"], lb["serving"]) == ("lb", 1, True, 2)
+    api.deployer.refuse = True
+    api.set_state(*WEB, container("w3", ip="172.20.0.4"))
+    api.call("POST", "/api/v1/resync")
+    web = api.call("GET", "/api/v1/services/web").get_json()
+    assert [(b["name"], b["in_nginx"]) for b in web["backends"]] == [
+        ("w1", True),
+        ("w2", True),
+        ("w3", False),
+    ]
+    (lb,) = web["nginx"]
+    assert (lb["version"], lb["in_sync"], lb["serving"]) == (1, False, 2)
+    assert lb["failure"] == {
+        "version": 2,
+        "error": "nginx -t failed",
+        "refused": True,
+        "attempts": 1,
+    }
+    (listed,) = api.call("GET", "/api/v1/problems").get_json()["nginx"]
+    assert listed["name"] == "lb" and listed["failure"]["version"] == 2
+    (managed,) = api.call("GET", "/api/v1/nginx").get_json()["nginx"]
+    assert managed["version"] == 1 and managed["failure"]["error"] == "nginx -t failed"
+    refused = [
+        e for e in api.call("GET", "/api/v1/events").get_json()["events"] if e["kind"] == "refused"
+    ]
+    assert refused[0]["summary"] == (
+        "nginx lb did not take version 2 (nginx -t refused it): nginx -t failed; it keeps the "
+        "config it had"
+    )
 
 
 @pytest.mark.parametrize("name", ["nope", "Bad..Name", "x" * 80, "web%0a"], ids=str)
@@ -155,8 +202,16 @@ def test_metrics_name_what_operators_watch(api: ApiHarness) -> None:
         "controlplane_event_to_apply_seconds_count",
         "controlplane_reconcile_failures_total 0.0",
         "controlplane_snapshot_version 2.0",
+        'controlplane_backend_in_nginx{backend="w1",nginx="lb",service="web"} 1.0',
+        'controlplane_nginx_config_failed{nginx="lb"} 0.0',
     ):
         assert name in text
+    api.deployer.refuse = True
+    api.set_state(*WEB, container("w3", ip="172.20.0.4"))
+    api.call("POST", "/api/v1/resync")
+    text = api.call("GET", "/metrics").get_data(as_text=True)
+    assert 'controlplane_backend_in_nginx{backend="w3",nginx="lb",service="web"} 0.0' in text
+    assert 'controlplane_nginx_config_failed{nginx="lb"} 1.0' in text
 
 
 # ---------------------------------------------------------------- the algorithm

@@ -258,7 +258,7 @@ def test_several_exposed_ports_exclude_the_container() -> None:
     topology = build(container("w1", exposed=(8080, 8443)), container("w2", ip="172.20.0.3"))
     assert members(topology) == {"web": ["w2@app"]}
     ((name, service, reason),) = reasons(topology)
-    assert (name, service) == ("w1", None)
+    assert (name, service) == ("w1", "web")
     assert "8080, 8443" in reason
     assert L.PORT in reason
 
@@ -298,7 +298,7 @@ def test_bad_label_excludes_only_that_container(labels: dict[str, str], named: l
     topology = build(container("w1"), bad, container("w2", ip="172.20.0.3"))
     assert members(topology) == {"web": ["w1@app", "w2@app"]}
     ((name, service, reason),) = reasons(topology)
-    assert (name, service) == ("bad", None)
+    assert (name, service) == ("bad", "web")  # shown under the service it would join
     for label in named:
         assert label in reason
 
@@ -331,7 +331,7 @@ def test_invalid_alias_reported_once_per_container_even_on_two_networks() -> Non
 def test_enable_false_excludes(value: str) -> None:
     topology = build(container("w1", labels={L.ENABLE: value}))
     assert members(topology) == {}
-    assert reasons(topology) == [("w1", None, f"opted out with {L.ENABLE}=false")]
+    assert reasons(topology) == [("w1", "web", f"opted out with {L.ENABLE}=false")]
 
 
 def test_container_outside_any_service_is_silent_even_with_bad_labels() -> None:
@@ -362,11 +362,7 @@ NO_WATCHED = f"has {L.SERVICE} but is on no watched network"
             None,
             f"{NO_WATCHED} (it is on no network)",
         ),
-        (
-            container("a1", network="app", labels={L.SERVICE: "api"}),
-            frozenset({"back"}),
-            f"{NO_WATCHED} (it is on app)",
-        ),
+        (container("a1", network="app", labels={L.SERVICE: "api"}), frozenset({"back"}), None),
         (
             container("a1", network="bridge", labels={L.SERVICE: "bad name"}),
             None,
@@ -380,7 +376,7 @@ NO_WATCHED = f"has {L.SERVICE} but is on no watched network"
         "service-label-on-default-bridge",
         "service-label-on-overlay-and-macvlan",
         "service-label-on-no-network-at-all",
-        "service-label-on-a-bridge-not-in-options",
+        "with-network-a-container-elsewhere-is-another-controllers",
         "invalid-service-label-still-reported-as-unreachable",
         "aliases-only-stays-silent",
         "bad-alias-on-unwatched-network-stays-silent",
@@ -957,7 +953,7 @@ def test_rich_state_summary() -> None:
     }
     # In Created order, like everything else the builder reports.
     assert [(e.container, e.service) for e in topology.excluded] == [
-        ("bad", None),
+        ("bad", "web"),
         ("a1", "bad alias"),
     ]
     assert topology.warnings == (

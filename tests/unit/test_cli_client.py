@@ -12,9 +12,11 @@ from click.testing import CliRunner, Result
 
 from controlplane.api.server import ApiServer
 from controlplane.cli import main
+from controlplane.core import labels as L
 from controlplane.errors import ControlPlaneError
 from tests.support.ports import free_port
-from tests.unit.conftest import ApiHarness, HarnessFactory
+from tests.unit.builders import container
+from tests.unit.conftest import WEB, ApiHarness, HarnessFactory
 
 
 @pytest.fixture
@@ -36,8 +38,8 @@ def test_services_table_and_json(served: tuple[ApiHarness, str]) -> None:
     result = cli(url, "services")
     assert result.exit_code == 0, result.output
     header, row = result.output.splitlines()
-    assert header.split() == ["SERVICE", "METHOD", "SOURCE", "UP", "NAMES"]
-    assert row.split() == ["web", "round_robin", "default", "2/2", "web,web.internal"]
+    assert header.split() == ["SERVICE", "METHOD", "SOURCE", "UP", "NGINX", "NAMES"]
+    assert row.split() == ["web", "round_robin", "default", "2/2", "ok", "web,web.internal"]
     parsed = json.loads(cli(url, "services", "--json").output)
     assert parsed["services"][0]["name"] == "web"
 
@@ -47,7 +49,7 @@ def test_one_service_shows_its_backends(served: tuple[ApiHarness, str]) -> None:
     lines = cli(url, "services", "web").output.splitlines()
     assert lines[0] == "service web: round_robin (default)"
     assert lines[2].split()[:3] == ["CONTAINER", "ID", "NETWORK"]
-    assert lines[3].split()[0] == "w1" and lines[3].split()[-1] == "up"
+    assert lines[3].split()[0] == "w1" and lines[3].split()[-2:] == ["up", "yes"]
 
 
 def test_algorithm_weight_drain_undrain(served: tuple[ApiHarness, str]) -> None:
@@ -127,3 +129,21 @@ def test_the_api_and_the_cli_agree_on_the_default_port() -> None:
     services = next(p for p in main.commands["services"].params if p.name == "api_url")
     assert run.default == "127.0.0.1:8081"
     assert services.default == "http://127.0.0.1:8081"
+
+
+def test_a_refused_config_shows_in_services_and_problems(served: tuple[ApiHarness, str]) -> None:
+    api, url = served
+    api.deployer.refuse = True
+    api.set_state(*WEB, container("w3", ip="172.20.0.4"), container("bad", labels={L.WEIGHT: "x"}))
+    assert cli(url, "algorithm", "web", "least_conn").exit_code == 1
+    row = cli(url, "services").output.splitlines()[1].split()
+    assert row[4] == "refused"
+    text = cli(url, "services", "web").output
+    assert "w3" in text and text.count(" no\n") == 1
+    assert (
+        "nginx lb runs version 1, serving 2 of this service's backends; version 2 refused by "
+        "nginx -t: nginx -t failed" in text
+    )
+    problems = cli(url, "problems").output.splitlines()
+    assert problems[0].startswith(f"excluded bad from service web: {L.WEIGHT}='x'")
+    assert problems[-1] == "nginx lb did not take version 2: nginx -t failed"

@@ -67,3 +67,16 @@ def test_overrides_show_as_changes() -> None:
         "service web: w1 up -> draining",
         "service web: w1 weight 1 -> 4",
     )
+
+
+def test_a_container_left_out_and_let_in_again_is_a_change() -> None:
+    bad = container("w2", ip="172.20.0.3", labels={L.WEIGHT: "abc"})
+    (left_out,) = changes((LB, W1), (LB, W1, bad))
+    assert left_out.startswith(f"service web: w2 left out: {L.WEIGHT}='abc' must be")
+    assert changes((LB, W1, bad), (LB, W1, W2)) == (
+        "service web: + w2 (172.20.0.3:80, up)",
+        "service web: w2 no longer left out",
+    )
+    worse = container("w2", ip="172.20.0.3", labels={L.WEIGHT: "0"})
+    (reason,) = changes((LB, W1, bad), (LB, W1, worse))
+    assert reason.startswith(f"service web: w2 left out: {L.WEIGHT}='0'")

@@ -57,15 +57,55 @@ def test_restarted_nginx_gets_the_config_again() -> None:
     assert len(reconciler.reconcile("start event").deployed) == 1
 
 
-def test_refused_config_is_not_retried_until_it_changes_or_a_resync() -> None:
-    source, deployer, reconciler = make(nginx("lb"), container("w1"))
+def test_refused_config_waits_doubling_times_not_every_resync() -> None:
+    """nginx -t refuses the same text the same way: it goes again after 60 s, 120 s, ...
+    (core.served), at once when it changes or an operator asks (the API's passes)."""
+    now = [100.0]
+    source = FakeSource(state(nginx("lb"), container("w1")))
+    deployer = FakeDeployer()
+    reconciler = Reconciler(source, deployer, load_template(), Settings(), clock=lambda: now[0])
     deployer.refuse = True
     assert not reconciler.reconcile("start").deployed[0].ok
     assert reconciler.reconcile("event").deployed == ()
     reconciler.invalidate()
+    assert reconciler.reconcile("resync").deployed == ()
+    now[0] += 60
     assert len(reconciler.reconcile("resync").deployed) == 1
+    now[0] += 60
+    assert reconciler.reconcile("resync").deployed == ()
+    now[0] += 60
+    assert len(reconciler.reconcile("resync").deployed) == 1
+    failure = reconciler.nginx[nginx("lb").id].failure
+    assert failure is not None and failure.attempts == 3 and failure.refused
+    assert failure.retry_at == now[0] + 240
+    reconciler.retry_refused()
+    assert len(reconciler.reconcile("api").deployed) == 1
     source.state = state(nginx("lb"), container("w1"), container("w2", ip="172.20.0.3"))
     assert len(reconciler.reconcile("event").deployed) == 1
+    assert reconciler.nginx[nginx("lb").id].failure.attempts == 1  # type: ignore[union-attr]
+
+
+def test_each_nginx_says_what_it_runs_beside_what_is_wanted() -> None:
+    w1, w2 = container("w1"), container("w2", ip="172.20.0.3")
+    source, deployer, reconciler = make(nginx("lb"), w1)
+    reconciler.reconcile("start")
+    lb = reconciler.nginx[nginx("lb").id]
+    assert lb.version == 1 and lb.failure is None
+    assert lb.serves == {"web": frozenset({w1.id})}
+    deployer.refuse = True
+    source.state = state(nginx("lb"), w1, w2)
+    reconciler.reconcile("event")
+    snapshot = reconciler.snapshot
+    assert snapshot is not None and snapshot.serves == {"web": frozenset({w1.id, w2.id})}
+    lb = reconciler.nginx[nginx("lb").id]
+    assert lb.version == 1 and lb.serves == {"web": frozenset({w1.id})}
+    assert lb.failure is not None and lb.failure.version == 2
+    assert lb.in_sync("web", snapshot.serves) is False
+    deployer.refuse = False
+    reconciler.retry_refused()
+    reconciler.reconcile("api")
+    lb = reconciler.nginx[nginx("lb").id]
+    assert lb.in_sync("web", snapshot.serves) and lb.failure is None and lb.version == 2
 
 
 def test_networks_are_listed_again_only_after_a_network_event() -> None:
