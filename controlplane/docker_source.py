@@ -55,6 +55,8 @@ class DockerEvent:
     signal: str | None
     time_ns: int
     received_ns: int = 0
+    network: str | None = None
+    """A network event's network name."""
 
 
 def connect(base_url: str | None, timeout: int = 10) -> docker.APIClient:
@@ -95,6 +97,7 @@ def parse_event(raw: dict[str, Any], received_ns: int = 0) -> DockerEvent | None
         signal=attributes.get("signal"),
         time_ns=int(raw.get("timeNano") or 0),
         received_ns=received_ns,
+        network=str(attributes["name"]) if kind == "network" and "name" in attributes else None,
     )
 
 
@@ -117,6 +120,18 @@ class DockerSource:
 
     def invalidate_networks(self) -> None:
         self._networks = None
+
+    def known(self, container_id: str) -> ContainerFacts | None:
+        return self._cache.get(container_id)
+
+    def inspect(self, container_id: str) -> ContainerFacts | None:
+        try:
+            facts = self._inspect(container_id)
+        except DOCKER_ERRORS as error:
+            raise DockerUnavailable(f"lost the Docker engine while inspecting: {error}") from error
+        if facts is not None:
+            self._cache[container_id] = facts
+        return facts
 
     def snapshot(self) -> DockerState:
         try:

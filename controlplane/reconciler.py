@@ -34,7 +34,7 @@ from controlplane.core.build import build_topology
 from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import Zone, build_zone
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
-from controlplane.core.model import DockerState, NginxTarget, Overrides, Topology
+from controlplane.core.model import ContainerFacts, DockerState, NginxTarget, Overrides, Topology
 from controlplane.core.render import RenderCache, render_config
 from controlplane.core.served import Failure, NginxState, Serves, deploy_due, failed, serving
 from controlplane.docker_source import DockerEvent
@@ -53,6 +53,14 @@ class Source(Protocol):
     def invalidate(self, container_id: str | None = None) -> None: ...
 
     def invalidate_networks(self) -> None: ...
+
+    def known(self, container_id: str) -> ContainerFacts | None:
+        """What the last inspect said, without asking the engine."""
+        ...
+
+    def inspect(self, container_id: str) -> ContainerFacts | None:
+        """Inspect now and keep the answer for the next snapshot; None: gone."""
+        ...
 
 
 class Deployer(Protocol):
@@ -136,17 +144,40 @@ class Reconciler:
         """By container id, swapped whole after each pass's deploys; read without locks."""
         self.on_report: list[Callable[[ReconcileReport], None]] = []
 
-    def handle_event(self, event: DockerEvent) -> None:
+    def handle_event(self, event: DockerEvent) -> bool:
+        """Whether the event can change what this controller serves: one for a container or
+        network it does not watch (another controller's, or nobody's) costs no pass."""
         if event.kind == "network":
             self._source.invalidate_networks()
-        if event.container_id:
-            self._source.invalidate(event.container_id)
+            if event.container_id:
+                self._source.invalidate(event.container_id)
+            return event.network is None or self._watches(event.network)
+        if not event.container_id:
+            return True
+        before = self._source.known(event.container_id)
+        self._source.invalidate(event.container_id)
         if event.kind == "container":
             self._marks = apply_event(
                 self._marks,
                 ContainerEvent(event.container_id, event.action, event.signal),
                 self._clock(),
             )
+        if before is not None and self._on_watched(before):
+            return True
+        try:
+            # Inspected now, not in the pass: the source keeps it for the pass.
+            after = self._source.inspect(event.container_id)
+        except DockerUnavailable:
+            return True  # the pass will say what is wrong
+        return after is not None and self._on_watched(after)
+
+    def _watches(self, network: str) -> bool:
+        if self._settings.networks is not None:
+            return network in self._settings.networks
+        return network not in ("bridge", "host", "none")
+
+    def _on_watched(self, facts: ContainerFacts) -> bool:
+        return any(self._watches(e.network) for e in facts.endpoints)
 
     def close(self) -> None:
         """Ends the shells kept open in nginx containers."""
@@ -407,7 +438,8 @@ class ControlLoop:
                 self._pass("held new backends")
             if item is not None:
                 reason, tickets = self._coalesce(item)
-                if not self._stopping.is_set():
+                # No reason: only events of containers and networks it does not watch.
+                if reason and not self._stopping.is_set():
                     self._pass(reason, item if isinstance(item, DockerEvent) else None, tickets)
                 for ticket in tickets:
                     ticket.fail("the controller is stopping")  # a no-op once it finished
@@ -428,8 +460,9 @@ class ControlLoop:
         watcher.join(timeout=5)
 
     def _coalesce(self, first: DockerEvent | PassTicket | str) -> tuple[str, list[PassTicket]]:
-        """Drain the burst that `first` opens; returns a short description of it and the
-        tickets it answers. A ticket ends the wait for quiet: someone is waiting for it."""
+        """Drain the burst that `first` opens; returns a short description of it (empty when
+        nothing in it concerns this controller) and the tickets it answers. A ticket ends the
+        wait for quiet: someone is waiting for it."""
         started = time.monotonic()
         events = 0
         restored = False
@@ -441,9 +474,9 @@ class ControlLoop:
         item: DockerEvent | PassTicket | str | None = first
         while item is not None:
             if isinstance(item, DockerEvent):
-                events += 1
-                self._last_event_ns = max(self._last_event_ns, item.received_ns)
-                self._reconciler.handle_event(item)
+                if self._reconciler.handle_event(item):
+                    events += 1
+                    self._last_event_ns = max(self._last_event_ns, item.received_ns)
             elif isinstance(item, PassTicket):
                 tickets.append(item)
                 if item.resync:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-from controlplane.core.model import DockerState, NginxTarget
+from controlplane.core.model import ContainerFacts, DockerState, NginxTarget
 from controlplane.docker_source import DockerEvent
 from controlplane.errors import DockerUnavailable
 from controlplane.nginx_deployer import DeployResult
@@ -19,11 +19,14 @@ class FakeSource:
     def __init__(self, current: DockerState) -> None:
         self.state = current
         self.invalidated: list[str | None] = []
+        self.inspected: list[str] = []
+        self.seen: dict[str, ContainerFacts] = {}
         self.unavailable = False
 
     def snapshot(self) -> DockerState:
         if self.unavailable:
             raise DockerUnavailable("the fake engine is down")
+        self.seen = {c.id: c for c in self.state.containers}
         return self.state
 
     def invalidate(self, container_id: str | None = None) -> None:
@@ -31,6 +34,14 @@ class FakeSource:
 
     def invalidate_networks(self) -> None:
         self.invalidated.append("networks")
+
+    def known(self, container_id: str) -> ContainerFacts | None:
+        """As of the last snapshot, as DockerSource's inspect cache."""
+        return self.seen.get(container_id)
+
+    def inspect(self, container_id: str) -> ContainerFacts | None:
+        self.inspected.append(container_id)
+        return next((c for c in self.state.containers if c.id == container_id), None)
 
 
 class FakeDeployer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.docker_source import DockerSource
+from controlplane.docker_source import DockerSource, parse_event
 
 
 class CountingApi:
@@ -42,3 +42,18 @@ def test_networks_are_listed_again_only_after_they_may_have_changed() -> None:
     source.invalidate()
     source.snapshot()
     assert api.calls[7:] == ["networks", "containers", "inspect c1"]
+
+
+def test_events_keep_what_says_whether_they_concern_this_controller() -> None:
+    connect = parse_event(
+        {
+            "Type": "network",
+            "Action": "connect",
+            "Actor": {"ID": "n1", "Attributes": {"container": "c" * 64, "name": "app"}},
+            "timeNano": 5,
+        }
+    )
+    assert connect is not None and (connect.network, connect.container_id) == ("app", "c" * 64)
+    start = parse_event({"Type": "container", "Action": "start", "Actor": {"ID": "c" * 64}})
+    assert start is not None and start.network is None
+    assert parse_event({"Type": "container", "Action": "exec_start: sh", "Actor": {}}) is None

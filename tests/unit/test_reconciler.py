@@ -154,14 +154,14 @@ def run_loop(events: FakeEvents, seconds: float, **settings: float) -> list[str]
 
 
 def test_a_burst_of_events_gives_one_reconcile() -> None:
-    burst = [event(f"{i:064x}", "start") for i in range(50)]
+    burst = [event(container("w1").id, "health_status") for _ in range(50)]
     reasons = run_loop(FakeEvents(burst, gap=0.002), 0.6)
     assert reasons == ["start", "stream-restored + 50 event(s)"]
 
 
 @pytest.mark.parametrize("max_wait", [0.2, 0.3])
 def test_a_long_burst_is_cut_at_the_maximum_wait(max_wait: float) -> None:
-    burst = [event(f"{i:064x}", "start") for i in range(40)]  # ~0.8 s of events 20 ms apart
+    burst = [event(container("w1").id, "health_status") for _ in range(40)]  # ~0.8 s, 20 ms apart
     reasons = run_loop(FakeEvents(burst, gap=0.02), 1.5, max_wait=max_wait)
     passes = len(reasons) - 1  # the first burst also carries the resync after the stream opened
     assert 0.8 / max_wait - 1 <= passes <= 0.8 / max_wait + 2, reasons
@@ -330,3 +330,48 @@ def test_a_newcomer_right_after_a_backend_left_goes_at_once() -> None:
     assert all(r.changed and not r.held for r in reports[2:5]), [
         (r.reason, r.changed, r.held) for r in reports
     ]
+
+
+def test_containers_and_networks_it_does_not_watch_cost_no_pass() -> None:
+    """With --network app: another network's containers are another controller's. A
+    container seen before is judged by what it was (no engine call); a new one is inspected
+    once, and the pass reuses that."""
+    other = container("x1", network="other", labels={"controlplane.weigth": "3"})
+    source, _, reconciler = make(nginx("lb"), container("w1"), other)
+    reconciler = Reconciler(
+        source, FakeDeployer(), load_template(), Settings(networks=frozenset({"app"}))
+    )
+    reconciler.reconcile("start")
+    assert reconciler.snapshot is not None and reconciler.snapshot.topology.warnings == ()
+    assert not reconciler.handle_event(event(other.id, "die"))
+    assert source.inspected == [other.id]  # it was known before: judged by what it was
+    newcomer = container("x2", network="other", ip="172.30.0.2")
+    source.state = state(nginx("lb"), container("w1"), other, newcomer)
+    assert not reconciler.handle_event(event(newcomer.id, "start"))
+    assert reconciler.handle_event(event(container("w1").id, "kill", "15"))
+    assert not reconciler.handle_event(
+        DockerEvent("network", "connect", newcomer.id, None, 0, network="other")
+    )
+    assert reconciler.handle_event(
+        DockerEvent("network", "connect", newcomer.id, None, 0, network="app")
+    )
+    assert not reconciler.handle_event(event("f" * 64, "destroy"))  # gone before it was seen
+
+
+def test_a_burst_of_unwatched_events_runs_no_pass() -> None:
+    other = container("x1", network="other", ip="172.30.0.2")
+    settings = Settings(networks=frozenset({"app"}), quiet_window=0.01)
+    source = FakeSource(state(nginx("lb"), container("w1"), other))
+    reconciler = Reconciler(source, FakeDeployer(), load_template(), settings)
+    reports: list[ReconcileReport] = []
+    reconciler.on_report.append(reports.append)
+    events = FakeEvents([])
+    loop = ControlLoop(reconciler, events, settings)
+    with running(loop):
+        settle(reports, 2)
+        for _ in range(5):
+            events.push(event(other.id, "health_status"))
+        events.push(event(container("w1").id, "health_status"))
+        settle(reports, 3)
+        time.sleep(0.1)
+    assert [r.reason for r in reports] == ["start", "stream-restored", "1 event(s)"]
