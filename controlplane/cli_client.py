@@ -171,6 +171,11 @@ def services(name: str | None, api_url: str, as_json: bool) -> None:
     click.echo(json.dumps(reply, indent=2) if as_json else services_table(reply["services"]))
 
 
+CREATE_OPTION = click.option(
+    "--create", is_flag=True, help="Keep it even if the service or backend does not exist yet."
+)
+
+
 @click.command()
 @click.argument("service")
 @click.argument(
@@ -182,7 +187,7 @@ def services(name: str | None, api_url: str, as_json: bool) -> None:
 @click.option("--consistent", is_flag=True, help="Method hash: ketama consistent hashing.")
 @click.option("--two", is_flag=True, help="Method random: pick two, send to the less loaded.")
 @click.option("--reset", is_flag=True, help="Drop the override: labels decide again.")
-@click.option("--create", is_flag=True, help="Keep it even if the service does not exist yet.")
+@CREATE_OPTION
 @client_options
 def algorithm(
     service: str,
@@ -208,10 +213,12 @@ def algorithm(
     _show_change(reply, as_json)
 
 
-def _patch(api_url: str, service: str, container: str, body: dict[str, object]) -> Any:
-    return _call(
-        api_url, "PATCH", f"/api/v1/services/{service}/backends/{container}", body, wait="true"
-    )
+def _patch(
+    api_url: str, service: str, container: str, body: dict[str, object], create: bool
+) -> Any:
+    path = f"/api/v1/services/{service}/backends/{container}"
+    extra = {"create": "true"} if create else {}
+    return _call(api_url, "PATCH", path, body, wait="true", **extra)
 
 
 @click.command()
@@ -219,32 +226,41 @@ def _patch(api_url: str, service: str, container: str, body: dict[str, object]) 
 @click.argument("container")
 @click.argument("weight", required=False, type=click.IntRange(1, 1000))
 @click.option("--reset", is_flag=True, help="Drop the weight override: the label decides.")
+@CREATE_OPTION
 @client_options
 def weight(
-    service: str, container: str, weight: int | None, reset: bool, api_url: str, as_json: bool
+    service: str,
+    container: str,
+    weight: int | None,
+    reset: bool,
+    create: bool,
+    api_url: str,
+    as_json: bool,
 ) -> None:
     """Set a backend's weight (1-1000), by container name or ID."""
     if reset == (weight is not None):
         raise click.UsageError("give a WEIGHT, or --reset to drop the override")
-    _show_change(_patch(api_url, service, container, {"weight": weight}), as_json)
+    _show_change(_patch(api_url, service, container, {"weight": weight}, create), as_json)
 
 
 @click.command()
 @click.argument("service")
 @click.argument("container")
+@CREATE_OPTION
 @client_options
-def drain(service: str, container: str, api_url: str, as_json: bool) -> None:
+def drain(service: str, container: str, create: bool, api_url: str, as_json: bool) -> None:
     """Send a backend no new requests (and leave it out of DNS) until undrained."""
-    _show_change(_patch(api_url, service, container, {"drain": True}), as_json)
+    _show_change(_patch(api_url, service, container, {"drain": True}, create), as_json)
 
 
 @click.command()
 @click.argument("service")
 @click.argument("container")
+@CREATE_OPTION
 @client_options
-def undrain(service: str, container: str, api_url: str, as_json: bool) -> None:
+def undrain(service: str, container: str, create: bool, api_url: str, as_json: bool) -> None:
     """Give a drained backend traffic again."""
-    _show_change(_patch(api_url, service, container, {"drain": False}), as_json)
+    _show_change(_patch(api_url, service, container, {"drain": False}, create), as_json)
 
 
 def problems_text(reply: dict[str, Any]) -> str:

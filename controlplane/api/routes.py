@@ -70,8 +70,8 @@ def _require(snapshot: Snapshot, name: str) -> Service:
             404,
             "unknown_service",
             f"no service {name}: no running container has it as a network alias or "
-            f"controlplane.service label (add ?create=true to a change to keep it for when "
-            "the service appears)",
+            f"controlplane.service label (to keep a change for when the service appears, add "
+            "?create=true to the request, or --create to the CLI command)",
             {"services": known[:100]},
         )
     return service
@@ -240,8 +240,9 @@ def _backend_key(snapshot: Snapshot, service: str, container: str, create: bool)
     raise ApiError(
         404,
         "unknown_backend",
-        f"container {L.show(container)} is not a backend of service {service} (add "
-        "?create=true to keep the override for when it joins)",
+        f"container {L.show(container)} is not a backend of service {service} (to keep "
+        "the override for when it joins, add ?create=true to the request, or --create to the "
+        "CLI command)",
         {"backends": sorted({b.container for b in backends})[:100]},
     )
 

@@ -147,3 +147,14 @@ def test_a_refused_config_shows_in_services_and_problems(served: tuple[ApiHarnes
     problems = cli(url, "problems").output.splitlines()
     assert problems[0].startswith(f"excluded bad from service web: {L.WEIGHT}='x'")
     assert problems[-1] == "nginx lb did not take version 2: nginx -t failed"
+
+
+def test_create_keeps_a_backend_override_for_a_backend_not_there_yet(
+    served: tuple[ApiHarness, str],
+) -> None:
+    _, url = served
+    missing = cli(url, "drain", "web", "w9")
+    assert missing.exit_code == 1 and "--create to the CLI command" in missing.output
+    assert cli(url, "drain", "web", "w9", "--create").exit_code == 0
+    assert cli(url, "weight", "web", "w9", "4", "--create").exit_code == 0
+    assert cli(url, "undrain", "web", "w9", "--create").exit_code == 0
