@@ -1,4 +1,9 @@
-"""The `controlplane` command: run the controller, or print what it would render."""
+"""The `controlplane` command: run the controller, or print what it would render.
+
+Each flag of `run` and `render` is declared once, with the Settings field it fills, and is read
+from the environment when not given (--dns-bind from CONTROLPLANE_DNS_BIND); the command
+passes the values on as they are, and Settings refuses a wrong combination.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,86 +64,240 @@ def _state_dir(_ctx: click.Context, _param: click.Parameter, value: Path | None)
     return value if value is not None else default_state_dir()
 
 
-STATE_DIR_OPTION = click.option(
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def setting(field: str, flag: str, **options: Any) -> Decorator:
+    """A flag for Settings.`field`, also read from the environment: --dns-bind from
+    CONTROLPLANE_DNS_BIND."""
+    options.setdefault("show_default", options.get("default") is not None)
+    env = "CONTROLPLANE_" + flag.split("/")[0].removeprefix("--").replace("-", "_").upper()
+    return click.option(flag, field, envvar=env, show_envvar=True, **options)
+
+
+STATE_DIR_OPTION = setting(
+    "state_dir",
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    envvar="CONTROLPLANE_STATE_DIR",
     default=None,
     callback=_state_dir,
-    help="Where the API's overrides persist (env CONTROLPLANE_STATE_DIR). "
+    help="Where the API's overrides persist. "
     "Default: /var/lib/controlplane as root, else $XDG_STATE_HOME/controlplane.",
 )
 
+DISCOVERY: list[Decorator] = [
+    setting(
+        "docker_url",
+        "--docker-url",
+        default=None,
+        help="Docker engine URL. Default: DOCKER_HOST (with DOCKER_TLS_VERIFY and "
+        "DOCKER_CERT_PATH) or the local socket.",
+    ),
+    setting(
+        "networks",
+        "--network",
+        multiple=True,
+        callback=_networks,
+        help="Watch only this network (repeatable; in the environment, separated by spaces). "
+        "Default: all user-defined bridge networks.",
+    ),
+    setting(
+        "domain",
+        "--domain",
+        default="internal",
+        callback=_domain,
+        help="Services answer to NAME and NAME.DOMAIN.",
+    ),
+    setting(
+        "listen_port",
+        "--listen-port",
+        default=80,
+        type=click.IntRange(1, 65535),
+        help="Port the rendered nginx server blocks listen on.",
+    ),
+    setting(
+        "reuseport",
+        "--reuseport/--no-reuseport",
+        default=True,
+        help="Listen with reuseport: after a reload, new connections reach the new nginx "
+        "workers at once instead of ~100 ms later. Turn off if another server block of "
+        "yours sets options on the same port.",
+    ),
+    setting(
+        "names_hash",
+        "--names-hash/--no-names-hash",
+        default=True,
+        help="Size nginx's server-names hash (server_names_hash_bucket_size and _max_size) "
+        "for the host names rendered. Turn off if your nginx.conf sets them.",
+    ),
+    setting(
+        "upstream_header",
+        "--upstream-header/--no-upstream-header",
+        default=False,
+        help="Add X-Controlplane-Upstream (the backend's address) to every proxied reply, "
+        "to see which backend answered. It shows clients internal addresses.",
+    ),
+    setting(
+        "keepalive",
+        "--upstream-keepalive",
+        default=32,
+        type=click.IntRange(1, 10000),
+        help="Idle connections to its backends each nginx worker keeps per upstream.",
+    ),
+    setting(
+        "templates_dir",
+        "--templates",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Directory whose templates override the shipped ones.",
+    ),
+    STATE_DIR_OPTION,
+    click.option(
+        "--log-level",
+        envvar="CONTROLPLANE_LOG_LEVEL",
+        show_envvar=True,
+        default="info",
+        show_default=True,
+        type=click.Choice(["debug", "info", "warning", "error"]),
+    ),
+]
 
-def discovery_options(command: F) -> F:
-    """Flags shared by every command that reads Docker and renders."""
-    options = [
-        click.option(
-            "--docker-url",
-            default=None,
-            help="Docker engine URL. Default: DOCKER_HOST (with DOCKER_TLS_VERIFY and "
-            "DOCKER_CERT_PATH) or the local socket.",
-        ),
-        click.option(
-            "--network",
-            "networks",
-            multiple=True,
-            callback=_networks,
-            help="Watch only this network (repeatable). Default: all user-defined bridge networks.",
-        ),
-        click.option(
-            "--domain",
-            default="internal",
-            show_default=True,
-            callback=_domain,
-            help="Services answer to NAME and NAME.DOMAIN.",
-        ),
-        click.option(
-            "--listen-port",
-            default=80,
-            show_default=True,
-            type=click.IntRange(1, 65535),
-            help="Port the rendered nginx server blocks listen on.",
-        ),
-        click.option(
-            "--reuseport/--no-reuseport",
-            default=True,
-            show_default=True,
-            help="Listen with reuseport: after a reload, new connections reach the new nginx "
-            "workers at once instead of ~100 ms later. Turn off if another server block of "
-            "yours sets options on the same port.",
-        ),
-        click.option(
-            "--names-hash/--no-names-hash",
-            default=True,
-            show_default=True,
-            help="Size nginx's server-names hash (server_names_hash_bucket_size and _max_size) "
-            "for the host names rendered. Turn off if your nginx.conf sets them.",
-        ),
-        click.option(
-            "--upstream-header/--no-upstream-header",
-            default=False,
-            show_default=True,
-            help="Add X-Controlplane-Upstream (the backend's address) to every proxied reply, "
-            "to see which backend answered. It shows clients internal addresses.",
-        ),
-        click.option(
-            "--templates",
-            "templates_dir",
-            type=click.Path(file_okay=False, path_type=Path),
-            default=None,
-            help="Directory whose templates override the shipped ones.",
-        ),
-        click.option(
-            "--log-level",
-            default="info",
-            show_default=True,
-            type=click.Choice(["debug", "info", "warning", "error"]),
-        ),
-    ]
+RUN: list[Decorator] = [
+    setting(
+        "quiet_window",
+        "--debounce",
+        default=0.05,
+        type=click.FloatRange(0, 10),
+        help="Seconds of quiet in the event stream before a reconcile.",
+    ),
+    setting(
+        "max_wait",
+        "--debounce-max",
+        default=1.0,
+        type=click.FloatRange(0, 60),
+        help="A reconcile runs at most this many seconds after the first event of a burst "
+        "(at least --debounce).",
+    ),
+    setting(
+        "batch_quiet",
+        "--batch-quiet",
+        default=2.0,
+        type=click.FloatRange(0.05, 60),
+        help="During a scale-out, new backends of a service that already serves are held "
+        "until Docker has been quiet this many seconds (a leaving backend is never held).",
+    ),
+    setting(
+        "batch_max",
+        "--batch-max",
+        default=10.0,
+        type=click.FloatRange(0, 300),
+        help="Seconds a held new backend waits at most (0 holds nothing, else at least "
+        "--batch-quiet).",
+    ),
+    setting(
+        "nginx_shell",
+        "--nginx-shell/--no-nginx-shell",
+        default=True,
+        help="Deploy through a shell kept open in each nginx that has /bin/sh (~10 ms), "
+        "instead of the engine's copy, exec and kill calls (~180 ms on dockerd 20.10).",
+    ),
+    setting(
+        "retire_old_workers",
+        "--retire-old-workers/--no-retire-old-workers",
+        default=True,
+        help="After a reload through the shell, tell nginx's old workers to quit as soon as "
+        "the new ones are up (~10 ms), instead of the 100 ms nginx waits; until then the old "
+        "workers route by the old config.",
+    ),
+    setting(
+        "resync_interval",
+        "--resync",
+        default=30.0,
+        type=click.FloatRange(1, 86400),
+        help="Seconds between full resyncs that repair missed events.",
+    ),
+    setting(
+        "stop_grace",
+        "--stop-grace",
+        default=60.0,
+        type=click.FloatRange(1, 3600),
+        help="Seconds a backend stays out after a stop signal while its container still runs "
+        "(it is draining); after that, a container still running counts as up again.",
+    ),
+    setting(
+        "dns_binds",
+        "--dns-bind",
+        multiple=True,
+        help="Answer DNS on IP:PORT, UDP and TCP (repeatable). Default: no DNS server.",
+    ),
+    setting(
+        "dns_domain",
+        "--dns-domain",
+        default=None,
+        callback=lambda ctx, param, value: None if value is None else _domain(ctx, param, value),
+        help="Zone the resolver answers for. Default: the --domain value.",
+    ),
+    setting("dns_ttl", "--dns-ttl", default=5, type=click.IntRange(0, 86400)),
+    setting(
+        "dns_upstreams",
+        "--dns-upstream",
+        multiple=True,
+        help="Forward names outside the zone to IP:PORT (repeatable, tried in order).",
+    ),
+    setting(
+        "dns_allow",
+        "--dns-allow",
+        multiple=True,
+        callback=_cidrs,
+        help="CIDR allowed to use forwarding (repeatable). Default: loopback and watched networks.",
+    ),
+    setting(
+        "api_bind",
+        "--api-bind",
+        default=f"127.0.0.1:{DEFAULT_API_PORT}",
+        callback=lambda _ctx, _param, value: None if value.strip().lower() == "off" else value,
+        help="IP:PORT of the REST API, or 'off'. Off loopback it needs --api-token or --insecure.",
+    ),
+    setting(
+        "api_token",
+        "--api-token",
+        default=None,
+        help="Bearer token every mutating API request must carry (the environment keeps it "
+        "out of `ps`).",
+    ),
+    setting(
+        "insecure",
+        "--insecure",
+        is_flag=True,
+        default=False,
+        help="Serve the API off loopback without a token (only on a network you trust).",
+    ),
+    setting(
+        "wait_timeout",
+        "--wait-timeout",
+        default=10.0,
+        type=click.FloatRange(0.1, 60),
+        help="Seconds an API change with ?wait=true waits for nginx by default.",
+    ),
+]
+
+
+def _apply(options: Sequence[Decorator], command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _settings(values: dict[str, Any]) -> Settings:
+    """The command's values as they are: only an empty setting becomes its default."""
+    _setup_logging(values.pop("log_level"))
+    chosen = {k: v for k, v in values.items() if v not in ((), None, "")}
+    if "dns_domain" not in chosen and "domain" in chosen:
+        chosen["dns_domain"] = chosen["domain"]
+    try:
+        return Settings(**chosen)
+    except InvalidValue as error:
+        raise click.UsageError(str(error)) from error
 
 
 def _setup_logging(level: str) -> None:
@@ -155,159 +314,9 @@ def main() -> None:
     """Load balancer and service-discovery control plane for Docker."""
 
 
-@main.command()
-@discovery_options
-@click.option(
-    "--debounce",
-    default=0.05,
-    show_default=True,
-    type=click.FloatRange(0, 10),
-    help="Seconds of quiet in the event stream before a reconcile.",
-)
-@click.option(
-    "--debounce-max",
-    default=1.0,
-    show_default=True,
-    type=click.FloatRange(0, 60),
-    help="A reconcile runs at most this many seconds after the first event of a burst.",
-)
-@click.option(
-    "--batch-quiet",
-    default=2.0,
-    show_default=True,
-    type=click.FloatRange(0.05, 60),
-    help="During a scale-out, new backends of a service that already serves are held until "
-    "Docker has been quiet this many seconds (a leaving backend is never held).",
-)
-@click.option(
-    "--batch-max",
-    default=10.0,
-    show_default=True,
-    type=click.FloatRange(0, 300),
-    help="Seconds a held new backend waits at most; 0 holds nothing.",
-)
-@click.option(
-    "--nginx-shell/--no-nginx-shell",
-    default=True,
-    show_default=True,
-    help="Deploy through a shell kept open in each nginx that has /bin/sh (~10 ms), instead of "
-    "the engine's copy, exec and kill calls (~180 ms on dockerd 20.10).",
-)
-@click.option(
-    "--retire-old-workers/--no-retire-old-workers",
-    default=True,
-    show_default=True,
-    help="After a reload through the shell, tell nginx's old workers to quit as soon as the new "
-    "ones are up (~10 ms), instead of the 100 ms nginx waits; until then the old workers route "
-    "by the old config.",
-)
-@click.option(
-    "--resync",
-    default=30.0,
-    show_default=True,
-    type=click.FloatRange(1, 86400),
-    help="Seconds between full resyncs that repair missed events.",
-)
-@click.option(
-    "--dns-bind",
-    "dns_binds",
-    multiple=True,
-    help="Answer DNS on IP:PORT, UDP and TCP (repeatable). Default: no DNS server.",
-)
-@click.option(
-    "--dns-domain",
-    default=None,
-    callback=lambda ctx, param, value: None if value is None else _domain(ctx, param, value),
-    help="Zone the resolver answers for. Default: the --domain value.",
-)
-@click.option("--dns-ttl", default=5, show_default=True, type=click.IntRange(0, 86400))
-@click.option(
-    "--dns-upstream",
-    "dns_upstreams",
-    multiple=True,
-    help="Forward names outside the zone to IP:PORT (repeatable, tried in order).",
-)
-@click.option(
-    "--dns-allow",
-    "dns_allow",
-    multiple=True,
-    callback=_cidrs,
-    help="CIDR allowed to use forwarding (repeatable). Default: loopback and watched networks.",
-)
-@click.option(
-    "--api-bind",
-    default=f"127.0.0.1:{DEFAULT_API_PORT}",
-    show_default=True,
-    help="IP:PORT of the REST API, or 'off'. Off loopback it needs --api-token or --insecure.",
-)
-@click.option(
-    "--api-token",
-    envvar="CONTROLPLANE_API_TOKEN",
-    default=None,
-    help="Bearer token every mutating API request must carry (env CONTROLPLANE_API_TOKEN, "
-    "which keeps it out of `ps`).",
-)
-@click.option(
-    "--insecure",
-    is_flag=True,
-    help="Serve the API off loopback without a token (only on a network you trust).",
-)
-@STATE_DIR_OPTION
-def run(
-    docker_url: str | None,
-    networks: frozenset[str] | None,
-    domain: str,
-    listen_port: int,
-    reuseport: bool,
-    names_hash: bool,
-    upstream_header: bool,
-    templates_dir: Path | None,
-    log_level: str,
-    debounce: float,
-    debounce_max: float,
-    batch_quiet: float,
-    batch_max: float,
-    nginx_shell: bool,
-    retire_old_workers: bool,
-    resync: float,
-    dns_binds: tuple[str, ...],
-    dns_domain: str | None,
-    dns_ttl: int,
-    dns_upstreams: tuple[str, ...],
-    dns_allow: tuple[IpNetwork, ...] | None,
-    api_bind: str,
-    api_token: str | None,
-    insecure: bool,
-    state_dir: Path,
-) -> None:
+def run(**values: Any) -> None:
     """Watch Docker and keep every managed nginx serving the live backends."""
-    _setup_logging(log_level)
-    settings = Settings(
-        docker_url=docker_url,
-        networks=networks,
-        domain=domain,
-        listen_port=listen_port,
-        reuseport=reuseport,
-        names_hash=names_hash,
-        upstream_header=upstream_header,
-        templates_dir=templates_dir,
-        quiet_window=debounce,
-        max_wait=max(debounce, debounce_max),
-        batch_quiet=batch_quiet,
-        batch_max=batch_max,
-        nginx_shell=nginx_shell,
-        retire_old_workers=retire_old_workers,
-        resync_interval=resync,
-        dns_binds=dns_binds,
-        dns_domain=dns_domain or domain,
-        dns_ttl=dns_ttl,
-        dns_upstreams=dns_upstreams,
-        dns_allow=dns_allow,
-        api_bind=None if api_bind.strip().lower() == "off" else api_bind,
-        api_token=api_token or None,
-        insecure=insecure,
-        state_dir=state_dir,
-    )
+    settings = _settings(values)
     try:
         controller = build_controller(settings)
         controller.start_servers()
@@ -322,39 +331,18 @@ def run(
         controller.close()
 
 
-@main.command()
-@discovery_options
-@STATE_DIR_OPTION
-def render(
-    docker_url: str | None,
-    networks: frozenset[str] | None,
-    domain: str,
-    listen_port: int,
-    reuseport: bool,
-    names_hash: bool,
-    upstream_header: bool,
-    templates_dir: Path | None,
-    log_level: str,
-    state_dir: Path,
-) -> None:
+def render(**values: Any) -> None:
     """Print the nginx config the current Docker state gives, with the persisted overrides;
     changes nothing."""
-    _setup_logging(log_level)
-    settings = Settings(
-        docker_url=docker_url,
-        networks=networks,
-        domain=domain,
-        listen_port=listen_port,
-        reuseport=reuseport,
-        names_hash=names_hash,
-        upstream_header=upstream_header,
-        templates_dir=templates_dir,
-        state_dir=state_dir,
-    )
+    settings = _settings(values)
     try:
         click.echo(render_once(settings), nl=False)
     except ControlPlaneError as error:
         raise click.ClickException(str(error)) from error
+
+
+main.add_command(click.command("run")(_apply(DISCOVERY + RUN, run)))
+main.add_command(click.command("render")(_apply(DISCOVERY, render)))
 
 
 for _command in COMMANDS:

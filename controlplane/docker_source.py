@@ -102,8 +102,11 @@ def parse_event(raw: dict[str, Any], received_ns: int = 0) -> DockerEvent | None
 
 
 class DockerSource:
-    def __init__(self, api: docker.APIClient) -> None:
+    def __init__(self, api: docker.APIClient, networks: frozenset[str] | None = None) -> None:
+        """`networks`: the watched ones, when named: only their containers are listed and
+        inspected, so other containers on the engine cost nothing."""
         self._api = api
+        self._filters = {"network": sorted(networks)} if networks else None
         self._cache: dict[str, ContainerFacts] = {}
         self._networks: tuple[NetworkFacts, ...] | None = None
         """Listed again after a network event (or a full invalidate): one engine call fewer
@@ -138,7 +141,7 @@ class DockerSource:
             if self._networks is None:
                 self._networks = tuple(network_facts(n) for n in self._api.networks())
             networks = self._networks
-            listed = [c["Id"] for c in self._api.containers(all=False)]
+            listed = [c["Id"] for c in self._api.containers(all=False, filters=self._filters)]
             containers = []
             for container_id in listed:
                 facts = self._cache.get(container_id) or self._inspect(container_id)

@@ -1,4 +1,5 @@
-"""Every knob of a running controller in one typed value, filled from the CLI."""
+"""Every knob of a running controller in one typed value, filled from the CLI (each flag is
+declared once in cli.py, named after its field here)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from controlplane.core.build import BuildOptions
 from controlplane.core.render import RenderOptions
+from controlplane.errors import InvalidValue
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_API_PORT = 8081
@@ -23,6 +25,7 @@ class Settings:
     reuseport: bool = True
     names_hash: bool = True
     upstream_header: bool = False
+    keepalive: int = 32
     templates_dir: Path | None = None
     quiet_window: float = 0.05
     max_wait: float = 1.0
@@ -50,6 +53,21 @@ class Settings:
     """Where overrides persist; None keeps them in memory only (tests, `render`)."""
     wait_timeout: float = 10.0
 
+    def __post_init__(self) -> None:
+        """A wrong pair is refused, never repaired behind the operator's back."""
+        if self.max_wait < self.quiet_window:
+            raise InvalidValue(
+                f"--debounce-max ({self.max_wait:g} s) is shorter than --debounce "
+                f"({self.quiet_window:g} s): a coalesced pass could never wait for its quiet "
+                f"window; set --debounce-max to at least {self.quiet_window:g}"
+            )
+        if 0 < self.batch_max < self.batch_quiet:
+            raise InvalidValue(
+                f"--batch-max ({self.batch_max:g} s) is shorter than --batch-quiet "
+                f"({self.batch_quiet:g} s): a held scale-out would always end at --batch-max; "
+                "set --batch-max to 0 (hold nothing) or to at least --batch-quiet"
+            )
+
     @property
     def build_options(self) -> BuildOptions:
         return BuildOptions(networks=self.networks, domain=self.domain)
@@ -61,4 +79,5 @@ class Settings:
             reuseport=self.reuseport,
             names_hash=self.names_hash,
             upstream_header=self.upstream_header,
+            keepalive=self.keepalive,
         )

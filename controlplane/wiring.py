@@ -59,7 +59,7 @@ def build_controller(settings: Settings) -> Controller:
     template = load_template(settings.templates_dir)
     api = connect(settings.docker_url)
     reconciler = Reconciler(
-        DockerSource(api),
+        DockerSource(api, settings.networks),
         NginxDeployer(api, shell=settings.nginx_shell, retire=settings.retire_old_workers),
         template,
         settings,
@@ -157,7 +157,7 @@ def render_once(settings: Settings) -> str:
     else:
         store = OverrideStore(None)
     try:
-        state = DockerSource(connect(settings.docker_url)).snapshot()
+        state = DockerSource(connect(settings.docker_url), settings.networks).snapshot()
         topology = build_topology(state, settings.build_options, overrides=store.current)
     finally:
         store.close()

@@ -13,13 +13,17 @@ class CountingApi:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.filters: list[dict[str, list[str]] | None] = []
 
     def networks(self) -> list[dict[str, Any]]:
         self.calls.append("networks")
         return [{"Id": "n1", "Name": "app", "Driver": "bridge", "Scope": "local"}]
 
-    def containers(self, all: bool = False) -> list[dict[str, Any]]:
+    def containers(
+        self, all: bool = False, filters: dict[str, list[str]] | None = None
+    ) -> list[dict[str, Any]]:
         self.calls.append("containers")
+        self.filters.append(filters)
         return [{"Id": "c1"}]
 
     def inspect_container(self, container_id: str) -> dict[str, Any]:
@@ -42,6 +46,14 @@ def test_networks_are_listed_again_only_after_they_may_have_changed() -> None:
     source.invalidate()
     source.snapshot()
     assert api.calls[7:] == ["networks", "containers", "inspect c1"]
+
+
+def test_with_named_networks_only_their_containers_are_listed() -> None:
+    """Another controller's containers (on other networks) cost no inspect."""
+    api = CountingApi()
+    DockerSource(api, frozenset({"b", "a"})).snapshot()  # type: ignore[arg-type]
+    DockerSource(api).snapshot()  # type: ignore[arg-type]
+    assert api.filters == [{"network": ["a", "b"]}, None]
 
 
 def test_events_keep_what_says_whether_they_concern_this_controller() -> None:
