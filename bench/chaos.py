@@ -4,7 +4,8 @@ tests, and a table of requests, failures, convergence and reloads.
 hey's failures are the ones that count (it retries an idempotent request on a kept-alive
 connection that a reloading nginx closed, as browsers do); wrk's are shown beside them. Each
 scenario ends by checking that config and DNS hold exactly the live backends. Loopback only,
-every load bounded in time. Run (restarts dockerd once, with live-restore):
+every load bounded in time. The dockerd restart runs on a private engine that the bench
+starts and removes (tests/support/engine.py; needs root), never the machine's. Run:
 
     .venv/bin/python bench/chaos.py [--cycles 20] [--rounds 10] [--storm 50] [--events 1000]
 """
@@ -12,8 +13,10 @@ every load bounded in time. Run (restarts dockerd once, with live-restore):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import docker
@@ -24,6 +27,7 @@ from bench.common import machine_line, table
 from images.build import ensure_images
 from tests.support import chaos
 from tests.support.chaos import Rig, ScenarioResult
+from tests.support.engine import PrivateEngine
 from tests.support.lab import Lab
 
 
@@ -38,31 +42,54 @@ def main() -> None:
 
     client = docker.from_env(version="auto")
     lab = Lab(client, ensure_images(client, progress=lambda line: print(line, file=sys.stderr)))
-    scenarios: list[tuple[str, Callable[[Rig], Callable[[ScenarioResult], None]]]] = [
-        (f"1. scale 1<->5 x{args.cycles}", lambda r: chaos.scale(r, args.cycles)),
-        ("2. stop/start/restart/pause/disconnect", chaos.lifecycle),
-        (f"2. docker kill (SIGKILL) x{args.kills}", lambda r: chaos.kill(r, args.kills)),
-        (f"3. rolling replacement x{args.rounds}", lambda r: chaos.rolling(r, args.rounds)),
-        ("4. nginx restart + a second nginx", chaos.nginx_restart_and_second),
-        ("5. controller SIGKILL during churn", chaos.controller_kill),
-        ("6. dockerd restart (live-restore)", chaos.dockerd_restart),
-        (f"7. storm of {args.storm} start+stop", lambda r: chaos.storm(r, args.storm)),
+    engine = PrivateEngine()  # at the start: a machine that can't run one fails at once
+
+    def machine_rig() -> AbstractContextManager[Rig]:
+        return contextlib.closing(Rig(lab))
+
+    def private_rig() -> AbstractContextManager[Rig]:
+        return chaos.private_rig(engine)
+
+    Make = Callable[[Rig], Callable[[ScenarioResult], None]]
+    scenarios: list[tuple[str, Callable[[], AbstractContextManager[Rig]], Make]] = [
+        (f"1. scale 1<->5 x{args.cycles}", machine_rig, lambda r: chaos.scale(r, args.cycles)),
+        ("2. stop/start/restart/pause/disconnect", machine_rig, chaos.lifecycle),
+        (
+            f"2. docker kill (SIGKILL) x{args.kills}",
+            machine_rig,
+            lambda r: chaos.kill(r, args.kills),
+        ),
+        (
+            f"3. rolling replacement x{args.rounds}",
+            machine_rig,
+            lambda r: chaos.rolling(r, args.rounds),
+        ),
+        ("4. nginx restart + a second nginx", machine_rig, chaos.nginx_restart_and_second),
+        ("5. controller SIGKILL during churn", machine_rig, chaos.controller_kill),
+        (
+            "6. dockerd restart (live-restore)",
+            private_rig,
+            lambda r: chaos.dockerd_restart(r, engine),
+        ),
+        (
+            f"7. storm of {args.storm} start+stop",
+            machine_rig,
+            lambda r: chaos.storm(r, args.storm),
+        ),
         (
             "7. the same, backends draining 1 s",
+            machine_rig,
             lambda r: chaos.storm(r, args.storm, drain=True),
         ),
-        ("8. change nginx rejects, then a good one", chaos.rejected),
+        ("8. change nginx rejects, then a good one", machine_rig, chaos.rejected),
     ]
     rows = []
     leak = None
     try:
-        for name, make in scenarios:
+        for name, place, make in scenarios:
             print(f"running: {name}", file=sys.stderr, flush=True)
-            rig = Rig(lab)
-            try:
+            with place() as rig:
                 result = chaos.run(rig, name, make(rig), seconds=300, with_wrk=True)
-            finally:
-                rig.close()
             hey, wrk = result.hey, result.wrk
             assert hey is not None and wrk is not None
             rows.append(
@@ -77,13 +104,11 @@ def main() -> None:
             )
             for detail in (f"hey {hey.detail}", f"wrk {wrk.detail}", *result.notes):
                 print(f"  {detail}", file=sys.stderr)
-        rig = Rig(lab)
-        try:
+        with machine_rig() as rig:
             leak = chaos.leak(rig, args.events)
-        finally:
-            rig.close()
     finally:
         lab.cleanup()
+        engine.close()
 
     print(machine_line())
     print("each scenario under hey (4 workers x 50 req/s, keep-alive) and wrk (1 thread, 2")

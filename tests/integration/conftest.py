@@ -1,7 +1,8 @@
 """Real Docker, real nginx: fixtures for the edges.
 
-Without a Docker engine these tests skip locally, but fail under CI=true: CI must never pass
-by skipping the part that matters.
+Without a Docker engine (or, for the tests that restart one, without a private engine of
+their own) these tests skip locally, but fail under CI=true: CI must never pass by skipping
+the part that matters.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
 import docker
 import pytest
@@ -18,14 +20,23 @@ from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
 from controlplane.wiring import Controller, build_controller
 from images.build import OfflineImages, ensure_images
+from tests.support.engine import EngineUnavailable, PrivateEngine
 from tests.support.lab import Http, Lab, wait_until
+from tests.support.witness import MachineEngineWitness
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that use the engine (through any fixture) carry the `docker` marker."""
+    """Tests that use an engine (through any fixture) carry the `docker` marker."""
     for item in items:
-        if "docker_client" in getattr(item, "fixturenames", ()):
+        if {"docker_client", "private_engine"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.docker)
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip here; fail under CI=true."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +45,35 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client = docker.from_env(version="auto")
         client.ping()
     except Exception as error:
-        message = f"no Docker engine answers ({error}); start dockerd (see .ci/run)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"no Docker engine answers ({error}); start dockerd (see .ci/run)")
     yield client
     client.close()
+
+
+@pytest.fixture
+def private_engine() -> Iterator[PrivateEngine]:
+    """An engine of the test's own, for a test that restarts one: the machine's engine is
+    never stopped, restarted or reconfigured by a test."""
+    try:
+        engine = PrivateEngine()
+    except EngineUnavailable as error:
+        unavailable(f"no private Docker engine: {error}")
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def machine_witness(
+    docker_client: docker.DockerClient, images: OfflineImages
+) -> Iterator[MachineEngineWitness]:
+    """The machine's dockerd and a sentinel on it, to prove a test left them as they were."""
+    witness = MachineEngineWitness(docker_client, images.backend)
+    try:
+        yield witness
+    finally:
+        witness.remove()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ bench/chaos.py (long): each runs under bounded hey (and wrk) load through nginx 
 checking that the config nginx got and the DNS answers hold exactly the live backends.
 
 The controller runs as the real console script in a subprocess, so it can be SIGKILLed and
-restarted, and its memory and open files measured; the rig reads it through its API.
+restarted, and its memory and open files measured; the rig reads it through its API. The
+dockerd restart runs on a private engine (tests/support/engine.py), never the machine's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,6 +29,8 @@ from dnslib import QTYPE, DNSRecord
 from docker.models.containers import Container
 from docker.models.networks import Network
 
+from images.build import ensure_images
+from tests.support.engine import PrivateEngine
 from tests.support.lab import DRAINING, Lab, wait_until
 from tests.support.ports import free_port
 from tests.support.traffic import LoadResult, Traffic
@@ -56,12 +60,16 @@ class ScenarioResult:
 
 
 class Controller:
-    """`controlplane run` in a subprocess, with its API and DNS on loopback."""
+    """`controlplane run` in a subprocess, with its API and DNS on loopback; on the engine at
+    `docker_url` (default: DOCKER_HOST or the local socket)."""
 
-    def __init__(self, network: str, state_dir: Path, templates: Path) -> None:
+    def __init__(
+        self, network: str, state_dir: Path, templates: Path, docker_url: str | None = None
+    ) -> None:
         self.network = network
         self.state_dir = state_dir
         self.templates = templates
+        self.docker_url = docker_url
         self.api_port = free_port()
         self.dns_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -80,6 +88,8 @@ class Controller:
             "--resync", "10",
             "--log-level", "warning",
         ]  # fmt: skip
+        if self.docker_url:
+            command += ["--docker-url", self.docker_url]
         log = open(self.state_dir / "controller.log", "ab")  # noqa: SIM115 (kept by the child)
         self.process = subprocess.Popen(command, stdout=log, stderr=log)
         process = self.process
@@ -175,9 +185,10 @@ def served_ips(config: str) -> set[str]:
 
 class Rig:
     """One network, a managed nginx published on loopback, backends of service web, and the
-    controller; everything is removed by `close()` (and by the Lab's labels)."""
+    controller (on the lab's engine, at `docker_url`); everything is removed by `close()`
+    (and by the Lab's labels)."""
 
-    def __init__(self, lab: Lab, backends: int = 3) -> None:
+    def __init__(self, lab: Lab, backends: int = 3, docker_url: str | None = None) -> None:
         self.lab = lab
         self.net: Network = lab.network("chaos")
         self.nginx: list[Container] = [lab.nginx(self.net)]
@@ -186,7 +197,7 @@ class Rig:
         root = Path(self._dir.name)
         (root / "templates").mkdir()
         (root / "templates" / "service.conf.j2").write_text(BAD_TEMPLATE)
-        self.controller = Controller(str(self.net.name), root, root / "templates")
+        self.controller = Controller(str(self.net.name), root, root / "templates", docker_url)
         self.controller.start()
         for _ in range(backends):
             self.add_backend(wait=False)
@@ -248,6 +259,20 @@ class Rig:
     def check_exact(self) -> None:
         difference = self.exact()
         assert difference is None, difference
+
+
+@contextmanager
+def private_rig(engine: PrivateEngine) -> Iterator[Rig]:
+    """A rig wholly on a private engine: nginx and backends on it, the controller through its
+    socket, and everything that makes or serves requests (the controller's API and DNS, hey,
+    wrk, probes) in its network namespace, where its published ports are."""
+    lab = Lab(engine.client, ensure_images(engine.client))
+    with engine.entered():
+        rig = Rig(lab, docker_url=engine.url)
+        try:
+            yield rig
+        finally:
+            rig.close()
 
 
 def timed(rig: Rig, result: ScenarioResult, call: Callable[[], object]) -> None:
@@ -433,23 +458,20 @@ def controller_kill(rig: Rig) -> Callable[[ScenarioResult], None]:
     return action
 
 
-def dockerd_restart(rig: Rig) -> Callable[[ScenarioResult], None]:
-    """Restart dockerd (live-restore keeps containers): the controller reconnects, resyncs,
-    and ends with exactly the live backends, including one started just after."""
+def dockerd_restart(rig: Rig, engine: PrivateEngine) -> Callable[[ScenarioResult], None]:
+    """Restart the rig's private dockerd (live-restore keeps containers): the controller
+    reconnects, resyncs, and ends with exactly the live backends, including one started just
+    after."""
+    assert rig.lab.client is engine.client, "a dockerd restart runs on a private_rig(engine)"
 
     def action(result: ScenarioResult) -> None:
-        subprocess.run(["pkill", "-TERM", "-x", "dockerd"], check=True)
-        wait_until(
-            lambda: subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True).returncode,
-            timeout=60, what="dockerd to exit",
-        )  # fmt: skip
-        start = Path(__file__).resolve().parents[2] / "scripts" / "start-dockerd"
+        engine.stop()
 
-        def restart_and_add() -> None:
-            subprocess.run([str(start)], check=True, capture_output=True)
+        def start_and_add() -> None:
+            engine.start()
             rig.add_backend(wait=False)
 
-        timed(rig, result, restart_and_add)
+        timed(rig, result, start_and_add)
 
     return action
 
