@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.integration.conftest import ControllerFactory
+from tests.support.fleet import Coverage, name_backends, remove_all, run_backends
 from tests.support.lab import Http, Lab, wait_until
 
 
@@ -44,3 +45,29 @@ def test_service_with_no_live_backend_answers_503(
     assert "no live backend" in http.get("web").text
     backend.unpause()
     wait_until(lambda: http.serves("web", {backend.name}), what="web served again after unpause")
+
+
+def test_150_backends_in_one_service_are_all_served(
+    lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
+) -> None:
+    """Far past the ~55 servers a fixed 64k upstream zone holds: nginx must take every
+    config on the way up and route to each backend, as its responses show."""
+    net = lab.network()
+    lb = lab.nginx(net)
+    running = start_controller(net.name)
+    names = name_backends(lab, {"web": 150})
+    try:
+        run_backends(lab, net, names)
+        coverage = Coverage(lab.published_port(lb), names, max_seconds=90)
+        try:
+            all_served = coverage.wait(60)
+        finally:
+            coverage.stop()
+        refused = [d.error for r in running.reports for d in r.deployed if not d.ok]
+        assert not refused, f"{len(refused)} deploys refused, the first: {refused[0]}"
+        assert all_served, f"{coverage.served} of 150 backends answered within 60 s"
+        # A client that opens a connection a request sees them all too, and no error.
+        assert set(http_for(lab.published_port(lb)).bodies("web", 300)) == names["web"]
+    finally:
+        running.stop()
+        remove_all(lab)
