@@ -3,8 +3,8 @@
 .venv/bin/python bench/render_scale.py [--services 1000] [--backends 10] [--runs 20]
     [--cold-runs 5]
 
-Cold: build_topology + render_config with every memo empty (the builder's and the labels'
-lru caches, a new RenderCache), as at start-up. One container changed: the pass after an
+Cold: build_topology + render_config with every memo empty (a new BuildMemo and a new
+RenderCache), as at start-up. One container changed: the pass after an
 event, memos warm. A full collection runs before each timed pass, so no pass pays for the
 garbage of the one before; the collections a pass triggers itself are counted.
 """
@@ -26,8 +26,7 @@ import jinja2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line, row, table
-from controlplane.core import build, labels
-from controlplane.core.build import build_topology
+from controlplane.core.build import BuildMemo, build_topology
 from controlplane.core.model import ContainerFacts, DockerState, Endpoint, NetworkFacts
 from controlplane.core.observe import container_facts
 from controlplane.core.render import RenderCache, render_config
@@ -85,7 +84,7 @@ def nginx_t(config: str) -> float | None:
         (root / "cp.conf").write_text(config)
         (root / "nginx.conf").write_text(
             f"pid {root}/pid;\nerror_log {root}/err;\nevents {{}}\n"
-            f"http {{ server_names_hash_bucket_size 128; include {root}/cp.conf; }}\n"
+            f"http {{ include {root}/cp.conf; }}\n"
         )
         started = time.perf_counter()
         result = subprocess.run(
@@ -100,17 +99,6 @@ def nginx_t(config: str) -> float | None:
         return elapsed
 
 
-def forget_memos() -> None:
-    """Empty the module-level memos, so the next pass is as cold as the first after start-up."""
-    for memo in (
-        build._plan,
-        build._service,
-        build._parse_aliases,
-        labels._parse_container_labels,
-    ):
-        memo.cache_clear()
-
-
 def one_changed(state: DockerState, run: int) -> DockerState:
     """One container's weight label changed, as one event would."""
     containers = list(state.containers)
@@ -122,11 +110,15 @@ def one_changed(state: DockerState, run: int) -> DockerState:
 
 
 def timed(
-    state: DockerState, template: jinja2.Template, cache: RenderCache, into: dict[str, list[float]]
+    state: DockerState,
+    template: jinja2.Template,
+    memo: BuildMemo,
+    cache: RenderCache,
+    into: dict[str, list[float]],
 ) -> str:
     gc.collect()
     t0 = time.perf_counter()
-    topology = build_topology(state)
+    topology = build_topology(state, memo=memo)
     t1 = time.perf_counter()
     config = render_config(topology, template, cache=cache)
     t2 = time.perf_counter()
@@ -148,13 +140,12 @@ def main() -> None:
     cold: dict[str, list[float]] = {"build": [], "render": [], "total": []}
     warm: dict[str, list[float]] = {"build": [], "render": [], "total": []}
     for _ in range(args.cold_runs):
-        forget_memos()
-        timed(state, template, RenderCache(), cold)
-    cache = RenderCache()
-    config = render_config(build_topology(state), template, cache=cache)
+        timed(state, template, BuildMemo(), RenderCache(), cold)
+    memo, cache = BuildMemo(), RenderCache()
+    config = render_config(build_topology(state, memo=memo), template, cache=cache)
     for run in range(args.runs):
         state = one_changed(state, run)
-        config = timed(state, template, cache, warm)
+        config = timed(state, template, memo, cache, warm)
     check = nginx_t(config)
     print(machine_line())
     print(

@@ -7,7 +7,6 @@ one container or alias it came from, with a reason; everything else is still bui
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -52,10 +51,10 @@ class BuildOptions:
 class _Member:
     """One container on one network, in the services `names`: its backend as its labels make
     it (`_service` applies overrides), and the service-wide labels it proposes. Compared by
-    identity: `_plan` is memoised, so an unchanged container hands over the very same members,
-    and `_service`'s memo key hashes them without hashing every field of every backend. Not
-    frozen, only because a frozen one costs three times as much to make (10,000 in a cold
-    pass); nothing changes one once made."""
+    identity: an unchanged container's plan comes from the memo with the very same members, so
+    comparing a service's members does not compare every field of every backend. Not frozen,
+    only because a frozen one costs three times as much to make (10,000 in a cold pass);
+    nothing changes one once made."""
 
     names: tuple[str, ...]
     backend: Backend
@@ -66,15 +65,64 @@ _OLDEST_FIRST = operator.attrgetter("created", "name")
 _SERVICE_LABEL_FIELDS = tuple(f.name for f in fields(L.ServiceLabels))
 
 
+class _Plan(NamedTuple):
+    """What one container brings to the topology, whatever the others and the stop marks."""
+
+    warnings: tuple[str, ...] = ()
+    excluded: tuple[Exclusion, ...] = ()
+    members: tuple[_Member, ...] = ()
+
+
+_PlanKey = tuple[ContainerFacts, frozenset[str], bool, bool]
+_ServiceKey = tuple[
+    tuple[_Member, ...],
+    frozenset[str] | None,
+    str,
+    Algorithm | None,
+    tuple[tuple[str, BackendOverride], ...],
+]
+
+
+class BuildMemo:
+    """What the last build made of each container and each service, so the next build with
+    the same memo redoes only what changed: the Docker edge hands over the same facts for an
+    unchanged container. Owned by whoever builds again and again (one per reconciler), never
+    shared through the module. Each build keeps only the containers and services it met, so
+    the memo's size follows what is running, not every container ever seen."""
+
+    __slots__ = ("_plans", "_services")
+
+    def __init__(self) -> None:
+        self._plans: dict[str, tuple[_PlanKey, _Plan]] = {}
+        self._services: dict[str, tuple[_ServiceKey, tuple[Service, tuple[Exclusion, ...]]]] = {}
+
+    def __len__(self) -> int:
+        """Containers and services remembered."""
+        return len(self._plans) + len(self._services)
+
+
+class _Parsed(NamedTuple):
+    """One build's parses, shared by the replicas that carry the same labels and aliases."""
+
+    labels: dict[frozenset[tuple[str, str]], L.ContainerLabels]
+    aliases: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[tuple[str, str], ...]]]
+
+
 def build_topology(
     state: DockerState,
     options: BuildOptions = BuildOptions(),
     stopping: Mapping[str, StopMark] | None = None,
     overrides: Overrides | None = None,
+    memo: BuildMemo | None = None,
 ) -> Topology:
-    """`overrides`: the operator's persisted choices, which beat labels."""
+    """`overrides`: the operator's persisted choices, which beat labels. `memo`: the previous
+    build's work, updated to this one's (without one, everything is worked out afresh)."""
     chosen = overrides or Overrides()
+    memo = memo if memo is not None else BuildMemo()
+    parsed = _Parsed({}, {})
+    plans: dict[str, tuple[_PlanKey, _Plan]] = {}
     watched, warnings = _watched_networks(state, options)
+    watch_all = options.networks is None
     marks = stopping or {}
     nginx: list[NginxTarget] = []
     excluded: list[Exclusion] = []
@@ -84,7 +132,7 @@ def build_topology(
             continue
         if container.labels.get(L.ROLE) == "nginx":
             if any(e.network in watched for e in container.endpoints):
-                labels = L.parse_container_labels(container.labels)
+                labels = L.parse_container_labels(container.labels, parsed.labels)
                 warnings.extend(_label_typos(container, labels))
             target = _nginx_target(container, watched, excluded)
             if target is not None:
@@ -92,7 +140,12 @@ def build_topology(
             continue
         mark = marks.get(container.id)
         stopping_now = mark is not None and is_stopping(mark, container.stop_signal)
-        plan = _plan(container, watched, stopping_now, options.networks is None)
+        key = (container, watched, stopping_now, watch_all)
+        entry = memo._plans.get(container.id)
+        if entry is None or entry[0] != key:
+            entry = (key, _plan(*key, parsed))
+        plans[container.id] = entry
+        plan = entry[1]
         if plan.warnings:
             warnings.extend(plan.warnings)
         if plan.excluded:
@@ -103,6 +156,7 @@ def build_topology(
 
     reachable = frozenset(network for target in nginx for network in target.networks)
     services = []
+    built: dict[str, tuple[_ServiceKey, tuple[Service, tuple[Exclusion, ...]]]] = {}
     for name in [n for n in members if n.endswith(f".{options.domain}")]:
         # web.internal as a service would take service web's own NAME.DOMAIN
         excluded.extend(
@@ -116,15 +170,20 @@ def build_topology(
             for m in (member.backend for member in members.pop(name))
         )
     for name in sorted(members):
-        service, dropped = _service(
-            name,
+        service_key = (
             tuple(members[name]),
             reachable if nginx else None,
             options.domain,
             *for_service(chosen, name),
         )
+        made = memo._services.get(name)
+        if made is None or made[0] != service_key:
+            made = (service_key, _service(name, *service_key))
+        built[name] = made
+        service, dropped = made[1]
         services.append(service)
         excluded.extend(dropped)
+    memo._plans, memo._services = plans, built
     services, host_warnings = _claim_hosts(services, options.domain)
     return Topology(
         services=tuple(services),
@@ -204,20 +263,13 @@ def _nginx_target(
     )
 
 
-class _Plan(NamedTuple):
-    """What one container brings to the topology, whatever the others and the stop marks."""
-
-    warnings: tuple[str, ...] = ()
-    excluded: tuple[Exclusion, ...] = ()
-    members: tuple[_Member, ...] = ()
-
-
-@functools.lru_cache(maxsize=65_536)
 def _plan(
-    container: ContainerFacts, watched: frozenset[str], stopping: bool, watch_all: bool
+    container: ContainerFacts,
+    watched: frozenset[str],
+    stopping: bool,
+    watch_all: bool,
+    parsed: _Parsed,
 ) -> _Plan:
-    """Memoised: the Docker edge hands over the same facts for an unchanged container, so a
-    reconcile of thousands of containers redoes this only for the ones that changed."""
     endpoints = [e for e in container.endpoints if e.network in watched and (e.ip or e.ipv6)]
     if not endpoints:
         # With --network, another controller's or nobody's: it costs nothing, not even a
@@ -227,24 +279,26 @@ def _plan(
         on = ", ".join(e.network for e in container.endpoints) or "no network"
         reason = f"has {L.SERVICE} but is on no watched network (it is on {on})"
         return _Plan(excluded=(Exclusion(container.id, container.name, reason),))
-    parsed = L.parse_container_labels(container.labels)
-    warnings = tuple(_label_typos(container, parsed))
+    labels = L.parse_container_labels(container.labels, parsed.labels)
+    warnings = tuple(_label_typos(container, labels))
     excluded: list[Exclusion] = []
-    names_by_endpoint = [(e, _alias_services(container, e, excluded)) for e in endpoints]
+    names_by_endpoint = [
+        (e, _alias_services(container, e, excluded, parsed.aliases)) for e in endpoints
+    ]
     if not any(names for _, names in names_by_endpoint) and L.SERVICE not in container.labels:
         return _Plan(warnings, tuple(excluded))
 
     def exclude(reason: str) -> _Plan:
         """Under each service it would have joined, so the service's own view shows it."""
         named = [n for _, names in names_by_endpoint for n in names]
-        label = parsed.backend.service if not parsed.errors else _label_service(container)
+        label = labels.backend.service if not labels.errors else _label_service(container)
         services = tuple(dict.fromkeys([*named, *([label] if label else [])])) or (None,)
         excluded.extend(Exclusion(container.id, container.name, reason, s) for s in services)
         return _Plan(warnings, tuple(excluded))
 
-    if parsed.errors:
-        return exclude("; ".join(parsed.errors))
-    backend, service = parsed.backend, parsed.service
+    if labels.errors:
+        return exclude("; ".join(labels.errors))
+    backend, service = labels.backend, labels.service
     if not backend.enabled:
         return exclude(f"opted out with {L.ENABLE}=false")
     port = backend.port
@@ -288,24 +342,30 @@ def _label_service(container: ContainerFacts) -> str | None:
 
 
 def _alias_services(
-    container: ContainerFacts, endpoint: Endpoint, excluded: list[Exclusion]
+    container: ContainerFacts,
+    endpoint: Endpoint,
+    excluded: list[Exclusion],
+    parsed: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[tuple[str, str], ...]]],
 ) -> tuple[str, ...]:
     """Network aliases that name services. Docker adds the 12-digit short ID, and Compose the
-    container's own name; neither names a service."""
+    container's own name; neither names a service. Replicas share their aliases, so `parsed`
+    (the build's) parses each tuple of them once."""
     own = (container.name, container.id, container.id[:12])
-    names, errors = _parse_aliases(tuple(a for a in endpoint.aliases if a not in own))
+    aliases = tuple(a for a in endpoint.aliases if a not in own)
+    found = parsed.get(aliases)
+    if found is None:
+        found = parsed[aliases] = _parse_aliases(aliases)
+    names, errors = found
     excluded.extend(
         Exclusion(container.id, container.name, error, service=alias) for alias, error in errors
     )
     return names
 
 
-@functools.lru_cache(maxsize=4096)
 def _parse_aliases(
     aliases: tuple[str, ...],
 ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """Service names, and (alias, why not) for the aliases that are not names. Memoised like
-    the labels: replicas share their aliases."""
+    """Service names, and (alias, why not) for the aliases that are not names."""
     names = []
     errors = []
     for alias in aliases:
@@ -328,7 +388,6 @@ def _backend_state(container: ContainerFacts, stopping: bool) -> BackendState:
     return BackendState.UP
 
 
-@functools.lru_cache(maxsize=16_384)
 def _service(
     name: str,
     members: tuple[_Member, ...],
@@ -337,8 +396,7 @@ def _service(
     algorithm_override: Algorithm | None = None,
     backend_overrides: tuple[tuple[str, BackendOverride], ...] = (),
 ) -> tuple[Service, tuple[Exclusion, ...]]:
-    """`reachable`: networks some managed nginx is on (None: no nginx is managed). Memoised
-    like `_plan`: an unchanged service is not rebuilt."""
+    """`reachable`: networks some managed nginx is on (None: no nginx is managed)."""
     settings, warnings = _merge_service_labels(members)
     algorithm, source, problem = _algorithm(settings)
     if algorithm_override is not None:

@@ -6,7 +6,6 @@ pattern before it is used; a value that fails is reported, never passed through.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -310,15 +309,21 @@ class ContainerLabels:
     unknown: tuple[str, ...]
 
 
-def parse_container_labels(labels: Mapping[str, str]) -> ContainerLabels:
-    """Replicas of a service share their labels, so the parse is memoised on them: a build of
-    thousands of containers parses each distinct label set once."""
-    return _parse_container_labels(
-        frozenset((k, v) for k, v in labels.items() if k.startswith(PREFIX))
-    )
+def parse_container_labels(
+    labels: Mapping[str, str],
+    parsed: dict[frozenset[tuple[str, str]], ContainerLabels] | None = None,
+) -> ContainerLabels:
+    """Replicas of a service share their labels, so with `parsed` (a build's, kept by the
+    caller) a build of thousands of containers parses each distinct label set once."""
+    own = frozenset((k, v) for k, v in labels.items() if k.startswith(PREFIX))
+    if parsed is None:
+        return _parse_container_labels(own)
+    found = parsed.get(own)
+    if found is None:
+        found = parsed[own] = _parse_container_labels(own)
+    return found
 
 
-@functools.lru_cache(maxsize=4096)
 def _parse_container_labels(own: frozenset[tuple[str, str]]) -> ContainerLabels:
     labels = dict(own)
     errors = []

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from controlplane.core import labels as L
-from controlplane.core.build import DEFAULT_CONFIG_PATH, BuildOptions, build_topology
+from controlplane.core.build import DEFAULT_CONFIG_PATH, BuildMemo, BuildOptions, build_topology
 from controlplane.core.lifecycle import StopMark
 from controlplane.core.model import (
     Algorithm,
@@ -959,3 +959,60 @@ def test_rich_state_summary() -> None:
     assert topology.warnings == (
         "host x.com of service web already routes to service cache: ignored for web",
     )
+
+
+# ---------------------------------------------------------------- the memo
+
+
+def churned(containers: list[ContainerFacts], rng: random.Random, step: int) -> None:
+    """One change as Docker could make it: a container gone, back with a new ID, relabelled,
+    unhealthy, or paused."""
+    i = rng.randrange(len(containers))
+    c = containers[i]
+    change = rng.randrange(5)
+    if change == 0 and len(containers) > 2:
+        del containers[i]
+    elif change == 1:
+        containers[i] = replace(c, id=f"{step:064x}", started_at=t(step % 60))
+    elif change == 2:
+        containers[i] = replace(c, labels={**c.labels, L.WEIGHT: str(1 + step % 5)})
+    elif change == 3:
+        containers[i] = replace(c, health="unhealthy" if c.health is None else None)
+    else:
+        containers[i] = replace(c, status="paused" if c.status == "running" else "running")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_memo_never_changes_the_answer(seed: int) -> None:
+    rng = random.Random(seed)
+    containers = rich_state_containers()
+    memo = BuildMemo()
+    for step in range(40):
+        marks = {c.id: mark(15) for c in containers if rng.random() < 0.1}
+        docker = state(*containers, networks=NETWORKS)
+        assert build_topology(docker, WATCH_ALL, marks, memo=memo) == build_topology(
+            docker, WATCH_ALL, marks
+        )
+        churned(containers, rng, step)
+
+
+def test_the_memo_holds_what_is_running_not_what_ran() -> None:
+    memo = BuildMemo()
+    for generation in range(50):
+        replicas = [
+            container(f"w{generation}-{i}", ip=f"172.20.{generation}.{i}", created=t(i))
+            for i in range(3)
+        ]
+        build_topology(state(nginx(), *replicas, networks=NETWORKS), memo=memo)
+    assert len(memo) == 3 + 1  # three containers (the nginx is not memoised), one service
+
+
+def test_with_a_memo_an_unchanged_service_is_the_same_object() -> None:
+    """RenderCache finds a service's block by identity."""
+    web = container("w1", labels={L.ALGORITHM: "least_conn"})
+    api = container("a1", aliases=("api",), ip="172.20.0.3")
+    memo = BuildMemo()
+    before = build_topology(state(web, api), memo=memo)
+    after = build_topology(state(web, replace(api, health="unhealthy")), memo=memo)
+    assert after.services[1] is before.services[1]
+    assert after.services[0] is not before.services[0]
