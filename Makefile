@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: dev demo demo-down test lint unit images clean-test-resources
+.PHONY: dev demo demo-down demo-clean test lint unit images clean-test-resources
 
 dev: $(BIN)/controlplane
 	scripts/install-system-deps
@@ -21,6 +21,10 @@ demo: dev
 demo-down:
 	$(BIN)/python scripts/demo.py down
 
+# demo-down, then the images built from this host's packages (the tests build them again).
+demo-clean:
+	$(BIN)/python scripts/demo.py clean
+
 test: dev lint
 	$(BIN)/pytest
 
@@ -31,7 +35,6 @@ lint: $(BIN)/controlplane
 	$(BIN)/ruff check controlplane tests bench images scripts
 	$(BIN)/ruff format --check controlplane tests bench images scripts
 	$(BIN)/mypy controlplane tests/support images
-	$(BIN)/lint-imports
 
 images: $(BIN)/controlplane
 	$(BIN)/python -m images.build
@@ -39,3 +42,4 @@ images: $(BIN)/controlplane
 clean-test-resources:
 	-docker rm -f $$(docker ps -aq --filter label=controlplane.test=1) 2>/dev/null
 	-docker network rm $$(docker network ls -q --filter label=controlplane.test=1) 2>/dev/null
+	-docker rm -f $$(docker ps -aq --filter name=^cp-foreign-) 2>/dev/null

@@ -39,7 +39,7 @@ NGINX_DIRS = {
     ),
     "/tmp": 0o1777,
 }
-# /run holds the backend's "draining" flag.
+# /run holds the backend's "draining" marker and its cached container name.
 BACKEND_DIRS = {"/run": 0o755, "/tmp": 0o1777}
 # The legacy builder colours a step's stderr; progress and error tails want plain text.
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")

@@ -144,7 +144,7 @@ def test_scale_switch_and_tear_down(stack: Stack, http_for: type[Http]) -> None:
     )
     wait_until(lambda: stack.dig() == {last}, what="DNS answering the 1 address")
     (remaining,) = stack.containers("web")
-    wait_until(lambda: http.settled("web", {remaining.id[:12]}), what="nginx answering from 1")
+    wait_until(lambda: http.settled("web", {remaining.name}), what="nginx answering from 1")
     web = api.get("/api/v1/services/web").json()
     assert web["algorithm"]["method"] == "least_conn" and len(web["backends"]) == 1
 

@@ -81,8 +81,10 @@ class Lab:
         env: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> Container:
-        """A busybox backend answering its hostname; the hostname is its container name."""
+        """A busybox backend: every path answers with its container name (images/backend).
+        The hostname is that name too, unless given: it is the reply if no name is found."""
         name = self.name(alias or "backend")
+        kwargs.setdefault("hostname", name)
         return self._run(
             self.images.backend,
             name,
@@ -90,7 +92,6 @@ class Lab:
             aliases=[alias] if alias else None,
             labels=labels,
             environment=dict(env or {}),
-            hostname=name,
             exact_name=True,
             **kwargs,
         )
