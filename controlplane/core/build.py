@@ -66,14 +66,19 @@ _SERVICE_LABEL_FIELDS = tuple(f.name for f in fields(L.ServiceLabels))
 
 
 class _Plan(NamedTuple):
-    """What one container brings to the topology, whatever the others and the stop marks."""
+    """What one container brings to the topology, whatever the others, and what that was made
+    from, so the next build can tell whether it still holds. One object per container kept:
+    a separate key and entry would be two more for every full collection to walk."""
 
-    warnings: tuple[str, ...] = ()
-    excluded: tuple[Exclusion, ...] = ()
-    members: tuple[_Member, ...] = ()
+    container: ContainerFacts
+    watched: frozenset[str]
+    stopping: bool
+    watch_all: bool
+    warnings: tuple[str, ...]
+    excluded: tuple[Exclusion, ...]
+    members: tuple[_Member, ...]
 
 
-_PlanKey = tuple[ContainerFacts, frozenset[str], bool, bool]
 _ServiceKey = tuple[
     tuple[_Member, ...],
     frozenset[str] | None,
@@ -93,7 +98,7 @@ class BuildMemo:
     __slots__ = ("_plans", "_services")
 
     def __init__(self) -> None:
-        self._plans: dict[str, tuple[_PlanKey, _Plan]] = {}
+        self._plans: dict[str, _Plan] = {}
         self._services: dict[str, tuple[_ServiceKey, tuple[Service, tuple[Exclusion, ...]]]] = {}
 
     def __len__(self) -> int:
@@ -120,7 +125,7 @@ def build_topology(
     chosen = overrides or Overrides()
     memo = memo if memo is not None else BuildMemo()
     parsed = _Parsed({}, {})
-    plans: dict[str, tuple[_PlanKey, _Plan]] = {}
+    plans: dict[str, _Plan] = {}
     watched, warnings = _watched_networks(state, options)
     watch_all = options.networks is None
     marks = stopping or {}
@@ -140,12 +145,16 @@ def build_topology(
             continue
         mark = marks.get(container.id)
         stopping_now = mark is not None and is_stopping(mark, container.stop_signal)
-        key = (container, watched, stopping_now, watch_all)
-        entry = memo._plans.get(container.id)
-        if entry is None or entry[0] != key:
-            entry = (key, _plan(*key, parsed))
-        plans[container.id] = entry
-        plan = entry[1]
+        plan = memo._plans.get(container.id)
+        if (
+            plan is None
+            or (plan.container is not container and plan.container != container)
+            or plan.stopping is not stopping_now
+            or plan.watched != watched
+            or plan.watch_all is not watch_all
+        ):
+            plan = _plan(container, watched, stopping_now, watch_all, parsed)
+        plans[container.id] = plan
         if plan.warnings:
             warnings.extend(plan.warnings)
         if plan.excluded:
@@ -270,15 +279,22 @@ def _plan(
     watch_all: bool,
     parsed: _Parsed,
 ) -> _Plan:
+    def made(
+        warnings: tuple[str, ...] = (),
+        excluded: tuple[Exclusion, ...] = (),
+        members: tuple[_Member, ...] = (),
+    ) -> _Plan:
+        return _Plan(container, watched, stopping, watch_all, warnings, excluded, members)
+
     endpoints = [e for e in container.endpoints if e.network in watched and (e.ip or e.ipv6)]
     if not endpoints:
         # With --network, another controller's or nobody's: it costs nothing, not even a
         # warning. Watching every bridge, a service label off them can only be a mistake.
         if not watch_all or L.SERVICE not in container.labels:
-            return _Plan()
+            return made()
         on = ", ".join(e.network for e in container.endpoints) or "no network"
         reason = f"has {L.SERVICE} but is on no watched network (it is on {on})"
-        return _Plan(excluded=(Exclusion(container.id, container.name, reason),))
+        return made(excluded=(Exclusion(container.id, container.name, reason),))
     labels = L.parse_container_labels(container.labels, parsed.labels)
     warnings = tuple(_label_typos(container, labels))
     excluded: list[Exclusion] = []
@@ -286,7 +302,7 @@ def _plan(
         (e, _alias_services(container, e, excluded, parsed.aliases)) for e in endpoints
     ]
     if not any(names for _, names in names_by_endpoint) and L.SERVICE not in container.labels:
-        return _Plan(warnings, tuple(excluded))
+        return made(warnings, tuple(excluded))
 
     def exclude(reason: str) -> _Plan:
         """Under each service it would have joined, so the service's own view shows it."""
@@ -294,7 +310,7 @@ def _plan(
         label = labels.backend.service if not labels.errors else _label_service(container)
         services = tuple(dict.fromkeys([*named, *([label] if label else [])])) or (None,)
         excluded.extend(Exclusion(container.id, container.name, reason, s) for s in services)
-        return _Plan(warnings, tuple(excluded))
+        return made(warnings, tuple(excluded))
 
     if labels.errors:
         return exclude("; ".join(labels.errors))
@@ -330,7 +346,7 @@ def _plan(
         )
         for endpoint, names in names_by_endpoint
     )
-    return _Plan(warnings, tuple(excluded), members)
+    return made(warnings, tuple(excluded), members)
 
 
 def _label_service(container: ContainerFacts) -> str | None:
