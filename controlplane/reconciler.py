@@ -1,43 +1,38 @@
-"""One reconcile pass, and the loop that decides when to run one.
+"""One reconcile pass, and the loop that runs one when core.schedule says so.
 
 Level-triggered: an event only wakes the loop; every pass rebuilds the whole desired state
 from a fresh listing, renders it, and deploys only to the nginx containers whose last good
-config differs. An event after a quiet stream starts a pass at once; the events that follow
-it are coalesced: their pass runs once the stream has been quiet for `quiet_window`, but never
-later than `max_wait` after the first of them. New backends that only add capacity during a
-scale-out are held back and applied together (core.batching).
+config differs. When a pass runs (bursts coalesced, scale-outs held, resyncs) is decided by
+core.schedule, a pure policy: the loop here only reads its queue and clock and does what it
+says, and the watcher thread feeds the queue from Docker's event stream.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import jinja2
 
-from controlplane.core.batching import (
-    BatchPolicy,
-    Held,
-    adds_backends,
-    due,
-    hold,
-    removes_backends,
-)
+from controlplane.core.batching import BatchPolicy, Held
 from controlplane.core.build import build_topology
 from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import Zone, build_zone
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
 from controlplane.core.model import ContainerFacts, DockerState, NginxTarget, Overrides, Topology
 from controlplane.core.render import RenderCache, render_config
+from controlplane.core.schedule import Holding, Outcome, Run, Schedule, Timing, Wait
 from controlplane.core.served import Failure, NginxState, Serves, deploy_due, failed, serving
-from controlplane.docker_source import DockerEvent
+from controlplane.docker_source import DOCKER_ERRORS, DockerEvent
 from controlplane.errors import ControlPlaneError, DockerUnavailable
 from controlplane.nginx_deployer import DeployResult
 from controlplane.settings import Settings
@@ -108,6 +103,25 @@ class ReconcileReport:
     """What changed in the model, in words (core.diff)."""
     held: tuple[str, ...] = ()
     """What this pass found but held back for a scale-out, in words; nothing was applied."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A pass up to its deploys: the snapshot it settled on, or the change it held back."""
+
+    reason: str
+    trigger: DockerEvent | None
+    started_ns: int
+    timings: Mapping[str, float]
+    before: Snapshot | None
+    """The snapshot the pass started from."""
+    snapshot: Snapshot
+    """The snapshot it settled on: `before` unless it changed."""
+    changed: bool = False
+    changes: tuple[str, ...] = ()
+    held: Held | None = None
+    """The scale-out batch it holds back (core.batching): it deploys nothing."""
+    held_changes: tuple[str, ...] = ()
 
 
 def checksum(text: str) -> str:
@@ -194,15 +208,18 @@ class Reconciler:
         self._failed = {k: replace(f, retry_at=float("-inf")) for k, f in self._failed.items()}
 
     def reconcile(
-        self,
-        reason: str,
-        trigger: DockerEvent | None = None,
-        on_snapshot: Callable[[Snapshot], None] | None = None,
-        held: Callable[[Topology, Topology], bool] | None = None,
+        self, reason: str, trigger: DockerEvent | None = None, holding: Holding | None = None
     ) -> ReconcileReport:
-        """`trigger`: the first event of the burst this pass answers, if any. `on_snapshot`
-        hears the snapshot this pass settled on before its deploys start. `held(current,
-        wanted)` may hold a change back: the pass then changes and deploys nothing."""
+        """One whole pass: `plan`, then `apply`."""
+        return self.apply(self.plan(reason, trigger, holding))
+
+    def plan(
+        self, reason: str, trigger: DockerEvent | None = None, holding: Holding | None = None
+    ) -> Plan:
+        """List, build and render, and settle on a snapshot: a new one is current from here
+        on, before any deploy. `trigger`: the first event of the burst this pass answers, if
+        any. `holding` (core.schedule) may hold a change back during a scale-out: then the
+        pass changes and deploys nothing."""
         started_ns = time.time_ns()
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -216,54 +233,55 @@ class Reconciler:
         timings["render"] = time.perf_counter() - mark
         digest = checksum(config)
         previous = self.snapshot
-        changed = previous is None or previous.checksum != digest or previous.topology != topology
-        if (
-            changed
-            and previous is not None
-            and held is not None
-            and held(previous.topology, topology)
-        ):
-            return self._publish(
-                ReconcileReport(
-                    reason,
-                    previous.version,
-                    changed=False,
-                    deployed=(),
-                    timings=timings,
-                    trigger=trigger,
-                    started_ns=started_ns,
-                    checksum=previous.checksum,
-                    held=describe_changes(previous.topology, topology),
-                )
+        if previous is not None and previous.checksum == digest and previous.topology == topology:
+            return Plan(reason, trigger, started_ns, timings, previous, previous)
+        held = holding.decide(previous.topology, topology) if previous and holding else None
+        if previous is not None and held is not None:
+            changes = describe_changes(previous.topology, topology)
+            return Plan(
+                reason,
+                trigger,
+                started_ns,
+                timings,
+                previous,
+                previous,
+                held=held,
+                held_changes=changes,
             )
-        snapshot = previous
-        changes: tuple[str, ...] = ()
-        if snapshot is None or changed:
-            version = previous.version + 1 if previous else 1
-            zone = build_zone(topology, self._settings.dns_domain, self._settings.dns_ttl, version)
-            snapshot = Snapshot(version, topology, config, digest, zone, serving(topology))
-            self.snapshot = snapshot
-            before = previous.topology if previous else Topology()
-            changes = describe_changes(before, topology)
-            for change in changes:
-                log.info("%s", change)
-            _log_news(topology, before)
-        if on_snapshot is not None:
-            on_snapshot(snapshot)
-        mark = time.perf_counter()
-        deployed = self._deploy(snapshot)
-        timings["deploy"] = time.perf_counter() - mark
+        version = previous.version + 1 if previous else 1
+        zone = build_zone(topology, self._settings.dns_domain, self._settings.dns_ttl, version)
+        snapshot = Snapshot(version, topology, config, digest, zone, serving(topology))
+        self.snapshot = snapshot
+        before = previous.topology if previous else Topology()
+        changes = describe_changes(before, topology)
+        for change in changes:
+            log.info("%s", change)
+        _log_news(topology, before)
+        return Plan(
+            reason, trigger, started_ns, timings, previous, snapshot, changed=True, changes=changes
+        )
+
+    def apply(self, plan: Plan) -> ReconcileReport:
+        """Deploy the plan's snapshot to each nginx where it is due (nowhere when the plan holds
+        its change back), and publish the pass's report."""
+        deployed: tuple[DeployResult, ...] = ()
+        timings = dict(plan.timings)
+        if plan.held is None:
+            mark = time.perf_counter()
+            deployed = self._deploy(plan.snapshot)
+            timings["deploy"] = time.perf_counter() - mark
         return self._publish(
             ReconcileReport(
-                reason,
-                snapshot.version,
-                changed=changed,
+                plan.reason,
+                plan.snapshot.version,
+                changed=plan.changed,
                 deployed=deployed,
                 timings=timings,
-                trigger=trigger,
-                started_ns=started_ns,
-                checksum=digest,
-                changes=changes,
+                trigger=plan.trigger,
+                started_ns=plan.started_ns,
+                checksum=plan.snapshot.checksum,
+                changes=plan.changes,
+                held=plan.held_changes,
             )
         )
 
@@ -342,8 +360,18 @@ def _log_news(topology: Topology, before: Topology) -> None:
             )
 
 
-STREAM_RESTORED = "stream-restored"
-STOP = "stop"
+class Notice(enum.Enum):
+    """What the watcher and `stop()` put in the loop's queue beside events and tickets."""
+
+    RESTORED = "the event stream is back"
+    STOP = "stop"
+
+
+class Arrival(NamedTuple):
+    """An event, and when the watcher got it, on the loop's clock."""
+
+    at: float
+    event: DockerEvent
 
 
 class PassTicket:
@@ -376,35 +404,60 @@ class PassTicket:
         self.done.set()
 
 
-class ControlLoop:
-    """Runs the event watcher thread and the reconcile loop until `stop()`."""
+Item = Arrival | PassTicket | Notice
 
-    def __init__(self, reconciler: Reconciler, events: EventStream, settings: Settings) -> None:
+ENGINE_ERRORS = (DockerUnavailable, *DOCKER_ERRORS)
+"""What the event stream raises when the engine goes away; anything else is a bug."""
+RETRY_FIRST, RETRY_LONGEST = 0.1, 5.0
+"""Seconds the watcher waits before it reopens a broken stream, doubling each time."""
+STOPPING = "the controller is stopping"
+
+
+class ControlLoop:
+    """Runs the event watcher thread and the reconcile loop until `stop()`. The loop reads its
+    queue until the schedule's next deadline (core.schedule) and runs the passes it says are
+    due; `clock` is the schedule's time (monotonic seconds)."""
+
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        events: EventStream,
+        settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._reconciler = reconciler
         self._events = events
-        self._settings = settings
+        self._clock = clock
+        self._schedule: Schedule[PassTicket, DockerEvent] = Schedule(
+            Timing(
+                settings.quiet_window,
+                settings.max_wait,
+                settings.resync_interval,
+                BatchPolicy(settings.batch_quiet, settings.batch_max),
+            )
+        )
         # SimpleQueue: stop() puts from a signal handler, and its put is reentrant.
-        self._queue: queue.SimpleQueue[DockerEvent | PassTicket | str] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._closing = threading.Lock()
         self._closed = False
         """Set, under `_closing`, once the loop drains its queue for good: no ticket is put
         after that, so none is left unanswered."""
-        self._batching = BatchPolicy(settings.batch_quiet, settings.batch_max)
-        self._held: Held | None = None
-        self._last_added = float("-inf")
-        """Monotonic time a change that added backends last went out, for core.batching."""
-        self._last_event_ns = 0
-        """Arrival of the latest event, to tell a quiet stream's first event."""
+        self._reaches_docker = False
+        """The last pass could reach Docker, and the stream has not broken since."""
+        self._watcher_crashed = False
         self.ready = threading.Event()
-        self.healthy = False
-        """True while the last pass could reach Docker."""
         self.on_failure: list[Callable[[str, str], None]] = []
+
+    @property
+    def healthy(self) -> bool:
+        """True while the last pass could reach Docker and the watcher follows its events."""
+        return self._reaches_docker and not self._watcher_crashed
 
     def stop(self) -> None:
         self._stopping.set()
         self._events.close_events()
-        self._queue.put(STOP)
+        self._queue.put(Notice.STOP)
 
     def request(self, reason: str, resync: bool = False) -> PassTicket:
         """Ask for a pass now, without waiting for a quiet event stream; `resync` re-inspects
@@ -412,7 +465,7 @@ class ControlLoop:
         ticket = PassTicket(reason, resync)
         with self._closing:
             if self._closed or self._stopping.is_set():
-                ticket.fail("the controller is stopping")
+                ticket.fail(STOPPING)
             else:
                 self._queue.put(ticket)
         return ticket
@@ -420,144 +473,88 @@ class ControlLoop:
     def run(self) -> None:
         watcher = threading.Thread(target=self._watch, name="docker-events", daemon=True)
         watcher.start()
-        self._pass("start")
+        deadline = self.run_due()
         self.ready.set()
-        next_resync = time.monotonic() + self._settings.resync_interval
         while not self._stopping.is_set():
-            wake = (
-                next_resync
-                if self._held is None
-                else min(next_resync, due(self._held, self._batching))
-            )
             try:
-                item = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
+                item = self._queue.get(timeout=max(0.0, deadline - self._clock()))
             except queue.Empty:
-                item = None
-            held = self._held
-            if item is None and held is not None and time.monotonic() >= due(held, self._batching):
-                self._pass("held new backends")
-            if item is not None:
-                reason, tickets = self._coalesce(item)
-                # No reason: only events of containers and networks it does not watch.
-                if reason and not self._stopping.is_set():
-                    self._pass(reason, item if isinstance(item, DockerEvent) else None, tickets)
-                for ticket in tickets:
-                    ticket.fail("the controller is stopping")  # a no-op once it finished
-            if time.monotonic() >= next_resync and not self._stopping.is_set():
-                # Due even while events keep coming: it is what repairs a missed one.
-                self._reconciler.invalidate()
-                self._pass("periodic resync")
-                next_resync = time.monotonic() + self._settings.resync_interval
+                deadline = self.run_due()
+                continue
+            self.take(item)
+            deadline = -math.inf  # what is queued behind it joins before any pass runs
         with self._closing:
             self._closed = True
+        tickets = list(self._schedule.tickets)
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if isinstance(item, PassTicket):
-                item.fail("the controller is stopping")
+                tickets.append(item)
+        for ticket in tickets:
+            ticket.fail(STOPPING)
         watcher.join(timeout=5)
 
-    def _coalesce(self, first: DockerEvent | PassTicket | str) -> tuple[str, list[PassTicket]]:
-        """Drain the burst that `first` opens; returns a short description of it (empty when
-        nothing in it concerns this controller) and the tickets it answers. A ticket ends the
-        wait for quiet: someone is waiting for it."""
-        started = time.monotonic()
-        events = 0
-        restored = False
-        leading = (
-            isinstance(first, DockerEvent)
-            and first.received_ns - self._last_event_ns >= self._settings.quiet_window * 1e9
-        )
-        tickets: list[PassTicket] = []
-        item: DockerEvent | PassTicket | str | None = first
-        while item is not None:
-            if isinstance(item, DockerEvent):
-                if self._reconciler.handle_event(item):
-                    events += 1
-                    self._last_event_ns = max(self._last_event_ns, item.received_ns)
-            elif isinstance(item, PassTicket):
-                tickets.append(item)
-                if item.resync:
-                    self._reconciler.invalidate()
-                else:
-                    self._reconciler.retry_refused()
-            elif item == STREAM_RESTORED:
-                restored = True
+    def take(self, item: Item) -> None:
+        """One input from the queue, told to the schedule; what it asks of the reconciler
+        (forget what was inspected, try a refused config again) is done at once. The loop's
+        thread calls this and `run_due`; tests call them on a fake clock instead."""
+        if isinstance(item, Arrival):
+            relevant = self._reconciler.handle_event(item.event)
+            self._schedule = self._schedule.event(self._clock(), item.event, item.at, relevant)
+        elif isinstance(item, PassTicket):
+            if item.resync:
                 self._reconciler.invalidate()
-            elif item == STOP:
-                return STOP, tickets
-            deadline = min(
-                time.monotonic() + self._settings.quiet_window, started + self._settings.max_wait
-            )
-            try:
-                if tickets or leading:
-                    item = self._queue.get_nowait()
-                else:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                item = None
-        parts = [STREAM_RESTORED] if restored else []
-        parts.extend(dict.fromkeys(t.reason for t in tickets))
-        if events:
-            parts.append(f"{events} event(s)")
-        return " + ".join(parts), tickets
+            else:
+                self._reconciler.retry_refused()
+            self._schedule = self._schedule.ticket(self._clock(), item, item.reason)
+        elif item is Notice.RESTORED:
+            self._reconciler.invalidate()
+            self._schedule = self._schedule.restored(self._clock())
 
-    def _pass(
-        self,
-        reason: str,
-        trigger: DockerEvent | None = None,
-        tickets: list[PassTicket] | None = None,
-    ) -> None:
-        waiting = tickets or []
+    def run_due(self) -> float:
+        """Run every pass that is due now, one after another; returns when the next one is
+        due if no input comes first."""
+        while not self._stopping.is_set():
+            schedule, action = self._schedule.next(self._clock())
+            if isinstance(action, Wait):
+                return action.until
+            self._schedule = schedule
+            self._pass(action)
+        return self._clock()
 
-        def planned(snapshot: Snapshot) -> None:
-            for ticket in waiting:
-                ticket.plan(snapshot)
-
-        before = self._reconciler.snapshot
+    def _pass(self, run: Run[PassTicket, DockerEvent]) -> None:
+        if run.resync:
+            self._reconciler.invalidate()
         try:
-            report = self._reconciler.reconcile(
-                reason, trigger, planned, None if waiting else self._hold
-            )
+            plan = self._reconciler.plan(run.reason, run.trigger, run.holding)
+            for ticket in run.tickets:
+                ticket.plan(plan.snapshot)
+            report = self._reconciler.apply(plan)
         except Exception as error:
-            self._failed(reason, error, waiting)
+            self._schedule = self._schedule.failed(self._clock())
+            self._failed(run.reason, error, run.tickets)
             return
-        self.healthy = True
-        if not report.held:
-            self._held = None
-        after = self._reconciler.snapshot
-        # The first pass finds every backend at once: that is no scale-out.
-        if report.changed and before and after:
-            if removes_backends(before.topology, after.topology):
-                self._last_added = float("-inf")
-            elif adds_backends(before.topology, after.topology):
-                self._last_added = time.monotonic()
-        for ticket in waiting:
+        self._reaches_docker = True
+        before = plan.before.topology if plan.before else None
+        outcome = Outcome.of(before, plan.snapshot.topology, plan.held)
+        self._schedule = self._schedule.passed(self._clock(), outcome)
+        for ticket in run.tickets:
             ticket.finish(report)
         if report.changed or report.deployed:
             log.info(
                 "reconciled (%s): version %d, %d nginx updated, %.1f ms",
-                reason,
+                run.reason,
                 report.version,
                 len(report.deployed),
                 sum(report.timings.values()) * 1000,
             )
 
-    def _hold(self, current: Topology, wanted: Topology) -> bool:
-        """Asked by a pass (not one an operator is waiting for) that found a change."""
-        self._held = hold(
-            current, wanted, time.monotonic(), self._last_added, self._held, self._batching
-        )
-        return self._held is not None
-
-    def _failed(self, reason: str, error: Exception, tickets: list[PassTicket]) -> None:
-        """A failed pass releases a hold: the next pass (an event, a resync) finds it again;
-        kept, its due time would start a failing pass after another at once."""
-        self._held = None
+    def _failed(self, reason: str, error: Exception, tickets: tuple[PassTicket, ...]) -> None:
         if isinstance(error, DockerUnavailable):
-            self.healthy = False
+            self._reaches_docker = False
             log.warning("reconcile (%s) skipped: %s", reason, error)
         elif isinstance(error, ControlPlaneError):
             log.error("reconcile (%s) failed, nginx keeps its config: %s", reason, error)
@@ -569,25 +566,35 @@ class ControlLoop:
             callback(reason, str(error))
 
     def _watch(self) -> None:
-        """Follows the event stream; after a break, reconnects with backoff and resyncs, since
-        events may have been missed while it was down (or before it first opened)."""
-        delay = 0.1
-        missed = True  # the first pass listed before the stream opened: resync once it is
+        """Follows the event stream; after an engine error, reconnects with backoff and
+        resyncs, since events may have been missed while it was down (or before it first
+        opened). Any other error is a bug: it ends the watcher, and the loop stays unhealthy
+        (resyncs still run) so that it shows."""
+        delay = RETRY_FIRST
         while not self._stopping.is_set():
             try:
                 stream = self._events.open_events()
-                if missed:
-                    log.info("Docker event stream reconnected; resyncing")
-                    self._queue.put(STREAM_RESTORED)
-                delay = 0.1
+                # Also the first time: the first pass listed before the stream opened.
+                log.info("Docker event stream reconnected; resyncing")
+                self._queue.put(Notice.RESTORED)
+                delay = RETRY_FIRST
                 for event in stream:
-                    self._queue.put(event)
+                    self._queue.put(Arrival(self._clock(), event))
                 raise DockerUnavailable("the Docker event stream ended (dockerd restarting?)")
-            except Exception as error:
+            except ENGINE_ERRORS as error:
                 if self._stopping.is_set():
                     return
-                self.healthy = False  # until a pass reaches Docker again
+                self._reaches_docker = False  # until a pass reaches Docker again
                 log.warning("%s; reconnecting in %.1f s", error, delay)
-            missed = True
+            except Exception:
+                if self._stopping.is_set():
+                    return  # the stream closed under it by stop()
+                self._watcher_crashed = True
+                log.critical(
+                    "the Docker event watcher crashed; please report this. The controller "
+                    "no longer follows events (it still resyncs): restart it",
+                    exc_info=True,
+                )
+                return
             self._stopping.wait(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, RETRY_LONGEST)

@@ -1,21 +1,32 @@
-"""The reconcile pass and the coalescing loop, with fakes for Docker and nginx."""
+"""The reconcile pass and the loop that runs it, with fakes for Docker and nginx: the loop's
+steps on a fake clock (when a pass runs is core.schedule's, tested in test_schedule), and one
+run of its threads."""
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import pytest
 
-from controlplane.core.model import ContainerFacts
+from controlplane.core.model import ContainerFacts, NginxTarget
 from controlplane.docker_source import DockerEvent
-from controlplane.reconciler import ControlLoop, Reconciler, ReconcileReport
+from controlplane.nginx_deployer import DeployResult
+from controlplane.reconciler import (
+    STOPPING,
+    Arrival,
+    ControlLoop,
+    Notice,
+    PassTicket,
+    Reconciler,
+    ReconcileReport,
+)
 from controlplane.settings import Settings
 from controlplane.templating import load_template
-from tests.unit.builders import container, container_id, nginx, state
+from tests.unit.builders import container, nginx, state
 from tests.unit.fakes import FakeDeployer, FakeEvents, FakeSource
 
 
@@ -139,199 +150,6 @@ def test_reload_signal_does_not_take_a_backend_out() -> None:
     assert reconciler.snapshot is not None and "# w1" in reconciler.snapshot.config
 
 
-def run_loop(events: FakeEvents, seconds: float, **settings: float) -> list[str]:
-    _, _, reconciler = make(nginx("lb"), container("w1"))
-    reasons: list[str] = []
-    reconciler.on_report.append(lambda report: reasons.append(report.reason))
-    loop = ControlLoop(reconciler, events, replace(Settings(), **settings))
-    thread = threading.Thread(target=loop.run)
-    thread.start()
-    time.sleep(seconds)
-    loop.stop()
-    thread.join(timeout=5)
-    assert not thread.is_alive()
-    return reasons
-
-
-def test_a_burst_of_events_gives_one_reconcile() -> None:
-    burst = [event(container("w1").id, "health_status") for _ in range(50)]
-    reasons = run_loop(FakeEvents(burst, gap=0.002), 0.6)
-    assert reasons == ["start", "stream-restored + 50 event(s)"]
-
-
-@pytest.mark.parametrize("max_wait", [0.2, 0.3])
-def test_a_long_burst_is_cut_at_the_maximum_wait(max_wait: float) -> None:
-    burst = [event(container("w1").id, "health_status") for _ in range(40)]  # ~0.8 s, 20 ms apart
-    reasons = run_loop(FakeEvents(burst, gap=0.02), 1.5, max_wait=max_wait)
-    passes = len(reasons) - 1  # the first burst also carries the resync after the stream opened
-    assert 0.8 / max_wait - 1 <= passes <= 0.8 / max_wait + 2, reasons
-
-
-def test_a_broken_stream_is_reopened_and_resynced() -> None:
-    events = FakeEvents([], breaks=2)
-    reasons = run_loop(events, 1.0)
-    assert events.opened == 3
-    assert reasons == ["start", "stream-restored"]
-
-
-def test_the_periodic_resync_runs_while_events_keep_coming() -> None:
-    storm = [event(f"{i:064x}", "start") for i in range(200)]  # ~2 s of events 10 ms apart
-    reasons = run_loop(FakeEvents(storm, gap=0.01), 1.5, resync_interval=0.3, max_wait=0.2)
-    assert reasons.count("periodic resync") >= 2, reasons
-
-
-@contextlib.contextmanager
-def running(loop: ControlLoop) -> Iterator[ControlLoop]:
-    """The loop on a daemon thread, stopped even when the test fails."""
-    thread = threading.Thread(target=loop.run, daemon=True)
-    thread.start()
-    try:
-        assert loop.ready.wait(5)
-        yield loop
-    finally:
-        loop.stop()
-        thread.join(timeout=5)
-
-
-def test_a_requested_pass_skips_the_quiet_window_and_reports() -> None:
-    source, _, reconciler = make(nginx("lb"), container("w1"))
-    settings = replace(Settings(), quiet_window=5.0, max_wait=10.0)
-    loop = ControlLoop(reconciler, FakeEvents([]), settings)
-    with running(loop):
-        ticket = loop.request("api", resync=True)
-        assert ticket.done.wait(2), "a ticket must not wait for the 5 s quiet window"
-        assert ticket.error is None and ticket.report is not None
-        assert ticket.snapshot is not None and "api" in ticket.report.reason
-        assert None in source.invalidated
-    late = loop.request("api")
-    assert late.done.is_set() and late.error == "the controller is stopping"
-
-
-def test_a_failed_pass_fails_its_tickets_and_marks_the_loop_unhealthy() -> None:
-    source, _, reconciler = make(nginx("lb"), container("w1"))
-    loop = ControlLoop(reconciler, FakeEvents([]), Settings())
-    failures: list[str] = []
-    loop.on_failure.append(lambda reason, error: failures.append(error))
-    with running(loop):
-        assert loop.healthy
-        source.unavailable = True
-        ticket = loop.request("api")
-        assert ticket.done.wait(2)
-        assert ticket.error == "the fake engine is down" and not loop.healthy
-        assert failures == ["the fake engine is down"]
-
-
-def watched(
-    *containers: object, **settings: float
-) -> tuple[FakeSource, FakeEvents, ControlLoop, list[ReconcileReport]]:
-    source, _, reconciler = make(*containers)
-    reports: list[ReconcileReport] = []
-    reconciler.on_report.append(reports.append)
-    events = FakeEvents([])
-    return source, events, ControlLoop(reconciler, events, replace(Settings(), **settings)), reports
-
-
-def settle(reports: list[ReconcileReport], count: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(reports) < count and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert len(reports) >= count, [r.reason for r in reports]
-
-
-def test_an_event_after_a_quiet_stream_is_applied_without_the_quiet_window() -> None:
-    source, events, loop, reports = watched(nginx("lb"), container("w1"), quiet_window=1.0)
-    with running(loop):
-        settle(reports, 2)  # the first pass, then the resync once the stream opened
-        time.sleep(1.1)
-        source.state = state(nginx("lb"), container("w1"), container("w2", ip="172.20.0.3"))
-        events.push(event(container_id("w2"), "start"))
-        settle(reports, 3)
-    report = reports[2]
-    assert report.trigger is not None and report.changed
-    waited = (report.started_ns - report.trigger.received_ns) / 1e9
-    assert waited < 0.5, f"the pass waited {waited:.2f} s for a 1 s quiet window"
-
-
-def test_new_backends_soon_after_a_change_are_held_and_applied_together() -> None:
-    lb, w1 = nginx("lb"), container("w1")
-    more = [container(f"n{i}", ip=f"172.20.1.{i}") for i in range(3)]
-    source, events, loop, reports = watched(
-        lb, w1, quiet_window=0.01, batch_quiet=0.4, batch_max=5.0
-    )
-    with running(loop):
-        settle(reports, 2)
-        time.sleep(0.5)  # calm: the next new backend goes at once
-        source.state = state(lb, w1, container("w2", ip="172.20.0.3"))
-        events.push(event(container_id("w2"), "start"))
-        settle(reports, 3)
-        for i, newcomer in enumerate(more):
-            source.state = state(lb, w1, container("w2", ip="172.20.0.3"), *more[: i + 1])
-            events.push(event(newcomer.id, "start"))
-            time.sleep(0.1)
-        deadline = time.monotonic() + 3
-        while not reports[-1].changed and time.monotonic() < deadline:
-            time.sleep(0.01)
-    applied = [r for r in reports[2:] if r.changed]
-    held = [r for r in reports[2:] if r.held]
-    assert len(applied) == 2, [(r.reason, r.changed, r.held) for r in reports]
-    assert held and any("+ n0" in line for line in held[0].held)
-    assert applied[-1].reason == "held new backends"
-    assert [c.split(" (")[0] for c in applied[-1].changes] == [
-        f"service web: + n{i}" for i in range(3)
-    ]
-
-
-LB, W1, W2 = nginx("lb"), container("w1"), container("w2", ip="172.20.0.3")
-W3, W4 = container("w3", ip="172.20.0.4"), container("w4", ip="172.20.0.5")
-
-
-def change(
-    source: FakeSource,
-    events: FakeEvents,
-    reports: list[ReconcileReport],
-    containers: tuple[ContainerFacts, ...],
-    happened: DockerEvent,
-) -> None:
-    """Docker now shows `containers`, after the event `happened`; waits for its pass."""
-    source.state = state(*containers)
-    events.push(happened)
-    settle(reports, len(reports) + 1)
-
-
-def test_a_leaving_backend_ends_a_hold_at_once() -> None:
-    source, events, loop, reports = watched(
-        LB, W1, W2, quiet_window=0.01, batch_quiet=5.0, batch_max=30.0
-    )
-    with running(loop):
-        settle(reports, 2)
-        # after a calm start-up: at once; then right after w3: held
-        change(source, events, reports, (LB, W1, W2, W3), event(W3.id, "start"))
-        change(source, events, reports, (LB, W1, W2, W3, W4), event(W4.id, "start"))
-        change(source, events, reports, (LB, W1, W3, W4), event(W2.id, "kill", "15"))
-    assert reports[2].changed and reports[3].held and not reports[3].changed
-    assert reports[4].changed
-    assert [c.split(" (")[0] for c in reports[4].changes] == [
-        "service web: + w4",
-        "service web: - w2",
-    ]
-
-
-def test_a_newcomer_right_after_a_backend_left_goes_at_once() -> None:
-    """A replacement (as in a rolling update) restores capacity: not held like a scale-out."""
-    source, events, loop, reports = watched(
-        LB, W1, W2, quiet_window=0.01, batch_quiet=5.0, batch_max=30.0
-    )
-    with running(loop):
-        settle(reports, 2)
-        change(source, events, reports, (LB, W1, W2, W3), event(W3.id, "start"))
-        change(source, events, reports, (LB, W1, W3), event(W2.id, "kill", "15"))
-        # within batch_quiet of w3, but w2 left since
-        change(source, events, reports, (LB, W1, W3, W4), event(W4.id, "start"))
-    assert all(r.changed and not r.held for r in reports[2:5]), [
-        (r.reason, r.changed, r.held) for r in reports
-    ]
-
-
 def test_containers_and_networks_it_does_not_watch_cost_no_pass() -> None:
     """With --network app: another network's containers are another controller's. A
     container seen before is judged by what it was (no engine call); a new one is inspected
@@ -358,20 +176,265 @@ def test_containers_and_networks_it_does_not_watch_cost_no_pass() -> None:
     assert not reconciler.handle_event(event("f" * 64, "destroy"))  # gone before it was seen
 
 
-def test_a_burst_of_unwatched_events_runs_no_pass() -> None:
-    other = container("x1", network="other", ip="172.30.0.2")
-    settings = Settings(networks=frozenset({"app"}), quiet_window=0.01)
-    source = FakeSource(state(nginx("lb"), container("w1"), other))
-    reconciler = Reconciler(source, FakeDeployer(), load_template(), settings)
+LB, W1, W2 = nginx("lb"), container("w1"), container("w2", ip="172.20.0.3")
+W3, W4 = container("w3", ip="172.20.0.4"), container("w4", ip="172.20.0.5")
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Driven:
+    """A loop whose steps the test takes itself, on a fake clock: no thread, no sleep."""
+
+    clock: Clock
+    source: FakeSource
+    reconciler: Reconciler
+    loop: ControlLoop
+    reports: list[ReconcileReport]
+
+    def at(self, now: float, *items: DockerEvent | PassTicket | Notice) -> float:
+        """At `now`, the loop takes `items` (events arrive then), then runs what is due;
+        returns when the next pass is due if nothing comes first."""
+        self.clock.now = now
+        for item in items:
+            self.loop.take(Arrival(now, item) if isinstance(item, DockerEvent) else item)
+        return self.loop.run_due()
+
+    def shows(self, *containers: ContainerFacts) -> None:
+        self.source.state = state(*containers)
+
+    @property
+    def passes(self) -> list[tuple[str, bool, bool]]:
+        """Each pass's reason, whether it applied a change and whether it held one back."""
+        return [(r.reason, r.changed, bool(r.held)) for r in self.reports]
+
+
+def driven(
+    *containers: ContainerFacts, deployer: FakeDeployer | None = None, **settings: object
+) -> Driven:
+    """Started at 100.0: the first pass ran, the next resync is due at 130.0."""
+    clock = Clock(100.0)
+    chosen = replace(
+        Settings(quiet_window=0.5, max_wait=2.0, batch_quiet=2.0, batch_max=10.0),
+        **settings,  # type: ignore[arg-type]
+    )
+    source = FakeSource(state(*containers))
+    reconciler = Reconciler(
+        source, deployer or FakeDeployer(), load_template(), chosen, clock=clock
+    )
     reports: list[ReconcileReport] = []
     reconciler.on_report.append(reports.append)
-    events = FakeEvents([])
-    loop = ControlLoop(reconciler, events, settings)
-    with running(loop):
-        settle(reports, 2)
-        for _ in range(5):
-            events.push(event(other.id, "health_status"))
-        events.push(event(container("w1").id, "health_status"))
-        settle(reports, 3)
-        time.sleep(0.1)
-    assert [r.reason for r in reports] == ["start", "stream-restored", "1 event(s)"]
+    loop = ControlLoop(reconciler, FakeEvents([]), chosen, clock=clock)
+    run = Driven(clock, source, reconciler, loop, reports)
+    assert run.at(100.0) == 130.0
+    return run
+
+
+def test_an_event_after_quiet_goes_at_once_and_the_ones_after_it_wait_for_quiet() -> None:
+    run = driven(LB, W1)
+    run.shows(LB, W1, W2)
+    assert run.at(105.0, event(W2.id, "start")) == 130.0
+    assert run.at(105.25, event(W1.id, "health_status")) == 105.75
+    assert run.at(105.5, event(W1.id, "health_status")) == 106.0
+    assert run.at(106.0) == 130.0
+    assert run.passes == [
+        ("start", True, False),
+        ("1 event(s)", True, False),
+        ("2 event(s)", False, False),
+    ]
+    trigger = run.reports[1].trigger
+    assert trigger is not None and trigger.container_id == W2.id
+
+
+def test_new_backends_during_a_scale_out_are_held_and_applied_together() -> None:
+    more = [container(f"n{i}", ip=f"172.20.1.{i}") for i in range(3)]
+    run = driven(LB, W1)
+    run.shows(LB, W1, W2)
+    run.at(105.0, event(W2.id, "start"))  # after a calm start: at once
+    for i, newcomer in enumerate(more):
+        run.shows(LB, W1, W2, *more[: i + 1])
+        assert run.at(106.0 + i, event(newcomer.id, "start")) == 108.0 + i
+        assert run.reports[-1].deployed == ()
+    assert [c.split(" (")[0] for c in run.reports[2].held] == ["service web: + n0"]
+    assert run.reconciler.snapshot is not None and run.reconciler.snapshot.version == 2
+    assert run.at(110.0) == 130.0
+    assert run.passes[1:] == [
+        ("1 event(s)", True, False),
+        ("1 event(s)", False, True),
+        ("1 event(s)", False, True),
+        ("1 event(s)", False, True),
+        ("held new backends", True, False),
+    ]
+    assert [c.split(" (")[0] for c in run.reports[-1].changes] == [
+        f"service web: + n{i}" for i in range(3)
+    ]
+
+
+def test_a_leaving_backend_ends_a_hold_at_once() -> None:
+    run = driven(LB, W1, W2)
+    run.shows(LB, W1, W2, W3)
+    run.at(105.0, event(W3.id, "start"))
+    run.shows(LB, W1, W2, W3, W4)
+    assert run.at(106.0, event(W4.id, "start")) == 108.0
+    run.shows(LB, W1, W3, W4)
+    assert run.at(107.0, event(W2.id, "kill")) == 130.0
+    assert run.passes[1:] == [
+        ("1 event(s)", True, False),
+        ("1 event(s)", False, True),
+        ("1 event(s)", True, False),
+    ]
+    assert [c.split(" (")[0] for c in run.reports[-1].changes] == [
+        "service web: + w4",
+        "service web: - w2",
+    ]
+
+
+class Planned(FakeDeployer):
+    """Notes whether each ticket had its snapshot when the deploys started."""
+
+    def __init__(self, tickets: list[PassTicket]) -> None:
+        super().__init__()
+        self.tickets = tickets
+        self.seen: list[bool] = []
+
+    def deploy(self, target: NginxTarget, content: bytes) -> DeployResult:
+        self.seen.extend(t.planned.is_set() for t in self.tickets)
+        return super().deploy(target, content)
+
+
+def test_a_ticket_does_not_wait_for_quiet_and_hears_its_snapshot_before_the_deploys() -> None:
+    ticket = PassTicket("api", resync=True)
+    deployer = Planned([ticket])
+    run = driven(LB, W1, deployer=deployer)
+    run.source.invalidated.clear()
+    run.at(105.0, event(W1.id, "health_status"))
+    run.shows(LB, W1, W2)
+    assert run.at(105.25, event(W2.id, "start")) == 105.75
+    assert run.at(105.5, ticket) == 130.0
+    assert ticket.done.is_set() and ticket.error is None
+    assert ticket.report is run.reports[-1] and ticket.report.reason == "api + 1 event(s)"
+    assert ticket.snapshot is not None and ticket.snapshot.version == 2
+    assert deployer.seen == [False, True], "the ticket heard its snapshot before the deploy"
+    assert None in run.source.invalidated, "a resync ticket inspects everything again"
+
+
+def test_a_failed_pass_fails_its_tickets_and_marks_the_loop_unhealthy() -> None:
+    run = driven(LB, W1)
+    failures: list[str] = []
+    run.loop.on_failure.append(lambda reason, error: failures.append(error))
+    assert run.loop.healthy
+    run.source.unavailable = True
+    ticket = PassTicket("api")
+    run.at(105.0, ticket)
+    assert ticket.done.is_set() and ticket.error == "the fake engine is down"
+    assert failures == ["the fake engine is down"] and not run.loop.healthy
+    run.source.unavailable = False
+    run.at(130.0)
+    assert run.loop.healthy and run.reports[-1].reason == "periodic resync"
+
+
+def test_a_resync_and_the_stream_back_inspect_everything_again() -> None:
+    run = driven(LB, W1)
+    run.source.invalidated.clear()
+    assert run.at(110.0, Notice.RESTORED) == 110.5
+    assert run.source.invalidated == [None]
+    assert run.at(110.5) == 130.0
+    assert run.at(130.0) == 160.0
+    assert run.source.invalidated == [None, None]
+    assert [r.reason for r in run.reports] == ["start", "stream-restored", "periodic resync"]
+
+
+def test_events_it_does_not_watch_cost_no_pass() -> None:
+    other = container("x1", network="other", ip="172.30.0.2")
+    run = driven(LB, W1, other, networks=frozenset({"app"}))
+    for i in range(5):
+        assert run.at(105.0 + i / 4, event(other.id, "health_status")) == 130.0
+    assert run.at(107.0, event(W1.id, "health_status")) == 130.0
+    assert [r.reason for r in run.reports] == ["start", "1 event(s)"]
+
+
+def test_stop_answers_every_waiting_ticket() -> None:
+    run = driven(LB, W1)
+    taken, queued = PassTicket("taken"), run.loop.request("queued")
+    run.loop.take(taken)  # in the schedule, its pass not run yet
+    run.loop.stop()
+    run.loop.run()
+    assert taken.error == STOPPING and queued.error == STOPPING
+    late = run.loop.request("late")
+    assert late.done.is_set() and late.error == STOPPING
+
+
+def poll(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_the_loop_and_its_watcher_on_their_threads() -> None:
+    """The real clock and queue: the stream breaks twice, is reopened and resynced; an event
+    and a ticket get their passes; stop() ends both threads."""
+    source, _, reconciler = make(LB, W1)
+    reports: list[ReconcileReport] = []
+    reconciler.on_report.append(reports.append)
+    events = FakeEvents([], breaks=2)
+    loop = ControlLoop(reconciler, events, Settings(quiet_window=0.01))
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    try:
+        assert loop.ready.wait(5)
+        poll(lambda: any(r.reason == "stream-restored" for r in reports), "the resync")
+        assert events.opened == 3
+        source.state = state(LB, W1, W2)
+        events.push(event(W2.id, "start"))
+        poll(lambda: any("event(s)" in r.reason for r in reports), "the event's pass")
+        ticket = loop.request("api")
+        assert ticket.done.wait(5) and ticket.error is None and loop.healthy
+    finally:
+        loop.stop()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert loop.request("late").error == STOPPING
+
+
+class Broken:
+    """An event stream with a bug: it raises what no engine error is."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def open_events(self) -> Iterator[DockerEvent]:
+        self.opened += 1
+        raise KeyError("Actor")
+
+    def close_events(self) -> None:
+        pass
+
+
+def test_a_bug_in_the_watcher_ends_it_and_the_loop_shows_unhealthy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not taken for a lost engine: no reconnecting; logged with its traceback, and the loop
+    stays unhealthy while its passes go on."""
+    _, _, reconciler = make(LB, W1)
+    stream = Broken()
+    loop = ControlLoop(reconciler, stream, Settings())
+    thread = threading.Thread(target=loop.run)
+    with caplog.at_level(logging.CRITICAL, logger="controlplane.reconciler"):
+        thread.start()
+        try:
+            poll(lambda: bool(caplog.records), "the watcher's crash")
+            ticket = loop.request("api")
+            assert ticket.done.wait(5) and ticket.error is None
+            assert not loop.healthy and stream.opened == 1
+        finally:
+            loop.stop()
+            thread.join(timeout=5)
+    [record] = caplog.records
+    assert "watcher crashed" in record.getMessage() and record.exc_info is not None
