@@ -39,8 +39,8 @@ class RenderOptions:
 
 
 class ServerView(NamedTuple):
-    """One server of an upstream, for templates that lay servers out themselves; `directive`
-    is `address` and `params` joined, and `note` the container made safe for a comment."""
+    """One server of an upstream; `directive` is `address` and `params` joined, and `note` the
+    container made safe for a comment. The upstream's `server` lines are printed from these."""
 
     address: str
     params: tuple[str, ...]
@@ -51,9 +51,7 @@ class ServerView(NamedTuple):
 
 class ServiceView(NamedTuple):
     """A tuple, not a frozen dataclass: a cold pass makes one per service, 1,000 at 1,000
-    services x 10, and a tuple is several times cheaper. `server_lines` holds the upstream's
-    `server` lines, made in Python: at 10,000 servers a Jinja loop over them costs more than
-    the rest of the template. `servers` gives the same servers as views, made on demand."""
+    services x 10, and a tuple is several times cheaper."""
 
     name: str
     upstream: str
@@ -61,6 +59,8 @@ class ServiceView(NamedTuple):
     """Of the upstream's shared-memory zone, in nginx's size syntax (zone_size)."""
     balancing: str | None
     server_lines: str
+    """The upstream's `server` lines, ready to print: at 10,000 servers a Jinja loop over
+    them costs more than the rest of the template."""
     server_names: tuple[str, ...]
     containers: int
     serving: int
@@ -70,7 +70,8 @@ class ServiceView(NamedTuple):
 
     @property
     def servers(self) -> tuple[ServerView, ...]:
-        return tuple(server_view(b) for b in self.backends)
+        """The same servers, for a template that lays them out itself; made on demand."""
+        return tuple(map(server_view, self.backends))
 
 
 class NamesHash(NamedTuple):
@@ -158,6 +159,11 @@ def balancing_directive(service: Service) -> str | None:
     return algorithm.method.value
 
 
+_UP, _DRAINING = BackendState.UP, BackendState.DRAINING
+"""Read once: reading a member off an enum class goes through its metaclass, several times
+slower than a global on CPython 3.11, and these are compared for every backend."""
+
+
 def server_params(backend: Backend) -> tuple[str, ...]:
     params = []
     if backend.weight != 1:
@@ -170,7 +176,7 @@ def server_params(backend: Backend) -> tuple[str, ...]:
         params.append(f"max_conns={backend.max_conns}")
     if backend.backup:
         params.append("backup")
-    if backend.state is BackendState.DRAINING:
+    if backend.state is _DRAINING:
         params.append("down")
     return tuple(params)
 
@@ -190,7 +196,7 @@ def address(backend: Backend) -> str:
     return f"{host}:{backend.port}"
 
 
-_IN_UPSTREAM = frozenset({BackendState.UP, BackendState.DRAINING})
+_IN_UPSTREAM = frozenset({_UP, _DRAINING})
 
 
 def upstream_backends(service: Service, reachable: Iterable[str]) -> tuple[Backend, ...]:
@@ -198,7 +204,7 @@ def upstream_backends(service: Service, reachable: Iterable[str]) -> tuple[Backe
     (e.g. `controlplane render` to preview), on the container's first network. A drained
     backend stays, marked down, so hash methods keep mapping the other keys as before."""
     backends = service.backends
-    if not any(b.state is BackendState.UP for b in backends):
+    if not any(b.state is _UP for b in backends):
         return ()
     networks = reachable if isinstance(reachable, frozenset) else frozenset(reachable)
     chosen = [
@@ -212,42 +218,28 @@ def upstream_backends(service: Service, reachable: Iterable[str]) -> tuple[Backe
     return tuple(first.values())
 
 
-def _directive(host: str, params: tuple[str, ...]) -> str:
-    return " ".join((host, *params)) if params else host
+def server_directive(backend: Backend) -> str:
+    """What a `server` line gives nginx: the address, then the parameters."""
+    host, params = address(backend), server_params(backend)
+    return f"{host} {' '.join(params)}" if params else host
 
 
 def server_view(backend: Backend) -> ServerView:
-    host, params = address(backend), server_params(backend)
     return ServerView(
-        host, params, backend.container, _directive(host, params), comment(backend.container)
+        address(backend),
+        server_params(backend),
+        backend.container,
+        server_directive(backend),
+        comment(backend.container),
     )
 
 
 def server_lines(backends: Iterable[Backend]) -> str:
-    """The shipped template's lines for `server_view` of each backend, without making the
-    views: one loop with the common case inline (an IPv4 address, no parameter but a weight,
-    a plain container name), since a cold render makes 10,000 of them."""
-    fullmatch = IPV4_RE.fullmatch
-    draining = BackendState.DRAINING
-    lines = []
-    for b in backends:
-        ip = b.ip
-        host = f"{ip}:{b.port}" if ip and fullmatch(ip) else address(b)
-        if (
-            b.max_fails is None
-            and b.fail_timeout is None
-            and b.max_conns is None
-            and not b.backup
-            and b.state is not draining
-        ):
-            weight = b.weight
-            directive = host if weight == 1 else f"{host} weight={weight}"
-        else:
-            directive = _directive(host, server_params(b))
-        name = b.container
-        note = name if name.isascii() and name.isprintable() else comment(name)
-        lines.append(f"    server {directive};  # {note}")
-    return "\n".join(lines)
+    """Each `server_view(b)` as `server {directive};  # {note}`, from the same functions
+    without making the views: a cold render makes 10,000 lines."""
+    return "\n".join(
+        [f"    server {server_directive(b)};  # {comment(b.container)}" for b in backends]
+    )
 
 
 def service_view(service: Service, reachable: Iterable[str], options: RenderOptions) -> ServiceView:
@@ -263,57 +255,47 @@ def service_view(service: Service, reachable: Iterable[str], options: RenderOpti
         server_lines=server_lines(backends),
         server_names=service.names or (service.name,),
         containers=len({b.container_id for b in service.backends}),
-        serving=sum(1 for b in backends if b.state is BackendState.UP),
+        serving=sum(1 for b in backends if b.state is _UP),
         service=service,
         backends=backends,
     )
 
 
+Rendered = tuple[ServiceView, str]
+
+
 class RenderCache:
-    """Each service's view and rendered block, by (template, service, reachable networks,
-    options): a pass where one service changed renders one block. The service is looked up by
-    identity: the builder hands over the very same Service for an unchanged service, and
-    hashing 1,000 services (each hashing its backends) cost more than rendering the one that
-    changed; the entry's view holds the service, so its id can't be reused while it is kept.
-    Bounded: it is emptied once it holds four times as many entries as a render uses."""
+    """Each service's view and block from the last render: a pass where one service changed
+    renders one block. A service is found by identity, since the builder hands over the very
+    same Service for an unchanged one (hashing every service each pass would cost more than
+    rendering the one that changed). Each entry holds its Service, so no other object can
+    take that id while the entry is kept; the cache keeps only the last render's services,
+    and starts afresh for another template, reachable networks or options."""
 
     def __init__(self) -> None:
-        self._entries: dict[
-            tuple[jinja2.Template, int, frozenset[str], RenderOptions], tuple[ServiceView, str]
-        ] = {}
-        self._globals: dict[jinja2.Template, dict[str, object]] = {}
+        self._context: tuple[jinja2.Template, frozenset[str], RenderOptions] | None = None
+        self._entries: dict[int, tuple[Service, Rendered]] = {}
 
     def render(
         self,
         template: jinja2.Template,
-        service: Service,
+        services: Iterable[Service],
         reachable: frozenset[str],
         options: RenderOptions,
-        size: int,
-    ) -> tuple[ServiceView, str]:
-        key = (template, id(service), reachable, options)
-        entry = self._entries.get(key)
-        if entry is None or entry[0].service is not service:
-            if len(self._entries) > 4 * max(size, 64):
-                self._entries.clear()
-                self._globals.clear()
-            view = service_view(service, reachable, options)
-            entry = self._entries[key] = (view, self._render(template, view, options))
-        return entry
-
-    def _render(self, template: jinja2.Template, view: ServiceView, options: RenderOptions) -> str:
-        """`template.render(s=view, options=options)`, without merging the environment's
-        globals (a ChainMap) into each block's variables: Jinja's low-level API, with the
-        globals copied to a plain dict once per template (nothing changes them while the
-        controller runs). Errors are raised as `render` raises them."""
-        globals_ = self._globals.get(template)
-        if globals_ is None:
-            globals_ = self._globals[template] = dict(template.globals)
-        context = template.new_context({**globals_, "s": view, "options": options}, shared=True)
-        try:
-            return template.environment.concat(template.root_render_func(context))
-        except Exception:
-            template.environment.handle_exception()
+    ) -> list[Rendered]:
+        context = (template, reachable, options)
+        last = self._entries if context == self._context else {}
+        entries: dict[int, tuple[Service, Rendered]] = {}
+        rendered = []
+        for service in services:
+            entry = last.get(id(service))
+            if entry is None:
+                view = service_view(service, reachable, options)
+                entry = (service, (view, template.render(s=view, options=options)))
+            entries[id(service)] = entry
+            rendered.append(entry[1])
+        self._context, self._entries = context, entries
+        return rendered
 
 
 def render_config(
@@ -329,15 +311,11 @@ def render_config(
         topology.excluded, key=lambda e: (e.container, e.service or "", e.reason)
     )
     try:
-        rendered: list[tuple[ServiceView, str]] = []
+        rendered: list[Rendered] = []
         if topology.services:
             service_template = template.environment.get_template(SERVICE_TEMPLATE)
             memo = cache or RenderCache()
-            size = len(topology.services)
-            rendered = [
-                memo.render(service_template, s, reachable, options, size)
-                for s in topology.services
-            ]
+            rendered = memo.render(service_template, topology.services, reachable, options)
         return template.render(
             services=[view for view, _ in rendered],
             service_blocks=[block for _, block in rendered],

@@ -6,15 +6,16 @@ diff before committing it.
 
 from __future__ import annotations
 
+import gc
+import itertools
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from controlplane.core import labels as L
 from controlplane.core.build import BuildOptions, build_topology
@@ -45,6 +46,7 @@ from controlplane.core.render import (
     zone_size,
 )
 from controlplane.errors import TemplateError
+from controlplane.templating import load_template
 from tests.support.nginx_check import nginx_t
 from tests.unit.builders import container, network, nginx, state
 
@@ -649,59 +651,113 @@ def test_nginx_knows_every_hash_variable_the_grammar_allows(
     assert result.returncode == 0, result.stderr
 
 
-def test_the_render_cache_renders_an_unchanged_service_once(template: jinja2.Template) -> None:
-    """Looked up by identity: the same Service is not rendered again; an equal one built
-    anew is (same text); a changed one gets its own block."""
-    web = service("web", backend("w1", "10.0.0.2"))
-    topology = Topology(services=(web,))
+def counting_template() -> jinja2.Template:
+    """Each service block shows how many blocks were rendered before it: a block taken from
+    the cache shows its old number."""
+    env = make_environment(
+        jinja2.DictLoader(
+            {
+                "main.j2": "{% for b in service_blocks %}{{ b }}{% endfor %}",
+                "service.conf.j2": "{{ s.name }}={{ count() }} ",
+            }
+        )
+    )
+    env.globals["count"] = itertools.count().__next__
+    return env.get_template("main.j2")
+
+
+def test_the_render_cache_renders_an_unchanged_service_once() -> None:
+    """Found by identity: the same Service is not rendered again; an equal one built anew
+    is; other options or networks render every service again."""
+    template = counting_template()
+    web, api = service("web", backend("w1", "10.0.0.2")), service("api", backend("a1", "10.0.0.3"))
+    cache = RenderCache()
+    assert render_config(Topology(services=(web, api)), template, cache=cache) == "web=0 api=1 "
+    assert render_config(Topology(services=(web, api)), template, cache=cache) == "web=0 api=1 "
+    rebuilt = service("api", backend("a1", "10.0.0.3"))
+    assert render_config(Topology(services=(web, rebuilt)), template, cache=cache) == "web=0 api=2 "
+    other = RenderOptions(keepalive=8)
+    assert (
+        render_config(Topology(services=(web, rebuilt)), template, other, cache) == "web=3 api=4 "
+    )
+    proxy = NginxTarget("p" * 64, "proxy", "/etc/nginx/conf.d/x.conf", t(0), ("app",))
+    moved = Topology(services=(web, rebuilt), nginx=(proxy,))
+    assert render_config(moved, template, other, cache) == "web=5 api=6 "
+
+
+def test_the_render_cache_keeps_only_the_last_renders_services() -> None:
+    """A service gone from the topology is let go, so no other object can take its id while
+    an entry for it is kept, and the cache does not grow with every change."""
+    template = counting_template()
+    web, api = service("web", backend("w1", "10.0.0.2")), service("api", backend("a1", "10.0.0.3"))
+    gone = weakref.ref(api)
+    cache = RenderCache()
+    render_config(Topology(services=(web, api)), template, cache=cache)
+    render_config(Topology(services=(web,)), template, cache=cache)
+    del api
+    gc.collect()
+    assert gone() is None
+
+
+def test_cached_blocks_render_as_fresh_ones(template: jinja2.Template) -> None:
+    topology = golden_topology()
     cache = RenderCache()
     first = render_config(topology, template, cache=cache)
-    blocks = dict(cache._entries)
     assert render_config(topology, template, cache=cache) == first
-    assert cache._entries == blocks
-    rebuilt = Topology(services=(service("web", backend("w1", "10.0.0.2")),))
-    assert render_config(rebuilt, template, cache=cache) == first
-    changed = Topology(services=(service("web", backend("w1", "10.0.0.3")),))
-    assert "10.0.0.3:80" in render_config(changed, template, cache=cache)
+    assert render_config(topology, template) == first
 
 
-@given(
-    ip=st.sampled_from(["10.0.0.2", "172.20.255.254", ""]),
-    ipv6=st.sampled_from(["", "fd00::2"]),
-    name=st.sampled_from(["web-1", "caf\u00e9", "a#b\nc"]),
-    state_=st.sampled_from([BackendState.UP, BackendState.DRAINING]),
-    weight=st.integers(1, 3),
-    backup=st.booleans(),
-    max_fails=st.sampled_from([None, 0, 3]),
-    fail_timeout=st.sampled_from([None, "10s"]),
-    max_conns=st.sampled_from([None, 5]),
+@pytest.mark.parametrize(
+    ("one", "directive", "note"),
+    [
+        (backend("web-1", "10.0.0.2"), "10.0.0.2:80", "web-1"),
+        (backend("web-1", "10.0.0.2", weight=3), "10.0.0.2:80 weight=3", "web-1"),
+        (
+            backend("w", "", ipv6="fd00::2", state=BackendState.DRAINING, max_conns=5),
+            "[fd00::2]:80 max_conns=5 down",
+            "w",
+        ),
+        (backend("caf\u00e9 a#b\nc", "10.0.0.2", backup=True), "10.0.0.2:80 backup", "caf? a#b?c"),
+    ],
+    ids=["plain", "weight", "ipv6-params-draining", "name-made-safe-for-a-comment"],
 )
-def test_server_lines_say_what_the_server_views_say(
-    ip: str,
-    ipv6: str,
-    name: str,
-    state_: BackendState,
-    weight: int,
-    backup: bool,
-    max_fails: int | None,
-    fail_timeout: str | None,
-    max_conns: int | None,
-) -> None:
-    """The lines are made in one fast loop and the views for custom templates apart: the
-    two must never disagree."""
-    one = backend(
-        name,
-        ip,
-        ipv6=ipv6 or ("" if ip else "fd00::3"),
-        state=state_,
-        weight=weight,
-        backup=backup,
-        max_fails=max_fails,
-        fail_timeout=fail_timeout,
-        max_conns=max_conns,
-    )
+def test_server_view_and_its_line(one: Backend, directive: str, note: str) -> None:
     view = server_view(one)
+    assert (view.address, view.params) == (address(one), server_params(one))
+    assert (view.container, view.directive, view.note) == (one.container, directive, note)
     assert server_lines((one,)) == f"    server {view.directive};  # {view.note}"
+
+
+CUSTOM_MAIN = """\
+{% include "builtin/controlplane.conf.j2" %}
+{% for s in services %}
+# {{ s.name }}: zone {{ s.zone_size }}, {{ s.backends|length }} backends
+{% endfor %}
+"""
+CUSTOM_SERVICE = """\
+{% include "builtin/service.conf.j2" %}
+{% for v in s.servers %}
+#view {{ ([v.address] + v.params|list)|join(" ") == v.directive }} {{ v.container|comment }}
+#view    server {{ v.directive }};  # {{ v.note }}
+{% endfor %}
+"""
+
+
+def test_custom_templates_get_the_documented_variables(tmp_path: Path) -> None:
+    """A custom template that lays the servers out itself from `s.servers` writes the lines
+    the shipped one prints from `s.server_lines`; one that includes the shipped one gets its
+    text unchanged."""
+    (tmp_path / "controlplane.conf.j2").write_text(CUSTOM_MAIN, encoding="utf-8")
+    (tmp_path / "service.conf.j2").write_text(CUSTOM_SERVICE, encoding="utf-8")
+    topology = golden_topology()
+    text = render_config(topology, load_template(tmp_path))
+    shipped = render_config(topology, load_template())
+    views = [line.removeprefix("#view") for line in text.splitlines() if line.startswith("#view")]
+    assert views[1::2] == [line for line in shipped.splitlines() if line.startswith("    server ")]
+    assert all(line.startswith(" True ") for line in views[::2])
+    assert "# web: zone 64k, 3 backends" in text
+    for line in shipped.splitlines():
+        assert line in text
 
 
 # ---------------------------------------------------------------- sizes nginx must accept
