@@ -12,31 +12,43 @@ marker and `$?`, and the reply is everything the shell printed before that marke
 merged into stdout first, so the two can't arrive out of order). The marker holds a random
 token, so no output of nginx can end a reply early. The container is trusted to run nginx, not
 to behave: a reply has a deadline and a size limit, and its text is made printable.
+
+dockerd's attach frames are read by docker-py's own `frames_iter_no_tty`. Its reads poll with no
+timeout, so a deadline is kept by shutting the connection down (`abort`), which ends a read or
+a send in progress; that is also how the deployer ends a deploy that passed its deadline. A
+request that misses its deadline thus ends the session, as it must: its late reply would be
+taken for the next request's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import posixpath
 import secrets
 import shlex
 import socket
-import struct
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import docker
+from docker.utils.socket import frames_iter_no_tty
 
 from controlplane import nginx_workers
 from controlplane.errors import DeployError
 
-HEADER = struct.Struct(">BxxxL")
-"""A frame of a non-TTY attach stream: stream number (1 stdout, 2 stderr), then length."""
 OPEN_TIMEOUT = 5.0
 STEP_TIMEOUT = 30.0
 """Long enough for `nginx -t` of a config with tens of thousands of servers (~0.3 s here)."""
 MAX_REPLY = 1 << 20
 """nginx -t says a few lines; a shell that prints more is not one to keep talking to."""
+MAX_FILE = 64 << 20
+"""The most `read` takes back: a config rendered for tens of thousands of services."""
+LAST_WORDS = 0.5
+"""How long a failed request waits for what the shell or the engine printed before it ended."""
 
 
 class NoShell(DeployError):
@@ -50,8 +62,51 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == "\n" else "?" for c in text)
 
 
+class Watchdog:
+    """Calls `expire` once the deadline armed last passes, unless disarmed first; one thread
+    per session, woken only when a deadline comes earlier than the one it sleeps towards."""
+
+    def __init__(self, expire: Callable[[], None]) -> None:
+        self._expire = expire
+        self._due: float | None = None
+        self._waking = math.inf
+        self._stopped = False
+        self._changed = threading.Condition(threading.Lock())
+        threading.Thread(target=self._watch, name="nginx-shell-watchdog", daemon=True).start()
+
+    def arm(self, seconds: float) -> None:
+        with self._changed:
+            self._due = time.monotonic() + seconds
+            if self._due < self._waking:
+                self._changed.notify()
+
+    def disarm(self) -> None:
+        with self._changed:
+            self._due = None
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while not self._stopped:
+                now = time.monotonic()
+                if self._due is not None and self._due <= now:
+                    break
+                self._waking = math.inf if self._due is None else self._due
+                self._changed.wait(None if self._due is None else self._due - now)
+            else:
+                return
+        self._expire()
+
+
 class ShellSession:
-    """Not thread-safe: the deployer uses one session per container, from one pass at a time."""
+    """A Channel (nginx_deployer) used by one deploy at a time: only `abort` may be called
+    from another thread."""
+
+    via = "shell"
 
     def __init__(
         self,
@@ -63,19 +118,20 @@ class ShellSession:
     ) -> None:
         """Checks what a deploy needs (nginx, cat and mv on the PATH, and that the container's
         user may write the config's directory) before any deploy relies on it.
-        `note_workers`: reload notes nginx's workers, for retire_old_workers."""
+        `note_workers`: reload notes nginx's workers, for `settle` to retire the old ones."""
         self.container_id = container_id
-        self._note_workers = note_workers
         self.started_at = started_at
-        self._marker = f"@@controlplane-{secrets.token_hex(8)}"
-        self._buffer = b""
-        self._frames = b""
-        self._deadline = 0.0
+        self._note_workers = note_workers
+        self._marker = f"@@controlplane-{secrets.token_hex(8)}".encode()
+        self._buffer = bytearray()
+        self._ended: str | None = None
+        """Why the connection was shut down, once it was."""
+        self._renaming = False
         self._old_workers: frozenset[int] = frozenset()
         directory = posixpath.dirname(config_path)
         self._path = shlex.quote(config_path)
-        self._staging = shlex.quote(
-            posixpath.join(directory, f".{posixpath.basename(config_path)}.controlplane-new")
+        self.staging = posixpath.join(
+            directory, f".{posixpath.basename(config_path)}.controlplane-new"
         )
         """Beside the file, so that mv replaces it in one rename; a dot file, so that an
         include of `*` or `*.conf` never reads a half-written one."""
@@ -86,10 +142,15 @@ class ShellSession:
             stream: Any = api.exec_start(exec_id, socket=True)
         except docker.errors.DockerException as error:
             raise DeployError(f"could not start /bin/sh in the container: {error}") from error
-        # docker-py hands back its response's socket (a SocketIO over a unix socket); the
-        # socket itself is what takes timeouts and shutdown.
-        self._socket: socket.socket = getattr(stream, "_sock", stream)
-        self._keep = stream
+        self._stream = stream
+        # What frames_iter gives for a stream without a TTY; its stubs say less than this.
+        self._frames = cast(Iterator[tuple[int, bytes]], frames_iter_no_tty(stream))
+        # docker-py hands back its response's stream, read-only over a unix socket: requests
+        # go out on a socket of our own over the same connection, which also takes shutdown.
+        self._socket = socket.socket(fileno=os.dup(stream.fileno()))
+        self._send = stream.sendall if isinstance(stream, socket.socket) else self._socket.sendall
+        """A TLS connection's stream is its SSL socket: the bytes must go through it."""
+        self._watchdog = Watchdog(lambda: self.abort("it timed out"))
         writable = 1
         try:
             code, output = self.run(
@@ -107,11 +168,33 @@ class ShellSession:
             self.close()
             raise NoShell(f"the container's user may not write in {directory}")
 
+    @property
+    def alive(self) -> bool:
+        """False once a request failed or the session was aborted or closed."""
+        return self._ended is None
+
+    @property
+    def rename_pending(self) -> bool:
+        """The rename was sent and its reply never came: a shell that stalled (a paused
+        container) may still run it when it resumes."""
+        return self._renaming
+
     @staticmethod
     def can_carry(content: bytes) -> bool:
-        """A quoted here-document carries text that ends with a newline and has no NUL:
-        every rendered config does."""
-        return content.endswith(b"\n") and b"\0" not in content
+        """A quoted here-document carries text that is empty or ends with a newline and has
+        no NUL: every rendered config does."""
+        return (not content or content.endswith(b"\n")) and b"\0" not in content
+
+    def read(self) -> bytes | None:
+        """The config file as it is, byte for byte; None when there is none."""
+        absent, _ = self.run(f"[ -e {self._path} ]", STEP_TIMEOUT)
+        if absent:
+            return None
+        code, content = self.request(f"cat {self._path}".encode(), STEP_TIMEOUT, MAX_FILE)
+        if code != 0:
+            said = printable(content.decode("utf-8", "replace")).strip()
+            raise DeployError(f"could not read {self._path} in the container: {said}")
+        return content
 
     def write(self, content: bytes) -> None:
         """The whole file to a staging file, then, once the shell said it is there, mv over
@@ -123,7 +206,9 @@ class ShellSession:
         document, rename = self.write_scripts(content, delimiter)
         code, output = self.run(document, STEP_TIMEOUT)
         if code == 0:
+            self._renaming = True
             code, output = self.run(rename, STEP_TIMEOUT)
+            self._renaming = False
         if code != 0:
             raise DeployError(f"could not write {self._path} in the container: {output.strip()}")
 
@@ -131,7 +216,7 @@ class ShellSession:
         """The staging file's here-document, and the rename as a `{ ...; }` group: a shell
         whose input ends early (a controller killed, a connection cut) still runs a command
         whose here-document was cut short, but never an incomplete group."""
-        staging, path = self._staging.encode(), self._path.encode()
+        staging, path = shlex.quote(self.staging).encode(), self._path.encode()
         return (
             b"cat > %s <<'%s'\n%s%s" % (staging, delimiter, content, delimiter),
             b"{ mv -f %s %s; }" % (staging, path),
@@ -141,8 +226,8 @@ class ShellSession:
         return self.run("nginx -t", STEP_TIMEOUT)
 
     def reload(self) -> None:
-        """With `note_workers`, notes the workers up before the signal, for
-        retire_old_workers, in the same request."""
+        """With `note_workers`, notes the workers up before the signal, for `settle`, in the
+        same request."""
         listing = f"{nginx_workers.LISTING}\n" if self._note_workers else ""
         code, output = self.run(f"{listing}kill -HUP 1", STEP_TIMEOUT)
         if code != 0:
@@ -150,7 +235,7 @@ class ShellSession:
         if self._note_workers:
             self._old_workers = nginx_workers.workers(nginx_workers.parse(output))
 
-    def retire_old_workers(self, within: float) -> str | None:
+    def settle(self, within: float) -> str | None:
         """After reload: once every new worker is up, tells the old ones to quit (see
         nginx_workers). Returns what kept it from doing so, for a warning: a worker that
         refused the signal, or no new worker after `within` seconds (the master retires the
@@ -183,75 +268,87 @@ class ShellSession:
             "config, or refused it (its error log says why; the old config then still serves)"
         )
 
+    def restore(self, previous: bytes | None) -> None:
+        """The file that was there before (none: an empty one)."""
+        self.write(previous or b"")
+
     def run(self, script: str | bytes, timeout: float) -> tuple[int, str]:
-        """Exit status of the script's last command, and what it printed; within `timeout`
-        seconds in all."""
-        body = script.encode() if isinstance(script, str) else script
-        request = body + f"\nprintf '\\n%s %s\\n' {self._marker} \"$?\"\n".encode()
-        self._deadline = time.monotonic() + timeout
+        """Exit status of the script's last command, and what it printed (made printable);
+        within `timeout` seconds in all."""
+        code, output = self.request(
+            script.encode() if isinstance(script, str) else script, timeout, MAX_REPLY
+        )
+        return code, printable(output.decode("utf-8", "replace"))
+
+    def request(self, script: bytes, timeout: float, limit: int) -> tuple[int, bytes]:
+        """Exit status of the script's last command, and the bytes it printed, at most
+        `limit` of them; within `timeout` seconds in all. Any failure ends the session."""
+        if self._ended is not None:
+            raise DeployError(f"the shell in the container was closed ({self._ended})")
+        self._watchdog.arm(timeout)
         try:
-            self._socket.settimeout(timeout)
-            self._socket.sendall(request)
-            return self._reply()
+            self._send(script + b"\nprintf '\\n%s %s\\n' " + self._marker + b' "$?"\n')
+            return self._reply(limit)
         except (OSError, ValueError, DeployError) as error:
+            why = self._ended or str(error)
             said = self._last_words()
             raise DeployError(
-                f"the shell in the container did not answer ({error})"
-                + (f": {said}" if said else "")
+                f"the shell in the container did not answer ({why})" + (f": {said}" if said else "")
             ) from error
+        finally:
+            self._watchdog.disarm()
 
-    def close(self) -> None:
-        """Shutting the connection closes the shell's stdin, which ends it in the container.
-        (A plain close would not: the stream object docker-py returned shares the socket.)"""
+    def abort(self, why: str = "the deploy was given up") -> None:
+        """From any thread: ends the request in progress, if any, and the session (its
+        stdin closes, which ends the shell in the container)."""
+        if self._ended is None:
+            self._ended = why
         with contextlib.suppress(OSError):
             self._socket.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self._keep.close()
+
+    def close(self) -> None:
+        """Only from the thread that uses the session (or when none does)."""
+        self.abort("closed")
+        self._watchdog.stop()
         with contextlib.suppress(OSError):
             self._socket.close()
+        with contextlib.suppress(OSError):
+            self._stream.close()
 
-    def _reply(self) -> tuple[int, str]:
-        marker = b"\n" + self._marker.encode() + b" "
+    def _reply(self, limit: int) -> tuple[int, bytes]:
+        marker = b"\n" + self._marker + b" "
         searched = 0
         while True:
             start = self._buffer.find(marker, max(0, searched - len(marker)))
             if start != -1:
-                end = self._buffer.find(b"\n", start + 1)
+                end = self._buffer.find(b"\n", start + len(marker))
                 if end != -1:
-                    output = printable(self._buffer[:start].decode("utf-8", "replace"))
-                    code = self._buffer[start + len(marker) : end]
-                    self._buffer = self._buffer[end + 1 :]
-                    return int(code), output
-            searched = len(self._buffer)
-            self._read_frame()
+                    output = bytes(self._buffer[:start])
+                    code = int(self._buffer[start + len(marker) : end])
+                    del self._buffer[: end + 1]
+                    return code, output
+                searched = start + len(marker)  # the marker's line is still coming
+            else:
+                searched = len(self._buffer)
+            if searched > limit + len(marker):
+                raise DeployError(f"the shell printed more than {limit} bytes")
+            self._buffer += self._next_frame()
+
+    def _next_frame(self) -> bytes:
+        try:
+            _, data = next(self._frames)
+        except StopIteration:
+            raise DeployError(self._ended or "the shell exited") from None
+        return data
 
     def _last_words(self) -> str:
         """What the engine or the shell printed before the stream ended (e.g. why /bin/sh
-        could not start), for the error message: half a second and one reply's worth at most."""
-        self._deadline = time.monotonic() + 0.5
+        could not start), for the error message: LAST_WORDS seconds and one reply's worth at
+        most. Ends the session first: nothing it says now can be taken for a reply."""
+        self.abort(self._ended or "a request failed")
+        self._watchdog.arm(LAST_WORDS)
         with contextlib.suppress(OSError, ValueError, DeployError):
-            while True:
-                self._read_frame()
-        text = (self._buffer + self._frames).decode("utf-8", "replace")
+            while len(self._buffer) <= MAX_REPLY:
+                self._buffer += self._next_frame()
+        text = self._buffer.decode("utf-8", "replace")
         return "".join(c for c in text if c.isprintable() or c == "\n").strip()[-300:]
-
-    def _read_frame(self) -> None:
-        while len(self._frames) < HEADER.size:
-            self._receive()
-        _, size = HEADER.unpack_from(self._frames)
-        if len(self._buffer) + size > MAX_REPLY:
-            raise DeployError(f"the shell printed more than {MAX_REPLY} bytes")
-        while len(self._frames) < HEADER.size + size:
-            self._receive()
-        self._buffer += self._frames[HEADER.size : HEADER.size + size]
-        self._frames = self._frames[HEADER.size + size :]
-
-    def _receive(self) -> None:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise DeployError("the shell did not answer in time")
-        self._socket.settimeout(left)
-        chunk = self._socket.recv(65536)
-        if not chunk:
-            raise DeployError("the shell exited")
-        self._frames += chunk

@@ -1,6 +1,7 @@
 """The two ways into a real nginx: the shell kept open in it, and the engine's calls for an
 image without a shell. Both serve the same; the shell leaves nothing behind in the container,
-whether the controller stops or is killed, and retires nginx's old workers early."""
+whether the controller stops or is killed, and retires nginx's old workers early. A paused
+nginx is given up at its deadline and holds no other."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from controlplane.core.build import DEFAULT_CONFIG_PATH
 from controlplane.core.model import NginxTarget
 from controlplane.nginx_deployer import DeployResult, NginxDeployer
 from tests.integration.conftest import ControllerFactory, RunningController
+from tests.integration.test_checked_reload import config_in
 from tests.support.lab import Http, Lab, wait_until
 
 
@@ -89,15 +91,19 @@ def generation(number: int) -> bytes:
     ).encode()
 
 
+def target_of(nginx: Container, net: Network) -> NginxTarget:
+    nginx.reload()
+    return NginxTarget(
+        nginx.id, nginx.name, DEFAULT_CONFIG_PATH, nginx.attrs["State"]["StartedAt"], (net.name,)
+    )
+
+
 def test_after_a_deploy_returns_only_new_workers_take_connections(lab: Lab) -> None:
     """nginx itself lets its old workers accept for 100 ms after a reload; through the shell
     they are told to quit once the new ones are up, before the deploy returns."""
     net = lab.network()
     lb = lab.nginx(net)
-    lb.reload()
-    target = NginxTarget(
-        lb.id, lb.name, DEFAULT_CONFIG_PATH, lb.attrs["State"]["StartedAt"], (net.name,)
-    )
+    target = target_of(lb, net)
     deployer = NginxDeployer(lab.client.api)
     url = f"http://127.0.0.1:{lab.published_port(lb)}/"
     try:
@@ -116,3 +122,38 @@ def test_after_a_deploy_returns_only_new_workers_take_connections(lab: Lab) -> N
         return [p[-1] for p in processes if p[-1].strip() == "nginx: worker process"]
 
     wait_until(lambda: len(workers()) == 2, timeout=5, what="two workers, the old ones gone")
+
+
+def test_a_paused_nginx_is_given_up_at_its_deadline_and_keeps_its_good_config(
+    lab: Lab, http_for: type[Http]
+) -> None:
+    net = lab.network()
+    paused, serving = lab.nginx(net), lab.nginx(net)
+    targets = [target_of(paused, net), target_of(serving, net)]
+    deployer = NginxDeployer(lab.client.api, deadline=2.0)
+    try:
+        assert all(r.ok and r.via == "shell" for r in deployer.deploy_all(targets, generation(1)))
+        paused.pause()
+        try:
+            began = time.monotonic()
+            heard: dict[str, float] = {}
+            results = deployer.deploy_all(
+                targets,
+                generation(2),
+                on_result=lambda r: heard.setdefault(r.container, time.monotonic() - began),
+            )
+        finally:
+            paused.unpause()
+        assert results[1].ok and not results[0].ok, results
+        assert "did not finish its deploy within 2 s" in (results[0].error or "")
+        assert heard[serving.name] < 1.5 and 2.0 <= heard[paused.name] < 3.0, heard
+        assert config_in(paused, DEFAULT_CONFIG_PATH) == generation(1).decode()
+        assert http_for(lab.published_port(paused)).bodies("any", 5) == {"generation 1": 5}
+        assert http_for(lab.published_port(serving)).bodies("any", 5) == {"generation 2": 5}
+
+        again = deployer.deploy_all(targets, generation(3))
+        assert all(r.ok and r.via == "shell" for r in again), again
+        assert "open" in again[0].timings and "open" not in again[1].timings
+        wait_until(lambda: len(shells(paused)) == 1, timeout=5, what="the stalled shell to end")
+    finally:
+        deployer.close()

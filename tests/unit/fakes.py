@@ -6,7 +6,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 
 from controlplane.core.model import ContainerFacts, DockerState, NginxTarget
@@ -58,6 +59,20 @@ class FakeDeployer:
                 target.container, False, "nginx -t failed", {}, target.container_id, refused=True
             )
         return DeployResult(target.container, True, None, {}, target.container_id)
+
+    def deploy_all(
+        self,
+        targets: Sequence[NginxTarget],
+        content: bytes,
+        on_result: Callable[[DeployResult], object] | None = None,
+    ) -> tuple[DeployResult, ...]:
+        """All at once, as NginxDeployer: `delay` is a pass's, not each nginx's."""
+        with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
+            futures = [pool.submit(self.deploy, target, content) for target in targets]
+            for future in as_completed(futures):
+                if on_result is not None:
+                    on_result(future.result())
+        return tuple(future.result() for future in futures)
 
     def retain(self, container_ids: set[str]) -> None:
         pass

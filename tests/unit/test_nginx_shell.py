@@ -8,11 +8,13 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import socket as sockets
 import struct
 import subprocess
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -33,6 +35,9 @@ if grep -q bogus "$CONFIG"; then
 fi
 echo 'nginx: configuration file test is successful' >&2
 """
+
+LARGE = b"# " + b"y" * 1_000_000 + b"\n" + b"    server 10.0.0.1:80 max_fails=0;\n" * 8_000
+"""A config of ~1.3 MB, one line of it 1 MB long."""
 
 
 class LocalShellEngine:
@@ -90,7 +95,11 @@ class LocalShellEngine:
         lock = threading.Lock()
         for number, pipe in ((1, process.stdout), (2, process.stderr)):
             threading.Thread(target=_frame, args=(pipe, theirs, number, lock), daemon=True).start()
-        return ours
+        # What docker-py hands back over a unix socket: its response's read-only stream,
+        # whose close ends the connection.
+        stream = ours.makefile("rb", buffering=0)
+        ours.close()
+        return stream
 
     def exec_inspect(self, exec_id: str) -> dict[str, int]:
         return {"ExitCode": self.test_code}
@@ -106,9 +115,10 @@ class LocalShellEngine:
 
     def put_archive(self, container: str, path: str, data: bytes) -> bool:
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            member = tar.extractfile(self.config.name)
-            assert member is not None
-            self.config.write_bytes(member.read())
+            for info in tar.getmembers():
+                member = tar.extractfile(info)
+                assert member is not None and "/" not in info.name
+                (self.config.parent / info.name).write_bytes(member.read())
         return True
 
 
@@ -151,14 +161,28 @@ def session(engine: LocalShellEngine) -> ShellSession:
         b"$(touch /tmp/pwned) `id` ${HOME} \\ 'quoted' \"double\"\nEOF\n'EOF'\n",
         "caf\u00e9 \u2014 not ascii\n".encode(),
         b"# " + b"x" * 200_000 + b"\n" + b"line\n" * 20_000,
+        LARGE,
     ],
-    ids=["config", "shell-syntax", "utf-8", "large"],
+    ids=["config", "shell-syntax", "utf-8", "300-kB-line", "1.3-MB"],
 )
 def test_a_file_arrives_byte_for_byte(engine: LocalShellEngine, content: bytes) -> None:
     shell = session(engine)
     shell.write(content)
     assert engine.config.read_bytes() == content
     assert not Path("/tmp/pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"no final newline", b"nul \0 and \xff bytes\n\n", b"@@controlplane-0 0\n", LARGE],
+    ids=["empty", "no-final-newline", "binary", "marker-like", "1.3-MB"],
+)
+def test_a_file_is_read_byte_for_byte(engine: LocalShellEngine, content: bytes) -> None:
+    shell = session(engine)
+    assert shell.read() is None
+    engine.config.write_bytes(content)
+    assert shell.read() == content
+    assert shell.run("echo next", 5) == (0, "next\n")
 
 
 def test_the_test_reports_nginx_code_and_output(engine: LocalShellEngine) -> None:
@@ -285,6 +309,27 @@ def test_a_shell_that_died_is_an_error_not_a_hang(engine: LocalShellEngine) -> N
         shell.run("true", 5)
 
 
+def test_an_abort_from_another_thread_ends_a_request_at_once(engine: LocalShellEngine) -> None:
+    shell = session(engine)
+    threading.Timer(0.2, shell.abort).start()
+    began = time.monotonic()
+    with pytest.raises(DeployError, match="given up"):
+        shell.run("sleep 5", 30)
+    assert time.monotonic() - began < 2
+    assert not shell.alive
+    assert engine.processes[0].wait(timeout=10) is not None
+
+
+def test_a_send_the_shell_does_not_take_ends_at_its_deadline(engine: LocalShellEngine) -> None:
+    """A shell busy with something else reads no input: the request's bytes fill the pipes
+    and the send blocks, until the deadline shuts the connection."""
+    shell = session(engine)
+    began = time.monotonic()
+    with pytest.raises(DeployError, match="timed out"):
+        shell.run(b"sleep 5\n: '" + LARGE.replace(b"'", b"") + b"'", 0.5)
+    assert time.monotonic() - began < 2.5
+
+
 TARGET = NginxTarget("c" * 64, "lb", "", "t0", ("app",))
 
 
@@ -352,7 +397,7 @@ def test_retiring_old_workers_never_fails_a_deploy(
             raise outcome
         return outcome
 
-    monkeypatch.setattr(ShellSession, "retire_old_workers", retire)
+    monkeypatch.setattr(ShellSession, "settle", retire)
     target = NginxTarget("c" * 64, "lb", str(engine.config), "t0", ("app",))
     deployer = NginxDeployer(engine)  # type: ignore[arg-type]
     result = deployer.deploy(target, b"# new\n")
@@ -361,3 +406,41 @@ def test_retiring_old_workers_never_fails_a_deploy(
     assert "could not retire its old workers early" in caplog.text
     assert deployer.deploy(target, b"# newer\n").via == "shell"
     assert len(engine.processes) == (1 if kept else 2)
+
+
+def test_a_shell_stalled_mid_deploy_is_given_up_and_its_late_rename_changes_nothing(
+    engine: LocalShellEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paused container: the shell took the rename request but runs it only once it
+    resumes, long after the deploy was given up and the previous file put back."""
+    target = NginxTarget("c" * 64, "lb", str(engine.config), "t0", ("app",))
+    deployer = NginxDeployer(engine, deadline=1.0)  # type: ignore[arg-type]
+    assert deployer.deploy(target, b"# one\n").via == "shell"
+    request = ShellSession.request
+    stalled: list[subprocess.Popen[bytes]] = []
+
+    def pause_before_the_rename(
+        self: ShellSession, script: bytes, timeout: float, limit: int
+    ) -> tuple[int, bytes]:
+        if script.startswith(b"{ mv") and not stalled:
+            stalled.append(engine.processes[-1])
+            stalled[0].send_signal(signal.SIGSTOP)
+        return request(self, script, timeout, limit)
+
+    monkeypatch.setattr(ShellSession, "request", pause_before_the_rename)
+    began = time.monotonic()
+    result = deployer.deploy(target, b"# two\n")
+    assert time.monotonic() - began < 1.5
+    assert not result.ok and "within 1 s (it was at: writing the file)" in (result.error or "")
+    staging = engine.config.parent / ".controlplane.conf.controlplane-new"
+    wait = time.monotonic() + 5
+    while staging.read_bytes() != b"# one\n" and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert engine.config.read_bytes() == b"# one\n" == staging.read_bytes()
+
+    stalled[0].send_signal(signal.SIGCONT)
+    assert stalled[0].wait(timeout=5) == 0
+    assert engine.config.read_bytes() == b"# one\n" and not staging.exists()
+    assert engine.signals.read_text() == "-HUP 1\n"
+    assert deployer.deploy(target, b"# three\n").via == "shell"
+    assert engine.config.read_bytes() == b"# three\n" and len(engine.processes) == 2
