@@ -35,6 +35,7 @@ lint: $(BIN)/controlplane
 	$(BIN)/ruff check controlplane tests bench images scripts
 	$(BIN)/ruff format --check controlplane tests bench images scripts
 	$(BIN)/mypy controlplane tests/support images
+	$(BIN)/lint-imports
 
 images: $(BIN)/controlplane
 	$(BIN)/python -m images.build

@@ -24,7 +24,7 @@ from typing import NamedTuple, Protocol
 import jinja2
 
 from controlplane.core.batching import BatchPolicy, Held
-from controlplane.core.build import build_topology
+from controlplane.core.build import BuildMemo, build_topology
 from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import Zone, build_zone
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
@@ -147,6 +147,7 @@ class Reconciler:
         self._build = settings.build_options
         self._render = settings.render_options
         self._render_cache = RenderCache()
+        self._build_memo = BuildMemo()
         self._clock = clock
         self._marks: dict[str, StopMark] = {}
         self._deployed: dict[tuple[str, str], str] = {}
@@ -228,7 +229,9 @@ class Reconciler:
         running = [c.id for c in state.containers]
         self._marks = prune(self._marks, running, self._clock(), self._settings.stop_grace)
         mark = time.perf_counter()
-        topology = build_topology(state, self._build, self._marks, self._overrides())
+        topology = build_topology(
+            state, self._build, self._marks, self._overrides(), memo=self._build_memo
+        )
         config = render_config(topology, self._template, self._render, self._render_cache)
         timings["render"] = time.perf_counter() - mark
         digest = checksum(config)
