@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 
 import click
 
+from controlplane.api.bodies import Algorithm
 from controlplane.api_client import DEFAULT_URL, ApiClient
-from controlplane.core.model import Algorithm, Method
+from controlplane.core.model import Method
 from controlplane.errors import ControlPlaneError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,15 +54,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def describe(algorithm: dict[str, Any]) -> str:
-    """The API's algorithm object, written the way the model writes it."""
-    return str(
-        Algorithm(
-            Method(algorithm["method"]),
-            algorithm.get("key"),
-            bool(algorithm.get("consistent")),
-            bool(algorithm.get("two")),
-        )
-    )
+    """The API's algorithm object, read by the API's own model and written the way the
+    core's model writes it (fields a newer API may add are left out)."""
+    fields = {k: v for k, v in algorithm.items() if k in Algorithm.model_fields}
+    return str(Algorithm.model_validate(fields).to_core())
 
 
 def nginx_summary(service: dict[str, Any]) -> str:
@@ -181,7 +177,7 @@ CREATE_OPTION = click.option(
 @click.argument(
     "method",
     required=False,
-    type=click.Choice(["round_robin", "least_conn", "ip_hash", "hash", "random"]),
+    type=click.Choice([m.value for m in Method]),
 )
 @click.option("--key", help="Hash key for method hash, e.g. '$request_uri'.")
 @click.option("--consistent", is_flag=True, help="Method hash: ketama consistent hashing.")

@@ -31,3 +31,17 @@ class TemplateError(ControlPlaneError):
 
 class StateError(ControlPlaneError):
     """The persisted overrides can't be read or written; never silently replaced."""
+
+
+class ApiError(ControlPlaneError):
+    """A request the API refuses, with the HTTP status and the `code` its JSON error carries;
+    `details` says, for a client, what was wrong and what is allowed."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: dict[str, object] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}

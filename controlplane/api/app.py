@@ -8,20 +8,17 @@ status and a JSON error naming what is allowed; nothing a client sends gives a 5
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from controlplane.api import API_HEADER
-from controlplane.api.http import MAX_BODY, ApiContext, ApiError, context, error_response
+from controlplane.api.http import MAX_BODY, MUTATING, ApiContext, context, error_response
 from controlplane.api.routes import routes
-from controlplane.errors import InvalidValue, StateError
+from controlplane.errors import ApiError, InvalidValue, StateError
 
 log = logging.getLogger(__name__)
-
-MUTATING = frozenset({"PUT", "PATCH", "DELETE", "POST"})
 
 
 def _check_token() -> Response | None:
@@ -43,11 +40,11 @@ def _check_token() -> Response | None:
 
 
 def _http_error(error: HTTPException) -> Response:
-    response = Response(status=error.code or 500, headers=error.get_headers())
     code = (error.name or "error").lower().replace(" ", "_")
-    body = {"error": {"code": code, "message": error.description or "", "details": {}}}
-    response.set_data(json.dumps(body))
-    response.mimetype = "application/json"
+    response = error_response(error.code or 500, code, error.description or "")
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers.add(name, value)
     return response
 
 
@@ -82,7 +79,6 @@ def _mark(response: Response) -> Response:
 def create_app(api: ApiContext) -> Flask:
     app = Flask("controlplane.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["controlplane"] = api
     app.before_request(_check_token)
     app.after_request(_mark)

@@ -1,24 +1,30 @@
-"""The HTTP plumbing every route shares: the context, the error type and strict request
-parsing (content type, size, JSON, query values), each failure with its own status."""
+"""The HTTP plumbing every route shares: the context, strict reading of the request (content
+type, size, JSON, then the models of api/bodies.py), each failure with its own status, and
+replies and errors written from the models of api/views.py."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Response, current_app, request
+from pydantic import BaseModel
 
 from controlplane.activity import Activity
-from controlplane.core import labels as L
+from controlplane.api.bodies import parse, parse_query
+from controlplane.api.views import Error, ErrorBody
 from controlplane.core.served import NginxState
-from controlplane.errors import InvalidValue
+from controlplane.errors import ApiError
 from controlplane.metrics import Metrics
 from controlplane.reconciler import PassTicket, Snapshot
 from controlplane.store import OverrideStore
 
 MAX_BODY = 64 * 1024
+MUTATING = frozenset({"PUT", "PATCH", "DELETE", "POST"})
+"""The methods that change routing: they need the token when one is set."""
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -39,27 +45,29 @@ class ApiContext:
     wait_timeout: float = 10.0
 
 
-class ApiError(Exception):
-    def __init__(
-        self, status: int, code: str, message: str, details: dict[str, object] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or {}
-
-
 def context() -> ApiContext:
     found: ApiContext = current_app.extensions["controlplane"]
     return found
 
 
+def reply(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status=status, mimetype="application/json")
+
+
 def error_response(
     status: int, code: str, message: str, details: dict[str, object] | None = None
 ) -> Response:
-    body = {"error": {"code": code, "message": message, "details": details or {}}}
-    return Response(json.dumps(body), status=status, mimetype="application/json")
+    return reply(Error(error=ErrorBody(code=code, message=message, details=details or {})), status)
+
+
+def body(model: type[M]) -> M:
+    """The request's JSON body read as `model`: 422 (InvalidValue) naming what is wrong."""
+    return parse(model, json_body())
+
+
+def query(model: type[M]) -> M:
+    """The query read as `model`: 422 (InvalidValue) naming the parameter."""
+    return parse_query(model, request.args.to_dict())
 
 
 def json_body() -> Any:
@@ -81,31 +89,3 @@ def json_body() -> Any:
         return json.loads(data, parse_constant=reject)
     except (ValueError, RecursionError) as error:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
-
-
-def flag_arg(name: str) -> bool:
-    value = request.args.get(name)
-    if value is None:
-        return False
-    try:
-        return L.parse_bool(value, name)
-    except InvalidValue as error:
-        raise ApiError(422, "invalid_value", str(error), {"parameter": name}) from None
-
-
-def seconds_arg(name: str, default: float, low: float = 0.1, high: float = 60.0) -> float:
-    value = request.args.get(name)
-    if value is None:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not low <= seconds <= high:
-        raise ApiError(
-            422,
-            "invalid_value",
-            f"{name}={L.show(value)} must be a number of seconds from {low} to {high}",
-            {"parameter": name, "minimum": low, "maximum": high},
-        )
-    return seconds

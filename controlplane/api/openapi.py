@@ -1,380 +1,129 @@
-"""The OpenAPI 3.1 document of the API. Kept next to the routes; a test checks that both
-name the same paths and methods, and that replies match these schemas."""
+"""The OpenAPI 3.1 document, made from what each route declares with `operation` and from the
+models it names (api/bodies.py, api/views.py); pydantic writes their schemas.
+
+Each route states its contract next to its code; the statuses a body, a query or the token can
+add are added here, so they can't be forgotten. A test checks that the document names exactly
+the routes the app serves, and the unit tests check every reply against it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
-from controlplane.core.model import BackendState, Method
+from flask import Flask
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, models_json_schema
+
+from controlplane.api.http import MAX_BODY, MUTATING
+from controlplane.api.views import Error
 
 Schema = dict[str, Any]
+Ref = Callable[[type[BaseModel], JsonSchemaMode], Schema]
+"""The $ref to a model's schema in the document."""
+F = TypeVar("F", bound=Callable[..., Any])
+ATTRIBUTE = "openapi_operation"
+TEXT = "text/plain"
 
-
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _object(properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties) if required is None else required,
-    }
-
-
-STRING: Schema = {"type": "string"}
-NULLABLE_STRING: Schema = {"type": ["string", "null"]}
-BOOLEAN: Schema = {"type": "boolean"}
-INTEGER: Schema = {"type": "integer"}
-STRINGS: Schema = {"type": "array", "items": STRING}
-
-SCHEMAS: dict[str, Schema] = {
-    "Error": _object(
-        {"error": _object({"code": STRING, "message": STRING, "details": {"type": "object"}})}
-    ),
-    "Algorithm": _object(
-        {
-            "method": {"enum": [m.value for m in Method]},
-            "key": {
-                **NULLABLE_STRING,
-                "description": "method hash only: nginx variables, e.g. $request_uri",
-            },
-            "consistent": {**BOOLEAN, "description": "method hash only: ketama hashing"},
-            "two": {**BOOLEAN, "description": "method random only: random two least_conn"},
-        }
-    ),
-    "AlgorithmRequest": {
-        **_object(
-            {
-                "method": {"enum": [m.value for m in Method]},
-                "key": NULLABLE_STRING,
-                "consistent": {"type": ["boolean", "null"]},
-                "two": {"type": ["boolean", "null"]},
-            },
-            ["method"],
-        ),
-        "additionalProperties": False,
-    },
-    "BackendPatch": {
-        **_object(
-            {
-                "weight": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000},
-                "drain": BOOLEAN,
-            },
-            [],
-        ),
-        "additionalProperties": False,
-        "minProperties": 1,
-    },
-    "Backend": _object(
-        {
-            "container": {**STRING, "description": "container ID"},
-            "name": {**STRING, "description": "container name"},
-            "network": STRING,
-            "ip": STRING,
-            "port": INTEGER,
-            "weight": INTEGER,
-            "backup": BOOLEAN,
-            "state": {"enum": [s.value for s in BackendState]},
-            "in_nginx": {
-                "type": ["boolean", "null"],
-                "description": "every managed nginx runs a config that sends it requests "
-                "(null: not known yet, or no managed nginx)",
-            },
-            "served_by": {**STRINGS, "description": "the nginx whose running config does"},
-        }
-    ),
-    "Failure": {
-        "anyOf": [
-            {"type": "null"},
-            _object(
-                {
-                    "version": {**INTEGER, "description": "of the config that did not take"},
-                    "error": STRING,
-                    "refused": {**BOOLEAN, "description": "nginx -t said no"},
-                    "attempts": INTEGER,
-                }
-            ),
-        ]
-    },
-    "ServiceNginx": _object(
-        {
-            "name": STRING,
-            "container": STRING,
-            "version": {
-                "type": ["integer", "null"],
-                "description": "of the config it runs (null: not deployed to yet)",
-            },
-            "in_sync": {
-                "type": ["boolean", "null"],
-                "description": "it sends this service's requests where the controller wants",
-            },
-            "serving": {"type": ["integer", "null"]},
-            "failure": _ref("Failure"),
-        }
-    ),
-    "Exclusion": _object(
-        {"container": STRING, "service": NULLABLE_STRING, "reason": STRING},
-    ),
-    "Problems": _object(
-        {
-            "version": INTEGER,
-            "excluded": {"type": "array", "items": _ref("Exclusion")},
-            "warnings": {
-                "type": "array",
-                "items": _object({"service": NULLABLE_STRING, "warning": STRING}),
-            },
-            "nginx": {
-                "type": "array",
-                "items": _object({"name": STRING, "container": STRING, "failure": _ref("Failure")}),
-            },
-        }
-    ),
-    "Overrides": _object(
-        {
-            "algorithm": {"anyOf": [_ref("Algorithm"), {"type": "null"}]},
-            "backends": {
-                "type": "object",
-                "additionalProperties": _object(
-                    {"weight": {"type": ["integer", "null"]}, "drain": BOOLEAN}
-                ),
-            },
-        }
-    ),
-    "Service": _object(
-        {
-            "name": STRING,
-            "exists": {**BOOLEAN, "description": "false: only overrides (?create=true) so far"},
-            "networks": STRINGS,
-            "algorithm": _ref("Algorithm"),
-            "algorithm_source": {"enum": ["override", "label", "default"]},
-            "hosts": STRINGS,
-            "backends": {"type": "array", "items": _ref("Backend")},
-            "nginx": {"type": "array", "items": _ref("ServiceNginx")},
-            "excluded": {
-                "type": "array",
-                "items": _object({"container": STRING, "reason": STRING}),
-            },
-            "warnings": STRINGS,
-            "overrides": _ref("Overrides"),
-        }
-    ),
-    "Applied": _object(
-        {
-            "version": INTEGER,
-            "done": {**BOOLEAN, "description": "the pass finished its deploys"},
-            "reloaded": {**STRINGS, "description": "nginx containers that loaded the change"},
-            "errors": STRINGS,
-        }
-    ),
-    "ServiceChange": {
-        "allOf": [_ref("Service"), _object({"applied": _ref("Applied")})],
-    },
-    "ServiceList": _object({"services": {"type": "array", "items": _ref("Service")}}),
-    "Nginx": _object(
-        {
-            "container": STRING,
-            "name": STRING,
-            "config_path": STRING,
-            "networks": STRINGS,
-            "started_at": STRING,
-            "checksum": NULLABLE_STRING,
-            "current": BOOLEAN,
-            "last_attempt": NULLABLE_STRING,
-            "last_result": {"enum": ["ok", "failed", None]},
-            "last_reload": NULLABLE_STRING,
-            "last_error": NULLABLE_STRING,
-            "reloads": INTEGER,
-            "failures": INTEGER,
-            "version": {"type": ["integer", "null"]},
-            "failure": _ref("Failure"),
-        }
-    ),
-    "NginxList": _object(
-        {
-            "checksum": STRING,
-            "nginx": {"type": "array", "items": _ref("Nginx")},
-            "excluded": {
-                "type": "array",
-                "items": _object({"container": STRING, "reason": STRING}),
-            },
-        }
-    ),
-    "Events": _object(
-        {
-            "events": {
-                "type": "array",
-                "items": _object(
-                    {
-                        "time": STRING,
-                        "kind": {"enum": ["reconcile", "held", "refused", "failure", "override"]},
-                        "summary": STRING,
-                        "details": {"type": "object"},
-                    }
-                ),
-            }
-        }
-    ),
-    "DnsRecords": _object(
-        {
-            "domain": STRING,
-            "version": INTEGER,
-            "ttl": INTEGER,
-            "records": {
-                "type": "array",
-                "items": _object({"name": STRING, "type": STRING, "ttl": INTEGER, "value": STRING}),
-            },
-        }
-    ),
-    "Resync": {"allOf": [_ref("Applied"), _object({"changed": BOOLEAN})]},
-    "Health": _object({"status": {"const": "ok"}}),
-    "Ready": _object({"ready": BOOLEAN, "reasons": STRINGS}),
+MEANING = {
+    400: "malformed JSON",
+    401: "the API token is missing or wrong",
+    404: "unknown service or backend",
+    413: f"body larger than {MAX_BODY // 1024} KiB",
+    415: "the body is not application/json",
+    422: "a value outside its grammar; the message names what is allowed",
+    503: "not ready: the first sync with Docker has not finished",
+}
+PATH_PARAMETERS = {
+    "name": "service name",
+    "container": "container name, ID or unambiguous ID prefix (4+ characters)",
 }
 
 
-def _json(schema: str, description: str) -> Schema:
-    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    reply: type[BaseModel] | Literal["text/plain"] | None
+    """The 200 reply: a model, plain text, or None for a document of its own (OpenAPI)."""
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    errors: tuple[int, ...] = ()
+    """Statuses the route itself answers with an Error; those of the body, query and token
+    are added."""
+    replies: Mapping[int, tuple[type[BaseModel], str]] = field(default_factory=dict)
+    """Other statuses that answer with a model of their own, and what they mean."""
 
 
-def _errors(*codes: int) -> dict[str, Schema]:
-    meaning = {
-        400: "malformed JSON",
-        401: "the API token is missing or wrong",
-        404: "unknown service or backend",
-        413: "body larger than 64 KiB",
-        415: "the body is not application/json",
-        422: "a value outside its grammar; the message names what is allowed",
-        503: "not ready: the first sync with Docker has not finished",
-    }
-    return {str(code): _json("Error", meaning[code]) for code in codes}
+def operation(
+    summary: str,
+    reply: type[BaseModel] | Literal["text/plain"] | None,
+    *,
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    errors: tuple[int, ...] = (),
+    replies: Mapping[int, tuple[type[BaseModel], str]] | None = None,
+) -> Callable[[F], F]:
+    """Declare a route's contract for the document; the route still reads its request itself,
+    in its own order (not ready, unknown service, then the query, then the body)."""
+    declared = Operation(summary, reply, body, query, errors, replies or {})
+
+    def mark(view: F) -> F:
+        setattr(view, ATTRIBUTE, declared)
+        return view
+
+    return mark
 
 
-NAME = {"name": "name", "in": "path", "required": True, "schema": STRING}
-CONTAINER = {
-    "name": "container",
-    "in": "path",
-    "required": True,
-    "schema": STRING,
-    "description": "container name, ID or unambiguous ID prefix (4+ characters)",
-}
-WAIT = {
-    "name": "wait",
-    "in": "query",
-    "schema": BOOLEAN,
-    "description": "answer only after every managed nginx reloaded (or failed) or the timeout",
-}
-TIMEOUT = {
-    "name": "timeout",
-    "in": "query",
-    "schema": {"type": "number", "minimum": 0.1, "maximum": 60},
-    "description": "seconds to wait (default 10)",
-}
-CREATE = {
-    "name": "create",
-    "in": "query",
-    "schema": BOOLEAN,
-    "description": "keep the override even though the service or backend does not exist yet",
-}
-MUTATION_ERRORS = _errors(400, 401, 404, 413, 415, 422, 503)
-BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+class _Schemas(GenerateJsonSchema):
+    """No generated title on every field: the field's name says it."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
 
 
-def _change(summary: str, body: str | None, create: bool = True) -> Schema:
-    operation: Schema = {
-        "summary": summary,
-        "security": BEARER,
-        "parameters": [WAIT, TIMEOUT, *([CREATE] if create else [])],
-        "responses": {
-            "200": _json("ServiceChange", "saved; the service as the pass that applies it sees it"),
-            **MUTATION_ERRORS,
-        },
-    }
-    if body:
-        operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": _ref(body)}},
-        }
-    return operation
+@dataclass(frozen=True)
+class _Route:
+    path: str
+    method: str
+    arguments: tuple[str, ...]
+    operation: Operation
 
 
-def _get(schema: str, summary: str, *errors: int) -> Schema:
-    return {"summary": summary, "responses": {"200": _json(schema, summary), **_errors(*errors)}}
+def _routes(app: Flask) -> Iterator[_Route]:
+    for rule in app.url_map.iter_rules():
+        declared = getattr(app.view_functions[rule.endpoint], ATTRIBUTE, None)
+        if declared is None:
+            continue
+        path = re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        arguments = tuple(re.findall(r"{([^{}]+)}", path))
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            yield _Route(path, method, arguments, declared)
 
 
-PATHS: dict[str, Schema] = {
-    "/api/v1/services": {"get": _get("ServiceList", "every service", 503)},
-    "/api/v1/services/{name}": {
-        "parameters": [NAME],
-        "get": _get("Service", "one service", 404, 503),
-    },
-    "/api/v1/services/{name}/algorithm": {
-        "parameters": [NAME],
-        "put": _change("set the balancing method (persisted)", "AlgorithmRequest"),
-        "delete": _change("remove the method override", None, create=False),
-    },
-    "/api/v1/services/{name}/backends/{container}": {
-        "parameters": [NAME, CONTAINER],
-        "patch": _change("set a backend's weight or drain it (persisted)", "BackendPatch"),
-        "delete": _change("remove a backend's overrides", None, create=False),
-    },
-    "/api/v1/config": {
-        "get": {
-            "summary": "the rendered nginx config",
-            "responses": {
-                "200": {"description": "config", "content": {"text/plain": {"schema": STRING}}},
-                **_errors(503),
-            },
-        }
-    },
-    "/api/v1/nginx": {"get": _get("NginxList", "managed nginx containers", 503)},
-    "/api/v1/problems": {
-        "get": _get("Problems", "every exclusion, warning and nginx that refused", 503)
-    },
-    "/api/v1/events": {
-        "get": {
-            **_get("Events", "passes, held scale-outs, failures and overrides, newest first", 422),
-            "parameters": [
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 500}}
-            ],
-        }
-    },
-    "/api/v1/dns/records": {"get": _get("DnsRecords", "the DNS zone served", 503)},
-    "/api/v1/resync": {
-        "post": {
-            "summary": "re-inspect every container and apply",
-            "security": BEARER,
-            "parameters": [TIMEOUT],
-            "responses": {"200": _json("Resync", "the pass"), **_errors(401, 422)},
-        }
-    },
-    "/api/v1/openapi.json": {
-        "get": {
-            "summary": "this document",
-            "responses": {"200": {"description": "OpenAPI 3.1"}},
-        }
-    },
-    "/healthz": {"get": _get("Health", "liveness")},
-    "/readyz": {
-        "get": {
-            "summary": "readiness: Docker reachable and first sync done",
-            "responses": {
-                "200": _json("Ready", "ready"),
-                "503": _json("Ready", "not ready; reasons say why"),
-            },
-        }
-    },
-    "/metrics": {
-        "get": {
-            "summary": "Prometheus metrics",
-            "responses": {
-                "200": {"description": "text format", "content": {"text/plain": {"schema": STRING}}}
-            },
-        }
-    },
-}
+def document(app: Flask) -> Schema:
+    routes = list(_routes(app))
+    wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [(Error, "serialization")]
+    for route in routes:
+        declared = route.operation
+        if declared.body:
+            wanted.append((declared.body, "validation"))
+        if isinstance(declared.reply, type):
+            wanted.append((declared.reply, "serialization"))
+        wanted += [(model, "serialization") for model, _ in declared.replies.values()]
+    refs, components = models_json_schema(
+        list(dict.fromkeys(wanted)),
+        ref_template="#/components/schemas/{model}",
+        schema_generator=_Schemas,
+    )
 
+    def ref(model: type[BaseModel], mode: JsonSchemaMode) -> Schema:
+        return refs[(model, mode)]
 
-def document() -> Schema:
+    paths: Schema = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, ref)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -383,9 +132,78 @@ def document() -> Schema:
             "description": "Inspect services and switch balancing at run time. Mutating "
             "requests need `Authorization: Bearer <token>` when the controller has a token.",
         },
-        "paths": PATHS,
+        "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": components.get("$defs", {}),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _operation(route: _Route, ref: Ref) -> Schema:
+    declared = route.operation
+    secured = route.method in MUTATING
+    errors = {*declared.errors}
+    if secured:
+        errors.add(401)
+    if declared.query:
+        errors.add(422)
+    if declared.body:
+        errors |= {400, 413, 415, 422}
+    parameters = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": PATH_PARAMETERS[name],
+        }
+        for name in route.arguments
+    ]
+    if declared.query:
+        parameters += _query_parameters(declared.query)
+    result: Schema = {"summary": declared.summary}
+    if secured:
+        result["security"] = [{"bearer": []}]
+    if parameters:
+        result["parameters"] = parameters
+    if declared.body:
+        result["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref(declared.body, "validation")}},
+        }
+    if declared.reply is None:
+        ok: Schema = {"description": declared.summary}
+    elif isinstance(declared.reply, str):
+        ok = {"description": declared.summary, "content": {TEXT: {"schema": {"type": "string"}}}}
+    else:
+        ok = _json(ref(declared.reply, "serialization"), declared.summary)
+    responses = {"200": ok}
+    for status, (model, meaning) in declared.replies.items():
+        responses[str(status)] = _json(ref(model, "serialization"), meaning)
+    for status in sorted(errors):
+        responses[str(status)] = _json(ref(Error, "serialization"), MEANING[status])
+    result["responses"] = responses
+    return result
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _query_parameters(model: type[BaseModel]) -> list[Schema]:
+    properties = model.model_json_schema(schema_generator=_Schemas)["properties"]
+    parameters = []
+    for name, schema in properties.items():
+        described = dict(schema)
+        description = described.pop("description", None)
+        branches = [b for b in described.pop("anyOf", []) if b != {"type": "null"}]
+        if branches:
+            (branch,) = branches
+            described.update(branch)
+        if described.get("default") is None:
+            described.pop("default", None)
+        parameters.append(
+            {"name": name, "in": "query", "schema": described, "description": description}
+        )
+    return parameters

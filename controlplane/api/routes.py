@@ -3,36 +3,27 @@ so a reply never claims a change that a restart would lose."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, current_app
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from controlplane.api.http import (
-    ApiError,
-    context,
-    flag_arg,
-    json_body,
-    seconds_arg,
-)
-from controlplane.api.openapi import document
-from controlplane.api.views import (
-    Json,
-    absent_service_json,
-    exclusion_json,
-    failure_json,
-    service_json,
-    zone_json,
-)
+from controlplane.api import bodies
+from controlplane.api import views as V
+from controlplane.api.http import body, context, query, reply
+from controlplane.api.openapi import document, operation
 from controlplane.core import labels as L
 from controlplane.core.model import Backend, BackendOverride, Service
-from controlplane.core.overrides import parse_algorithm, parse_backend_patch, parse_container_name
+from controlplane.core.overrides import parse_container_name
 from controlplane.core.served import NginxState
-from controlplane.errors import InvalidValue
+from controlplane.errors import ApiError, InvalidValue
 from controlplane.reconciler import PassTicket, Snapshot
 
 routes = Blueprint("api", __name__)
 PREFIX = "/api/v1"
+OPENAPI = "controlplane.openapi"
+"""Where the app keeps its document, as served."""
 MIN_ID_PREFIX = 4
 
 
@@ -77,12 +68,12 @@ def _require(snapshot: Snapshot, name: str) -> Service:
     return service
 
 
-def _view(name: str, snapshot: Snapshot) -> Json:
+def _view(name: str, snapshot: Snapshot) -> V.Service:
     overrides = context().store.current
     service = _find(snapshot, name)
     if service is None:
-        return absent_service_json(name, overrides)
-    return service_json(
+        return V.absent_service_view(name, overrides)
+    return V.service_view(
         service, snapshot.topology, overrides, snapshot.serves, _nginx_states(snapshot)
     )
 
@@ -105,27 +96,26 @@ class _Waiting:
     create: bool
 
 
-def _waiting() -> _Waiting:
-    return _Waiting(
-        flag_arg("wait"), seconds_arg("timeout", context().wait_timeout), flag_arg("create")
-    )
+def _waiting(model: type[bodies.WaitQuery] = bodies.WaitQuery) -> _Waiting:
+    read = query(model)
+    timeout = context().wait_timeout if read.timeout is None else read.timeout
+    return _Waiting(read.wait, timeout, isinstance(read, bodies.ChangeQuery) and read.create)
 
 
-def _apply(name: str, summary: str, query: _Waiting) -> Json:
+def _apply(name: str, summary: str, waiting: _Waiting) -> Response:
     """Run a pass for the change and answer with the service as that pass sees it; with
     ?wait=true, only once every managed nginx has reloaded or failed (or the timeout)."""
     api = context()
-    wait, timeout = query.wait, query.timeout
+    wait, timeout = waiting.wait, waiting.timeout
     api.activity.record("override", f"service {name}: {summary}", service=name)
     ticket = api.request_pass(f"api: {name} {summary}", False)
     (ticket.done if wait else ticket.planned).wait(timeout)
     snapshot = ticket.snapshot or _snapshot()
-    reply = _view(name, snapshot)
-    reply["applied"] = _applied(ticket, snapshot, wait, timeout)
-    return reply
+    applied = _applied(ticket, snapshot, wait, timeout)
+    return reply(V.ServiceChange(**dict(_view(name, snapshot)), applied=applied))
 
 
-def _applied(ticket: PassTicket, snapshot: Snapshot, wait: bool, timeout: float) -> Json:
+def _applied(ticket: PassTicket, snapshot: Snapshot, wait: bool, timeout: float) -> V.Applied:
     errors = [ticket.error] if ticket.error else []
     report = ticket.report
     if report is not None:
@@ -141,79 +131,103 @@ def _applied(ticket: PassTicket, snapshot: Snapshot, wait: bool, timeout: float)
             f"nginx had not reloaded after {timeout:g} s; the change is saved and will apply "
             "(GET /api/v1/nginx shows each nginx)"
         )
-    return {
-        "version": snapshot.version,
-        "done": ticket.done.is_set() and ticket.error is None,
-        "reloaded": [d.container for d in report.deployed if d.ok] if report else [],
-        "errors": errors,
-    }
+    return V.Applied(
+        version=snapshot.version,
+        done=ticket.done.is_set() and ticket.error is None,
+        reloaded=[d.container for d in report.deployed if d.ok] if report else [],
+        errors=errors,
+    )
 
 
 @routes.get(f"{PREFIX}/services")
-def list_services() -> Json:
+@operation("every service", V.ServiceList, errors=(503,))
+def list_services() -> Response:
     snapshot = _snapshot()
     overrides = context().store.current
     nginx = _nginx_states(snapshot)
-    return {
-        "services": [
-            service_json(s, snapshot.topology, overrides, snapshot.serves, nginx)
-            for s in snapshot.topology.services
-        ]
-    }
+    return reply(
+        V.ServiceList(
+            services=[
+                V.service_view(s, snapshot.topology, overrides, snapshot.serves, nginx)
+                for s in snapshot.topology.services
+            ]
+        )
+    )
 
 
 @routes.get(f"{PREFIX}/problems")
-def get_problems() -> Json:
+@operation("every exclusion, warning and nginx that refused", V.Problems, errors=(503,))
+def get_problems() -> Response:
     """Every exclusion and warning in one place, and each nginx that did not take the
     current config: what an operator checks when something is missing."""
     snapshot = _snapshot()
     topology = snapshot.topology
-    return {
-        "version": snapshot.version,
-        "excluded": [exclusion_json(e) for e in topology.excluded],
-        "warnings": [
-            *({"service": None, "warning": w} for w in topology.warnings),
-            *({"service": s.name, "warning": w} for s in topology.services for w in s.warnings),
-        ],
-        "nginx": [
-            {"name": n.container, "container": n.container_id, "failure": failure_json(n.failure)}
-            for n in _nginx_states(snapshot)
-            if n.failure is not None
-        ],
-    }
+    return reply(
+        V.Problems(
+            version=snapshot.version,
+            excluded=[V.exclusion_view(e) for e in topology.excluded],
+            warnings=[
+                *(V.ServiceWarning(service=None, warning=w) for w in topology.warnings),
+                *(
+                    V.ServiceWarning(service=s.name, warning=w)
+                    for s in topology.services
+                    for w in s.warnings
+                ),
+            ],
+            nginx=[
+                V.NginxFailure(
+                    name=n.container, container=n.container_id, failure=V.failure_view(n.failure)
+                )
+                for n in _nginx_states(snapshot)
+                if n.failure is not None
+            ],
+        )
+    )
 
 
 @routes.get(f"{PREFIX}/services/<name>")
-def get_service(name: str) -> Json:
+@operation("one service", V.Service, errors=(404, 503))
+def get_service(name: str) -> Response:
     snapshot = _snapshot()
     service = _service_name(name)
     overrides = context().store.current
     if service not in overrides.algorithms and service not in overrides.backends:
         _require(snapshot, service)
-    return _view(service, snapshot)
+    return reply(_view(service, snapshot))
+
+
+CHANGED = "saved; the service as the pass that applies it sees it"
 
 
 @routes.put(f"{PREFIX}/services/<name>/algorithm")
-def put_algorithm(name: str) -> Json:
+@operation(
+    "set the balancing method (persisted)",
+    V.ServiceChange,
+    body=bodies.Algorithm,
+    query=bodies.ChangeQuery,
+    errors=(404, 503),
+)
+def put_algorithm(name: str) -> Response:
     snapshot = _snapshot()
     service = _service_name(name)
-    query = _waiting()
-    algorithm = parse_algorithm(json_body())
-    if not query.create:
+    waiting = _waiting(bodies.ChangeQuery)
+    algorithm = body(bodies.Algorithm).to_core()
+    if not waiting.create:
         _require(snapshot, service)
     context().store.set_algorithm(service, algorithm)
-    return _apply(service, f"algorithm set to {algorithm}", query)
+    return _apply(service, f"algorithm set to {algorithm}", waiting)
 
 
 @routes.delete(f"{PREFIX}/services/<name>/algorithm")
-def delete_algorithm(name: str) -> Json:
+@operation("remove the method override", V.ServiceChange, query=bodies.WaitQuery, errors=(404, 503))
+def delete_algorithm(name: str) -> Response:
     snapshot = _snapshot()
     service = _service_name(name)
-    query = _waiting()
+    waiting = _waiting()
     if service not in context().store.current.algorithms:
         _require(snapshot, service)
     context().store.clear_algorithm(service)
-    return _apply(service, "algorithm override removed", query)
+    return _apply(service, "algorithm override removed", waiting)
 
 
 def _backend_key(snapshot: Snapshot, service: str, container: str, create: bool) -> str:
@@ -248,33 +262,46 @@ def _backend_key(snapshot: Snapshot, service: str, container: str, create: bool)
 
 
 @routes.patch(f"{PREFIX}/services/<name>/backends/<container>")
-def patch_backend(name: str, container: str) -> Json:
+@operation(
+    "set a backend's weight or drain it (persisted)",
+    V.ServiceChange,
+    body=bodies.BackendPatch,
+    query=bodies.ChangeQuery,
+    errors=(404, 503),
+)
+def patch_backend(name: str, container: str) -> Response:
     snapshot = _snapshot()
     service = _service_name(name)
-    query = _waiting()
-    patch = parse_backend_patch(json_body())
-    key = _backend_key(snapshot, service, container, query.create)
+    waiting = _waiting(bodies.ChangeQuery)
+    patch = body(bodies.BackendPatch).to_core()
+    key = _backend_key(snapshot, service, container, waiting.create)
     updated = context().store.update_backend(service, key, patch.apply)
-    return _apply(service, f"backend {key}: weight {updated.weight}, drain {updated.drain}", query)
+    summary = f"backend {key}: weight {updated.weight}, drain {updated.drain}"
+    return _apply(service, summary, waiting)
 
 
 @routes.delete(f"{PREFIX}/services/<name>/backends/<container>")
-def delete_backend(name: str, container: str) -> Json:
+@operation(
+    "remove a backend's overrides", V.ServiceChange, query=bodies.WaitQuery, errors=(404, 503)
+)
+def delete_backend(name: str, container: str) -> Response:
     snapshot = _snapshot()
     service = _service_name(name)
-    query = _waiting()
+    waiting = _waiting()
     key = _backend_key(snapshot, service, container, create=False)
     context().store.update_backend(service, key, lambda _: BackendOverride())
-    return _apply(service, f"backend {key}: overrides removed", query)
+    return _apply(service, f"backend {key}: overrides removed", waiting)
 
 
 @routes.get(f"{PREFIX}/config")
+@operation("the rendered nginx config", "text/plain", errors=(503,))
 def get_config() -> Response:
     return Response(_snapshot().config, mimetype="text/plain")
 
 
 @routes.get(f"{PREFIX}/nginx")
-def get_nginx() -> Json:
+@operation("managed nginx containers", V.NginxList, errors=(503,))
+def get_nginx() -> Response:
     snapshot = _snapshot()
     statuses = context().activity.nginx()
     states = context().nginx()
@@ -283,82 +310,100 @@ def get_nginx() -> Json:
         status = statuses.get(target.container_id)
         state = states.get(target.container_id)
         managed.append(
-            {
-                "container": target.container_id,
-                "name": target.container,
-                "config_path": target.config_path,
-                "networks": list(target.networks),
-                "started_at": target.started_at,
-                "checksum": status.checksum if status else None,
-                "current": status is not None and status.checksum == snapshot.checksum,
-                "last_attempt": status.last_attempt if status else None,
-                "last_result": status.last_result if status else None,
-                "last_reload": status.last_reload if status else None,
-                "last_error": status.last_error if status else None,
-                "reloads": status.reloads if status else 0,
-                "failures": status.failures if status else 0,
-                "version": state.version if state else None,
-                "failure": failure_json(state.failure if state else None),
-            }
+            V.Nginx(
+                container=target.container_id,
+                name=target.container,
+                config_path=target.config_path,
+                networks=list(target.networks),
+                started_at=target.started_at,
+                checksum=status.checksum if status else None,
+                current=status is not None and status.checksum == snapshot.checksum,
+                last_attempt=status.last_attempt if status else None,
+                last_result=status.last_result if status else None,  # type: ignore[arg-type]
+                last_reload=status.last_reload if status else None,
+                last_error=status.last_error if status else None,
+                reloads=status.reloads if status else 0,
+                failures=status.failures if status else 0,
+                version=state.version if state else None,
+                failure=V.failure_view(state.failure if state else None),
+            )
         )
     excluded = [
-        {"container": e.container, "reason": e.reason}
+        V.Excluded(container=e.container, reason=e.reason)
         for e in snapshot.topology.excluded
         if e.reason.startswith("managed nginx")
     ]
-    return {"checksum": snapshot.checksum, "nginx": managed, "excluded": excluded}
+    return reply(V.NginxList(checksum=snapshot.checksum, nginx=managed, excluded=excluded))
 
 
 @routes.get(f"{PREFIX}/events")
-def get_events() -> Json:
-    raw = request.args.get("limit", "100")
-    try:
-        limit = L.parse_int(raw, "limit", 1, 500)
-    except InvalidValue as error:
-        raise ApiError(422, "invalid_value", str(error), {"parameter": "limit"}) from None
-    return {
-        "events": [
-            {"time": e.time, "kind": e.kind, "summary": e.summary, "details": e.details}
-            for e in context().activity.entries(limit)
-        ]
-    }
+@operation(
+    "passes, held scale-outs, failures and overrides, newest first",
+    V.Events,
+    query=bodies.EventsQuery,
+)
+def get_events() -> Response:
+    limit = query(bodies.EventsQuery).limit
+    return reply(
+        V.Events(
+            events=[
+                V.Event(time=e.time, kind=e.kind, summary=e.summary, details=e.details)  # type: ignore[arg-type]
+                for e in context().activity.entries(limit)
+            ]
+        )
+    )
 
 
 @routes.get(f"{PREFIX}/dns/records")
-def get_dns_records() -> Json:
-    return zone_json(_snapshot().dns)
+@operation("the DNS zone served", V.DnsRecords, errors=(503,))
+def get_dns_records() -> Response:
+    return reply(V.zone_view(_snapshot().dns))
 
 
 @routes.post(f"{PREFIX}/resync")
-def post_resync() -> Json:
+@operation(
+    "re-inspect every container and apply", V.Resync, query=bodies.TimeoutQuery, errors=(503,)
+)
+def post_resync() -> Response:
     api = context()
-    timeout = seconds_arg("timeout", api.wait_timeout)
+    read = query(bodies.TimeoutQuery).timeout
+    timeout = api.wait_timeout if read is None else read
     ticket = api.request_pass("api: resync", True)
     ticket.done.wait(timeout)
     snapshot = ticket.snapshot or _snapshot()
     report = ticket.report
-    return {
-        **_applied(ticket, snapshot, True, timeout),
-        "changed": bool(report and report.changed),
-    }
+    applied = _applied(ticket, snapshot, True, timeout)
+    return reply(V.Resync(**dict(applied), changed=bool(report and report.changed)))
 
 
 @routes.get("/healthz")
-def healthz() -> Json:
-    return {"status": "ok"}
+@operation("liveness", V.Health)
+def healthz() -> Response:
+    return reply(V.Health(status="ok"))
 
 
 @routes.get("/readyz")
-def readyz() -> tuple[Json, int]:
+@operation(
+    "readiness: Docker reachable and first sync done",
+    V.Ready,
+    replies={503: (V.Ready, "not ready; reasons say why")},
+)
+def readyz() -> Response:
     reasons = context().ready()
-    return {"ready": not reasons, "reasons": reasons}, 200 if not reasons else 503
+    return reply(V.Ready(ready=not reasons, reasons=reasons), 200 if not reasons else 503)
 
 
 @routes.get("/metrics")
+@operation("Prometheus metrics", "text/plain")
 def metrics() -> Response:
     return Response(context().metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
 
 @routes.get(f"{PREFIX}/openapi.json")
-def openapi() -> Json:
-    return document()
+@operation("this document (OpenAPI 3.1)", None)
+def openapi() -> Response:
+    """Made at the first request and kept: the routes don't change once the app is built."""
+    served = current_app.extensions.get(OPENAPI)
+    if served is None:
+        served = current_app.extensions[OPENAPI] = json.dumps(document(current_app))
+    return Response(served, mimetype="application/json")

@@ -1,23 +1,202 @@
-"""The JSON shapes the API answers with, made from the model; no Flask, no I/O."""
+"""What the API answers with: each reply as a pydantic model (the OpenAPI document is made from
+them), and how each is made from the core's model; no Flask, no I/O."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from controlplane.api.bodies import Algorithm
+from controlplane.core import model as core
 from controlplane.core.dns_records import Record, Soa, Srv, Zone
-from controlplane.core.model import Algorithm, Backend, Exclusion, Overrides, Service, Topology
-from controlplane.core.served import Failure, NginxState, Serves
-
-Json = dict[str, object]
+from controlplane.core.served import Failure as CoreFailure
+from controlplane.core.served import NginxState, Serves
 
 
-def algorithm_json(algorithm: Algorithm) -> Json:
-    return {
-        "method": algorithm.method.value,
-        "key": algorithm.key,
-        "consistent": algorithm.consistent,
-        "two": algorithm.two,
-    }
+class Reply(BaseModel):
+    """Every field is always there (null when not known), so the schema requires them all."""
+
+    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
+
+
+class ErrorBody(Reply):
+    code: str = Field(description="what went wrong, for programs: e.g. invalid_value")
+    message: str = Field(description="what went wrong and what to do, for people")
+    details: dict[str, Any] = Field(description="e.g. the field or parameter that was wrong")
+
+
+class Error(Reply):
+    """Every error the API gives, whatever the status."""
+
+    error: ErrorBody
+
+
+class Backend(Reply):
+    container: str = Field(description="container ID")
+    name: str = Field(description="container name")
+    network: str
+    ip: str
+    port: int
+    weight: int
+    backup: bool
+    state: core.BackendState
+    in_nginx: bool | None = Field(
+        description="every managed nginx runs a config that sends it requests (null: not "
+        "known yet, or no managed nginx)"
+    )
+    served_by: list[str] = Field(description="the nginx whose running config does")
+
+
+class Failure(Reply):
+    """The last config an nginx did not take; it keeps the one it had."""
+
+    version: int = Field(description="of the config that did not take")
+    error: str
+    refused: bool = Field(description="nginx -t said no (else the way in failed)")
+    attempts: int
+
+
+class ServiceNginx(Reply):
+    name: str
+    container: str
+    version: int | None = Field(description="of the config it runs (null: not deployed to yet)")
+    in_sync: bool | None = Field(
+        description="it sends this service's requests where the controller wants"
+    )
+    serving: int | None = Field(description="how many of this service's backends it sends to")
+    failure: Failure | None
+
+
+class Excluded(Reply):
+    container: str
+    reason: str
+
+
+class Exclusion(Excluded):
+    service: str | None
+
+
+class BackendOverride(Reply):
+    weight: int | None
+    drain: bool
+
+
+class Overrides(Reply):
+    algorithm: Algorithm | None
+    backends: dict[str, BackendOverride] = Field(description="by container name")
+
+
+class Service(Reply):
+    name: str
+    exists: bool = Field(description="false: only overrides (?create=true) so far")
+    networks: list[str]
+    algorithm: Algorithm
+    algorithm_source: Literal["override", "label", "default"]
+    hosts: list[str]
+    backends: list[Backend]
+    nginx: list[ServiceNginx]
+    excluded: list[Excluded]
+    warnings: list[str]
+    overrides: Overrides
+
+
+class Applied(Reply):
+    version: int
+    done: bool = Field(description="the pass finished its deploys")
+    reloaded: list[str] = Field(description="nginx containers that loaded the change")
+    errors: list[str]
+
+
+class ServiceChange(Service):
+    """The service as the pass that applies the change sees it."""
+
+    applied: Applied
+
+
+class ServiceList(Reply):
+    services: list[Service]
+
+
+class ServiceWarning(Reply):
+    service: str | None
+    warning: str
+
+
+class NginxFailure(Reply):
+    name: str
+    container: str
+    failure: Failure | None
+
+
+class Problems(Reply):
+    version: int
+    excluded: list[Exclusion]
+    warnings: list[ServiceWarning]
+    nginx: list[NginxFailure]
+
+
+class Nginx(Reply):
+    container: str
+    name: str
+    config_path: str
+    networks: list[str]
+    started_at: str
+    checksum: str | None
+    current: bool
+    last_attempt: str | None
+    last_result: Literal["ok", "failed"] | None
+    last_reload: str | None
+    last_error: str | None
+    reloads: int
+    failures: int
+    version: int | None
+    failure: Failure | None
+
+
+class NginxList(Reply):
+    checksum: str
+    nginx: list[Nginx]
+    excluded: list[Excluded]
+
+
+class Event(Reply):
+    time: str
+    kind: Literal["reconcile", "held", "refused", "failure", "override"]
+    summary: str
+    details: dict[str, Any]
+
+
+class Events(Reply):
+    events: list[Event]
+
+
+class DnsRecord(Reply):
+    name: str
+    type: str
+    ttl: int
+    value: str
+
+
+class DnsRecords(Reply):
+    domain: str
+    version: int
+    ttl: int
+    records: list[DnsRecord]
+
+
+class Resync(Applied):
+    changed: bool
+
+
+class Health(Reply):
+    status: Literal["ok"]
+
+
+class Ready(Reply):
+    ready: bool
+    reasons: list[str]
 
 
 def in_nginx(service: str, container_id: str, nginx: Sequence[NginxState]) -> bool | None:
@@ -32,114 +211,114 @@ def in_nginx(service: str, container_id: str, nginx: Sequence[NginxState]) -> bo
     return True if len(known) == len(nginx) else None
 
 
-def backend_json(backend: Backend, service: str, nginx: Sequence[NginxState]) -> Json:
-    return {
-        "container": backend.container_id,
-        "name": backend.container,
-        "network": backend.network,
-        "ip": backend.ip or backend.ipv6,
-        "port": backend.port,
-        "weight": backend.weight,
-        "backup": backend.backup,
-        "state": backend.state.value,
-        "in_nginx": in_nginx(service, backend.container_id, nginx),
-        "served_by": [
+def backend_view(backend: core.Backend, service: str, nginx: Sequence[NginxState]) -> Backend:
+    return Backend(
+        container=backend.container_id,
+        name=backend.container,
+        network=backend.network,
+        ip=backend.ip or backend.ipv6,
+        port=backend.port,
+        weight=backend.weight,
+        backup=backend.backup,
+        state=backend.state,
+        in_nginx=in_nginx(service, backend.container_id, nginx),
+        served_by=[
             n.container
             for n in nginx
             if n.serves is not None and backend.container_id in n.serves.get(service, ())
         ],
-    }
+    )
 
 
-def failure_json(failure: Failure | None) -> Json | None:
+def failure_view(failure: CoreFailure | None) -> Failure | None:
     if failure is None:
         return None
-    return {
-        "version": failure.version,
-        "error": failure.error,
-        "refused": failure.refused,
-        "attempts": failure.attempts,
-    }
+    return Failure(
+        version=failure.version,
+        error=failure.error,
+        refused=failure.refused,
+        attempts=failure.attempts,
+    )
 
 
-def service_nginx_json(service: str, wanted: Serves, nginx: Sequence[NginxState]) -> list[Json]:
+def service_nginx_views(
+    service: str, wanted: Serves, nginx: Sequence[NginxState]
+) -> list[ServiceNginx]:
     """Per managed nginx: does the config it runs send this service's requests where the
     controller wants them, and if not, what stopped the newer one."""
     return [
-        {
-            "name": n.container,
-            "container": n.container_id,
-            "version": n.version,
-            "in_sync": n.in_sync(service, wanted),
-            "serving": None if n.serves is None else len(n.serves.get(service, ())),
-            "failure": failure_json(n.failure),
-        }
+        ServiceNginx(
+            name=n.container,
+            container=n.container_id,
+            version=n.version,
+            in_sync=n.in_sync(service, wanted),
+            serving=None if n.serves is None else len(n.serves.get(service, ())),
+            failure=failure_view(n.failure),
+        )
         for n in nginx
     ]
 
 
-def exclusion_json(exclusion: Exclusion) -> Json:
-    return {
-        "container": exclusion.container,
-        "service": exclusion.service,
-        "reason": exclusion.reason,
-    }
+def exclusion_view(exclusion: core.Exclusion) -> Exclusion:
+    return Exclusion(
+        container=exclusion.container, service=exclusion.service, reason=exclusion.reason
+    )
 
 
-def overrides_json(overrides: Overrides, service: str) -> Json:
+def overrides_view(overrides: core.Overrides, service: str) -> Overrides:
     algorithm = overrides.algorithms.get(service)
-    return {
-        "algorithm": algorithm_json(algorithm) if algorithm else None,
-        "backends": {
-            container: {"weight": o.weight, "drain": o.drain}
+    return Overrides(
+        algorithm=Algorithm.of(algorithm) if algorithm else None,
+        backends={
+            container: BackendOverride(weight=o.weight, drain=o.drain)
             for container, o in sorted(overrides.backends.get(service, {}).items())
         },
-    }
+    )
 
 
-def service_json(
-    service: Service,
-    topology: Topology,
-    overrides: Overrides,
+def service_view(
+    service: core.Service,
+    topology: core.Topology,
+    overrides: core.Overrides,
     wanted: Serves,
     nginx: Sequence[NginxState],
-) -> Json:
+) -> Service:
     """`wanted`: what the current config sends traffic to; `nginx`: what each nginx runs."""
-    return {
-        "name": service.name,
-        "exists": True,
-        "networks": list(service.networks),
-        "algorithm": algorithm_json(service.algorithm),
-        "algorithm_source": service.algorithm_source,
-        "hosts": list(service.names),
-        "backends": [backend_json(b, service.name, nginx) for b in service.backends],
-        "nginx": service_nginx_json(service.name, wanted, nginx),
-        "excluded": [
-            {"container": e.container, "reason": e.reason}
+    return Service(
+        name=service.name,
+        exists=True,
+        networks=list(service.networks),
+        algorithm=Algorithm.of(service.algorithm),
+        algorithm_source=service.algorithm_source,  # type: ignore[arg-type]
+        hosts=list(service.names),
+        backends=[backend_view(b, service.name, nginx) for b in service.backends],
+        nginx=service_nginx_views(service.name, wanted, nginx),
+        excluded=[
+            Excluded(container=e.container, reason=e.reason)
             for e in topology.excluded
             if e.service == service.name
         ],
-        "warnings": list(service.warnings),
-        "overrides": overrides_json(overrides, service.name),
-    }
+        warnings=list(service.warnings),
+        overrides=overrides_view(overrides, service.name),
+    )
 
 
-def absent_service_json(name: str, overrides: Overrides) -> Json:
+def absent_service_view(name: str, overrides: core.Overrides) -> Service:
     """A service with overrides but no backend yet (created with ?create=true)."""
     algorithm = overrides.algorithms.get(name)
-    return {
-        "name": name,
-        "exists": False,
-        "networks": [],
-        "algorithm": algorithm_json(algorithm or Algorithm()),
-        "algorithm_source": "override" if algorithm else "default",
-        "hosts": [],
-        "backends": [],
-        "nginx": [],
-        "excluded": [],
-        "warnings": [],
-        "overrides": overrides_json(overrides, name),
-    }
+    return Service(
+        name=name,
+        exists=False,
+        networks=[],
+        algorithm=Algorithm.of(algorithm or core.Algorithm()),
+        algorithm_source="override" if algorithm else "default",
+        hosts=[],
+        backends=[],
+        nginx=[],
+        excluded=[],
+        warnings=[],
+        overrides=overrides_view(overrides, name),
+    )
 
 
 def record_value(record: Record) -> str:
@@ -157,15 +336,15 @@ def record_value(record: Record) -> str:
     return value
 
 
-def zone_json(zone: Zone) -> Json:
-    return {
-        "domain": zone.domain,
-        "version": zone.version,
-        "ttl": zone.ttl,
-        "records": [
-            {"name": name, "type": rtype, "ttl": r.ttl, "value": record_value(r)}
+def zone_view(zone: Zone) -> DnsRecords:
+    return DnsRecords(
+        domain=zone.domain,
+        version=zone.version,
+        ttl=zone.ttl,
+        records=[
+            DnsRecord(name=name, type=rtype, ttl=r.ttl, value=record_value(r))
             for name in sorted(zone.records)
             for rtype, records in sorted(zone.records[name].items())
             for r in records
         ],
-    }
+    )

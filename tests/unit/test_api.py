@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from controlplane.core import labels as L
+from controlplane.errors import ApiError, ControlPlaneError, InvalidValue
 from tests.unit.builders import container, nginx
 from tests.unit.conftest import WEB, ApiHarness, HarnessFactory
 
@@ -443,6 +444,31 @@ def test_bad_backend_patch_is_422(api: ApiHarness, body: object) -> None:
     assert api.config == before
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        (
+            "algorithm",
+            {"method": "hash", "key": "$uri", "consistent": "yes"},
+            "true, false or null",
+        ),
+        ("algorithm", {"method": "fastest"}, "use one of round_robin, least_conn"),
+        ("algorithm", {"method": "ip_hash", "two": True}, "two applies only to method random"),
+        ("backends/w1", {"weight": 0}, "a whole number from 1 to 1000 or null, not 0"),
+        ("backends/w1", {"drain": None}, "drain must be true or false, not null"),
+        ("backends/w1", {}, "the body names no field"),
+    ],
+    ids=["flag", "method", "option-of-another-method", "weight", "drain", "nothing"],
+)
+def test_a_refused_body_says_what_is_allowed(
+    api: ApiHarness, path: str, body: object, says: str
+) -> None:
+    reply = api.call(
+        "PUT" if path == "algorithm" else "PATCH", f"/api/v1/services/web/{path}", json=body
+    )
+    assert reply.status_code == 422 and says in error_of(reply)["message"]
+
+
 def test_bad_container_name_with_create_is_422(api: ApiHarness) -> None:
     reply = patch_backend(api, "-bad", {"drain": True}, query="?create=true")
     assert reply.status_code == 422
@@ -486,6 +512,10 @@ def test_body_too_large_is_413(api: ApiHarness) -> None:
         "PUT", "/api/v1/services/web/algorithm", data=body, content_type="application/json"
     )
     assert reply.status_code == 413
+
+
+def test_api_errors_share_the_package_error_root() -> None:
+    assert issubclass(ApiError, ControlPlaneError) and issubclass(InvalidValue, ControlPlaneError)
 
 
 def test_wrong_method_is_405_with_allow(api: ApiHarness) -> None:

@@ -1,5 +1,6 @@
-"""The API as a contract: the OpenAPI document names exactly the routes the app serves, and no
-body or path a client can send makes it answer 500 or write a broken config."""
+"""The API as a contract: the OpenAPI document names exactly the routes the app serves, it
+accepts exactly the bodies the API's models accept, and no body or path a client can send makes
+it answer 500 or write a broken config."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
+from pydantic import BaseModel
 
+from controlplane.api import bodies
 from controlplane.api.openapi import document
-from tests.unit.conftest import ApiHarness, HarnessFactory
+from controlplane.core.model import Method
+from controlplane.errors import InvalidValue
+from tests.unit.conftest import ApiHarness, HarnessFactory, served_document
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
 
 
-def test_document_is_valid_openapi_json_schema() -> None:
-    doc = document()
+def test_document_is_valid_openapi_json_schema(api: ApiHarness) -> None:
+    doc = document(api.app)
     assert doc["openapi"].startswith("3.1")
     for schema in doc["components"]["schemas"].values():
         Draft202012Validator.check_schema(schema)
@@ -34,7 +39,7 @@ def test_every_route_is_documented_and_every_documented_route_exists(api: ApiHar
     }
     documented = {
         (path, method)
-        for path, item in document()["paths"].items()
+        for path, item in document(api.app)["paths"].items()
         for method in item
         if method != "parameters"
     }
@@ -42,7 +47,7 @@ def test_every_route_is_documented_and_every_documented_route_exists(api: ApiHar
 
 
 def test_the_document_is_served(api: ApiHarness) -> None:
-    assert api.call("GET", "/api/v1/openapi.json").get_json() == document()
+    assert api.call("GET", "/api/v1/openapi.json").get_json() == document(api.app)
 
 
 JSON = st.recursive(
@@ -108,3 +113,67 @@ def test_a_crash_in_a_route_is_a_json_500(make_api: HarnessFactory) -> None:
     reply = api.client.get("/api/v1/events")
     assert reply.status_code == 500
     assert reply.get_json()["error"]["code"] == "internal"
+
+
+def _valid(api: ApiHarness, component: str, body: object) -> bool:
+    """Does the served document allow `body` as this component?"""
+    doc = served_document(api.app)
+    schema = {"$ref": f"#/components/schemas/{component}", "components": doc["components"]}
+    return Draft202012Validator(schema).is_valid(body)
+
+
+def _accepted(model: type[BaseModel], body: object) -> bool:
+    try:
+        bodies.parse(model, body)
+    except InvalidValue:
+        return False
+    return True
+
+
+ALGORITHMS = st.fixed_dictionaries(
+    {"method": st.sampled_from([m.value for m in Method])},
+    optional={
+        "key": st.sampled_from([None, "", "$request_uri", "$cookie_id"]),
+        "consistent": st.sampled_from([None, False, True]),
+        "two": st.sampled_from([None, False, True]),
+    },
+)
+PATCHES = st.fixed_dictionaries(
+    {},
+    optional={
+        "weight": st.none() | st.integers(-2, 1002) | st.booleans() | st.floats(0, 5),
+        "drain": st.none() | st.booleans() | st.integers(0, 1),
+        "backup": st.booleans(),
+    },
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=ALGORITHMS)
+def test_the_document_states_the_rules_of_the_algorithm(
+    shared_api: ApiHarness, body: dict[str, object]
+) -> None:
+    """Which option goes with which method: the document's rules and the core's agree (the
+    keys here pass the hash-key grammar, which the document does not spell out)."""
+    assert _valid(shared_api, "Algorithm-Input", body) == _accepted(bodies.Algorithm, body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=PATCHES)
+def test_the_document_states_the_backend_patch(
+    shared_api: ApiHarness, body: dict[str, object]
+) -> None:
+    assert _valid(shared_api, "BackendPatch", body) == _accepted(bodies.BackendPatch, body)
+
+
+@pytest.mark.parametrize(
+    ("component", "model"),
+    [("Algorithm-Input", bodies.Algorithm), ("BackendPatch", bodies.BackendPatch)],
+)
+def test_the_documented_examples_are_accepted(
+    shared_api: ApiHarness, component: str, model: type[BaseModel]
+) -> None:
+    examples = served_document(shared_api.app)["components"]["schemas"][component]["examples"]
+    assert examples
+    for example in examples:
+        assert _valid(shared_api, component, example) and _accepted(model, example)

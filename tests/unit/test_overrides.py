@@ -1,5 +1,5 @@
 """Operator overrides in the pure core: they beat labels, drain keeps a server marked down,
-and only what passed the grammar gets in."""
+and only what passed the grammar gets in (through the API's models, which call the core)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import jinja2
 import pytest
 
+from controlplane.api import bodies
 from controlplane.core import labels as L
 from controlplane.core.build import build_topology
 from controlplane.core.dns_records import build_zone
@@ -20,7 +21,7 @@ from controlplane.core.model import (
     Overrides,
     Service,
 )
-from controlplane.core.overrides import BackendPatch, parse_algorithm, parse_backend_patch
+from controlplane.core.overrides import BackendPatch, check_algorithm
 from controlplane.core.render import render_config
 from controlplane.errors import InvalidValue
 from tests.unit.builders import container, nginx, state
@@ -108,7 +109,27 @@ def test_drained_server_is_marked_down_and_left_out_of_dns(template: jinja2.Temp
     ids=["ip_hash", "key-stripped", "empty-key-is-none"],
 )
 def test_parse_algorithm(body: object, expected: Algorithm) -> None:
-    assert parse_algorithm(body) == expected
+    assert bodies.parse(bodies.Algorithm, body).to_core() == expected
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "field"),
+    [
+        (Algorithm(Method.HASH), "key"),
+        (Algorithm(Method.HASH, "$nope"), "key"),
+        (Algorithm(Method.LEAST_CONN, "$uri"), "key"),
+        (Algorithm(Method.IP_HASH, consistent=True), "consistent"),
+        (Algorithm(Method.HASH, "$uri", two=True), "two"),
+    ],
+    ids=["hash-without-key", "bad-key", "key-for-least_conn", "consistent-for-ip_hash", "two"],
+)
+def test_check_algorithm_names_the_option_that_breaks_a_rule(
+    algorithm: Algorithm, field: str
+) -> None:
+    """The rules hold wherever an algorithm comes from: the API or the state file."""
+    with pytest.raises(InvalidValue) as caught:
+        check_algorithm(algorithm)
+    assert caught.value.details["field"] == field
 
 
 @pytest.mark.parametrize(
@@ -122,7 +143,7 @@ def test_parse_algorithm(body: object, expected: Algorithm) -> None:
     ids=["weight", "weight-null", "undrain", "both"],
 )
 def test_parse_backend_patch(body: object, expected: BackendPatch) -> None:
-    assert parse_backend_patch(body) == expected
+    assert bodies.parse(bodies.BackendPatch, body).to_core() == expected
 
 
 @pytest.mark.parametrize(
@@ -142,6 +163,6 @@ def test_patch_applies_only_what_it_names(
 
 def test_errors_name_the_field() -> None:
     with pytest.raises(InvalidValue) as caught:
-        parse_algorithm({"method": "fastest"})
+        bodies.parse(bodies.Algorithm, {"method": "fastest"})
     assert caught.value.details["field"] == "method"
     assert "round_robin" in str(caught.value)
