@@ -15,8 +15,8 @@ from multiprocessing.connection import Connection
 
 import httpx
 
-from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
+from controlplane.snapshot import ReconcileReport
 from controlplane.wiring import build_controller
 from tests.support.lab import wait_until
 

@@ -26,8 +26,8 @@ from docker.models.networks import Network
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Prober, Running, machine_line, row, table
-from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
+from controlplane.snapshot import ReconcileReport
 from images.build import ensure_images
 from tests.support.lab import DRAINING, Lab, wait_until
 

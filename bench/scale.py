@@ -42,8 +42,8 @@ from docker.models.networks import Network
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line, percentile
-from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
+from controlplane.snapshot import ReconcileReport
 from controlplane.wiring import build_controller
 from images.build import ensure_images
 from tests.support.fleet import Coverage, name_backends, remove_all, run_backends

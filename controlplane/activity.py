@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from controlplane.reconciler import ReconcileReport
+from controlplane.snapshot import ReconcileReport
 
 MAX_ENTRIES = 500
 

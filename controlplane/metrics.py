@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from controlplane.core.model import BackendState
 from controlplane.core.served import NginxState
-from controlplane.reconciler import ReconcileReport, Snapshot
+from controlplane.snapshot import ReconcileReport, Snapshot
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
 import jinja2
@@ -26,16 +26,17 @@ import jinja2
 from controlplane.core.batching import BatchPolicy, Held
 from controlplane.core.build import BuildMemo, build_topology
 from controlplane.core.diff import describe_changes
-from controlplane.core.dns_records import Zone, build_zone
+from controlplane.core.dns_records import build_zone
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
 from controlplane.core.model import ContainerFacts, DockerState, NginxTarget, Overrides, Topology
 from controlplane.core.render import RenderCache, render_config
 from controlplane.core.schedule import Holding, Outcome, Run, Schedule, Timing, Wait
-from controlplane.core.served import Failure, NginxState, Serves, deploy_due, failed, serving
+from controlplane.core.served import Failure, NginxState, deploy_due, failed, serving
 from controlplane.docker_source import DOCKER_ERRORS, DockerEvent
 from controlplane.errors import ControlPlaneError, DockerUnavailable
 from controlplane.nginx_deployer import DeployResult
 from controlplane.settings import Settings
+from controlplane.snapshot import PassTicket, ReconcileReport, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -72,37 +73,6 @@ class EventStream(Protocol):
     def open_events(self) -> Iterator[DockerEvent]: ...
 
     def close_events(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the controller currently believes; swapped whole, read without locks."""
-
-    version: int
-    topology: Topology
-    config: str
-    checksum: str
-    dns: Zone
-    serves: Serves
-    """What the config sends traffic to (core.served)."""
-
-
-@dataclass(frozen=True)
-class ReconcileReport:
-    """One pass: what triggered it, what it changed, where its time went (seconds)."""
-
-    reason: str
-    version: int
-    changed: bool
-    deployed: tuple[DeployResult, ...]
-    timings: dict[str, float] = field(default_factory=dict, hash=False)
-    trigger: DockerEvent | None = None
-    started_ns: int = 0
-    checksum: str = ""
-    changes: tuple[str, ...] = ()
-    """What changed in the model, in words (core.diff)."""
-    held: tuple[str, ...] = ()
-    """What this pass found but held back for a scale-out, in words; nothing was applied."""
 
 
 @dataclass(frozen=True)
@@ -375,36 +345,6 @@ class Arrival(NamedTuple):
 
     at: float
     event: DockerEvent
-
-
-class PassTicket:
-    """A pass someone asked for (the API): `planned` is set once the pass settled on its
-    snapshot, `done` once its deploys finished; `error` says why it could not run."""
-
-    def __init__(self, reason: str, resync: bool = False) -> None:
-        self.reason = reason
-        self.resync = resync
-        self.planned = threading.Event()
-        self.done = threading.Event()
-        self.snapshot: Snapshot | None = None
-        self.report: ReconcileReport | None = None
-        self.error: str | None = None
-
-    def plan(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self.planned.set()
-
-    def finish(self, report: ReconcileReport) -> None:
-        self.report = report
-        self.planned.set()
-        self.done.set()
-
-    def fail(self, error: str) -> None:
-        if self.done.is_set():
-            return
-        self.error = error
-        self.planned.set()
-        self.done.set()
 
 
 Item = Arrival | PassTicket | Notice

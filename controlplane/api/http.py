@@ -18,7 +18,7 @@ from controlplane.api.views import Error, ErrorBody
 from controlplane.core.served import NginxState
 from controlplane.errors import ApiError
 from controlplane.metrics import Metrics
-from controlplane.reconciler import PassTicket, Snapshot
+from controlplane.snapshot import PassTicket, Snapshot
 from controlplane.store import OverrideStore
 
 MAX_BODY = 64 * 1024

@@ -18,7 +18,7 @@ from controlplane.core.model import Backend, BackendOverride, Service
 from controlplane.core.overrides import parse_container_name
 from controlplane.core.served import NginxState
 from controlplane.errors import ApiError, InvalidValue
-from controlplane.reconciler import PassTicket, Snapshot
+from controlplane.snapshot import PassTicket, Snapshot
 
 routes = Blueprint("api", __name__)
 PREFIX = "/api/v1"

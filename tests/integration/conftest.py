@@ -16,8 +16,8 @@ from typing import NoReturn
 import docker
 import pytest
 
-from controlplane.reconciler import ReconcileReport
 from controlplane.settings import Settings
+from controlplane.snapshot import ReconcileReport
 from controlplane.wiring import Controller, build_controller
 from images.build import OfflineImages, ensure_images
 from tests.support.engine import EngineUnavailable, PrivateEngine

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from controlplane.activity import Activity
-from controlplane.reconciler import ReconcileReport
+from controlplane.snapshot import ReconcileReport
 
 
 def held(*changes: str) -> ReconcileReport:

@@ -20,11 +20,10 @@ from controlplane.reconciler import (
     Arrival,
     ControlLoop,
     Notice,
-    PassTicket,
     Reconciler,
-    ReconcileReport,
 )
 from controlplane.settings import Settings
+from controlplane.snapshot import PassTicket, ReconcileReport
 from controlplane.templating import load_template
 from tests.unit.builders import container, nginx, state
 from tests.unit.fakes import FakeDeployer, FakeEvents, FakeSource

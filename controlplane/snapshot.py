@@ -1,0 +1,75 @@
+"""What a pass publishes, for everyone who reads it: the snapshot (swapped whole, read without
+locks by the API, DNS and metrics), each pass's report, and the ticket an operator waits on.
+Apart from the reconciler, so its readers need nothing of its internals."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from controlplane.core.dns_records import Zone
+from controlplane.core.model import Topology
+from controlplane.core.served import Serves
+from controlplane.docker_source import DockerEvent
+from controlplane.nginx_deployer import DeployResult
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the controller currently believes; swapped whole, read without locks."""
+
+    version: int
+    topology: Topology
+    config: str
+    checksum: str
+    dns: Zone
+    serves: Serves
+    """What the config sends traffic to (core.served)."""
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """One pass: what triggered it, what it changed, where its time went (seconds)."""
+
+    reason: str
+    version: int
+    changed: bool
+    deployed: tuple[DeployResult, ...]
+    timings: dict[str, float] = field(default_factory=dict, hash=False)
+    trigger: DockerEvent | None = None
+    started_ns: int = 0
+    checksum: str = ""
+    changes: tuple[str, ...] = ()
+    """What changed in the model, in words (core.diff)."""
+    held: tuple[str, ...] = ()
+    """What this pass found but held back for a scale-out, in words; nothing was applied."""
+
+
+class PassTicket:
+    """A pass someone asked for (the API): `planned` is set once the pass settled on its
+    snapshot, `done` once its deploys finished; `error` says why it could not run."""
+
+    def __init__(self, reason: str, resync: bool = False) -> None:
+        self.reason = reason
+        self.resync = resync
+        self.planned = threading.Event()
+        self.done = threading.Event()
+        self.snapshot: Snapshot | None = None
+        self.report: ReconcileReport | None = None
+        self.error: str | None = None
+
+    def plan(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.planned.set()
+
+    def finish(self, report: ReconcileReport) -> None:
+        self.report = report
+        self.planned.set()
+        self.done.set()
+
+    def fail(self, error: str) -> None:
+        if self.done.is_set():
+            return
+        self.error = error
+        self.planned.set()
+        self.done.set()
