@@ -13,11 +13,12 @@ merged into stdout first, so the two can't arrive out of order). The marker hold
 token, so no output of nginx can end a reply early. The container is trusted to run nginx, not
 to behave: a reply has a deadline and a size limit, and its text is made printable.
 
-dockerd's attach frames are read by docker-py's own `frames_iter_no_tty`. Its reads poll with no
-timeout, so a deadline is kept by shutting the connection down (`abort`), which ends a read or
-a send in progress; that is also how the deployer ends a deploy that passed its deadline. A
-request that misses its deadline thus ends the session, as it must: its late reply would be
-taken for the next request's.
+dockerd's attach frames are read by docker-py's own `frames_iter_no_tty`. Its reads poll
+with no timeout (docker.utils.socket.read), so no deadline can be passed to them: a deadline
+is kept by shutting the connection down (`abort`, from a watchdog thread), which ends a read
+or a send in progress; that is also how the deployer ends a deploy that passed its deadline.
+A request that misses its deadline thus ends the session, as it must: its late reply would
+be taken for the next request's.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class ShellSession:
         except docker.errors.DockerException as error:
             raise DeployError(f"could not start /bin/sh in the container: {error}") from error
         self._stream = stream
-        # What frames_iter gives for a stream without a TTY; its stubs say less than this.
+        # (stream number, bytes) per frame: docker-py's stubs leave it untyped.
         self._frames = cast(Iterator[tuple[int, bytes]], frames_iter_no_tty(stream))
         # docker-py hands back its response's stream, read-only over a unix socket: requests
         # go out on a socket of our own over the same connection, which also takes shutdown.
@@ -186,10 +187,21 @@ class ShellSession:
         return (not content or content.endswith(b"\n")) and b"\0" not in content
 
     def read(self) -> bytes | None:
-        """The config file as it is, byte for byte; None when there is none."""
-        absent, _ = self.run(f"[ -e {self._path} ]", STEP_TIMEOUT)
-        if absent:
+        """The config file as it is, byte for byte; None when there is none. A link is
+        refused, as the archive API refuses it: a rename would replace it by a file."""
+        path = self._path
+        _, kind = self.run(
+            f"if [ -L {path} ]; then echo link; elif [ ! -e {path} ]; then echo none; "
+            f"elif [ ! -f {path} ]; then echo other; fi",
+            STEP_TIMEOUT,
+        )
+        if kind.strip() == "none":
             return None
+        if kind.strip():
+            raise DeployError(
+                f"{path} in the container is a link or not a regular file: point "
+                "controlplane.config_path at a regular file"
+            )
         code, content = self.request(f"cat {self._path}".encode(), STEP_TIMEOUT, MAX_FILE)
         if code != 0:
             said = printable(content.decode("utf-8", "replace")).strip()

@@ -309,6 +309,14 @@ def test_a_shell_that_died_is_an_error_not_a_hang(engine: LocalShellEngine) -> N
         shell.run("true", 5)
 
 
+def test_a_config_path_that_is_a_link_is_not_read(engine: LocalShellEngine) -> None:
+    target = engine.config.parent / "elsewhere.conf"
+    target.write_bytes(b"# elsewhere\n")
+    engine.config.symlink_to(target)
+    with pytest.raises(DeployError, match="is a link or not a regular file"):
+        session(engine).read()
+
+
 def test_an_abort_from_another_thread_ends_a_request_at_once(engine: LocalShellEngine) -> None:
     shell = session(engine)
     threading.Timer(0.2, shell.abort).start()
