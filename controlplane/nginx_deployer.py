@@ -316,6 +316,10 @@ class Attempt:
         self._given_up = False
         self._lock = threading.Lock()
 
+    @property
+    def given_up(self) -> bool:
+        return self._given_up
+
     def use(self, channel: Channel) -> bool:
         """False once given up: the deploy must not start."""
         with self._lock:
@@ -548,7 +552,10 @@ class NginxDeployer:
             if written:
                 self._restore(link, target, channel, previous)
             message = f"could not update nginx {target.container}: {error}"
-            log.error("%s", message)
+            if attempt.given_up:  # its failure was told at the deadline
+                log.info("nginx %s: the deploy given up at its deadline ended", target.container)
+            else:
+                log.error("%s", message)
             return DeployResult(
                 target.container, False, message, timings, target.container_id, channel.via
             )
