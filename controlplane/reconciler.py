@@ -16,8 +16,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
@@ -62,7 +61,12 @@ class Source(Protocol):
 class Deployer(Protocol):
     """What the reconciler needs from nginx (NginxDeployer, or a fake in tests)."""
 
-    def deploy(self, target: NginxTarget, content: bytes) -> DeployResult: ...
+    def deploy_all(
+        self, targets: Sequence[NginxTarget], content: bytes
+    ) -> tuple[DeployResult, ...]:
+        """Deploys to every target at once; their results in the targets' order, each
+        nginx's within the deployer's deadline (a stalled one's is a failure saying so)."""
+        ...
 
     def retain(self, container_ids: set[str]) -> None: ...
 
@@ -277,11 +281,11 @@ class Reconciler:
             for key, target in keys.items()
             if deploy_due(digest, self._deployed.get(key), self._failed.get(key), now)
         ]
-        results: list[DeployResult] = []
-        if pending:
-            content = snapshot.config.encode()
-            with ThreadPoolExecutor(max_workers=min(8, len(pending))) as pool:
-                results = list(pool.map(lambda p: self._deployer.deploy(p[1], content), pending))
+        results = (
+            self._deployer.deploy_all([target for _, target in pending], snapshot.config.encode())
+            if pending
+            else ()
+        )
         for (key, _), result in zip(pending, results, strict=True):
             if result.ok:
                 self._deployed[key] = digest
