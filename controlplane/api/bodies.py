@@ -239,8 +239,20 @@ class ChangeQuery(WaitQuery):
     )
 
 
+def _limit(value: object) -> object:
+    """Digits only, as every count labels and queries take: not '+5' or '1_0'."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return L.parse_int(value, "limit", 1, 500)
+    except InvalidValue as error:
+        raise _refused(error) from None
+
+
 class EventsQuery(Query):
-    limit: int = Field(100, ge=1, le=500, description="how many, newest first")
+    limit: Annotated[int, BeforeValidator(_limit)] = Field(
+        100, ge=1, le=500, description="how many, newest first"
+    )
 
 
 def parse(model: type[M], body: object) -> M:

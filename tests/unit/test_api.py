@@ -152,9 +152,12 @@ def test_events_list_changes_newest_first(api: ApiHarness) -> None:
     assert len(api.call("GET", "/api/v1/events?limit=1").get_json()["events"]) == 1
 
 
-@pytest.mark.parametrize("limit", ["0", "501", "x", "-1", "1.5"])
+@pytest.mark.parametrize("limit", ["0", "501", "x", "-1", "1.5", "%2B5", "1_0"])
 def test_events_limit_is_checked(api: ApiHarness, limit: str) -> None:
-    assert api.call("GET", f"/api/v1/events?limit={limit}").status_code == 422
+    reply = api.call("GET", f"/api/v1/events?limit={limit}")
+    assert reply.status_code == 422
+    assert error_of(reply)["details"] == {"parameter": "limit"}
+    assert "must be a whole number from 1 to 500" in error_of(reply)["message"]
 
 
 def test_dns_records_of_live_backends(api: ApiHarness) -> None:
