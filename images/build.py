@@ -1,6 +1,7 @@
 """Images built FROM scratch out of the host's own Debian binaries and wheels built on the
-host, because no registry is reachable: nginx and a busybox backend (for the tests and the
-Compose stack) and the controller (for the Compose stack).
+host, because no registry is reachable: nginx, nginx with Lua (Debian's lua-nginx-module: the
+dynamic data plane, where OpenResty would be pulled) and a busybox backend (for the tests and
+the Compose stack), and the controller (for the Compose stack).
 
 Each image is tagged with a hash of its build context, so a tag that already exists is the
 cache: it is only rebuilt when a file in images/ or a copied host file changes. No build step
@@ -39,6 +40,20 @@ NGINX_DIRS = {
     ),
     "/tmp": 0o1777,
 }
+# The nginx image's own files the nginx-lua image has too (only its nginx.conf differs).
+NGINX_SHARED = ("/etc/passwd", "/etc/group", "/etc/nginx/conf.d/default.conf")
+# What lua-nginx-module needs, as Debian packages it (install-system-deps installs them).
+LUA_PACKAGES = (
+    "libnginx-mod-http-ndk",
+    "libnginx-mod-http-lua",
+    "lua-resty-core",
+    "lua-resty-lrucache",
+    "lua-cjson",
+)
+NGINX_MODULES_DIR = "/usr/lib/nginx/modules/"
+# Debian's LuaJIT searches /usr/share/lua/5.1/ and /usr/lib/<multiarch>/lua/5.1/; its packages
+# also ship files for Lua 5.2-5.4, which nginx never loads.
+LUA_DIR_PART = "/lua/5.1/"
 # /run holds the backend's "draining" marker and its cached container name.
 BACKEND_DIRS = {"/run": 0o755, "/tmp": 0o1777}
 # The legacy builder colours a step's stderr; progress and error tails want plain text.
@@ -49,9 +64,12 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class OfflineImages:
-    """Tags of the images the tests and the Compose stack run; `controller` only when asked."""
+    """Tags of the images the tests and the Compose stack run: `nginx` is plain (the reload
+    data plane), `nginx_lua` has lua-nginx-module (the dynamic one); `controller` only when
+    asked."""
 
     nginx: str
+    nginx_lua: str
     backend: str
     controller: str | None = None
 
@@ -81,6 +99,42 @@ def _ldd(binary: str) -> list[str]:
         if target and target[0].startswith("/"):
             paths.append(target[0])
     return paths
+
+
+def _package_files(package: str) -> list[str]:
+    """The files of an installed Debian package that nginx loads: its nginx modules and its
+    Lua 5.1 files, as dpkg lists them (a link, like cjson.so, is copied as the file it names)."""
+    try:
+        done = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True)
+    except OSError as error:
+        raise ImageBuildError(
+            f"dpkg can't be run ({error}): the nginx-lua image is made from Debian's packages "
+            f"{' '.join(LUA_PACKAGES)}, so it is built on Debian only"
+        ) from error
+    if done.returncode != 0:
+        raise ImageBuildError(
+            f"{package} is not installed ({done.stderr.strip()}): the nginx-lua image is made "
+            f"from Debian's packages; run scripts/install-system-deps as root (or `apt-get "
+            f"install {' '.join(LUA_PACKAGES)}`)"
+        )
+    return [
+        path
+        for path in done.stdout.splitlines()
+        if (path.startswith(NGINX_MODULES_DIR) or LUA_DIR_PART in path) and Path(path).is_file()
+    ]
+
+
+def _nginx_lua_files(nginx_files: Mapping[str, str]) -> dict[str, str]:
+    """Image path -> host path: the nginx image's files, the Lua packages' modules and Lua
+    files at the paths Debian installs them to, and every library those modules load."""
+    files = dict(nginx_files)
+    files.update((path, str(IMAGES_DIR / "nginx" / "rootfs" / path[1:])) for path in NGINX_SHARED)
+    for package in LUA_PACKAGES:
+        for path in _package_files(package):
+            files[path] = path
+            if path.endswith(".so"):
+                files.update((lib, lib) for lib in _ldd(path))
+    return files
 
 
 def _file_mode(path: Path) -> int:
@@ -277,11 +331,14 @@ def _controller_files(progress: Progress) -> dict[str, str]:
 def ensure_images(
     client: docker.DockerClient, progress: Progress | None = None, controller: bool = False
 ) -> OfflineImages:
-    """Build (or reuse) the nginx and backend images, and the controller's when asked."""
+    """Build (or reuse) the nginx, nginx-lua and backend images, and the controller's when
+    asked."""
     report = progress or (lambda _line: None)
     nginx_files = {f: f for f in [NGINX_BINARY, *_ldd(NGINX_BINARY), "/etc/nginx/mime.types"]}
     nginx_files["/bin/busybox"] = "/usr/bin/busybox"
     nginx = _ensure(client, "nginx", _context("nginx", nginx_files, NGINX_DIRS), report)
+    lua_files = _nginx_lua_files(nginx_files)
+    nginx_lua = _ensure(client, "nginx-lua", _context("nginx-lua", lua_files, NGINX_DIRS), report)
     backend = _ensure(
         client,
         "backend",
@@ -294,12 +351,18 @@ def ensure_images(
         built = _ensure(
             client, "controller", _context("controller", files, CONTROLLER_DIRS), report
         )
-    return OfflineImages(nginx=nginx, backend=backend, controller=built)
+    return OfflineImages(nginx=nginx, nginx_lua=nginx_lua, backend=backend, controller=built)
 
 
 def compose_env(images: OfflineImages) -> str:
-    """The Compose variables that point the stack at these images."""
-    lines = [f"NGINX_IMAGE={images.nginx}", f"BACKEND_IMAGE={images.backend}"]
+    """The Compose variables that point the stack at these images: nginx with Lua, as the
+    stack's default (OpenResty) is; the plain one in NGINX_PLAIN_IMAGE, for the reload data
+    plane (`NGINX_IMAGE=$NGINX_PLAIN_IMAGE`, or `CP_DATAPLANE=reload make demo`)."""
+    lines = [
+        f"NGINX_IMAGE={images.nginx_lua}",
+        f"NGINX_PLAIN_IMAGE={images.nginx}",
+        f"BACKEND_IMAGE={images.backend}",
+    ]
     if images.controller:
         lines.append(f"CONTROLPLANE_IMAGE={images.controller}")
     return "\n".join(lines) + "\n"
