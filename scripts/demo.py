@@ -2,7 +2,8 @@
 command, offline.
 
 up:    finds Docker and Compose, builds the images from the host's own packages when it can
-       (images/build.py; cached by content) or else uses the official ones, writes compose/.env
+       (images/build.py; cached by content) or else uses the official ones: nginx with Lua
+       (the dynamic data plane), or plain nginx with CP_DATAPLANE=reload; writes compose/.env
        (images, ports, a generated API token), starts the stack with 3 backends (or as many as
        it was scaled to), waits until the API and DNS answer and nginx has answered from every
        backend the controller serves, and prints what to try. Safe to run again at any time.
@@ -48,13 +49,23 @@ COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
 ENV_FILE = ROOT / "compose" / ".env"
 PROJECT = "controlplane-demo"
 PORTS = {"CP_HTTP_PORT": 8080, "CP_API_PORT": 8081, "CP_DNS_PORT": 1053}
-IMAGE_VARIABLES = ("NGINX_IMAGE", "BACKEND_IMAGE", "CONTROLPLANE_IMAGE")
+IMAGE_VARIABLES = ("NGINX_IMAGE", "NGINX_PLAIN_IMAGE", "BACKEND_IMAGE", "CONTROLPLANE_IMAGE")
 """Chosen afresh on every run, never taken from an old compose/.env."""
+DATAPLANES = ("dynamic", "reload")
+"""CP_DATAPLANE picks the nginx image: with Lua (the default) or plain."""
+PLAIN_NGINX = "nginx:1.27-alpine"
+"""The official plain nginx, for CP_DATAPLANE=reload when nothing is built offline (the
+stack's own default is OpenResty)."""
 COMPOSE_BUILT = "controlplane:local"
 """The controller image Compose builds when the host lacks the packages for the offline one."""
 BACKENDS = 3
 """The first `up` starts this many; a later one keeps what the stack was scaled to."""
-HOST_BINARIES = ("/usr/sbin/nginx", "/usr/bin/busybox", "/usr/bin/python3.11")
+HOST_FILES = (
+    "/usr/sbin/nginx",
+    "/usr/lib/nginx/modules/ngx_http_lua_module.so",
+    "/usr/bin/busybox",
+    "/usr/bin/python3.11",
+)
 
 
 class DemoError(Exception):
@@ -131,27 +142,53 @@ def check_ports(env: dict[str, str]) -> None:
                     ) from None
 
 
+def dataplane() -> str:
+    chosen = os.environ.get("CP_DATAPLANE") or DATAPLANES[0]
+    if chosen not in DATAPLANES:
+        raise DemoError(
+            f"CP_DATAPLANE={chosen!r} is not a data plane: use `dynamic` (the default: nginx "
+            "with Lua, which gets backend changes without a reload) or `reload` (plain nginx, "
+            "reloaded on every change)"
+        )
+    return chosen
+
+
 def images(client: docker.DockerClient) -> dict[str, str]:
     """Image variables: given ones win; else built offline from host packages when the host
-    has them; else none (Compose's defaults: official images, the controller built)."""
+    has them; else none (Compose's defaults: official images, the controller built). The
+    nginx image is the one with Lua unless CP_DATAPLANE=reload picks the plain one."""
+    plane = dataplane()
     given = {k: os.environ[k] for k in IMAGE_VARIABLES if os.environ.get(k)}
     if given:
         say(f"using the images you set: {', '.join(given.values())}")
-        return given
-    missing = [b for b in HOST_BINARIES if not Path(b).exists()]
-    if missing:
+        chosen = given
+    elif missing := [f for f in HOST_FILES if not Path(f).exists()]:
         say(
-            f"{', '.join(missing)} not on this host: using the official images (nginx, "
-            "traefik/whoami) and building the controller from compose/Dockerfile"
+            f"{', '.join(missing)} not on this host: using the official images (OpenResty, "
+            f"or {PLAIN_NGINX} with CP_DATAPLANE=reload, and traefik/whoami) and building "
+            "the controller from compose/Dockerfile"
         )
-        return {}
-    say("building the images from this host's packages (cached by content; first time ~20 s)")
-    try:
-        built = ensure_images(client, lambda line: say(f"  {line}"), controller=True)
-    except ImageBuildError as error:
-        raise DemoError(f"an image failed to build: {error}") from error
-    lines = compose_env(built).splitlines()
-    return dict(line.split("=", 1) for line in lines)
+        chosen = {}
+    else:
+        say("building the images from this host's packages (cached by content; first time ~20 s)")
+        try:
+            built = ensure_images(client, lambda line: say(f"  {line}"), controller=True)
+        except ImageBuildError as error:
+            raise DemoError(f"an image failed to build: {error}") from error
+        lines = compose_env(built).splitlines()
+        chosen = dict(line.split("=", 1) for line in lines)
+    if "NGINX_IMAGE" in given:
+        if os.environ.get("CP_DATAPLANE"):
+            say(
+                "NGINX_IMAGE is set, so CP_DATAPLANE is not used: the controller picks the "
+                "data plane by what that nginx can do (label controlplane.dataplane=auto)"
+            )
+        return chosen
+    if plane == "reload":
+        chosen["NGINX_IMAGE"] = chosen.get("NGINX_PLAIN_IMAGE", PLAIN_NGINX)
+    nginx = chosen.get("NGINX_IMAGE", "the stack's default, OpenResty")
+    say(f"{plane} data plane: nginx image {nginx}")
+    return chosen
 
 
 def get(url: str, host: str | None = None) -> tuple[int, str]:
