@@ -260,6 +260,8 @@ def _nginx_target(
         return None
     try:
         path = L.parse_config_path(container.labels.get(L.CONFIG_PATH, DEFAULT_CONFIG_PATH))
+        requested = container.labels.get(L.DATAPLANE)
+        dataplane = None if requested is None else L.parse_dataplane(requested)
     except InvalidValue as error:
         exclude(f"managed nginx not updated: {error}")
         return None
@@ -269,6 +271,7 @@ def _nginx_target(
         config_path=path,
         started_at=container.started_at,
         networks=networks,
+        dataplane=dataplane,
     )
 
 

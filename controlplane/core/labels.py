@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from controlplane.core.model import Algorithm, Method
+from controlplane.core.model import Algorithm, DataPlane, Method
 from controlplane.errors import InvalidValue
 
 PREFIX = "controlplane."
@@ -30,6 +30,7 @@ HASH_CONSISTENT = PREFIX + "hash_consistent"
 RANDOM_TWO = PREFIX + "random_two"
 HOSTS = PREFIX + "hosts"
 CONFIG_PATH = PREFIX + "config_path"
+DATAPLANE = PREFIX + "dataplane"
 
 T = TypeVar("T")
 
@@ -52,6 +53,7 @@ KNOWN_LABELS = frozenset(
         RANDOM_TWO,
         HOSTS,
         CONFIG_PATH,
+        DATAPLANE,
     }
 )
 
@@ -203,6 +205,16 @@ def parse_method(value: str, what: str = ALGORITHM) -> Method:
     except ValueError:
         allowed = ", ".join(m.value for m in Method)
         raise InvalidValue(f"{what}={show(value)} is not a method: use one of {allowed}") from None
+
+
+def parse_dataplane(value: str, what: str = DATAPLANE) -> DataPlane:
+    try:
+        return DataPlane(value.strip().lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in DataPlane)
+        raise InvalidValue(
+            f"{what}={show(value)} is not a data plane: use one of {allowed}"
+        ) from None
 
 
 def parse_config_path(value: str) -> str:

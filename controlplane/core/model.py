@@ -20,6 +20,18 @@ class Method(StrEnum):
     IP_HASH = "ip_hash"
     HASH = "hash"
     RANDOM = "random"
+    LEAST_TIME = "least_time"
+    """Only on the dynamic data plane: nginx OSS has no such method."""
+
+
+class DataPlane(StrEnum):
+    """How a managed nginx gets its backends: `reload` renders them into its config (every
+    change is a reload; any nginx), `dynamic` pushes them to a Lua balancer in it (no reload;
+    needs lua-nginx-module), `auto` picks dynamic where that nginx has the module."""
+
+    AUTO = "auto"
+    DYNAMIC = "dynamic"
+    RELOAD = "reload"
 
 
 METHODS_WITHOUT_BACKUP = frozenset({Method.HASH, Method.IP_HASH, Method.RANDOM})
@@ -168,6 +180,8 @@ class NginxTarget:
     config_path: str
     started_at: str
     networks: tuple[str, ...]
+    dataplane: DataPlane | None = None
+    """Its `controlplane.dataplane` label; None: the controller's --dataplane."""
 
 
 @dataclass(frozen=True)

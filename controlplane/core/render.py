@@ -36,6 +36,12 @@ class RenderOptions:
     upstream_header: bool = False
     """Add `X-Controlplane-Upstream: $upstream_addr` to replies, to see which backend answered;
     off by default since it shows clients internal addresses."""
+    dynamic: bool = False
+    """Render for the dynamic data plane: no server in the text, a Lua balancer reading the
+    state file at `state_path` (core.dataplane) instead."""
+    state_path: str = ""
+    poll: float = 0.005
+    """How often (seconds) the Lua loader looks at the state file's first line."""
 
 
 class ServerView(NamedTuple):
@@ -67,6 +73,8 @@ class ServiceView(NamedTuple):
     service: Service
     backends: tuple[Backend, ...]
     """The ones the upstream holds, in its order."""
+    refused: str | None = None
+    """Why this nginx can't serve the service as asked (it answers 503 saying so)."""
 
     @property
     def servers(self) -> tuple[ServerView, ...]:
@@ -96,6 +104,18 @@ def zone_size(servers: int) -> str:
     a server (0.86 with IPv6); 1.25 KiB a server leaves room for other builds."""
     size = ZONE_FIXED_BYTES + servers * ZONE_BYTES_PER_SERVER
     return f"{max(ZONE_MIN_KIB, _align(size, 4096) // 1024)}k"
+
+
+DICT_BYTES_PER_BACKEND = 1024
+DICT_MIN_BYTES = 4 << 20
+
+
+def dict_size(backends: int) -> str:
+    """The dynamic data plane's shared dict, where the Lua balancer keeps peers and counters:
+    a power of two, so that it changes (the text changes: a reload) only when the number of
+    backends doubles."""
+    wanted = max(DICT_MIN_BYTES, backends * DICT_BYTES_PER_BACKEND)
+    return f"{(1 << (wanted - 1).bit_length()) >> 10}k"
 
 
 def names_hash(names: Iterable[str]) -> NamesHash:
@@ -143,6 +163,7 @@ def make_environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
     )
     env.filters["q"] = nginx_quote
     env.filters["comment"] = comment
+    env.globals["source"] = lambda name: loader.get_source(env, name)[0]
     return env
 
 
@@ -156,7 +177,16 @@ def balancing_directive(service: Service) -> str | None:
         )
     if algorithm.method is Method.RANDOM:
         return "random two least_conn" if algorithm.two else "random"
+    if algorithm.method is Method.LEAST_TIME:
+        return None
     return algorithm.method.value
+
+
+def least_time_refused(service: Service) -> str:
+    return (
+        f"controlplane: service {service.name} uses least_time, which only the dynamic data "
+        "plane has (this nginx runs the reload one)"
+    )
 
 
 _UP, _DRAINING = BackendState.UP, BackendState.DRAINING
@@ -243,6 +273,8 @@ def server_lines(backends: Iterable[Backend]) -> str:
 
 
 def service_view(service: Service, reachable: Iterable[str], options: RenderOptions) -> ServiceView:
+    if options.dynamic:
+        return _dynamic_view(service)
     backends = upstream_backends(service, reachable)
     # nginx refuses an upstream of backups only; build.py reports it as a service warning.
     if backends and all(b.backup for b in backends):
@@ -258,6 +290,25 @@ def service_view(service: Service, reachable: Iterable[str], options: RenderOpti
         serving=sum(1 for b in backends if b.state is _UP),
         service=service,
         backends=backends,
+        refused=(
+            least_time_refused(service) if service.algorithm.method is Method.LEAST_TIME else None
+        ),
+    )
+
+
+def _dynamic_view(service: Service) -> ServiceView:
+    """Nothing that changes with the backends: those go to the Lua balancer, not the text."""
+    return ServiceView(
+        name=service.name,
+        upstream=f"cp_{service.name}",
+        zone_size="",
+        balancing=None,
+        server_lines="",
+        server_names=service.names or (service.name,),
+        containers=0,
+        serving=0,
+        service=service,
+        backends=(),
     )
 
 
@@ -327,6 +378,9 @@ def render_config(
                 if options.names_hash
                 else None
             ),
+            dict_size=dict_size(sum(len(s.backends) for s in topology.services))
+            if options.dynamic
+            else None,
         )
     except jinja2.TemplateError as error:
         name = getattr(error, "name", None) or template.name or "?"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from controlplane.core.dataplane import ModeChoice
 from controlplane.core.model import BackendState, Topology
 from controlplane.core.render import upstream_backends
 
@@ -81,6 +82,8 @@ class NginxState:
     """Of the config it runs from this controller; None until one deploy took."""
     serves: Serves | None = None
     failure: Failure | None = None
+    mode: ModeChoice | None = None
+    """Its data plane and why; None until the controller knows (it probes a new nginx)."""
 
     def in_sync(self, service: str, wanted: Serves) -> bool | None:
         """None: not known (nothing deployed to it yet by this controller)."""
