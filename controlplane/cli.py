@@ -20,6 +20,7 @@ import click
 
 from controlplane.cli_client import COMMANDS
 from controlplane.core import labels as L
+from controlplane.core.model import DataPlane
 from controlplane.errors import ControlPlaneError, InvalidValue
 from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
 from controlplane.wiring import build_controller, render_once
@@ -193,6 +194,17 @@ RUN: list[Decorator] = [
         type=click.FloatRange(0, 300),
         help="Seconds a held new backend waits at most (0 holds nothing, else at least "
         "--batch-quiet).",
+    ),
+    setting(
+        "dataplane",
+        "--dataplane",
+        default="auto",
+        type=click.Choice([m.value for m in DataPlane]),
+        callback=lambda ctx, param, value: DataPlane(value),
+        help="How nginx gets its backends, unless its controlplane.dataplane label says: "
+        "dynamic (a Lua balancer fed without reloads; needs lua-nginx-module, e.g. "
+        "OpenResty), reload (rendered into the config, any nginx), auto (dynamic where "
+        "nginx has Lua).",
     ),
     setting(
         "nginx_shell",

@@ -29,9 +29,10 @@ from typing import Protocol, TypeVar
 import docker
 import docker.errors
 
+from controlplane.core.dataplane import state_path
 from controlplane.core.model import NginxTarget
 from controlplane.errors import DeployError
-from controlplane.nginx_shell import NoShell, ShellSession, printable
+from controlplane.nginx_shell import NoShell, ShellSession, printable, staging_path
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ STEPS = {
     "test": "nginx -t",
     "reload": "the reload",
     "retire": "retiring the old workers",
+    "push": "writing the data plane's state",
+    "probe": "trying a config that needs Lua",
 }
 """Each step's timing name, and what it is called in a message."""
 
@@ -62,6 +65,8 @@ class DeployResult:
     """"shell" or "engine": how the config went in."""
     refused: bool = False
     """nginx -t said no: the same text will fail again (else the way in failed)."""
+    pushed: bool = False
+    """The dynamic data plane's state went in (no reload), not a config."""
 
 
 def pack(name: str, content: bytes, also: str | None = None) -> bytes:
@@ -99,9 +104,8 @@ class Channel(Protocol):
     the deploy's deadline, after which every step but `restore` fails. A channel that holds a
     connection (the shell) is kept by the deployer across deploys and closed by it.
 
-    A dynamic data plane (Lua in nginx holding the backends in a shared dict) plugs in here as
-    one more channel: write pushes the state, test has nginx validate it, reload commits it,
-    settle waits until every worker serves it, restore pushes the previous state back."""
+    The dynamic data plane's state goes in through `put`, the same way in as the config:
+    only who may exec into the container can change its routing."""
 
     @property
     def via(self) -> str:
@@ -131,6 +135,10 @@ class Channel(Protocol):
         ...
 
     def abort(self) -> None: ...
+
+    def put(self, path: str, content: bytes) -> None:
+        """Any other file, whole: a reader sees the old one or the new one."""
+        ...
 
 
 class EngineChannel:
@@ -179,6 +187,27 @@ class EngineChannel:
 
     def abort(self) -> None:
         self._aborted = True
+
+    def put(self, path: str, content: bytes) -> None:
+        """`content` to `path`, staged beside it then renamed by an exec'd `mv`, so that a
+        reader never sees half a file; written in place where the image has no mv."""
+        self._check()
+        directory, name = posixpath.split(path)
+        staging = staging_path(path)
+        try:
+            if not self._api.put_archive(
+                self._id, directory, pack(posixpath.basename(staging), content)
+            ):
+                raise DeployError(f"the engine refused to copy {path} into the container")
+            exec_id = self._api.exec_create(self._id, ["mv", "-f", staging, path])["Id"]
+            said = self._api.exec_start(exec_id).decode("utf-8", "replace")
+        except docker.errors.NotFound as error:
+            raise DeployError(f"could not write {path} in the container: {error}") from error
+        except docker.errors.APIError:  # no mv in the image: in place, as for the config
+            self._api.put_archive(self._id, directory, pack(name, content))
+            return
+        if self._api.exec_inspect(exec_id).get("ExitCode") != 0:
+            raise DeployError(f"could not rename {staging} to {path}: {printable(said).strip()}")
 
     def _check(self) -> None:
         if self._aborted:
@@ -248,6 +277,9 @@ class ShellFirst:
         self._aborted = True
         self._shell.abort()
         self._engine.abort()
+
+    def put(self, path: str, content: bytes) -> None:
+        self._step(lambda channel: channel.put(path, content))
 
     def _step(self, step: Callable[[Channel], T]) -> T:
         if not self._failed:
@@ -343,6 +375,11 @@ class Attempt:
         return None
 
 
+Operation = Callable[[NginxLink, Channel, Attempt, float], DeployResult]
+"""One nginx's part of a deploy_all, push_all or probe_all: its link, the way in, the
+attempt its deadline watches, and that deadline."""
+
+
 class NginxDeployer:
     """`deploy_all` runs each nginx's deploy in a thread of its own; `retain` and `close` come
     between passes. The map of links is shared by those, under a lock; a link's own fields
@@ -388,6 +425,78 @@ class NginxDeployer:
         each within the deadline: one that did not finish by then is given up (a failure
         that says so; its shell is closed and the file put back). `on_result` hears each
         result as it comes, in this thread. Never raises for a problem of one container."""
+
+        def deploy(
+            link: NginxLink, channel: Channel, attempt: Attempt, deadline: float
+        ) -> DeployResult:
+            return self._attempt(link, channel, content, attempt, deadline)
+
+        return self._each(targets, content, deploy, on_result)
+
+    def push_all(self, targets: Sequence[NginxTarget], state: bytes) -> tuple[DeployResult, ...]:
+        """The dynamic data plane's state file (core.dataplane) into every target, beside its
+        config, within the same deadlines; its Lua loader picks it up within its poll."""
+
+        def push(
+            link: NginxLink, channel: Channel, attempt: Attempt, deadline: float
+        ) -> DeployResult:
+            target = attempt.target
+            with self._step(attempt, "push"):
+                channel.put(state_path(target.config_path), state)
+            return DeployResult(
+                target.container,
+                True,
+                None,
+                attempt.timings,
+                target.container_id,
+                channel.via,
+                pushed=True,
+            )
+
+        return self._each(targets, state, push)
+
+    def probe_all(self, targets: Sequence[NginxTarget], probe: bytes) -> tuple[DeployResult, ...]:
+        """Whether each target's nginx takes `probe` in place of its config (`nginx -t`),
+        the file that was there put back either way: ok means it does; else `error` holds
+        what nginx said."""
+
+        def try_probe(
+            link: NginxLink, channel: Channel, attempt: Attempt, deadline: float
+        ) -> DeployResult:
+            target = attempt.target
+            if not link.known:
+                with self._step(attempt, "read"):
+                    link.good = channel.read()
+                link.known = True
+            try:
+                with self._step(attempt, "probe"):
+                    channel.write(probe)
+                    code, output = channel.test()
+            finally:
+                self._restore(link, target, channel, link.good)
+            lines = [ln for ln in printable(output).strip().splitlines() if ln.strip()]
+            said = None if code == 0 else " | ".join(lines[-2:])
+            return DeployResult(
+                target.container,
+                code == 0,
+                said,
+                attempt.timings,
+                target.container_id,
+                channel.via,
+                refused=code != 0,
+            )
+
+        return self._each(targets, probe, try_probe)
+
+    def _each(
+        self,
+        targets: Sequence[NginxTarget],
+        content: bytes,
+        operation: Operation,
+        on_result: Callable[[DeployResult], object] | None = None,
+    ) -> tuple[DeployResult, ...]:
+        """`operation` on every target at once, each in a thread of its own within the
+        deadline; `content`: what goes in, which decides whether the shell can carry it."""
         deadline = time.monotonic() + self._deadline
         finished: queue.SimpleQueue[int] = queue.SimpleQueue()
         attempts = [Attempt(target) for target in targets]
@@ -395,7 +504,7 @@ class NginxDeployer:
             link = self._link(attempt.target.container_id)
             threading.Thread(
                 target=self._work,
-                args=(index, attempt, link, content, deadline, finished),
+                args=(index, attempt, link, content, operation, deadline, finished),
                 name=f"deploy-{attempt.target.container}",
                 daemon=True,
             ).start()
@@ -446,14 +555,20 @@ class NginxDeployer:
         attempt: Attempt,
         link: NginxLink,
         content: bytes,
+        operation: Operation,
         deadline: float,
         finished: queue.SimpleQueue[int],
     ) -> None:
-        attempt.finish(self._run(attempt, link, content, deadline))
+        attempt.finish(self._run(attempt, link, content, operation, deadline))
         finished.put(index)
 
     def _run(
-        self, attempt: Attempt, link: NginxLink, content: bytes, deadline: float
+        self,
+        attempt: Attempt,
+        link: NginxLink,
+        content: bytes,
+        operation: Operation,
+        deadline: float,
     ) -> DeployResult:
         target = attempt.target
         if not link.busy.acquire(timeout=max(0.0, deadline - time.monotonic())):
@@ -462,7 +577,7 @@ class NginxDeployer:
             channel = self._channel(link, target, content, attempt)
             if not attempt.use(channel):
                 return self._given_up(attempt)
-            return self._attempt(link, channel, content, attempt, deadline)
+            return operation(link, channel, attempt, deadline)
         except Exception as error:  # a result, whatever happens: the pass waits for it
             log.exception("deploying to nginx %s crashed; please report", target.container)
             message = f"could not update nginx {target.container}: {error}"

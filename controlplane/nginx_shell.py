@@ -63,6 +63,12 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == "\n" else "?" for c in text)
 
 
+def staging_path(path: str) -> str:
+    """Beside the file, so that mv replaces it in one rename; a dot file, so that an include
+    of `*` or `*.conf` never reads a half-written one."""
+    return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.controlplane-new")
+
+
 class Watchdog:
     """Calls `expire` once the deadline armed last passes, unless disarmed first; one thread
     per session, woken only when a deadline comes earlier than the one it sleeps towards."""
@@ -130,12 +136,9 @@ class ShellSession:
         self._renaming = False
         self._old_workers: frozenset[int] = frozenset()
         directory = posixpath.dirname(config_path)
+        self._path_raw = config_path
         self._path = shlex.quote(config_path)
-        self.staging = posixpath.join(
-            directory, f".{posixpath.basename(config_path)}.controlplane-new"
-        )
-        """Beside the file, so that mv replaces it in one rename; a dot file, so that an
-        include of `*` or `*.conf` never reads a half-written one."""
+        self.staging = staging_path(config_path)
         try:
             exec_id = api.exec_create(
                 container_id, ["/bin/sh"], stdin=True, stdout=True, stderr=True
@@ -209,29 +212,40 @@ class ShellSession:
         return content
 
     def write(self, content: bytes) -> None:
-        """The whole file to a staging file, then, once the shell said it is there, mv over
-        the config: two requests, so that a shell that stalls mid-file (a paused container)
-        and resumes after the deploy went on through the engine never renames it."""
+        """The whole config to a staging file, then, once the shell said it is there, mv
+        over the config: two requests, so that a shell that stalls mid-file (a paused
+        container) and resumes after the deploy went on through the engine never renames it."""
+        self.put(self._path_raw, content, self.staging, renaming=True)
+
+    def put(
+        self, path: str, content: bytes, staging: str | None = None, renaming: bool = False
+    ) -> None:
+        """`content` to `path` the same way: staged beside it (`staging`), then renamed, so a
+        reader never sees half a file. `renaming`: note the rename for `rename_pending`."""
         delimiter = f"CONTROLPLANE_EOF_{secrets.token_hex(12)}".encode()
         if not self.can_carry(content) or delimiter in content:
             raise DeployError("this file can't go through the shell; use the archive API")
-        document, rename = self.write_scripts(content, delimiter)
+        staging = staging or staging_path(path)
+        document, rename = self.write_scripts(content, delimiter, staging, path)
         code, output = self.run(document, STEP_TIMEOUT)
         if code == 0:
-            self._renaming = True
+            self._renaming = renaming
             code, output = self.run(rename, STEP_TIMEOUT)
             self._renaming = False
         if code != 0:
-            raise DeployError(f"could not write {self._path} in the container: {output.strip()}")
+            raise DeployError(f"could not write {path} in the container: {output.strip()}")
 
-    def write_scripts(self, content: bytes, delimiter: bytes) -> tuple[bytes, bytes]:
+    def write_scripts(
+        self, content: bytes, delimiter: bytes, staging: str | None = None, path: str | None = None
+    ) -> tuple[bytes, bytes]:
         """The staging file's here-document, and the rename as a `{ ...; }` group: a shell
         whose input ends early (a controller killed, a connection cut) still runs a command
         whose here-document was cut short, but never an incomplete group."""
-        staging, path = shlex.quote(self.staging).encode(), self._path.encode()
+        quoted_staging = shlex.quote(staging or self.staging).encode()
+        quoted_path = shlex.quote(path or self._path_raw).encode()
         return (
-            b"cat > %s <<'%s'\n%s%s" % (staging, delimiter, content, delimiter),
-            b"{ mv -f %s %s; }" % (staging, path),
+            b"cat > %s <<'%s'\n%s%s" % (quoted_staging, delimiter, content, delimiter),
+            b"{ mv -f %s %s; }" % (quoted_staging, quoted_path),
         )
 
     def test(self) -> tuple[int, str]:

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,10 +25,26 @@ import jinja2
 
 from controlplane.core.batching import BatchPolicy, Held
 from controlplane.core.build import BuildMemo, build_topology
+from controlplane.core.dataplane import (
+    PROBE_CONFIG,
+    ModeChoice,
+    StateCache,
+    choose,
+    state_path,
+    state_text,
+)
 from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import build_zone
+from controlplane.core.labels import DATAPLANE
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
-from controlplane.core.model import ContainerFacts, DockerState, NginxTarget, Overrides, Topology
+from controlplane.core.model import (
+    ContainerFacts,
+    DataPlane,
+    DockerState,
+    NginxTarget,
+    Overrides,
+    Topology,
+)
 from controlplane.core.render import RenderCache, render_config
 from controlplane.core.schedule import Holding, Outcome, Run, Schedule, Timing, Wait
 from controlplane.core.served import Failure, NginxState, deploy_due, failed, serving
@@ -66,6 +83,14 @@ class Deployer(Protocol):
     ) -> tuple[DeployResult, ...]:
         """Deploys to every target at once; their results in the targets' order, each
         nginx's within the deployer's deadline (a stalled one's is a failure saying so)."""
+        ...
+
+    def push_all(self, targets: Sequence[NginxTarget], state: bytes) -> tuple[DeployResult, ...]:
+        """The dynamic data plane's state into each target, within the same deadlines."""
+        ...
+
+    def probe_all(self, targets: Sequence[NginxTarget], probe: bytes) -> tuple[DeployResult, ...]:
+        """Whether each target takes `probe` as its config (ok), or refuses it (refused)."""
         ...
 
     def retain(self, container_ids: set[str]) -> None: ...
@@ -121,6 +146,15 @@ class Reconciler:
         self._build = settings.build_options
         self._render = settings.render_options
         self._render_cache = RenderCache()
+        self._dynamic: dict[str, tuple[RenderCache, int, str, str]] = {}
+        """By state path: the dynamic config's cache, and the last text with its version."""
+        self._state_cache = StateCache()
+        self._state_epoch = secrets.randbits(20) << 32
+        """Makes the state file's versions this controller's own: the Lua loader applies any
+        version other than the one it has, and a restarted controller counts from 1 again."""
+        self._modes: dict[tuple[str, str], ModeChoice] = {}
+        self._pushed: dict[tuple[str, str], int] = {}
+        self._push_failed: dict[tuple[str, str], Failure] = {}
         self._build_memo = BuildMemo()
         self._clock = clock
         self._marks: dict[str, StopMark] = {}
@@ -212,6 +246,9 @@ class Reconciler:
         previous = self.snapshot
         if previous is not None and previous.checksum == digest and previous.topology == topology:
             return Plan(reason, trigger, started_ns, timings, previous, previous)
+        # A scale-out is held only for nginx that reload: a dynamic one takes it for free.
+        if holding is not None and not self._any_reload(topology):
+            holding = None
         held = holding.decide(previous.topology, topology) if previous and holding else None
         if previous is not None and held is not None:
             changes = describe_changes(previous.topology, topology)
@@ -227,7 +264,14 @@ class Reconciler:
             )
         version = previous.version + 1 if previous else 1
         zone = build_zone(topology, self._settings.dns_domain, self._settings.dns_ttl, version)
-        snapshot = Snapshot(version, topology, config, digest, zone, serving(topology))
+        lines = (
+            self._state_cache.lines(
+                topology.services, frozenset(n for t in topology.nginx for n in t.networks)
+            )
+            if self._any_dynamic(topology)
+            else ()
+        )
+        snapshot = Snapshot(version, topology, config, digest, zone, serving(topology), lines)
         self.snapshot = snapshot
         before = previous.topology if previous else Topology()
         changes = describe_changes(before, topology)
@@ -267,50 +311,161 @@ class Reconciler:
             callback(report)
         return report
 
-    def _deploy(self, snapshot: Snapshot) -> tuple[DeployResult, ...]:
-        """Deploy to each nginx whose last good config differs, unless it failed with this
-        very config and its wait (core.served) is not over."""
-        digest, now = snapshot.checksum, self._clock()
-        keys = {(t.container_id, t.started_at): t for t in snapshot.topology.nginx}
-        self._deployed = {k: v for k, v in self._deployed.items() if k in keys}
-        self._failed = {k: v for k, v in self._failed.items() if k in keys}
-        self._running = {k: v for k, v in self._running.items() if k in keys}
-        self._deployer.retain({t.container_id for t in snapshot.topology.nginx})
-        pending = [
-            (key, target)
-            for key, target in keys.items()
-            if deploy_due(digest, self._deployed.get(key), self._failed.get(key), now)
-        ]
-        results = (
-            self._deployer.deploy_all([target for _, target in pending], snapshot.config.encode())
-            if pending
-            else ()
-        )
-        for (key, _), result in zip(pending, results, strict=True):
-            if result.ok:
-                self._deployed[key] = digest
-                self._running[key] = snapshot
-                self._failed.pop(key, None)
+    def _requested(self, target: NginxTarget) -> tuple[DataPlane, str]:
+        if target.dataplane is not None:
+            return target.dataplane, f"its label {DATAPLANE}={target.dataplane.value}"
+        return self._settings.dataplane, f"--dataplane {self._settings.dataplane.value}"
+
+    def _mode(self, target: NginxTarget) -> DataPlane | None:
+        """Its data plane; None for an `auto` nginx not probed yet in this start."""
+        known = self._modes.get((target.container_id, target.started_at))
+        if known is not None:
+            return known.mode
+        requested, _ = self._requested(target)
+        return None if requested is DataPlane.AUTO else requested
+
+    def _any_reload(self, topology: Topology) -> bool:
+        return any(self._mode(t) is not DataPlane.DYNAMIC for t in topology.nginx)
+
+    def _any_dynamic(self, topology: Topology) -> bool:
+        return any(self._mode(t) is not DataPlane.RELOAD for t in topology.nginx)
+
+    def _probe(self, targets: Sequence[NginxTarget]) -> None:
+        """Settles each target's data plane, once per container start: `auto` asks nginx
+        whether it takes a config that needs Lua. A probe that could not run (the way in
+        failed) is tried again next pass; meanwhile that nginx gets the reload config."""
+        unknown = [t for t in targets if (t.container_id, t.started_at) not in self._modes]
+        auto = []
+        for target in unknown:
+            requested, source = self._requested(target)
+            if requested is DataPlane.AUTO:
+                auto.append((target, source))
             else:
-                self._failed[key] = failed(
-                    self._failed.get(key),
-                    digest,
-                    snapshot.version,
-                    result.error or "failed",
-                    result.refused,
-                    self._clock(),
+                self._modes[target.container_id, target.started_at] = choose(
+                    requested, source, None
                 )
+        if not auto:
+            return
+        results = self._deployer.probe_all([target for target, _ in auto], PROBE_CONFIG.encode())
+        for (target, source), result in zip(auto, results, strict=True):
+            if result.ok or result.refused:
+                choice = choose(DataPlane.AUTO, source, result.ok, result.error or "")
+                self._modes[target.container_id, target.started_at] = choice
+                log.info(
+                    "nginx %s runs the %s data plane: %s", target.container, choice.mode, choice.why
+                )
+            else:
+                log.warning(
+                    "nginx %s: could not tell whether it has Lua (%s); it gets the reload config "
+                    "until a probe can run",
+                    target.container,
+                    result.error,
+                )
+
+    def _dynamic_config(self, snapshot: Snapshot, path: str) -> tuple[str, str]:
+        """The dynamic config for nginx whose state goes to `path`, and its checksum; made
+        once per snapshot."""
+        cache, version, text, digest = self._dynamic.get(path, (RenderCache(), 0, "", ""))
+        if version != snapshot.version or not text:
+            options = replace(self._render, dynamic=True, state_path=path)
+            text = render_config(snapshot.topology, self._template, options, cache)
+            digest = checksum(text)
+        self._dynamic[path] = (cache, snapshot.version, text, digest)
+        return text, digest
+
+    def _deploy(self, snapshot: Snapshot) -> tuple[DeployResult, ...]:
+        """Each nginx gets what its data plane needs and does not have yet: a reload one the
+        config, a dynamic one the state (pushed first, so that new workers find it) and the
+        dynamic config when its text changed. A config that failed is not sent again before
+        its wait (core.served) is over."""
+        now = self._clock()
+        keys = {(t.container_id, t.started_at): t for t in snapshot.topology.nginx}
+        for known in (self._deployed, self._failed, self._running, self._modes, self._pushed):
+            for key in [k for k in known if k not in keys]:
+                del known[key]
+        self._push_failed = {k: v for k, v in self._push_failed.items() if k in keys}
+        self._deployer.retain({t.container_id for t in snapshot.topology.nginx})
+        self._probe(list(keys.values()))
+        dynamic = {k: t for k, t in keys.items() if self._mode(t) is DataPlane.DYNAMIC}
+        results = list(self._push(snapshot, dynamic, now))
+        by_text: dict[str, list[tuple[tuple[str, str], NginxTarget]]] = {}
+        texts: dict[str, str] = {}
+        for key, target in keys.items():
+            if key in dynamic:
+                text, digest = self._dynamic_config(snapshot, state_path(target.config_path))
+            else:
+                text, digest = snapshot.config, snapshot.checksum
+            texts[digest] = text
+            if deploy_due(digest, self._deployed.get(key), self._failed.get(key), now):
+                by_text.setdefault(digest, []).append((key, target))
+        for digest, pending in by_text.items():
+            deployed = self._deployer.deploy_all(
+                [target for _, target in pending], texts[digest].encode()
+            )
+            for (key, _), result in zip(pending, deployed, strict=True):
+                if result.ok:
+                    self._deployed[key] = digest
+                    self._failed.pop(key, None)
+                    if key not in dynamic or self._pushed.get(key) == snapshot.version:
+                        self._running[key] = snapshot
+                else:
+                    self._failed[key] = failed(
+                        self._failed.get(key),
+                        digest,
+                        snapshot.version,
+                        result.error or "failed",
+                        result.refused,
+                        self._clock(),
+                    )
+            results.extend(deployed)
         self.nginx = {
             target.container_id: NginxState(
                 target.container,
                 target.container_id,
                 self._running[key].version if key in self._running else None,
                 self._running[key].serves if key in self._running else None,
-                self._failed.get(key),
+                self._failed.get(key) or self._push_failed.get(key),
+                self._modes.get(key),
             )
             for key, target in keys.items()
         }
         return tuple(results)
+
+    def _push(
+        self, snapshot: Snapshot, dynamic: Mapping[tuple[str, str], NginxTarget], now: float
+    ) -> tuple[DeployResult, ...]:
+        """The state to each dynamic nginx that does not have this snapshot's yet (the whole
+        state: its loader takes only the services whose rev changed)."""
+        digest = f"state {snapshot.version}"
+        pending = [
+            (key, target)
+            for key, target in dynamic.items()
+            if self._pushed.get(key) != snapshot.version
+            and deploy_due(digest, None, self._push_failed.get(key), now)
+        ]
+        if not pending:
+            return ()
+        text = state_text(self._state_epoch + snapshot.version, snapshot.state)
+        results = tuple(
+            replace(result, pushed=True)
+            for result in self._deployer.push_all([target for _, target in pending], text.encode())
+        )
+        for (key, _), result in zip(pending, results, strict=True):
+            if result.ok:
+                self._pushed[key] = snapshot.version
+                self._push_failed.pop(key, None)
+                if self._deployed.get(key) is not None:
+                    self._running[key] = snapshot
+            else:
+                self._push_failed[key] = failed(
+                    self._push_failed.get(key),
+                    digest,
+                    snapshot.version,
+                    f"could not push the backends: {result.error}",
+                    False,
+                    self._clock(),
+                )
+        return results
 
 
 def _warnings(topology: Topology) -> list[str]:

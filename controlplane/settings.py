@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.core.build import BuildOptions
+from controlplane.core.model import DataPlane
 from controlplane.core.render import RenderOptions
 from controlplane.errors import InvalidValue
 
@@ -32,6 +33,8 @@ class Settings:
     batch_quiet: float = 2.0
     batch_max: float = 10.0
     """New backends during a scale-out: see core.batching.BatchPolicy."""
+    dataplane: DataPlane = DataPlane.AUTO
+    """For an nginx without a `controlplane.dataplane` label (core.dataplane)."""
     nginx_shell: bool = True
     """Deploy through a shell kept open in each nginx that has one (nginx_shell)."""
     retire_old_workers: bool = True

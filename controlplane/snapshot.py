@@ -25,6 +25,8 @@ class Snapshot:
     dns: Zone
     serves: Serves
     """What the config sends traffic to (core.served)."""
+    state: tuple[str, ...] = ()
+    """The dynamic data plane's service lines (core.dataplane), when some nginx may use it."""
 
 
 @dataclass(frozen=True)

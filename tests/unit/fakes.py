@@ -50,6 +50,9 @@ class FakeDeployer:
         self.deployed: list[tuple[str, bytes]] = []
         self.refuse = False
         self.delay = 0.0
+        self.lua = False
+        self.pushed: list[tuple[str, bytes]] = []
+        self.probed: list[str] = []
 
     def deploy(self, target: NginxTarget, content: bytes) -> DeployResult:
         time.sleep(self.delay)
@@ -73,6 +76,29 @@ class FakeDeployer:
                 if on_result is not None:
                     on_result(future.result())
         return tuple(future.result() for future in futures)
+
+    def push_all(self, targets: Sequence[NginxTarget], state: bytes) -> tuple[DeployResult, ...]:
+        """Records each push of the dynamic data plane's state."""
+        self.pushed.extend((target.container, state) for target in targets)
+        return tuple(
+            DeployResult(target.container, True, None, {}, target.container_id)
+            for target in targets
+        )
+
+    def probe_all(self, targets: Sequence[NginxTarget], probe: bytes) -> tuple[DeployResult, ...]:
+        """`lua`: whether the nginx take the probe (else they refuse it, as plain nginx)."""
+        self.probed.extend(target.container for target in targets)
+        return tuple(
+            DeployResult(
+                target.container,
+                self.lua,
+                None if self.lua else 'unknown directive "lua_shared_dict"',
+                {},
+                target.container_id,
+                refused=not self.lua,
+            )
+            for target in targets
+        )
 
     def retain(self, container_ids: set[str]) -> None:
         pass
