@@ -43,6 +43,9 @@ class NginxStatus:
     last_error: str | None = None
     reloads: int = 0
     failures: int = 0
+    last_push: str | None = None
+    """When the dynamic data plane's state last went in (no reload)."""
+    pushes: int = 0
 
 
 class Activity:
@@ -80,7 +83,16 @@ class Activity:
                 status = self._nginx.get(result.container_id) or NginxStatus(
                     result.container, result.container_id
                 )
-                if result.ok:
+                if result.ok and result.pushed:
+                    status = replace(
+                        status,
+                        last_attempt=now,
+                        last_result="ok",
+                        last_push=now,
+                        last_error=None,
+                        pushes=status.pushes + 1,
+                    )
+                elif result.ok:
                     status = replace(
                         status,
                         checksum=report.checksum,
@@ -123,7 +135,9 @@ class Activity:
                         [
                             *report.changes[:3],
                             *(["..."] if len(report.changes) > 3 else []),
-                            f"{sum(d.ok for d in report.deployed)} nginx reloaded, "
+                            f"{sum(d.ok and not d.pushed for d in report.deployed)} nginx "
+                            "reloaded, "
+                            f"{sum(d.ok and d.pushed for d in report.deployed)} pushed to, "
                             f"{sum(not d.ok for d in report.deployed)} failed",
                         ]
                     ),
@@ -134,7 +148,12 @@ class Activity:
                         "changed": report.changed,
                         "checksum": report.checksum,
                         "nginx": [
-                            {"container": d.container, "ok": d.ok, "error": d.error}
+                            {
+                                "container": d.container,
+                                "ok": d.ok,
+                                "error": d.error,
+                                "pushed": d.pushed,
+                            }
                             for d in report.deployed
                         ],
                         "duration_ms": round(sum(report.timings.values()) * 1000, 1),

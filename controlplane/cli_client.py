@@ -84,11 +84,18 @@ def services_table(services: list[dict[str, Any]]) -> str:
             s["algorithm_source"],
             f"{sum(b['state'] == 'up' for b in s['backends'])}/{len(s['backends'])}",
             nginx_summary(s),
+            dataplanes(s),
             ",".join(s["hosts"]) or "-",
         )
         for s in services
     ]
-    return table(("SERVICE", "METHOD", "SOURCE", "UP", "NGINX", "NAMES"), rows)
+    return table(("SERVICE", "METHOD", "SOURCE", "UP", "NGINX", "DATAPLANE", "NAMES"), rows)
+
+
+def dataplanes(service: dict[str, Any]) -> str:
+    """How its nginx get backends: dynamic (pushed, no reload), reload, or both."""
+    found = sorted({n.get("dataplane") or "?" for n in service.get("nginx") or []})
+    return ",".join(found) or "-"
 
 
 def nginx_lines(service: dict[str, Any]) -> list[str]:

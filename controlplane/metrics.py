@@ -36,6 +36,12 @@ class Metrics:
             ["nginx", "result"],
             registry=self.registry,
         )
+        self._pushes = Counter(
+            "controlplane_nginx_pushes",
+            "Backends pushed to a dynamic nginx's Lua balancer, by result (no reload).",
+            ["nginx", "result"],
+            registry=self.registry,
+        )
         self._failures = Counter(
             "controlplane_reconcile_failures",
             "Reconcile passes that could not run (Docker unreachable, template error).",
@@ -50,7 +56,7 @@ class Metrics:
         )
         self._event_to_apply = Histogram(
             "controlplane_event_to_apply_seconds",
-            "From a Docker event to the reload of the config that answers it.",
+            "From a Docker event to the reload (or push) that answers it.",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -61,7 +67,8 @@ class Metrics:
             return
         self._duration.observe(sum(report.timings.values()))
         for result in report.deployed:
-            self._reloads.labels(result.container, "ok" if result.ok else "failed").inc()
+            counter = self._pushes if result.pushed else self._reloads
+            counter.labels(result.container, "ok" if result.ok else "failed").inc()
         if report.trigger is not None and any(d.ok for d in report.deployed):
             self._event_to_apply.observe(max(0, time.time_ns() - report.trigger.time_ns) / 1e9)
 
@@ -133,6 +140,12 @@ class _SnapshotCollector(Collector):
             "one; the API's /api/v1/nginx says why.",
             labels=["nginx"],
         )
+        dataplane = GaugeMetricFamily(
+            "controlplane_nginx_dataplane",
+            "1 for the data plane this nginx runs: dynamic (backends pushed to its Lua "
+            "balancer, no reload) or reload (rendered into its config).",
+            labels=["nginx", "dataplane"],
+        )
         states = self._nginx()
         if snapshot is not None:
             running = [
@@ -140,6 +153,8 @@ class _SnapshotCollector(Collector):
             ]
             for state in running:
                 failed.add_metric([state.container], 1 if state.failure else 0)
+                if state.mode is not None:
+                    dataplane.add_metric([state.container, state.mode.mode.value], 1)
                 if state.serves is None:
                     continue
                 for service in snapshot.topology.services:
@@ -153,3 +168,4 @@ class _SnapshotCollector(Collector):
                         )
         yield in_nginx
         yield failed
+        yield dataplane

@@ -14,7 +14,7 @@ from controlplane.api import views as V
 from controlplane.api.http import body, context, query, reply
 from controlplane.api.openapi import document, operation
 from controlplane.core import labels as L
-from controlplane.core.model import Backend, BackendOverride, Service
+from controlplane.core.model import Backend, BackendOverride, Method, Service
 from controlplane.core.overrides import parse_container_name
 from controlplane.core.served import NginxState
 from controlplane.errors import ApiError, InvalidValue
@@ -199,13 +199,28 @@ def get_service(name: str) -> Response:
 CHANGED = "saved; the service as the pass that applies it sees it"
 
 
+def _refuse_least_time(snapshot: Snapshot) -> None:
+    """least_time exists only in the Lua balancer: a reload nginx would have to serve the
+    service some other way, and the method is never changed behind the operator's back."""
+    plain = [n for n in _nginx_states(snapshot) if V.dataplane(n) == "reload"]
+    if plain:
+        raise ApiError(
+            422,
+            "needs_dynamic_dataplane",
+            f"least_time needs the dynamic data plane, and nginx {plain[0].container} runs the "
+            f"reload one ({plain[0].mode.why if plain[0].mode else 'not known'}): run nginx "
+            "with lua-nginx-module (e.g. OpenResty), or choose another method",
+            {"nginx": [n.container for n in plain]},
+        )
+
+
 @routes.put(f"{PREFIX}/services/<name>/algorithm")
 @operation(
     "set the balancing method (persisted)",
     V.ServiceChange,
     body=bodies.Algorithm,
     query=bodies.ChangeQuery,
-    errors=(404, 503),
+    errors=(404, 422, 503),
 )
 def put_algorithm(name: str) -> Response:
     snapshot = _snapshot()
@@ -214,6 +229,8 @@ def put_algorithm(name: str) -> Response:
     algorithm = body(bodies.Algorithm).to_core()
     if not waiting.create:
         _require(snapshot, service)
+    if algorithm.method is Method.LEAST_TIME:
+        _refuse_least_time(snapshot)
     context().store.set_algorithm(service, algorithm)
     return _apply(service, f"algorithm set to {algorithm}", waiting)
 
@@ -317,15 +334,23 @@ def get_nginx() -> Response:
                 networks=list(target.networks),
                 started_at=target.started_at,
                 checksum=status.checksum if status else None,
-                current=status is not None and status.checksum == snapshot.checksum,
+                current=(
+                    state is not None and state.version == snapshot.version
+                    if V.dataplane(state) == "dynamic"
+                    else status is not None and status.checksum == snapshot.checksum
+                ),
                 last_attempt=status.last_attempt if status else None,
                 last_result=status.last_result if status else None,  # type: ignore[arg-type]
                 last_reload=status.last_reload if status else None,
                 last_error=status.last_error if status else None,
                 reloads=status.reloads if status else 0,
+                pushes=status.pushes if status else 0,
+                last_push=status.last_push if status else None,
                 failures=status.failures if status else 0,
                 version=state.version if state else None,
                 failure=V.failure_view(state.failure if state else None),
+                dataplane=V.dataplane(state),
+                dataplane_reason=state.mode.why if state and state.mode else None,
             )
         )
     excluded = [

@@ -67,6 +67,10 @@ class ServiceNginx(Reply):
     )
     serving: int | None = Field(description="how many of this service's backends it sends to")
     failure: Failure | None
+    dataplane: Literal["dynamic", "reload"] | None = Field(
+        description="how it gets backends: pushed to its Lua balancer, or by a reload "
+        "(null: not known yet)"
+    )
 
 
 class Excluded(Reply):
@@ -151,8 +155,15 @@ class Nginx(Reply):
     last_error: str | None
     reloads: int
     failures: int
+    pushes: int = Field(description="times the backends went to its Lua balancer (no reload)")
+    last_push: str | None
     version: int | None
     failure: Failure | None
+    dataplane: Literal["dynamic", "reload"] | None = Field(
+        description="how it gets backends: pushed to its Lua balancer (no reload), or "
+        "rendered into its config (a reload each change); null: not known yet"
+    )
+    dataplane_reason: str | None = Field(description="why it runs that data plane")
 
 
 class NginxList(Reply):
@@ -241,6 +252,12 @@ def failure_view(failure: CoreFailure | None) -> Failure | None:
     )
 
 
+def dataplane(state: NginxState | None) -> Literal["dynamic", "reload"] | None:
+    if state is None or state.mode is None:
+        return None
+    return "dynamic" if state.mode.mode is core.DataPlane.DYNAMIC else "reload"
+
+
 def service_nginx_views(
     service: str, wanted: Serves, nginx: Sequence[NginxState]
 ) -> list[ServiceNginx]:
@@ -254,6 +271,7 @@ def service_nginx_views(
             in_sync=n.in_sync(service, wanted),
             serving=None if n.serves is None else len(n.serves.get(service, ())),
             failure=failure_view(n.failure),
+            dataplane=dataplane(n),
         )
         for n in nginx
     ]

@@ -78,10 +78,16 @@ class HarnessFactory:
         self.running: list[tuple[ApiHarness, threading.Thread]] = []
 
     def __call__(
-        self, *containers: ContainerFacts, token: str | None = None, **settings: object
+        self,
+        *containers: ContainerFacts,
+        token: str | None = None,
+        lua: bool = False,
+        **settings: object,
     ) -> ApiHarness:
+        """`lua`: the nginx take the dynamic data plane's probe (else they are plain)."""
         source = FakeSource(state(*(containers or WEB)))
         deployer = FakeDeployer()
+        deployer.lua = lua
         store = OverrideStore(self.directory)
         chosen = replace(Settings(quiet_window=0.01, api_token=token), **settings)  # type: ignore[arg-type]
         reconciler = Reconciler(

@@ -603,3 +603,20 @@ def test_a_reply_before_the_pass_started_says_so(api: ApiHarness) -> None:
     applied = reply["applied"]
     assert not applied["done"] and "had not started" in applied["errors"][0]
     assert api.store.current.algorithms["web"].method.value == "ip_hash"
+
+
+def test_least_time_is_refused_while_an_nginx_reloads(api: ApiHarness) -> None:
+    reply = put_algorithm(api, {"method": "least_time"})
+    assert reply.status_code == 422
+    error = reply.get_json()["error"]
+    assert error["code"] == "needs_dynamic_dataplane" and "lb" in error["message"]
+    assert "least_time" not in api.config
+
+
+def test_least_time_goes_to_a_dynamic_nginx_without_a_reload(make_api: HarnessFactory) -> None:
+    api = make_api(lua=True)
+    reloads = len(api.deployer.deployed)
+    reply = put_algorithm(api, {"method": "least_time"})
+    assert reply.status_code == 200, reply.get_json()
+    assert len(api.deployer.deployed) == reloads
+    assert b'"method":"least_time"' in api.deployer.pushed[-1][1]

@@ -39,8 +39,16 @@ def test_services_table_and_json(served: tuple[ApiHarness, str]) -> None:
     result = cli(url, "services")
     assert result.exit_code == 0, result.output
     header, row = result.output.splitlines()
-    assert header.split() == ["SERVICE", "METHOD", "SOURCE", "UP", "NGINX", "NAMES"]
-    assert row.split() == ["web", "round_robin", "default", "2/2", "ok", "web,web.internal"]
+    assert header.split() == ["SERVICE", "METHOD", "SOURCE", "UP", "NGINX", "DATAPLANE", "NAMES"]
+    assert row.split() == [
+        "web",
+        "round_robin",
+        "default",
+        "2/2",
+        "ok",
+        "reload",
+        "web,web.internal",
+    ]
     parsed = json.loads(cli(url, "services", "--json").output)
     assert parsed["services"][0]["name"] == "web"
 
