@@ -82,8 +82,12 @@ def images(docker_client: docker.DockerClient) -> OfflineImages:
 
 
 @pytest.fixture
-def lab(docker_client: docker.DockerClient, images: OfflineImages) -> Iterator[Lab]:
-    lab = Lab(docker_client, images)
+def lab(
+    docker_client: docker.DockerClient, images: OfflineImages, request: pytest.FixtureRequest
+) -> Iterator[Lab]:
+    """Its nginx run the reload data plane unless the test parametrizes `lab` with
+    "dynamic" (indirect), or with both through `both_dataplanes`."""
+    lab = Lab(docker_client, images, getattr(request, "param", "reload"))
     yield lab
     lab.cleanup()
 
@@ -112,7 +116,7 @@ class RunningController:
         )
 
     def reloads(self) -> int:
-        return sum(1 for r in self.reports for d in r.deployed if d.ok)
+        return sum(1 for r in self.reports for d in r.deployed if d.ok and not d.pushed)
 
     @property
     def api_url(self) -> str:

@@ -12,7 +12,9 @@ from docker.models.containers import Container
 from docker.models.networks import Network
 
 from tests.integration.conftest import ControllerFactory, RunningController
-from tests.support.lab import Http, Lab, wait_until
+from tests.support.lab import BOTH_DATAPLANES, Http, Lab, wait_until
+
+pytestmark = BOTH_DATAPLANES
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import httpx
+import pytest
 from docker.models.containers import Container
 from docker.models.networks import Network
 from docker.types import EndpointConfig
@@ -44,10 +45,19 @@ def wait_until(
     return value
 
 
+BOTH_DATAPLANES = pytest.mark.parametrize("lab", ["reload", "dynamic"], indirect=True)
+"""Runs a test that uses `lab` once with nginx on each data plane."""
+
+
 class Lab:
-    def __init__(self, client: docker.DockerClient, images: OfflineImages) -> None:
+    def __init__(
+        self, client: docker.DockerClient, images: OfflineImages, dataplane: str = "reload"
+    ) -> None:
+        """`dataplane`: what the managed nginx run: reload (the plain image) or dynamic (the
+        image with lua-nginx-module), named by their controlplane.dataplane label too."""
         self.client = client
         self.images = images
+        self.dataplane = dataplane
         self.run_id = secrets.token_hex(4)
         self._count = 0
 
@@ -65,10 +75,14 @@ class Lab:
     def nginx(self, network: Network, labels: Mapping[str, str] | None = None) -> Container:
         """A managed nginx published on a random loopback port."""
         container = self._run(
-            self.images.nginx,
+            self.images.nginx_lua if self.dataplane == "dynamic" else self.images.nginx,
             "lb",
             network,
-            labels={"controlplane.role": "nginx", **(labels or {})},
+            labels={
+                "controlplane.role": "nginx",
+                "controlplane.dataplane": self.dataplane,
+                **(labels or {}),
+            },
             ports={"80/tcp": ("127.0.0.1", None)},
         )
         return container
@@ -122,6 +136,12 @@ class Lab:
             container.start()
         container.reload()
         return container
+
+    def reloads(self, nginx: Container) -> int:
+        """Reloads nginx itself logged (its error log goes to the container's output): the
+        count that does not take the controller's word for it."""
+        lines = nginx.logs(stdout=True, stderr=True).decode("utf-8", "replace").splitlines()
+        return sum(1 for line in lines if line.endswith(": reconfiguring"))
 
     def published_port(self, container: Container) -> int:
         container.reload()

@@ -64,7 +64,7 @@ if [ -e /run/draining ] && read -r draining < /run/draining && [ "$draining" != 
     answer '503 Service Unavailable' 'draining'
 fi
 
-ms=0
+ms=${DELAY_MS:-0} # DELAY_MS: a backend slow on every path (least_time tests)
 case $target in *\?*) query=${target#*\?} ;; *) query= ;; esac
 IFS='&'
 for param in $query; do
