@@ -11,7 +11,7 @@ import pytest
 from tests.support import chaos
 from tests.support.chaos import Rig, ScenarioResult
 from tests.support.engine import PrivateEngine
-from tests.support.lab import Lab
+from tests.support.lab import BOTH_DATAPLANES, Lab
 from tests.support.witness import MachineEngineWitness
 
 SECONDS = 60
@@ -29,28 +29,34 @@ def no_failures(result: ScenarioResult) -> None:
     assert result.hey.failed == 0, f"{result.name}: {result.hey.detail}"
 
 
+@BOTH_DATAPLANES
 def test_scale_up_and_down(rig: Rig) -> None:
     no_failures(chaos.run(rig, "scale 1<->5", chaos.scale(rig, cycles=3), SECONDS))
 
 
+@BOTH_DATAPLANES
 def test_stop_restart_pause_disconnect(rig: Rig) -> None:
     no_failures(chaos.run(rig, "lifecycle", chaos.lifecycle(rig), SECONDS))
 
 
+@BOTH_DATAPLANES
 def test_sigkill_of_a_backend(rig: Rig) -> None:
     result = chaos.run(rig, "kill", chaos.kill(rig), SECONDS)
     no_failures(result)
     assert result.max_converge < 5, "bench/chaos.py measures the 1 s figure; this is a bound"
 
 
+@BOTH_DATAPLANES
 def test_rolling_replacement(rig: Rig) -> None:
     no_failures(chaos.run(rig, "rolling", chaos.rolling(rig, rounds=3), SECONDS))
 
 
+@BOTH_DATAPLANES
 def test_nginx_restart_and_a_second_nginx(rig: Rig) -> None:
     chaos.run(rig, "nginx", chaos.nginx_restart_and_second(rig), SECONDS)
 
 
+@BOTH_DATAPLANES
 def test_controller_sigkill_during_churn(rig: Rig) -> None:
     no_failures(chaos.run(rig, "controller kill", chaos.controller_kill(rig), SECONDS))
 
@@ -69,12 +75,16 @@ def test_dockerd_restart(
     assert machine_witness.changes() == []
 
 
+@BOTH_DATAPLANES
 def test_event_storm(rig: Rig) -> None:
     result = chaos.run(rig, "storm", chaos.storm(rig, count=30), SECONDS)
-    assert result.reloads <= 12, f"{result.reloads} reloads for a storm of 30 containers"
+    bound = 0 if rig.lab.dataplane == "dynamic" else 12
+    assert result.reloads <= bound, f"{result.reloads} reloads for a storm of 30 containers"
 
 
 def test_rejected_change(rig: Rig) -> None:
+    """Reload mode: its template breaks the config of a backend of weight 7; on the dynamic
+    data plane a weight is pushed, not rendered (test_lua_balancer covers bad pushed data)."""
     no_failures(chaos.run(rig, "rejected", chaos.rejected(rig), SECONDS))
 
 

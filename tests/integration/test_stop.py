@@ -8,8 +8,10 @@ import pytest
 from docker.models.containers import Container
 
 from tests.integration.conftest import ControllerFactory, RunningController
-from tests.support.lab import Http, Lab, wait_until
+from tests.support.lab import BOTH_DATAPLANES, Http, Lab, wait_until
 from tests.support.load import Load
+
+pytestmark = BOTH_DATAPLANES
 
 
 def serving_three(
