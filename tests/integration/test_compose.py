@@ -46,6 +46,7 @@ class Stack:
     env: dict[str, str]
     dns_ip: str
     client: docker.DockerClient
+    dataplane: str
 
     def compose(self, *args: str) -> None:
         command = ["docker-compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args]
@@ -86,8 +87,12 @@ class Stack:
         return found
 
 
-@pytest.fixture
-def stack(docker_client: docker.DockerClient, lab: Lab) -> Iterator[Stack]:
+@pytest.fixture(params=["dynamic", "reload"])
+def stack(
+    docker_client: docker.DockerClient, lab: Lab, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    """The stack as shipped (nginx with Lua: the dynamic data plane), and with plain nginx
+    one variable away (NGINX_IMAGE: the reload one)."""
     assert shutil.which("docker-compose"), "docker-compose is missing: run `make dev`"
     built = ensure_images(docker_client, controller=True)
     assert built.controller is not None
@@ -95,7 +100,7 @@ def stack(docker_client: docker.DockerClient, lab: Lab) -> Iterator[Stack]:
     dns_ip = str(subnet.network_address + 53)
     project = f"cpt-{lab.run_id}"
     env = {
-        "NGINX_IMAGE": built.nginx,
+        "NGINX_IMAGE": built.nginx_lua if request.param == "dynamic" else built.nginx,
         "BACKEND_IMAGE": built.backend,
         "CONTROLPLANE_IMAGE": built.controller,
         "CONTROLPLANE_API_TOKEN": "t0ken",
@@ -106,11 +111,17 @@ def stack(docker_client: docker.DockerClient, lab: Lab) -> Iterator[Stack]:
         "CP_API_PORT": str(free_port()),
         "CP_DNS_PORT": str(free_port()),
     }
-    running = Stack(project, env, dns_ip, docker_client)
+    running = Stack(project, env, dns_ip, docker_client, request.param)
     try:
         yield running
     finally:
         running.compose("down", "--volumes", "--remove-orphans")
+
+
+def reconfigured(nginx: Container) -> int:
+    """Reloads, from nginx's own log."""
+    lines = nginx.logs().decode("utf-8", "replace").splitlines()
+    return sum(1 for line in lines if line.endswith(": reconfiguring"))
 
 
 def test_scale_switch_and_tear_down(stack: Stack, http_for: type[Http]) -> None:
@@ -133,10 +144,15 @@ def test_scale_switch_and_tear_down(stack: Stack, http_for: type[Http]) -> None:
     )
     wait_until(lambda: stack.dig() == stack.web_ips(), what="DNS answering the 4 addresses")
 
+    (nginx,) = stack.containers("nginx")
+    assert api.get("/api/v1/nginx").json()["nginx"][0]["dataplane"] == stack.dataplane
+    reloads = reconfigured(nginx)
     reply = api.put("/api/v1/services/web/algorithm?wait=true", json={"method": "least_conn"})
     assert reply.status_code == 200, reply.text
     assert reply.json()["applied"]["errors"] == [] and reply.json()["applied"]["reloaded"]
     assert "least_conn;" in api.get("/api/v1/config").text
+    if stack.dataplane == "dynamic":
+        assert reconfigured(nginx) == reloads, "a method change reloaded a dynamic nginx"
 
     stack.compose("up", "-d", "--scale", "web=1")
     (last,) = wait_until(
