@@ -1,0 +1,1028 @@
+-- controlplane's dynamic data plane: a balancer that takes each service's backends from the
+-- state file the controller writes, so a change of backends costs no reload.
+-- The rendered config embeds this chunk as `controlplane = (function() <chunk> end)()`, so it
+-- is no file and requires nothing but what lua-nginx-module ships (issue 15).
+--
+-- Shared dict keys (a service name never holds ':' or '|'):
+--   version, names          the state applied last, and its service names ("\n"-joined)
+--   r:<svc>                 the service's rev: the one read every request
+--   d:<svc>                 its rev followed by its JSON: read only when the rev changed
+--   x:<svc>                 set while some peer of the service may be ejected
+--   c:|f:|e:|w:|t:<svc>|<addr>  per peer: in flight, failures, ejected, EWMA, EWMA's time
+
+local balancer = require "ngx.balancer"
+local cjson = require "cjson.safe"
+
+local ngx = ngx
+local ngx_var = ngx.var
+local log = ngx.log
+local ERR, WARN, INFO = ngx.ERR, ngx.WARN, ngx.INFO
+local crc32 = ngx.crc32_long
+local clock_now = ngx.now
+local byte, char, sub, find, match, gmatch, format =
+    string.byte, string.char, string.sub, string.find, string.match, string.gmatch, string.format
+local floor, exp, random, min, max = math.floor, math.exp, math.random, math.min, math.max
+local concat, sort = table.concat, table.sort
+local type, tostring, tonumber, pairs, ipairs, pcall = type, tostring, tonumber, pairs, ipairs, pcall
+local null = cjson.null
+
+local M = {}
+
+local MORE_TRIES = 2 -- retries after the first try: the config's proxy_next_upstream_tries 3
+local REHASHES = 20 -- nginx's bound on rehashes (ip_hash, hash, random) before round robin
+local RING_POINTS = 160 -- consistent hash points per weight unit, as nginx's ketama
+local DECAY = 10 -- seconds: a response time's weight in the EWMA falls by e in this time
+local EWMA_TTL = 10 * DECAY -- by then an EWMA has decayed to nothing: let the key go
+local NGX_BUSY = -3 -- from the balancer: nginx answers 502 "no live upstreams", as its own do
+
+local NO_LIVE = "controlplane: service %s has no live backend\n"
+local BAD_DATA = "controlplane: service %s has no valid routing data (nginx error log says why)\n"
+
+local conf -- what configure was given; nil until it succeeded
+local dict -- the shared dict every worker reads and worker 0's loader writes
+local services = {} -- per worker: name -> the decoded service, or {rev, bad = why}
+local rev_keys = {} -- per worker: name -> "r:<name>", so a request concatenates nothing
+local cand, counts = {}, {} -- per worker scratch for least_conn (nothing yields while used)
+local stamp = 0 -- per worker: marks the peers a consistent hash walk has already seen
+
+-- Validation ------------------------------------------------------------------------------
+
+local METHODS = {
+    round_robin = true, least_conn = true, ip_hash = true, hash = true, random = true,
+    least_time = true,
+}
+local NO_BACKUP = { ip_hash = true, hash = true, random = true } -- as nginx refuses them
+local SERVICE_FIELDS = { method = true, key = true, consistent = true, two = true, peers = true }
+local PEER_FIELDS = {
+    addr = true, host = true, port = true, weight = true, down = true, backup = true,
+    max_fails = true, fail_timeout = true, max_conns = true, container = true,
+}
+
+local function absent(v)
+    return v == nil or v == null
+end
+
+local function integer(v, lo, hi)
+    return type(v) == "number" and v == floor(v) and v >= lo and v <= hi
+end
+
+local function ipv4(s)
+    local parts = { match(s, "^(%d+)%.(%d+)%.(%d+)%.(%d+)$") }
+    if #parts ~= 4 then
+        return false
+    end
+    for i = 1, 4 do
+        local o = parts[i]
+        if #o > 3 or (#o > 1 and byte(o) == 48) or tonumber(o) > 255 then
+            return false
+        end
+    end
+    return true
+end
+
+-- How many hex groups "a:b:c" holds (0 for ""), nil when one is not 1-4 hex digits.
+local function hex_groups(s)
+    if s == "" then
+        return 0
+    end
+    local n = 0
+    for g in gmatch(s .. ":", "([^:]*):") do
+        if not match(g, "^%x%x?%x?%x?$") then
+            return nil
+        end
+        n = n + 1
+    end
+    return n
+end
+
+local function ipv6(s)
+    if #s > 45 or not find(s, ":", 1, true) then
+        return false
+    end
+    local v4 = match(s, ":([%d.]+)$")
+    if v4 and find(v4, ".", 1, true) then
+        if not ipv4(v4) then
+            return false
+        end
+        s = sub(s, 1, #s - #v4) .. "0:0" -- a trailing dotted quad is two groups
+    end
+    local gap = find(s, "::", 1, true)
+    if not gap then
+        return hex_groups(s) == 8
+    end
+    if find(s, "::", gap + 1, true) then
+        return false
+    end
+    local left, right = hex_groups(sub(s, 1, gap - 1)), hex_groups(sub(s, gap + 2))
+    return left ~= nil and right ~= nil and left + right <= 7
+end
+
+-- A hash key: `$name` variables and literal [A-Za-z0-9_.:/,=-], compiled into parts where a
+-- variable is a table {name} and a literal a string.
+local function compile_key(key)
+    if type(key) ~= "string" or key == "" or #key > 1024 then
+        return nil
+    end
+    local parts, pos = {}, 1
+    while pos <= #key do
+        local name = match(key, "^%$([A-Za-z0-9_]+)", pos)
+        if name then
+            parts[#parts + 1] = { name }
+            pos = pos + 1 + #name
+        else
+            local lit = match(key, "^[A-Za-z0-9_.:/,=%-]+", pos)
+            if not lit then
+                return nil
+            end
+            parts[#parts + 1] = lit
+            pos = pos + #lit
+        end
+    end
+    return parts
+end
+
+local function eval_key(parts)
+    if #parts == 1 and type(parts[1]) == "table" then
+        return ngx_var[parts[1][1]] or ""
+    end
+    local out = {}
+    for i = 1, #parts do
+        local p = parts[i]
+        out[i] = type(p) == "table" and (ngx_var[p[1]] or "") or p
+    end
+    return concat(out)
+end
+
+-- The peer as the balancer keeps it, or nil and why it is refused.
+local function make_peer(name, p)
+    if type(p) ~= "table" then
+        return nil, "is not an object"
+    end
+    for k in pairs(p) do
+        if not PEER_FIELDS[k] then
+            return nil, "has an unknown field " .. tostring(k)
+        end
+    end
+    local host, port, addr = p.host, p.port, p.addr
+    if type(host) ~= "string" then
+        return nil, "host must be a string"
+    end
+    local v6 = ipv6(host)
+    if not v6 and not ipv4(host) then
+        return nil, format("host %q is not an IP address", host)
+    end
+    if not integer(port, 1, 65535) then
+        return nil, "port must be an integer 1-65535, got " .. tostring(port)
+    end
+    local target = v6 and "[" .. host .. "]" or host -- set_current_peer wants IPv6 bracketed
+    local want = target .. ":" .. format("%d", port)
+    if addr ~= want then
+        return nil, format("addr %s does not match host and port (%s)", tostring(addr), want)
+    end
+    local peer = {
+        addr = addr, target = target, port = port, weight = 1, down = false, backup = false,
+        max_fails = 1, fail_timeout = 10, max_conns = 0, cw = 0,
+    }
+    local checks = {
+        { "weight", integer, 1, 1000 }, { "max_fails", integer, 0, 1000 },
+        { "fail_timeout", integer, 0, 86400 }, { "max_conns", integer, 0, 100000 },
+    }
+    for i = 1, #checks do
+        local field, check, lo, hi = checks[i][1], checks[i][2], checks[i][3], checks[i][4]
+        local v = p[field]
+        if not absent(v) then
+            if not check(v, lo, hi) then
+                return nil, format("%s must be an integer %d-%d, got %s", field, lo, hi, tostring(v))
+            end
+            peer[field] = v
+        end
+    end
+    for _, field in ipairs({ "down", "backup" }) do
+        local v = p[field]
+        if not absent(v) then
+            if type(v) ~= "boolean" then
+                return nil, field .. " must be true or false"
+            end
+            peer[field] = v
+        end
+    end
+    if not absent(p.container) and type(p.container) ~= "string" then
+        return nil, "container must be a string"
+    end
+    peer.container = type(p.container) == "string" and p.container or "?"
+    local id = name .. "|" .. addr
+    peer.ckey, peer.fkey, peer.ekey = "c:" .. id, "f:" .. id, "e:" .. id
+    peer.wkey, peer.tkey = "w:" .. id, "t:" .. id
+    return peer
+end
+
+-- Consistent hash ring points of one peer: crc32(HOST \0 PORT PREV_HASH), nginx's ketama
+-- (compatible with Cache::Memcached::Fast), so keys land where nginx's `hash ... consistent`
+-- would put them.
+local function ring_points(addr, weight)
+    local host, port = match(addr, "^(.*):(%d+)$")
+    local base, prev, points = host .. "\0" .. port, "\0\0\0\0", {}
+    for i = 1, weight * RING_POINTS do
+        local h = crc32(base .. prev)
+        points[i] = h
+        prev = char(h % 256, floor(h / 256) % 256, floor(h / 65536) % 256, floor(h / 16777216))
+    end
+    return points
+end
+
+local function build_ring(svc, old)
+    local reuse = old and old.points or {}
+    local hashes, owner, points = {}, {}, {}
+    for _, p in ipairs(svc.primary) do
+        local kept = reuse[p.addr]
+        local pts = kept and kept.weight == p.weight and kept.points or ring_points(p.addr, p.weight)
+        points[p.addr] = { weight = p.weight, points = pts }
+        for i = 1, #pts do
+            local h = pts[i]
+            if not owner[h] then -- equal points: the first peer keeps it
+                owner[h] = p
+                hashes[#hashes + 1] = h
+            end
+        end
+    end
+    sort(hashes)
+    local peers = {}
+    for i = 1, #hashes do
+        peers[i] = owner[hashes[i]]
+    end
+    svc.ring_hash, svc.ring_peer, svc.points = hashes, peers, points
+end
+
+-- A peer added by a state change starts at the mean of the others' EWMA (none has one: it
+-- learns from scratch). Only added ones: a peer merely not sampled yet when a worker first
+-- builds the service must not inherit a slow peer's figure.
+local function seed_ewma(svc, kept)
+    local sum, n, added = 0, 0, {}
+    for _, list in ipairs({ svc.primary, svc.backup }) do
+        for i = 1, #list do
+            local p = list[i]
+            local e = dict:get(p.wkey)
+            if e then
+                sum, n = sum + e, n + 1
+            elseif not kept[p.addr] then
+                added[#added + 1] = p
+            end
+        end
+    end
+    if n == 0 then
+        return
+    end
+    local t = clock_now()
+    for i = 1, #added do
+        dict:add(added[i].tkey, t, EWMA_TTL)
+        dict:add(added[i].wkey, sum / n, EWMA_TTL)
+    end
+end
+
+local PICK -- method -> picker, defined below
+
+-- The service as the balancer keeps it per worker, or nil and why its data is refused.
+local function build(name, blob, old)
+    local rev, json = sub(blob, 1, 16), sub(blob, 17)
+    local data, err = cjson.decode(json)
+    if type(data) ~= "table" then
+        return nil, "its JSON does not decode: " .. tostring(err or "not an object")
+    end
+    for k in pairs(data) do
+        if not SERVICE_FIELDS[k] then
+            return nil, "unknown field " .. tostring(k)
+        end
+    end
+    local method = data.method
+    if not METHODS[method] then
+        return nil, "unknown method " .. tostring(method)
+    end
+    local svc = {
+        name = name, rev = rev, method = method, primary = {}, backup = {}, live = 0, total = 0,
+        xkey = "x:" .. name, longest = 0,
+    }
+    if method == "hash" then
+        svc.key = compile_key(data.key)
+        if not svc.key then
+            return nil, "key must be nginx variables and the characters A-Z a-z 0-9 _ . : / , = -"
+        end
+    elseif not absent(data.key) then
+        return nil, "key is for method hash only"
+    end
+    for _, flag in ipairs({ "consistent", "two" }) do
+        local v = data[flag]
+        if not absent(v) and type(v) ~= "boolean" then
+            return nil, flag .. " must be true or false"
+        end
+        svc[flag] = v == true
+    end
+    if svc.consistent and method ~= "hash" then
+        return nil, "consistent is for method hash only"
+    end
+    if svc.two and method ~= "random" then
+        return nil, "two is for method random only"
+    end
+    local peers = data.peers
+    if type(peers) ~= "table" then
+        return nil, "peers must be an array"
+    end
+    local n = 0
+    for _ in pairs(peers) do
+        n = n + 1
+    end
+    if n ~= #peers then
+        return nil, "peers must be an array"
+    end
+    local kept, seen = {}, {}
+    if old and old.primary then
+        for _, list in pairs({ old.primary, old.backup }) do
+            for i = 1, #list do
+                kept[list[i].addr] = list[i]
+            end
+        end
+    end
+    for i = 1, n do
+        local p, why = make_peer(name, peers[i])
+        if not p then
+            local c = type(peers[i]) == "table" and peers[i].container
+            return nil, format("peer %d (%s) %s", i, type(c) == "string" and c or "?", why)
+        end
+        if seen[p.addr] then
+            return nil, "peer " .. p.addr .. " is listed twice"
+        end
+        seen[p.addr] = true
+        if p.backup and NO_BACKUP[method] then
+            return nil, "backup peers are not allowed with method " .. method
+        end
+        -- round robin keeps its place across a change that keeps the peer
+        p.cw = kept[p.addr] and kept[p.addr].cw or 0
+        local list = p.backup and svc.backup or svc.primary
+        list[#list + 1] = p
+        if not p.down then
+            svc.live = svc.live + 1
+        end
+        if not p.backup then
+            svc.total = svc.total + p.weight -- down peers included: hashes keep their place
+        end
+        if p.max_fails > 0 then
+            svc.longest = max(svc.longest, p.fail_timeout)
+        end
+    end
+    if method == "random" then
+        local cum, sum = {}, 0
+        for i = 1, #svc.primary do
+            sum = sum + svc.primary[i].weight
+            cum[i] = sum
+        end
+        svc.cum = cum
+    end
+    if svc.consistent then
+        build_ring(svc, old)
+    end
+    if method == "least_time" and old and old.primary then
+        seed_ewma(svc, kept)
+    end
+    svc.pick = PICK[method == "hash" and svc.consistent and "chash"
+        or method == "random" and svc.two and "random_two" or method]
+    return svc
+end
+
+-- The service's routing for this worker: one shared dict read unless its rev changed.
+-- Returns the service, or nil and "none" (unknown) or "bad" (its data was refused).
+local function lookup(name)
+    local key = rev_keys[name]
+    if not key then
+        key = "r:" .. name
+        rev_keys[name] = key
+    end
+    local rev = dict:get(key)
+    local svc = services[name]
+    if rev == nil then
+        services[name] = nil
+        return nil, "none"
+    end
+    if svc and svc.rev == rev then
+        if svc.bad then
+            return nil, "bad"
+        end
+        return svc
+    end
+    local blob = dict:get("d:" .. name)
+    local why
+    if type(blob) ~= "string" or #blob < 17 then
+        why = "its data is gone from lua_shared_dict " .. conf.dict .. " (evicted: raise its size)"
+    else
+        local ok, built, err = pcall(build, name, blob, svc)
+        if not ok then
+            why = "its data could not be read: " .. tostring(built)
+        elseif not built then
+            why = err
+        else
+            services[name] = built
+            return built
+        end
+    end
+    log(ERR, "controlplane: service ", name, " (rev ", rev, "): ", why,
+        "; it answers 503 until the controller writes valid data")
+    services[name] = { rev = rev, bad = why }
+    return nil, "bad"
+end
+
+-- Picking a peer ----------------------------------------------------------------------------
+-- A pick runs in modes: 0 strict; 1 ignoring ejections (every peer ejected: nginx then tries
+-- them all again); 2 also taking a peer this request already tried (none other is left).
+-- `down` and max_conns are never ignored.
+
+local function usable(p, st, mode)
+    if p.down then
+        return false
+    end
+    if mode < 2 then
+        for i = 1, st.n do
+            if st[i] == p then
+                return false
+            end
+        end
+        if mode < 1 and st.ejections and dict:get(p.ekey) then
+            return false
+        end
+    end
+    return p.max_conns == 0 or (dict:get(p.ckey) or 0) < p.max_conns
+end
+
+-- nginx's smooth weighted round robin (ngx_http_upstream_get_peer).
+local function round_robin(_, list, st, mode)
+    local best, total = nil, 0
+    for i = 1, #list do
+        local p = list[i]
+        if usable(p, st, mode) then
+            p.cw = p.cw + p.weight
+            total = total + p.weight
+            if best == nil or p.cw > best.cw then
+                best = p
+            end
+        end
+    end
+    if best then
+        best.cw = best.cw - total
+    end
+    return best
+end
+
+-- Fewest in flight per weight across all workers; ties by round robin, as nginx.
+local function least_conn(_, list, st, mode)
+    local m, best = 0, nil
+    for i = 1, #list do
+        local p = list[i]
+        if usable(p, st, mode) then
+            m = m + 1
+            cand[m], counts[m] = p, dict:get(p.ckey) or 0
+            if best == nil or counts[m] * cand[best].weight < counts[best] * p.weight then
+                best = m
+            end
+        end
+    end
+    if best == nil then
+        return nil
+    end
+    local bp, bn, chosen, total = cand[best], counts[best], nil, 0
+    for i = 1, m do
+        local p = cand[i]
+        if counts[i] * bp.weight == bn * p.weight then
+            p.cw = p.cw + p.weight
+            total = total + p.weight
+            if chosen == nil or p.cw > chosen.cw then
+                chosen = p
+            end
+        end
+        cand[i] = nil
+    end
+    chosen.cw = chosen.cw - total
+    return chosen
+end
+
+-- The peer at weight offset w, down peers included (nginx's walk over its peer list).
+local function walk(list, w)
+    local i = 1
+    local p = list[1]
+    while w >= p.weight do
+        w = w - p.weight
+        i = i + 1
+        p = list[i]
+    end
+    return p
+end
+
+-- nginx's ip_hash: the first three octets of IPv4, all of IPv6.
+local function ip_hash(svc, list, st, mode)
+    local addr = st.ip
+    if addr == nil then
+        addr = ngx_var.binary_remote_addr or ""
+        if #addr ~= 4 and #addr ~= 16 then
+            addr = "\0\0\0\0" -- nginx's pseudo address for a client that is no inet one
+        end
+        st.ip = addr
+    end
+    local len = #addr == 4 and 3 or 16
+    local hash = 89
+    for _ = 0, REHASHES do
+        for i = 1, len do
+            hash = (hash * 113 + byte(addr, i)) % 6271
+        end
+        local p = walk(list, hash % svc.total)
+        if usable(p, st, mode) then
+            return p
+        end
+    end
+    return round_robin(svc, list, st, mode)
+end
+
+local function hash_key(svc, st)
+    local key = st.key
+    if key == nil then
+        key = eval_key(svc.key)
+        st.key = key
+    end
+    return key
+end
+
+-- nginx's hash KEY: (crc32([REHASH] KEY) >> 16) & 0x7fff summed, % total weight.
+local function hash(svc, list, st, mode)
+    local key = hash_key(svc, st)
+    if key == "" or #list == 1 then
+        return round_robin(svc, list, st, mode)
+    end
+    local h = 0
+    for rehash = 0, REHASHES do
+        local c = crc32(rehash > 0 and rehash .. key or key)
+        h = h + floor(c / 65536) % 32768
+        local p = walk(list, h % svc.total)
+        if usable(p, st, mode) then
+            return p
+        end
+    end
+    return round_robin(svc, list, st, mode)
+end
+
+-- hash KEY consistent: the first point clockwise from crc32(KEY) whose peer is usable.
+local function chash(svc, list, st, mode)
+    local key = hash_key(svc, st)
+    local hashes, peers = svc.ring_hash, svc.ring_peer
+    local n = #hashes
+    if key == "" or n == 0 then
+        return round_robin(svc, list, st, mode)
+    end
+    local start = st.point
+    if start == nil then
+        local h, lo, hi = crc32(key), 1, n + 1
+        while lo < hi do
+            local mid = floor((lo + hi) / 2)
+            if hashes[mid] < h then
+                lo = mid + 1
+            else
+                hi = mid
+            end
+        end
+        start = lo - 1 -- 0-based, n wraps to the first point
+        st.point = start
+    end
+    stamp = stamp + 1
+    for i = 0, n - 1 do
+        local p = peers[(start + i) % n + 1]
+        if p.stamp ~= stamp then -- each peer has many points: judge it once
+            p.stamp = stamp
+            if usable(p, st, mode) then
+                return p
+            end
+        end
+    end
+    return nil
+end
+
+-- A weighted random peer, down ones included (nginx's ranges).
+local function peek(svc, list)
+    local cum = svc.cum
+    local x, lo, hi = floor(random() * svc.total), 1, #cum
+    while lo < hi do
+        local mid = floor((lo + hi) / 2)
+        if x < cum[mid] then
+            hi = mid
+        else
+            lo = mid + 1
+        end
+    end
+    return list[lo]
+end
+
+local function random_one(svc, list, st, mode)
+    for _ = 0, REHASHES do
+        local p = peek(svc, list)
+        if usable(p, st, mode) then
+            return p
+        end
+    end
+    return round_robin(svc, list, st, mode)
+end
+
+-- random two: of two weighted random picks, the one with fewer in flight per weight.
+local function random_two(svc, list, st, mode)
+    local a = random_one(svc, list, st, mode)
+    if a == nil then
+        return nil
+    end
+    for _ = 0, REHASHES do
+        local b = peek(svc, list)
+        if b ~= a and usable(b, st, mode) then
+            if (dict:get(a.ckey) or 0) * b.weight > (dict:get(b.ckey) or 0) * a.weight then
+                return b
+            end
+            return a
+        end
+    end
+    return a
+end
+
+local function ewma_now(p, t)
+    local e = dict:get(p.wkey)
+    if not e then
+        return 0
+    end
+    return e * exp(-max(t - (dict:get(p.tkey) or t), 0) / DECAY)
+end
+
+local function score(p, t)
+    return ewma_now(p, t) * ((dict:get(p.ckey) or 0) + 1) / p.weight
+end
+
+-- least_time: of two random usable peers, the lower EWMA * (in flight + 1) / weight.
+local function least_time(_, list, st, mode)
+    local n, a, b = #list, nil, nil
+    for _ = 0, REHASHES do
+        local p = list[random(n)]
+        if p ~= a and usable(p, st, mode) then
+            if a == nil then
+                a = p
+            else
+                b = p
+                break
+            end
+        end
+    end
+    local t = clock_now()
+    if a == nil then -- few usable among many: look at every one
+        local best_score
+        for i = 1, n do
+            local p = list[i]
+            if usable(p, st, mode) then
+                local s = score(p, t)
+                if a == nil or s < best_score then
+                    a, best_score = p, s
+                end
+            end
+        end
+        return a
+    end
+    if b and score(b, t) < score(a, t) then
+        return b
+    end
+    return a
+end
+
+PICK = {
+    round_robin = round_robin, least_conn = least_conn, ip_hash = ip_hash, hash = hash,
+    chash = chash, random = random_one, random_two = random_two, least_time = least_time,
+}
+
+local function choose(svc, st)
+    local pick, primary, backup = svc.pick, svc.primary, svc.backup
+    for mode = 0, 2 do
+        local p = #primary > 0 and pick(svc, primary, st, mode)
+        if p then
+            return p
+        end
+        p = #backup > 0 and pick(svc, backup, st, mode)
+        if p then
+            return p
+        end
+    end
+    return nil
+end
+
+-- Passive failures: max_fails within fail_timeout eject the peer for fail_timeout.
+local function failed(svc, p)
+    if p.max_fails == 0 or p.fail_timeout == 0 then
+        return
+    end
+    local fails = dict:incr(p.fkey, 1, 0, p.fail_timeout)
+    if fails and fails >= p.max_fails then
+        dict:set(p.ekey, true, p.fail_timeout)
+        dict:delete(p.fkey)
+        dict:set(svc.xkey, true, svc.longest)
+        log(WARN, "controlplane: service ", svc.name, ": ", p.addr, " (", p.container,
+            ") ejected for ", p.fail_timeout, " s after ", fails, " failed tries")
+    end
+end
+
+local function release(p)
+    local n = dict:incr(p.ckey, -1, 0)
+    if n and n < 0 then -- its count was lost (evicted): don't let it go negative
+        dict:set(p.ckey, 0)
+    end
+end
+
+-- Entry points --------------------------------------------------------------------------
+
+local function deny(name, why)
+    local body = format(why == "bad" and BAD_DATA or NO_LIVE, name)
+    ngx.status = 503
+    ngx.header["Content-Type"] = "text/plain"
+    ngx.header["Content-Length"] = #body
+    ngx.print(body)
+    return ngx.exit(ngx.HTTP_OK) -- after the body: ends the request, not just this phase
+end
+
+local function configure_error(opts)
+    if type(opts) ~= "table" then
+        return "configure takes a table"
+    end
+    if type(opts.state_path) ~= "string" or opts.state_path == "" then
+        return "state_path must be a path"
+    end
+    if type(opts.poll) ~= "number" or opts.poll <= 0 then
+        return "poll must be a number of seconds > 0"
+    end
+    if type(opts.dict) ~= "string" or not ngx.shared[opts.dict] then
+        return "dict must name a lua_shared_dict of this config"
+    end
+end
+
+function M.configure(opts)
+    local why = configure_error(opts)
+    if why then
+        log(ERR, "controlplane: configure: ", why, "; every service answers 503")
+        return
+    end
+    conf = { state_path = opts.state_path, poll = opts.poll, dict = opts.dict }
+    dict = ngx.shared[opts.dict]
+end
+
+local function admit(name)
+    if not conf then
+        return "bad"
+    end
+    local svc, why = lookup(name)
+    if not svc then
+        return why
+    end
+    if svc.live == 0 then
+        return "none"
+    end
+    ngx.ctx.cp = { svc = svc, n = 0 }
+end
+
+function M.admit(name)
+    local ok, why = pcall(admit, name)
+    if not ok then
+        log(ERR, "controlplane: service ", name, ": ", why)
+        why = "bad"
+    end
+    if why then
+        return deny(name, why)
+    end
+end
+
+local function balance(name)
+    local st = ngx.ctx.cp
+    if not st then
+        return "controlplane.admit did not run for this request"
+    end
+    local svc, n = st.svc, st.n
+    if n > 0 then -- a retry: the previous try is over
+        if balancer.get_last_failure() == "failed" then
+            failed(svc, st[n])
+        end
+        release(st[n])
+    elseif svc.live > 1 then
+        balancer.set_more_tries(min(svc.live - 1, MORE_TRIES))
+    end
+    st.ejections = svc.longest > 0 and dict:get(svc.xkey) ~= nil
+    local p = choose(svc, st)
+    if not p then
+        st.busy = true
+        return nil, true
+    end
+    dict:incr(p.ckey, 1, 0)
+    n = n + 1
+    st[n], st.n = p, n
+    local ok, err = balancer.set_current_peer(p.target, p.port)
+    if not ok then
+        return "cannot set peer " .. p.addr .. ": " .. tostring(err)
+    end
+end
+
+function M.balance(name)
+    local ok, err, busy = pcall(balance, name)
+    if not ok or err then
+        log(ERR, "controlplane: service ", name, ": ", err)
+        return ngx.exit(ngx.ERROR)
+    end
+    if busy then
+        log(ERR, "controlplane: service ", name, ": every live peer is at its max_conns")
+        return ngx.exit(NGX_BUSY)
+    end
+end
+
+local function record()
+    local st = ngx.ctx.cp
+    if not st or st.n == 0 then
+        return
+    end
+    local svc, n = st.svc, st.n
+    local last = st[n]
+    if not st.busy then -- else the last status is nginx's own 502, not this peer's
+        local status = match(ngx_var.upstream_status or "", "(%d+)%s*$")
+        if status == "502" or status == "503" or status == "504" then
+            failed(svc, last)
+        end
+    end
+    release(last)
+    if svc.method == "least_time" then
+        local t, i = clock_now(), 0
+        for v in gmatch(ngx_var.upstream_response_time or "", "[^,%s]+") do
+            i = i + 1
+            local rtt, p = tonumber(v), st[i]
+            if rtt and p then
+                local e = dict:get(p.wkey)
+                if e then
+                    local w = exp(-max(t - (dict:get(p.tkey) or 0), 0) / DECAY)
+                    e = e * w + rtt * (1 - w)
+                else
+                    e = rtt
+                end
+                dict:set(p.tkey, t, EWMA_TTL)
+                dict:set(p.wkey, e, EWMA_TTL)
+            end
+        end
+    end
+end
+
+function M.record(name)
+    local ok, err = pcall(record)
+    if not ok then
+        log(ERR, "controlplane: service ", name, ": ", err)
+    end
+end
+
+-- The loader (worker 0) ------------------------------------------------------------------
+
+local last_bad -- what the loader last refused, so a bad file is told once, not every poll
+
+local function refuse(key, level, ...)
+    if key ~= last_bad then
+        last_bad = key
+        log(level, "controlplane: state file ", conf.state_path, ": ", ...)
+    end
+end
+
+-- Lines after the header: {name, rev, json} each, or nil and why the file is refused.
+local function parse(rest, count)
+    if rest ~= "" and sub(rest, -1) ~= "\n" then
+        return nil, "its last line is cut (a torn write)"
+    end
+    local lines, names, pos = {}, {}, 1
+    while pos <= #rest do
+        local stop = find(rest, "\n", pos, true)
+        local line = sub(rest, pos, stop - 1)
+        pos = stop + 1
+        local i = #lines + 1
+        if i > count then
+            return nil, format("it has more service lines than its header's %d", count)
+        end
+        local name, rev, json = match(line, "^([^\t]*)\t([^\t]*)\t(.+)$")
+        if not name then
+            return nil, format("service line %d is not name TAB rev TAB json", i)
+        end
+        if #name > 63 or not match(name, "^[a-z0-9][a-z0-9_.%-]*$") then
+            return nil, format("service line %d: %q is not a service name", i, name)
+        end
+        if not match(rev, "^[0-9a-f]+$") or #rev ~= 16 then
+            return nil, format("service %s: rev %q is not 16 lowercase hex digits", name, rev)
+        end
+        if names[name] then
+            return nil, format("service %s is listed twice", name)
+        end
+        names[name] = true
+        lines[i] = { name, rev, json }
+    end
+    if #lines ~= count then
+        return nil, format("it has %d service lines, its header says %d (a torn write)",
+            #lines, count)
+    end
+    return lines, names
+end
+
+local function load()
+    local started = os.clock()
+    local f, err = io.open(conf.state_path, "rb")
+    if not f then
+        return refuse("open", WARN, "cannot be read (", err, "); services keep what they had",
+            " (none yet: they answer 503) until the controller writes it")
+    end
+    local header = f:read("*l") or ""
+    local format_id, version, count = match(header, "^controlplane%-state (%d+) ([1-9]%d*) (%d+)$")
+    if format_id == "1" and version == dict:get("version") then
+        f:close()
+        return
+    end
+    local size = f:seek("end")
+    local bad_key = header .. "\0" .. tostring(size)
+    if bad_key == last_bad then -- the same bad file as at the last poll
+        f:close()
+        return
+    end
+    if format_id ~= "1" then
+        f:close()
+        return refuse(bad_key, ERR, "its header ", format("%q", sub(header, 1, 80)),
+            " is not `controlplane-state 1 <version> <services>`; the state is kept as it was")
+    end
+    f:seek("set", #header + 1)
+    local rest = f:read("*a") or ""
+    f:close()
+    local lines, names = parse(rest, tonumber(count))
+    if not lines then
+        return refuse(bad_key, ERR, "version ", version, " ignored whole: ", names,
+            "; the state is kept as it was")
+    end
+    local changed = 0
+    for i = 1, #lines do
+        local name, rev, json = lines[i][1], lines[i][2], lines[i][3]
+        local rkey = "r:" .. name
+        if dict:get(rkey) ~= rev then
+            -- the data before its rev: a worker that sees the new rev finds the new data
+            local ok, set_err = dict:safe_set("d:" .. name, rev .. json)
+            if ok then
+                ok, set_err = dict:safe_set(rkey, rev)
+            end
+            if not ok then
+                return refuse(bad_key, ERR, "version ", version, " not fully applied: ",
+                    "lua_shared_dict ", conf.dict, " said ", set_err, " (raise its size)")
+            end
+            changed = changed + 1
+        end
+    end
+    local removed = 0
+    for name in gmatch(dict:get("names") or "", "[^\n]+") do
+        if not names[name] then
+            dict:delete("r:" .. name) -- the rev first: no worker reads data that is going
+            dict:delete("d:" .. name)
+            removed = removed + 1
+        end
+    end
+    local listed = {}
+    for i = 1, #lines do
+        listed[i] = lines[i][1]
+    end
+    local ok, set_err = dict:safe_set("names", concat(listed, "\n"))
+    if ok then
+        ok, set_err = dict:safe_set("version", version)
+    end
+    if not ok then
+        return refuse(bad_key, ERR, "version ", version, " not fully applied: ",
+            "lua_shared_dict ", conf.dict, " said ", set_err, " (raise its size)")
+    end
+    last_bad = nil
+    log(INFO, "controlplane: state version ", version, " applied: ", changed, " of ", #lines,
+        " services changed, ", removed, " removed, in ",
+        format("%.2f", (os.clock() - started) * 1000), " ms")
+end
+
+local function poll(premature)
+    if premature then
+        return
+    end
+    local ok, err = pcall(load)
+    if not ok then
+        log(ERR, "controlplane: loading the state file failed: ", err)
+    end
+end
+
+function M.init_worker()
+    -- each worker its own sequence: random and random two must not pick in step
+    math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
+    if not conf then
+        return
+    end
+    local id = ngx.worker.id()
+    if id ~= nil and id ~= 0 then
+        return
+    end
+    local ok, err = ngx.timer.at(0, poll)
+    if ok then
+        ok, err = ngx.timer.every(conf.poll, poll)
+    end
+    if not ok then
+        log(ERR, "controlplane: cannot start the state file loader: ", err)
+    end
+end
+
+return M
