@@ -1,0 +1,151 @@
+"""The dynamic data plane's core (state lines, mode choice) and how the reconciler uses it:
+a dynamic nginx gets the state pushed and a config that does not change with its backends."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from controlplane.core import labels as L
+from controlplane.core.build import build_topology
+from controlplane.core.dataplane import (
+    StateCache,
+    choose,
+    service_line,
+    state_path,
+    state_text,
+)
+from controlplane.core.model import BackendState, DataPlane, Method
+from controlplane.core.render import RenderOptions, render_config
+from controlplane.reconciler import Reconciler
+from controlplane.settings import Settings
+from controlplane.templating import load_template
+from tests.unit.builders import container, nginx, state
+from tests.unit.fakes import FakeDeployer, FakeSource
+
+W1 = container("w1", ip="172.20.0.2", labels={L.WEIGHT: "3", L.FAIL_TIMEOUT: "2m"})
+W2 = container("w2", ip="172.20.0.3")
+
+
+def lines_of(*containers: object) -> dict[str, tuple[str, dict[str, object]]]:
+    topology = build_topology(state(nginx(), *containers))  # type: ignore[arg-type]
+    lines = StateCache().lines(topology.services, frozenset({"app"}))
+    parsed = {}
+    for line in lines:
+        name, rev, body = line.split("\t")
+        parsed[name] = (rev, json.loads(body))
+    return parsed
+
+
+def test_a_service_line_holds_its_method_and_peers_with_nginx_defaults() -> None:
+    rev, body = lines_of(W1, W2)["web"]
+    assert len(rev) == 16 and body["method"] == "round_robin"
+    peers = {p["addr"]: p for p in body["peers"]}  # type: ignore[attr-defined]
+    assert peers["172.20.0.2:80"] == {
+        "addr": "172.20.0.2:80",
+        "host": "172.20.0.2",
+        "port": 80,
+        "weight": 3,
+        "down": False,
+        "backup": False,
+        "max_fails": 1,
+        "fail_timeout": 120,
+        "max_conns": 0,
+        "container": "w1",
+    }
+
+
+def test_rev_changes_with_the_service_only() -> None:
+    other = container("o1", aliases=("other",), ip="172.20.0.9")
+    before = lines_of(W1, other)
+    after = lines_of(W1, W2, other)
+    assert before["other"][0] == after["other"][0]
+    assert before["web"][0] != after["web"][0]
+
+
+def test_a_drained_backend_stays_down_so_hash_rings_keep_the_other_keys() -> None:
+    topology = build_topology(state(nginx(), W1, W2))
+    web = topology.services[0]
+    drained = replace(
+        web,
+        backends=tuple(
+            b._replace(state=BackendState.DRAINING) if b.container == "w2" else b
+            for b in web.backends
+        ),
+    )
+    body = json.loads(service_line(drained, frozenset({"app"})).split("\t")[2])
+    assert [(p["container"], p["down"]) for p in body["peers"]] == [("w1", False), ("w2", True)]
+
+
+def test_the_state_file_counts_its_lines_and_sits_beside_the_config() -> None:
+    assert state_text(7, ["a\tr\t{}", "b\tr\t{}"]).splitlines()[0] == "controlplane-state 1 7 2"
+    assert (
+        state_path("/etc/nginx/conf.d/controlplane.conf") == "/etc/nginx/conf.d/controlplane.state"
+    )
+
+
+def test_the_mode_says_why() -> None:
+    assert choose(DataPlane.AUTO, "--dataplane auto", True).mode is DataPlane.DYNAMIC
+    plain = choose(DataPlane.AUTO, "--dataplane auto", False, 'unknown directive "lua_shared_dict"')
+    assert plain.mode is DataPlane.RELOAD and "lua_shared_dict" in plain.why
+    assert choose(DataPlane.RELOAD, "its label", True).mode is DataPlane.RELOAD
+
+
+def test_the_dynamic_config_does_not_change_with_the_backends() -> None:
+    template = load_template()
+    options = RenderOptions(dynamic=True, state_path="/etc/nginx/conf.d/controlplane.state")
+    one = render_config(build_topology(state(nginx(), W1)), template, options)
+    two = render_config(build_topology(state(nginx(), W1, W2)), template, options)
+    assert one == two
+    assert "172.20.0.2" not in one and 'controlplane.balance("web")' in one
+    assert "lua_shared_dict controlplane 4096k;" in one
+
+
+def test_least_time_on_a_reload_nginx_answers_503_saying_why() -> None:
+    timed = container("t1", labels={L.ALGORITHM: "least_time"})
+    text = render_config(build_topology(state(nginx(), timed)), load_template())
+    assert "upstream cp_web" not in text
+    assert "uses least_time, which only the dynamic data plane has" in text
+    assert build_topology(state(nginx(), timed)).services[0].algorithm.method is Method.LEAST_TIME
+
+
+def make_dynamic(
+    *containers: object, lua: bool = True
+) -> tuple[FakeSource, FakeDeployer, Reconciler]:
+    source = FakeSource(state(*containers))  # type: ignore[arg-type]
+    deployer = FakeDeployer()
+    deployer.lua = lua
+    return source, deployer, Reconciler(source, deployer, load_template(), Settings())
+
+
+def test_an_auto_nginx_with_lua_gets_state_pushes_and_one_config() -> None:
+    source, deployer, reconciler = make_dynamic(nginx("lb"), W1)
+    reconciler.reconcile("start")
+    assert deployer.probed == ["lb"]
+    assert len(deployer.pushed) == 1 and len(deployer.deployed) == 1
+    assert b"balancer_by_lua_block" in deployer.deployed[0][1]
+    mode = reconciler.nginx[nginx("lb").id].mode
+    assert mode is not None and mode.mode is DataPlane.DYNAMIC
+
+    source.state = state(nginx("lb"), W1, W2)
+    reconciler.reconcile("event")
+    assert len(deployer.pushed) == 2 and len(deployer.deployed) == 1  # no new config: no reload
+    assert b"172.20.0.3:80" in deployer.pushed[-1][1]
+    assert deployer.probed == ["lb"]  # once per container start
+
+
+def test_an_auto_nginx_without_lua_reloads_as_before() -> None:
+    source, deployer, reconciler = make_dynamic(nginx("lb"), W1, lua=False)
+    reconciler.reconcile("start")
+    source.state = state(nginx("lb"), W1, W2)
+    reconciler.reconcile("event")
+    assert deployer.pushed == [] and len(deployer.deployed) == 2
+    mode = reconciler.nginx[nginx("lb").id].mode
+    assert mode is not None and mode.mode is DataPlane.RELOAD and "lua" in mode.why
+
+
+def test_the_label_wins_over_the_flag_and_needs_no_probe() -> None:
+    labelled = replace(nginx("lb"), labels={L.ROLE: "nginx", L.DATAPLANE: "reload"})
+    _, deployer, reconciler = make_dynamic(labelled, W1)
+    reconciler.reconcile("start")
+    assert deployer.probed == [] and deployer.pushed == []
