@@ -802,6 +802,7 @@ local function balance(name)
             failed(svc, st[n])
         end
         release(st[n])
+        st.held = false
     elseif svc.live > 1 then
         balancer.set_more_tries(min(svc.live - 1, MORE_TRIES))
     end
@@ -813,7 +814,7 @@ local function balance(name)
     end
     dict:incr(p.ckey, 1, 0)
     n = n + 1
-    st[n], st.n = p, n
+    st[n], st.n, st.held = p, n, true
     local ok, err = balancer.set_current_peer(p.target, p.port)
     if not ok then
         return "cannot set peer " .. p.addr .. ": " .. tostring(err)
@@ -839,13 +840,15 @@ local function record()
     end
     local svc, n = st.svc, st.n
     local last = st[n]
-    if not st.busy then -- else the last status is nginx's own 502, not this peer's
-        local status = match(ngx_var.upstream_status or "", "(%d+)%s*$")
-        if status == "502" or status == "503" or status == "504" then
-            failed(svc, last)
-        end
+    -- the answer is the last try's (or nginx's 502/504 for its connect error or timeout);
+    -- after a busy pick it is nginx's own 502, not this peer's
+    local status = ngx.status
+    if not st.busy and (status == 502 or status == 503 or status == 504) then
+        failed(svc, last)
     end
-    release(last)
+    if st.held then
+        release(last)
+    end
     if svc.method == "least_time" then
         local t, i = clock_now(), 0
         for v in gmatch(ngx_var.upstream_response_time or "", "[^,%s]+") do

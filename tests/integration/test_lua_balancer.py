@@ -26,7 +26,7 @@ from tests.support.ports import free_port
 SERVICES = (
     "rr", "lc", "iph", "hash", "hash-down", "chash", "chash4", "rand", "rand2", "lt",
     "retry", "retry502", "drain", "backup", "mc", "bad", "good", "ghost", "change",
-    "workers", "loader", "ejected", "ipv6",
+    "workers", "loader", "ejected", "ipv6", "reload",
 )  # fmt: skip
 
 
@@ -283,8 +283,13 @@ def test_a_refused_backend_is_retried_elsewhere_ejected_and_tried_again_later(
 def test_when_every_backend_is_ejected_they_are_all_tried_again(setup: Setup) -> None:
     put(setup, ejected=service_json("round_robin", [Peer(p) for p in setup.dead]))
     dead = {f"127.0.0.1:{p}" for p in setup.dead}
+    since = setup.nginx.log_size()
     first = setup.nginx.get("ejected")
     assert first.status == 502 and set(upstreams(first)) == dead, first
+    # the first try's failure is seen at the retry, the last one's in the log phase
+    for addr in dead:
+        wanted = f"controlplane: service ejected: {addr} (stub-{addr.rpartition(':')[2]}) ejected"
+        wait_until(lambda w=wanted: w in setup.nginx.error_log(since), timeout=5, what=wanted)
     again = setup.nginx.get("ejected")  # both ejected now: nginx would try them anyway
     assert again.status == 502 and set(upstreams(again)) == dead, again
 
@@ -332,7 +337,11 @@ def test_max_conns_skips_a_full_backend(setup: Setup) -> None:
     put(setup, mc=service_json("round_robin", [Peer(a, max_conns=1), Peer(b)]))
     holder = Holder(setup, "mc", a)
     assert bodies_in_turn(setup, "mc", 10) == {str(b): 10}
+    # every live peer full: nginx's own answer for no live upstream
+    put(setup, mc=service_json("round_robin", [Peer(a, max_conns=1)]))
+    assert setup.nginx.get("mc").status == 502
     holder.join()
+    assert bodies(setup, "mc", 4) == {str(a): 4}, "the held request's count was not released"
 
 
 def peer_json(port: int, /, **changes: object) -> dict[str, object]:
@@ -430,6 +439,7 @@ def test_a_bad_state_file_changes_nothing(setup: Setup, why: str, logged: str) -
 
 def test_a_state_change_takes_effect_without_a_reload(setup: Setup) -> None:
     a, b, c = setup.ports[:3]
+    since = setup.nginx.log_size()
     put(setup, change=service_json("round_robin", [Peer(a), Peer(b)]))
     renamed = setup.nginx.state.put(change=service_json("round_robin", [Peer(a), Peer(b), Peer(c)]))
     deadline = renamed + 2
@@ -448,7 +458,7 @@ def test_a_state_change_takes_effect_without_a_reload(setup: Setup) -> None:
     setup.nginx.remove("change")
     reply = setup.nginx.get("change")
     assert (reply.status, reply.body) == (503, NO_LIVE.format("change"))
-    assert "reconfiguring" not in setup.nginx.error_log()
+    assert "reconfiguring" not in setup.nginx.error_log(since)
 
 
 def test_every_worker_uses_the_new_state_and_a_lower_version_applies(setup: Setup) -> None:
@@ -463,3 +473,19 @@ def test_every_worker_uses_the_new_state_and_a_lower_version_applies(setup: Setu
     setup.nginx.state.version = 0
     put(setup, workers=service_json("round_robin", [Peer(a)]))
     assert bodies(setup, "workers", 10) == {str(a): 10}
+
+
+def test_after_a_reload_the_new_workers_route_and_the_new_worker_0_loads(setup: Setup) -> None:
+    a, b = setup.ports[:2]
+    put(setup, reload=service_json("round_robin", [Peer(a)]))
+    old_workers = {setup.nginx.get("reload").worker for _ in range(10)}
+    setup.nginx.reload()
+    wait_until(
+        lambda: setup.nginx.get("reload").worker not in old_workers,
+        timeout=10,
+        what="a request served by a new worker",
+    )
+    # the shared dict outlives the reload: no state write needed to route
+    assert bodies(setup, "reload", 10) == {str(a): 10}
+    put(setup, reload=service_json("round_robin", [Peer(b)]))
+    assert bodies(setup, "reload", 10) == {str(b): 10}

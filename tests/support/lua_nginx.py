@@ -344,6 +344,11 @@ class LuaNginx:
                     ) from error
                 time.sleep(0.02)
 
+    def reload(self) -> None:
+        """SIGHUP, as the reload mode does: new workers, the shared dict kept."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         """Stops this nginx (its master; the workers follow); idempotent."""
         process, self.process = self.process, None
