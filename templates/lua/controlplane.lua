@@ -8,7 +8,8 @@
 --   r:<svc>                 the service's rev: the one read every request
 --   d:<svc>                 its rev followed by its JSON: read only when the rev changed
 --   x:<svc>                 set while some peer of the service may be ejected
---   c:|f:|e:|w:|t:<svc>|<addr>  per peer: in flight, failures, ejected, EWMA, EWMA's time
+--   c:|f:|e:|w:|t:<svc>|<addr>  per peer: in flight (where a method or max_conns reads it),
+--                           failures, ejected, EWMA, the EWMA's time
 
 local balancer = require "ngx.balancer"
 local cjson = require "cjson.safe"
@@ -42,7 +43,7 @@ local conf -- what configure was given; nil until it succeeded
 local dict -- the shared dict every worker reads and worker 0's loader writes
 local services = {} -- per worker: name -> the decoded service, or {rev, bad = why}
 local rev_keys = {} -- per worker: name -> "r:<name>", so a request concatenates nothing
-local cand, counts = {}, {} -- per worker scratch for least_conn (nothing yields while used)
+local cand, cand_n = {}, {} -- per worker scratch for least_conn (nothing yields while used)
 local stamp = 0 -- per worker: marks the peers a consistent hash walk has already seen
 
 -- Validation ------------------------------------------------------------------------------
@@ -300,6 +301,8 @@ local function build(name, blob, old)
     local svc = {
         name = name, rev = rev, method = method, primary = {}, backup = {}, live = 0, total = 0,
         xkey = "x:" .. name, longest = 0,
+        -- in-flight counts cost two shared dict writes a request: kept only where read
+        counts = method == "least_conn" or method == "least_time",
     }
     if method == "hash" then
         svc.key = compile_key(data.key)
@@ -322,6 +325,7 @@ local function build(name, blob, old)
     if svc.two and method ~= "random" then
         return nil, "two is for method random only"
     end
+    svc.counts = svc.counts or svc.two
     local peers = data.peers
     if type(peers) ~= "table" then
         return nil, "peers must be an array"
@@ -366,6 +370,9 @@ local function build(name, blob, old)
         end
         if p.max_fails > 0 then
             svc.longest = max(svc.longest, p.fail_timeout)
+        end
+        if p.max_conns > 0 then
+            svc.counts = true
         end
     end
     if method == "random" then
@@ -476,8 +483,8 @@ local function least_conn(_, list, st, mode)
         local p = list[i]
         if usable(p, st, mode) then
             m = m + 1
-            cand[m], counts[m] = p, dict:get(p.ckey) or 0
-            if best == nil or counts[m] * cand[best].weight < counts[best] * p.weight then
+            cand[m], cand_n[m] = p, dict:get(p.ckey) or 0
+            if best == nil or cand_n[m] * cand[best].weight < cand_n[best] * p.weight then
                 best = m
             end
         end
@@ -485,10 +492,10 @@ local function least_conn(_, list, st, mode)
     if best == nil then
         return nil
     end
-    local bp, bn, chosen, total = cand[best], counts[best], nil, 0
+    local bp, bn, chosen, total = cand[best], cand_n[best], nil, 0
     for i = 1, m do
         local p = cand[i]
-        if counts[i] * bp.weight == bn * p.weight then
+        if cand_n[i] * bp.weight == bn * p.weight then
             p.cw = p.cw + p.weight
             total = total + p.weight
             if chosen == nil or p.cw > chosen.cw then
@@ -801,8 +808,10 @@ local function balance(name)
         if balancer.get_last_failure() == "failed" then
             failed(svc, st[n])
         end
-        release(st[n])
-        st.held = false
+        if st.held then
+            release(st[n])
+            st.held = false
+        end
     elseif svc.live > 1 then
         balancer.set_more_tries(min(svc.live - 1, MORE_TRIES))
     end
@@ -812,9 +821,11 @@ local function balance(name)
         st.busy = true
         return nil, true
     end
-    dict:incr(p.ckey, 1, 0)
+    if svc.counts then
+        dict:incr(p.ckey, 1, 0)
+    end
     n = n + 1
-    st[n], st.n, st.held = p, n, true
+    st[n], st.n, st.held = p, n, svc.counts
     local ok, err = balancer.set_current_peer(p.target, p.port)
     if not ok then
         return "cannot set peer " .. p.addr .. ": " .. tostring(err)
