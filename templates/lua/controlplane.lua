@@ -280,6 +280,16 @@ local function seed_ewma(svc, kept)
     end
 end
 
+-- Containers come and go with new addresses: the in-flight count of a peer gone from the
+-- state goes too, so the dict holds only live peers' (the other per-peer keys expire).
+local function forget(peers, staying)
+    for _, p in pairs(peers) do
+        if not staying[p.addr] then
+            dict:delete(p.ckey)
+        end
+    end
+end
+
 local PICK -- method -> picker, defined below
 
 -- The service as the balancer keeps it per worker, or nil and why its data is refused.
@@ -389,6 +399,7 @@ local function build(name, blob, old)
     if method == "least_time" and old and old.primary then
         seed_ewma(svc, kept)
     end
+    forget(kept, seen)
     svc.pick = PICK[method == "hash" and svc.consistent and "chash"
         or method == "random" and svc.two and "random_two" or method]
     return svc
@@ -405,6 +416,10 @@ local function lookup(name)
     local rev = dict:get(key)
     local svc = services[name]
     if rev == nil then
+        if svc and svc.primary then
+            forget(svc.primary, {})
+            forget(svc.backup, {})
+        end
         services[name] = nil
         return nil, "none"
     end
@@ -731,8 +746,9 @@ local function failed(svc, p)
 end
 
 local function release(p)
-    local n = dict:incr(p.ckey, -1, 0)
-    if n and n < 0 then -- its count was lost (evicted): don't let it go negative
+    -- no init: the count of a peer gone from the state (see forget) is not made again
+    local n = dict:incr(p.ckey, -1)
+    if n and n < 0 then -- the peer went and came back while this try was in flight
         dict:set(p.ckey, 0)
     end
 end
