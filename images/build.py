@@ -1,7 +1,8 @@
 """Images built FROM scratch out of the host's own Debian binaries and wheels built on the
 host, because no registry is reachable: nginx, nginx with Lua (Debian's lua-nginx-module: the
 dynamic data plane, where OpenResty would be pulled) and a busybox backend (for the tests and
-the Compose stack), and the controller (for the Compose stack).
+the Compose stack), the controller (for the Compose stack), and HAProxy (for bench/dataplane.py
+only).
 
 Each image is tagged with a hash of its build context, so a tag that already exists is the
 cache: it is only rebuilt when a file in images/ or a copied host file changes. No build step
@@ -352,6 +353,22 @@ def ensure_images(
             client, "controller", _context("controller", files, CONTROLLER_DIRS), report
         )
     return OfflineImages(nginx=nginx, nginx_lua=nginx_lua, backend=backend, controller=built)
+
+
+HAPROXY_BINARY = "/usr/sbin/haproxy"
+
+
+def ensure_haproxy_image(client: docker.DockerClient, progress: Progress | None = None) -> str:
+    """Build (or reuse) the HAProxy image, from Debian's haproxy package's binary, that the
+    data-plane bench compares nginx with; neither the tests nor the Compose stack use it."""
+    if not Path(HAPROXY_BINARY).exists():
+        raise ImageBuildError(
+            f"{HAPROXY_BINARY} is missing: the HAProxy image is made from Debian's haproxy "
+            "package; run scripts/install-system-deps as root (or `apt-get install haproxy`)"
+        )
+    files = {f: f for f in [HAPROXY_BINARY, *_ldd(HAPROXY_BINARY)]}
+    entries = _context("haproxy", files, {"/tmp": 0o1777})
+    return _ensure(client, "haproxy", entries, progress or (lambda _line: None))
 
 
 def compose_env(images: OfflineImages) -> str:
