@@ -63,24 +63,27 @@ def machine_line() -> str:
 class Hit:
     started_ns: int
     value: str
-    """The watched header of a 200 reply, "HTTP <status>" otherwise, or "error"."""
+    """The watched header (or the body) of a 200 reply, "HTTP <status>" otherwise, or
+    "error"."""
 
     @property
     def failed(self) -> bool:
         return self.value in ("", "error") or self.value.startswith("HTTP ")
 
 
-def _probe(port: int, host: str, header: str, deadline_ns: int, sink: Connection) -> None:
+def _probe(
+    port: int, host: str, header: str, path: str, deadline_ns: int, sink: Connection
+) -> None:
     """The prober's loop, in its own process: hits go back one message each."""
     with httpx.Client(timeout=5.0, headers={"Host": host, "Connection": "close"}) as client:
         while time.time_ns() < deadline_ns and not sink.poll():
             started = time.time_ns()
             try:
-                reply = client.get(f"http://127.0.0.1:{port}/")
+                reply = client.get(f"http://127.0.0.1:{port}{path}")
             except httpx.HTTPError:
                 sink.send((started, "error"))
                 continue
-            value = reply.headers.get(header, "")
+            value = reply.headers.get(header, "") if header else reply.text.strip()
             ok = reply.status_code == 200
             sink.send((started, value if ok else f"HTTP {reply.status_code}"))
     sink.close()
@@ -90,15 +93,18 @@ class Prober:
     """One client sending requests to nginx on loopback back to back, each on a new
     connection (bounded by time), recording one response header of each; its resolution is
     one request (~2-5 ms). The client runs in its own process, as real clients do, so it
-    does not compete with an in-process controller for the interpreter lock."""
+    does not compete with an in-process controller for the interpreter lock. `header` ""
+    records the body instead (the backend image answers with its container's name)."""
 
-    def __init__(self, port: int, host: str, header: str, max_seconds: float) -> None:
+    def __init__(
+        self, port: int, host: str, header: str, max_seconds: float, path: str = "/"
+    ) -> None:
         self.hits: list[Hit] = []
         ours, theirs = multiprocessing.get_context("spawn").Pipe()
         self._pipe = ours
         self._process = multiprocessing.get_context("spawn").Process(
             target=_probe,
-            args=(port, host, header, time.time_ns() + int(max_seconds * 1e9), theirs),
+            args=(port, host, header, path, time.time_ns() + int(max_seconds * 1e9), theirs),
             daemon=True,
         )
         self._process.start()
