@@ -58,8 +58,9 @@ def _peer(backend: Backend) -> dict[str, object]:
 
 
 def service_line(service: Service, reachable: frozenset[str]) -> str:
-    """`name TAB rev TAB json` for one service: the backends the reload mode would render,
-    drained ones kept but down, so hash rings keep every other key where it was."""
+    """`name TAB rev TAB json` for one service: its host names (the Lua side routes by Host),
+    method, and the backends the reload mode would render, drained ones kept but down, so
+    hash rings keep every other key where it was."""
     backends = upstream_backends(service, reachable)
     if backends and all(b.backup for b in backends):
         backends = tuple(b._replace(backup=False) for b in backends)
@@ -70,6 +71,7 @@ def service_line(service: Service, reachable: frozenset[str]) -> str:
             "key": algorithm.key,
             "consistent": algorithm.consistent,
             "two": algorithm.two,
+            "names": list(service.names or (service.name,)),
             "peers": [_peer(b) for b in backends],
         },
         separators=(",", ":"),

@@ -37,8 +37,8 @@ class RenderOptions:
     """Add `X-Controlplane-Upstream: $upstream_addr` to replies, to see which backend answered;
     off by default since it shows clients internal addresses."""
     dynamic: bool = False
-    """Render for the dynamic data plane: no server in the text, a Lua balancer reading the
-    state file at `state_path` (core.dataplane) instead."""
+    """Render for the dynamic data plane: no service, host name or backend in the text, but a
+    Lua balancer that reads them from the state file at `state_path` (core.dataplane)."""
     state_path: str = ""
     poll: float = 0.005
     """How often (seconds) the Lua loader looks at the state file's first line."""
@@ -273,8 +273,6 @@ def server_lines(backends: Iterable[Backend]) -> str:
 
 
 def service_view(service: Service, reachable: Iterable[str], options: RenderOptions) -> ServiceView:
-    if options.dynamic:
-        return _dynamic_view(service)
     backends = upstream_backends(service, reachable)
     # nginx refuses an upstream of backups only; build.py reports it as a service warning.
     if backends and all(b.backup for b in backends):
@@ -293,22 +291,6 @@ def service_view(service: Service, reachable: Iterable[str], options: RenderOpti
         refused=(
             least_time_refused(service) if service.algorithm.method is Method.LEAST_TIME else None
         ),
-    )
-
-
-def _dynamic_view(service: Service) -> ServiceView:
-    """Nothing that changes with the backends: those go to the Lua balancer, not the text."""
-    return ServiceView(
-        name=service.name,
-        upstream=f"cp_{service.name}",
-        zone_size="",
-        balancing=None,
-        server_lines="",
-        server_names=service.names or (service.name,),
-        containers=0,
-        serving=0,
-        service=service,
-        backends=(),
     )
 
 
@@ -363,7 +345,9 @@ def render_config(
     )
     try:
         rendered: list[Rendered] = []
-        if topology.services:
+        # On the dynamic data plane the services are in the state the Lua balancer reads,
+        # not in the text: one server routes every host.
+        if topology.services and not options.dynamic:
             service_template = template.environment.get_template(SERVICE_TEMPLATE)
             memo = cache or RenderCache()
             rendered = memo.render(service_template, topology.services, reachable, options)
@@ -375,7 +359,7 @@ def render_config(
             options=options,
             names_hash=(
                 names_hash(n for view, _ in rendered for n in view.server_names)
-                if options.names_hash
+                if options.names_hash and not options.dynamic
                 else None
             ),
             dict_size=dict_size(sum(len(s.backends) for s in topology.services))

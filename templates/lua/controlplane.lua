@@ -8,6 +8,8 @@
 --   r:<svc>                 the service's rev: the one read every request
 --   d:<svc>                 its rev followed by its JSON: read only when the rev changed
 --   x:<svc>                 set while some peer of the service may be ejected
+--   h:<host>, n:<svc>       the service a host name routes to; the service's host names
+--                           ("\n"-joined), to take them back when they change
 --   c:|f:|e:|w:|t:<svc>|<addr>  per peer: in flight (where a method or max_conns reads it),
 --                           failures, ejected, EWMA, the EWMA's time
 
@@ -37,12 +39,14 @@ local EWMA_TTL = 10 * DECAY -- by then an EWMA has decayed to nothing: let the k
 local NGX_BUSY = -3 -- from the balancer: nginx answers 502 "no live upstreams", as its own do
 
 local NO_LIVE = "controlplane: service %s has no live backend\n"
+local NO_SERVICE = "controlplane: no service here for host %s\n"
 local BAD_DATA = "controlplane: service %s has no valid routing data (nginx error log says why)\n"
 
 local conf -- what configure was given; nil until it succeeded
 local dict -- the shared dict every worker reads and worker 0's loader writes
 local services = {} -- per worker: name -> the decoded service, or {rev, bad = why}
 local rev_keys = {} -- per worker: name -> "r:<name>", so a request concatenates nothing
+local loaded_here = false -- per worker: it read the state file itself once (admit)
 local cand, cand_n = {}, {} -- per worker scratch for least_conn (nothing yields while used)
 local stamp = 0 -- per worker: marks the peers a consistent hash walk has already seen
 
@@ -53,7 +57,9 @@ local METHODS = {
     least_time = true,
 }
 local NO_BACKUP = { ip_hash = true, hash = true, random = true } -- as nginx refuses them
-local SERVICE_FIELDS = { method = true, key = true, consistent = true, two = true, peers = true }
+local SERVICE_FIELDS = {
+    method = true, key = true, consistent = true, two = true, peers = true, names = true,
+}
 local PEER_FIELDS = {
     addr = true, host = true, port = true, weight = true, down = true, backup = true,
     max_fails = true, fail_timeout = true, max_conns = true, container = true,
@@ -756,8 +762,8 @@ end
 -- Entry points --------------------------------------------------------------------------
 
 local function deny(name, why)
-    local body = format(why == "bad" and BAD_DATA or NO_LIVE, name)
-    ngx.status = 503
+    local body = format(why == "bad" and BAD_DATA or why == "host" and NO_SERVICE or NO_LIVE, name)
+    ngx.status = why == "host" and 404 or 503
     ngx.header["Content-Type"] = "text/plain"
     ngx.header["Content-Length"] = #body
     ngx.print(body)
@@ -789,9 +795,17 @@ function M.configure(opts)
     dict = ngx.shared[opts.dict]
 end
 
+local load -- the loader, defined below
+
 local function admit(name)
     if not conf then
         return "bad"
+    end
+    if not dict:get("version") and not loaded_here then
+        -- a new shared dict (first start, or grown): this worker reads the file itself
+        -- rather than answer 503 until worker 0's first poll
+        loaded_here = true
+        load()
     end
     local svc, why = lookup(name)
     if not svc then
@@ -812,6 +826,42 @@ function M.admit(name)
     if why then
         return deny(name, why)
     end
+end
+
+-- The service a host name routes to: the exact name, else the nearest `*.` wildcard (as
+-- nginx's server_name), from the host map the loader keeps.
+local function service_for(host)
+    local name = dict:get("h:" .. host)
+    local pos = find(host, ".", 1, true)
+    while not name and pos do
+        name = dict:get("h:*" .. sub(host, pos))
+        pos = find(host, ".", pos + 1, true)
+    end
+    return name
+end
+
+-- Access phase of the one server the dynamic config has: the Host header picks the
+-- service, so a new service or host name needs no reload either.
+function M.route()
+    local host = ngx_var.host or ""
+    local ok, name = pcall(function()
+        if not conf then
+            return nil
+        end
+        if not dict:get("version") and not loaded_here then
+            loaded_here = true
+            load()
+        end
+        return service_for(host)
+    end)
+    if not ok then
+        log(ERR, "controlplane: routing host ", host, ": ", name)
+        name = nil
+    end
+    if not name then
+        return deny(host, "host")
+    end
+    return M.admit(name)
 end
 
 local function balance(name)
@@ -849,6 +899,7 @@ local function balance(name)
 end
 
 function M.balance(name)
+    name = name or (ngx.ctx.cp and ngx.ctx.cp.svc.name)
     local ok, err, busy = pcall(balance, name)
     if not ok or err then
         log(ERR, "controlplane: service ", name, ": ", err)
@@ -897,6 +948,7 @@ local function record()
 end
 
 function M.record(name)
+    name = name or (ngx.ctx.cp and ngx.ctx.cp.svc.name)
     local ok, err = pcall(record)
     if not ok then
         log(ERR, "controlplane: service ", name, ": ", err)
@@ -951,7 +1003,55 @@ local function parse(rest, count)
     return lines, names
 end
 
-local function load()
+-- Host names of the services whose data changed or went: each taken back unless another
+-- service has it by now, then given to the service that lists it.
+local function rehost(changed, removed)
+    for _, name in ipairs(removed) do
+        for host in gmatch(dict:get("n:" .. name) or "", "[^\n]+") do
+            if dict:get("h:" .. host) == name then
+                dict:delete("h:" .. host)
+            end
+        end
+        dict:delete("n:" .. name)
+    end
+    for name, hosts in pairs(changed) do
+        for host in gmatch(dict:get("n:" .. name) or "", "[^\n]+") do
+            if dict:get("h:" .. host) == name then
+                dict:delete("h:" .. host)
+            end
+        end
+    end
+    for name, hosts in pairs(changed) do
+        for _, host in ipairs(hosts) do
+            local ok, err = dict:safe_set("h:" .. host, name)
+            if not ok then
+                return err
+            end
+        end
+        local ok, err = dict:safe_set("n:" .. name, concat(hosts, "\n"))
+        if not ok then
+            return err
+        end
+    end
+end
+
+-- The host names a service line lists (valid ones: the controller checked them; a bad one
+-- is left out, never routed).
+local function hosts_of(json)
+    local data = cjson.decode(json)
+    local found = {}
+    if type(data) == "table" and type(data.names) == "table" then
+        for _, host in ipairs(data.names) do
+            if type(host) == "string" and #host <= 253
+                and match(host, "^[%*]?[a-z0-9._-]+$") and not find(host, "*", 2, true) then
+                found[#found + 1] = host
+            end
+        end
+    end
+    return found
+end
+
+load = function()
     local started = os.clock()
     local f, err = io.open(conf.state_path, "rb")
     if not f then
@@ -983,11 +1083,12 @@ local function load()
         return refuse(bad_key, ERR, "version ", version, " ignored whole: ", names,
             "; the state is kept as it was")
     end
-    local changed = 0
+    local changed, hosts = 0, {}
     for i = 1, #lines do
         local name, rev, json = lines[i][1], lines[i][2], lines[i][3]
         local rkey = "r:" .. name
         if dict:get(rkey) ~= rev then
+            hosts[name] = hosts_of(json)
             -- the data before its rev: a worker that sees the new rev finds the new data
             local ok, set_err = dict:safe_set("d:" .. name, rev .. json)
             if ok then
@@ -1000,13 +1101,18 @@ local function load()
             changed = changed + 1
         end
     end
-    local removed = 0
+    local removed = {}
     for name in gmatch(dict:get("names") or "", "[^\n]+") do
         if not names[name] then
             dict:delete("r:" .. name) -- the rev first: no worker reads data that is going
             dict:delete("d:" .. name)
-            removed = removed + 1
+            removed[#removed + 1] = name
         end
+    end
+    local host_err = rehost(hosts, removed)
+    if host_err then
+        return refuse(bad_key, ERR, "version ", version, " not fully applied: ",
+            "lua_shared_dict ", conf.dict, " said ", host_err, " (raise its size)")
     end
     local listed = {}
     for i = 1, #lines do
@@ -1022,7 +1128,7 @@ local function load()
     end
     last_bad = nil
     log(INFO, "controlplane: state version ", version, " applied: ", changed, " of ", #lines,
-        " services changed, ", removed, " removed, in ",
+        " services changed, ", #removed, " removed, in ",
         format("%.2f", (os.clock() - started) * 1000), " ms")
 end
 

@@ -144,3 +144,29 @@ def test_least_time_steers_away_from_a_slow_backend(
     http.bodies("web", 30)  # warm the averages up
     seen: Counter[str] = http.bodies("web", 100)
     assert seen[slow.name] <= 10, seen
+
+
+@DYNAMIC
+def test_new_services_and_host_names_need_no_reload_either(
+    lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
+) -> None:
+    """One server routes every Host through the Lua side's host map: a service appearing,
+    gaining a host name (wildcards as server_name's) or going costs no reload."""
+    net = lab.network()
+    lb = lab.nginx(net)
+    web = lab.backend(net)
+    start_controller(net.name)
+    http = http_for(lab.published_port(lb))
+    wait_until(lambda: http.settled("web", {web.name}), what="web")
+    reloads = lab.reloads(lb)
+    api_backend = lab.backend(net, alias="api", labels={"controlplane.hosts": "*.api.example"})
+    wait_until(lambda: http.settled("api", {api_backend.name}), what="the new service")
+    assert set(http.bodies("v1.eu.api.example", 5)) == {api_backend.name}
+    assert set(http.bodies("api.internal", 5)) == {api_backend.name}
+    missing = http.get("nothing.example")
+    assert missing.status_code == 404
+    assert missing.text == "controlplane: no service here for host nothing.example\n"
+    api_backend.remove(force=True)
+    wait_until(lambda: http.status("api") == 404, what="the service gone")
+    assert set(http.bodies("web", 5)) == {web.name}
+    assert lab.reloads(lb) == reloads

@@ -91,14 +91,21 @@ def test_the_mode_says_why() -> None:
     assert choose(DataPlane.RELOAD, "its label", True).mode is DataPlane.RELOAD
 
 
-def test_the_dynamic_config_does_not_change_with_the_backends() -> None:
+def test_the_dynamic_config_does_not_change_with_backends_or_services() -> None:
     template = load_template()
     options = RenderOptions(dynamic=True, state_path="/etc/nginx/conf.d/controlplane.state")
+    other = container("o1", aliases=("other",), ip="172.20.0.9", labels={L.HOSTS: "a.example"})
     one = render_config(build_topology(state(nginx(), W1)), template, options)
-    two = render_config(build_topology(state(nginx(), W1, W2)), template, options)
+    two = render_config(build_topology(state(nginx(), W1, W2, other)), template, options)
     assert one == two
-    assert "172.20.0.2" not in one and 'controlplane.balance("web")' in one
+    assert "172.20.0.2" not in one and "web" not in one and "controlplane.route()" in one
     assert "lua_shared_dict controlplane 4096k;" in one
+
+
+def test_a_service_line_names_the_hosts_the_lua_side_routes() -> None:
+    other = container("o1", aliases=("other",), ip="172.20.0.9", labels={L.HOSTS: "*.example.com"})
+    _, body = lines_of(W1, other)["other"]
+    assert body["names"] == ["other", "other.internal", "*.example.com"]
 
 
 def test_least_time_on_a_reload_nginx_answers_503_saying_why() -> None:
