@@ -532,9 +532,12 @@ def leak(rig: Rig, events: int) -> tuple[tuple[int, int], tuple[int, int]]:
                     call()
                 except docker.errors.APIError as error:
                     # dockerd can answer a pause or an unpause before the freezer changed:
-                    # "already paused" (409) or "is not paused" (500) on the next call; the
-                    # cycle goes on
-                    if error.status_code != 409 and "paused" not in str(error.explanation):
+                    # "already paused" (409), "is not paused" or runc's "cannot resume a
+                    # running process" (500) on the next call; the cycle goes on
+                    said = str(error.explanation)
+                    if error.status_code != 409 and not (
+                        "paused" in said or "cannot resume a running process" in said
+                    ):
                         raise
 
     cycle(events // 10)
