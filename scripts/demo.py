@@ -326,6 +326,13 @@ def up() -> None:
     token = env["CONTROLPLANE_API_TOKEN"]
     compose_line = f"{' '.join(compose_command())} -p {PROJECT} -f compose/docker-compose.yml"
     more = scale + 2
+    scaling = (
+        "each new backend serves once it starts, and nginx does not reload (its Lua balancer\n"
+        f"      # gets them pushed): `docker logs {PROJECT}_nginx_1` shows no new 'reconfiguring'"
+        if dataplane() == "dynamic"
+        else "the first new backend serves at once; the next, started right after it, are held"
+        "\n      # and join in one reload once no new one has come for 2 s (10 s at most)"
+    )
     print(
         f"""
 controlplane demo is up: nginx on 127.0.0.1:{http}, API on 127.0.0.1:{api}, DNS on 127.0.0.1:{dns}
@@ -343,8 +350,7 @@ Try:
   .venv/bin/controlplane drain web {names[0]}
       # it gets no new requests; `.venv/bin/controlplane undrain web {names[0]}` brings it back
   {compose_line} up -d --scale web={more}
-      # the first new backend serves at once; the next, started right after it, are held and
-      # join in one reload once no new one has come for 2 s (10 s at most)
+      # {scaling}
   curl http://127.0.0.1:{api}/api/v1/config            # the nginx config it rendered
   make demo-down      # remove it all; `make demo-clean` also removes the images it built
 

@@ -128,14 +128,14 @@ def choose(requested: DataPlane, source: str, lua: bool | None, probe_said: str 
     """`requested`: the nginx's label or the controller's default (`source` says which);
     `lua`: whether that nginx took a config that needs lua-nginx-module (None: not probed)."""
     if requested is DataPlane.RELOAD:
-        return ModeChoice(DataPlane.RELOAD, f"{source} asks for reload")
+        return ModeChoice(DataPlane.RELOAD, f"{source} asks for it")
     if requested is DataPlane.DYNAMIC:
-        return ModeChoice(DataPlane.DYNAMIC, f"{source} asks for dynamic")
+        return ModeChoice(DataPlane.DYNAMIC, f"{source} asks for it")
     if lua:
-        return ModeChoice(DataPlane.DYNAMIC, f"{source} is auto and this nginx has Lua")
+        return ModeChoice(DataPlane.DYNAMIC, f"{source}, and this nginx has lua-nginx-module")
     detail = f" (nginx -t said: {probe_said})" if probe_said else ""
     return ModeChoice(
         DataPlane.RELOAD,
-        f"{source} is auto and this nginx has no lua-nginx-module{detail}: every change of "
-        "backends is a reload; use an OpenResty image or nginx with lua-nginx-module for none",
+        f"{source}, and this nginx has no lua-nginx-module{detail}: every change of backends "
+        "is a reload; run OpenResty or nginx with lua-nginx-module for none",
     )
