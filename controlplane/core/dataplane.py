@@ -1,9 +1,10 @@
 """The dynamic data plane's half in the core: which mode each nginx runs, and the state its
 Lua balancer (templates/lua/controlplane.lua) reads from the file the controller writes.
 
-The state file is text: a header line, then one line per service, `name TAB rev TAB json`.
-`rev` is a digest of the json, so the Lua loader copies only the services whose rev changed
-into its shared dict and workers decode only those; a line is cached here by the Service's
+The state file is text: a header line, then one line per service, `name TAB rev TAB hosts
+TAB json` (hosts: the host names that route to it, space-separated). `rev` is a digest of the
+json, so the Lua loader copies only the services whose rev changed into its shared dict and
+workers decode only those; a line is cached here by the Service's
 identity for the same reason as render.RenderCache: one changed service costs one line.
 """
 
@@ -19,7 +20,7 @@ from types import MappingProxyType
 from controlplane.core.model import Backend, BackendState, DataPlane, Service
 from controlplane.core.render import address, upstream_backends
 
-STATE_FORMAT = "controlplane-state 1"
+STATE_FORMAT = "controlplane-state 2"
 NGINX_MAX_FAILS = 1
 NGINX_FAIL_TIMEOUT = 10
 """nginx's defaults for a server without max_fails / fail_timeout, which the Lua side keeps."""
@@ -58,9 +59,9 @@ def _peer(backend: Backend) -> dict[str, object]:
 
 
 def service_line(service: Service, reachable: frozenset[str]) -> str:
-    """`name TAB rev TAB json` for one service: its host names (the Lua side routes by Host),
-    method, and the backends the reload mode would render, drained ones kept but down, so
-    hash rings keep every other key where it was."""
+    """`name TAB rev TAB hosts TAB json` for one service: its host names (the Lua side
+    routes by Host), then its method and the backends the reload mode would render, drained
+    ones kept but down, so hash rings keep every other key where it was."""
     backends = upstream_backends(service, reachable)
     if backends and all(b.backup for b in backends):
         backends = tuple(b._replace(backup=False) for b in backends)
@@ -71,14 +72,14 @@ def service_line(service: Service, reachable: frozenset[str]) -> str:
             "key": algorithm.key,
             "consistent": algorithm.consistent,
             "two": algorithm.two,
-            "names": list(service.names or (service.name,)),
             "peers": [_peer(b) for b in backends],
         },
         separators=(",", ":"),
         ensure_ascii=True,
     )
     rev = hashlib.sha256(body.encode()).hexdigest()[:16]
-    return f"{service.name}\t{rev}\t{body}"
+    hosts = " ".join(service.names or (service.name,))
+    return f"{service.name}\t{rev}\t{hosts}\t{body}"
 
 
 class StateCache:
@@ -122,6 +123,27 @@ PROBE_CONFIG = (
     'init_by_lua_block { require "cjson.safe" require "ngx.balancer" }\n'
 )
 """Put in place of the config and tested with `nginx -t`: what the dynamic config needs."""
+
+
+NO_LUA_SIGNS = (
+    'unknown directive "lua_shared_dict"',
+    'unknown directive "init_by_lua_block"',
+    "module 'cjson.safe' not found",
+    "module 'ngx.balancer' not found",
+    '"init_by_lua_block" directive is duplicate',
+)
+"""What nginx -t says of the probe when this nginx can't run the dynamic config: no module,
+no cjson or resty.core, or a main config with an init_by_lua of its own."""
+
+
+def probe_verdict(took: bool, said: str) -> bool | None:
+    """Whether the probe shows Lua (True), shows none (False), or failed for another reason
+    (None: a broken main config, say, which tells nothing; it is asked again)."""
+    if took:
+        return True
+    if any(sign in said for sign in NO_LUA_SIGNS):
+        return False
+    return None
 
 
 def choose(requested: DataPlane, source: str, lua: bool | None, probe_said: str = "") -> ModeChoice:

@@ -106,16 +106,31 @@ def zone_size(servers: int) -> str:
     return f"{max(ZONE_MIN_KIB, _align(size, 4096) // 1024)}k"
 
 
-DICT_BYTES_PER_BACKEND = 1024
+DICT_UNIT_BYTES = 1024
 DICT_MIN_BYTES = 4 << 20
 
 
-def dict_size(backends: int) -> str:
-    """The dynamic data plane's shared dict, where the Lua balancer keeps peers and counters:
-    a power of two, so that it changes (the text changes: a reload) only when the number of
-    backends doubles."""
-    wanted = max(DICT_MIN_BYTES, backends * DICT_BYTES_PER_BACKEND)
+def dict_size(units: int) -> str:
+    """A shared dict of the dynamic data plane, for `units` KiB at least: a power of two, so
+    that it changes (the text changes: a reload) only when the fleet doubles."""
+    wanted = max(DICT_MIN_BYTES, units * DICT_UNIT_BYTES)
     return f"{(1 << (wanted - 1).bit_length()) >> 10}k"
+
+
+class DynamicDicts(NamedTuple):
+    """The dynamic data plane's two shared dicts: the routing the loader writes (never
+    evicted: a full one refuses) and the balancer's counters (which may evict each other)."""
+
+    routes: str
+    counters: str
+
+
+def dynamic_dicts(topology: Topology) -> DynamicDicts:
+    """A backend's JSON and a host name take well under 1 KiB of routing; a backend's five
+    counters (in flight, failures, ejected, EWMA and its time) about 1 KiB."""
+    backends = sum(len(s.backends) for s in topology.services)
+    hosts = sum(len(s.names) or 1 for s in topology.services)
+    return DynamicDicts(dict_size(backends + hosts), dict_size(2 * backends))
 
 
 def names_hash(names: Iterable[str]) -> NamesHash:
@@ -362,9 +377,7 @@ def render_config(
                 if options.names_hash and not options.dynamic
                 else None
             ),
-            dict_size=dict_size(sum(len(s.backends) for s in topology.services))
-            if options.dynamic
-            else None,
+            dicts=dynamic_dicts(topology) if options.dynamic else None,
         )
     except jinja2.TemplateError as error:
         name = getattr(error, "name", None) or template.name or "?"

@@ -3,13 +3,18 @@
 -- The rendered config embeds this chunk as `controlplane = (function() <chunk> end)()`, so it
 -- is no file and requires nothing but what lua-nginx-module ships (issue 15).
 --
--- Shared dict keys (a service name never holds ':' or '|'):
---   version, names          the state applied last, and its service names ("\n"-joined)
+-- Two shared dicts. Routing (`routes`), written only by worker 0's loader and only with
+-- safe_set, so that nothing is ever evicted from it (a full dict refuses, and the loader
+-- says so and tries again):
+--   version                 "<format>|<version>" of the state applied last
+--   names                   its service names ("\n"-joined)
 --   r:<svc>                 the service's rev: the one read every request
 --   d:<svc>                 its rev followed by its JSON: read only when the rev changed
---   x:<svc>                 set while some peer of the service may be ejected
 --   h:<host>, n:<svc>       the service a host name routes to; the service's host names
---                           ("\n"-joined), to take them back when they change
+--                           (the state line's field), to take them back when they change
+-- Counters (`dict`), which may evict each other but never a route (a service name never
+-- holds ':' or '|'):
+--   x:<svc>                 set while some peer of the service may be ejected
 --   c:|f:|e:|w:|t:<svc>|<addr>  per peer: in flight (where a method or max_conns reads it),
 --                           failures, ejected, EWMA, the EWMA's time
 
@@ -43,7 +48,9 @@ local NO_SERVICE = "controlplane: no service here for host %s\n"
 local BAD_DATA = "controlplane: service %s has no valid routing data (nginx error log says why)\n"
 
 local conf -- what configure was given; nil until it succeeded
-local dict -- the shared dict every worker reads and worker 0's loader writes
+local dict -- the counters every worker shares
+local routes -- the routing every worker reads and worker 0's loader writes
+local FORMAT = "2"
 local services = {} -- per worker: name -> the decoded service, or {rev, bad = why}
 local rev_keys = {} -- per worker: name -> "r:<name>", so a request concatenates nothing
 local loaded_here = false -- per worker: it read the state file itself once (admit)
@@ -57,9 +64,7 @@ local METHODS = {
     least_time = true,
 }
 local NO_BACKUP = { ip_hash = true, hash = true, random = true } -- as nginx refuses them
-local SERVICE_FIELDS = {
-    method = true, key = true, consistent = true, two = true, peers = true, names = true,
-}
+local SERVICE_FIELDS = { method = true, key = true, consistent = true, two = true, peers = true }
 local PEER_FIELDS = {
     addr = true, host = true, port = true, weight = true, down = true, backup = true,
     max_fails = true, fail_timeout = true, max_conns = true, container = true,
@@ -419,7 +424,7 @@ local function lookup(name)
         key = "r:" .. name
         rev_keys[name] = key
     end
-    local rev = dict:get(key)
+    local rev = routes:get(key)
     local svc = services[name]
     if rev == nil then
         if svc and svc.primary then
@@ -435,10 +440,10 @@ local function lookup(name)
         end
         return svc
     end
-    local blob = dict:get("d:" .. name)
+    local blob = routes:get("d:" .. name)
     local why
     if type(blob) ~= "string" or #blob < 17 then
-        why = "its data is gone from lua_shared_dict " .. conf.dict .. " (evicted: raise its size)"
+        why = "its data is gone from lua_shared_dict " .. conf.routes .. " (a reload that changed it)"
     else
         local ok, built, err = pcall(build, name, blob, svc)
         if not ok then
@@ -783,6 +788,9 @@ local function configure_error(opts)
     if type(opts.dict) ~= "string" or not ngx.shared[opts.dict] then
         return "dict must name a lua_shared_dict of this config"
     end
+    if type(opts.routes) ~= "string" or not ngx.shared[opts.routes] or opts.routes == opts.dict then
+        return "routes must name another lua_shared_dict of this config"
+    end
 end
 
 function M.configure(opts)
@@ -791,8 +799,9 @@ function M.configure(opts)
         log(ERR, "controlplane: configure: ", why, "; every service answers 503")
         return
     end
-    conf = { state_path = opts.state_path, poll = opts.poll, dict = opts.dict }
+    conf = { state_path = opts.state_path, poll = opts.poll, dict = opts.dict, routes = opts.routes }
     dict = ngx.shared[opts.dict]
+    routes = ngx.shared[opts.routes]
 end
 
 local load -- the loader, defined below
@@ -801,11 +810,13 @@ local function admit(name)
     if not conf then
         return "bad"
     end
-    if not dict:get("version") and not loaded_here then
+    if not loaded_here then
         -- a new shared dict (first start, or grown): this worker reads the file itself
         -- rather than answer 503 until worker 0's first poll
         loaded_here = true
-        load()
+        if not routes:get("version") then
+            load()
+        end
     end
     local svc, why = lookup(name)
     if not svc then
@@ -831,10 +842,19 @@ end
 -- The service a host name routes to: the exact name, else the nearest `*.` wildcard (as
 -- nginx's server_name), from the host map the loader keeps.
 local function service_for(host)
-    local name = dict:get("h:" .. host)
+    if not conf then
+        return nil
+    end
+    if not loaded_here then
+        loaded_here = true
+        if not routes:get("version") then
+            load()
+        end
+    end
+    local name = routes:get("h:" .. host)
     local pos = find(host, ".", 1, true)
     while not name and pos do
-        name = dict:get("h:*" .. sub(host, pos))
+        name = routes:get("h:*" .. sub(host, pos))
         pos = find(host, ".", pos + 1, true)
     end
     return name
@@ -844,16 +864,7 @@ end
 -- service, so a new service or host name needs no reload either.
 function M.route()
     local host = ngx_var.host or ""
-    local ok, name = pcall(function()
-        if not conf then
-            return nil
-        end
-        if not dict:get("version") and not loaded_here then
-            loaded_here = true
-            load()
-        end
-        return service_for(host)
-    end)
+    local ok, name = pcall(service_for, host)
     if not ok then
         log(ERR, "controlplane: routing host ", host, ": ", name)
         name = nil
@@ -966,7 +977,10 @@ local function refuse(key, level, ...)
     end
 end
 
--- Lines after the header: {name, rev, json} each, or nil and why the file is refused.
+-- the label grammar's host names, and its `*.` wildcards
+local HOST, WILDCARD = "^[a-z0-9][a-z0-9._-]*$", "^%*%.[a-z0-9][a-z0-9._-]*$"
+
+-- Lines after the header: {name, rev, hosts, json} each, or nil and why the file is refused.
 local function parse(rest, count)
     if rest ~= "" and sub(rest, -1) ~= "\n" then
         return nil, "its last line is cut (a torn write)"
@@ -980,9 +994,9 @@ local function parse(rest, count)
         if i > count then
             return nil, format("it has more service lines than its header's %d", count)
         end
-        local name, rev, json = match(line, "^([^\t]*)\t([^\t]*)\t(.+)$")
+        local name, rev, hosts, json = match(line, "^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.+)$")
         if not name then
-            return nil, format("service line %d is not name TAB rev TAB json", i)
+            return nil, format("service line %d is not name TAB rev TAB hosts TAB json", i)
         end
         if #name > 63 or not match(name, "^[a-z0-9][a-z0-9_.%-]*$") then
             return nil, format("service line %d: %q is not a service name", i, name)
@@ -990,11 +1004,16 @@ local function parse(rest, count)
         if not match(rev, "^[0-9a-f]+$") or #rev ~= 16 then
             return nil, format("service %s: rev %q is not 16 lowercase hex digits", name, rev)
         end
+        for host in gmatch(hosts, "[^ ]+") do
+            if #host > 253 or not (match(host, HOST) or match(host, WILDCARD)) then
+                return nil, format("service %s: %q is not a host name", name, host)
+            end
+        end
         if names[name] then
             return nil, format("service %s is listed twice", name)
         end
         names[name] = true
-        lines[i] = { name, rev, json }
+        lines[i] = { name, rev, hosts, json }
     end
     if #lines ~= count then
         return nil, format("it has %d service lines, its header says %d (a torn write)",
@@ -1003,52 +1022,74 @@ local function parse(rest, count)
     return lines, names
 end
 
--- Host names of the services whose data changed or went: each taken back unless another
--- service has it by now, then given to the service that lists it.
-local function rehost(changed, removed)
-    for _, name in ipairs(removed) do
-        for host in gmatch(dict:get("n:" .. name) or "", "[^\n]+") do
-            if dict:get("h:" .. host) == name then
-                dict:delete("h:" .. host)
-            end
-        end
-        dict:delete("n:" .. name)
-    end
-    for name, hosts in pairs(changed) do
-        for host in gmatch(dict:get("n:" .. name) or "", "[^\n]+") do
-            if dict:get("h:" .. host) == name then
-                dict:delete("h:" .. host)
-            end
+-- Takes a service's host names back (each one still its own), as its `n:` key lists them.
+local function unhost(name)
+    for host in gmatch(routes:get("n:" .. name) or "", "[^ ]+") do
+        if routes:get("h:" .. host) == name then
+            routes:delete("h:" .. host)
         end
     end
-    for name, hosts in pairs(changed) do
-        for _, host in ipairs(hosts) do
-            local ok, err = dict:safe_set("h:" .. host, name)
-            if not ok then
-                return err
-            end
-        end
-        local ok, err = dict:safe_set("n:" .. name, concat(hosts, "\n"))
-        if not ok then
-            return err
-        end
-    end
+    routes:delete("n:" .. name)
 end
 
--- The host names a service line lists (valid ones: the controller checked them; a bad one
--- is left out, never routed).
-local function hosts_of(json)
-    local data = cjson.decode(json)
-    local found = {}
-    if type(data) == "table" and type(data.names) == "table" then
-        for _, host in ipairs(data.names) do
-            if type(host) == "string" and #host <= 253
-                and match(host, "^[%*]?[a-z0-9._-]+$") and not find(host, "*", 2, true) then
-                found[#found + 1] = host
-            end
+-- Copies one version into `routes`; nil, or what the dict said when it is full. The host
+-- map is brought in line by comparing each service's listed hosts with its `n:` key, not by
+-- its rev, so a version applied only in part is completed by the next try.
+local function apply(lines, names)
+    local changed, removed = 0, 0
+    for name in gmatch(routes:get("names") or "", "[^\n]+") do
+        if not names[name] then
+            routes:delete("r:" .. name) -- the rev first: no worker reads data that is going
+            routes:delete("d:" .. name)
+            unhost(name)
+            removed = removed + 1
         end
     end
-    return found
+    local moved = {}
+    for i = 1, #lines do
+        local name, hosts = lines[i][1], lines[i][3]
+        if routes:get("n:" .. name) ~= hosts then
+            unhost(name)
+            moved[#moved + 1] = lines[i]
+        end
+    end
+    for i = 1, #lines do
+        local name, rev, json = lines[i][1], lines[i][2], lines[i][4]
+        local rkey = "r:" .. name
+        if routes:get(rkey) ~= rev then
+            -- the data before its rev: a worker that sees the new rev finds the new data
+            local ok, err = routes:safe_set("d:" .. name, rev .. json)
+            if ok then
+                ok, err = routes:safe_set(rkey, rev)
+            end
+            if not ok then
+                return nil, err
+            end
+            changed = changed + 1
+        end
+    end
+    for i = 1, #moved do
+        local name, hosts = moved[i][1], moved[i][3]
+        for host in gmatch(hosts, "[^ ]+") do
+            local ok, err = routes:safe_set("h:" .. host, name)
+            if not ok then
+                return nil, err
+            end
+        end
+        local ok, err = routes:safe_set("n:" .. name, hosts)
+        if not ok then
+            return nil, err
+        end
+    end
+    local listed = {}
+    for i = 1, #lines do
+        listed[i] = lines[i][1]
+    end
+    local ok, err = routes:safe_set("names", concat(listed, "\n"))
+    if not ok then
+        return nil, err
+    end
+    return changed, removed
 end
 
 load = function()
@@ -1060,7 +1101,8 @@ load = function()
     end
     local header = f:read("*l") or ""
     local format_id, version, count = match(header, "^controlplane%-state (%d+) ([1-9]%d*) (%d+)$")
-    if format_id == "1" and version == dict:get("version") then
+    local applied = format_id == FORMAT and FORMAT .. "|" .. version
+    if applied and applied == routes:get("version") then
         f:close()
         return
     end
@@ -1070,10 +1112,11 @@ load = function()
         f:close()
         return
     end
-    if format_id ~= "1" then
+    if format_id ~= FORMAT then
         f:close()
         return refuse(bad_key, ERR, "its header ", format("%q", sub(header, 1, 80)),
-            " is not `controlplane-state 1 <version> <services>`; the state is kept as it was")
+            " is not `controlplane-state ", FORMAT, " <version> <services>`; the state is kept",
+            " as it was")
     end
     f:seek("set", #header + 1)
     local rest = f:read("*a") or ""
@@ -1083,52 +1126,19 @@ load = function()
         return refuse(bad_key, ERR, "version ", version, " ignored whole: ", names,
             "; the state is kept as it was")
     end
-    local changed, hosts = 0, {}
-    for i = 1, #lines do
-        local name, rev, json = lines[i][1], lines[i][2], lines[i][3]
-        local rkey = "r:" .. name
-        if dict:get(rkey) ~= rev then
-            hosts[name] = hosts_of(json)
-            -- the data before its rev: a worker that sees the new rev finds the new data
-            local ok, set_err = dict:safe_set("d:" .. name, rev .. json)
-            if ok then
-                ok, set_err = dict:safe_set(rkey, rev)
-            end
-            if not ok then
-                return refuse(bad_key, ERR, "version ", version, " not fully applied: ",
-                    "lua_shared_dict ", conf.dict, " said ", set_err, " (raise its size)")
-            end
-            changed = changed + 1
-        end
-    end
-    local removed = {}
-    for name in gmatch(dict:get("names") or "", "[^\n]+") do
-        if not names[name] then
-            dict:delete("r:" .. name) -- the rev first: no worker reads data that is going
-            dict:delete("d:" .. name)
-            removed[#removed + 1] = name
-        end
-    end
-    local host_err = rehost(hosts, removed)
-    if host_err then
-        return refuse(bad_key, ERR, "version ", version, " not fully applied: ",
-            "lua_shared_dict ", conf.dict, " said ", host_err, " (raise its size)")
-    end
-    local listed = {}
-    for i = 1, #lines do
-        listed[i] = lines[i][1]
-    end
-    local ok, set_err = dict:safe_set("names", concat(listed, "\n"))
+    local changed, removed = apply(lines, names)
+    local ok, err = changed ~= nil, removed
     if ok then
-        ok, set_err = dict:safe_set("version", version)
+        ok, err = routes:safe_set("version", applied)
     end
     if not ok then
-        return refuse(bad_key, ERR, "version ", version, " not fully applied: ",
-            "lua_shared_dict ", conf.dict, " said ", set_err, " (raise its size)")
+        -- a full dict is no bad file: told once, and tried again at every poll
+        return refuse("full " .. bad_key, ERR, "version ", version, " not fully applied: ",
+            "lua_shared_dict ", conf.routes, " said ", err, "; raise its size")
     end
     last_bad = nil
     log(INFO, "controlplane: state version ", version, " applied: ", changed, " of ", #lines,
-        " services changed, ", #removed, " removed, in ",
+        " services changed, ", removed, " removed, in ",
         format("%.2f", (os.clock() - started) * 1000), " ms")
 end
 

@@ -412,9 +412,10 @@ def test_unknown_service_is_503_and_others_keep_working(setup: Setup) -> None:
     [
         ("torn", "a torn write"),
         ("cut last line", "its last line is cut"),
-        ("bad header", "is not `controlplane-state 1"),
+        ("bad header", "is not `controlplane-state 2"),
         ("bad name", "is not a service name"),
         ("bad rev", "is not 16 lowercase hex digits"),
+        ("bad host", "is not a host name"),
         ("twice", "is listed twice"),
     ],
 )
@@ -423,14 +424,16 @@ def test_a_bad_state_file_changes_nothing(setup: Setup, why: str, logged: str) -
     put(setup, loader=service_json("round_robin", [Peer(a)]))
     state = setup.nginx.state
     version = state.version + 1
-    line = f"loader\t{'0' * 16}\t{service_json('round_robin', [Peer(b)])}"
+    body = service_json("round_robin", [Peer(b)])
+    line = f"loader\t{'0' * 16}\tloader\t{body}"
     text = {
-        "torn": f"controlplane-state 1 {version} 3\n{line}\n",
-        "cut last line": f"controlplane-state 1 {version} 1\n{line[:-3]}",
-        "bad header": f"controlplane-state 2 {version} 1\n{line}\n",
-        "bad name": f"controlplane-state 1 {version} 1\nLoader{line[6:]}\n",
-        "bad rev": f"controlplane-state 1 {version} 1\nloader\tABC\t{line.split(chr(9))[2]}\n",
-        "twice": f"controlplane-state 1 {version} 2\n{line}\n{line}\n",
+        "torn": f"controlplane-state 2 {version} 3\n{line}\n",
+        "cut last line": f"controlplane-state 2 {version} 1\n{line[:-3]}",
+        "bad header": f"controlplane-state 1 {version} 1\n{line}\n",
+        "bad name": f"controlplane-state 2 {version} 1\nLoader{line[6:]}\n",
+        "bad rev": f"controlplane-state 2 {version} 1\nloader\tABC\tloader\t{body}\n",
+        "bad host": f"controlplane-state 2 {version} 1\nloader\t{'0' * 16}\ta*b\t{body}\n",
+        "twice": f"controlplane-state 2 {version} 2\n{line}\n{line}\n",
     }[why]
     since = setup.nginx.log_size()
     state.write_raw(text)

@@ -129,10 +129,10 @@ class StateFile:
         """Writes the next version; returns time.monotonic() just after the rename."""
         self.version += 1
         lines = [
-            f"{name}\t{hashlib.sha256(body.encode()).hexdigest()[:16]}\t{body}"
+            f"{name}\t{hashlib.sha256(body.encode()).hexdigest()[:16]}\t{name}\t{body}"
             for name, body in self.services.items()
         ]
-        header = f"controlplane-state 1 {self.version} {len(lines)}"
+        header = f"controlplane-state 2 {self.version} {len(lines)}"
         return self.write_raw("\n".join([header, *lines]) + "\n")
 
     def write_raw(self, text: str) -> float:
@@ -169,11 +169,13 @@ http {
     scgi_temp_path %(dir)s/scgi;
     access_log off;
     lua_shared_dict controlplane 8m;
+    lua_shared_dict controlplane_routes 8m;
     init_by_lua_block {
 controlplane = (function()
 %(source)s
 end)()
-controlplane.configure({state_path = "%(state)s", poll = 0.005, dict = "controlplane"})
+controlplane.configure({state_path = "%(state)s", poll = 0.005, dict = "controlplane",
+    routes = "controlplane_routes"})
     }
     init_worker_by_lua_block { controlplane.init_worker() }
     server {

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
+
 from controlplane.core import labels as L
 from controlplane.core.build import build_topology
 from controlplane.core.dataplane import (
     StateCache,
     choose,
+    probe_verdict,
     service_line,
     state_path,
     state_text,
@@ -27,18 +30,19 @@ W1 = container("w1", ip="172.20.0.2", labels={L.WEIGHT: "3", L.FAIL_TIMEOUT: "2m
 W2 = container("w2", ip="172.20.0.3")
 
 
-def lines_of(*containers: object) -> dict[str, tuple[str, dict[str, object]]]:
+def lines_of(*containers: object) -> dict[str, tuple[str, str, dict[str, object]]]:
+    """Service name -> (rev, hosts, json) of each state line."""
     topology = build_topology(state(nginx(), *containers))  # type: ignore[arg-type]
     lines = StateCache().lines(topology.services, frozenset({"app"}))
     parsed = {}
     for line in lines:
-        name, rev, body = line.split("\t")
-        parsed[name] = (rev, json.loads(body))
+        name, rev, hosts, body = line.split("\t")
+        parsed[name] = (rev, hosts, json.loads(body))
     return parsed
 
 
 def test_a_service_line_holds_its_method_and_peers_with_nginx_defaults() -> None:
-    rev, body = lines_of(W1, W2)["web"]
+    rev, _, body = lines_of(W1, W2)["web"]
     assert len(rev) == 16 and body["method"] == "round_robin"
     peers = {p["addr"]: p for p in body["peers"]}  # type: ignore[attr-defined]
     assert peers["172.20.0.2:80"] == {
@@ -73,12 +77,14 @@ def test_a_drained_backend_stays_down_so_hash_rings_keep_the_other_keys() -> Non
             for b in web.backends
         ),
     )
-    body = json.loads(service_line(drained, frozenset({"app"})).split("\t")[2])
+    body = json.loads(service_line(drained, frozenset({"app"})).split("\t")[3])
     assert [(p["container"], p["down"]) for p in body["peers"]] == [("w1", False), ("w2", True)]
 
 
 def test_the_state_file_counts_its_lines_and_sits_beside_the_config() -> None:
-    assert state_text(7, ["a\tr\t{}", "b\tr\t{}"]).splitlines()[0] == "controlplane-state 1 7 2"
+    assert (
+        state_text(7, ["a\tr\ta\t{}", "b\tr\tb\t{}"]).splitlines()[0] == "controlplane-state 2 7 2"
+    )
     assert (
         state_path("/etc/nginx/conf.d/controlplane.conf") == "/etc/nginx/conf.d/controlplane.state"
     )
@@ -100,12 +106,13 @@ def test_the_dynamic_config_does_not_change_with_backends_or_services() -> None:
     assert one == two
     assert "172.20.0.2" not in one and "web" not in one and "controlplane.route()" in one
     assert "lua_shared_dict controlplane 4096k;" in one
+    assert "lua_shared_dict controlplane_routes 4096k;" in one
 
 
 def test_a_service_line_names_the_hosts_the_lua_side_routes() -> None:
     other = container("o1", aliases=("other",), ip="172.20.0.9", labels={L.HOSTS: "*.example.com"})
-    _, body = lines_of(W1, other)["other"]
-    assert body["names"] == ["other", "other.internal", "*.example.com"]
+    _, hosts, _ = lines_of(W1, other)["other"]
+    assert hosts == "other other.internal *.example.com"
 
 
 def test_least_time_on_a_reload_nginx_answers_503_saying_why() -> None:
@@ -156,3 +163,34 @@ def test_the_label_wins_over_the_flag_and_needs_no_probe() -> None:
     _, deployer, reconciler = make_dynamic(labelled, W1)
     reconciler.reconcile("start")
     assert deployer.probed == [] and deployer.pushed == []
+
+
+def test_the_dynamic_config_waits_for_its_state_to_go_in_first() -> None:
+    """Without its state a dynamic nginx would route nothing: no config before a push took."""
+    _, deployer, reconciler = make_dynamic(nginx("lb"), W1)
+    deployer.push_fails = True
+    reconciler.reconcile("start")
+    assert deployer.deployed == []
+    state_of = reconciler.nginx[nginx("lb").id]
+    assert state_of.failure is not None and "could not push" in state_of.failure.error
+    assert state_of.version is None
+    deployer.push_fails = False
+    reconciler.retry_refused()
+    reconciler.reconcile("api")
+    assert len(deployer.deployed) == 1 and reconciler.nginx[nginx("lb").id].version == 1
+
+
+@pytest.mark.parametrize(
+    ("took", "said", "verdict"),
+    [
+        (True, "", True),
+        (False, 'unknown directive "lua_shared_dict" in /etc/nginx/conf.d/x.conf:3', False),
+        (False, '"init_by_lua_block" directive is duplicate in /etc/nginx/conf.d/x.conf:4', False),
+        (False, 'open() "/etc/nginx/mime.types" failed (2: No such file or directory)', None),
+    ],
+    ids=["lua", "no-module", "own-init-by-lua", "something-else"],
+)
+def test_only_what_the_probe_says_of_lua_settles_the_mode(
+    took: bool, said: str, verdict: bool | None
+) -> None:
+    assert probe_verdict(took, said) is verdict
