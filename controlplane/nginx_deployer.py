@@ -190,7 +190,8 @@ class EngineChannel:
 
     def put(self, path: str, content: bytes) -> None:
         """`content` to `path`, staged beside it then renamed by an exec'd `mv`, so that a
-        reader never sees half a file; written in place where the image has no mv."""
+        reader never sees half a file; written in place where the image has no mv (the
+        dynamic data plane's loader refuses a torn file whole)."""
         self._check()
         directory, name = posixpath.split(path)
         staging = staging_path(path)
@@ -201,12 +202,14 @@ class EngineChannel:
                 raise DeployError(f"the engine refused to copy {path} into the container")
             exec_id = self._api.exec_create(self._id, ["mv", "-f", staging, path])["Id"]
             said = self._api.exec_start(exec_id).decode("utf-8", "replace")
+            code = self._api.exec_inspect(exec_id).get("ExitCode")
+            if code in (126, 127):  # no mv in the image
+                if not self._api.put_archive(self._id, directory, pack(name, content)):
+                    raise DeployError(f"the engine refused to copy {path} into the container")
+                return
         except docker.errors.NotFound as error:
             raise DeployError(f"could not write {path} in the container: {error}") from error
-        except docker.errors.APIError:  # no mv in the image: in place, as for the config
-            self._api.put_archive(self._id, directory, pack(name, content))
-            return
-        if self._api.exec_inspect(exec_id).get("ExitCode") != 0:
+        if code != 0:
             raise DeployError(f"could not rename {staging} to {path}: {printable(said).strip()}")
 
     def _check(self) -> None:

@@ -30,6 +30,7 @@ from controlplane.core.dataplane import (
     ModeChoice,
     StateCache,
     choose,
+    probe_verdict,
     state_path,
     state_text,
 )
@@ -215,6 +216,9 @@ class Reconciler:
         """Deploy again to nginx that refused the current config: an operator asked for a
         pass (the API), so the answer must say what nginx says now, not what it said before."""
         self._failed = {k: replace(f, retry_at=float("-inf")) for k, f in self._failed.items()}
+        self._push_failed = {
+            k: replace(f, retry_at=float("-inf")) for k, f in self._push_failed.items()
+        }
 
     def reconcile(
         self, reason: str, trigger: DockerEvent | None = None, holding: Holding | None = None
@@ -348,8 +352,9 @@ class Reconciler:
             return
         results = self._deployer.probe_all([target for target, _ in auto], PROBE_CONFIG.encode())
         for (target, source), result in zip(auto, results, strict=True):
-            if result.ok or result.refused:
-                choice = choose(DataPlane.AUTO, source, result.ok, result.error or "")
+            lua = probe_verdict(result.ok, result.error or "")
+            if lua is not None:
+                choice = choose(DataPlane.AUTO, source, lua, result.error or "")
                 self._modes[target.container_id, target.started_at] = choice
                 log.info(
                     "nginx %s runs the %s data plane: %s", target.container, choice.mode, choice.why
@@ -357,7 +362,7 @@ class Reconciler:
             else:
                 log.warning(
                     "nginx %s: could not tell whether it has Lua (%s); it gets the reload config "
-                    "until a probe can run",
+                    "until a probe tells",
                     target.container,
                     result.error,
                 )
@@ -387,15 +392,21 @@ class Reconciler:
         self._deployer.retain({t.container_id for t in snapshot.topology.nginx})
         self._probe(list(keys.values()))
         dynamic = {k: t for k, t in keys.items() if self._mode(t) is DataPlane.DYNAMIC}
-        results = list(self._push(snapshot, dynamic, now))
-        by_text: dict[str, list[tuple[tuple[str, str], NginxTarget]]] = {}
         texts: dict[str, str] = {}
+        wanted: dict[tuple[str, str], str] = {}
         for key, target in keys.items():
             if key in dynamic:
                 text, digest = self._dynamic_config(snapshot, state_path(target.config_path))
             else:
                 text, digest = snapshot.config, snapshot.checksum
-            texts[digest] = text
+            texts[digest], wanted[key] = text, digest
+        results = list(self._push(snapshot, dynamic, wanted, now))
+        by_text: dict[str, list[tuple[tuple[str, str], NginxTarget]]] = {}
+        for key, target in keys.items():
+            # A dynamic config without its state would route nothing: it waits for a push.
+            if key in dynamic and key not in self._pushed:
+                continue
+            digest = wanted[key]
             if deploy_due(digest, self._deployed.get(key), self._failed.get(key), now):
                 by_text.setdefault(digest, []).append((key, target))
         for digest, pending in by_text.items():
@@ -432,7 +443,11 @@ class Reconciler:
         return tuple(results)
 
     def _push(
-        self, snapshot: Snapshot, dynamic: Mapping[tuple[str, str], NginxTarget], now: float
+        self,
+        snapshot: Snapshot,
+        dynamic: Mapping[tuple[str, str], NginxTarget],
+        wanted: Mapping[tuple[str, str], str],
+        now: float,
     ) -> tuple[DeployResult, ...]:
         """The state to each dynamic nginx that does not have this snapshot's yet (the whole
         state: its loader takes only the services whose rev changed)."""
@@ -454,7 +469,7 @@ class Reconciler:
             if result.ok:
                 self._pushed[key] = snapshot.version
                 self._push_failed.pop(key, None)
-                if self._deployed.get(key) is not None:
+                if self._deployed.get(key) == wanted[key]:  # it runs the dynamic config
                     self._running[key] = snapshot
             else:
                 self._push_failed[key] = failed(

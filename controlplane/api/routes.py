@@ -202,13 +202,14 @@ CHANGED = "saved; the service as the pass that applies it sees it"
 def _refuse_least_time(snapshot: Snapshot) -> None:
     """least_time exists only in the Lua balancer: a reload nginx would have to serve the
     service some other way, and the method is never changed behind the operator's back."""
-    plain = [n for n in _nginx_states(snapshot) if V.dataplane(n) == "reload"]
+    # one not probed yet gets the reload config meanwhile
+    plain = [n for n in _nginx_states(snapshot) if V.dataplane(n) != "dynamic"]
     if plain:
         raise ApiError(
             422,
             "needs_dynamic_dataplane",
             f"least_time needs the dynamic data plane, and nginx {plain[0].container} runs the "
-            f"reload one ({plain[0].mode.why if plain[0].mode else 'not known'}): run nginx "
+            f"reload one ({plain[0].mode.why if plain[0].mode else 'not probed yet'}): run nginx "
             "with lua-nginx-module (e.g. OpenResty), or choose another method",
             {"nginx": [n.container for n in plain]},
         )

@@ -51,6 +51,7 @@ class FakeDeployer:
         self.refuse = False
         self.delay = 0.0
         self.lua = False
+        self.push_fails = False
         self.pushed: list[tuple[str, bytes]] = []
         self.probed: list[str] = []
 
@@ -81,7 +82,13 @@ class FakeDeployer:
         """Records each push of the dynamic data plane's state."""
         self.pushed.extend((target.container, state) for target in targets)
         return tuple(
-            DeployResult(target.container, True, None, {}, target.container_id)
+            DeployResult(
+                target.container,
+                not self.push_fails,
+                "the shell stalled" if self.push_fails else None,
+                {},
+                target.container_id,
+            )
             for target in targets
         )
 
