@@ -114,7 +114,8 @@ def test_least_conn_avoids_busy_backends(deploy: Deploy) -> None:
     slow: list[str] = []
 
     def hold() -> None:
-        slow.append(d.http.get("web", "/cgi-bin/slow?ms=3000").text.strip())
+        # long enough that the 30 fast requests end first, even on a loaded machine
+        slow.append(d.http.get("web", "/cgi-bin/slow?ms=6000").text.strip())
 
     threads = [threading.Thread(target=hold) for _ in range(2)]
     for thread in threads:
