@@ -538,11 +538,16 @@ class NginxDeployer:
 
     def _given_up(self, attempt: Attempt) -> DeployResult:
         target = attempt.target
+        kept = (
+            "it keeps the backends it had"
+            if attempt.step == "push"
+            else "the file that was there before goes back"
+        )
         message = (
             f"nginx {target.container} did not finish its deploy within {self._deadline:g} s "
-            f"(it was at: {STEPS.get(attempt.step, attempt.step)}), so it was given up: the "
-            "file that was there before goes back, its shell is closed, and the next pass "
-            "tries again. Is the container paused, or its host overloaded?"
+            f"(it was at: {STEPS.get(attempt.step, attempt.step)}), so it was given up: "
+            f"{kept}, its shell is closed, and the next pass tries again. Is the container "
+            "paused, or its host overloaded?"
         )
         return DeployResult(
             target.container, False, message, dict(attempt.timings), target.container_id
