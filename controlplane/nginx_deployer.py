@@ -194,7 +194,8 @@ class EngineChannel:
         dynamic data plane's loader refuses a torn file whole)."""
         self._check()
         directory, name = posixpath.split(path)
-        staging = staging_path(path)
+        # not the shell's staging file: a shell given up mid-write may still be writing it
+        staging = staging_path(path) + "-engine"
         try:
             if not self._api.put_archive(
                 self._id, directory, pack(posixpath.basename(staging), content)

@@ -152,6 +152,9 @@ class ShellSession:
         # docker-py hands back its response's stream, read-only over a unix socket: requests
         # go out on a socket of our own over the same connection, which also takes shutdown.
         self._socket = socket.socket(fileno=os.dup(stream.fileno()))
+        # The dup shares the stream's O_NONBLOCK: with a timeout, sendall waits for room
+        # instead of failing with EAGAIN on a file larger than the socket's buffer.
+        self._socket.settimeout(STEP_TIMEOUT)
         self._send = stream.sendall if isinstance(stream, socket.socket) else self._socket.sendall
         """A TLS connection's stream is its SSL socket: the bytes must go through it."""
         self._watchdog = Watchdog(lambda: self.abort("it timed out"))

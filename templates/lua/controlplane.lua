@@ -222,7 +222,9 @@ local function make_peer(name, p)
         return nil, "container must be a string"
     end
     peer.container = type(p.container) == "string" and p.container or "?"
-    local id = name .. "|" .. addr
+    -- the container too: Docker hands a freed address to the next container at once, which
+    -- must not inherit the last one's failures or ejection
+    local id = name .. "|" .. addr .. "|" .. peer.container
     peer.ckey, peer.fkey, peer.ekey = "c:" .. id, "f:" .. id, "e:" .. id
     peer.wkey, peer.tkey = "w:" .. id, "t:" .. id
     return peer
@@ -295,8 +297,12 @@ end
 -- state goes too, so the dict holds only live peers' (the other per-peer keys expire).
 local function forget(peers, staying)
     for _, p in pairs(peers) do
-        if not staying[p.addr] then
+        if not staying[p.ckey] then
             dict:delete(p.ckey)
+            dict:delete(p.fkey)
+            dict:delete(p.ekey)
+            dict:delete(p.wkey)
+            dict:delete(p.tkey)
         end
     end
 end
@@ -375,12 +381,14 @@ local function build(name, blob, old)
         if seen[p.addr] then
             return nil, "peer " .. p.addr .. " is listed twice"
         end
-        seen[p.addr] = true
+        seen[p.addr], seen[p.ckey] = true, true
         if p.backup and NO_BACKUP[method] then
             return nil, "backup peers are not allowed with method " .. method
         end
         -- round robin keeps its place across a change that keeps the peer
         p.cw = kept[p.addr] and kept[p.addr].cw or 0
+        p.since = kept[p.addr] and kept[p.addr].ckey == p.ckey and kept[p.addr].since
+            or clock_now()
         local list = p.backup and svc.backup or svc.primary
         list[#list + 1] = p
         if not p.down then
@@ -748,11 +756,15 @@ local function failed(svc, p)
     end
     local fails = dict:incr(p.fkey, 1, 0, p.fail_timeout)
     if fails and fails >= p.max_fails then
-        dict:set(p.ekey, true, p.fail_timeout)
+        -- a backend that joined within fail_timeout may not listen yet: out for a second,
+        -- not for the whole fail_timeout (the readiness gate is the controller's to add)
+        local out = clock_now() - p.since < p.fail_timeout and min(1, p.fail_timeout)
+            or p.fail_timeout
+        dict:set(p.ekey, true, out)
         dict:delete(p.fkey)
         dict:set(svc.xkey, true, svc.longest)
         log(WARN, "controlplane: service ", svc.name, ": ", p.addr, " (", p.container,
-            ") ejected for ", p.fail_timeout, " s after ", fails, " failed tries")
+            ") ejected for ", out, " s after ", fails, " failed tries")
     end
 end
 

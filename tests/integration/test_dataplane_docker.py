@@ -9,6 +9,8 @@ from collections import Counter
 import httpx
 import pytest
 
+from controlplane.core.model import NginxTarget
+from controlplane.nginx_deployer import NginxDeployer
 from tests.integration.conftest import ControllerFactory
 from tests.support.lab import Http, Lab, wait_until
 
@@ -168,3 +170,23 @@ def test_new_services_and_host_names_need_no_reload_either(
     wait_until(lambda: http.status("api") == 404, what="the service gone")
     assert set(http.bodies("web", 5)) == {web.name}
     assert lab.reloads(lb) == reloads
+
+
+@DYNAMIC
+def test_a_large_state_goes_whole_through_the_shell(lab: Lab) -> None:
+    """1,000 services x 10 backends make a ~2 MB state: more than a socket's buffer, so the
+    shell's writes must wait for room, never fall back to the engine or tear the file."""
+    net = lab.network()
+    lb = lab.nginx(net)
+    deployer = NginxDeployer(lab.client.api)
+    target = NginxTarget(
+        lb.id, lb.name, "/etc/nginx/conf.d/controlplane.conf", lb.attrs["State"]["StartedAt"], ()
+    )
+    content = b"".join(b"line %07d %s\n" % (i, b"x" * 180) for i in range(10_000))
+    try:
+        (result,) = deployer.push_all([target], content)
+    finally:
+        deployer.close()
+    assert result.ok and result.via == "shell", result.error
+    code, written = lb.exec_run(["cat", "/etc/nginx/conf.d/controlplane.state"])
+    assert code == 0 and written == content
