@@ -212,6 +212,14 @@ class Reconciler:
         again only when its wait is over (core.served), not on every resync."""
         self._source.invalidate()
 
+    def retry_at(self) -> float:
+        """The earliest time a failed deploy or push is due again (math.inf: none). One due
+        already had its chance in the pass that just ran: if it is still there, that pass did
+        not want it (another text is wanted now), and waking for it would loop."""
+        now = self._clock()
+        failures = [*self._failed.values(), *self._push_failed.values()]
+        return min((f.retry_at for f in failures if f.retry_at > now), default=math.inf)
+
     def retry_refused(self) -> None:
         """Deploy again to nginx that refused the current config: an operator asked for a
         pass (the API), so the answer must say what nginx says now, not what it said before."""
@@ -656,7 +664,7 @@ class ControlLoop:
             return
         self._reaches_docker = True
         before = plan.before.topology if plan.before else None
-        outcome = Outcome.of(before, plan.snapshot.topology, plan.held)
+        outcome = Outcome.of(before, plan.snapshot.topology, plan.held, self._reconciler.retry_at())
         self._schedule = self._schedule.passed(self._clock(), outcome)
         for ticket in run.tickets:
             ticket.finish(report)

@@ -41,6 +41,7 @@ START = "start"
 RESTORED = "stream-restored"
 HELD = "held new backends"
 RESYNC = "periodic resync"
+RETRY = "retry an nginx that failed"
 
 
 @dataclass(frozen=True)
@@ -100,14 +101,22 @@ class Outcome:
     """It applied backends that add capacity."""
     removed: bool = False
     """It applied the loss of a backend that was up."""
+    retry_at: float = math.inf
+    """When a deploy or push that failed in it is due again (core.served.failed)."""
 
     @classmethod
-    def of(cls, before: Topology | None, after: Topology, held: Held | None = None) -> Outcome:
+    def of(
+        cls,
+        before: Topology | None,
+        after: Topology,
+        held: Held | None = None,
+        retry_at: float = math.inf,
+    ) -> Outcome:
         """`before`: what the pass started from, None for the first pass, which finds every
         backend at once: that is no scale-out."""
         if before is None:
-            return cls(held)
-        return cls(held, adds_backends(before, after), removes_backends(before, after))
+            return cls(held, retry_at=retry_at)
+        return cls(held, adds_backends(before, after), removes_backends(before, after), retry_at)
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,9 @@ class Schedule(Generic[Ticket, Event]):
     last_event: float = -math.inf
     """Arrival of the latest event that concerns the controller."""
     resync_at: float = math.inf
+    retry_at: float = math.inf
+    """A pass then tries again an nginx whose deploy or push failed; without it, a failed
+    push would wait for the next event or resync."""
     held: Held | None = None
     last_added: float = -math.inf
     """When a pass last applied backends that add capacity (core.batching.hold)."""
@@ -224,7 +236,11 @@ class Schedule(Generic[Ticket, Event]):
             return replace(self, restarts_resync=True), Run(
                 RESYNC, resync=True, holding=self._holding(now)
             )
-        return self, Wait(min(self.resync_at, held_due))
+        if now >= self.retry_at:
+            return replace(self, retry_at=math.inf, restarts_resync=False), Run(
+                RETRY, holding=self._holding(now)
+            )
+        return self, Wait(min(self.resync_at, held_due, self.retry_at))
 
     def _holding(self, now: float) -> Holding:
         return Holding(now, self.last_added, self.held, self.timing.batching)
@@ -238,7 +254,9 @@ class Schedule(Generic[Ticket, Event]):
             last_added = now
         else:
             last_added = self.last_added
-        return replace(self._ended(now), held=outcome.held, last_added=last_added)
+        return replace(
+            self._ended(now), held=outcome.held, last_added=last_added, retry_at=outcome.retry_at
+        )
 
     def failed(self, now: float) -> Schedule[Ticket, Event]:
         """The pass decided on last failed at `now`. It releases the hold: the next pass (an

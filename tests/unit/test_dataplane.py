@@ -194,3 +194,11 @@ def test_only_what_the_probe_says_of_lua_settles_the_mode(
     took: bool, said: str, verdict: bool | None
 ) -> None:
     assert probe_verdict(took, said) is verdict
+
+
+def test_a_failed_push_is_due_again_after_its_wait() -> None:
+    _, deployer, reconciler = make_dynamic(nginx("lb"), W1)
+    deployer.push_fails = True
+    reconciler.reconcile("start")
+    failure = reconciler.nginx[nginx("lb").id].failure
+    assert failure is not None and reconciler.retry_at() == failure.retry_at

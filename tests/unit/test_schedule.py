@@ -12,7 +12,7 @@ import pytest
 from controlplane.core.batching import BatchPolicy
 from controlplane.core.build import build_topology
 from controlplane.core.model import ContainerFacts, Topology
-from controlplane.core.schedule import Holding, Outcome, Run, Schedule, Timing, Wait
+from controlplane.core.schedule import RETRY, Holding, Outcome, Run, Schedule, Timing, Wait
 from tests.unit.builders import container, nginx, state
 
 TIMING = Timing(
@@ -333,3 +333,16 @@ def test_the_first_pass_is_no_scale_out() -> None:
     assert Outcome.of(None, after) == Outcome()
     assert Outcome.of(before, after) == Outcome(added=True)
     assert Outcome.of(after, before) == Outcome(removed=True)
+
+
+def test_a_failed_deploy_wakes_the_loop_when_it_is_due_again() -> None:
+    """Without it, a push that failed would wait for the next event or resync."""
+    schedule: Schedule[str, str] = Schedule(TIMING)
+    schedule, run = schedule.next(100.0)
+    assert isinstance(run, Run)
+    schedule = schedule.passed(100.0, Outcome(retry_at=105.0))
+    assert schedule.next(101.0)[1] == Wait(105.0)
+    schedule, run = schedule.next(105.0)
+    assert isinstance(run, Run) and run.reason == RETRY
+    schedule = schedule.passed(105.5, Outcome())
+    assert schedule.next(106.0)[1] == Wait(160.0)
