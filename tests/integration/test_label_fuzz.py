@@ -3,7 +3,10 @@ that is not valid never reaches it outside a comment."""
 
 from __future__ import annotations
 
+import json
+import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2
@@ -13,6 +16,7 @@ from hypothesis import strategies as st
 
 from controlplane.core import labels as L
 from controlplane.core.build import build_topology
+from controlplane.core.dataplane import StateCache, state_text
 from controlplane.core.model import ContainerFacts, DockerState, Endpoint, NetworkFacts
 from controlplane.core.render import RenderOptions, render_config
 from controlplane.templating import load_template
@@ -111,3 +115,36 @@ def test_any_labels_give_a_config_nginx_accepts(
     assert result.returncode == 0, f"{result.stderr}\n{config}"
     for line in config.splitlines():
         assert "\x00" not in line and "\r" not in line
+
+
+LUA_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+LUA_HOST = re.compile(r"(\*\.)?[a-z0-9][a-z0-9._-]*")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(LABELS, ALIAS, st.text(max_size=12)), min_size=1, max_size=4))
+def test_any_labels_and_names_give_state_lines_the_lua_loader_takes(
+    backends: list[tuple[dict[str, str], str, str]],
+) -> None:
+    """The dynamic data plane's twin of the property above: every state line has the four
+    fields the Lua loader parses, with a name, rev and hosts of its grammar, and JSON on one
+    line, whatever the labels and container names hold."""
+    containers = tuple(
+        replace(container(i, labels, alias), name=f"c{i}{name}")
+        for i, (labels, alias, name) in enumerate(backends)
+    )
+    state = DockerState(
+        containers=containers, networks=(NetworkFacts("n", "app", "bridge", "local"),)
+    )
+    topology = build_topology(state)
+    text = state_text(1, StateCache().lines(topology.services, frozenset({"app"})))
+    header, *lines = text.split("\n")[:-1]
+    assert header == f"controlplane-state 2 1 {len(lines)}"
+    for line in lines:
+        name, rev, hosts, body = line.split("\t")
+        assert len(name) <= 63 and LUA_NAME.fullmatch(name), line
+        assert re.fullmatch(r"[0-9a-f]{16}", rev), line
+        assert all(len(h) <= 253 and LUA_HOST.fullmatch(h) for h in hosts.split(" ")), line
+        data = json.loads(body)
+        assert set(data) == {"method", "key", "consistent", "two", "peers"}
+        assert body.isascii() and body.isprintable()
