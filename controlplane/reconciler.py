@@ -408,6 +408,8 @@ class Reconciler:
             else:
                 text, digest = snapshot.config, snapshot.checksum
             texts[digest], wanted[key] = text, digest
+        paths = {state_path(t.config_path) for t in dynamic.values()}
+        self._dynamic = {p: entry for p, entry in self._dynamic.items() if p in paths}
         results = list(self._push(snapshot, dynamic, wanted, now))
         by_text: dict[str, list[tuple[tuple[str, str], NginxTarget]]] = {}
         for key, target in keys.items():
