@@ -5,13 +5,16 @@ at once; no way in for other containers; least_time steering away from a slow ba
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import httpx
 import pytest
+from docker.models.containers import Container
+from docker.models.networks import Network
 
 from controlplane.core.model import NginxTarget
 from controlplane.nginx_deployer import NginxDeployer
-from tests.integration.conftest import ControllerFactory
+from tests.integration.conftest import ControllerFactory, RunningController
 from tests.support.lab import Http, Lab, wait_until
 
 DYNAMIC = pytest.mark.parametrize("lab", ["dynamic"], indirect=True)
@@ -21,16 +24,44 @@ def api(url: str, method: str, path: str, body: object = None) -> httpx.Response
     return httpx.request(method, url + path, json=body, timeout=10.0)
 
 
+@dataclass
+class Served:
+    """A managed nginx serving service web from one backend, and the controller behind it."""
+
+    net: Network
+    lb: Container
+    backend: Container
+    controller: RunningController
+    http: Http
+
+
+def one_backend_served(
+    lab: Lab,
+    start_controller: ControllerFactory,
+    http_for: type[Http],
+    nginx_labels: dict[str, str] | None = None,
+) -> Served:
+    net = lab.network()
+    lb = lab.nginx(net, labels=nginx_labels)
+    backend = lab.backend(net)
+    controller = start_controller(net.name, api_bind="127.0.0.1:0")
+    http = http_for(lab.published_port(lb))
+    wait_until(lambda: http.settled("web", {backend.name}), what="the first backend")
+    return Served(net, lb, backend, controller, http)
+
+
 @DYNAMIC
 def test_scale_drain_weight_and_method_changes_cost_no_reload(
     lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
 ) -> None:
-    net = lab.network()
-    lb = lab.nginx(net)
-    first = lab.backend(net)
-    controller = start_controller(net.name, api_bind="127.0.0.1:0")
-    http = http_for(lab.published_port(lb))
-    wait_until(lambda: http.settled("web", {first.name}), what="the first backend")
+    served = one_backend_served(lab, start_controller, http_for)
+    net, lb, first, controller, http = (
+        served.net,
+        served.lb,
+        served.backend,
+        served.controller,
+        served.http,
+    )
     reloads = lab.reloads(lb)
     assert reloads == 1, "the dynamic config goes in once, with one reload"
 
@@ -68,12 +99,8 @@ def test_scale_drain_weight_and_method_changes_cost_no_reload(
 def test_auto_picks_the_data_plane_the_image_can_run(
     lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
 ) -> None:
-    net = lab.network()
-    lb = lab.nginx(net, labels={"controlplane.dataplane": "auto"})
-    backend = lab.backend(net)
-    controller = start_controller(net.name, api_bind="127.0.0.1:0")
-    http = http_for(lab.published_port(lb))
-    wait_until(lambda: http.settled("web", {backend.name}), what="the backend")
+    served = one_backend_served(lab, start_controller, http_for, {"controlplane.dataplane": "auto"})
+    controller = served.controller
     listed = api(controller.api_url, "GET", "/api/v1/nginx").json()["nginx"][0]
     assert listed["dataplane"] == lab.dataplane
     assert ("has lua" if lab.dataplane == "dynamic" else "has no lua") in listed["dataplane_reason"]
@@ -107,12 +134,8 @@ def test_other_containers_on_the_network_have_no_way_to_change_routing(
 ) -> None:
     """The state goes in through the engine (exec), so nginx listens on its public port
     only: there is no push endpoint to reach, with or without a token."""
-    net = lab.network()
-    lb = lab.nginx(net)
-    backend = lab.backend(net)
-    start_controller(net.name)
-    http = http_for(lab.published_port(lb))
-    wait_until(lambda: http.settled("web", {backend.name}), what="the backend")
+    served = one_backend_served(lab, start_controller, http_for)
+    net, lb, backend, http = served.net, served.lb, served.backend, served.http
     code, output = lb.exec_run(["netstat", "-ltn"])
     assert code == 0, output
     listening = {line.split()[3] for line in output.decode().splitlines() if line.startswith("tcp")}
@@ -152,12 +175,8 @@ def test_new_services_and_host_names_need_no_reload_either(
 ) -> None:
     """One server routes every Host through the Lua side's host map: a service appearing,
     gaining a host name (wildcards as server_name's) or going costs no reload."""
-    net = lab.network()
-    lb = lab.nginx(net)
-    web = lab.backend(net)
-    start_controller(net.name)
-    http = http_for(lab.published_port(lb))
-    wait_until(lambda: http.settled("web", {web.name}), what="web")
+    served = one_backend_served(lab, start_controller, http_for)
+    net, lb, web, http = served.net, served.lb, served.backend, served.http
     reloads = lab.reloads(lb)
     api_backend = lab.backend(net, alias="api", labels={"controlplane.hosts": "*.api.example"})
     wait_until(lambda: http.settled("api", {api_backend.name}), what="the new service")
