@@ -605,6 +605,20 @@ local function hash(svc, list, st, mode)
     return round_robin(svc, list, st, mode)
 end
 
+-- The first index of sorted `values` whose value is >= x (#values + 1 when none is).
+local function first_at_least(values, x)
+    local lo, hi = 1, #values + 1
+    while lo < hi do
+        local mid = floor((lo + hi) / 2)
+        if values[mid] < x then
+            lo = mid + 1
+        else
+            hi = mid
+        end
+    end
+    return lo
+end
+
 -- hash KEY consistent: the first point clockwise from crc32(KEY) whose peer is usable.
 local function chash(svc, list, st, mode)
     local key = hash_key(svc, st)
@@ -615,16 +629,7 @@ local function chash(svc, list, st, mode)
     end
     local start = st.point
     if start == nil then
-        local h, lo, hi = crc32(key), 1, n + 1
-        while lo < hi do
-            local mid = floor((lo + hi) / 2)
-            if hashes[mid] < h then
-                lo = mid + 1
-            else
-                hi = mid
-            end
-        end
-        start = lo - 1 -- 0-based, n wraps to the first point
+        start = first_at_least(hashes, crc32(key)) - 1 -- 0-based, n wraps to the first point
         st.point = start
     end
     stamp = stamp + 1
@@ -642,17 +647,8 @@ end
 
 -- A weighted random peer, down ones included (nginx's ranges).
 local function peek(svc, list)
-    local cum = svc.cum
-    local x, lo, hi = floor(random() * svc.total), 1, #cum
-    while lo < hi do
-        local mid = floor((lo + hi) / 2)
-        if x < cum[mid] then
-            hi = mid
-        else
-            lo = mid + 1
-        end
-    end
-    return list[lo]
+    -- the first range ending past x: cum holds integers, so past x is at least x + 1
+    return list[first_at_least(svc.cum, floor(random() * svc.total) + 1)]
 end
 
 local function random_one(svc, list, st, mode)
