@@ -339,6 +339,11 @@ class Reconciler:
     def _any_reload(self, topology: Topology) -> bool:
         return any(self._mode(t) is not DataPlane.DYNAMIC for t in topology.nginx)
 
+    def any_reload(self) -> bool:
+        """Whether some nginx of the current snapshot reloads for a change (or may: its mode
+        is not known yet), which is what coalescing events is for (core.schedule)."""
+        return self.snapshot is None or self._any_reload(self.snapshot.topology)
+
     def _any_dynamic(self, topology: Topology) -> bool:
         return any(self._mode(t) is not DataPlane.RELOAD for t in topology.nginx)
 
@@ -666,7 +671,13 @@ class ControlLoop:
             return
         self._reaches_docker = True
         before = plan.before.topology if plan.before else None
-        outcome = Outcome.of(before, plan.snapshot.topology, plan.held, self._reconciler.retry_at())
+        outcome = Outcome.of(
+            before,
+            plan.snapshot.topology,
+            plan.held,
+            self._reconciler.retry_at(),
+            self._reconciler.any_reload(),
+        )
         self._schedule = self._schedule.passed(self._clock(), outcome)
         for ticket in run.tickets:
             ticket.finish(report)

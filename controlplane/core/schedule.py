@@ -10,6 +10,9 @@ and does what this says.
   one arrived) starts a pass at once; the events that follow are coalesced: their pass runs
   once the stream has been quiet for `quiet_window`, never later than `max_wait` after the
   first of them. An event the controller does not watch costs nothing: no pass, no wait.
+- Coalescing is for nginx that reload: when the last pass found none (every managed nginx
+  takes changes without a reload), each event's pass runs at once, and what comes during a
+  pass joins the next one.
 - A ticket (an operator waiting, through the API) ends the wait for quiet, and its pass holds
   nothing back.
 - Other passes hold new backends back during a scale-out (core.batching); a held batch goes out
@@ -103,6 +106,8 @@ class Outcome:
     """It applied the loss of a backend that was up."""
     retry_at: float = math.inf
     """When a deploy or push that failed in it is due again (core.served.failed)."""
+    reloads: bool = True
+    """Some managed nginx reloads for a change: events are coalesced for it."""
 
     @classmethod
     def of(
@@ -111,12 +116,19 @@ class Outcome:
         after: Topology,
         held: Held | None = None,
         retry_at: float = math.inf,
+        reloads: bool = True,
     ) -> Outcome:
         """`before`: what the pass started from, None for the first pass, which finds every
         backend at once: that is no scale-out."""
         if before is None:
-            return cls(held, retry_at=retry_at)
-        return cls(held, adds_backends(before, after), removes_backends(before, after), retry_at)
+            return cls(held, retry_at=retry_at, reloads=reloads)
+        return cls(
+            held,
+            adds_backends(before, after),
+            removes_backends(before, after),
+            retry_at,
+            reloads,
+        )
 
 
 @dataclass(frozen=True)
@@ -169,6 +181,8 @@ class Schedule(Generic[Ticket, Event]):
     restarts_resync: bool = False
     """The pass under way is the first or a resync: the next resync is due an interval after
     it ends."""
+    coalesce: bool = True
+    """The last pass found an nginx that reloads (Outcome.reloads)."""
 
     @property
     def tickets(self) -> tuple[Ticket, ...]:
@@ -182,9 +196,8 @@ class Schedule(Generic[Ticket, Event]):
         this controller (Reconciler.handle_event)."""
         if not relevant:
             return self
-        burst = self.burst or Burst(
-            now, now, at_once=arrived - self.last_event >= self.timing.quiet_window, trigger=event
-        )
+        quiet = arrived - self.last_event >= self.timing.quiet_window
+        burst = self.burst or Burst(now, now, at_once=quiet or not self.coalesce, trigger=event)
         return replace(
             self,
             burst=replace(burst, last=now, events=burst.events + 1),
@@ -255,7 +268,11 @@ class Schedule(Generic[Ticket, Event]):
         else:
             last_added = self.last_added
         return replace(
-            self._ended(now), held=outcome.held, last_added=last_added, retry_at=outcome.retry_at
+            self._ended(now),
+            held=outcome.held,
+            last_added=last_added,
+            retry_at=outcome.retry_at,
+            coalesce=outcome.reloads,
         )
 
     def failed(self, now: float) -> Schedule[Ticket, Event]:

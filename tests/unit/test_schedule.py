@@ -53,6 +53,8 @@ class World:
     """Docker and nginx as the schedule's passes see them, reduced to topologies."""
 
     shows: tuple[ContainerFacts, ...]
+    reloads: bool = True
+    """Some nginx reloads for a change (Outcome.reloads)."""
     down: bool = False
     applied: Topology | None = None
     passes: list[Pass] = field(default_factory=list)
@@ -70,7 +72,7 @@ class World:
                 return Outcome(held)
         self.applied = wanted
         self.passes.append((now, action.reason, "same" if wanted == before else "applied"))
-        return Outcome.of(before, wanted)
+        return Outcome.of(before, wanted, reloads=self.reloads)
 
 
 def play(
@@ -79,25 +81,27 @@ def play(
     shows: tuple[ContainerFacts, ...] = (LB, W1),
     timing: Timing = TIMING,
     duration: float = 0.0,
+    reloads: bool = True,
 ) -> list[Pass]:
     """What the loop does with `inputs` until `until`, each pass taking `duration`: inputs
-    that came by a deadline are taken first, as the loop reads its queue before a pass."""
-    world = World(shows)
+    that came by a deadline, or during a pass, are taken first, as the loop reads its queue
+    before a pass."""
+    world = World(shows, reloads)
     schedule: Schedule[str, Event] = Schedule(timing)
     pending = sorted(inputs, key=lambda step: step[0])
     now = 0.0
     while True:
         after, action = schedule.next(now)
-        if isinstance(action, Run):
+        if isinstance(action, Run) and not (pending and pending[0][0] <= now):
             assert len(world.passes) < 100, f"passes after passes at {now}: {world.passes[-3:]}"
             outcome = world.run(now, action)
             now += duration
             schedule = after.passed(now, outcome) if outcome else after.failed(now)
             continue
         at = pending[0][0] if pending else math.inf
-        if min(at, action.until) > until:
+        if isinstance(action, Wait) and min(at, action.until) > until:
             return world.passes
-        if at > action.until:
+        if isinstance(action, Wait) and at > action.until:
             now = action.until
             continue
         _, given = pending.pop(0)
@@ -302,6 +306,29 @@ def test_a_resync_runs_while_events_keep_coming() -> None:
         (10.0, "periodic resync"),
         (12.25, "8 event(s)"),
     ]
+
+
+def test_without_an_nginx_that_reloads_every_event_goes_at_once() -> None:
+    """Nothing to coalesce for (the dynamic data plane takes a change without a reload): the
+    pass starts when the loop is free, and what came during a pass joins the next one."""
+    spaced = play(every(0.25, 5.0, 6.0, event()), 10.0, reloads=False, duration=0.125)
+    assert [(at, reason) for at, reason, _ in spaced] == [
+        (0.0, "start"),
+        *[(5.0 + 0.25 * i, "1 event(s)") for i in range(5)],
+    ]
+    dense = play(every(0.0625, 5.0, 5.5, event()), 10.0, reloads=False, duration=0.125)
+    assert [(at, reason) for at, reason, _ in dense] == [
+        (0.0, "start"),
+        (5.0, "1 event(s)"),
+        (5.125, "2 event(s)"),
+        (5.25, "2 event(s)"),
+        (5.375, "2 event(s)"),
+        (5.5, "2 event(s)"),
+    ]
+    assert play(every(0.25, 5.0, 6.0, event()), 10.0, duration=0.125)[1:] == [
+        (5.0, "1 event(s)", "same"),
+        (6.5, "4 event(s)", "same"),
+    ], "an nginx that reloads still gets its events coalesced"
 
 
 def test_what_a_pass_is_told() -> None:
