@@ -5,13 +5,16 @@ the Compose stack), the controller (for the Compose stack), and HAProxy (for ben
 only).
 
 Each image is tagged with a hash of its build context, so a tag that already exists is the
-cache: it is only rebuilt when a file in images/ or a copied host file changes. No build step
-reaches the network. Run `python -m images.build` (`make images`) to build them and write the
-Compose variables that point at them.
+cache: it is only rebuilt when a file in images/ or a copied host file changes. A build also
+removes the tags (and cached wheels) of its kind that older sources left, once they are an
+hour old and no container uses them, so a machine that runs the suite after each change
+does not fill up. No build step reaches the network. Run `python -m images.build` (`make
+images`) to build them and write the Compose variables that point at them.
 """
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import io
 import re
@@ -19,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -57,6 +61,9 @@ NGINX_MODULES_DIR = "/usr/lib/nginx/modules/"
 LUA_DIR_PART = "/lua/5.1/"
 # /run holds the backend's "draining" marker and its cached container name.
 BACKEND_DIRS = {"/run": 0o755, "/tmp": 0o1777}
+STALE_AFTER = 3600.0
+"""Seconds after which a tag or a cache left by another source is removed: younger ones may
+belong to a suite running now from another checkout."""
 # The legacy builder colours a step's stderr; progress and error tails want plain text.
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -219,7 +226,30 @@ def _ensure(
         if "error" in chunk:
             log = "\n".join(tail)
             raise ImageBuildError(f"building {tag} failed: {chunk['error']}\n{log}")
+    _prune_tags(client, name, tag, progress)
     return tag
+
+
+def _prune_tags(client: docker.DockerClient, name: str, current: str, progress: Progress) -> None:
+    """Untag this kind's images that older build contexts left (see STALE_AFTER); without
+    force, so an image a container still uses stays."""
+    prefix = f"{TAG_PREFIX}/{name}:"
+    labels = [f"{key}={value}" for key, value in IMAGE_LABELS.items()]
+    for image in client.images.list(filters={"label": labels}):
+        created = str(image.attrs.get("Created", ""))[:19]
+        try:
+            age = time.time() - calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            continue
+        if age < STALE_AFTER:
+            continue
+        for tag in image.tags:
+            if tag.startswith(prefix) and tag != current:
+                try:
+                    client.images.remove(tag)
+                except docker.errors.APIError:
+                    continue
+                progress(f"{tag}: removed (left by an older source)")
 
 
 # The controller runs on the host's Debian Python (ABI cp311, like the wheels built here).
@@ -281,6 +311,10 @@ def _site_packages(progress: Progress) -> Path:
         *sorted(str(w) for w in wheels.glob("*.whl")),
     )
     staging.rename(site)
+    for old in CACHE_DIR.iterdir():
+        stale = time.time() - old.stat().st_mtime > STALE_AFTER
+        if stale and old.name.split("-", 1)[0] in ("site", "wheels") and key not in old.name:
+            shutil.rmtree(old, ignore_errors=True)
     return site
 
 
