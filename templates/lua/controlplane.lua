@@ -3,11 +3,17 @@
 -- The rendered config embeds this chunk as `controlplane = (function() <chunk> end)()`, so it
 -- is no file and requires nothing but what lua-nginx-module ships (issue 15).
 --
--- Two shared dicts. Routing (`routes`), written only by worker 0's loader and only with
--- safe_set, so that nothing is ever evicted from it (a full dict refuses, and the loader
--- says so and tries again):
---   version                 "<format>|<version>" of the state applied last
---   names                   its service names ("\n"-joined)
+-- The controller writes two files (each a staging file renamed over the path): the base
+-- (state_path), every service, and the delta over it (delta_path), every service touched
+-- since that base, so one changed service costs one line to write. Worker 0 polls both.
+--
+-- Two shared dicts. Routing (`routes`), written only by the loader (one worker at a time)
+-- and only with safe_set and safe_add, so that nothing is ever evicted from it (a full dict
+-- refuses, and the loader says so and tries again):
+--   version                 "<format>|<version>" of the base applied last
+--   delta                   the version of the delta applied over it (none since the base)
+--   loading                 set while a worker loads: the lock that keeps loaders one
+--   names                   the service names applied ("\n"-joined)
 --   r:<svc>                 the service's rev: the one read every request
 --   d:<svc>                 its rev followed by its JSON: read only when the rev changed
 --   h:<host>, n:<svc>       the service a host name routes to; the service's host names
@@ -41,6 +47,7 @@ local REHASHES = 20 -- nginx's bound on rehashes (ip_hash, hash, random) before 
 local RING_POINTS = 160 -- consistent hash points per weight unit, as nginx's ketama
 local DECAY = 10 -- seconds: a response time's weight in the EWMA falls by e in this time
 local EWMA_TTL = 10 * DECAY -- by then an EWMA has decayed to nothing: let the key go
+local LOCK_TTL = 5 -- seconds: the loader's lock outlives no loader that died holding it
 local NGX_BUSY = -3 -- from the balancer: nginx answers 502 "no live upstreams", as its own do
 
 local NO_LIVE = "controlplane: service %s has no live backend\n"
@@ -49,8 +56,8 @@ local BAD_DATA = "controlplane: service %s has no valid routing data (nginx erro
 
 local conf -- what configure was given; nil until it succeeded
 local dict -- the counters every worker shares
-local routes -- the routing every worker reads and worker 0's loader writes
-local FORMAT = "2"
+local routes -- the routing every worker reads and the loader writes
+local FORMAT = "3" -- of both files: the base (state_path) and the delta over it
 local services = {} -- per worker: name -> the decoded service, or {rev, bad = why}
 local rev_keys = {} -- per worker: name -> "r:<name>", so a request concatenates nothing
 local loaded_here = false -- per worker: it read the state file itself once (admit)
@@ -790,6 +797,9 @@ local function configure_error(opts)
     if type(opts.state_path) ~= "string" or opts.state_path == "" then
         return "state_path must be a path"
     end
+    if type(opts.delta_path) ~= "string" or opts.delta_path == "" then
+        return "delta_path must be a path"
+    end
     if type(opts.poll) ~= "number" or opts.poll <= 0 then
         return "poll must be a number of seconds > 0"
     end
@@ -807,24 +817,35 @@ function M.configure(opts)
         log(ERR, "controlplane: configure: ", why, "; every service answers 503")
         return
     end
-    conf = { state_path = opts.state_path, poll = opts.poll, dict = opts.dict, routes = opts.routes }
+    conf = {
+        state_path = opts.state_path, delta_path = opts.delta_path, poll = opts.poll,
+        dict = opts.dict, routes = opts.routes,
+    }
     dict = ngx.shared[opts.dict]
     routes = ngx.shared[opts.routes]
 end
 
-local load -- the loader, defined below
+local load_once -- the loader, defined below
+
+-- A new shared dict (first start, or grown): this worker's first request has the state
+-- loaded rather than answer 503 until worker 0's first poll, waiting while another worker
+-- loads it (two loaders at once could leave a base's line over its delta's).
+local function first_load()
+    loaded_here = true
+    for _ = 1, 200 do
+        if routes:get("version") or load_once() then
+            return
+        end
+        ngx.sleep(0.002)
+    end
+end
 
 local function admit(name)
     if not conf then
         return "bad"
     end
     if not loaded_here then
-        -- a new shared dict (first start, or grown): this worker reads the file itself
-        -- rather than answer 503 until worker 0's first poll
-        loaded_here = true
-        if not routes:get("version") then
-            load()
-        end
+        first_load()
     end
     local svc, why = lookup(name)
     if not svc then
@@ -854,10 +875,7 @@ local function service_for(host)
         return nil
     end
     if not loaded_here then
-        loaded_here = true
-        if not routes:get("version") then
-            load()
-        end
+        first_load()
     end
     local name = routes:get("h:" .. host)
     local pos = find(host, ".", 1, true)
@@ -976,20 +994,22 @@ end
 
 -- The loader (worker 0) ------------------------------------------------------------------
 
-local last_bad -- what the loader last refused, so a bad file is told once, not every poll
+local last_bad = {} -- per file: what the loader last refused there, so it is told once
 
-local function refuse(key, level, ...)
-    if key ~= last_bad then
-        last_bad = key
-        log(level, "controlplane: state file ", conf.state_path, ": ", ...)
+local function refuse(which, key, level, ...)
+    if key ~= last_bad[which] then
+        last_bad[which] = key
+        local path = which == "delta" and conf.delta_path or conf.state_path
+        log(level, "controlplane: ", which, " file ", path, ": ", ...)
     end
 end
 
 -- the label grammar's host names, and its `*.` wildcards
 local HOST, WILDCARD = "^[a-z0-9][a-z0-9._-]*$", "^%*%.[a-z0-9][a-z0-9._-]*$"
 
--- Lines after the header: {name, rev, hosts, json} each, or nil and why the file is refused.
-local function parse(rest, count)
+-- Lines after the header: {name, rev, hosts, json} each, or {name} for a removed service
+-- (`removals`: a delta's), or nil and why the file is refused.
+local function parse(rest, count, removals)
     if rest ~= "" and sub(rest, -1) ~= "\n" then
         return nil, "its last line is cut (a torn write)"
     end
@@ -1003,16 +1023,19 @@ local function parse(rest, count)
             return nil, format("it has more service lines than its header's %d", count)
         end
         local name, rev, hosts, json = match(line, "^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.+)$")
-        if not name then
-            return nil, format("service line %d is not name TAB rev TAB hosts TAB json", i)
+        if not name and removals and not find(line, "\t", 1, true) then
+            name = line
+        elseif not name then
+            return nil, format("service line %d is not name TAB rev TAB hosts TAB json%s", i,
+                removals and " nor a removed service's name" or "")
         end
         if #name > 63 or not match(name, "^[a-z0-9][a-z0-9_.%-]*$") then
             return nil, format("service line %d: %q is not a service name", i, name)
         end
-        if not match(rev, "^[0-9a-f]+$") or #rev ~= 16 then
+        if rev and (not match(rev, "^[0-9a-f]+$") or #rev ~= 16) then
             return nil, format("service %s: rev %q is not 16 lowercase hex digits", name, rev)
         end
-        for host in gmatch(hosts, "[^ ]+") do
+        for host in gmatch(hosts or "", "[^ ]+") do
             if #host > 253 or not (match(host, HOST) or match(host, WILDCARD)) then
                 return nil, format("service %s: %q is not a host name", name, host)
             end
@@ -1021,7 +1044,7 @@ local function parse(rest, count)
             return nil, format("service %s is listed twice", name)
         end
         names[name] = true
-        lines[i] = { name, rev, hosts, json }
+        lines[i] = rev and { name, rev, hosts, json } or { name }
     end
     if #lines ~= count then
         return nil, format("it has %d service lines, its header says %d (a torn write)",
@@ -1040,23 +1063,24 @@ local function unhost(name)
     routes:delete("n:" .. name)
 end
 
--- Copies one version into `routes`; nil, or what the dict said when it is full. The host
--- map is brought in line by comparing each service's listed hosts with its `n:` key, not by
--- its rev, so a version applied only in part is completed by the next try.
-local function apply(lines, names)
-    local changed, removed = 0, 0
-    for name in gmatch(routes:get("names") or "", "[^\n]+") do
-        if not names[name] then
-            routes:delete("r:" .. name) -- the rev first: no worker reads data that is going
-            routes:delete("d:" .. name)
-            unhost(name)
-            removed = removed + 1
-        end
-    end
-    local moved = {}
+-- A service gone: the rev first, so no worker reads data that is going. Whether it was there.
+local function drop(name)
+    local was = routes:get("r:" .. name) ~= nil or routes:get("n:" .. name) ~= nil
+    routes:delete("r:" .. name)
+    routes:delete("d:" .. name)
+    unhost(name)
+    return was
+end
+
+-- Service lines into `routes`: the number whose rev changed, or nil and what the dict said
+-- when it is full. The host map is brought in line by comparing each service's listed hosts
+-- with its `n:` key, not by its rev, so a version applied only in part is completed by the
+-- next try.
+local function upsert(lines)
+    local changed, moved = 0, {}
     for i = 1, #lines do
         local name, hosts = lines[i][1], lines[i][3]
-        if routes:get("n:" .. name) ~= hosts then
+        if hosts and routes:get("n:" .. name) ~= hosts then
             unhost(name)
             moved[#moved + 1] = lines[i]
         end
@@ -1064,7 +1088,7 @@ local function apply(lines, names)
     for i = 1, #lines do
         local name, rev, json = lines[i][1], lines[i][2], lines[i][4]
         local rkey = "r:" .. name
-        if routes:get(rkey) ~= rev then
+        if rev and routes:get(rkey) ~= rev then
             -- the data before its rev: a worker that sees the new rev finds the new data
             local ok, err = routes:safe_set("d:" .. name, rev .. json)
             if ok then
@@ -1089,74 +1113,229 @@ local function apply(lines, names)
             return nil, err
         end
     end
+    return changed
+end
+
+local function set_names(listed)
+    local text = concat(listed, "\n")
+    if text == routes:get("names") then
+        return true
+    end
+    return routes:safe_set("names", text)
+end
+
+-- A base: every service it does not list goes. Changed and removed counts, or nil and what
+-- the dict said.
+local function apply_base(lines, names)
+    local removed = 0
+    for name in gmatch(routes:get("names") or "", "[^\n]+") do
+        if not names[name] then
+            drop(name)
+            removed = removed + 1
+        end
+    end
+    local changed, err = upsert(lines)
+    if not changed then
+        return nil, err
+    end
     local listed = {}
     for i = 1, #lines do
         listed[i] = lines[i][1]
     end
-    local ok, err = routes:safe_set("names", concat(listed, "\n"))
+    local ok
+    ok, err = set_names(listed)
     if not ok then
         return nil, err
     end
     return changed, removed
 end
 
-load = function()
+-- A delta: the services it lists replace or remove theirs, the others stay.
+local function apply_delta(lines)
+    local removed, gone = 0, {}
+    for i = 1, #lines do
+        local name = lines[i][1]
+        if not lines[i][2] then
+            gone[name] = true
+            if drop(name) then
+                removed = removed + 1
+            end
+        end
+    end
+    local changed, err = upsert(lines)
+    if not changed then
+        return nil, err
+    end
+    local listed, known = {}, {}
+    for name in gmatch(routes:get("names") or "", "[^\n]+") do
+        if not gone[name] then
+            listed[#listed + 1] = name
+            known[name] = true
+        end
+    end
+    for i = 1, #lines do
+        local name = lines[i][1]
+        if lines[i][2] and not known[name] then
+            listed[#listed + 1] = name
+        end
+    end
+    local ok
+    ok, err = set_names(listed)
+    if not ok then
+        return nil, err
+    end
+    return changed, removed
+end
+
+-- Whether version `a` is after `b` (digit strings without leading zeros: any length).
+local function after(a, b)
+    return #a > #b or (#a == #b and a > b)
+end
+
+local function elapsed(started)
+    return format("%.2f", (os.clock() - started) * 1000)
+end
+
+-- The base file, applied whole when its version is not the one applied. False when what it
+-- began is not finished (a full dict): no delta goes over a base applied in part.
+local function load_base()
     local started = os.clock()
     local f, err = io.open(conf.state_path, "rb")
     if not f then
-        return refuse("open", WARN, "cannot be read (", err, "); services keep what they had",
-            " (none yet: they answer 503) until the controller writes it")
+        refuse("state", "open", WARN, "cannot be read (", err, "); services keep what they",
+            " had (none yet: they answer 503) until the controller writes it")
+        return true
     end
     local header = f:read("*l") or ""
     local format_id, version, count = match(header, "^controlplane%-state (%d+) ([1-9]%d*) (%d+)$")
     local applied = format_id == FORMAT and FORMAT .. "|" .. version
     if applied and applied == routes:get("version") then
         f:close()
-        return
+        return true
     end
     local size = f:seek("end")
     local bad_key = header .. "\0" .. tostring(size)
-    if bad_key == last_bad then -- the same bad file as at the last poll
+    if bad_key == last_bad.state then -- the same bad file as at the last poll
         f:close()
-        return
+        return true
     end
     if format_id ~= FORMAT then
         f:close()
-        return refuse(bad_key, ERR, "its header ", format("%q", sub(header, 1, 80)),
-            " is not `controlplane-state ", FORMAT, " <version> <services>`; the state is kept",
-            " as it was")
+        refuse("state", bad_key, ERR, "its header ", format("%q", sub(header, 1, 80)),
+            " is not `controlplane-state ", FORMAT, " <version> <services>`; the state is",
+            " kept as it was")
+        return true
     end
     f:seek("set", #header + 1)
     local rest = f:read("*a") or ""
     f:close()
-    local lines, names = parse(rest, tonumber(count))
+    local lines, names = parse(rest, tonumber(count), false)
     if not lines then
-        return refuse(bad_key, ERR, "version ", version, " ignored whole: ", names,
+        refuse("state", bad_key, ERR, "version ", version, " ignored whole: ", names,
             "; the state is kept as it was")
+        return true
     end
-    local changed, removed = apply(lines, names)
-    local ok, err = changed ~= nil, removed
+    local changed, removed = apply_base(lines, names)
+    local ok
+    ok, err = changed ~= nil, removed
     if ok then
         ok, err = routes:safe_set("version", applied)
     end
     if not ok then
         -- a full dict is no bad file: told once, and tried again at every poll
-        return refuse("full " .. bad_key, ERR, "version ", version, " not fully applied: ",
+        refuse("state", "full " .. bad_key, ERR, "version ", version, " not fully applied: ",
             "lua_shared_dict ", conf.routes, " said ", err, "; raise its size")
+        return false
     end
-    last_bad = nil
+    routes:delete("delta") -- what went over the last base is in this one
+    last_bad.state = nil
     log(INFO, "controlplane: state version ", version, " applied: ", changed, " of ", #lines,
-        " services changed, ", removed, " removed, in ",
-        format("%.2f", (os.clock() - started) * 1000), " ms")
+        " services changed, ", removed, " removed, in ", elapsed(started), " ms")
+    return true
+end
+
+-- The delta file, applied when it goes over the base applied and is not applied yet. One
+-- over another base is older, or its base comes at the next poll: left alone, unsaid.
+local function load_delta()
+    local started = os.clock()
+    local f, err, code = io.open(conf.delta_path, "rb")
+    if not f then
+        if code ~= 2 then -- ENOENT: no delta since the base, nothing to say
+            refuse("delta", "open", WARN, "cannot be read (", err, "); the services it",
+                " changes keep what they had until the controller writes it")
+        end
+        return
+    end
+    local header = f:read("*l") or ""
+    local format_id, base, version, count =
+        match(header, "^controlplane%-delta (%d+) ([1-9]%d*) ([1-9]%d*) (%d+)$")
+    if format_id == FORMAT and (FORMAT .. "|" .. base ~= routes:get("version")
+            or version == routes:get("delta")) then
+        f:close()
+        return
+    end
+    local size = f:seek("end")
+    local bad_key = header .. "\0" .. tostring(size)
+    if bad_key == last_bad.delta then
+        f:close()
+        return
+    end
+    if format_id ~= FORMAT or not after(version, base) then
+        f:close()
+        return refuse("delta", bad_key, ERR, "its header ", format("%q", sub(header, 1, 80)),
+            " is not `controlplane-delta ", FORMAT, " <base version> <version> <services>`",
+            " with a version after its base's; the state is kept as it was")
+    end
+    f:seek("set", #header + 1)
+    local rest = f:read("*a") or ""
+    f:close()
+    local lines, why = parse(rest, tonumber(count), true)
+    if not lines then
+        return refuse("delta", bad_key, ERR, "version ", version, " (over base ", base,
+            ") ignored whole: ", why, "; the state is kept as it was")
+    end
+    local changed, removed = apply_delta(lines)
+    local ok
+    ok, err = changed ~= nil, removed
+    if ok then
+        ok, err = routes:safe_set("delta", version)
+    end
+    if not ok then
+        return refuse("delta", "full " .. bad_key, ERR, "version ", version, " not fully",
+            " applied: lua_shared_dict ", conf.routes, " said ", err, "; raise its size")
+    end
+    last_bad.delta = nil
+    log(INFO, "controlplane: state version ", version, " applied over base ", base, ": ",
+        changed, " changed, ", removed, " removed of ", #lines, " listed, in ",
+        elapsed(started), " ms")
+end
+
+local function load()
+    if load_base() then
+        load_delta()
+    end
+end
+
+-- One loader at a time, worker 0's polls or another's first request: a lock in `routes`.
+-- False when another worker holds it.
+load_once = function()
+    local locked, err = routes:safe_add("loading", true, LOCK_TTL)
+    if not locked and err ~= "no memory" then -- a full dict can't lock: load unlocked
+        return false
+    end
+    local ok, why = pcall(load)
+    if locked then
+        routes:delete("loading")
+    end
+    if not ok then
+        log(ERR, "controlplane: loading the state failed: ", why)
+    end
+    return true
 end
 
 local function poll(premature)
-    if premature then
-        return
-    end
-    local ok, err = pcall(load)
-    if not ok then
-        log(ERR, "controlplane: loading the state file failed: ", err)
+    if not premature then
+        load_once()
     end
 end
 
@@ -1175,7 +1354,7 @@ function M.init_worker()
         ok, err = ngx.timer.every(conf.poll, poll)
     end
     if not ok then
-        log(ERR, "controlplane: cannot start the state file loader: ", err)
+        log(ERR, "controlplane: cannot start the state loader: ", err)
     end
 end
 

@@ -2,7 +2,7 @@
 with lua-nginx-module, embedded as the rendered config embeds it, judged by real HTTP requests:
 each method routes as nginx's own would (hash and ip_hash side by side with native upstreams),
 retries and passive failures, draining, bad data kept to its service, and state changes taking
-effect without a reload in every worker.
+effect without a reload in every worker, written as a base or as a delta over it.
 
 One nginx serves the whole module; each test uses services of its own, so balancer state
 (counts, EWMA, ejections: keyed by service and address) never crosses tests.
@@ -17,11 +17,20 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from tests.support.lab import wait_until
-from tests.support.lua_nginx import BAD_DATA, NO_LIVE, LuaNginx, Peer, Reply, service_json
+from tests.support.lua_nginx import (
+    BAD_DATA,
+    NO_LIVE,
+    LuaNginx,
+    Peer,
+    Reply,
+    service_json,
+    state_line,
+)
 from tests.support.ports import free_port
 
 SERVICES = (
@@ -420,7 +429,7 @@ def test_unknown_service_is_503_and_others_keep_working(setup: Setup) -> None:
     [
         ("torn", "a torn write"),
         ("cut last line", "its last line is cut"),
-        ("bad header", "is not `controlplane-state 2"),
+        ("bad header", "is not `controlplane-state 3"),
         ("bad name", "is not a service name"),
         ("bad rev", "is not 16 lowercase hex digits"),
         ("bad host", "is not a host name"),
@@ -435,19 +444,19 @@ def test_a_bad_state_file_changes_nothing(setup: Setup, why: str, logged: str) -
     body = service_json("round_robin", [Peer(b)])
     line = f"loader\t{'0' * 16}\tloader\t{body}"
     text = {
-        "torn": f"controlplane-state 2 {version} 3\n{line}\n",
-        "cut last line": f"controlplane-state 2 {version} 1\n{line[:-3]}",
+        "torn": f"controlplane-state 3 {version} 3\n{line}\n",
+        "cut last line": f"controlplane-state 3 {version} 1\n{line[:-3]}",
         "bad header": f"controlplane-state 1 {version} 1\n{line}\n",
-        "bad name": f"controlplane-state 2 {version} 1\nLoader{line[6:]}\n",
-        "bad rev": f"controlplane-state 2 {version} 1\nloader\tABC\tloader\t{body}\n",
-        "bad host": f"controlplane-state 2 {version} 1\nloader\t{'0' * 16}\ta*b\t{body}\n",
-        "twice": f"controlplane-state 2 {version} 2\n{line}\n{line}\n",
+        "bad name": f"controlplane-state 3 {version} 1\nLoader{line[6:]}\n",
+        "bad rev": f"controlplane-state 3 {version} 1\nloader\tABC\tloader\t{body}\n",
+        "bad host": f"controlplane-state 3 {version} 1\nloader\t{'0' * 16}\ta*b\t{body}\n",
+        "twice": f"controlplane-state 3 {version} 2\n{line}\n{line}\n",
     }[why]
     since = setup.nginx.log_size()
     state.write_raw(text)
     wait_until(lambda: logged in setup.nginx.error_log(since), timeout=5, what=logged)
     assert bodies(setup, "loader", 10) == {str(a): 10}
-    state.version = version  # the next good write comes after the refused one
+    state.version, state.base = version, None  # the next good base comes after the bad one
     put(setup, loader=service_json("round_robin", [Peer(b)]))
     assert bodies(setup, "loader", 4) == {str(b): 4}
 
@@ -485,7 +494,7 @@ def test_every_worker_uses_the_new_state_and_a_lower_version_applies(setup: Setu
     assert {r.body for r in replies} == {str(b)}
     assert len({r.worker for r in replies}) == 2, "the requests did not reach both workers"
     # a restarted controller starts again from a lower version: different is enough
-    setup.nginx.state.version = 0
+    setup.nginx.state.version, setup.nginx.state.base = 0, None
     put(setup, workers=service_json("round_robin", [Peer(a)]))
     assert bodies(setup, "workers", 10) == {str(a): 10}
 
@@ -504,3 +513,163 @@ def test_after_a_reload_the_new_workers_route_and_the_new_worker_0_loads(setup: 
     assert bodies(setup, "reload", 10) == {str(a): 10}
     put(setup, reload=service_json("round_robin", [Peer(b)]))
     assert bodies(setup, "reload", 10) == {str(b): 10}
+
+
+# Deltas: the base and the cumulative delta over it, services reached by host name as the
+# rendered config's one server routes them ------------------------------------------------
+
+
+def served(setup: Setup, host: str, count: int = 4) -> set[str]:
+    """What `count` requests with this Host got: the backends' ports, or the status."""
+    seen = set()
+    for _ in range(count):
+        reply = setup.nginx.get(host)
+        seen.add(reply.body if reply.status == 200 else str(reply.status))
+    return seen
+
+
+def one(port: int) -> str:
+    return service_json("round_robin", [Peer(port)])
+
+
+def test_a_delta_adds_changes_removes_and_moves_a_host(setup: Setup) -> None:
+    a, b, c = setup.ports[:3]
+    nginx = setup.nginx
+    nginx.put(
+        {"d-a": "a.delta.test", "d-b": "b.delta.test move.delta.test", "d-c": "c.delta.test"},
+        **{"d-a": one(a), "d-b": one(b), "d-c": one(c)},
+    )
+    assert served(setup, "move.delta.test") == {str(b)}
+    since = nginx.log_size()
+    nginx.state.stage(
+        {"d-a": "a.delta.test move.delta.test", "d-b": "b.delta.test", "d-n": "n.delta.test"},
+        "d-c",
+        **{"d-a": one(c), "d-n": one(a)},
+    )
+    nginx.write()
+    assert nginx.state.base is not None and nginx.state.version > nginx.state.base
+    assert f"applied over base {nginx.state.base}: 2 changed, 1 removed" in nginx.error_log(since)
+    assert served(setup, "a.delta.test") == {str(c)}
+    assert served(setup, "move.delta.test") == {str(c)}, "the host did not move to d-a"
+    assert served(setup, "b.delta.test") == {str(b)}
+    assert served(setup, "n.delta.test") == {str(a)}
+    assert served(setup, "c.delta.test") == {"404"}
+    # the next delta lists them all again (cumulative): nothing changes twice
+    since = nginx.log_size()
+    nginx.put(**{"d-b": one(a)})
+    assert "1 changed, 0 removed of 5 listed" in nginx.error_log(since)
+    assert served(setup, "b.delta.test") == {str(a)}
+    assert served(setup, "c.delta.test") == {"404"}
+
+
+def test_a_delta_over_another_base_waits_for_that_base(setup: Setup) -> None:
+    a, b = setup.ports[:2]
+    nginx, state = setup.nginx, setup.nginx.state
+    nginx.put({"d-wait": "wait.delta.test"}, **{"d-wait": one(a)})
+    base, delta = state.version + 1, state.version + 2
+    line = state_line("d-wait", one(b), "wait.delta.test")
+    since = nginx.log_size()
+    state.write_raw(f"controlplane-delta 3 {base} {delta} 1\n{line}\n", delta=True)
+    time.sleep(0.1)  # 20 polls
+    assert served(setup, "wait.delta.test") == {str(a)}
+    assert f"version {delta}" not in nginx.error_log(since), "a delta over another base is news"
+    nginx.write(base=True)  # its base arrives: the base, then the delta over it
+    wanted = f"state version {delta} applied over base {base}"
+    wait_until(lambda: wanted in nginx.error_log(since), timeout=5, what=wanted)
+    assert served(setup, "wait.delta.test") == {str(b)}
+    state.version = delta  # what the nginx has: the base and that delta
+    state.stage(None, **{"d-wait": one(b)})
+
+
+@pytest.mark.parametrize(
+    ("why", "logged"),
+    [
+        ("torn", "a torn write"),
+        ("cut last line", "its last line is cut"),
+        ("not after its base", "with a version after its base's"),
+        ("bad name", "is not a service name"),
+        ("bad rev", "is not 16 lowercase hex digits"),
+        ("bad line", "nor a removed service's name"),
+        ("twice", "is listed twice"),
+    ],
+)
+def test_a_bad_delta_is_refused_whole_and_the_state_kept(
+    setup: Setup, why: str, logged: str
+) -> None:
+    a, b = setup.ports[:2]
+    nginx, state = setup.nginx, setup.nginx.state
+    nginx.put({"d-bad": "bad.delta.test"}, **{"d-bad": one(a)})
+    base, version = state.base, state.version + 1
+    changed = state_line("d-bad", one(b), "bad.delta.test")
+    added = state_line("d-new", one(b), "new.delta.test")
+    head = f"controlplane-delta 3 {base} {version}"
+    text = {
+        "torn": f"{head} 3\n{changed}\n{added}\n",
+        "cut last line": f"{head} 2\n{changed}\n{added[:-3]}",
+        "not after its base": f"controlplane-delta 3 {base} {base} 2\n{changed}\n{added}\n",
+        "bad name": f"{head} 2\n{changed}\nD-new{added[5:]}\n",
+        "bad rev": f"{head} 2\n{changed}\nd-new\tABC\tnew.delta.test\t{one(b)}\n",
+        "bad line": f"{head} 2\n{changed}\nd-new\tnew.delta.test\n",
+        "twice": f"{head} 2\n{changed}\n{changed}\n",
+    }[why]
+    since = nginx.log_size()
+    state.write_raw(text, delta=True)
+    wait_until(lambda: logged in nginx.error_log(since), timeout=5, what=logged)
+    assert "ignored whole" in nginx.error_log(since) or why == "not after its base"
+    assert served(setup, "bad.delta.test") == {str(a)}
+    assert served(setup, "new.delta.test") == {"404"}
+    time.sleep(0.05)  # 10 polls: the same bad file is told once
+    assert nginx.error_log(since).count(logged) == 1
+    state.version = version  # the next delta comes after the refused one
+    nginx.put(**{"d-bad": one(b)})
+    assert served(setup, "bad.delta.test") == {str(b)}
+
+
+def test_a_new_base_replaces_what_deltas_did(setup: Setup) -> None:
+    a, b = setup.ports[:2]
+    nginx, state = setup.nginx, setup.nginx.state
+    nginx.put(
+        {"d-gone": "gone.delta.test", "d-kept": "kept.delta.test"},
+        **{"d-gone": one(a), "d-kept": one(a)},
+    )
+    nginx.remove("d-gone")
+    nginx.put(**{"d-kept": one(b)})
+    assert served(setup, "kept.delta.test") == {str(b)}
+    # a base where d-kept has another line than the delta's (still on disk, over the old
+    # base) gave it, and d-gone is absent
+    state.stage(None, **{"d-kept": one(a)})
+    nginx.write(base=True)
+    assert served(setup, "kept.delta.test") == {str(a)}
+    assert served(setup, "gone.delta.test") == {"404"}
+    time.sleep(0.05)  # 10 polls: the old delta is not applied over the new base
+    assert served(setup, "kept.delta.test") == {str(a)}
+    nginx.put(**{"d-kept": one(b)})  # and a delta over the new base is
+    assert served(setup, "kept.delta.test") == {str(b)}
+
+
+def test_a_delta_removing_an_unknown_service_is_harmless(setup: Setup) -> None:
+    a, b = setup.ports[:2]
+    nginx = setup.nginx
+    nginx.put({"d-here": "here.delta.test"}, **{"d-here": one(a)})
+    since = nginx.log_size()
+    nginx.state.stage({"d-here": "here.delta.test"}, "d-never", **{"d-here": one(b)})
+    nginx.write()
+    assert "1 changed, 0 removed" in nginx.error_log(since)
+    assert served(setup, "here.delta.test") == {str(b)}
+
+
+def test_a_fresh_nginx_serves_its_base_and_delta_from_the_first_request(
+    setup: Setup, tmp_path: Path
+) -> None:
+    a, b = setup.ports[:2]
+    fresh = LuaNginx(tmp_path, [], [])  # the module's nginx serves the backends
+    fresh.state.put({"f-1": "one.fresh.test", "f-2": "two.fresh.test"}, **{"f-1": one(a)})
+    fresh.state.put(**{"f-1": one(b), "f-2": one(a)})
+    fresh.start()
+    try:
+        first = fresh.get("one.fresh.test")
+        assert (first.status, first.body) == (200, str(b))
+        assert fresh.get("two.fresh.test").body == str(a)
+        assert "state version 2 applied over base 1" in fresh.error_log()
+    finally:
+        fresh.stop()

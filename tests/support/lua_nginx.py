@@ -2,8 +2,8 @@
 dynamic data plane's rendered config embeds it, with stub upstreams in the same nginx: tests
 and measurements of templates/lua/controlplane.lua that need no container.
 
-Everything listens on 127.0.0.1 ports picked by tests.support.ports; the state file is
-written as the controller writes it (staging file, then rename).
+Everything listens on 127.0.0.1 ports picked by tests.support.ports; the state's base and
+delta files are written as the controller writes them (staging file, then rename).
 """
 
 from __future__ import annotations
@@ -107,38 +107,77 @@ def service_json(
     )
 
 
+def state_line(name: str, body: str, hosts: str) -> str:
+    """`name TAB rev TAB hosts TAB json`, as controlplane.core.dataplane writes it."""
+    return f"{name}\t{hashlib.sha256(body.encode()).hexdigest()[:16]}\t{hosts}\t{body}"
+
+
 @dataclass
 class StateFile:
-    """The state file: every write is a new version holding every service given."""
+    """The controller's two files: the base, every service, and the delta over it, every
+    service touched since that base (its line, or its bare name once removed). Each write is
+    a new version; a write is a delta when a base is there, as the controller's."""
 
     path: Path
+    delta_path: Path
     version: int = 0
     services: dict[str, str] = field(default_factory=dict)
+    """Each service's JSON."""
+    hosts: dict[str, str] = field(default_factory=dict)
+    """Host names by service (space-separated); a service not here routes by its name."""
+    base: int | None = None
+    """The base's version; None: the next write is a base."""
+    touched: set[str] = field(default_factory=set)
 
-    def put(self, **services: str) -> float:
-        """Sets these services' JSON (keeping the others) and writes; see write."""
+    def stage(
+        self, hosts: Mapping[str, str] | None = None, /, *removed: str, **services: str
+    ) -> None:
+        """Sets these services' JSON (keeping the others), the host names of any service in
+        `hosts`, removes the `removed` ones: all for the next write."""
         self.services.update(services)
+        self.hosts.update(hosts or {})
+        for name in removed:
+            self.services.pop(name, None)
+        self.touched.update(services, hosts or {}, removed)
+
+    def put(self, hosts: Mapping[str, str] | None = None, /, **services: str) -> float:
+        """stage, then write."""
+        self.stage(hosts, **services)
         return self.write()
 
     def remove(self, *names: str) -> float:
-        for name in names:
-            self.services.pop(name, None)
+        self.stage(None, *names)
         return self.write()
 
-    def write(self) -> float:
-        """Writes the next version; returns time.monotonic() just after the rename."""
-        self.version += 1
-        lines = [
-            f"{name}\t{hashlib.sha256(body.encode()).hexdigest()[:16]}\t{name}\t{body}"
-            for name, body in self.services.items()
-        ]
-        header = f"controlplane-state 2 {self.version} {len(lines)}"
-        return self.write_raw("\n".join([header, *lines]) + "\n")
+    def line(self, name: str) -> str:
+        body = self.services[name]
+        return state_line(name, body, self.hosts.get(name, name))
 
-    def write_raw(self, text: str) -> float:
-        staging = self.path.with_name(self.path.name + ".tmp")
+    def write(self) -> float:
+        """Writes the next version, a delta over the base or a base when there is none;
+        returns time.monotonic() just after the rename."""
+        return self.write_base() if self.base is None else self.write_delta()
+
+    def write_base(self) -> float:
+        self.version += 1
+        self.base, self.touched = self.version, set()
+        header = f"controlplane-state 3 {self.version} {len(self.services)}"
+        return self.write_raw("\n".join([header, *map(self.line, self.services)]) + "\n")
+
+    def write_delta(self) -> float:
+        assert self.base is not None, "a delta goes over a base"
+        self.version += 1
+        lines = [self.line(n) if n in self.services else n for n in sorted(self.touched)]
+        header = f"controlplane-delta 3 {self.base} {self.version} {len(lines)}"
+        return self.write_raw("\n".join([header, *lines]) + "\n", delta=True)
+
+    def write_raw(self, text: str, delta: bool = False) -> float:
+        """Puts `text` in place of the base (or, `delta`, of the delta) as the controller
+        does: a staging file renamed over the path."""
+        path = self.delta_path if delta else self.path
+        staging = path.with_name(path.name + ".tmp")
         staging.write_text(text, encoding="utf-8")
-        staging.rename(self.path)
+        staging.rename(path)
         return time.monotonic()
 
 
@@ -174,17 +213,31 @@ http {
 controlplane = (function()
 %(source)s
 end)()
-controlplane.configure({state_path = "%(state)s", poll = 0.005, dict = "controlplane",
-    routes = "controlplane_routes"})
+controlplane.configure({state_path = "%(state)s", delta_path = "%(delta)s", poll = 0.005,
+    dict = "controlplane", routes = "controlplane_routes"})
     }
     init_worker_by_lua_block { controlplane.init_worker() }
-    server {
-        listen %(front)s default_server reuseport;
-        return 404 "no such service\\n";
-    }
+%(routed)s
 %(blocks)s
 }
 """
+ROUTED = """\
+    upstream cp_dynamic {
+        server 0.0.0.1:1;  # a placeholder: the Lua balancer picks each server
+        balancer_by_lua_block { controlplane.balance() }
+        keepalive 32;
+    }
+    server {
+        listen %(front)s default_server reuseport;
+        server_name _;
+        location / {
+            access_by_lua_block { controlplane.route() }
+            proxy_pass http://cp_dynamic;
+%(proxy)s
+            log_by_lua_block { controlplane.record() }
+        }
+    }"""
+"""The rendered config's one server: the Host header picks the service."""
 STUB = """\
     server {
         listen %(listen)s;
@@ -246,10 +299,10 @@ NATIVE = """\
 
 
 class LuaNginx:
-    """One nginx (2 workers): upstream servers on `stub_ports` answering their own port, a server
-    block per Lua-balanced service as the dynamic config renders it, and optional native
-    upstreams (`native`: name -> (balancing directive or "", peers)) for comparison. Each
-    service is reached on the front port with its name as Host."""
+    """One nginx (2 workers): upstream servers on `stub_ports` answering their own port, the
+    rendered config's one server that routes by Host, a server block per service in
+    `services` reached by its name as Host, and optional native upstreams (`native`: name ->
+    (balancing directive or "", peers)) for comparison, reached as native-<name>."""
 
     def __init__(
         self,
@@ -264,7 +317,9 @@ class LuaNginx:
         self.binary = lua_nginx_binary()
         self.stub_ports = list(stub_ports)
         self.port = free_port()
-        self.state = StateFile(directory / "controlplane.conf.state")
+        self.state = StateFile(
+            directory / "controlplane.conf.state", directory / "controlplane.conf.delta"
+        )
         self.config = directory / "nginx.conf"
         self.config.write_text(
             self._config(services, native or {}, plain_stubs, error_level), encoding="utf-8"
@@ -312,7 +367,9 @@ class LuaNginx:
             "level": error_level,
             "source": LUA_SOURCE.read_text(encoding="utf-8"),
             "state": self.state.path,
+            "delta": self.state.delta_path,
             "front": front,
+            "routed": ROUTED % {"front": front, "proxy": PROXY},
             "blocks": "\n".join(blocks),
         }
 
@@ -378,22 +435,28 @@ class LuaNginx:
         except FileNotFoundError:
             return 0
 
-    def put(self, **services: str) -> float:
-        """Writes the state with these services' JSON changed and waits until the loader
-        applied it; returns time.monotonic() just after the rename."""
+    def put(self, hosts: Mapping[str, str] | None = None, /, **services: str) -> float:
+        """Writes the state with these services' JSON (and hosts) changed, as a delta when a
+        base is there, and waits until the loader applied it; returns time.monotonic() just
+        after the rename."""
+        self.state.stage(hosts, **services)
+        return self.write()
+
+    def remove(self, *names: str) -> None:
+        self.state.stage(None, *names)
+        self.write()
+
+    def write(self, base: bool = False) -> float:
+        """Writes what the state has staged (`base`: as a new base) and waits until the
+        loader applied it; returns time.monotonic() just after the rename."""
         since = self.log_size()
-        renamed = self.state.put(**services)
+        renamed = self.state.write_base() if base else self.state.write()
         self.wait_applied(since)
         return renamed
 
-    def remove(self, *names: str) -> None:
-        since = self.log_size()
-        self.state.remove(*names)
-        self.wait_applied(since)
-
     def wait_applied(self, since: int, timeout: float = 5.0) -> None:
-        """Until the loader logs (at info, after byte `since`) that it applied the state
-        file's version."""
+        """Until the loader logs (at info, after byte `since`) that it applied the state's
+        last version, a base or a delta."""
         wanted = f"controlplane: state version {self.state.version} applied"
         deadline = time.monotonic() + timeout
         while wanted not in self.error_log(since):
