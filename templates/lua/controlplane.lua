@@ -60,7 +60,7 @@ local routes -- the routing every worker reads and the loader writes
 local FORMAT = "3" -- of both files: the base (state_path) and the delta over it
 local services = {} -- per worker: name -> the decoded service, or {rev, bad = why}
 local rev_keys = {} -- per worker: name -> "r:<name>", so a request concatenates nothing
-local loaded_here = false -- per worker: it read the state file itself once (admit)
+local loaded_here = false -- per worker: it had the state loaded itself once (first_load)
 local cand, cand_n = {}, {} -- per worker scratch for least_conn (nothing yields while used)
 local stamp = 0 -- per worker: marks the peers a consistent hash walk has already seen
 
@@ -857,7 +857,7 @@ local function admit(name)
     ngx.ctx.cp = { svc = svc, n = 0 }
 end
 
-function M.admit(name)
+local function admit_or_deny(name)
     local ok, why = pcall(admit, name)
     if not ok then
         log(ERR, "controlplane: service ", name, ": ", why)
@@ -898,13 +898,13 @@ function M.route()
     if not name then
         return deny(host, "host")
     end
-    return M.admit(name)
+    return admit_or_deny(name)
 end
 
 local function balance(name)
     local st = ngx.ctx.cp
     if not st then
-        return "controlplane.admit did not run for this request"
+        return "controlplane.route did not run for this request"
     end
     local svc, n = st.svc, st.n
     if n > 0 then -- a retry: the previous try is over

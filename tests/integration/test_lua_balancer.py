@@ -4,7 +4,8 @@ each method routes as nginx's own would (hash and ip_hash side by side with nati
 retries and passive failures, draining, bad data kept to its service, and state changes taking
 effect without a reload in every worker, written as a base or as a delta over it.
 
-One nginx serves the whole module; each test uses services of its own, so balancer state
+One nginx, its config shaped as the rendered one (one server; the Host header picks the
+service), serves the whole module; each test uses services of its own, so balancer state
 (counts, EWMA, ejections: keyed by service and address) never crosses tests.
 """
 
@@ -25,6 +26,7 @@ from tests.support.lab import wait_until
 from tests.support.lua_nginx import (
     BAD_DATA,
     NO_LIVE,
+    NO_SERVICE,
     LuaNginx,
     Peer,
     Reply,
@@ -32,12 +34,6 @@ from tests.support.lua_nginx import (
     state_line,
 )
 from tests.support.ports import free_port
-
-SERVICES = (
-    "rr", "lc", "iph", "hash", "hash-down", "chash", "chash4", "rand", "rand2", "lt",
-    "retry", "retry502", "drain", "backup", "mc", "bad", "good", "ghost", "change",
-    "workers", "loader", "ejected", "ipv6", "reload",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "hash-down": ("hash $arg_u", down),
         "chash": ("hash $arg_u consistent", peers),
     }
-    nginx = LuaNginx(tmp_path_factory.mktemp("lua"), ports, SERVICES, native)
+    nginx = LuaNginx(tmp_path_factory.mktemp("lua"), ports, native)
     nginx.start()
     try:
         yield Setup(nginx, ports, [free_port(), free_port()])
@@ -416,11 +412,15 @@ def test_bad_service_data_is_503_for_that_service_only(setup: Setup, why: str) -
     assert bodies(setup, "good", 4) == {str(a): 4}
 
 
-def test_unknown_service_is_503_and_others_keep_working(setup: Setup) -> None:
+def test_an_unknown_host_is_404_and_others_keep_working(setup: Setup) -> None:
     a = setup.ports[0]
     put(setup, good=service_json("round_robin", [Peer(a)]))
     reply = setup.nginx.get("ghost")
-    assert (reply.status, reply.body) == (503, NO_LIVE.format("ghost"))
+    assert (reply.status, reply.body, reply.content_type) == (
+        404,
+        NO_SERVICE.format("ghost"),
+        "text/plain",
+    )
     assert bodies(setup, "good", 4) == {str(a): 4}
 
 
@@ -481,7 +481,7 @@ def test_a_state_change_takes_effect_without_a_reload(setup: Setup) -> None:
         assert len(bodies(setup, "change", 5, f"/?u={u}")) == 1
     setup.nginx.remove("change")
     reply = setup.nginx.get("change")
-    assert (reply.status, reply.body) == (503, NO_LIVE.format("change"))
+    assert (reply.status, reply.body) == (404, NO_SERVICE.format("change"))
     assert "reconfiguring" not in setup.nginx.error_log(since)
 
 
@@ -662,7 +662,7 @@ def test_a_fresh_nginx_serves_its_base_and_delta_from_the_first_request(
     setup: Setup, tmp_path: Path
 ) -> None:
     a, b = setup.ports[:2]
-    fresh = LuaNginx(tmp_path, [], [])  # the module's nginx serves the backends
+    fresh = LuaNginx(tmp_path, [])  # the module's nginx serves the backends
     fresh.state.put({"f-1": "one.fresh.test", "f-2": "two.fresh.test"}, **{"f-1": one(a)})
     fresh.state.put(**{"f-1": one(b), "f-2": one(a)})
     fresh.start()

@@ -37,6 +37,7 @@ INSTALL = (
     "libnginx-mod-http-ndk, lua-resty-core, lua-resty-lrucache, lua-cjson)"
 )
 NO_LIVE = "controlplane: service {} has no live backend\n"
+NO_SERVICE = "controlplane: no service here for host {}\n"
 BAD_DATA = "controlplane: service {} has no valid routing data (nginx error log says why)\n"
 
 
@@ -196,7 +197,7 @@ MAIN = """\
 load_module %(modules)s/ndk_http_module.so;
 load_module %(modules)s/ngx_http_lua_module.so;
 %(user)s
-worker_processes 2;
+worker_processes %(workers)d;
 pid %(dir)s/nginx.pid;
 error_log %(dir)s/error.log %(level)s;
 events { worker_connections 1024; }
@@ -268,22 +269,6 @@ PROXY = """\
             proxy_next_upstream_timeout 10s;
             add_header X-Upstream $upstream_addr always;
             add_header X-Worker $pid always;"""
-SERVICE = """\
-    upstream cp_%(name)s {
-        server 0.0.0.1:1;  # placeholder: the Lua balancer picks each server
-        balancer_by_lua_block { controlplane.balance("%(name)s") }
-        keepalive 32;
-    }
-    server {
-        listen %(front)s;
-        server_name "%(name)s";
-        location / {
-            access_by_lua_block { controlplane.admit("%(name)s") }
-            proxy_pass http://cp_%(name)s;
-%(proxy)s
-            log_by_lua_block { controlplane.record("%(name)s") }
-        }
-    }"""
 NATIVE = """\
     upstream native_%(name)s {
 %(balancing)s%(servers)s        keepalive 32;
@@ -299,19 +284,22 @@ NATIVE = """\
 
 
 class LuaNginx:
-    """One nginx (2 workers): upstream servers on `stub_ports` answering their own port, the
-    rendered config's one server that routes by Host, a server block per service in
-    `services` reached by its name as Host, and optional native upstreams (`native`: name ->
-    (balancing directive or "", peers)) for comparison, reached as native-<name>."""
+    """One nginx: upstream servers on `stub_ports` answering their own port, the rendered
+    config's one server, where the Host header picks the service (its name, unless the state
+    gives it other host names), and optional native upstreams (`native`: name -> (balancing
+    directive or "", peers)) for comparison, reached as native-<name>. `extra`: more server
+    blocks; `lua_source`: another version of the balancer's source."""
 
     def __init__(
         self,
         directory: Path,
         stub_ports: Sequence[int],
-        services: Sequence[str],
         native: Mapping[str, tuple[str, Sequence[Peer]]] | None = None,
         plain_stubs: bool = False,
         error_level: str = "info",
+        workers: int = 2,
+        extra: Sequence[str] = (),
+        lua_source: str | None = None,
     ) -> None:
         self.directory = directory
         self.binary = lua_nginx_binary()
@@ -321,56 +309,52 @@ class LuaNginx:
             directory / "controlplane.conf.state", directory / "controlplane.conf.delta"
         )
         self.config = directory / "nginx.conf"
+        blocks = [
+            STUB
+            % {"listen": f"{LOOPBACK}:{port}", "answer": STUB_PLAIN if plain_stubs else STUB_LUA}
+            for port in self.stub_ports
+        ]
+        blocks += [self._native(name, *how) for name, how in (native or {}).items()]
         self.config.write_text(
-            self._config(services, native or {}, plain_stubs, error_level), encoding="utf-8"
+            MAIN
+            % {
+                "modules": MODULES,
+                # as root the workers would be nobody, who can't read a test's tmp dir
+                "user": "user root;" if os.geteuid() == 0 else "",
+                "workers": workers,
+                "dir": self.directory,
+                "level": error_level,
+                "source": lua_source or LUA_SOURCE.read_text(encoding="utf-8"),
+                "state": self.state.path,
+                "delta": self.state.delta_path,
+                "routed": ROUTED % {"front": self.front, "proxy": PROXY},
+                "blocks": "\n".join([*blocks, *extra]),
+            },
+            encoding="utf-8",
         )
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def front(self) -> str:
+        """Where the services are reached (listen's address:port)."""
+        return f"{LOOPBACK}:{self.port}"
 
     @property
     def error_log_path(self) -> Path:
         return self.directory / "error.log"  # as MAIN names it
 
-    def _config(
-        self,
-        services: Sequence[str],
-        native: Mapping[str, tuple[str, Sequence[Peer]]],
-        plain_stubs: bool,
-        error_level: str,
-    ) -> str:
-        front = f"{LOOPBACK}:{self.port}"
-        answer = STUB_PLAIN if plain_stubs else STUB_LUA
-        blocks = [
-            STUB % {"listen": f"{LOOPBACK}:{port}", "answer": answer} for port in self.stub_ports
-        ]
-        blocks += [SERVICE % {"name": n, "front": front, "proxy": PROXY} for n in services]
-        for name, (directive, peers) in native.items():
-            servers = "".join(
-                f"        server {p.addr} weight={p.weight}{' down' if p.down else ''};\n"
-                for p in peers
-            )
-            balancing = f"        {directive};\n" if directive else ""
-            blocks.append(
-                NATIVE
-                % {
-                    "name": name,
-                    "front": front,
-                    "proxy": PROXY,
-                    "balancing": balancing,
-                    "servers": servers,
-                }
-            )
-        return MAIN % {
-            "modules": MODULES,
-            # as root the workers would be nobody, who can't read a test's tmp dir
-            "user": "user root;" if os.geteuid() == 0 else "",
-            "dir": self.directory,
-            "level": error_level,
-            "source": LUA_SOURCE.read_text(encoding="utf-8"),
-            "state": self.state.path,
-            "delta": self.state.delta_path,
-            "front": front,
-            "routed": ROUTED % {"front": front, "proxy": PROXY},
-            "blocks": "\n".join(blocks),
+    def _native(self, name: str, directive: str, peers: Sequence[Peer]) -> str:
+        servers = "".join(
+            f"        server {p.addr} weight={p.weight}{' down' if p.down else ''};\n"
+            for p in peers
+        )
+        balancing = f"        {directive};\n" if directive else ""
+        return NATIVE % {
+            "name": name,
+            "front": self.front,
+            "proxy": PROXY,
+            "balancing": balancing,
+            "servers": servers,
         }
 
     def start(self) -> None:
