@@ -208,6 +208,10 @@ http {
     uwsgi_temp_path %(dir)s/uwsgi;
     scgi_temp_path %(dir)s/scgi;
     access_log off;
+    map $http_upgrade $cp_connection_upgrade {
+        default upgrade;
+        "" "";
+    }
     lua_shared_dict controlplane 8m;
     lua_shared_dict controlplane_routes 8m;
     init_by_lua_block {
@@ -261,14 +265,19 @@ STUB_PLAIN = "            return 200 $server_port;"
 PROXY = """\
             proxy_http_version 1.1;
             proxy_set_header Host $host;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $cp_connection_upgrade;
             proxy_set_header X-Real-IP $remote_addr;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
             proxy_connect_timeout 1s;
             proxy_next_upstream error timeout http_502 http_503 http_504;
             proxy_next_upstream_tries 3;
             proxy_next_upstream_timeout 10s;
             add_header X-Upstream $upstream_addr always;
             add_header X-Worker $pid always;"""
+"""The rendered config's proxy settings (so upstream connections are kept alive as there),
+and which backends and worker served the request."""
 NATIVE = """\
     upstream native_%(name)s {
 %(balancing)s%(servers)s        keepalive 32;
@@ -288,7 +297,8 @@ class LuaNginx:
     config's one server, where the Host header picks the service (its name, unless the state
     gives it other host names), and optional native upstreams (`native`: name -> (balancing
     directive or "", peers)) for comparison, reached as native-<name>. `extra`: more server
-    blocks; `lua_source`: another version of the balancer's source."""
+    blocks, where %(front)s and %(proxy)s stand for the front's address and the proxy
+    settings; `lua_source`: another version of the balancer's source."""
 
     def __init__(
         self,
@@ -328,7 +338,9 @@ class LuaNginx:
                 "state": self.state.path,
                 "delta": self.state.delta_path,
                 "routed": ROUTED % {"front": self.front, "proxy": PROXY},
-                "blocks": "\n".join([*blocks, *extra]),
+                "blocks": "\n".join(
+                    [*blocks, *(e % {"front": self.front, "proxy": PROXY} for e in extra)]
+                ),
             },
             encoding="utf-8",
         )

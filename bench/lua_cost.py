@@ -1,0 +1,214 @@
+"""What the dynamic data plane's Lua costs per proxied request, in the host's nginx (no Docker):
+one proxy nginx (tests/support/lua_nginx.py) serves both the rendered config's routed server
+(the Lua path: access, balancer and log phases) and a native upstream, each to the same two
+backends, which a second nginx answers on loopback. `wrk -t1 -c20` (keep-alive) runs through
+each path in turn, the order rotating every round, so a noisy machine weighs on all alike; for
+each run, requests/s and the proxy nginx's CPU time per request (master and workers, from
+/proc). Optional rows: the three Lua phases doing nothing but pick one of the two backends
+(`--floor`: what having the phases costs at all), and the Lua path of another revision of
+templates/lua/controlplane.lua in a proxy of its own (`--against REV`). Run:
+
+    .venv/bin/python bench/lua_cost.py [--rounds 5] [--seconds 5] [--workers 2] [--floor]
+        [--against REV] [--method round_robin]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine_line, percentile, table
+from tests.support.lua_nginx import LuaNginx, Peer, service_json
+from tests.support.ports import free_port
+
+FLOOR = """\
+    upstream floor {
+        server 0.0.0.1:1;  # a placeholder: the balancer below picks
+        balancer_by_lua_block {
+            local port = math.random(2) == 1 and %(a)d or %(b)d
+            require("ngx.balancer").set_current_peer("127.0.0.1", port)
+        }
+        keepalive 32;
+    }
+    server {
+        listen %%(front)s;
+        server_name floor;
+        location / {
+            access_by_lua_block { return }
+            proxy_pass http://floor;
+%%(proxy)s
+            log_by_lua_block { return }
+        }
+    }"""
+"""The three phases with no work of controlplane's: a random one of the two backends."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One path through a proxy: its row's name, and the Host that takes it."""
+
+    name: str
+    proxy: LuaNginx
+    host: str
+
+
+@dataclass
+class Runs:
+    rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    failed: int = 0
+
+
+def cpu_seconds(nginx: LuaNginx) -> float:
+    """The nginx's master and workers' user + system time so far."""
+    assert nginx.process is not None
+    master = nginx.process.pid
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    ticks = 0
+    for pid in [master, *map(int, children)]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(target: Target, seconds: int) -> str:
+    command = ["wrk", "-t1", "-c20", f"-d{seconds}s", "-H", f"Host: {target.host}"]
+    return subprocess.run(
+        [*command, "--timeout", "5s", f"http://{target.proxy.front}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+
+
+def measure(target: Target, seconds: int, runs: Runs) -> None:
+    wrk(target, 1)  # warm: connections, the JIT
+    before = cpu_seconds(target.proxy)
+    output = wrk(target, seconds)
+    used = cpu_seconds(target.proxy) - before
+    count = re.search(r"(\d+) requests in", output)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if count is None or rate is None or int(count.group(1)) == 0:
+        raise RuntimeError(f"wrk through {target.name} said:\n{output}")
+    runs.rates.append(float(rate.group(1)))
+    runs.cpu_us.append(used / int(count.group(1)) * 1e6)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    runs.failed += (int(non_2xx.group(1)) if non_2xx else 0) + (
+        sum(map(int, errors.groups())) if errors else 0
+    )
+
+
+def turns(targets: Sequence[Target], rounds: int) -> Iterator[tuple[int, Target]]:
+    """Each round gives every path a turn; the order rotates, so none always goes first."""
+    for r in range(rounds):
+        shift = r % len(targets)
+        for target in [*targets[shift:], *targets[:shift]]:
+            yield r, target
+
+
+def source_at(revision: str) -> str:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        ["git", "-C", str(root), "show", f"{revision}:templates/lua/controlplane.lua"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def report(results: dict[str, Runs], args: argparse.Namespace, load: float) -> None:
+    native = next(iter(results.values()))
+    rate0, cpu0 = statistics.median(native.rates), statistics.median(native.cpu_us)
+    rows = [
+        [
+            name,
+            f"{statistics.median(runs.rates):,.0f}",
+            f"{percentile(runs.rates, 99):,.0f}",
+            f"{statistics.median(runs.cpu_us):.2f}",
+            f"{percentile(runs.cpu_us, 99):.2f}",
+            f"{statistics.median(runs.rates) / rate0:.3f}",
+            f"{statistics.median(runs.cpu_us) - cpu0:+.2f}",
+            str(runs.failed),
+        ]
+        for name, runs in results.items()
+    ]
+    header = ("path", "req/s p50", "req/s p99", "CPU us/req p50", "CPU p99",
+              "req/s vs native", "CPU vs native, us", "errors")  # fmt: skip
+    print(table(rows, header))
+    print(
+        f"{args.rounds} rounds of wrk -t1 -c20 -d{args.seconds}s per path, turns rotating; the "
+        f"proxy nginx: {args.workers} workers, {args.method} over 2 backends in another nginx; "
+        f"load average at the start: {load:.2f}"
+    )
+    print(machine_line())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2, help="the proxy nginx's workers")
+    parser.add_argument("--floor", action="store_true", help="add the do-nothing Lua phases")
+    parser.add_argument("--against", help="a git revision whose Lua runs side by side")
+    parser.add_argument("--method", default="round_robin")
+    args = parser.parse_args()
+    ports = [free_port(), free_port()]
+    peers = [Peer(p) for p in ports]
+    key = "$remote_addr" if args.method == "hash" else None
+    body = service_json(args.method, peers, key=key)
+    started: list[LuaNginx] = []
+    with tempfile.TemporaryDirectory(prefix="lua-cost-") as tmp:
+
+        def proxy(name: str, extra: Sequence[str] = (), source: str | None = None) -> LuaNginx:
+            native = {"web": ("", peers)}
+            made = LuaNginx(Path(tmp, name), [], native, error_level="notice",
+                            workers=args.workers, extra=extra, lua_source=source)  # fmt: skip
+            return start(made)
+
+        def start(nginx: LuaNginx) -> LuaNginx:
+            nginx.state.put(web=body)  # read at the first request: no poll awaited
+            nginx.start()
+            started.append(nginx)
+            return nginx
+
+        try:
+            for name in ("backends", "proxy", "against"):
+                Path(tmp, name).mkdir()
+            start(LuaNginx(Path(tmp, "backends"), ports, plain_stubs=True, workers=1))
+            ours = proxy("proxy", [FLOOR % {"a": ports[0], "b": ports[1]}] if args.floor else [])
+            targets = [Target("native upstream", ours, "native-web"), Target("Lua", ours, "web")]
+            if args.floor:
+                targets.append(Target("Lua phases doing nothing", ours, "floor"))
+            if args.against:
+                theirs = proxy("against", source=source_at(args.against))
+                targets.append(Target(f"Lua at {args.against}", theirs, "web"))
+            for target in targets:
+                reply = target.proxy.get(target.host)
+                if reply.status != 200:
+                    raise RuntimeError(f"{target.name} answers {reply}")
+            results = {t.name: Runs() for t in targets}
+            load = os.getloadavg()[0]
+            for r, target in turns(targets, args.rounds):
+                print(f"round {r + 1}: {target.name}", file=sys.stderr, flush=True)
+                measure(target, args.seconds, results[target.name])
+        finally:
+            for nginx in started:
+                nginx.stop()
+    report(results, args, load)
+
+
+if __name__ == "__main__":
+    main()
