@@ -48,7 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Prober, Running, machine_line, row, table
 from bench.render_scale import docker_state
 from controlplane.core.build import DEFAULT_CONFIG_PATH, BuildMemo, build_topology
-from controlplane.core.dataplane import StateCache, state_path, state_text
+from controlplane.core.dataplane import (
+    Pushed,
+    StateCache,
+    delta_path,
+    next_push,
+    state_path,
+    state_text,
+)
 from controlplane.core.model import DockerState, NginxTarget
 from controlplane.core.render import RenderOptions, render_config
 from controlplane.nginx_deployer import NginxDeployer
@@ -883,8 +890,9 @@ def synthetic(services: int, backends: int, probe_ip: str) -> DockerState:
 def push(client: docker.DockerClient, lab: Lab, services: int, backends: int, reps: int) -> Result:
     """A dynamic nginx of its own (no controller watches it) with the dynamic config of
     services x backends deployed, then the state pushed by NginxDeployer.push_all as the
-    controller does: whole (from an empty state) and with one service changed, in effect
-    once a request to the probe service reaches the backend its new line names."""
+    controller does (core.dataplane.next_push): whole (from an empty state), then with one
+    service changed (a delta), in effect once a request to the probe service reaches the
+    backend its new line names."""
     result = Result()
     net = lab.network("push")
     nginx = lab._run(
@@ -900,7 +908,11 @@ def push(client: docker.DockerClient, lab: Lab, services: int, backends: int, re
     )
     memo, cache, reachable = BuildMemo(), StateCache(), frozenset({"app"})
     to_a = build_topology(synthetic(services, backends, ip_of(a, net)), memo=memo)
-    options = RenderOptions(dynamic=True, state_path=state_path(DEFAULT_CONFIG_PATH))
+    options = RenderOptions(
+        dynamic=True,
+        state_path=state_path(DEFAULT_CONFIG_PATH),
+        delta_path=delta_path(DEFAULT_CONFIG_PATH),
+    )
     config = render_config(to_a, load_template(), options)
     mark = time.perf_counter()
     lines_a = cache.lines(to_a.services, reachable)
@@ -917,17 +929,27 @@ def push(client: docker.DockerClient, lab: Lab, services: int, backends: int, re
         f"cold {cold:.0f} ms, one service changed {warm:.1f} ms ({changed} line differs)"
     )
     version = 0
+    given: Pushed | None = None
 
     def pushed(way: str, deployer: NginxDeployer, lines: Sequence[str]) -> tuple[int, float]:
-        nonlocal version
+        nonlocal version, given
         version += 1
-        text = state_text(version, lines).encode()
+        push = next_push(given, version, lines)
+        if push is None:
+            raise RuntimeError("nothing changed between two pushes of the bench")
         began = time.time_ns()
-        (done,) = deployer.push_all([target], text)
+        (done,) = deployer.push_all([target], push.text.encode(), push.delta)
         if not done.ok:
             raise RuntimeError(f"push to {nginx.name} failed: {done.error}")
-        result.count(way, f"pushes that went in via the {done.via}", 1)
+        given = push.after
+        kind = "a delta" if push.delta else "the whole state"
+        result.count(way, f"pushes of {kind} that went in via the {done.via}", 1)
         return began, done.timings["push"] * 1000
+
+    def start_afresh() -> None:
+        """The next push writes the whole state, as after an nginx's start."""
+        nonlocal given
+        given = None
 
     def in_effect(
         way: str, prober: Prober, value: str | Callable[[str], bool], began: int
@@ -948,6 +970,7 @@ def push(client: docker.DockerClient, lab: Lab, services: int, backends: int, re
             prober = Prober(lab.published_port(nginx), PROBE_SERVICE, "", max_seconds=300)
             try:
                 for _ in range(reps):
+                    start_afresh()
                     began, _ = pushed(way, deployer, ())
                     in_effect(way, prober, lambda v: v.startswith("HTTP "), began)
                     began, took = pushed(way, deployer, lines_a)

@@ -29,7 +29,7 @@ from typing import Protocol, TypeVar
 import docker
 import docker.errors
 
-from controlplane.core.dataplane import state_path
+from controlplane.core.dataplane import delta_path, state_path
 from controlplane.core.model import NginxTarget
 from controlplane.errors import DeployError
 from controlplane.nginx_shell import NoShell, ShellSession, printable, staging_path
@@ -437,16 +437,20 @@ class NginxDeployer:
 
         return self._each(targets, content, deploy, on_result)
 
-    def push_all(self, targets: Sequence[NginxTarget], state: bytes) -> tuple[DeployResult, ...]:
-        """The dynamic data plane's state file (core.dataplane) into every target, beside its
-        config, within the same deadlines; its Lua loader picks it up within its poll."""
+    def push_all(
+        self, targets: Sequence[NginxTarget], state: bytes, delta: bool = False
+    ) -> tuple[DeployResult, ...]:
+        """The dynamic data plane's state file, or a delta over it (core.dataplane), into
+        every target, beside its config, within the same deadlines; its Lua loader picks it
+        up within its poll."""
 
         def push(
             link: NginxLink, channel: Channel, attempt: Attempt, deadline: float
         ) -> DeployResult:
             target = attempt.target
+            path = (delta_path if delta else state_path)(target.config_path)
             with self._step(attempt, "push"):
-                channel.put(state_path(target.config_path), state)
+                channel.put(path, state)
             return DeployResult(
                 target.container,
                 True,

@@ -28,11 +28,14 @@ from controlplane.core.build import BuildMemo, build_topology
 from controlplane.core.dataplane import (
     PROBE_CONFIG,
     ModeChoice,
+    Push,
+    Pushed,
     StateCache,
     choose,
+    delta_path,
+    next_push,
     probe_verdict,
     state_path,
-    state_text,
 )
 from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import build_zone
@@ -86,8 +89,11 @@ class Deployer(Protocol):
         nginx's within the deployer's deadline (a stalled one's is a failure saying so)."""
         ...
 
-    def push_all(self, targets: Sequence[NginxTarget], state: bytes) -> tuple[DeployResult, ...]:
-        """The dynamic data plane's state into each target, within the same deadlines."""
+    def push_all(
+        self, targets: Sequence[NginxTarget], state: bytes, delta: bool = False
+    ) -> tuple[DeployResult, ...]:
+        """The dynamic data plane's state, or a delta over it, into each target, within the
+        same deadlines."""
         ...
 
     def probe_all(self, targets: Sequence[NginxTarget], probe: bytes) -> tuple[DeployResult, ...]:
@@ -155,6 +161,8 @@ class Reconciler:
         version other than the one it has, and a restarted controller counts from 1 again."""
         self._modes: dict[tuple[str, str], ModeChoice] = {}
         self._pushed: dict[tuple[str, str], int] = {}
+        self._given: dict[tuple[str, str], Pushed] = {}
+        """What each dynamic nginx was given: the base its deltas are over."""
         self._push_failed: dict[tuple[str, str], Failure] = {}
         self._build_memo = BuildMemo()
         self._clock = clock
@@ -380,12 +388,15 @@ class Reconciler:
                     result.error,
                 )
 
-    def _dynamic_config(self, snapshot: Snapshot, path: str) -> tuple[str, str]:
-        """The dynamic config for nginx whose state goes to `path`, and its checksum; made
-        once per snapshot."""
+    def _dynamic_config(self, snapshot: Snapshot, config_path: str) -> tuple[str, str]:
+        """The dynamic config for nginx whose config goes to `config_path`, and its
+        checksum; made once per snapshot."""
+        path = state_path(config_path)
         cache, version, text, digest = self._dynamic.get(path, (RenderCache(), 0, "", ""))
         if version != snapshot.version or not text:
-            options = replace(self._render, dynamic=True, state_path=path)
+            options = replace(
+                self._render, dynamic=True, state_path=path, delta_path=delta_path(config_path)
+            )
             text = render_config(snapshot.topology, self._template, options, cache)
             digest = checksum(text)
         self._dynamic[path] = (cache, snapshot.version, text, digest)
@@ -398,7 +409,15 @@ class Reconciler:
         its wait (core.served) is over."""
         now = self._clock()
         keys = {(t.container_id, t.started_at): t for t in snapshot.topology.nginx}
-        for known in (self._deployed, self._failed, self._running, self._modes, self._pushed):
+        known_by_key = (
+            self._deployed,
+            self._failed,
+            self._running,
+            self._modes,
+            self._pushed,
+            self._given,
+        )
+        for known in known_by_key:
             for key in [k for k in known if k not in keys]:
                 del known[key]
         self._push_failed = {k: v for k, v in self._push_failed.items() if k in keys}
@@ -409,7 +428,7 @@ class Reconciler:
         wanted: dict[tuple[str, str], str] = {}
         for key, target in keys.items():
             if key in dynamic:
-                text, digest = self._dynamic_config(snapshot, state_path(target.config_path))
+                text, digest = self._dynamic_config(snapshot, target.config_path)
             else:
                 text, digest = snapshot.config, snapshot.checksum
             texts[digest], wanted[key] = text, digest
@@ -464,29 +483,31 @@ class Reconciler:
         wanted: Mapping[tuple[str, str], str],
         now: float,
     ) -> tuple[DeployResult, ...]:
-        """The state to each dynamic nginx that does not have this snapshot's yet (the whole
-        state: its loader takes only the services whose rev changed)."""
+        """The state to each dynamic nginx that does not have this snapshot's yet: the whole
+        state after its start, else a delta over what it was given (core.dataplane.next_push),
+        or nothing when its services are as they were."""
         digest = f"state {snapshot.version}"
-        pending = [
-            (key, target)
-            for key, target in dynamic.items()
-            if self._pushed.get(key) != snapshot.version
-            and deploy_due(digest, None, self._push_failed.get(key), now)
-        ]
-        if not pending:
-            return ()
-        text = state_text(self._state_epoch + snapshot.version, snapshot.state)
-        results = tuple(
-            replace(result, pushed=True)
-            for result in self._deployer.push_all([target for _, target in pending], text.encode())
-        )
-        for (key, _), result in zip(pending, results, strict=True):
-            if result.ok:
-                self._pushed[key] = snapshot.version
-                self._push_failed.pop(key, None)
-                if self._deployed.get(key) == wanted[key]:  # it runs the dynamic config
-                    self._running[key] = snapshot
-            else:
+        version = self._state_epoch + snapshot.version
+        by_push: dict[tuple[bool, str], list[tuple[tuple[str, str], NginxTarget, Push]]] = {}
+        results: list[DeployResult] = []
+        for key, target in dynamic.items():
+            if self._pushed.get(key) == snapshot.version or not deploy_due(
+                digest, None, self._push_failed.get(key), now
+            ):
+                continue
+            push = next_push(self._given.get(key), version, snapshot.state)
+            if push is None:
+                self._pushed_ok(key, snapshot, wanted[key])
+                continue
+            by_push.setdefault((push.delta, push.text), []).append((key, target, push))
+        for (delta, text), pending in by_push.items():
+            done = self._deployer.push_all([t for _, t, _ in pending], text.encode(), delta)
+            for (key, _, push), result in zip(pending, done, strict=True):
+                results.append(replace(result, pushed=True))
+                if result.ok:
+                    self._given[key] = push.after
+                    self._pushed_ok(key, snapshot, wanted[key])
+                    continue
                 self._push_failed[key] = failed(
                     self._push_failed.get(key),
                     digest,
@@ -495,7 +516,13 @@ class Reconciler:
                     False,
                     self._clock(),
                 )
-        return results
+        return tuple(results)
+
+    def _pushed_ok(self, key: tuple[str, str], snapshot: Snapshot, wanted: str) -> None:
+        self._pushed[key] = snapshot.version
+        self._push_failed.pop(key, None)
+        if self._deployed.get(key) == wanted:  # it runs the dynamic config
+            self._running[key] = snapshot
 
 
 def _warnings(topology: Topology) -> list[str]:

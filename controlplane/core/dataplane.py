@@ -1,11 +1,17 @@
 """The dynamic data plane's half in the core: which mode each nginx runs, and the state its
-Lua balancer (templates/lua/controlplane.lua) reads from the file the controller writes.
+Lua balancer (templates/lua/controlplane.lua) reads from the files the controller writes.
 
 The state file is text: a header line, then one line per service, `name TAB rev TAB hosts
 TAB json` (hosts: the host names that route to it, space-separated). `rev` is a digest of the
 json, so the Lua loader copies only the services whose rev changed into its shared dict and
 workers decode only those; a line is cached here by the Service's
 identity for the same reason as render.RenderCache: one changed service costs one line.
+
+Beside it, the delta file: the lines of every service touched since that state file (the
+base) was written, or a removed service's bare name. It is cumulative, so the loader needs
+only the base and the latest delta, and one changed service costs a write of its own line,
+not of the whole state; a delta that would outgrow a quarter of its base is written as a new
+base instead (`next_push`).
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from controlplane.core.model import Backend, BackendState, DataPlane, Service
 from controlplane.core.render import address, upstream_backends
 
-STATE_FORMAT = "controlplane-state 2"
+STATE_FORMAT = "controlplane-state 3"
+DELTA_FORMAT = "controlplane-delta 3"
+REBASE_RATIO = 0.25
+"""A delta larger than this share of its base is written as a new base."""
 NGINX_MAX_FAILS = 1
 NGINX_FAIL_TIMEOUT = 10
 """nginx's defaults for a server without max_fails / fail_timeout, which the Lua side keeps."""
@@ -30,6 +39,11 @@ _UNIT_SECONDS = MappingProxyType({"s": 1, "m": 60, "h": 3600})
 def state_path(config_path: str) -> str:
     """Where the state goes: beside the config, named so nginx's `include *.conf` skips it."""
     return posixpath.splitext(config_path)[0] + ".state"
+
+
+def delta_path(config_path: str) -> str:
+    """Where the deltas over the state go, beside it."""
+    return posixpath.splitext(config_path)[0] + ".delta"
 
 
 def seconds(duration: str | None) -> int:
@@ -106,6 +120,48 @@ class StateCache:
 def state_text(version: int, lines: Sequence[str]) -> str:
     """The whole file; the header's count lets the loader tell a torn file from a whole one."""
     return "\n".join([f"{STATE_FORMAT} {version} {len(lines)}", *lines]) + "\n"
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """What one nginx was given: the base's version and size, each service's line as of the
+    last push, and the services touched since the base (which every delta lists)."""
+
+    base: int
+    base_size: int
+    lines: Mapping[str, str]
+    touched: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Push:
+    """One file to write: the base (`delta` False) or a delta, and what the nginx has after."""
+
+    delta: bool
+    text: str
+    after: Pushed
+
+
+def _by_name(lines: Sequence[str]) -> dict[str, str]:
+    return {line.partition("\t")[0]: line for line in lines}
+
+
+def next_push(last: Pushed | None, version: int, lines: Sequence[str]) -> Push | None:
+    """What brings an nginx that was given `last` (None: nothing yet, as after its start) to
+    `lines` at `version`; None when it has them already, so nothing is written."""
+    current = _by_name(lines)
+    if last is not None:
+        changed = {n for n, line in current.items() if last.lines.get(n) != line}
+        changed.update(n for n in last.lines if n not in current)
+        if not changed:
+            return None
+        touched = last.touched | changed
+        body = [current.get(name, name) for name in sorted(touched)]
+        text = "\n".join([f"{DELTA_FORMAT} {last.base} {version} {len(body)}", *body]) + "\n"
+        if len(text) <= last.base_size * REBASE_RATIO:
+            return Push(True, text, Pushed(last.base, last.base_size, current, touched))
+    text = state_text(version, lines)
+    return Push(False, text, Pushed(version, len(text), current))
 
 
 @dataclass(frozen=True)

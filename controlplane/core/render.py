@@ -38,8 +38,10 @@ class RenderOptions:
     off by default since it shows clients internal addresses."""
     dynamic: bool = False
     """Render for the dynamic data plane: no service, host name or backend in the text, but a
-    Lua balancer that reads them from the state file at `state_path` (core.dataplane)."""
+    Lua balancer that reads them from the state file at `state_path` and the deltas over it
+    at `delta_path` (core.dataplane)."""
     state_path: str = ""
+    delta_path: str = ""
     poll: float = 0.005
     """How often (seconds) the Lua loader looks at the state file's first line."""
 

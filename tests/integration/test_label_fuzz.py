@@ -139,7 +139,7 @@ def test_any_labels_and_names_give_state_lines_the_lua_loader_takes(
     topology = build_topology(state)
     text = state_text(1, StateCache().lines(topology.services, frozenset({"app"})))
     header, *lines = text.split("\n")[:-1]
-    assert header == f"controlplane-state 2 1 {len(lines)}"
+    assert header == f"controlplane-state 3 1 {len(lines)}"
     for line in lines:
         name, rev, hosts, body = line.split("\t")
         assert len(name) <= 63 and LUA_NAME.fullmatch(name), line

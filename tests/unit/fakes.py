@@ -52,7 +52,8 @@ class FakeDeployer:
         self.delay = 0.0
         self.lua = False
         self.push_fails = False
-        self.pushed: list[tuple[str, bytes]] = []
+        self.pushed: list[tuple[str, bytes, bool]] = []
+        """Each push: the nginx, what was written, whether it was a delta."""
         self.probed: list[str] = []
 
     def deploy(self, target: NginxTarget, content: bytes) -> DeployResult:
@@ -78,9 +79,11 @@ class FakeDeployer:
                     on_result(future.result())
         return tuple(future.result() for future in futures)
 
-    def push_all(self, targets: Sequence[NginxTarget], state: bytes) -> tuple[DeployResult, ...]:
-        """Records each push of the dynamic data plane's state."""
-        self.pushed.extend((target.container, state) for target in targets)
+    def push_all(
+        self, targets: Sequence[NginxTarget], state: bytes, delta: bool = False
+    ) -> tuple[DeployResult, ...]:
+        """Records each push of the dynamic data plane's state, or of a delta over it."""
+        self.pushed.extend((target.container, state, delta) for target in targets)
         return tuple(
             DeployResult(
                 target.container,

@@ -13,6 +13,8 @@ from controlplane.core.build import build_topology
 from controlplane.core.dataplane import (
     StateCache,
     choose,
+    delta_path,
+    next_push,
     probe_verdict,
     service_line,
     state_path,
@@ -83,11 +85,67 @@ def test_a_drained_backend_stays_down_so_hash_rings_keep_the_other_keys() -> Non
 
 def test_the_state_file_counts_its_lines_and_sits_beside_the_config() -> None:
     assert (
-        state_text(7, ["a\tr\ta\t{}", "b\tr\tb\t{}"]).splitlines()[0] == "controlplane-state 2 7 2"
+        state_text(7, ["a\tr\ta\t{}", "b\tr\tb\t{}"]).splitlines()[0] == "controlplane-state 3 7 2"
     )
     assert (
         state_path("/etc/nginx/conf.d/controlplane.conf") == "/etc/nginx/conf.d/controlplane.state"
     )
+
+
+def line(name: str, rev: str = "r") -> str:
+    return f"{name}\t{rev}\t{name}\t{{}}"
+
+
+BIG = [line(f"s{i:03}") for i in range(100)]
+
+
+def test_a_start_gets_the_whole_state_then_deltas_over_it() -> None:
+    first = next_push(None, 10, BIG)
+    assert first is not None and not first.delta and first.text == state_text(10, BIG)
+    assert next_push(first.after, 11, BIG) is None, "nothing changed: nothing written"
+    changed = [*BIG[:5], line("s005", "x"), *BIG[6:]]
+    second = next_push(first.after, 11, changed)
+    assert second is not None and second.delta
+    assert second.text == f"controlplane-delta 3 10 11 1\n{line('s005', 'x')}\n"
+    assert delta_path("/etc/nginx/conf.d/cp.conf") == "/etc/nginx/conf.d/cp.delta"
+
+
+def test_a_delta_lists_every_service_touched_since_its_base() -> None:
+    """Cumulative: the loader needs only the base and the last delta, so a service changed
+    back to its base line is still listed (the loader applied the change in between)."""
+    first = next_push(None, 10, BIG)
+    assert first is not None
+    removed_and_added = [line("new"), *BIG[1:5], line("s005", "x"), *BIG[6:]]
+    second = next_push(first.after, 11, removed_and_added)
+    assert second is not None and second.delta
+    assert second.text.splitlines() == [
+        "controlplane-delta 3 10 11 3",
+        line("new"),
+        "s000",
+        line("s005", "x"),
+    ]
+    back = [*BIG[:5], line("new"), *BIG[5:]]
+    third = next_push(second.after, 12, back)
+    assert third is not None and third.delta
+    assert third.text.splitlines() == [
+        "controlplane-delta 3 10 12 3",
+        line("new"),
+        BIG[0],
+        BIG[5],
+    ]
+
+
+def test_a_delta_past_a_quarter_of_its_base_is_a_new_base() -> None:
+    first = next_push(None, 10, BIG)
+    assert first is not None
+    most = [line(f"s{i:03}", "x") if i < 30 else BIG[i] for i in range(100)]
+    second = next_push(first.after, 11, most)
+    assert second is not None and not second.delta and second.after.base == 11
+    assert second.after.touched == frozenset()
+    small = next_push(None, 1, [line("a")])
+    assert small is not None
+    again = next_push(small.after, 2, [line("a", "x")])
+    assert again is not None and not again.delta, "a tiny state is cheaper written whole"
 
 
 def test_the_mode_says_why() -> None:
@@ -146,6 +204,25 @@ def test_an_auto_nginx_with_lua_gets_state_pushes_and_one_config() -> None:
     assert len(deployer.pushed) == 2 and len(deployer.deployed) == 1  # no new config: no reload
     assert b"172.20.0.3:80" in deployer.pushed[-1][1]
     assert deployer.probed == ["lb"]  # once per container start
+
+
+def test_a_dynamic_nginx_gets_deltas_and_a_restarted_one_the_whole_state() -> None:
+    others = [container(f"o{i}", aliases=(f"svc{i}",), ip=f"172.20.1.{i}") for i in range(20)]
+    source, deployer, reconciler = make_dynamic(nginx("lb"), W1, *others)
+    reconciler.reconcile("start")
+    assert [delta for _, _, delta in deployer.pushed] == [False]
+    source.state = state(nginx("lb"), W1, W2, *others)
+    reconciler.reconcile("event")
+    _, text, delta = deployer.pushed[-1]
+    assert delta and text.startswith(b"controlplane-delta 3 ") and text.count(b"\n") == 2
+    assert b"172.20.0.3:80" in text
+    source.state = replace(source.state)  # a pass that changes no service writes nothing
+    reconciler.reconcile("resync")
+    assert len(deployer.pushed) == 2
+    restarted = replace(nginx("lb"), started_at="2026-01-01T00:00:01Z")
+    source.state = state(restarted, W1, W2, *others)
+    reconciler.reconcile("event")
+    assert [delta for _, _, delta in deployer.pushed] == [False, True, False]
 
 
 def test_an_auto_nginx_without_lua_reloads_as_before() -> None:
