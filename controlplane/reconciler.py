@@ -51,7 +51,15 @@ from controlplane.core.model import (
 )
 from controlplane.core.render import RenderCache, render_config
 from controlplane.core.schedule import Holding, Outcome, Run, Schedule, Timing, Wait
-from controlplane.core.served import Failure, NginxState, deploy_due, failed, serving
+from controlplane.core.served import (
+    Failure,
+    NginxState,
+    Serves,
+    deploy_due,
+    failed,
+    served_by_reload,
+    serving,
+)
 from controlplane.docker_source import DOCKER_ERRORS, DockerEvent
 from controlplane.errors import ControlPlaneError, DockerUnavailable
 from controlplane.nginx_deployer import DeployResult
@@ -180,7 +188,8 @@ class Reconciler:
         """Whether the event can change what this controller serves: one for a container or
         network it does not watch (another controller's, or nobody's) costs no pass."""
         if event.kind == "network":
-            self._source.invalidate_networks()
+            if event.action in ("create", "destroy"):
+                self._source.invalidate_networks()  # what a connect changes is the container's
             if event.container_id:
                 self._source.invalidate(event.container_id)
             return event.network is None or self._watches(event.network)
@@ -468,13 +477,38 @@ class Reconciler:
                 target.container,
                 target.container_id,
                 self._running[key].version if key in self._running else None,
-                self._running[key].serves if key in self._running else None,
+                self._serves(key, target),
                 self._failed.get(key) or self._push_failed.get(key),
                 self._modes.get(key),
             )
             for key, target in keys.items()
         }
         return tuple(results)
+
+    def config_of(self, container_id: str) -> str | None:
+        """The config a managed nginx of the current snapshot is given: the dynamic one once
+        it runs that data plane, else the snapshot's (None: no such nginx). Read by the API's
+        thread: it only reads dicts that passes replace or add to."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return None
+        for target in snapshot.topology.nginx:
+            if target.container_id != container_id:
+                continue
+            if self._mode(target) is not DataPlane.DYNAMIC:
+                return snapshot.config
+            entry = self._dynamic.get(state_path(target.config_path))
+            return entry[2] if entry is not None else None
+        return None
+
+    def _serves(self, key: tuple[str, str], target: NginxTarget) -> Serves | None:
+        """What the nginx serves by the snapshot it runs, as its data plane can."""
+        running = self._running.get(key)
+        if running is None:
+            return None
+        if self._mode(target) is DataPlane.DYNAMIC:
+            return running.serves
+        return served_by_reload(running.serves, running.topology)
 
     def _push(
         self,

@@ -106,6 +106,7 @@ def api_context(
         metrics=metrics,
         ready=not_ready,
         nginx=lambda: reconciler.nginx,
+        config_of=reconciler.config_of,
         token=settings.api_token,
         wait_timeout=settings.wait_timeout,
     )

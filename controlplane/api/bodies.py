@@ -215,6 +215,16 @@ class Query(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class ConfigQuery(Query):
+    nginx: str | None = Field(
+        None,
+        pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$",
+        description="a managed nginx's container name or id: the config that nginx is given "
+        "(a dynamic one's has no backend: they are pushed); without it, the reload data "
+        "plane's config",
+    )
+
+
 class TimeoutQuery(Query):
     timeout: float | None = Field(
         None,

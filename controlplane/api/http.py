@@ -41,6 +41,8 @@ class ApiContext:
     """Why the controller is not ready; empty when it is."""
     nginx: Callable[[], Mapping[str, NginxState]]
     """What each managed nginx runs, by container id (core.served)."""
+    config_of: Callable[[str], str | None]
+    """The config a managed nginx (by container id) is given, as its data plane wants."""
     token: str | None = None
     wait_timeout: float = 10.0
 

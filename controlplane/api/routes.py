@@ -312,9 +312,26 @@ def delete_backend(name: str, container: str) -> Response:
 
 
 @routes.get(f"{PREFIX}/config")
-@operation("the rendered nginx config", "text/plain", errors=(503,))
+@operation(
+    "the rendered nginx config", "text/plain", query=bodies.ConfigQuery, errors=(404, 422, 503)
+)
 def get_config() -> Response:
-    return Response(_snapshot().config, mimetype="text/plain")
+    snapshot = _snapshot()
+    wanted = query(bodies.ConfigQuery).nginx
+    if wanted is None:
+        return Response(snapshot.config, mimetype="text/plain")
+    for target in snapshot.topology.nginx:
+        if wanted in (target.container, target.container_id) or (
+            len(wanted) >= 12 and target.container_id.startswith(wanted)
+        ):
+            text = context().config_of(target.container_id)
+            return Response(snapshot.config if text is None else text, mimetype="text/plain")
+    raise ApiError(
+        404,
+        "nginx_not_found",
+        f"no managed nginx is named {wanted!r}: GET {PREFIX}/nginx lists them",
+        {"nginx": wanted},
+    )
 
 
 @routes.get(f"{PREFIX}/nginx")

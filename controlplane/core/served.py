@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from controlplane.core.dataplane import ModeChoice
-from controlplane.core.model import BackendState, Topology
+from controlplane.core.model import BackendState, Method, Topology
 from controlplane.core.render import upstream_backends
 
 Serves = Mapping[str, frozenset[str]]
@@ -35,6 +35,13 @@ def serving(topology: Topology) -> dict[str, frozenset[str]]:
         )
         for service in topology.services
     }
+
+
+def served_by_reload(serves: Serves, topology: Topology) -> Serves:
+    """What a reload-mode nginx serves of `serves`: it has no least_time, so its config
+    answers 503 for such a service (render.least_time_refused)."""
+    timed = {s.name for s in topology.services if s.algorithm.method is Method.LEAST_TIME}
+    return {name: frozenset() if name in timed else ids for name, ids in serves.items()}
 
 
 @dataclass(frozen=True)

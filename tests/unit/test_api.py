@@ -620,3 +620,18 @@ def test_least_time_goes_to_a_dynamic_nginx_without_a_reload(make_api: HarnessFa
     assert reply.status_code == 200, reply.get_json()
     assert len(api.deployer.deployed) == reloads
     assert b'"method":"least_time"' in api.deployer.pushed[-1][1]
+
+
+def test_the_config_of_one_nginx_is_the_one_its_data_plane_gets(make_api: HarnessFactory) -> None:
+    api = make_api(lua=True)
+    whole = api.client.get("/api/v1/config")
+    assert whole.status_code == 200 and "upstream cp_web" in whole.get_data(as_text=True)
+    mine = api.client.get("/api/v1/config?nginx=lb")
+    assert mine.status_code == 200
+    text = mine.get_data(as_text=True)
+    assert "balancer_by_lua_block" in text and "upstream cp_web" not in text
+    assert text.encode() == api.deployer.deployed[-1][1]
+    missing = api.client.get("/api/v1/config?nginx=nope")
+    assert missing.status_code == 404
+    assert "GET /api/v1/nginx" in missing.get_json()["error"]["message"]
+    assert api.client.get("/api/v1/config?nginx=bad%20name").status_code == 422

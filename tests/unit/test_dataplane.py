@@ -279,3 +279,13 @@ def test_a_failed_push_is_due_again_after_its_wait() -> None:
     reconciler.reconcile("start")
     failure = reconciler.nginx[nginx("lb").id].failure
     assert failure is not None and reconciler.retry_at() == failure.retry_at
+
+
+def test_a_reload_nginx_is_not_said_to_serve_a_least_time_service() -> None:
+    """Its config answers 503 for one (the reload data plane has no least_time)."""
+    timed = container("t1", labels={L.ALGORITHM: "least_time"})
+    for lua, served in ((False, frozenset()), (True, frozenset({timed.id}))):
+        _, _, reconciler = make_dynamic(nginx("lb"), timed, lua=lua)
+        reconciler.reconcile("start")
+        serves = reconciler.nginx[nginx("lb").id].serves
+        assert serves is not None and serves["web"] == served

@@ -118,13 +118,15 @@ def test_each_nginx_says_what_it_runs_beside_what_is_wanted() -> None:
     assert lb.in_sync("web", snapshot.serves) and lb.failure is None and lb.version == 2
 
 
-def test_networks_are_listed_again_only_after_a_network_event() -> None:
+def test_networks_are_listed_again_only_after_one_is_created_or_destroyed() -> None:
+    """A connect changes the container (inspected again), not the list of networks."""
     web = container("w1")
     source, _, reconciler = make(nginx("lb"), web)
     reconciler.handle_event(event(web.id, "start"))
     reconciler.handle_event(DockerEvent("network", "create", "", None, 0))
     reconciler.handle_event(DockerEvent("network", "connect", web.id, None, 0))
-    assert source.invalidated == [web.id, "networks", "networks", web.id]
+    reconciler.handle_event(DockerEvent("network", "destroy", "", None, 0))
+    assert source.invalidated == [web.id, "networks", web.id, "networks"]
 
 
 def test_kill_event_takes_a_backend_out_before_it_stops_running() -> None:
