@@ -1,23 +1,29 @@
 """The readiness gate in the reconcile pass and the loop, with a fake prober on a fake clock:
 a newcomer that accepts at once is served by the pass that found it; one that does not is
-held, and the probe that later connects wakes the loop for a pass at once."""
+held, and the probe that later connects wakes the loop for a pass at once. And the TCP prober
+itself, on loopback."""
 
 from __future__ import annotations
 
+import errno
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+
+import pytest
 
 from controlplane.activity import Activity
 from controlplane.api.app import create_app
 from controlplane.cli_client import service_text
 from controlplane.core import labels as L
 from controlplane.core.model import BackendState, ContainerFacts
-from controlplane.core.readiness import Outcome, ReadinessPolicy
+from controlplane.core.readiness import Address, Outcome, ReadinessPolicy
 from controlplane.docker_source import DockerEvent
 from controlplane.gatekeeper import Gatekeeper
 from controlplane.metrics import Metrics
+from controlplane.prober import TcpProber, outcome_of
 from controlplane.reconciler import Arrival, ControlLoop, Notice, Reconciler
 from controlplane.settings import Settings
 from controlplane.snapshot import ReconcileReport
@@ -228,3 +234,42 @@ def test_the_api_and_the_cli_show_a_held_backend_and_why() -> None:
     assert w2["since"] == "2001-09-09T01:46:38.500+00:00"  # wall 1e9, 1.5 s before
     text = service_text(reply)
     assert f"w2 (app) is starting: {w2['reason']}" in text.splitlines()
+
+
+def test_the_tcp_prober_tells_a_listening_port_from_a_closed_one() -> None:
+    listening = socket.create_server(("127.0.0.1", 0))
+    open_port = listening.getsockname()[1]
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    answers: dict[int, Outcome] = {}
+    done = threading.Event()
+
+    def record(address: Address, outcome: Outcome) -> None:
+        answers[address.port] = outcome
+        if len(answers) == 2:
+            done.set()
+
+    prober = TcpProber()
+    try:
+        for port in (open_port, closed_port):
+            prober.probe(Address("c", "s", "n", "127.0.0.1", port), 1.0, record)
+        assert done.wait(5)
+    finally:
+        prober.close()
+        listening.close()
+    assert answers == {open_port: Outcome.CONNECTED, closed_port: Outcome.REFUSED}
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), Outcome.REFUSED),
+        (OSError(errno.EHOSTUNREACH, "no route to host"), Outcome.HOST_UNREACHABLE),
+        (OSError(errno.ENETUNREACH, "network is unreachable"), Outcome.NETWORK_UNREACHABLE),
+        (OSError(errno.EADDRNOTAVAIL, "cannot assign"), Outcome.FAILED),
+    ],
+    ids=["refused", "host", "network", "other"],
+)
+def test_connect_errors_and_what_they_say(error: OSError, outcome: Outcome) -> None:
+    assert outcome_of(error) is outcome
