@@ -52,6 +52,9 @@ class Gatekeeper:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.on_change: list[Callable[[], None]] = []
+        """Called when an answer or a start period's end changed what the gate lets in."""
+        self.on_probe: list[Callable[[R.Outcome], None]] = []
+        """Called with each probe's outcome (metrics)."""
 
     @property
     def state(self) -> R.Readiness:
@@ -116,6 +119,8 @@ class Gatekeeper:
             )
 
     def _done(self, key: R.Address, outcome: R.Outcome, sent: float) -> None:
+        for callback in self.on_probe:
+            callback(outcome)
         with self._changed:
             before = self._state.reach(key.network).unreachable
             self._state, changed = R.record(

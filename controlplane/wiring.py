@@ -79,6 +79,7 @@ def build_controller(settings: Settings) -> Controller:
         lambda: reconciler.nginx,
     )
     reconciler.on_report.extend([activity.on_report, metrics.on_report])
+    gatekeeper.on_probe.append(metrics.on_probe)
     loop.on_failure.extend([activity.on_failure, metrics.on_failure])
     server = None
     if api_bind is not None:

@@ -273,3 +273,15 @@ def test_the_tcp_prober_tells_a_listening_port_from_a_closed_one() -> None:
 )
 def test_connect_errors_and_what_they_say(error: OSError, outcome: Outcome) -> None:
     assert outcome_of(error) is outcome
+
+
+def test_each_probe_is_counted_by_outcome() -> None:
+    prober = FakeProber({"172.20.0.2": Outcome.CONNECTED, "172.20.0.3": Outcome.REFUSED})
+    run = Run(prober, LB, W1)
+    metrics = Metrics(lambda: run.reconciler.snapshot)
+    run.gate.on_probe.append(metrics.on_probe)
+    run.starts(W2, 105.0)
+    run.clock.now = 105.1
+    run.gate.tick()
+    text = metrics.exposition().decode()
+    assert 'controlplane_readiness_probes_total{outcome="refused"} 2.0' in text
