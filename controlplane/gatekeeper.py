@@ -47,6 +47,7 @@ class Gatekeeper:
         self._background = background
         self._changed = threading.Condition()
         self._state = R.Readiness()
+        self._memo = R.CandidateMemo()
         self._awaited: set[R.Address] = set()
         """Probes sent by the pass under way, which waits for them itself."""
         self._thread: threading.Thread | None = None
@@ -64,9 +65,10 @@ class Gatekeeper:
         """The topology as the gate lets it through. Tracks what it holds (newcomers; in the
         controller's `first` pass, what nginx may already serve), probes what is due, and
         waits up to `wait` for the answers of the probes it sent."""
+        found, same = self._memo.candidates(topology)
         with self._changed:
             now = self._clock()
-            state = R.observe(self._state, R.candidates(topology), now, first)
+            state = self._state if same and not first else R.observe(self._state, found, now, first)
             state, _ = R.advance(state, now)
             self._state, chosen = R.due(state, now, self._policy)
             self._awaited = set(chosen)

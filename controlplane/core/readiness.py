@@ -153,25 +153,55 @@ def address(backend: Backend) -> Address:
     )
 
 
+def service_candidates(service: Service) -> tuple[Candidate, ...]:
+    """The backends the gate tracks in one service: every one, if its check is `tcp`, that is
+    not paused (a paused one is new again once unpaused)."""
+    if service.health.mode is not HealthMode.TCP:
+        return ()
+    start_period = float(service.health.start_period)
+    return tuple(
+        Candidate(address(b), start_period)
+        for b in service.backends
+        if b.state is not BackendState.PAUSED
+    )
+
+
 def candidates(topology: Topology) -> list[Candidate]:
-    """The backends the gate tracks: every one of a `tcp` service that is not paused (a paused
-    one is new again once unpaused)."""
-    found: dict[Address, Candidate] = {}
-    for service in topology.services:
-        if service.health.mode is not HealthMode.TCP:
-            continue
-        for backend in service.backends:
-            if backend.state is not BackendState.PAUSED:
-                key = address(backend)
-                found.setdefault(key, Candidate(key, float(service.health.start_period)))
-    return list(found.values())
+    return [c for service in topology.services for c in service_candidates(service)]
+
+
+class CandidateMemo:
+    """Each service's candidates from the last pass, found by the Service's identity: the
+    builder hands over the very same Service for an unchanged one, so a pass over thousands of
+    backends where nothing changed costs one lookup per service. Owned by its user (the
+    gatekeeper); it keeps only the last pass's services."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Service, tuple[Candidate, ...]]] = {}
+
+    def candidates(self, topology: Topology) -> tuple[list[Candidate], bool]:
+        """Every candidate, and whether they are the last pass's (every service unchanged)."""
+        entries = {}
+        same = len(topology.services) == len(self._entries)
+        for service in topology.services:
+            entry = self._entries.get(id(service))
+            if entry is None:
+                entry, same = (service, service_candidates(service)), False
+            entries[id(service)] = entry
+        self._entries = entries
+        return [c for _, found in entries.values() for c in found], same
 
 
 def observe(readiness: Readiness, found: Iterable[Candidate], now: float, first: bool) -> Readiness:
     """Track what a pass found: newcomers are PENDING (INCUMBENT in the controller's first
-    pass), due for a probe at once; what it did not find is forgotten."""
-    tracks = {}
+    pass), due for a probe at once; what it did not find is forgotten. A backend in two
+    services takes the first one's start period."""
+    tracks: dict[Address, Track] = {}
     for key, start_period in found:
+        if key in tracks:
+            continue
         track = readiness.tracks.get(key)
         if track is None:
             phase = Phase.INCUMBENT if first else Phase.PENDING
@@ -316,10 +346,15 @@ def gate(topology: Topology, readiness: Readiness) -> Topology:
     """The topology with the backends the gate holds out: STARTING while they are checked,
     UNHEALTHY once they gave up; and a warning for each network the controller cannot reach.
     An unchanged service stays the very same object (the render cache finds it by identity)."""
+    out = {
+        key.container_id
+        for key, track in readiness.tracks.items()
+        if track.phase is not Phase.READY and not readiness.served(key)
+    }
     services = []
     changed = False
     for service in topology.services:
-        held = _held(service, readiness)
+        held = _held(service, readiness, out) if out else service
         changed = changed or held is not service
         services.append(held)
     warnings = [
@@ -338,8 +373,11 @@ def gate(topology: Topology, readiness: Readiness) -> Topology:
     )
 
 
-def _held(service: Service, readiness: Readiness) -> Service:
-    if service.health.mode is not HealthMode.TCP:
+def _held(service: Service, readiness: Readiness, out: frozenset[str] | set[str]) -> Service:
+    """`out`: the containers some backend of which the gate holds out."""
+    if service.health.mode is not HealthMode.TCP or not any(
+        b.container_id in out for b in service.backends
+    ):
         return service
     backends = []
     for backend in service.backends:

@@ -10,7 +10,7 @@ import pytest
 
 from controlplane.core import labels as L
 from controlplane.core import readiness as R
-from controlplane.core.build import build_topology
+from controlplane.core.build import BuildMemo, build_topology
 from controlplane.core.model import BackendState, ContainerFacts, HealthMode, Topology
 from controlplane.errors import InvalidValue
 from tests.unit.builders import container, nginx, state
@@ -303,3 +303,15 @@ def test_the_oldest_container_sets_the_check_and_a_disagreement_is_warned() -> N
     (service,) = topology(older, replace(W2, labels={L.HEALTH: "tcp"})).services
     assert service.health.mode is HealthMode.NONE
     assert service.warnings == (f"{L.HEALTH}: w2 says tcp but w1 (older) says none; using none",)
+
+
+def test_the_candidate_memo_reads_only_changed_services_and_says_when_none_changed() -> None:
+    memo = R.CandidateMemo()
+    built = BuildMemo()
+    first = build_topology(state(LB, W1, W2), memo=built)
+    found, same = memo.candidates(first)
+    assert [c.address for c in found] == [key(W1), key(W2)] and not same
+    assert memo.candidates(build_topology(state(LB, W1, W2), memo=built)) == (found, True)
+    restarted = replace(W2, started_at="2024-05-01T10:05:00Z")
+    found, same = memo.candidates(build_topology(state(LB, W1, restarted), memo=built))
+    assert [c.address for c in found] == [key(W1), key(restarted)] and not same
