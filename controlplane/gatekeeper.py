@@ -23,6 +23,9 @@ from controlplane.prober import Prober
 
 log = logging.getLogger(__name__)
 
+REFILL = 0.01
+"""Seconds the probe thread waits for room when as many probes as allowed are under way."""
+
 
 class Gatekeeper:
     def __init__(
@@ -51,6 +54,9 @@ class Gatekeeper:
         self._awaited: set[R.Address] = set()
         """Probes sent by the pass under way, which waits for them itself."""
         self._thread: threading.Thread | None = None
+        self._planned = math.inf
+        """When the probe thread means to wake next: an answer wakes it only if it moves that
+        earlier, so a storm of answers does not make it scan every backend for each."""
         self._closed = False
         self.on_change: list[Callable[[], None]] = []
         """Called when an answer or a start period's end changed what the gate lets in."""
@@ -131,7 +137,9 @@ class Gatekeeper:
             after = self._state.reach(key.network).unreachable
             in_pass = key in self._awaited
             self._awaited.discard(key)
-            self._changed.notify_all()
+            track = self._state.tracks.get(key)
+            if in_pass or (track is not None and track.next_at < self._planned):
+                self._changed.notify_all()
         if after is not None and before is None:
             log.warning(
                 "network %s: the controller cannot reach its backends (%s); new backends on it "
@@ -163,5 +171,9 @@ class Gatekeeper:
                 # Read again under the lock: an answer since the tick may have moved it.
                 wake = R.next_wake(self._state)
                 left = wake - self._clock()
-                if left > 0:
+                if left <= 0:  # due, but as many probes as allowed are under way: let some end
+                    self._changed.wait(REFILL)
+                else:
+                    self._planned = wake
                     self._changed.wait(None if wake == math.inf else left)
+                    self._planned = math.inf

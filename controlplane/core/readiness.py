@@ -253,7 +253,8 @@ def record(
     if track is not None:
         tracks[key] = _probed(track, outcome, now, draw, policy, reach.unreachable is not None)
     after = Readiness(tracks, networks)
-    return after, _changed(readiness, after, key.network)
+    flipped = was.unreachable != reach.unreachable
+    return after, flipped or readiness.served(key) != after.served(key)
 
 
 def _reach(was: Reach, outcome: Outcome, sent: float, now: float, policy: ReadinessPolicy) -> Reach:
@@ -299,16 +300,6 @@ def _probed(
     if track.phase is Phase.INCUMBENT and outcome is Outcome.REFUSED:
         return replace(probed, phase=Phase.PENDING, since=now)
     return probed
-
-
-def _changed(before: Readiness, after: Readiness, network: str) -> bool:
-    if before.reach(network).unreachable != after.reach(network).unreachable:
-        return True
-    return any(
-        before.served(key) != after.served(key)
-        for key, track in after.tracks.items()
-        if key.network == network and track is not before.tracks.get(key)
-    )
 
 
 def advance(readiness: Readiness, now: float) -> tuple[Readiness, bool]:
