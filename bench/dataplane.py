@@ -257,6 +257,9 @@ def pass_phases(report: ReconcileReport, mark_ns: int, seen_ns: int, what: str) 
     phases |= {
         "  list + inspect": [report.timings.get("list", 0) * 1000],
         "  build + render": [report.timings.get("render", 0) * 1000],
+        "  readiness: probe newcomers, wait for their answers": [
+            report.timings.get("ready", 0) * 1000
+        ],
     }
     steps: dict[str, float] = {}
     for result in report.deployed:

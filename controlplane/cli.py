@@ -222,6 +222,15 @@ RUN: list[Decorator] = [
         "workers route by the old config.",
     ),
     setting(
+        "readiness_wait",
+        "--readiness-wait",
+        default=0.025,
+        type=click.FloatRange(0, 1),
+        help="Seconds a reconcile waits at most for the first probe of its new backends, so "
+        "one that already listens gets traffic in that reconcile; the others are probed every "
+        "~50 ms and join as soon as their port accepts a connection.",
+    ),
+    setting(
         "resync_interval",
         "--resync",
         default=30.0,

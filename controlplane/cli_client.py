@@ -141,6 +141,11 @@ def service_text(service: dict[str, Any]) -> str:
                 ],
             )
         )
+    lines.extend(
+        f"{b['name']} ({b['network']}) is {b['state']}: {b['reason']}"
+        for b in service["backends"]
+        if b.get("reason")
+    )
     lines.extend(nginx_lines(service))
     lines.extend(f"excluded {e['container']}: {e['reason']}" for e in service["excluded"])
     lines.extend(f"warning: {w}" for w in service["warnings"])

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from controlplane.core.model import BackendState
+from controlplane.core.readiness import Outcome
 from controlplane.core.served import NginxState
 from controlplane.snapshot import ReconcileReport, Snapshot
 
@@ -60,6 +61,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._probes = Counter(
+            "controlplane_readiness_probes",
+            "TCP connects the readiness gate tried on new backends, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.registry.register(_SnapshotCollector(snapshot, dns_outcomes, nginx))
 
     def on_report(self, report: ReconcileReport) -> None:
@@ -74,6 +81,9 @@ class Metrics:
 
     def on_failure(self, _reason: str, _error: str) -> None:
         self._failures.inc()
+
+    def on_probe(self, outcome: Outcome) -> None:
+        self._probes.labels(outcome.value).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -49,6 +49,7 @@ from controlplane.core.model import (
     Overrides,
     Topology,
 )
+from controlplane.core.readiness import Hold
 from controlplane.core.render import RenderCache, render_config
 from controlplane.core.schedule import Holding, Outcome, Run, Schedule, Timing, Wait
 from controlplane.core.served import (
@@ -113,6 +114,19 @@ class Deployer(Protocol):
     def close(self) -> None: ...
 
 
+class Gate(Protocol):
+    """The readiness gate (Gatekeeper, or a fake in tests)."""
+
+    def admit(self, topology: Topology, first: bool) -> Topology:
+        """The topology with the backends it holds out; `first`: the controller's first pass,
+        whose backends an nginx may already serve."""
+        ...
+
+    def holds(self) -> Mapping[tuple[str, str], Hold]: ...
+
+    def close(self) -> None: ...
+
+
 class EventStream(Protocol):
     def open_events(self) -> Iterator[DockerEvent]: ...
 
@@ -151,9 +165,12 @@ class Reconciler:
         settings: Settings,
         clock: Callable[[], float] = time.monotonic,
         overrides: Callable[[], Overrides] = Overrides,
+        gate: Gate | None = None,
     ) -> None:
-        """`overrides` returns the operator's current choices (the store's value)."""
+        """`overrides` returns the operator's current choices (the store's value); `gate`
+        holds new backends out until they are ready (None: nothing is held)."""
         self._source = source
+        self._gate = gate
         self._overrides = overrides
         self._deployer = deployer
         self._template = template
@@ -221,8 +238,14 @@ class Reconciler:
         return any(self._watches(e.network) for e in facts.endpoints)
 
     def close(self) -> None:
-        """Ends the shells kept open in nginx containers."""
+        """Ends the shells kept open in nginx containers, and the gate's probes."""
         self._deployer.close()
+        if self._gate is not None:
+            self._gate.close()
+
+    def holds(self) -> Mapping[tuple[str, str], Hold]:
+        """By (container id, network): why the gate holds each held backend out."""
+        return self._gate.holds() if self._gate is not None else {}
 
     def invalidate(self) -> None:
         """Re-inspect everything: for resyncs and reconnects. A config nginx refused is tried
@@ -269,8 +292,12 @@ class Reconciler:
         topology = build_topology(
             state, self._build, self._marks, self._overrides(), memo=self._build_memo
         )
+        if self._gate is not None:
+            gating = time.perf_counter()
+            topology = self._gate.admit(topology, first=self.snapshot is None)
+            timings["ready"] = time.perf_counter() - gating
         config = render_config(topology, self._template, self._render, self._render_cache)
-        timings["render"] = time.perf_counter() - mark
+        timings["render"] = time.perf_counter() - mark - timings.get("ready", 0.0)
         digest = checksum(config)
         previous = self.snapshot
         if previous is not None and previous.checksum == digest and previous.topology == topology:
@@ -587,6 +614,7 @@ class Notice(enum.Enum):
     """What the watcher and `stop()` put in the loop's queue beside events and tickets."""
 
     RESTORED = "the event stream is back"
+    READINESS = "a backend's readiness changed"
     STOP = "stop"
 
 
@@ -652,6 +680,10 @@ class ControlLoop:
         self._events.close_events()
         self._queue.put(Notice.STOP)
 
+    def readiness_changed(self) -> None:
+        """The gate let a backend in or out between passes: a pass is due at once."""
+        self._queue.put(Notice.READINESS)
+
     def request(self, reason: str, resync: bool = False) -> PassTicket:
         """Ask for a pass now, without waiting for a quiet event stream; `resync` re-inspects
         everything first."""
@@ -706,6 +738,8 @@ class ControlLoop:
         elif item is Notice.RESTORED:
             self._reconciler.invalidate()
             self._schedule = self._schedule.restored(self._clock())
+        elif item is Notice.READINESS:
+            self._schedule = self._schedule.prompt(self._clock(), item.value)
 
     def run_due(self) -> float:
         """Run every pass that is due now, one after another; returns when the next one is

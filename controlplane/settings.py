@@ -39,6 +39,8 @@ class Settings:
     """Deploy through a shell kept open in each nginx that has one (nginx_shell)."""
     retire_old_workers: bool = True
     """Through the shell, retire nginx's old workers once the new ones are up (nginx_workers)."""
+    readiness_wait: float = 0.025
+    """Seconds a pass waits at most for its new backends' first probes (gatekeeper)."""
     resync_interval: float = 30.0
     stop_grace: float = 60.0
     dns_binds: tuple[str, ...] = ()

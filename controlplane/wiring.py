@@ -17,8 +17,10 @@ from controlplane.dns_answer import Answerer
 from controlplane.dns_server import DnsServer, Forwarder
 from controlplane.docker_source import DockerSource, connect
 from controlplane.errors import ControlPlaneError
+from controlplane.gatekeeper import Gatekeeper
 from controlplane.metrics import Metrics
 from controlplane.nginx_deployer import NginxDeployer
+from controlplane.prober import TcpProber
 from controlplane.reconciler import ControlLoop, Reconciler
 from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
 from controlplane.store import FILE_NAME, OverrideStore
@@ -58,14 +60,17 @@ def build_controller(settings: Settings) -> Controller:
     store = OverrideStore(settings.state_dir)
     template = load_template(settings.templates_dir)
     api = connect(settings.docker_url)
+    gatekeeper = Gatekeeper(TcpProber(), settings.readiness_wait)
     reconciler = Reconciler(
         DockerSource(api, settings.networks),
         NginxDeployer(api, shell=settings.nginx_shell, retire=settings.retire_old_workers),
         template,
         settings,
         overrides=lambda: store.current,
+        gate=gatekeeper,
     )
     loop = ControlLoop(reconciler, DockerSource(connect(settings.docker_url)), settings)
+    gatekeeper.on_change.append(loop.readiness_changed)
     dns = _dns_server(settings, reconciler)
     activity = Activity()
     metrics = Metrics(
@@ -74,6 +79,7 @@ def build_controller(settings: Settings) -> Controller:
         lambda: reconciler.nginx,
     )
     reconciler.on_report.extend([activity.on_report, metrics.on_report])
+    gatekeeper.on_probe.append(metrics.on_probe)
     loop.on_failure.extend([activity.on_failure, metrics.on_failure])
     server = None
     if api_bind is not None:
@@ -107,6 +113,7 @@ def api_context(
         ready=not_ready,
         nginx=lambda: reconciler.nginx,
         config_of=reconciler.config_of,
+        holds=reconciler.holds,
         token=settings.api_token,
         wait_timeout=settings.wait_timeout,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from flask import Response, current_app, request
@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from controlplane.activity import Activity
 from controlplane.api.bodies import parse, parse_query
 from controlplane.api.views import Error, ErrorBody
+from controlplane.core.readiness import Hold
 from controlplane.core.served import NginxState
 from controlplane.errors import ApiError
 from controlplane.metrics import Metrics
@@ -43,6 +44,8 @@ class ApiContext:
     """What each managed nginx runs, by container id (core.served)."""
     config_of: Callable[[str], str | None]
     """The config a managed nginx (by container id) is given, as its data plane wants."""
+    holds: Callable[[], Mapping[tuple[str, str], Hold]] = field(default=lambda: {})
+    """By (container id, network): why the readiness gate holds a backend out."""
     token: str | None = None
     wait_timeout: float = 10.0
 

@@ -74,7 +74,12 @@ def _view(name: str, snapshot: Snapshot) -> V.Service:
     if service is None:
         return V.absent_service_view(name, overrides)
     return V.service_view(
-        service, snapshot.topology, overrides, snapshot.serves, _nginx_states(snapshot)
+        service,
+        snapshot.topology,
+        overrides,
+        snapshot.serves,
+        _nginx_states(snapshot),
+        context().holds(),
     )
 
 
@@ -145,10 +150,11 @@ def list_services() -> Response:
     snapshot = _snapshot()
     overrides = context().store.current
     nginx = _nginx_states(snapshot)
+    holds = context().holds()
     return reply(
         V.ServiceList(
             services=[
-                V.service_view(s, snapshot.topology, overrides, snapshot.serves, nginx)
+                V.service_view(s, snapshot.topology, overrides, snapshot.serves, nginx, holds)
                 for s in snapshot.topology.services
             ]
         )

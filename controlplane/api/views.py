@@ -3,7 +3,8 @@ them), and how each is made from the core's model; no Flask, no I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from controlplane.api.bodies import Algorithm
 from controlplane.core import model as core
 from controlplane.core.dns_records import Record, Soa, Srv, Zone
+from controlplane.core.readiness import Hold
 from controlplane.core.served import Failure as CoreFailure
 from controlplane.core.served import NginxState, Serves
 
@@ -42,6 +44,11 @@ class Backend(Reply):
     weight: int
     backup: bool
     state: core.BackendState
+    reason: str | None = Field(
+        description="why it is not up, when the controller knows more than its state: e.g. "
+        "waiting for its port to accept a connection (the readiness gate)"
+    )
+    since: str | None = Field(description="when that began (null: no reason given)")
     in_nginx: bool | None = Field(
         description="every managed nginx runs a config that sends it requests (null: not "
         "known yet, or no managed nginx)"
@@ -222,7 +229,16 @@ def in_nginx(service: str, container_id: str, nginx: Sequence[NginxState]) -> bo
     return True if len(known) == len(nginx) else None
 
 
-def backend_view(backend: core.Backend, service: str, nginx: Sequence[NginxState]) -> Backend:
+def backend_view(
+    backend: core.Backend,
+    service: str,
+    nginx: Sequence[NginxState],
+    holds: Mapping[tuple[str, str], Hold],
+) -> Backend:
+    """`holds`: the readiness gate's, by (container id, network)."""
+    hold = None
+    if backend.state in (core.BackendState.STARTING, core.BackendState.UNHEALTHY):
+        hold = holds.get((backend.container_id, backend.network))
     return Backend(
         container=backend.container_id,
         name=backend.container,
@@ -232,6 +248,10 @@ def backend_view(backend: core.Backend, service: str, nginx: Sequence[NginxState
         weight=backend.weight,
         backup=backend.backup,
         state=backend.state,
+        reason=hold.reason if hold else None,
+        since=datetime.fromtimestamp(hold.since, UTC).isoformat(timespec="milliseconds")
+        if hold
+        else None,
         in_nginx=in_nginx(service, backend.container_id, nginx),
         served_by=[
             n.container
@@ -300,8 +320,10 @@ def service_view(
     overrides: core.Overrides,
     wanted: Serves,
     nginx: Sequence[NginxState],
+    holds: Mapping[tuple[str, str], Hold],
 ) -> Service:
-    """`wanted`: what the current config sends traffic to; `nginx`: what each nginx runs."""
+    """`wanted`: what the current config sends traffic to; `nginx`: what each nginx runs;
+    `holds`: why the readiness gate holds backends out."""
     return Service(
         name=service.name,
         exists=True,
@@ -309,7 +331,7 @@ def service_view(
         algorithm=Algorithm.of(service.algorithm),
         algorithm_source=service.algorithm_source,  # type: ignore[arg-type]
         hosts=list(service.names),
-        backends=[backend_view(b, service.name, nginx) for b in service.backends],
+        backends=[backend_view(b, service.name, nginx, holds) for b in service.backends],
         nginx=service_nginx_views(service.name, wanted, nginx),
         excluded=[
             Excluded(container=e.container, reason=e.reason)

@@ -82,12 +82,17 @@ def only_adds_capacity(before: Topology, after: Topology) -> bool:
 
 
 def adds_backends(before: Topology, after: Topology) -> bool:
-    """True when some service gained capacity: a newcomer (serving or starting) or a backend
-    whose health check now passes."""
+    """True when some service gained capacity that serves: a newcomer that is up, or a
+    backend whose health check or readiness now passes. A newcomer still starting is not yet:
+    counted, it would make its own first good check wait for a scale-out that never came."""
     old = {s.name: {_key(b): b for b in s.backends} for s in before.services}
     for service in after.services:
         was = old.get(service.name, {})
-        if any(_grew(was.get(_key(b)), b) for b in service.backends if was.get(_key(b)) != b):
+        if any(
+            _grew(was.get(_key(b)), b)
+            for b in service.backends
+            if b.state is BackendState.UP and was.get(_key(b)) != b
+        ):
             return True
     return False
 

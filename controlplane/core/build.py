@@ -25,6 +25,7 @@ from controlplane.core.model import (
     DockerState,
     Endpoint,
     Exclusion,
+    HealthCheck,
     Method,
     NginxTarget,
     Overrides,
@@ -344,6 +345,7 @@ def _plan(
                 backend.max_fails,
                 backend.fail_timeout,
                 backend.max_conns,
+                container.started_at,
             ),
             service,
         )
@@ -473,6 +475,7 @@ def _service(
         backends=tuple(backends),
         warnings=tuple(warnings),
         names=tuple(dict.fromkeys((name, f"{name}.{domain}", *(settings.hosts or ())))),
+        health=_health(settings),
     )
     return service, tuple(excluded)
 
@@ -491,6 +494,8 @@ def _merge_service_labels(members: Sequence[_Member]) -> tuple[L.ServiceLabels, 
         "consistent": L.HASH_CONSISTENT,
         "two": L.RANDOM_TWO,
         "hosts": L.HOSTS,
+        "health": L.HEALTH,
+        "start_period": L.HEALTH_START_PERIOD,
     }
     for m in members:
         container = m.backend.container
@@ -531,6 +536,15 @@ def _algorithm(settings: L.ServiceLabels) -> tuple[Algorithm, str, str | None]:
     if problem:
         return Algorithm(), "default", problem
     return algorithm, "label" if settings.method is not None else "default", None
+
+
+def _health(settings: L.ServiceLabels) -> HealthCheck:
+    default = HealthCheck()
+    if settings.health is None and settings.start_period is None:
+        return default
+    return HealthCheck(
+        settings.health or default.mode, settings.start_period or default.start_period
+    )
 
 
 def _claim_hosts(services: list[Service], domain: str) -> tuple[list[Service], list[str]]:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from controlplane.core.model import Algorithm, DataPlane, Method
+from controlplane.core.model import Algorithm, DataPlane, HealthMode, Method
 from controlplane.errors import InvalidValue
 
 PREFIX = "controlplane."
@@ -31,6 +31,8 @@ RANDOM_TWO = PREFIX + "random_two"
 HOSTS = PREFIX + "hosts"
 CONFIG_PATH = PREFIX + "config_path"
 DATAPLANE = PREFIX + "dataplane"
+HEALTH = PREFIX + "health"
+HEALTH_START_PERIOD = PREFIX + "health.start_period"
 
 T = TypeVar("T")
 
@@ -54,6 +56,8 @@ KNOWN_LABELS = frozenset(
         HOSTS,
         CONFIG_PATH,
         DATAPLANE,
+        HEALTH,
+        HEALTH_START_PERIOD,
     }
 )
 
@@ -92,6 +96,7 @@ HASH_PREFIX_VARIABLE_RE = re.compile(r"(http|cookie|arg)_[A-Za-z0-9_]+")
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 MAX_DURATION_SECONDS = 86_400
+MAX_START_PERIOD = 3600
 
 
 def show(value: str) -> str:
@@ -151,6 +156,31 @@ def parse_duration(value: str, label: str) -> str:
             "(e.g. 10s, 2m), at most 24h"
         )
     return text
+
+
+def parse_seconds(value: str, label: str, low: int, high: int) -> int:
+    """The duration grammar above, as seconds from `low` to `high`."""
+    text = value.strip()
+    match = DURATION_RE.fullmatch(text)
+    factor = {"s": 1, None: 1, "m": 60, "h": 3600}
+    seconds = int(match.group(1)) * factor[match.group(2)] if match else -1
+    if not low <= seconds <= high:
+        raise InvalidValue(
+            f"{label}={show(value)} is not a duration from {low}s to {high}s: use whole "
+            "seconds, minutes or hours (e.g. 30s, 2m)"
+        )
+    return seconds
+
+
+def parse_health(value: str, what: str = HEALTH) -> HealthMode:
+    try:
+        return HealthMode(value.strip().lower())
+    except ValueError:
+        raise InvalidValue(
+            f"{what}={show(value)} is not a check: use tcp (the default: a new backend gets "
+            "traffic once its port accepts a connection) or none (at once); http comes with "
+            "active checks"
+        ) from None
 
 
 def parse_hash_key(value: str, what: str = HASH_KEY) -> str:
@@ -255,6 +285,8 @@ class ServiceLabels:
     consistent: bool | None = None
     two: bool | None = None
     hosts: tuple[str, ...] | None = None
+    health: HealthMode | None = None
+    start_period: int | None = None
 
 
 class _Collector:
@@ -306,6 +338,11 @@ def parse_service_labels(labels: Mapping[str, str]) -> ServiceLabels:
         consistent=c.get(HASH_CONSISTENT, lambda v: parse_bool(v, HASH_CONSISTENT)),
         two=c.get(RANDOM_TWO, lambda v: parse_bool(v, RANDOM_TWO)),
         hosts=c.get(HOSTS, parse_hosts),
+        health=c.get(HEALTH, parse_health),
+        start_period=c.get(
+            HEALTH_START_PERIOD,
+            lambda v: parse_seconds(v, HEALTH_START_PERIOD, 1, MAX_START_PERIOD),
+        ),
     )
     c.done()
     return result

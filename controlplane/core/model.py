@@ -34,6 +34,25 @@ class DataPlane(StrEnum):
     RELOAD = "reload"
 
 
+class HealthMode(StrEnum):
+    """How the controller checks a service's backends before they get traffic: `tcp` waits
+    until a new backend's port accepts a connection (core.readiness), `none` serves it as soon
+    as it runs (and Docker's own health check, if any, passes)."""
+
+    TCP = "tcp"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A service's check, from its service-wide labels."""
+
+    mode: HealthMode = HealthMode.TCP
+    start_period: int = 60
+    """Seconds a new backend has to accept a connection; after that it stays out until its
+    container restarts."""
+
+
 METHODS_WITHOUT_BACKUP = frozenset({Method.HASH, Method.IP_HASH, Method.RANDOM})
 
 
@@ -141,6 +160,8 @@ class Backend(NamedTuple):
     max_fails: int | None = None
     fail_timeout: str | None = None
     max_conns: int | None = None
+    started_at: str = ""
+    """When its container last started: a restart makes it a new backend to check."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +176,7 @@ class Service:
     names: tuple[str, ...] = ()
     """Every host name that routes to this service: NAME, NAME.DOMAIN, then `hosts`, each
     only where no other service owns it first."""
+    health: HealthCheck = HealthCheck()
 
     @property
     def live_backends(self) -> tuple[Backend, ...]:

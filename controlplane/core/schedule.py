@@ -218,6 +218,12 @@ class Schedule(Generic[Ticket, Event]):
         the stream has been quiet."""
         return replace(self, burst=replace(self._joined(now), restored=True))
 
+    def prompt(self, now: float, reason: str) -> Schedule[Ticket, Event]:
+        """Something the controller checks itself changed (the readiness gate let a backend
+        in or out): a pass is due at once, without a wait for quiet."""
+        burst = self._joined(now)
+        return replace(self, burst=replace(burst, at_once=True, reasons=(*burst.reasons, reason)))
+
     def _joined(self, now: float) -> Burst[Ticket, Event]:
         if self.burst is None:
             return Burst(now, now, at_once=False)

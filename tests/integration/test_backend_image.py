@@ -1,8 +1,10 @@
 """The backend test image (images/backend) as a user meets it in the demo: any path answers
-with the container's name, and a stopped then started container serves again."""
+with the container's name, a stopped then started container serves again, and LISTEN_DELAY_MS
+keeps its port closed for a while after the start."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -76,3 +78,30 @@ def test_stop_drains_and_start_serves_again(lab: Lab, backend: Container) -> Non
     backend.rename(renamed)
     backend.restart(timeout=10)
     wait_until(lambda: answer(lab, backend) == (200, renamed), what="the new name after a restart")
+
+
+def accepts(ip: str) -> bool:
+    try:
+        socket.create_connection((ip, 80), timeout=1.0).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_listen_delay_keeps_the_port_closed_for_that_long_and_a_stop_ends_it(lab: Lab) -> None:
+    net = lab.network()
+    backend = lab.backend(net, env={"LISTEN_DELAY_MS": "1500"}, start=False)
+    backend.start()
+    started = time.monotonic()
+    backend.reload()
+    ip = backend.attrs["NetworkSettings"]["Networks"][net.name]["IPAddress"]
+    assert not accepts(ip)
+    wait_until(lambda: accepts(ip), timeout=10, interval=0.01, what="the delayed listen")
+    assert time.monotonic() - started >= 1.4
+
+    late = lab.backend(net, env={"LISTEN_DELAY_MS": "600000"})
+    stopping = time.monotonic()
+    late.stop(timeout=10)
+    assert time.monotonic() - stopping < 5, "the stop signal did not end the delay"
+    late.reload()
+    assert late.attrs["State"]["ExitCode"] == 0

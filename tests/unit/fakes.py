@@ -1,5 +1,5 @@
 """Fakes for the reconciler's edges, satisfying the same Protocols as DockerSource,
-NginxDeployer and the event stream."""
+NginxDeployer, the event stream and the readiness prober."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 
 from controlplane.core.model import ContainerFacts, DockerState, NginxTarget
+from controlplane.core.readiness import Address, Outcome
 from controlplane.docker_source import DockerEvent
 from controlplane.errors import DockerUnavailable
 from controlplane.nginx_deployer import DeployResult
+from controlplane.prober import Done
 
 
 class FakeSource:
@@ -153,3 +155,31 @@ class FakeEvents:
 
     def close_events(self) -> None:
         self.closed.set()
+
+
+class FakeProber:
+    """Answers each probe at once with `answers[host]`; a probe of a host with no answer
+    waits in `pending` until the test calls `answer`."""
+
+    def __init__(self, answers: dict[str, Outcome] | None = None) -> None:
+        self.answers = dict(answers or {})
+        self.sent: list[Address] = []
+        self.pending: list[tuple[Address, Done]] = []
+
+    def probe(self, address: Address, timeout: float, done: Done) -> None:
+        self.sent.append(address)
+        outcome = self.answers.get(address.host)
+        if outcome is None:
+            self.pending.append((address, done))
+        else:
+            done(address, outcome)
+
+    def answer(self, host: str, outcome: Outcome) -> None:
+        """Each pending probe of `host` says `outcome`."""
+        waiting = [(a, d) for a, d in self.pending if a.host == host]
+        self.pending = [(a, d) for a, d in self.pending if a.host != host]
+        for address, done in waiting:
+            done(address, outcome)
+
+    def close(self) -> None:
+        pass

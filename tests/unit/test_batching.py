@@ -152,6 +152,7 @@ def test_health_checked_newcomers_and_their_first_pass_are_capacity() -> None:
     assert only_adds_capacity(topology(LB, W1), topology(LB, W1, starting))
     assert only_adds_capacity(topology(LB, W1, starting), topology(LB, W1, healthy))
     assert adds_backends(topology(LB, W1, starting), topology(LB, W1, healthy))
+    assert not adds_backends(topology(LB, W1), topology(LB, W1, starting))
     sick = container("w2", ip="172.20.0.3", health="unhealthy")
     assert not only_adds_capacity(topology(LB, W1, sick), topology(LB, W1, healthy))
 

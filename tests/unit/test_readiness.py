@@ -1,0 +1,317 @@
+"""The readiness gate's policy on a fake clock: who is probed when, who is served, and why
+the others are not."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from controlplane.core import labels as L
+from controlplane.core import readiness as R
+from controlplane.core.build import BuildMemo, build_topology
+from controlplane.core.model import BackendState, ContainerFacts, HealthMode, Topology
+from controlplane.errors import InvalidValue
+from tests.unit.builders import container, nginx, state
+
+LB = nginx("lb")
+W1 = container("w1", ip="172.20.0.2")
+W2 = container("w2", ip="172.20.0.3")
+POLICY = R.ReadinessPolicy(interval=0.05, jitter=0.2, silence=2.0, concurrency=256)
+
+
+def topology(*containers: ContainerFacts) -> Topology:
+    return build_topology(state(LB, *containers))
+
+
+def key(facts: ContainerFacts, port: int = 80) -> R.Address:
+    endpoint = facts.endpoints[0]
+    return R.Address(facts.id, facts.started_at, endpoint.network, endpoint.ip, port)
+
+
+def states(gated: Topology) -> dict[str, BackendState]:
+    return {b.container: b.state for s in gated.services for b in s.backends}
+
+
+class Gate:
+    """The policy driven as the gatekeeper drives it, on a fake clock."""
+
+    def __init__(self, *containers: ContainerFacts, first: bool = False, at: float = 0.0) -> None:
+        self.now = at
+        self.readiness = R.Readiness()
+        self.containers = containers
+        self.sent: list[R.Address] = []
+        self.passes: list[bool] = []
+        self.observe(*containers, first=first)
+
+    def observe(self, *containers: ContainerFacts, first: bool = False) -> Topology:
+        self.containers = containers
+        found = R.candidates(topology(*containers))
+        self.readiness = R.observe(self.readiness, found, self.now, first)
+        self.readiness, _ = R.advance(self.readiness, self.now)
+        return self.send()
+
+    def send(self) -> Topology:
+        self.readiness, chosen = R.due(self.readiness, self.now, POLICY)
+        self.sent.extend(chosen)
+        return self.gated
+
+    @property
+    def gated(self) -> Topology:
+        return R.gate(topology(*self.containers), self.readiness)
+
+    def answer(self, address: R.Address, outcome: R.Outcome, draw: float = 0.5) -> bool:
+        self.readiness, changed = R.record(
+            self.readiness, address, outcome, self.now, self.now, draw, POLICY
+        )
+        return changed
+
+    def at(self, now: float) -> bool:
+        self.now = now
+        self.readiness, changed = R.advance(self.readiness, now)
+        self.send()
+        return changed
+
+
+def test_a_newcomer_is_probed_at_once_and_held_until_it_connects() -> None:
+    gate = Gate(W1)
+    assert gate.sent == [key(W1)]
+    assert states(gate.gated) == {"w1": BackendState.STARTING}
+    assert gate.answer(key(W1), R.Outcome.CONNECTED)
+    assert states(gate.gated) == {"w1": BackendState.UP}
+    assert R.next_wake(gate.readiness) == math.inf
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.5, 0.999999])
+def test_a_refused_probe_is_tried_again_after_the_interval_within_the_jitter(draw: float) -> None:
+    gate = Gate(W1, at=10.0)
+    assert not gate.answer(key(W1), R.Outcome.REFUSED, draw)
+    wake = R.next_wake(gate.readiness)
+    assert 10.04 <= wake <= 10.06
+    gate.at(wake - 0.001)
+    assert gate.sent == [key(W1)]
+    gate.at(wake)
+    assert gate.sent == [key(W1), key(W1)]
+    assert states(gate.gated) == {"w1": BackendState.STARTING}
+
+
+def test_no_second_probe_while_one_is_in_flight() -> None:
+    gate = Gate(W1)
+    gate.at(5.0)
+    assert gate.sent == [key(W1)]
+    assert R.next_wake(gate.readiness) == 60.0  # only its start period's end
+
+
+def test_it_gives_up_after_the_start_period_and_says_why() -> None:
+    short = replace(W1, labels={L.HEALTH_START_PERIOD: "2s"})
+    gate = Gate(short, at=100.0)
+    gate.answer(key(short), R.Outcome.REFUSED)
+    hold = R.holds(gate.readiness, 101.2)[short.id, "app"]
+    assert hold.reason == "waiting for port 80 to accept a connection (since 1.2 s; refused)"
+    assert hold.since == 100.0
+    assert not gate.at(101.999)
+    assert gate.at(102.0)
+    assert states(gate.gated) == {"w1": BackendState.UNHEALTHY}
+    assert R.holds(gate.readiness, 103.0)[short.id, "app"] == R.Hold(
+        "never accepted a connection on port 80 within the start period (2s); it stays out "
+        "until it restarts",
+        102.0,
+    )
+    sent = len(gate.sent)
+    gate.at(200.0)
+    assert len(gate.sent) == sent and R.next_wake(gate.readiness) == math.inf
+
+
+def test_a_restart_is_a_newcomer_again() -> None:
+    short = replace(W1, labels={L.HEALTH_START_PERIOD: "1s"})
+    gate = Gate(short)
+    gate.at(1.0)
+    assert states(gate.gated) == {"w1": BackendState.UNHEALTHY}
+    restarted = replace(short, started_at="2024-05-01T10:05:00Z")
+    assert states(gate.observe(restarted)) == {"w1": BackendState.STARTING}
+    assert list(gate.readiness.tracks) == [key(restarted)]
+    assert gate.sent[-1] == key(restarted)
+
+
+def test_a_paused_backend_is_new_again_once_unpaused() -> None:
+    gate = Gate(W1)
+    gate.answer(key(W1), R.Outcome.CONNECTED)
+    gate.observe(replace(W1, status="paused"))
+    assert gate.readiness.tracks == {}
+    assert states(gate.observe(W1)) == {"w1": BackendState.STARTING}
+
+
+def test_health_none_serves_at_once_and_tracks_nothing() -> None:
+    off = replace(W1, labels={L.HEALTH: "none"})
+    gate = Gate(off, W2)  # service-wide: w2 says nothing, w1's label is the service's
+    assert gate.sent == []
+    assert R.candidates(topology(off, W2)) == []
+    assert states(gate.gated) == {"w1": BackendState.UP, "w2": BackendState.UP}
+
+
+def test_docker_health_still_applies_and_the_gate_adds_to_it() -> None:
+    unhealthy = replace(W1, health="unhealthy")
+    gate = Gate(unhealthy, W2)
+    gate.answer(key(unhealthy), R.Outcome.CONNECTED)
+    assert states(gate.gated) == {"w1": BackendState.UNHEALTHY, "w2": BackendState.STARTING}
+
+
+def test_what_the_first_pass_finds_stays_served_while_it_is_probed() -> None:
+    w3 = container("w3", ip="172.20.0.4")
+    gate = Gate(W1, W2, w3, first=True)
+    assert sorted(gate.sent) == sorted([key(W1), key(W2), key(w3)])
+    assert set(states(gate.gated).values()) == {BackendState.UP}
+    assert not gate.answer(key(W1), R.Outcome.CONNECTED)
+    assert not gate.answer(key(W2), R.Outcome.TIMEOUT)
+    assert gate.answer(key(w3), R.Outcome.REFUSED)  # its port is closed: out
+    assert states(gate.gated) == {
+        "w1": BackendState.UP,
+        "w2": BackendState.UP,
+        "w3": BackendState.STARTING,
+    }
+    gate.at(0.1)
+    assert gate.answer(key(W2), R.Outcome.REFUSED)
+    assert states(gate.gated)["w2"] is BackendState.STARTING
+    gate.at(0.2)
+    assert gate.answer(key(W2), R.Outcome.CONNECTED)
+    assert states(gate.gated)["w2"] is BackendState.UP
+
+
+def test_an_incumbent_that_never_answers_stays_served_after_its_start_period() -> None:
+    gate = Gate(W1, first=True)
+    gate.answer(key(W1), R.Outcome.TIMEOUT)  # the network answered another probe before
+    gate.readiness = replace(gate.readiness, networks={"app": R.Reach(answered=True)})
+    assert not gate.at(60.0)
+    assert gate.readiness.tracks[key(W1)].phase is R.Phase.READY
+    assert states(gate.gated) == {"w1": BackendState.UP}
+
+
+def test_later_passes_keep_what_was_found_and_add_newcomers_as_pending() -> None:
+    gate = Gate(W1, first=True)
+    gate.answer(key(W1), R.Outcome.CONNECTED)
+    assert states(gate.observe(W1, W2)) == {"w1": BackendState.UP, "w2": BackendState.STARTING}
+
+
+def test_a_network_without_a_route_is_not_gated_and_warned_about() -> None:
+    gate = Gate(W1)
+    assert gate.answer(key(W1), R.Outcome.NETWORK_UNREACHABLE)
+    gated = gate.gated
+    assert states(gated) == {"w1": BackendState.UP}
+    assert any("network app: the controller cannot reach" in w for w in gated.warnings)
+    assert states(gate.observe(W1, W2)) == {"w1": BackendState.UP, "w2": BackendState.UP}
+    assert not gate.answer(key(W2), R.Outcome.TIMEOUT)
+    assert gate.readiness.tracks[key(W2)].phase is R.Phase.READY
+
+
+def test_a_network_that_never_answers_is_unreachable_after_the_silence() -> None:
+    gate = Gate(W1)
+    gate.now = 1.0
+    assert not gate.answer(key(W1), R.Outcome.TIMEOUT)
+    gate.at(1.05)
+    gate.now = 2.0
+    assert gate.readiness.reach("app").unreachable is None
+    assert not gate.answer(key(W1), R.Outcome.HOST_UNREACHABLE)
+    gate.at(2.05)
+    gate.now = 3.0
+    assert gate.answer(key(W1), R.Outcome.TIMEOUT)  # sent at 2.05, silent since 0.0
+    assert states(gate.gated) == {"w1": BackendState.UP}
+
+
+def test_an_answer_makes_a_network_reachable_again() -> None:
+    gate = Gate(W1)
+    gate.answer(key(W1), R.Outcome.NETWORK_UNREACHABLE)
+    gate.observe(W1, W2)
+    assert gate.answer(key(W2), R.Outcome.REFUSED)
+    assert gate.readiness.reach("app") == R.Reach(answered=True)
+    assert not any("cannot reach" in w for w in gate.gated.warnings)
+    assert states(gate.gated) == {"w1": BackendState.UP, "w2": BackendState.STARTING}
+
+
+def test_timeouts_on_a_network_that_answered_hold_only_that_backend() -> None:
+    gate = Gate(W1, W2)
+    gate.answer(key(W1), R.Outcome.CONNECTED)
+    for second in range(1, 6):
+        gate.now = float(second)
+        gate.answer(key(W2), R.Outcome.TIMEOUT)
+        gate.send()
+    assert gate.readiness.reach("app").unreachable is None
+    assert states(gate.gated) == {"w1": BackendState.UP, "w2": BackendState.STARTING}
+
+
+def test_probes_in_flight_are_bounded() -> None:
+    many = [container(f"n{i}", ip=f"172.20.1.{i}") for i in range(5)]
+    readiness = R.observe(R.Readiness(), R.candidates(topology(*many)), 0.0, False)
+    readiness, first = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
+    readiness, none = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
+    assert len(first) == 2 and none == []
+    readiness, _ = R.record(readiness, first[0], R.Outcome.REFUSED, 0.0, 0.0, 0.5, POLICY)
+    _, more = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
+    assert len(more) == 1 and more[0] not in first
+
+
+def test_an_unchanged_service_stays_the_same_object() -> None:
+    built = topology(W1)
+    readiness = R.observe(R.Readiness(), R.candidates(built), 0.0, True)
+    assert R.gate(built, readiness) is built
+
+
+def test_a_backend_on_two_networks_is_probed_on_each() -> None:
+    both = container("w1", ip="172.20.0.2", more_networks={"db": "172.21.0.2"})
+    found = R.candidates(build_topology(state(LB, both, networks=("bridge", "app", "db"))))
+    assert sorted(c.address.network for c in found) == ["app", "db"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ({}, (HealthMode.TCP, 60)),
+        ({L.HEALTH: "TCP"}, (HealthMode.TCP, 60)),
+        ({L.HEALTH: "none"}, (HealthMode.NONE, 60)),
+        ({L.HEALTH_START_PERIOD: "2m"}, (HealthMode.TCP, 120)),
+        ({L.HEALTH_START_PERIOD: "1h"}, (HealthMode.TCP, 3600)),
+    ],
+    ids=["default", "tcp", "none", "minutes", "an-hour"],
+)
+def test_health_labels(labels: dict[str, str], expected: tuple[HealthMode, int]) -> None:
+    (service,) = topology(replace(W1, labels=labels)).services
+    assert (service.health.mode, service.health.start_period) == expected
+
+
+@pytest.mark.parametrize(
+    ("label", "value", "says"),
+    [
+        (L.HEALTH, "http", "http comes with active checks"),
+        (L.HEALTH, "tcp;", "is not a check: use tcp"),
+        (L.HEALTH_START_PERIOD, "0", "from 1s to 3600s"),
+        (L.HEALTH_START_PERIOD, "2h", "from 1s to 3600s"),
+        (L.HEALTH_START_PERIOD, "1.5s", "from 1s to 3600s"),
+        (L.HEALTH_START_PERIOD, "1d", "from 1s to 3600s"),
+    ],
+    ids=["http-not-yet", "junk", "zero", "too-long", "fraction", "unknown-unit"],
+)
+def test_a_bad_health_label_excludes_the_container(label: str, value: str, says: str) -> None:
+    with pytest.raises(InvalidValue, match=says):
+        L.parse_service_labels({label: value})
+    built = topology(replace(W1, labels={label: value}), W2)
+    assert [e.container for e in built.excluded] == ["w1"]
+    assert says in built.excluded[0].reason
+
+
+def test_the_oldest_container_sets_the_check_and_a_disagreement_is_warned() -> None:
+    older = replace(W1, labels={L.HEALTH: "none"}, created="2024-05-01T09:00:00Z")
+    (service,) = topology(older, replace(W2, labels={L.HEALTH: "tcp"})).services
+    assert service.health.mode is HealthMode.NONE
+    assert service.warnings == (f"{L.HEALTH}: w2 says tcp but w1 (older) says none; using none",)
+
+
+def test_the_candidate_memo_reads_only_changed_services_and_says_when_none_changed() -> None:
+    memo = R.CandidateMemo()
+    built = BuildMemo()
+    first = build_topology(state(LB, W1, W2), memo=built)
+    found, same = memo.candidates(first)
+    assert [c.address for c in found] == [key(W1), key(W2)] and not same
+    assert memo.candidates(build_topology(state(LB, W1, W2), memo=built)) == (found, True)
+    restarted = replace(W2, started_at="2024-05-01T10:05:00Z")
+    found, same = memo.candidates(build_topology(state(LB, W1, restarted), memo=built))
+    assert [c.address for c in found] == [key(W1), key(restarted)] and not same
