@@ -13,19 +13,24 @@
 --   version                 "<format>|<version>" of the base applied last
 --   delta                   the version of the delta applied over it (none since the base)
 --   loading                 set while a worker loads: the lock that keeps loaders one
+--   gen                     counts the loader's writes, and ejections (incr: in place, so it
+--                           evicts nothing): a worker that sees it change forgets what it
+--                           kept of host names and ejections (the one key read every request)
 --   names                   the service names applied ("\n"-joined)
---   r:<svc>                 the service's rev: the one read every request
+--   r:<svc>                 the service's rev: read when routing changed
 --   d:<svc>                 its rev followed by its JSON: read only when the rev changed
 --   h:<host>, n:<svc>       the service a host name routes to; the service's host names
 --                           (the state line's field), to take them back when they change
 -- Counters (`dict`), which may evict each other but never a route (a service name never
 -- holds ':' or '|'):
---   x:<svc>                 set while some peer of the service may be ejected
+--   x:<svc>                 until when some peer of the service may be ejected
 --   c:|f:|e:|w:|t:<svc>|<addr>  per peer: in flight (where a method or max_conns reads it),
 --                           failures, ejected, EWMA, the EWMA's time
 
 local balancer = require "ngx.balancer"
 local cjson = require "cjson.safe"
+local ffi = require "ffi"
+local get_request = require("resty.core.base").get_request
 
 local ngx = ngx
 local ngx_var = ngx.var
@@ -39,6 +44,7 @@ local floor, exp, random, min, max = math.floor, math.exp, math.random, math.min
 local concat, sort = table.concat, table.sort
 local type, tostring, tonumber, pairs, ipairs, pcall = type, tostring, tonumber, pairs, ipairs, pcall
 local null = cjson.null
+local cast, uintptr = ffi.cast, ffi.typeof("uintptr_t")
 
 local M = {}
 
@@ -47,6 +53,7 @@ local REHASHES = 20 -- nginx's bound on rehashes (ip_hash, hash, random) before 
 local RING_POINTS = 160 -- consistent hash points per weight unit, as nginx's ketama
 local DECAY = 10 -- seconds: a response time's weight in the EWMA falls by e in this time
 local EWMA_TTL = 10 * DECAY -- by then an EWMA has decayed to nothing: let the key go
+local HOSTS_KEPT = 10000 -- host names a worker keeps what they route to, before it starts again
 local LOCK_TTL = 5 -- seconds: the loader's lock outlives no loader that died holding it
 local NGX_BUSY = -3 -- from the balancer: nginx answers 502 "no live upstreams", as its own do
 
@@ -59,7 +66,12 @@ local dict -- the counters every worker shares
 local routes -- the routing every worker reads and the loader writes
 local FORMAT = "3" -- of both files: the base (state_path) and the delta over it
 local services = {} -- per worker: name -> the decoded service, or {rev, bad = why}
-local rev_keys = {} -- per worker: name -> "r:<name>", so a request concatenates nothing
+local rev_keys = {} -- per worker: name -> "r:<name>", so a lookup concatenates nothing
+local by_host, by_host_n = {}, 0 -- per worker: host -> its service or {deny, name}; how many
+local seen_gen -- per worker: the routes' `gen` by_host holds for
+-- per worker: each request's state from route to record (its service, the peers tried),
+-- keyed by nginx's request: ngx.ctx would cost a table and a registry reference a request
+local requests = {}
 local loaded_here = false -- per worker: it had the state loaded itself once (first_load)
 local cand, cand_n = {}, {} -- per worker scratch for least_conn (nothing yields while used)
 local stamp = 0 -- per worker: marks the peers a consistent hash walk has already seen
@@ -334,7 +346,7 @@ local function build(name, blob, old)
     end
     local svc = {
         name = name, rev = rev, method = method, primary = {}, backup = {}, live = 0, total = 0,
-        xkey = "x:" .. name, longest = 0,
+        xkey = "x:" .. name, longest = 0, x_until = 0,
         -- in-flight counts cost two shared dict writes a request: kept only where read
         counts = method == "least_conn" or method == "least_time",
     }
@@ -564,7 +576,7 @@ end
 -- nginx's ip_hash: the first three octets of IPv4, all of IPv6.
 local function ip_hash(svc, list, st, mode)
     local addr = st.ip
-    if addr == nil then
+    if not addr then
         addr = ngx_var.binary_remote_addr or ""
         if #addr ~= 4 and #addr ~= 16 then
             addr = "\0\0\0\0" -- nginx's pseudo address for a client that is no inet one
@@ -587,7 +599,7 @@ end
 
 local function hash_key(svc, st)
     local key = st.key
-    if key == nil then
+    if key == false then
         key = eval_key(svc.key)
         st.key = key
     end
@@ -635,7 +647,7 @@ local function chash(svc, list, st, mode)
         return round_robin(svc, list, st, mode)
     end
     local start = st.point
-    if start == nil then
+    if not start then
         start = first_at_least(hashes, crc32(key)) - 1 -- 0-based, n wraps to the first point
         st.point = start
     end
@@ -752,6 +764,12 @@ local function choose(svc, st)
     return nil
 end
 
+-- Until when some peer of the service may be ejected (0: none), as the shared dict says.
+local function ejections_until(svc)
+    local x = svc.longest > 0 and dict:get(svc.xkey)
+    return type(x) == "number" and x or 0
+end
+
 -- Passive failures: max_fails within fail_timeout eject the peer for fail_timeout.
 local function failed(svc, p)
     if p.max_fails == 0 or p.fail_timeout == 0 then
@@ -765,7 +783,9 @@ local function failed(svc, p)
             or p.fail_timeout
         dict:set(p.ekey, true, out)
         dict:delete(p.fkey)
-        dict:set(svc.xkey, true, svc.longest)
+        svc.x_until = clock_now() + svc.longest
+        dict:set(svc.xkey, svc.x_until, svc.longest)
+        routes:incr("gen", 1) -- each worker reads its services' x: key again
         log(WARN, "controlplane: service ", svc.name, ": ", p.addr, " (", p.container,
             ") ejected for ", out, " s after ", fails, " failed tries")
     end
@@ -780,6 +800,12 @@ local function release(p)
 end
 
 -- Entry points --------------------------------------------------------------------------
+
+-- nginx's request, as a number a table is keyed by
+local function request_key()
+    local key = tonumber(cast(uintptr, get_request()))
+    return key
+end
 
 local function deny(name, why)
     local body = format(why == "bad" and BAD_DATA or why == "host" and NO_SERVICE or NO_LIVE, name)
@@ -840,43 +866,9 @@ local function first_load()
     end
 end
 
-local function admit(name)
-    if not conf then
-        return "bad"
-    end
-    if not loaded_here then
-        first_load()
-    end
-    local svc, why = lookup(name)
-    if not svc then
-        return why
-    end
-    if svc.live == 0 then
-        return "none"
-    end
-    ngx.ctx.cp = { svc = svc, n = 0 }
-end
-
-local function admit_or_deny(name)
-    local ok, why = pcall(admit, name)
-    if not ok then
-        log(ERR, "controlplane: service ", name, ": ", why)
-        why = "bad"
-    end
-    if why then
-        return deny(name, why)
-    end
-end
-
 -- The service a host name routes to: the exact name, else the nearest `*.` wildcard (as
 -- nginx's server_name), from the host map the loader keeps.
 local function service_for(host)
-    if not conf then
-        return nil
-    end
-    if not loaded_here then
-        first_load()
-    end
     local name = routes:get("h:" .. host)
     local pos = find(host, ".", 1, true)
     while not name and pos do
@@ -886,26 +878,77 @@ local function service_for(host)
     return name
 end
 
--- Access phase of the one server the dynamic config has: the Host header picks the
--- service, so a new service or host name needs no reload either.
-function M.route()
-    local host = ngx_var.host or ""
-    local ok, name = pcall(service_for, host)
-    if not ok then
-        log(ERR, "controlplane: routing host ", host, ": ", name)
-        name = nil
+-- What a host name gets: its service, or {deny = why, name = the name the answer gives}.
+local function resolve(host)
+    if not loaded_here then
+        first_load()
     end
+    local name = service_for(host)
     if not name then
-        return deny(host, "host")
+        return { deny = "host", name = host }
     end
-    return admit_or_deny(name)
+    local ok, svc, why = pcall(lookup, name)
+    if not ok then
+        log(ERR, "controlplane: service ", name, ": ", svc)
+        why = "bad"
+    elseif svc and svc.live == 0 then
+        why = "none"
+    elseif svc then
+        return svc
+    end
+    return { deny = why, name = name }
 end
 
-local function balance(name)
-    local st = ngx.ctx.cp
-    if not st then
-        return "controlplane.route did not run for this request"
+-- A miss in this worker's memo of host names: the memo starts again when routing changed
+-- or a peer was ejected (`gen` counts both), and keeps what the host gets unless nothing
+-- was loaded yet; the service's ejections are read again with it.
+local function route_miss(host, gen)
+    if gen ~= seen_gen then
+        by_host, by_host_n, seen_gen = {}, 0, gen
     end
+    if not conf then
+        return { deny = "host", name = host }
+    end
+    local ok, hit = pcall(resolve, host)
+    if not ok then
+        log(ERR, "controlplane: routing host ", host, ": ", hit)
+        return { deny = "host", name = host }
+    end
+    if not hit.deny then
+        hit.x_until = ejections_until(hit)
+    end
+    if gen then
+        if by_host_n >= HOSTS_KEPT then -- any Host a client sends: bounded
+            by_host, by_host_n = {}, 0
+        end
+        by_host[host], by_host_n = hit, by_host_n + 1
+    end
+    return hit
+end
+
+-- Access phase of the one server the dynamic config has: the Host header picks the
+-- service, so a new service or host name needs no reload either. Unless routing changed,
+-- it costs one shared dict read: what a host gets is kept per worker.
+function M.route()
+    local host = ngx_var.host or ""
+    local gen = routes and routes:get("gen")
+    local hit = gen == seen_gen and by_host[host]
+    if not hit then
+        hit = route_miss(host, gen)
+    end
+    local why = hit.deny
+    if why then
+        return deny(hit.name, why)
+    end
+    -- every field a request may set, made at once (a table grown field by field costs more
+    -- than the rest of this phase): the tries, and what a hash or ip_hash computes once
+    requests[request_key()] = {
+        false, false, false, svc = hit, n = 0, held = false, busy = false, ejections = false,
+        ip = false, key = false, point = false,
+    }
+end
+
+local function balance(st)
     local svc, n = st.svc, st.n
     if n > 0 then -- a retry: the previous try is over
         if balancer.get_last_failure() == "failed" then
@@ -915,10 +958,12 @@ local function balance(name)
             release(st[n])
             st.held = false
         end
+        svc.x_until = ejections_until(svc) -- another worker may have ejected one since
     elseif svc.live > 1 then
         balancer.set_more_tries(min(svc.live - 1, MORE_TRIES))
     end
-    st.ejections = svc.longest > 0 and dict:get(svc.xkey) ~= nil
+    local ends = svc.x_until
+    st.ejections = ends > 0 and ends > clock_now()
     local p = choose(svc, st)
     if not p then
         st.busy = true
@@ -935,31 +980,33 @@ local function balance(name)
     end
 end
 
-function M.balance(name)
-    name = name or (ngx.ctx.cp and ngx.ctx.cp.svc.name)
-    local ok, err, busy = pcall(balance, name)
+function M.balance()
+    local st = requests[request_key()]
+    if not st then
+        log(ERR, "controlplane: balancer: controlplane.route did not run for this request")
+        return ngx.exit(ngx.ERROR)
+    end
+    local ok, err, busy = pcall(balance, st)
     if not ok or err then
-        log(ERR, "controlplane: service ", name, ": ", err)
+        log(ERR, "controlplane: service ", st.svc.name, ": ", err)
         return ngx.exit(ngx.ERROR)
     end
     if busy then
-        log(ERR, "controlplane: service ", name, ": every live peer is at its max_conns")
+        log(ERR, "controlplane: service ", st.svc.name, ": every live peer is at its max_conns")
         return ngx.exit(NGX_BUSY)
     end
 end
 
-local function record()
-    local st = ngx.ctx.cp
-    if not st or st.n == 0 then
-        return
-    end
+local function record(st)
     local svc, n = st.svc, st.n
     local last = st[n]
     -- the answer is the last try's (or nginx's 502/504 for its connect error or timeout);
     -- after a busy pick it is nginx's own 502, not this peer's
-    local status = ngx.status
-    if not st.busy and (status == 502 or status == 503 or status == 504) then
-        failed(svc, last)
+    if not st.busy and last.max_fails > 0 then
+        local status = ngx.status
+        if status == 502 or status == 503 or status == 504 then
+            failed(svc, last)
+        end
     end
     if st.held then
         release(last)
@@ -984,11 +1031,19 @@ local function record()
     end
 end
 
-function M.record(name)
-    name = name or (ngx.ctx.cp and ngx.ctx.cp.svc.name)
-    local ok, err = pcall(record)
-    if not ok then
-        log(ERR, "controlplane: service ", name, ": ", err)
+-- Log phase: the request's last try, and its end in this worker's table of requests.
+function M.record()
+    local key = request_key()
+    local st = requests[key]
+    if not st then
+        return
+    end
+    requests[key] = nil
+    if st.n > 0 then
+        local ok, err = pcall(record, st)
+        if not ok then
+            log(ERR, "controlplane: service ", st.svc.name, ": ", err)
+        end
     end
 end
 
@@ -1187,6 +1242,14 @@ local function apply_delta(lines)
     return changed, removed
 end
 
+-- Tells the workers' memos of host names that routing changed: after every write of the
+-- loader's, one applied in part too.
+local function routing_changed()
+    if not routes:incr("gen", 1) then
+        routes:safe_set("gen", 1)
+    end
+end
+
 -- Whether version `a` is after `b` (digit strings without leading zeros: any length).
 local function after(a, b)
     return #a > #b or (#a == #b and a > b)
@@ -1236,6 +1299,7 @@ local function load_base()
         return true
     end
     local changed, removed = apply_base(lines, names)
+    routing_changed()
     local ok
     ok, err = changed ~= nil, removed
     if ok then
@@ -1295,6 +1359,7 @@ local function load_delta()
             ") ignored whole: ", why, "; the state is kept as it was")
     end
     local changed, removed = apply_delta(lines)
+    routing_changed()
     local ok
     ok, err = changed ~= nil, removed
     if ok then
