@@ -6,21 +6,28 @@ each path in turn, the order rotating every round, so a noisy machine weighs on 
 each run, requests/s and the proxy nginx's CPU time per request (master and workers, from
 /proc). Optional rows: the three Lua phases doing nothing but pick one of the two backends
 (`--floor`: what having the phases costs at all), and the Lua path of another revision of
-templates/lua/controlplane.lua in a proxy of its own (`--against REV`). Run:
+templates/lua/controlplane.lua in a proxy of its own (`--against REV`).
+
+`--idle-polls 0.001,0.002,0.005` measures the loader instead: an idle nginx (1 worker) per
+interval, all at once, over a base of 1,000 services x 10 backends and a delta of one, none
+of which changes: the worker's CPU time per second, each poll reading the first line of both
+files. One with a poll of an hour is the baseline. Run:
 
     .venv/bin/python bench/lua_cost.py [--rounds 5] [--seconds 5] [--workers 2] [--floor]
-        [--against REV] [--method round_robin]
+        [--against REV] [--method round_robin] [--idle-polls 0.001,0.005 --idle-seconds 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import operator
 import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +58,7 @@ FLOOR = """\
         }
     }"""
 """The three phases with no work of controlplane's: a random one of the two backends."""
+HOUR = 3600.0
 
 
 @dataclass(frozen=True)
@@ -130,8 +138,10 @@ def source_at(revision: str) -> str:
 
 
 def report(results: dict[str, Runs], args: argparse.Namespace, load: float) -> None:
+    """Each path beside the native upstream by the medians of its rounds' ratios and
+    differences: a round's turns run within seconds of each other, so the machine's drift
+    between rounds cancels."""
     native = next(iter(results.values()))
-    rate0, cpu0 = statistics.median(native.rates), statistics.median(native.cpu_us)
     rows = [
         [
             name,
@@ -139,19 +149,57 @@ def report(results: dict[str, Runs], args: argparse.Namespace, load: float) -> N
             f"{percentile(runs.rates, 99):,.0f}",
             f"{statistics.median(runs.cpu_us):.2f}",
             f"{percentile(runs.cpu_us, 99):.2f}",
-            f"{statistics.median(runs.rates) / rate0:.3f}",
-            f"{statistics.median(runs.cpu_us) - cpu0:+.2f}",
+            f"{statistics.median(map(operator.truediv, runs.rates, native.rates)):.3f}",
+            f"{statistics.median(map(operator.sub, runs.cpu_us, native.cpu_us)):+.2f}",
             str(runs.failed),
         ]
         for name, runs in results.items()
     ]
     header = ("path", "req/s p50", "req/s p99", "CPU us/req p50", "CPU p99",
-              "req/s vs native", "CPU vs native, us", "errors")  # fmt: skip
+              "req/s / native's", "CPU - native's, us", "errors")  # fmt: skip
     print(table(rows, header))
     print(
         f"{args.rounds} rounds of wrk -t1 -c20 -d{args.seconds}s per path, turns rotating; the "
         f"proxy nginx: {args.workers} workers, {args.method} over 2 backends in another nginx; "
         f"load average at the start: {load:.2f}"
+    )
+    print(machine_line())
+
+
+def idle_polls(polls: Sequence[float], seconds: int) -> None:
+    """The loader's cost when nothing changes, per poll interval (see the docstring)."""
+    body = {f"svc-{i}": service_json("round_robin", [Peer(20000 + i * 10 + j) for j in range(10)])
+            for i in range(1000)}  # fmt: skip
+    started: list[tuple[float, LuaNginx]] = []
+    with tempfile.TemporaryDirectory(prefix="lua-poll-") as tmp:
+        try:
+            for poll in [HOUR, *polls]:
+                directory = Path(tmp, f"poll-{poll}")
+                directory.mkdir()
+                nginx = LuaNginx(directory, [], workers=1, poll=poll)
+                nginx.state.put(**body)
+                nginx.state.put(**{"svc-0": body["svc-1"]})
+                nginx.start()
+                nginx.wait_applied(0)
+                started.append((poll, nginx))
+            size = started[0][1].state.path.stat().st_size
+            before = {poll: cpu_seconds(nginx) for poll, nginx in started}
+            time.sleep(seconds)
+            used = {poll: cpu_seconds(nginx) - before[poll] for poll, nginx in started}
+        finally:
+            for _, nginx in started:
+                nginx.stop()
+    idle = used[HOUR] / seconds
+    rows = [["none (1 h)", f"{idle * 1000:.2f}", f"{idle * 100:.3f}", "-"]]
+    for poll in polls:
+        per_second = used[poll] / seconds
+        per_poll_us = (per_second - idle) * poll * 1e6
+        rows.append([f"{poll * 1000:g} ms", f"{per_second * 1000:.2f}",
+                     f"{per_second * 100:.3f}", f"{per_poll_us:.1f}"])  # fmt: skip
+    print(table(rows, ("poll", "CPU ms/s", "% of a core", "us per poll")))
+    print(
+        f"idle nginx, 1 worker, over {seconds} s, all at once; base {size:,} bytes "
+        f"(1,000 services x 10 backends) and a delta of 1 service, neither changing"
     )
     print(machine_line())
 
@@ -164,7 +212,12 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="add the do-nothing Lua phases")
     parser.add_argument("--against", help="a git revision whose Lua runs side by side")
     parser.add_argument("--method", default="round_robin")
+    parser.add_argument("--idle-polls", help="poll intervals (s), comma-separated")
+    parser.add_argument("--idle-seconds", type=int, default=30)
     args = parser.parse_args()
+    if args.idle_polls:
+        idle_polls([float(p) for p in args.idle_polls.split(",")], args.idle_seconds)
+        return
     ports = [free_port(), free_port()]
     peers = [Peer(p) for p in ports]
     key = "$remote_addr" if args.method == "hash" else None

@@ -218,7 +218,7 @@ http {
 controlplane = (function()
 %(source)s
 end)()
-controlplane.configure({state_path = "%(state)s", delta_path = "%(delta)s", poll = 0.005,
+controlplane.configure({state_path = "%(state)s", delta_path = "%(delta)s", poll = %(poll)s,
     dict = "controlplane", routes = "controlplane_routes"})
     }
     init_worker_by_lua_block { controlplane.init_worker() }
@@ -298,7 +298,8 @@ class LuaNginx:
     gives it other host names), and optional native upstreams (`native`: name -> (balancing
     directive or "", peers)) for comparison, reached as native-<name>. `extra`: more server
     blocks, where %(front)s and %(proxy)s stand for the front's address and the proxy
-    settings; `lua_source`: another version of the balancer's source."""
+    settings; `lua_source`: another version of the balancer's source; `poll`: the loader's
+    interval, seconds."""
 
     def __init__(
         self,
@@ -310,6 +311,7 @@ class LuaNginx:
         workers: int = 2,
         extra: Sequence[str] = (),
         lua_source: str | None = None,
+        poll: float = 0.005,
     ) -> None:
         self.directory = directory
         self.binary = lua_nginx_binary()
@@ -332,6 +334,7 @@ class LuaNginx:
                 # as root the workers would be nobody, who can't read a test's tmp dir
                 "user": "user root;" if os.geteuid() == 0 else "",
                 "workers": workers,
+                "poll": poll,
                 "dir": self.directory,
                 "level": error_level,
                 "source": lua_source or LUA_SOURCE.read_text(encoding="utf-8"),
