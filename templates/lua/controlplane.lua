@@ -24,8 +24,8 @@
 -- Counters (`dict`), which may evict each other but never a route (a service name never
 -- holds ':' or '|'):
 --   x:<svc>                 until when some peer of the service may be ejected
---   c:|f:|e:|w:|t:<svc>|<addr>  per peer: in flight (where a method or max_conns reads it),
---                           failures, ejected, EWMA, the EWMA's time
+--   c:|f:|e:|w:<svc>|<addr>|<container>  per peer: in flight (where a method or max_conns
+--                           reads it), failures, ejected, EWMA (its time in the flags)
 
 local balancer = require "ngx.balancer"
 local cjson = require "cjson.safe"
@@ -245,7 +245,7 @@ local function make_peer(name, p)
     -- must not inherit the last one's failures or ejection
     local id = name .. "|" .. addr .. "|" .. peer.container
     peer.ckey, peer.fkey, peer.ekey = "c:" .. id, "f:" .. id, "e:" .. id
-    peer.wkey, peer.tkey = "w:" .. id, "t:" .. id
+    peer.wkey = "w:" .. id
     return peer
 end
 
@@ -286,6 +286,23 @@ local function build_ring(svc, old)
     svc.ring_hash, svc.ring_peer, svc.points = hashes, peers, points
 end
 
+-- An EWMA's key holds the time of its last sample in its flags, so one read gets both:
+-- milliseconds, wrapping at 2^32 - 1 (49 days, far beyond EWMA_TTL), never 0 (no flags).
+local WRAP = 4294967295
+
+local function sampled_at(t)
+    return floor(t * 1000) % WRAP + 1
+end
+
+-- Seconds from `at` (sampled_at's) to `t`, or nil when there is no time.
+local function since(at, t)
+    if not at then
+        return nil
+    end
+    local ms = (sampled_at(t) - at) % WRAP
+    return ms < WRAP / 2 and ms / 1000 or 0 -- behind: another worker's clock is a moment ahead
+end
+
 -- A peer added by a state change starts at the mean of the others' EWMA (none has one: it
 -- learns from scratch). Only added ones: a peer merely not sampled yet when a worker first
 -- builds the service must not inherit a slow peer's figure.
@@ -305,10 +322,9 @@ local function seed_ewma(svc, kept)
     if n == 0 then
         return
     end
-    local t = clock_now()
+    local at = sampled_at(clock_now())
     for i = 1, #added do
-        dict:add(added[i].tkey, t, EWMA_TTL)
-        dict:add(added[i].wkey, sum / n, EWMA_TTL)
+        dict:add(added[i].wkey, sum / n, EWMA_TTL, at)
     end
 end
 
@@ -321,7 +337,6 @@ local function forget(peers, staying)
             dict:delete(p.fkey)
             dict:delete(p.ekey)
             dict:delete(p.wkey)
-            dict:delete(p.tkey)
         end
     end
 end
@@ -699,11 +714,11 @@ local function random_two(svc, list, st, mode)
 end
 
 local function ewma_now(p, t)
-    local e = dict:get(p.wkey)
+    local e, at = dict:get(p.wkey)
     if not e then
         return 0
     end
-    return e * exp(-max(t - (dict:get(p.tkey) or t), 0) / DECAY)
+    return e * exp(-(since(at, t) or 0) / DECAY)
 end
 
 local function score(p, t)
@@ -1012,20 +1027,24 @@ local function record(st)
         release(last)
     end
     if svc.method == "least_time" then
-        local t, i = clock_now(), 0
-        for v in gmatch(ngx_var.upstream_response_time or "", "[^,%s]+") do
+        -- "0.012" or, after retries, "0.001, 0.012": split with find (gmatch stops the JIT)
+        local times, t = ngx_var.upstream_response_time or "", clock_now()
+        local pos, i = 1, 0
+        while pos <= #times do
+            local stop = find(times, ",", pos, true) or #times + 1
             i = i + 1
-            local rtt, p = tonumber(v), st[i]
+            local rtt, p = tonumber(sub(times, pos, stop - 1)), st[i]
+            pos = stop + 1
             if rtt and p then
-                local e = dict:get(p.wkey)
-                if e then
-                    local w = exp(-max(t - (dict:get(p.tkey) or 0), 0) / DECAY)
+                local e, at = dict:get(p.wkey)
+                local age = since(at, t)
+                if e and age then
+                    local w = exp(-age / DECAY)
                     e = e * w + rtt * (1 - w)
                 else
                     e = rtt
                 end
-                dict:set(p.tkey, t, EWMA_TTL)
-                dict:set(p.wkey, e, EWMA_TTL)
+                dict:set(p.wkey, e, EWMA_TTL, sampled_at(t))
             end
         end
     end
