@@ -66,7 +66,6 @@ local dict -- the counters every worker shares
 local routes -- the routing every worker reads and the loader writes
 local FORMAT = "3" -- of both files: the base (state_path) and the delta over it
 local services = {} -- per worker: name -> the decoded service, or {rev, bad = why}
-local rev_keys = {} -- per worker: name -> "r:<name>", so a lookup concatenates nothing
 local by_host, by_host_n = {}, 0 -- per worker: host -> its service or {deny, name}; how many
 local seen_gen -- per worker: the routes' `gen` by_host holds for
 -- per worker: each request's state from route to record (its service, the peers tried),
@@ -461,12 +460,7 @@ end
 -- The service's routing for this worker: one shared dict read unless its rev changed.
 -- Returns the service, or nil and "none" (unknown) or "bad" (its data was refused).
 local function lookup(name)
-    local key = rev_keys[name]
-    if not key then
-        key = "r:" .. name
-        rev_keys[name] = key
-    end
-    local rev = routes:get(key)
+    local rev = routes:get("r:" .. name)
     local svc = services[name]
     if rev == nil then
         if svc and svc.primary then
