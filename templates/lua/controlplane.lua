@@ -48,7 +48,11 @@ local cast, uintptr = ffi.cast, ffi.typeof("uintptr_t")
 
 local M = {}
 
-local MORE_TRIES = 2 -- retries after the first try: the config's proxy_next_upstream_tries 3
+local MORE_TRIES = 2 -- retries after the first try: three tries, as the reload data plane
+-- A fast failure (a refused connect, a 502 answer) uses up no try, up to every live peer once
+-- and MAX_TRIES in all (the config's proxy_next_upstream_tries): containers stopping at once
+-- refuse connections until their drain reaches nginx, and that must fail no request.
+local MAX_TRIES = 16
 local REHASHES = 20 -- nginx's bound on rehashes (ip_hash, hash, random) before round robin
 local RING_POINTS = 160 -- consistent hash points per weight unit, as nginx's ketama
 local DECAY = 10 -- seconds: a response time's weight in the EWMA falls by e in this time
@@ -952,24 +956,36 @@ function M.route()
     -- every field a request may set, made at once (a table grown field by field costs more
     -- than the rest of this phase): the tries, and what a hash or ip_hash computes once
     requests[request_key()] = {
-        false, false, false, svc = hit, n = 0, held = false, busy = false, ejections = false,
-        ip = false, key = false, point = false,
+        false, false, false, svc = hit, n = 0, left = 0, held = false, busy = false,
+        ejections = false, ip = false, key = false, point = false,
     }
 end
 
 local function balance(st)
     local svc, n = st.svc, st.n
     if n > 0 then -- a retry: the previous try is over
-        if balancer.get_last_failure() == "failed" then
+        local state, status = balancer.get_last_failure()
+        if state == "failed" then
             failed(svc, st[n])
         end
+        -- `left`: the tries after this one. A fast failure gives one back while peers not
+        -- tried yet outnumber them. Set each time: what was set before would be added again.
+        local left = st.left - 1
+        if status == 502 and left < svc.live - n - 1 and n + 1 + left < MAX_TRIES then
+            left = left + 1
+            balancer.set_more_tries(1)
+        else
+            balancer.set_more_tries(0)
+        end
+        st.left = left
         if st.held then
             release(st[n])
             st.held = false
         end
         svc.x_until = ejections_until(svc) -- another worker may have ejected one since
     elseif svc.live > 1 then
-        balancer.set_more_tries(min(svc.live - 1, MORE_TRIES))
+        st.left = min(svc.live - 1, MORE_TRIES)
+        balancer.set_more_tries(st.left)
     end
     local ends = svc.x_until
     st.ejections = ends > 0 and ends > clock_now()

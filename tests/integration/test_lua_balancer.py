@@ -680,3 +680,20 @@ def test_a_fresh_nginx_serves_its_base_and_delta_from_the_first_request(
         assert "state version 2 applied over base 1" in fresh.error_log()
     finally:
         fresh.stop()
+
+
+def test_refused_connects_use_up_no_try(setup: Setup) -> None:
+    """Containers stopping at once refuse connections until their drain reaches nginx: a
+    request tries on past them (every live peer once at most), where three tries would not."""
+    a = setup.ports[0]
+    dead = [free_port() for _ in range(5)]
+    put(
+        setup,
+        stopping=service_json("round_robin", [*(Peer(p, max_fails=0) for p in dead), Peer(a)]),
+    )
+    replies = [setup.nginx.get("stopping") for _ in range(12)]
+    assert all(r.status == 200 and r.body == str(a) for r in replies), replies
+    assert max(len(upstreams(r)) for r in replies) == 6, [r.upstream for r in replies]
+    put(setup, stopping=service_json("round_robin", [Peer(p, max_fails=0) for p in dead]))
+    failed = setup.nginx.get("stopping")
+    assert failed.status == 502 and len(upstreams(failed)) == 5, failed

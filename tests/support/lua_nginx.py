@@ -272,7 +272,7 @@ PROXY = """\
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_connect_timeout 1s;
             proxy_next_upstream error timeout http_502 http_503 http_504;
-            proxy_next_upstream_tries 3;
+            proxy_next_upstream_tries 16;
             proxy_next_upstream_timeout 10s;
             add_header X-Upstream $upstream_addr always;
             add_header X-Worker $pid always;"""
