@@ -85,6 +85,7 @@ serves shows the whole file loaded."""
 LOADER_LINE = re.compile(
     r"state version (\d+) applied: (\d+) of (\d+) services changed, (\d+) removed, in ([\d.]+) ms"
 )
+DELTA_LINE = re.compile(r"state version \d+ applied over base \d+: .* in ([\d.]+) ms")
 STEP_NAMES = {
     "open": "open a shell",
     "read": "read the config",
@@ -1000,12 +1001,14 @@ def push(client: docker.DockerClient, lab: Lab, services: int, backends: int, re
     for line in nginx.logs().decode("utf-8", "replace").splitlines():
         if "[error]" in line and "controlplane" in line:
             result.notes.append("nginx said: " + line[line.find("controlplane") :][:300])
-        if found := LOADER_LINE.search(line):
-            what = "whole state" if int(found.group(2)) > 1 else "one service changed"
-            if int(found.group(3)) > 0:
-                loaded.setdefault(f"Lua loader, {what} (its CPU time)", []).append(
-                    float(found.group(5))
-                )
+        if (found := LOADER_LINE.search(line)) and int(found.group(3)) > 0:
+            loaded.setdefault("Lua loader, whole state (its CPU time)", []).append(
+                float(found.group(5))
+            )
+        elif found := DELTA_LINE.search(line):
+            loaded.setdefault("Lua loader, a delta (its CPU time)", []).append(
+                float(found.group(1))
+            )
     result.breakdown["dynamic"] = loaded
     nginx.remove(force=True)
     return result
