@@ -49,9 +49,9 @@ local cast, uintptr = ffi.cast, ffi.typeof("uintptr_t")
 local M = {}
 
 local MORE_TRIES = 2 -- retries after the first try: three tries, as the reload data plane
--- A fast failure (a refused connect, a 502 answer) uses up no try, up to every live peer once
--- and MAX_TRIES in all (the config's proxy_next_upstream_tries): containers stopping at once
--- refuse connections until their drain reaches nginx, and that must fail no request.
+-- A refused connect uses up no try, up to every live peer once and MAX_TRIES in all (the
+-- config's proxy_next_upstream_tries): containers stopping at once refuse connections until
+-- their drain reaches nginx, and that must fail no request.
 local MAX_TRIES = 16
 local REHASHES = 20 -- nginx's bound on rehashes (ip_hash, hash, random) before round robin
 local RING_POINTS = 160 -- consistent hash points per weight unit, as nginx's ketama
@@ -968,10 +968,13 @@ local function balance(st)
         if state == "failed" then
             failed(svc, st[n])
         end
-        -- `left`: the tries after this one. A fast failure gives one back while peers not
-        -- tried yet outnumber them. Set each time: what was set before would be added again.
+        -- `left`: the tries after this one. A refused connect (a 502 whose connect time is
+        -- "-": no answer from an application, which could make a retry storm) gives one back
+        -- while peers not tried yet outnumber them. The variable ends in " : " here: the
+        -- try about to start is listed, with no peer yet.
         local left = st.left - 1
-        if status == 502 and left < svc.live - n - 1 and n + 1 + left < MAX_TRIES then
+        if status == 502 and left < svc.live - n - 1 and n + 1 + left < MAX_TRIES
+            and find(ngx_var.upstream_connect_time or "", "-[ :]*$") then
             left = left + 1
             balancer.set_more_tries(1)
         else

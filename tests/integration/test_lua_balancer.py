@@ -697,3 +697,11 @@ def test_refused_connects_use_up_no_try(setup: Setup) -> None:
     put(setup, stopping=service_json("round_robin", [Peer(p, max_fails=0) for p in dead]))
     failed = setup.nginx.get("stopping")
     assert failed.status == 502 and len(upstreams(failed)) == 5, failed
+
+
+def test_a_502_answer_uses_up_its_try(setup: Setup) -> None:
+    """An application answering 502 is not a refused connect: three tries, not one per peer
+    (which would multiply a failing application's load by the number of backends)."""
+    put(setup, answers502=service_json("round_robin", [Peer(p, max_fails=0) for p in setup.ports]))
+    reply = setup.nginx.get("answers502", "/?fail=all")
+    assert reply.status == 502 and len(upstreams(reply)) == 3, reply

@@ -253,7 +253,7 @@ STUB = """\
 STUB_LUA = """\
             content_by_lua_block {
                 local port = ngx.var.server_port
-                if ngx.var.arg_fail == port then
+                if ngx.var.arg_fail == port or ngx.var.arg_fail == "all" then
                     return ngx.exit(502)
                 end
                 if ngx.var.arg_slow == port then
