@@ -512,21 +512,15 @@ class Reconciler:
         }
         return tuple(results)
 
-    def config_of(self, container_id: str) -> str | None:
-        """The config a managed nginx of the current snapshot is given: the dynamic one once
-        it runs that data plane, else the snapshot's (None: no such nginx). Read by the API's
-        thread: it only reads dicts that passes replace or add to."""
-        snapshot = self.snapshot
-        if snapshot is None:
-            return None
-        for target in snapshot.topology.nginx:
-            if target.container_id != container_id:
-                continue
-            if self._mode(target) is not DataPlane.DYNAMIC:
-                return snapshot.config
-            entry = self._dynamic.get(state_path(target.config_path))
-            return entry[2] if entry is not None else None
-        return None
+    def config_of(self, snapshot: Snapshot, target: NginxTarget) -> str | None:
+        """The config `target` is given by `snapshot`: the dynamic one once it runs that data
+        plane, else the snapshot's; None when the dynamic one for that snapshot is not made
+        (yet, or any more). Read by the API's thread: it only reads dicts that passes
+        replace or add to."""
+        if self._mode(target) is not DataPlane.DYNAMIC:
+            return snapshot.config
+        entry = self._dynamic.get(state_path(target.config_path))
+        return entry[2] if entry is not None and entry[1] == snapshot.version else None
 
     def _serves(self, key: tuple[str, str], target: NginxTarget) -> Serves | None:
         """What the nginx serves by the snapshot it runs, as its data plane can."""
@@ -569,6 +563,9 @@ class Reconciler:
                     self._given[key] = push.after
                     self._pushed_ok(key, snapshot, wanted[key])
                     continue
+                # It may have landed all the same (a reply lost after the rename): what the
+                # nginx has is not known, so the next push is a whole state.
+                self._given.pop(key, None)
                 self._push_failed[key] = failed(
                     self._push_failed.get(key),
                     digest,

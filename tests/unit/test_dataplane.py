@@ -289,3 +289,18 @@ def test_a_reload_nginx_is_not_said_to_serve_a_least_time_service() -> None:
         reconciler.reconcile("start")
         serves = reconciler.nginx[nginx("lb").id].serves
         assert serves is not None and serves["web"] == served
+
+
+def test_after_a_failed_push_the_next_one_is_the_whole_state() -> None:
+    """A push reported failed may have landed (its reply lost after the rename): a delta over
+    what the controller believes would leave the nginx on another state."""
+    others = [container(f"o{i}", aliases=(f"svc{i}",), ip=f"172.20.1.{i}") for i in range(20)]
+    source, deployer, reconciler = make_dynamic(nginx("lb"), W1, *others)
+    reconciler.reconcile("start")
+    deployer.push_fails = True
+    source.state = state(nginx("lb"), W1, W2, *others)
+    reconciler.reconcile("event")
+    deployer.push_fails = False
+    reconciler.retry_refused()
+    reconciler.reconcile("retry")
+    assert [delta for _, _, delta in deployer.pushed] == [False, True, False]
