@@ -63,10 +63,6 @@ class Gatekeeper:
         self.on_probe: list[Callable[[R.Outcome], None]] = []
         """Called with each probe's outcome (metrics)."""
 
-    @property
-    def state(self) -> R.Readiness:
-        return self._state
-
     def admit(self, topology: Topology, first: bool) -> Topology:
         """The topology as the gate lets it through. Tracks what it holds (newcomers; in the
         controller's `first` pass, what nginx may already serve), probes what is due, and
@@ -77,7 +73,9 @@ class Gatekeeper:
             state = self._state if same and not first else R.observe(self._state, found, now, first)
             state, _ = R.advance(state, now)
             self._state, chosen = R.due(state, now, self._policy)
-            self._awaited = set(chosen)
+            # the pass waits for newcomers' first answers only, not for the re-probes of
+            # ones already held (a silent one would cost every pass the whole wait)
+            self._awaited = {k for k in chosen if self._state.tracks[k].probes == 0}
         self._send(chosen, now)
         deadline = time.monotonic() + self._wait
         with self._changed:

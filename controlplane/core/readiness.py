@@ -154,20 +154,16 @@ def address(backend: Backend) -> Address:
 
 
 def service_candidates(service: Service) -> tuple[Candidate, ...]:
-    """The backends the gate tracks in one service: every one, if its check is `tcp`, that is
-    not paused (a paused one is new again once unpaused)."""
+    """The backends the gate tracks in one service: if its check is `tcp`, every one that
+    would be served but for the gate (so not paused, draining or stopping: one is new again,
+    probed at once, when it comes back; and not while Docker's own health check says
+    starting: its start period counts from when that passes)."""
     if service.health.mode is not HealthMode.TCP:
         return ()
     start_period = float(service.health.start_period)
     return tuple(
-        Candidate(address(b), start_period)
-        for b in service.backends
-        if b.state is not BackendState.PAUSED
+        Candidate(address(b), start_period) for b in service.backends if b.state is BackendState.UP
     )
-
-
-def candidates(topology: Topology) -> list[Candidate]:
-    return [c for service in topology.services for c in service_candidates(service)]
 
 
 class CandidateMemo:
@@ -209,7 +205,11 @@ def observe(readiness: Readiness, found: Iterable[Candidate], now: float, first:
         elif track.start_period != start_period:
             track = replace(track, start_period=start_period)
         tracks[key] = track
-    return replace(readiness, tracks=tracks)
+    # what is known of a network is kept while a backend on it is tracked, no longer: a
+    # network made again under its name, or left by the controller, is judged afresh
+    watched = {key.network for key in tracks}
+    networks = {name: reach for name, reach in readiness.networks.items() if name in watched}
+    return replace(readiness, tracks=tracks, networks=networks)
 
 
 def due(

@@ -220,9 +220,13 @@ class Schedule(Generic[Ticket, Event]):
 
     def prompt(self, now: float, reason: str) -> Schedule[Ticket, Event]:
         """Something the controller checks itself changed (the readiness gate let a backend
-        in or out): a pass is due at once, without a wait for quiet."""
+        in or out): a pass is due as for an event, at once unless an nginx reloads (then
+        after the quiet window, so that backends getting ready together cost one reload)."""
         burst = self._joined(now)
-        return replace(self, burst=replace(burst, at_once=True, reasons=(*burst.reasons, reason)))
+        at_once = burst.at_once or not self.coalesce
+        return replace(
+            self, burst=replace(burst, at_once=at_once, reasons=(*burst.reasons, reason))
+        )
 
     def _joined(self, now: float) -> Burst[Ticket, Event]:
         if self.burst is None:

@@ -133,6 +133,7 @@ def test_a_newcomer_that_does_not_accept_yet_is_held_and_its_first_connect_wakes
     prober.answer("172.20.0.3", Outcome.CONNECTED)
     assert run.woken == [105.07]
     run.at(105.07, Notice.READINESS)  # what loop.readiness_changed queues
+    run.at(105.57)  # the nginx here reloads: its quiet window first
     assert run.reports[-1].reason == "a backend's readiness changed"
     assert run.served() == {"w1", "w2"}
     assert "service web: w2 starting -> up" in run.reports[-1].changes
@@ -161,6 +162,7 @@ def test_a_backend_that_never_accepts_gives_up_after_its_start_period() -> None:
     run.gate.tick()
     assert run.woken == [108.0]
     run.at(108.0, Notice.READINESS)
+    run.at(108.5)  # the quiet window of an nginx that reloads
     assert run.state_of("w2") is BackendState.UNHEALTHY
     assert run.reconciler.holds()[W2.id, "app"].reason == (
         "never accepted a connection on port 80 within the start period (3s); it stays out "

@@ -25,6 +25,10 @@ def topology(*containers: ContainerFacts) -> Topology:
     return build_topology(state(LB, *containers))
 
 
+def candidates(built: Topology) -> list[R.Candidate]:
+    return [c for service in built.services for c in R.service_candidates(service)]
+
+
 def key(facts: ContainerFacts, port: int = 80) -> R.Address:
     endpoint = facts.endpoints[0]
     return R.Address(facts.id, facts.started_at, endpoint.network, endpoint.ip, port)
@@ -47,7 +51,7 @@ class Gate:
 
     def observe(self, *containers: ContainerFacts, first: bool = False) -> Topology:
         self.containers = containers
-        found = R.candidates(topology(*containers))
+        found = candidates(topology(*containers))
         self.readiness = R.observe(self.readiness, found, self.now, first)
         self.readiness, _ = R.advance(self.readiness, self.now)
         return self.send()
@@ -146,7 +150,7 @@ def test_health_none_serves_at_once_and_tracks_nothing() -> None:
     off = replace(W1, labels={L.HEALTH: "none"})
     gate = Gate(off, W2)  # service-wide: w2 says nothing, w1's label is the service's
     assert gate.sent == []
-    assert R.candidates(topology(off, W2)) == []
+    assert candidates(topology(off, W2)) == []
     assert states(gate.gated) == {"w1": BackendState.UP, "w2": BackendState.UP}
 
 
@@ -241,7 +245,7 @@ def test_timeouts_on_a_network_that_answered_hold_only_that_backend() -> None:
 
 def test_probes_in_flight_are_bounded() -> None:
     many = [container(f"n{i}", ip=f"172.20.1.{i}") for i in range(5)]
-    readiness = R.observe(R.Readiness(), R.candidates(topology(*many)), 0.0, False)
+    readiness = R.observe(R.Readiness(), candidates(topology(*many)), 0.0, False)
     readiness, first = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
     readiness, none = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
     assert len(first) == 2 and none == []
@@ -252,13 +256,13 @@ def test_probes_in_flight_are_bounded() -> None:
 
 def test_an_unchanged_service_stays_the_same_object() -> None:
     built = topology(W1)
-    readiness = R.observe(R.Readiness(), R.candidates(built), 0.0, True)
+    readiness = R.observe(R.Readiness(), candidates(built), 0.0, True)
     assert R.gate(built, readiness) is built
 
 
 def test_a_backend_on_two_networks_is_probed_on_each() -> None:
     both = container("w1", ip="172.20.0.2", more_networks={"db": "172.21.0.2"})
-    found = R.candidates(build_topology(state(LB, both, networks=("bridge", "app", "db"))))
+    found = candidates(build_topology(state(LB, both, networks=("bridge", "app", "db"))))
     assert sorted(c.address.network for c in found) == ["app", "db"]
 
 

@@ -373,3 +373,14 @@ def test_a_failed_deploy_wakes_the_loop_when_it_is_due_again() -> None:
     assert isinstance(run, Run) and run.reason == RETRY
     schedule = schedule.passed(105.5, Outcome())
     assert schedule.next(106.0)[1] == Wait(160.0)
+
+
+def test_the_gate_letting_a_backend_in_is_a_pass_as_for_an_event() -> None:
+    """At once while no nginx reloads; else after the quiet window, so that backends getting
+    ready together cost one reload."""
+    schedule: Schedule[str, str] = Schedule(TIMING)
+    schedule, _ = schedule.next(0.0)
+    _, run = schedule.passed(0.0, Outcome(reloads=False)).prompt(5.0, "ready").next(5.0)
+    assert isinstance(run, Run) and run.reason == "ready"
+    reload = schedule.passed(0.0, Outcome()).prompt(5.0, "ready")
+    assert reload.next(5.0)[1] == Wait(5.0 + TIMING.quiet_window)
