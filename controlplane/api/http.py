@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from controlplane.activity import Activity
 from controlplane.api.bodies import parse, parse_query
 from controlplane.api.views import Error, ErrorBody
+from controlplane.core.model import NginxTarget
 from controlplane.core.readiness import Hold
 from controlplane.core.served import NginxState
 from controlplane.errors import ApiError
@@ -42,8 +43,9 @@ class ApiContext:
     """Why the controller is not ready; empty when it is."""
     nginx: Callable[[], Mapping[str, NginxState]]
     """What each managed nginx runs, by container id (core.served)."""
-    config_of: Callable[[str], str | None]
-    """The config a managed nginx (by container id) is given, as its data plane wants."""
+    config_of: Callable[[Snapshot, NginxTarget], str | None]
+    """The config a managed nginx is given by a snapshot, as its data plane wants (None:
+    not made for that snapshot)."""
     holds: Callable[[], Mapping[tuple[str, str], Hold]] = field(default=lambda: {})
     """By (container id, network): why the readiness gate holds a backend out."""
     token: str | None = None

@@ -326,18 +326,28 @@ def get_config() -> Response:
     wanted = query(bodies.ConfigQuery).nginx
     if wanted is None:
         return Response(snapshot.config, mimetype="text/plain")
-    for target in snapshot.topology.nginx:
-        if wanted in (target.container, target.container_id) or (
-            len(wanted) >= 12 and target.container_id.startswith(wanted)
-        ):
-            text = context().config_of(target.container_id)
-            return Response(snapshot.config if text is None else text, mimetype="text/plain")
-    raise ApiError(
-        404,
-        "nginx_not_found",
-        f"no managed nginx is named {wanted!r}: GET {PREFIX}/nginx lists them",
-        {"nginx": wanted},
-    )
+    managed = snapshot.topology.nginx
+    found = [t for t in managed if wanted in (t.container, t.container_id)] or [
+        t for t in managed if len(wanted) >= 12 and t.container_id.startswith(wanted)
+    ]
+    if len(found) != 1:
+        why = "is named" if not found else "has an id starting with"
+        raise ApiError(
+            404,
+            "nginx_not_found",
+            f"no one managed nginx {why} {wanted!r}: GET {PREFIX}/nginx lists them",
+            {"nginx": wanted},
+        )
+    text = context().config_of(snapshot, found[0])
+    if text is None:
+        raise ApiError(
+            503,
+            "not_rendered",
+            f"the config of {found[0].container} for version {snapshot.version} is not made "
+            "yet: ask again after the pass under way",
+            {"nginx": wanted},
+        )
+    return Response(text, mimetype="text/plain")
 
 
 @routes.get(f"{PREFIX}/nginx")
