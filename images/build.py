@@ -6,10 +6,10 @@ only).
 
 Each image is tagged with a hash of its build context, so a tag that already exists is the
 cache: it is only rebuilt when a file in images/ or a copied host file changes. A build also
-removes the tags (and cached wheels) of its kind that older sources left, once they are an
-hour old and no container uses them, so a machine that runs the suite after each change
-does not fill up. No build step reaches the network. Run `python -m images.build` (`make
-images`) to build them and write the Compose variables that point at them.
+removes the tags (and cached wheels) of its kind that older sources left, once no checkout
+used them for a day and no container uses them, so a machine that runs the suite after each
+change does not fill up. No build step reaches the network. Run `python -m images.build`
+(`make images`) to build them and write the Compose variables that point at them.
 """
 
 from __future__ import annotations
@@ -61,9 +61,13 @@ NGINX_MODULES_DIR = "/usr/lib/nginx/modules/"
 LUA_DIR_PART = "/lua/5.1/"
 # /run holds the backend's "draining" marker and its cached container name.
 BACKEND_DIRS = {"/run": 0o755, "/tmp": 0o1777}
-STALE_AFTER = 3600.0
-"""Seconds after which a tag or a cache left by another source is removed: younger ones may
-belong to a suite running now from another checkout."""
+STALE_AFTER = 86400.0
+"""Seconds after which a tag or a cache left by another source is removed, counted from its
+last use by any checkout on this machine (USED_DIR): one used since may belong to a suite
+running now from another checkout."""
+USED_DIR = Path.home() / ".cache" / "controlplane-offline" / "used"
+"""One empty file per tag, touched at each use: the machine's own record, since Docker keeps
+no last-used time."""
 # The legacy builder colours a step's stderr; progress and error tails want plain text.
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -200,6 +204,8 @@ def _ensure(
 ) -> str:
     """Tag of the image for ``entries``, built unless that tag already exists."""
     tag = f"{TAG_PREFIX}/{name}:{_digest(entries)[:16]}"
+    _used(tag).parent.mkdir(parents=True, exist_ok=True)
+    _used(tag).touch()
     try:
         client.images.get(tag)
     except docker.errors.ImageNotFound:
@@ -230,26 +236,40 @@ def _ensure(
     return tag
 
 
+def _used(tag: str) -> Path:
+    return USED_DIR / tag.replace("/", "_").replace(":", "_")
+
+
+def _last_used(tag: str, created: str) -> float | None:
+    """When a checkout last used `tag`, else when it was built; None if neither is known."""
+    try:
+        return _used(tag).stat().st_mtime
+    except OSError:
+        pass
+    try:
+        return float(calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")))
+    except ValueError:
+        return None
+
+
 def _prune_tags(client: docker.DockerClient, name: str, current: str, progress: Progress) -> None:
-    """Untag this kind's images that older build contexts left (see STALE_AFTER); without
-    force, so an image a container still uses stays."""
+    """Untag this kind's images that no checkout used for STALE_AFTER; without force, so an
+    image a container still uses stays."""
     prefix = f"{TAG_PREFIX}/{name}:"
     labels = [f"{key}={value}" for key, value in IMAGE_LABELS.items()]
     for image in client.images.list(filters={"label": labels}):
-        created = str(image.attrs.get("Created", ""))[:19]
-        try:
-            age = time.time() - calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%S"))
-        except ValueError:
-            continue
-        if age < STALE_AFTER:
-            continue
         for tag in image.tags:
-            if tag.startswith(prefix) and tag != current:
-                try:
-                    client.images.remove(tag)
-                except docker.errors.APIError:
-                    continue
-                progress(f"{tag}: removed (left by an older source)")
+            if not tag.startswith(prefix) or tag == current:
+                continue
+            used = _last_used(tag, str(image.attrs.get("Created", "")))
+            if used is None or time.time() - used < STALE_AFTER:
+                continue
+            try:
+                client.images.remove(tag)
+            except docker.errors.APIError:
+                continue
+            _used(tag).unlink(missing_ok=True)
+            progress(f"{tag}: removed (no checkout used it for a day)")
 
 
 # The controller runs on the host's Debian Python (ABI cp311, like the wheels built here).
@@ -312,7 +332,10 @@ def _site_packages(progress: Progress) -> Path:
     )
     staging.rename(site)
     for old in CACHE_DIR.iterdir():
-        stale = time.time() - old.stat().st_mtime > STALE_AFTER
+        try:
+            stale = time.time() - old.stat().st_mtime > STALE_AFTER
+        except FileNotFoundError:
+            continue  # another build removed it first
         if stale and old.name.split("-", 1)[0] in ("site", "wheels") and key not in old.name:
             shutil.rmtree(old, ignore_errors=True)
     return site
