@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -177,8 +178,23 @@ def remove_network(network: Network, attempts: int = 20) -> None:
             with contextlib.suppress(docker.errors.APIError):
                 network.disconnect(endpoint, force=True)
         time.sleep(0.25)
-    with contextlib.suppress(docker.errors.NotFound):
+    try:
         network.remove()
+    except docker.errors.NotFound:
+        return
+    except docker.errors.APIError as error:
+        network.reload()
+        if "active endpoints" not in str(error) or network.attrs.get("Containers"):
+            raise
+        # No container is attached, yet dockerd counts endpoints: its endpoint count went
+        # wrong while many containers started at once, and only a dockerd restart fixes it
+        # ("Fixing inconsistent endpoint_cnt" in its log). The suite must not restart the
+        # machine's engine, so it says so and goes on.
+        warnings.warn(
+            f"network {network.name} is left behind: dockerd counts endpoints on it that do "
+            "not exist (its endpoint count race); it goes at the next dockerd restart",
+            stacklevel=2,
+        )
 
 
 class Http:
