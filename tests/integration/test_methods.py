@@ -126,7 +126,14 @@ def test_least_conn_avoids_busy_backends(deploy: Deploy) -> None:
         thread.join()
     busy = set(slow)
     assert len(busy) == 2, f"the two slow requests went to {slow}"
-    assert set(fast) == d.names - busy, f"fast requests went to {fast}, busy were {busy}"
+    # nginx releases a request's count before the reply's last byte goes out; the Lua
+    # balancer in its log phase, just after: a client as quick as this one can ask again in
+    # between and find the idle backend at 1 too (then round robin decides), once or twice
+    strays = sum(n for name, n in fast.items() if name in busy)
+    bound = 2 if d.lab.dataplane == "dynamic" else 0
+    assert set(fast) >= d.names - busy and strays <= bound, (
+        f"fast requests went to {fast}, busy were {busy}"
+    )
 
 
 def test_random_spreads_over_all(deploy: Deploy) -> None:
