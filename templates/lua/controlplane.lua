@@ -1203,12 +1203,17 @@ local function upsert(lines)
     return changed
 end
 
-local function set_names(listed)
+-- The `names` key set to `listed` (written only when it changed); then the counts of what was
+-- applied, or nil and what the dict said.
+local function set_names(listed, changed, removed)
     local text = concat(listed, "\n")
-    if text == routes:get("names") then
-        return true
+    if text ~= routes:get("names") then
+        local ok, err = routes:safe_set("names", text)
+        if not ok then
+            return nil, err
+        end
     end
-    return routes:safe_set("names", text)
+    return changed, removed
 end
 
 -- A base: every service it does not list goes. Changed and removed counts, or nil and what
@@ -1229,12 +1234,7 @@ local function apply_base(lines, names)
     for i = 1, #lines do
         listed[i] = lines[i][1]
     end
-    local ok
-    ok, err = set_names(listed)
-    if not ok then
-        return nil, err
-    end
-    return changed, removed
+    return set_names(listed, changed, removed)
 end
 
 -- A delta: the services it lists replace or remove theirs, the others stay.
@@ -1266,12 +1266,7 @@ local function apply_delta(lines)
             listed[#listed + 1] = name
         end
     end
-    local ok
-    ok, err = set_names(listed)
-    if not ok then
-        return nil, err
-    end
-    return changed, removed
+    return set_names(listed, changed, removed)
 end
 
 -- Tells the workers' memos of host names that routing changed: after every write of the
