@@ -2,17 +2,53 @@
 # One HTTP request: nc (see /entrypoint.sh) runs this per connection, the socket as stdin and
 # stdout. Any path answers 200 with the container's name; ?ms=N on any path (as in the tests'
 # /cgi-bin/slow?ms=N) waits N milliseconds first; while the container drains, 503 at once
-# unless DRAIN_STATUS=200. The request line and headers are a client's: they are only matched
-# with `case` and cut with parameter expansion, never evaluated, and globbing is off so that
-# splitting the query can't expand to file names.
+# unless DRAIN_STATUS=200. The path /health (exactly; any query ignored, and so are ?ms and
+# DELAY_MS) answers at once as the mode in /run/health says (see /health.sh): none or ok, 200
+# "ok"; a status 100 to 599, that status with the body "health NNN" (no body for 1xx, 204 and
+# 304); hang, no reply until the client closes (600 s at most; nc runs each connection in a
+# process of its own, so the others are served meanwhile, and a stop ends it with PID 1);
+# close, the connection closes without a reply; anything else, 500 "bad /run/health". While
+# draining, /health answers 503 like every path. The request line and headers are a client's:
+# they are only matched with `case` and cut with parameter expansion, never evaluated, and
+# globbing is off so that splitting the query can't expand to file names.
 set -f
 cr=$'\r'
 
 answer() { # STATUS BODY: the whole reply; the connection closes after it
+    case $1 in 1??' '* | 204' '* | 304' '*) # statuses that never have a body
+        printf 'HTTP/1.0 %s\r\nConnection: close\r\n\r\n' "$1"
+        exit 0 ;;
+    esac
     printf 'HTTP/1.0 %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n' \
         "$1" "$((${#2} + 1))"
     printf 'Connection: close\r\n\r\n'
     [ "$method" = HEAD ] || printf '%s\n' "$2"
+    exit 0
+}
+
+health() { # the reply to /health, as the mode in /run/health says
+    mode=ok
+    # Written by /health.sh, but any process in the container may write it: at most 9 bytes
+    # are read, and a byte no mode has (a NUL, which the shell would drop) becomes '?'.
+    [ ! -e /run/health ] || mode=$(head -c 9 /run/health 2> /dev/null | tr -c 'a-z0-9\n' '?')
+    case $mode in
+        ok) answer '200 OK' ok ;;
+        hang) timeout 600 cat > /dev/null ;; # the client's close is the end of our input
+        close) ;;
+        [1-5][0-9][0-9])
+            case $mode in
+                200) reason=OK ;;
+                204) reason='No Content' ;;
+                404) reason='Not Found' ;;
+                500) reason='Internal Server Error' ;;
+                502) reason='Bad Gateway' ;;
+                503) reason='Service Unavailable' ;;
+                504) reason='Gateway Timeout' ;;
+                *) reason=Health ;;
+            esac
+            answer "$mode $reason" "health $mode" ;;
+        *) answer '500 Internal Server Error' 'bad /run/health' ;;
+    esac
     exit 0
 }
 
@@ -63,6 +99,7 @@ done
 if [ -e /run/draining ] && read -r draining < /run/draining && [ "$draining" != 200 ]; then
     answer '503 Service Unavailable' 'draining'
 fi
+case $target in /health | /health\?*) health ;; esac
 
 ms=${DELAY_MS:-0} # DELAY_MS: a backend slow on every path (least_time tests)
 case $target in *\?*) query=${target#*\?} ;; *) query= ;; esac
