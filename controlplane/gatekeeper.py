@@ -1,4 +1,4 @@
-"""The readiness gate's edge: keeps the policy's state (core.readiness) between passes, sends
+"""The readiness gate's edge: keeps the policy's state (core.health) between passes, sends
 the probes it asks for (controlplane.prober), and wakes the control loop when an answer lets a
 backend in or out.
 
@@ -16,15 +16,20 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
-from controlplane.core import readiness as R
-from controlplane.core.model import Topology
+from controlplane.core import health as R
+from controlplane.core.model import HealthCheck, Topology
 from controlplane.prober import Prober
 
 log = logging.getLogger(__name__)
 
 REFILL = 0.01
 """Seconds the probe thread waits for room when as many probes as allowed are under way."""
+GRANULE = 0.01
+"""Seconds the probe thread sleeps at least between two rounds: each round scans every
+tracked backend, and a thousand checked every second would otherwise wake it a thousand
+times a second, to send one probe each time."""
 
 
 class Gatekeeper:
@@ -60,8 +65,10 @@ class Gatekeeper:
         self._closed = False
         self.on_change: list[Callable[[], None]] = []
         """Called when an answer or a start period's end changed what the gate lets in."""
-        self.on_probe: list[Callable[[R.Outcome], None]] = []
-        """Called with each probe's outcome (metrics)."""
+        self.on_probe: list[Callable[[R.Result, bool], None]] = []
+        """Called with each probe's result and whether it passed (metrics)."""
+        self.on_transition: list[Callable[[R.Address, R.Health], None]] = []
+        """Called when a backend's health state changes (events, logs)."""
 
     def admit(self, topology: Topology, first: bool) -> Topology:
         """The topology as the gate lets it through. Tracks what it holds (newcomers; in the
@@ -71,11 +78,12 @@ class Gatekeeper:
         with self._changed:
             now = self._clock()
             state = self._state if same and not first else R.observe(self._state, found, now, first)
-            state, _ = R.advance(state, now)
-            self._state, chosen = R.due(state, now, self._policy)
+            ended, _ = R.advance(state, now)
+            moved = R.moved(state, ended)
+            self._state, chosen = R.due(ended, now, self._policy)
             # the pass waits for newcomers' first answers only, not for the re-probes of
             # ones already held (a silent one would cost every pass the whole wait)
-            self._awaited = {k for k in chosen if self._state.tracks[k].probes == 0}
+            self._awaited = {k for k, _ in chosen if self._state.tracks[k].probes == 0}
         self._send(chosen, now)
         deadline = time.monotonic() + self._wait
         with self._changed:
@@ -86,6 +94,7 @@ class Gatekeeper:
             if self._background and R.next_wake(self._state) < math.inf:
                 self._start()
             self._changed.notify_all()
+        self._moved(moved)
         return gated
 
     def tick(self) -> float:
@@ -93,21 +102,32 @@ class Gatekeeper:
         the next is due (math.inf: nothing to do until a pass brings a newcomer)."""
         with self._changed:
             now = self._clock()
-            self._state, ended = R.advance(self._state, now)
+            before = self._state
+            self._state, ended = R.advance(before, now)
+            moved = R.moved(before, self._state)
             self._state, chosen = R.due(self._state, now, self._policy)
             wake = R.next_wake(self._state)
         if ended:
             self._notify()
+        self._moved(moved)
         self._send(chosen, now)
         return wake
 
-    def holds(self) -> Mapping[tuple[str, str], R.Hold]:
-        """By (container id, network): why each held backend is out, `since` in epoch
+    def health(self) -> Mapping[tuple[str, str], R.Health]:
+        """By (container id, network): each tracked backend's health, times in epoch
         seconds."""
         with self._changed:
             now, wall = self._clock(), self._wall()
-            found = R.holds(self._state, now)
-        return {key: R.Hold(h.reason, wall - (now - h.since)) for key, h in found.items()}
+            found = R.report(self._state, now)
+        return {key: self._walled(h, now, wall) for key, h in found.items()}
+
+    @staticmethod
+    def _walled(health: R.Health, now: float, wall: float) -> R.Health:
+        return replace(
+            health,
+            since=wall - (now - health.since),
+            last_at=None if health.last_at is None else wall - (now - health.last_at),
+        )
 
     def close(self) -> None:
         with self._changed:
@@ -118,19 +138,16 @@ class Gatekeeper:
             thread.join(timeout=5)
         self._prober.close()
 
-    def _send(self, chosen: Sequence[R.Address], sent: float) -> None:
-        for key in chosen:
-            self._prober.probe(
-                key, self._policy.timeout, lambda k, outcome: self._done(k, outcome, sent)
-            )
+    def _send(self, chosen: Sequence[tuple[R.Address, HealthCheck]], sent: float) -> None:
+        for key, check in chosen:
+            self._prober.probe(key, check, lambda k, result: self._done(k, result, sent))
 
-    def _done(self, key: R.Address, outcome: R.Outcome, sent: float) -> None:
-        for callback in self.on_probe:
-            callback(outcome)
+    def _done(self, key: R.Address, result: R.Result, sent: float) -> None:
         with self._changed:
             before = self._state.reach(key.network).unreachable
+            was = self._state.tracks.get(key)
             self._state, changed = R.record(
-                self._state, key, outcome, sent, self._clock(), self._draw(), self._policy
+                self._state, key, result, sent, self._clock(), self._draw(), self._policy
             )
             after = self._state.reach(key.network).unreachable
             in_pass = key in self._awaited
@@ -138,6 +155,12 @@ class Gatekeeper:
             track = self._state.tracks.get(key)
             if in_pass or (track is not None and track.next_at < self._planned):
                 self._changed.notify_all()
+            moved = track is not None and was is not None and track.phase is not was.phase
+        if track is not None:
+            for probed in self.on_probe:
+                probed(result, R.passed(track.check, result))
+        if moved:
+            self._moved([key])
         if after is not None and before is None:
             log.warning(
                 "network %s: the controller cannot reach its backends (%s); new backends on it "
@@ -149,6 +172,21 @@ class Gatekeeper:
             log.info("network %s: the controller reaches its backends again", key.network)
         if changed and not in_pass:
             self._notify()
+
+    def _moved(self, keys: Sequence[R.Address]) -> None:
+        """Tells `on_transition` each backend's new health."""
+        if not keys or not self.on_transition:
+            return
+        with self._changed:
+            now, wall = self._clock(), self._wall()
+            found = [
+                (key, R.health_of(self._state, key, track, now))
+                for key in keys
+                if (track := self._state.tracks.get(key)) is not None
+            ]
+        for key, health in found:
+            for callback in self.on_transition:
+                callback(key, self._walled(health, now, wall))
 
     def _notify(self) -> None:
         for callback in self.on_change:
@@ -173,5 +211,5 @@ class Gatekeeper:
                     self._changed.wait(REFILL)
                 else:
                     self._planned = wake
-                    self._changed.wait(None if wake == math.inf else left)
+                    self._changed.wait(None if wake == math.inf else max(left, GRANULE))
                     self._planned = math.inf

@@ -14,11 +14,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from controlplane.core.health import Outcome, Result
 from controlplane.core.model import BackendState
-from controlplane.core.readiness import Outcome
 from controlplane.core.served import NginxState
 from controlplane.snapshot import ReconcileReport, Snapshot
 
+PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -62,9 +63,23 @@ class Metrics:
             registry=self.registry,
         )
         self._probes = Counter(
-            "controlplane_readiness_probes",
-            "TCP connects the readiness gate tried on new backends, by outcome.",
-            ["outcome"],
+            "controlplane_health_probes",
+            "Health probes of backends (the readiness gate's and active checks'), by result: "
+            "pass or fail.",
+            ["result"],
+            registry=self.registry,
+        )
+        self._probe_failures = Counter(
+            "controlplane_health_probe_failures",
+            "Failed health probes by reason: refused, no answer, no reply, not HTTP, status "
+            "NXX (the status class), host or network unreachable, failed.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._probe_seconds = Histogram(
+            "controlplane_health_probe_seconds",
+            "How long a health probe took, from its connect to its result.",
+            buckets=PROBE_BUCKETS,
             registry=self.registry,
         )
         self.registry.register(_SnapshotCollector(snapshot, dns_outcomes, nginx))
@@ -82,8 +97,16 @@ class Metrics:
     def on_failure(self, _reason: str, _error: str) -> None:
         self._failures.inc()
 
-    def on_probe(self, outcome: Outcome) -> None:
-        self._probes.labels(outcome.value).inc()
+    def on_probe(self, result: Result, passed: bool) -> None:
+        self._probes.labels("pass" if passed else "fail").inc()
+        self._probe_seconds.observe(result.latency)
+        if not passed:
+            reason = (
+                f"status {(result.status or 0) // 100}xx"
+                if result.outcome is Outcome.STATUS
+                else result.outcome.value
+            )
+            self._probe_failures.labels(reason).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -115,14 +138,28 @@ class _SnapshotCollector(Collector):
         excluded = GaugeMetricFamily(
             "controlplane_excluded", "Containers or aliases left out, each with a reason."
         )
+        up = GaugeMetricFamily(
+            "controlplane_backend_up",
+            "1 when the controller serves the backend (running, ready, checks passing, not "
+            "draining), 0 when it holds it out.",
+            labels=["service", "backend"],
+        )
         if snapshot is not None:
             for service in snapshot.topology.services:
                 states = Tally(b.state for b in service.backends)
                 for state in BackendState:
                     backends.add_metric([service.name, state.value], states.get(state, 0))
+                serving: dict[str, int] = {}
+                for b in service.backends:
+                    serving[b.container] = serving.get(b.container, 0) or int(
+                        b.state is BackendState.UP
+                    )
+                for name, value in serving.items():
+                    up.add_metric([service.name, name], value)
             version.add_metric([], snapshot.version)
             excluded.add_metric([], len(snapshot.topology.excluded))
         yield backends
+        yield up
         yield version
         yield excluded
         yield from self._served(snapshot)

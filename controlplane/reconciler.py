@@ -39,6 +39,7 @@ from controlplane.core.dataplane import (
 )
 from controlplane.core.diff import describe_changes
 from controlplane.core.dns_records import build_zone
+from controlplane.core.health import Health
 from controlplane.core.labels import DATAPLANE
 from controlplane.core.lifecycle import ContainerEvent, StopMark, apply_event, prune
 from controlplane.core.model import (
@@ -49,7 +50,6 @@ from controlplane.core.model import (
     Overrides,
     Topology,
 )
-from controlplane.core.readiness import Hold
 from controlplane.core.render import RenderCache, render_config
 from controlplane.core.schedule import Holding, Outcome, Run, Schedule, Timing, Wait
 from controlplane.core.served import (
@@ -122,7 +122,7 @@ class Gate(Protocol):
         whose backends an nginx may already serve."""
         ...
 
-    def holds(self) -> Mapping[tuple[str, str], Hold]: ...
+    def health(self) -> Mapping[tuple[str, str], Health]: ...
 
     def close(self) -> None: ...
 
@@ -243,9 +243,9 @@ class Reconciler:
         if self._gate is not None:
             self._gate.close()
 
-    def holds(self) -> Mapping[tuple[str, str], Hold]:
-        """By (container id, network): why the gate holds each held backend out."""
-        return self._gate.holds() if self._gate is not None else {}
+    def health(self) -> Mapping[tuple[str, str], Health]:
+        """By (container id, network): each checked backend's health."""
+        return self._gate.health() if self._gate is not None else {}
 
     def invalidate(self) -> None:
         """Re-inspect everything: for resyncs and reconnects. A config nginx refused is tried

@@ -20,7 +20,7 @@ from controlplane.errors import ControlPlaneError
 from controlplane.gatekeeper import Gatekeeper
 from controlplane.metrics import Metrics
 from controlplane.nginx_deployer import NginxDeployer
-from controlplane.prober import TcpProber
+from controlplane.prober import SocketProber
 from controlplane.reconciler import ControlLoop, Reconciler
 from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
 from controlplane.store import FILE_NAME, OverrideStore
@@ -60,7 +60,7 @@ def build_controller(settings: Settings) -> Controller:
     store = OverrideStore(settings.state_dir)
     template = load_template(settings.templates_dir)
     api = connect(settings.docker_url)
-    gatekeeper = Gatekeeper(TcpProber(), settings.readiness_wait)
+    gatekeeper = Gatekeeper(SocketProber(), settings.readiness_wait)
     reconciler = Reconciler(
         DockerSource(api, settings.networks),
         NginxDeployer(api, shell=settings.nginx_shell, retire=settings.retire_old_workers),
@@ -113,7 +113,7 @@ def api_context(
         ready=not_ready,
         nginx=lambda: reconciler.nginx,
         config_of=reconciler.config_of,
-        holds=reconciler.holds,
+        health=reconciler.health,
         token=settings.api_token,
         wait_timeout=settings.wait_timeout,
     )

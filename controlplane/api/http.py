@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from controlplane.activity import Activity
 from controlplane.api.bodies import parse, parse_query
 from controlplane.api.views import Error, ErrorBody
+from controlplane.core.health import Health
 from controlplane.core.model import NginxTarget
-from controlplane.core.readiness import Hold
 from controlplane.core.served import NginxState
 from controlplane.errors import ApiError
 from controlplane.metrics import Metrics
@@ -46,8 +46,8 @@ class ApiContext:
     config_of: Callable[[Snapshot, NginxTarget], str | None]
     """The config a managed nginx is given by a snapshot, as its data plane wants (None:
     not made for that snapshot)."""
-    holds: Callable[[], Mapping[tuple[str, str], Hold]] = field(default=lambda: {})
-    """By (container id, network): why the readiness gate holds a backend out."""
+    health: Callable[[], Mapping[tuple[str, str], Health]] = field(default=lambda: {})
+    """By (container id, network): each checked backend's health."""
     token: str | None = None
     wait_timeout: float = 10.0
 

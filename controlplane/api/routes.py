@@ -79,7 +79,7 @@ def _view(name: str, snapshot: Snapshot) -> V.Service:
         overrides,
         snapshot.serves,
         _nginx_states(snapshot),
-        context().holds(),
+        context().health(),
     )
 
 
@@ -150,11 +150,11 @@ def list_services() -> Response:
     snapshot = _snapshot()
     overrides = context().store.current
     nginx = _nginx_states(snapshot)
-    holds = context().holds()
+    health = context().health()
     return reply(
         V.ServiceList(
             services=[
-                V.service_view(s, snapshot.topology, overrides, snapshot.serves, nginx, holds)
+                V.service_view(s, snapshot.topology, overrides, snapshot.serves, nginx, health)
                 for s in snapshot.topology.services
             ]
         )

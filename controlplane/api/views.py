@@ -10,9 +10,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane.api.bodies import Algorithm
+from controlplane.core import health as H
 from controlplane.core import model as core
 from controlplane.core.dns_records import Record, Soa, Srv, Zone
-from controlplane.core.readiness import Hold
 from controlplane.core.served import Failure as CoreFailure
 from controlplane.core.served import NginxState, Serves
 
@@ -35,6 +35,23 @@ class Error(Reply):
     error: ErrorBody
 
 
+class BackendHealth(Reply):
+    """What the controller's checks say of one backend (core.health)."""
+
+    state: Literal["starting", "up", "down", "gave up", "unchecked"] = Field(
+        description="starting: waiting for its first passing check; up: passing; down: failed "
+        "`fails` checks in a row; gave up: never passed within the start period; unchecked: "
+        "the controller cannot reach its network"
+    )
+    checked: bool = Field(description="the check is active: it goes on while the backend runs")
+    since: str = Field(description="when this state began")
+    last: str | None = Field(description="the last probe's result, e.g. status 200, refused")
+    last_latency_ms: float | None
+    last_at: str | None
+    fails: int = Field(description="failed probes in a row")
+    passes: int = Field(description="passing probes in a row")
+
+
 class Backend(Reply):
     container: str = Field(description="container ID")
     name: str = Field(description="container name")
@@ -49,6 +66,9 @@ class Backend(Reply):
         "waiting for its port to accept a connection (the readiness gate)"
     )
     since: str | None = Field(description="when that began (null: no reason given)")
+    health: BackendHealth | None = Field(
+        description="the controller's checks (null: not checked: health none, or not running)"
+    )
     in_nginx: bool | None = Field(
         description="every managed nginx runs a config that sends it requests (null: not "
         "known yet, or no managed nginx)"
@@ -233,12 +253,13 @@ def backend_view(
     backend: core.Backend,
     service: str,
     nginx: Sequence[NginxState],
-    holds: Mapping[tuple[str, str], Hold],
+    health: Mapping[tuple[str, str], H.Health],
 ) -> Backend:
-    """`holds`: the readiness gate's, by (container id, network)."""
+    """`health`: the checks', by (container id, network)."""
+    checked = health.get((backend.container_id, backend.network))
     hold = None
     if backend.state in (core.BackendState.STARTING, core.BackendState.UNHEALTHY):
-        hold = holds.get((backend.container_id, backend.network))
+        hold = checked if checked is not None and checked.reason is not None else None
     return Backend(
         container=backend.container_id,
         name=backend.container,
@@ -249,15 +270,33 @@ def backend_view(
         backup=backend.backup,
         state=backend.state,
         reason=hold.reason if hold else None,
-        since=datetime.fromtimestamp(hold.since, UTC).isoformat(timespec="milliseconds")
-        if hold
-        else None,
+        since=_iso(hold.since) if hold else None,
+        health=None if checked is None else health_view(checked),
         in_nginx=in_nginx(service, backend.container_id, nginx),
         served_by=[
             n.container
             for n in nginx
             if n.serves is not None and backend.container_id in n.serves.get(service, ())
         ],
+    )
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+def health_view(health: H.Health) -> BackendHealth:
+    return BackendHealth(
+        state=health.state,  # type: ignore[arg-type]
+        checked=health.checked,
+        since=_iso(health.since),
+        last=health.last,
+        last_latency_ms=None
+        if health.last_latency is None
+        else round(health.last_latency * 1000, 3),
+        last_at=None if health.last_at is None else _iso(health.last_at),
+        fails=health.fails,
+        passes=health.passes,
     )
 
 
@@ -320,10 +359,10 @@ def service_view(
     overrides: core.Overrides,
     wanted: Serves,
     nginx: Sequence[NginxState],
-    holds: Mapping[tuple[str, str], Hold],
+    health: Mapping[tuple[str, str], H.Health],
 ) -> Service:
     """`wanted`: what the current config sends traffic to; `nginx`: what each nginx runs;
-    `holds`: why the readiness gate holds backends out."""
+    `health`: what the checks say of each backend."""
     return Service(
         name=service.name,
         exists=True,
@@ -331,7 +370,7 @@ def service_view(
         algorithm=Algorithm.of(service.algorithm),
         algorithm_source=service.algorithm_source,  # type: ignore[arg-type]
         hosts=list(service.names),
-        backends=[backend_view(b, service.name, nginx, holds) for b in service.backends],
+        backends=[backend_view(b, service.name, nginx, health) for b in service.backends],
         nginx=service_nginx_views(service.name, wanted, nginx),
         excluded=[
             Excluded(container=e.container, reason=e.reason)

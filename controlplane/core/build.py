@@ -26,6 +26,7 @@ from controlplane.core.model import (
     Endpoint,
     Exclusion,
     HealthCheck,
+    HealthMode,
     Method,
     NginxTarget,
     Overrides,
@@ -86,6 +87,7 @@ _ServiceKey = tuple[
     str,
     Algorithm | None,
     tuple[tuple[str, BackendOverride], ...],
+    HealthCheck | None,
 ]
 
 
@@ -416,6 +418,7 @@ def _service(
     domain: str,
     algorithm_override: Algorithm | None = None,
     backend_overrides: tuple[tuple[str, BackendOverride], ...] = (),
+    health_override: HealthCheck | None = None,
 ) -> tuple[Service, tuple[Exclusion, ...]]:
     """`reachable`: networks some managed nginx is on (None: no nginx is managed)."""
     settings, warnings = _merge_service_labels(members)
@@ -475,7 +478,8 @@ def _service(
         backends=tuple(backends),
         warnings=tuple(warnings),
         names=tuple(dict.fromkeys((name, f"{name}.{domain}", *(settings.hosts or ())))),
-        health=_health(settings),
+        health=health_override or _health(settings),
+        health_source="api" if health_override else _health_source(settings),
     )
     return service, tuple(excluded)
 
@@ -496,6 +500,14 @@ def _merge_service_labels(members: Sequence[_Member]) -> tuple[L.ServiceLabels, 
         "hosts": L.HOSTS,
         "health": L.HEALTH,
         "start_period": L.HEALTH_START_PERIOD,
+        "health_path": L.HEALTH_PATH,
+        "health_port": L.HEALTH_PORT,
+        "health_host": L.HEALTH_HOST,
+        "health_status": L.HEALTH_STATUS,
+        "health_interval": L.HEALTH_INTERVAL,
+        "health_timeout": L.HEALTH_TIMEOUT,
+        "health_fails": L.HEALTH_FAILS,
+        "health_passes": L.HEALTH_PASSES,
     }
     for m in members:
         container = m.backend.container
@@ -538,12 +550,42 @@ def _algorithm(settings: L.ServiceLabels) -> tuple[Algorithm, str, str | None]:
     return algorithm, "label" if settings.method is not None else "default", None
 
 
+_CHECK_FIELDS = tuple(f for f in _SERVICE_LABEL_FIELDS if f.startswith("health_"))
+_HTTP_FIELDS = ("health_path", "health_host", "health_status")
+
+
 def _health(settings: L.ServiceLabels) -> HealthCheck:
+    """No health label: the readiness gate alone. `health=tcp|http` or any check parameter
+    makes the check active; a path, Host or status implies http."""
     default = HealthCheck()
-    if settings.health is None and settings.start_period is None:
-        return default
+    given = [f for f in _CHECK_FIELDS if getattr(settings, f) is not None]
+    if settings.health is None and not given:
+        return HealthCheck(start_period=settings.start_period or default.start_period)
+    mode = settings.health
+    if mode is None:
+        http = any(getattr(settings, f) is not None for f in _HTTP_FIELDS)
+        mode = HealthMode.HTTP if http else HealthMode.TCP
     return HealthCheck(
-        settings.health or default.mode, settings.start_period or default.start_period
+        mode=mode,
+        active=mode is not HealthMode.NONE,
+        start_period=settings.start_period or default.start_period,
+        path=settings.health_path or default.path,
+        port=settings.health_port,
+        host=settings.health_host,
+        status=settings.health_status or default.status,
+        interval_ms=settings.health_interval or default.interval_ms,
+        timeout_ms=settings.health_timeout or default.timeout_ms,
+        fails=settings.health_fails or default.fails,
+        passes=settings.health_passes or default.passes,
+    )
+
+
+def _health_source(settings: L.ServiceLabels) -> str:
+    named = settings.health is not None or settings.start_period is not None
+    return (
+        "label"
+        if named or any(getattr(settings, f) is not None for f in _CHECK_FIELDS)
+        else "default"
     )
 
 

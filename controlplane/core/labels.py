@@ -33,6 +33,14 @@ CONFIG_PATH = PREFIX + "config_path"
 DATAPLANE = PREFIX + "dataplane"
 HEALTH = PREFIX + "health"
 HEALTH_START_PERIOD = PREFIX + "health.start_period"
+HEALTH_PATH = PREFIX + "health.path"
+HEALTH_PORT = PREFIX + "health.port"
+HEALTH_HOST = PREFIX + "health.host"
+HEALTH_STATUS = PREFIX + "health.status"
+HEALTH_INTERVAL = PREFIX + "health.interval"
+HEALTH_TIMEOUT = PREFIX + "health.timeout"
+HEALTH_FAILS = PREFIX + "health.fails"
+HEALTH_PASSES = PREFIX + "health.passes"
 
 T = TypeVar("T")
 
@@ -58,6 +66,14 @@ KNOWN_LABELS = frozenset(
         DATAPLANE,
         HEALTH,
         HEALTH_START_PERIOD,
+        HEALTH_PATH,
+        HEALTH_PORT,
+        HEALTH_HOST,
+        HEALTH_STATUS,
+        HEALTH_INTERVAL,
+        HEALTH_TIMEOUT,
+        HEALTH_FAILS,
+        HEALTH_PASSES,
     }
 )
 
@@ -70,6 +86,11 @@ HOST_RE = re.compile(
     r"(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
 )
 DURATION_RE = re.compile(r"([0-9]{1,6})(s|m|h)?")
+MS_DURATION_RE = re.compile(r"([0-9]{1,7})(ms|s|m)?")
+# An HTTP request target the controller writes itself: printable ASCII, no space (so no
+# header can be smuggled into the request line).
+HEALTH_PATH_RE = re.compile(r"/[\x21-\x7e]{0,255}")
+STATUS_RE = re.compile(r"([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?")
 CONFIG_PATH_RE = re.compile(r"/([A-Za-z0-9_.-]+/)*[A-Za-z0-9_-][A-Za-z0-9_.-]*\.conf")
 # nginx reads a variable name as far as [A-Za-z0-9_] goes, so the token must too.
 HASH_TOKEN_RE = re.compile(r"\$([A-Za-z0-9_]*)|([A-Za-z0-9_.:/,=-]+)")
@@ -97,6 +118,9 @@ TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 MAX_DURATION_SECONDS = 86_400
 MAX_START_PERIOD = 3600
+INTERVAL_MS = (100, 3_600_000)
+TIMEOUT_MS = (10, 60_000)
+THRESHOLD = (1, 100)
 
 
 def show(value: str) -> str:
@@ -177,10 +201,65 @@ def parse_health(value: str, what: str = HEALTH) -> HealthMode:
         return HealthMode(value.strip().lower())
     except ValueError:
         raise InvalidValue(
-            f"{what}={show(value)} is not a check: use tcp (the default: a new backend gets "
-            "traffic once its port accepts a connection) or none (at once); http comes with "
-            "active checks"
+            f"{what}={show(value)} is not a check: use tcp (a connect to the port), http "
+            f"(a GET of {HEALTH_PATH}, / by default) or none (no check: served at once)"
         ) from None
+
+
+def parse_milliseconds(value: str, what: str, low: int, high: int) -> int:
+    """A duration in ms, s (the default unit) or m, as milliseconds from `low` to `high`."""
+    text = value.strip()
+    match = MS_DURATION_RE.fullmatch(text)
+    factor = {"ms": 1, "s": 1000, None: 1000, "m": 60_000}
+    ms = int(match.group(1)) * factor[match.group(2)] if match else -1
+    if not low <= ms <= high:
+        raise InvalidValue(
+            f"{what}={show(value)} is not a duration from {low / 1000:g}s to {high / 1000:g}s: "
+            "use whole milliseconds, seconds or minutes (e.g. 500ms, 5s, 1m)"
+        )
+    return ms
+
+
+def parse_health_path(value: str, what: str = HEALTH_PATH) -> str:
+    path = value.strip()
+    if not HEALTH_PATH_RE.fullmatch(path):
+        raise InvalidValue(
+            f"{what}={show(value)} is not a path: use an absolute path of at most 256 "
+            "printable characters without spaces (e.g. /healthz)"
+        )
+    return path
+
+
+def parse_health_host(value: str, what: str = HEALTH_HOST) -> str:
+    """A Host header: a DNS name (no wildcard) or IPv4 address, with an optional port."""
+    host, _, port = value.strip().lower().partition(":")
+    if (
+        not host
+        or len(host) > 253
+        or host.startswith("*")
+        or not HOST_RE.fullmatch(host)
+        or (
+            port
+            and not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536)
+        )
+    ):
+        raise InvalidValue(
+            f"{what}={show(value)} is not a host: use a DNS name or an IPv4 address, with an "
+            "optional :port (e.g. app.example.com)"
+        )
+    return host + (f":{int(port)}" if port else "")
+
+
+def parse_status(value: str, what: str = HEALTH_STATUS) -> tuple[int, int]:
+    match = STATUS_RE.fullmatch(value.strip())
+    low = int(match.group(1)) if match else 0
+    high = int(match.group(2) or low) if match else 0
+    if not match or high < low:
+        raise InvalidValue(
+            f"{what}={show(value)} is not a status range: use one status from 100 to 599 or "
+            "a range LOW-HIGH (e.g. 200-399, the default)"
+        )
+    return low, high
 
 
 def parse_hash_key(value: str, what: str = HASH_KEY) -> str:
@@ -287,6 +366,14 @@ class ServiceLabels:
     hosts: tuple[str, ...] | None = None
     health: HealthMode | None = None
     start_period: int | None = None
+    health_path: str | None = None
+    health_port: int | None = None
+    health_host: str | None = None
+    health_status: tuple[int, int] | None = None
+    health_interval: int | None = None
+    health_timeout: int | None = None
+    health_fails: int | None = None
+    health_passes: int | None = None
 
 
 class _Collector:
@@ -343,6 +430,18 @@ def parse_service_labels(labels: Mapping[str, str]) -> ServiceLabels:
             HEALTH_START_PERIOD,
             lambda v: parse_seconds(v, HEALTH_START_PERIOD, 1, MAX_START_PERIOD),
         ),
+        health_path=c.get(HEALTH_PATH, parse_health_path),
+        health_port=c.get(HEALTH_PORT, lambda v: parse_int(v, HEALTH_PORT, 1, 65535)),
+        health_host=c.get(HEALTH_HOST, parse_health_host),
+        health_status=c.get(HEALTH_STATUS, parse_status),
+        health_interval=c.get(
+            HEALTH_INTERVAL, lambda v: parse_milliseconds(v, HEALTH_INTERVAL, *INTERVAL_MS)
+        ),
+        health_timeout=c.get(
+            HEALTH_TIMEOUT, lambda v: parse_milliseconds(v, HEALTH_TIMEOUT, *TIMEOUT_MS)
+        ),
+        health_fails=c.get(HEALTH_FAILS, lambda v: parse_int(v, HEALTH_FAILS, *THRESHOLD)),
+        health_passes=c.get(HEALTH_PASSES, lambda v: parse_int(v, HEALTH_PASSES, *THRESHOLD)),
     )
     c.done()
     return result

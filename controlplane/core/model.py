@@ -35,22 +35,39 @@ class DataPlane(StrEnum):
 
 
 class HealthMode(StrEnum):
-    """How the controller checks a service's backends before they get traffic: `tcp` waits
-    until a new backend's port accepts a connection (core.readiness), `none` serves it as soon
-    as it runs (and Docker's own health check, if any, passes)."""
+    """How the controller checks a service's backends: `tcp` by a connect to the port, `http`
+    by a GET whose status must be in range, `none` not at all (a backend is served as soon as
+    it runs and Docker's own health check, if any, passes)."""
 
     TCP = "tcp"
+    HTTP = "http"
     NONE = "none"
 
 
 @dataclass(frozen=True)
 class HealthCheck:
-    """A service's check, from its service-wide labels."""
+    """A service's check, from its service-wide labels or the API. Without any health label
+    it is the readiness gate alone: a new backend's port must accept a connection before it
+    gets traffic, and it is not checked after that. A health label makes the check `active`:
+    every backend is checked every `interval` for as long as it runs, `fails` failures in a
+    row take it out and `passes` successes in a row bring it back."""
 
     mode: HealthMode = HealthMode.TCP
+    active: bool = False
     start_period: int = 60
-    """Seconds a new backend has to accept a connection; after that it stays out until its
-    container restarts."""
+    """Seconds a new backend has to pass its first check; after that it stays out (checked
+    on, if the check is active) with the reason."""
+    path: str = "/"
+    port: int | None = None
+    """The port to check; None: the backend's own."""
+    host: str | None = None
+    """The HTTP Host header; None: the backend's address."""
+    status: tuple[int, int] = (200, 399)
+    """The statuses that pass, both ends included."""
+    interval_ms: int = 5000
+    timeout_ms: int = 1000
+    fails: int = 3
+    passes: int = 2
 
 
 METHODS_WITHOUT_BACKUP = frozenset({Method.HASH, Method.IP_HASH, Method.RANDOM})
@@ -140,6 +157,7 @@ class Overrides:
 
     algorithms: Mapping[str, Algorithm] = field(default_factory=dict, hash=False)
     backends: Mapping[str, Mapping[str, BackendOverride]] = field(default_factory=dict, hash=False)
+    health: Mapping[str, HealthCheck] = field(default_factory=dict, hash=False)
 
 
 class Backend(NamedTuple):
@@ -177,6 +195,8 @@ class Service:
     """Every host name that routes to this service: NAME, NAME.DOMAIN, then `hosts`, each
     only where no other service owns it first."""
     health: HealthCheck = HealthCheck()
+    health_source: str = "default"
+    """Where `health` came from: default, label or api."""
 
     @property
     def live_backends(self) -> tuple[Backend, ...]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from controlplane.core import labels as L
-from controlplane.core.model import Algorithm, BackendOverride, Method, Overrides
+from controlplane.core.model import Algorithm, BackendOverride, HealthCheck, Method, Overrides
 from controlplane.errors import InvalidValue
 
 OPTIONS: Mapping[str, Method] = MappingProxyType(
@@ -88,7 +88,11 @@ def check_backend(override: BackendOverride) -> BackendOverride:
 
 def for_service(
     overrides: Overrides, service: str
-) -> tuple[Algorithm | None, tuple[tuple[str, BackendOverride], ...]]:
+) -> tuple[Algorithm | None, tuple[tuple[str, BackendOverride], ...], HealthCheck | None]:
     """One service's share of the overrides, hashable, for the builder's memo."""
     backends = overrides.backends.get(service, {})
-    return overrides.algorithms.get(service), tuple(sorted(backends.items()))
+    return (
+        overrides.algorithms.get(service),
+        tuple(sorted(backends.items())),
+        overrides.health.get(service),
+    )

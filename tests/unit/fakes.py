@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 
-from controlplane.core.model import ContainerFacts, DockerState, NginxTarget
-from controlplane.core.readiness import Address, Outcome
+from controlplane.core.health import Address, Outcome, Result
+from controlplane.core.model import ContainerFacts, DockerState, HealthCheck, NginxTarget
 from controlplane.docker_source import DockerEvent
 from controlplane.errors import DockerUnavailable
 from controlplane.nginx_deployer import DeployResult
@@ -157,29 +157,35 @@ class FakeEvents:
         self.closed.set()
 
 
+def _result(answer: Outcome | Result) -> Result:
+    return answer if isinstance(answer, Result) else Result(answer)
+
+
 class FakeProber:
     """Answers each probe at once with `answers[host]`; a probe of a host with no answer
     waits in `pending` until the test calls `answer`."""
 
-    def __init__(self, answers: dict[str, Outcome] | None = None) -> None:
-        self.answers = dict(answers or {})
+    def __init__(self, answers: dict[str, Outcome | Result] | None = None) -> None:
+        self.answers: dict[str, Outcome | Result] = dict(answers or {})
         self.sent: list[Address] = []
+        self.checks: list[HealthCheck] = []
         self.pending: list[tuple[Address, Done]] = []
 
-    def probe(self, address: Address, timeout: float, done: Done) -> None:
+    def probe(self, address: Address, check: HealthCheck, done: Done) -> None:
         self.sent.append(address)
-        outcome = self.answers.get(address.host)
-        if outcome is None:
+        self.checks.append(check)
+        answer = self.answers.get(address.host)
+        if answer is None:
             self.pending.append((address, done))
         else:
-            done(address, outcome)
+            done(address, _result(answer))
 
-    def answer(self, host: str, outcome: Outcome) -> None:
+    def answer(self, host: str, outcome: Outcome | Result) -> None:
         """Each pending probe of `host` says `outcome`."""
         waiting = [(a, d) for a, d in self.pending if a.host == host]
         self.pending = [(a, d) for a, d in self.pending if a.host != host]
         for address, done in waiting:
-            done(address, outcome)
+            done(address, _result(outcome))
 
     def close(self) -> None:
         pass

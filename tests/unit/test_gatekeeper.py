@@ -18,12 +18,12 @@ from controlplane.activity import Activity
 from controlplane.api.app import create_app
 from controlplane.cli_client import service_text
 from controlplane.core import labels as L
-from controlplane.core.model import BackendState, ContainerFacts
-from controlplane.core.readiness import Address, Outcome, ReadinessPolicy
+from controlplane.core.health import Address, Outcome, ReadinessPolicy, Result
+from controlplane.core.model import BackendState, ContainerFacts, HealthCheck
 from controlplane.docker_source import DockerEvent
 from controlplane.gatekeeper import Gatekeeper
 from controlplane.metrics import Metrics
-from controlplane.prober import TcpProber, outcome_of
+from controlplane.prober import SocketProber, outcome_of
 from controlplane.reconciler import Arrival, ControlLoop, Notice, Reconciler
 from controlplane.settings import Settings
 from controlplane.snapshot import ReconcileReport
@@ -122,7 +122,8 @@ def test_a_newcomer_that_does_not_accept_yet_is_held_and_its_first_connect_wakes
     run = Run(prober, LB, W1)
     run.starts(W2, 105.0)
     assert run.served() == {"w1"} and run.state_of("w2") is BackendState.STARTING
-    hold = run.reconciler.holds()[W2.id, "app"]
+    hold = run.reconciler.health()[W2.id, "app"]
+    assert hold.reason is not None
     assert hold.reason.startswith("waiting for port 80 to accept a connection (since 0.0 s")
     prober.answer("172.20.0.3", Outcome.REFUSED)
     assert run.woken == []
@@ -137,7 +138,10 @@ def test_a_newcomer_that_does_not_accept_yet_is_held_and_its_first_connect_wakes
     assert run.reports[-1].reason == "a backend's readiness changed"
     assert run.served() == {"w1", "w2"}
     assert "service web: w2 starting -> up" in run.reports[-1].changes
-    assert run.reconciler.holds() == {}
+    assert {k: h.state for k, h in run.reconciler.health().items()} == {
+        (W1.id, "app"): "up",
+        (W2.id, "app"): "up",
+    }
 
 
 def test_backends_served_before_a_controller_restart_stay_served_while_probed() -> None:
@@ -164,7 +168,7 @@ def test_a_backend_that_never_accepts_gives_up_after_its_start_period() -> None:
     run.at(108.0, Notice.READINESS)
     run.at(108.5)  # the quiet window of an nginx that reloads
     assert run.state_of("w2") is BackendState.UNHEALTHY
-    assert run.reconciler.holds()[W2.id, "app"].reason == (
+    assert run.reconciler.health()[W2.id, "app"].reason == (
         "never accepted a connection on port 80 within the start period (3s); it stays out "
         "until it restarts"
     )
@@ -247,15 +251,15 @@ def test_the_tcp_prober_tells_a_listening_port_from_a_closed_one() -> None:
     answers: dict[int, Outcome] = {}
     done = threading.Event()
 
-    def record(address: Address, outcome: Outcome) -> None:
-        answers[address.port] = outcome
+    def record(address: Address, result: Result) -> None:
+        answers[address.port] = result.outcome
         if len(answers) == 2:
             done.set()
 
-    prober = TcpProber()
+    prober = SocketProber()
     try:
         for port in (open_port, closed_port):
-            prober.probe(Address("c", "s", "n", "127.0.0.1", port), 1.0, record)
+            prober.probe(Address("c", "s", "n", "127.0.0.1", port), HealthCheck(), record)
         assert done.wait(5)
     finally:
         prober.close()
@@ -286,4 +290,5 @@ def test_each_probe_is_counted_by_outcome() -> None:
     run.clock.now = 105.1
     run.gate.tick()
     text = metrics.exposition().decode()
-    assert 'controlplane_readiness_probes_total{outcome="refused"} 2.0' in text
+    assert 'controlplane_health_probes_total{result="fail"} 2.0' in text
+    assert 'controlplane_health_probe_failures_total{reason="refused"} 2.0' in text

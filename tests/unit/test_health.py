@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
+from controlplane.core import health as R
 from controlplane.core import labels as L
-from controlplane.core import readiness as R
 from controlplane.core.build import BuildMemo, build_topology
 from controlplane.core.model import BackendState, ContainerFacts, HealthMode, Topology
 from controlplane.errors import InvalidValue
@@ -58,16 +58,17 @@ class Gate:
 
     def send(self) -> Topology:
         self.readiness, chosen = R.due(self.readiness, self.now, POLICY)
-        self.sent.extend(chosen)
+        self.sent.extend(key for key, _ in chosen)
         return self.gated
 
     @property
     def gated(self) -> Topology:
         return R.gate(topology(*self.containers), self.readiness)
 
-    def answer(self, address: R.Address, outcome: R.Outcome, draw: float = 0.5) -> bool:
+    def answer(self, address: R.Address, outcome: R.Outcome | R.Result, draw: float = 0.5) -> bool:
+        result = outcome if isinstance(outcome, R.Result) else R.Result(outcome)
         self.readiness, changed = R.record(
-            self.readiness, address, outcome, self.now, self.now, draw, POLICY
+            self.readiness, address, result, self.now, self.now, draw, POLICY
         )
         return changed
 
@@ -111,16 +112,19 @@ def test_it_gives_up_after_the_start_period_and_says_why() -> None:
     short = replace(W1, labels={L.HEALTH_START_PERIOD: "2s"})
     gate = Gate(short, at=100.0)
     gate.answer(key(short), R.Outcome.REFUSED)
-    hold = R.holds(gate.readiness, 101.2)[short.id, "app"]
-    assert hold.reason == "waiting for port 80 to accept a connection (since 1.2 s; refused)"
-    assert hold.since == 100.0
+    hold = R.report(gate.readiness, 101.2)[short.id, "app"]
+    assert hold.reason == (
+        "waiting for port 80 to accept a connection (since 1.2 s; last: refused)"
+    )
+    assert (hold.state, hold.since, hold.served, hold.fails) == ("starting", 100.0, False, 1)
     assert not gate.at(101.999)
     assert gate.at(102.0)
     assert states(gate.gated) == {"w1": BackendState.UNHEALTHY}
-    assert R.holds(gate.readiness, 103.0)[short.id, "app"] == R.Hold(
+    gave_up = R.report(gate.readiness, 103.0)[short.id, "app"]
+    assert (gave_up.state, gave_up.since) == ("gave up", 102.0)
+    assert gave_up.reason == (
         "never accepted a connection on port 80 within the start period (2s); it stays out "
-        "until it restarts",
-        102.0,
+        "until it restarts"
     )
     sent = len(gate.sent)
     gate.at(200.0)
@@ -249,7 +253,9 @@ def test_probes_in_flight_are_bounded() -> None:
     readiness, first = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
     readiness, none = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
     assert len(first) == 2 and none == []
-    readiness, _ = R.record(readiness, first[0], R.Outcome.REFUSED, 0.0, 0.0, 0.5, POLICY)
+    readiness, _ = R.record(
+        readiness, first[0][0], R.Result(R.Outcome.REFUSED), 0.0, 0.0, 0.5, POLICY
+    )
     _, more = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
     assert len(more) == 1 and more[0] not in first
 
@@ -285,14 +291,14 @@ def test_health_labels(labels: dict[str, str], expected: tuple[HealthMode, int])
 @pytest.mark.parametrize(
     ("label", "value", "says"),
     [
-        (L.HEALTH, "http", "http comes with active checks"),
+        (L.HEALTH, "https", "is not a check: use tcp"),
         (L.HEALTH, "tcp;", "is not a check: use tcp"),
         (L.HEALTH_START_PERIOD, "0", "from 1s to 3600s"),
         (L.HEALTH_START_PERIOD, "2h", "from 1s to 3600s"),
         (L.HEALTH_START_PERIOD, "1.5s", "from 1s to 3600s"),
         (L.HEALTH_START_PERIOD, "1d", "from 1s to 3600s"),
     ],
-    ids=["http-not-yet", "junk", "zero", "too-long", "fraction", "unknown-unit"],
+    ids=["unknown", "junk", "zero", "too-long", "fraction", "unknown-unit"],
 )
 def test_a_bad_health_label_excludes_the_container(label: str, value: str, says: str) -> None:
     with pytest.raises(InvalidValue, match=says):
