@@ -411,9 +411,7 @@ def _counted(track: Track, result: Result, now: float) -> Track:
     next probe is due one interval after this one was (no later than the interval after
     now, when the probe took longer than that)."""
     check = track.check
-    interval = check.interval_ms / 1000
-    after = track.next_at + interval if track.next_at > -math.inf else now + interval
-    track = replace(track, next_at=max(after, now) if after > now - interval else now + interval)
+    track = replace(track, next_at=max(track.next_at + check.interval_ms / 1000, now))
     if track.phase is Phase.READY and track.fails >= check.fails:
         why = f"failed {track.fails} checks in a row (last: {said(result)})"
         return replace(track, phase=Phase.DOWN, since=now, passes=0, why=why)

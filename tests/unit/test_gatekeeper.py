@@ -292,3 +292,37 @@ def test_each_probe_is_counted_by_outcome() -> None:
     text = metrics.exposition().decode()
     assert 'controlplane_health_probes_total{result="fail"} 2.0' in text
     assert 'controlplane_health_probe_failures_total{reason="refused"} 2.0' in text
+
+
+def test_an_active_check_takes_a_failing_backend_out_and_says_so_once() -> None:
+    checked = {L.HEALTH_PATH: "/health", L.HEALTH_INTERVAL: "1s", L.HEALTH_FAILS: "2"}
+    w1, w2 = replace(W1, labels=checked), replace(W2, labels=checked)
+    good = Result(Outcome.STATUS, 200, 0.001)
+    prober = FakeProber({"172.20.0.2": good, "172.20.0.3": good})
+    run = Run(prober, LB, w1, w2)
+    moves: list[tuple[str, str, str | None]] = []
+    run.gate.on_transition.append(lambda key, h: moves.append((key.host, h.state, h.reason)))
+    assert run.served() == {"w1", "w2"}
+    assert all(c.path == "/health" for c in prober.checks)
+    prober.answers["172.20.0.3"] = Result(Outcome.STATUS, 500, 0.001)
+    for now in (101.0, 102.0, 103.0):
+        run.clock.now = now
+        run.gate.tick()
+    assert run.woken == [102.0] and moves == [
+        (
+            "172.20.0.3",
+            "down",
+            "failed 2 checks in a row (last: status 500); back in after 2 passing in a row "
+            "(0 so far)",
+        )
+    ]
+    run.at(102.0, Notice.READINESS)
+    run.at(102.5)
+    assert run.served() == {"w1"} and run.state_of("w2") is BackendState.UNHEALTHY
+    health = run.reconciler.health()[W2.id, "app"]
+    assert (health.state, health.fails, health.last, health.since) == (
+        "down",
+        3,
+        "status 500",
+        1e9 - 0.5,  # down at 102.0, asked at 102.5
+    )

@@ -11,7 +11,7 @@ import pytest
 from controlplane.core import health as R
 from controlplane.core import labels as L
 from controlplane.core.build import BuildMemo, build_topology
-from controlplane.core.model import BackendState, ContainerFacts, HealthMode, Topology
+from controlplane.core.model import BackendState, ContainerFacts, HealthCheck, HealthMode, Topology
 from controlplane.errors import InvalidValue
 from tests.unit.builders import container, nginx, state
 
@@ -325,3 +325,272 @@ def test_the_candidate_memo_reads_only_changed_services_and_says_when_none_chang
     restarted = replace(W2, started_at="2024-05-01T10:05:00Z")
     found, same = memo.candidates(build_topology(state(LB, W1, restarted), memo=built))
     assert [c.address for c in found] == [key(W1), key(restarted)] and not same
+
+
+# Active checks: labels make the check go on after a backend is in.
+
+HTTP = {
+    L.HEALTH_PATH: "/health",
+    L.HEALTH_INTERVAL: "1s",
+    L.HEALTH_FAILS: "3",
+    L.HEALTH_PASSES: "2",
+}
+
+
+def ok(status: int = 200) -> R.Result:
+    return R.Result(R.Outcome.STATUS, status, 0.002)
+
+
+def checked(labels: dict[str, str] = HTTP, at: float = 0.0) -> tuple[Gate, ContainerFacts]:
+    """One backend with an active check, in after its first passing probe at `at`."""
+    facts = replace(W1, labels=labels)
+    gate = Gate(facts, at=at)
+    assert gate.answer(key(facts), ok())
+    return gate, facts
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ({}, HealthCheck()),
+        ({L.HEALTH: "tcp"}, HealthCheck(active=True)),
+        ({L.HEALTH: "http"}, HealthCheck(HealthMode.HTTP, active=True)),
+        ({L.HEALTH_PATH: "/ready?x=1"}, HealthCheck(HealthMode.HTTP, True, path="/ready?x=1")),
+        (
+            {L.HEALTH_HOST: "App.Example.com:8080"},
+            HealthCheck(HealthMode.HTTP, True, host="app.example.com:8080"),
+        ),
+        ({L.HEALTH_STATUS: "204"}, HealthCheck(HealthMode.HTTP, True, status=(204, 204))),
+        ({L.HEALTH_INTERVAL: "250ms"}, HealthCheck(active=True, interval_ms=250)),
+        (
+            {L.HEALTH_TIMEOUT: "2s", L.HEALTH_PORT: "9000"},
+            HealthCheck(active=True, timeout_ms=2000, port=9000),
+        ),
+        ({L.HEALTH: "tcp", L.HEALTH_PATH: "/x"}, HealthCheck(active=True, path="/x")),
+        (
+            {L.HEALTH: "none", L.HEALTH_FAILS: "5"},
+            HealthCheck(HealthMode.NONE, active=False, fails=5),
+        ),
+        (
+            {L.HEALTH_FAILS: "1", L.HEALTH_PASSES: "100", L.HEALTH_INTERVAL: "1m"},
+            HealthCheck(active=True, fails=1, passes=100, interval_ms=60_000),
+        ),
+    ],
+    ids=[
+        "none",
+        "tcp",
+        "http",
+        "path",
+        "host",
+        "status",
+        "interval",
+        "port",
+        "tcp-wins",
+        "off",
+        "bounds",
+    ],
+)
+def test_active_check_labels(labels: dict[str, str], expected: HealthCheck) -> None:
+    (service,) = topology(replace(W1, labels=labels)).services
+    assert service.health == expected
+    assert service.health_source == ("label" if labels else "default")
+
+
+@pytest.mark.parametrize(
+    ("label", "value", "says"),
+    [
+        (L.HEALTH_PATH, "health", "is not a path"),
+        (L.HEALTH_PATH, "/a b", "is not a path"),
+        (L.HEALTH_PATH, "/x\r\nHost: evil", "is not a path"),
+        (L.HEALTH_PATH, "/" + "a" * 256, "is not a path"),
+        (L.HEALTH_PORT, "0", "from 1 to 65535"),
+        (L.HEALTH_HOST, "*.example.com", "is not a host"),
+        (L.HEALTH_HOST, "a b", "is not a host"),
+        (L.HEALTH_HOST, "app:0", "is not a host"),
+        (L.HEALTH_HOST, "app:123456", "is not a host"),
+        (L.HEALTH_STATUS, "399-200", "is not a status range"),
+        (L.HEALTH_STATUS, "600", "is not a status range"),
+        (L.HEALTH_STATUS, "2xx", "is not a status range"),
+        (L.HEALTH_INTERVAL, "50ms", "from 0.1s to 3600s"),
+        (L.HEALTH_INTERVAL, "2h", "from 0.1s to 3600s"),
+        (L.HEALTH_INTERVAL, "1.5s", "from 0.1s to 3600s"),
+        (L.HEALTH_TIMEOUT, "2m", "from 0.01s to 60s"),
+        (L.HEALTH_FAILS, "0", "from 1 to 100"),
+        (L.HEALTH_PASSES, "101", "from 1 to 100"),
+    ],
+)
+def test_a_bad_check_label_excludes_the_container_with_its_reason(
+    label: str, value: str, says: str
+) -> None:
+    with pytest.raises(InvalidValue, match=says):
+        L.parse_service_labels({label: value})
+    built = topology(replace(W1, labels={label: value}), W2)
+    assert [e.container for e in built.excluded] == ["w1"]
+    assert says in built.excluded[0].reason
+
+
+def test_fails_in_a_row_take_a_backend_out_and_passes_in_a_row_bring_it_back() -> None:
+    gate, facts = checked(at=10.0)
+    tracked = gate.readiness.tracks[key(facts)]
+    assert tracked.phase is R.Phase.READY and 9.8 <= tracked.next_at <= 11.0
+    probes = len(gate.sent)
+    for second, result in ((11, ok(500)), (12, R.Result(R.Outcome.NO_REPLY))):
+        gate.at(float(second))
+        assert len(gate.sent) == probes + 1
+        probes += 1
+        assert not gate.answer(key(facts), result)
+    gate.at(13.0)
+    assert gate.answer(key(facts), ok(503))  # the third failure in a row
+    assert states(gate.gated) == {"w1": BackendState.UNHEALTHY}
+    down = R.report(gate.readiness, 13.5)[facts.id, "app"]
+    assert (down.state, down.served, down.fails, down.last) == ("down", False, 3, "status 503")
+    assert down.reason == (
+        "failed 3 checks in a row (last: status 503); back in after 2 passing in a row (0 so far)"
+    )
+    gate.at(14.0)
+    assert not gate.answer(key(facts), ok())
+    gate.at(15.0)
+    assert not gate.answer(key(facts), R.Result(R.Outcome.REFUSED))  # a failure resets passes
+    gate.at(16.0)
+    assert not gate.answer(key(facts), ok())
+    gate.at(17.0)
+    assert gate.answer(key(facts), ok(204))
+    assert states(gate.gated) == {"w1": BackendState.UP}
+
+
+def test_a_pass_between_failures_starts_the_count_again() -> None:
+    gate, facts = checked()
+    for second, result in enumerate((ok(500), ok(500), ok(), ok(500), ok(500)), start=1):
+        gate.at(float(second))
+        gate.answer(key(facts), result)
+    assert states(gate.gated) == {"w1": BackendState.UP}
+    assert gate.readiness.tracks[key(facts)].fails == 2
+
+
+@pytest.mark.parametrize("took", [0.1, 0.9, 1.7])
+def test_probes_keep_their_interval_whatever_a_probe_takes(took: float) -> None:
+    """A probe is due one interval after the last was due, so a hung backend whose probes
+    time out is still out within interval x fails + timeout."""
+    gate, facts = checked()
+    due_at = gate.readiness.tracks[key(facts)].next_at
+    for _ in range(3):
+        gate.at(due_at)
+        gate.now = due_at + took
+        gate.answer(key(facts), R.Result(R.Outcome.NO_REPLY))
+        after = gate.readiness.tracks[key(facts)].next_at
+        assert after == max(due_at + 1.0, due_at + took)
+        due_at = after
+    assert gate.readiness.tracks[key(facts)].phase is R.Phase.DOWN
+
+
+def test_the_status_range_decides_and_a_redirect_is_a_status_like_any_other() -> None:
+    gate, facts = checked({**HTTP, L.HEALTH_STATUS: "200-299", L.HEALTH_FAILS: "1"})
+    gate.at(1.0)
+    assert gate.answer(key(facts), ok(302))
+    assert gate.readiness.tracks[key(facts)].phase is R.Phase.DOWN
+
+
+def test_a_tcp_check_passes_on_a_connect_and_an_http_check_does_not() -> None:
+    tcp = HealthCheck(active=True)
+    http = HealthCheck(HealthMode.HTTP, active=True)
+    connected = R.Result(R.Outcome.CONNECTED)
+    assert R.passed(tcp, connected) and not R.passed(http, connected)
+    assert R.passed(http, ok(399)) and not R.passed(http, ok(400))
+    assert not R.passed(tcp, R.Result(R.Outcome.REFUSED))
+
+
+def test_without_an_active_check_a_ready_backend_is_not_probed_again() -> None:
+    gate = Gate(W1)
+    gate.answer(key(W1), R.Outcome.CONNECTED)
+    gate.at(1000.0)
+    assert gate.sent == [key(W1)] and R.next_wake(gate.readiness) == math.inf
+
+
+def test_a_newcomer_that_never_passes_an_active_check_is_down_and_checked_on() -> None:
+    facts = replace(W1, labels={**HTTP, L.HEALTH_START_PERIOD: "2s"})
+    gate = Gate(facts)
+    gate.answer(key(facts), ok(500))
+    assert gate.at(2.0)
+    down = R.report(gate.readiness, 2.0)[facts.id, "app"]
+    assert down.state == "down"
+    assert down.reason is not None and down.reason.startswith(
+        "passed no check of GET /health on port 80 within the start period"
+    )
+    for second in (3.0, 4.0):
+        gate.at(second)
+        gate.answer(key(facts), ok())
+    assert states(gate.gated) == {"w1": BackendState.UP}
+
+
+def test_an_incumbent_failing_its_check_counts_like_a_served_one() -> None:
+    facts = replace(W1, labels={**HTTP, L.HEALTH_FAILS: "2"})
+    gate = Gate(facts, first=True)
+    assert not gate.answer(key(facts), ok(500))
+    assert states(gate.gated) == {"w1": BackendState.UP}
+    assert gate.readiness.tracks[key(facts)].phase is R.Phase.READY
+    gate.at(gate.readiness.tracks[key(facts)].next_at)
+    assert gate.answer(key(facts), ok(500))
+    assert states(gate.gated) == {"w1": BackendState.UNHEALTHY}
+
+
+def test_silence_on_an_unreachable_network_is_no_failure() -> None:
+    gate, facts = checked()
+    gate.readiness = replace(
+        gate.readiness, networks={"app": R.Reach(unreachable="the controller has no route")}
+    )
+    for second in range(1, 6):
+        gate.at(float(second))
+        gate.answer(key(facts), R.Result(R.Outcome.TIMEOUT))
+    assert states(gate.gated) == {"w1": BackendState.UP}
+    assert gate.readiness.tracks[key(facts)].fails == 0
+
+
+def test_a_down_backend_is_let_in_when_its_network_turns_unreachable() -> None:
+    gate, facts = checked({**HTTP, L.HEALTH_FAILS: "1"})
+    gate.at(1.0)
+    gate.answer(key(facts), ok(500))
+    assert states(gate.gated) == {"w1": BackendState.UNHEALTHY}
+    gate.at(2.0)
+    assert gate.answer(key(facts), R.Result(R.Outcome.NETWORK_UNREACHABLE))
+    assert states(gate.gated) == {"w1": BackendState.UP}
+    assert R.report(gate.readiness, 2.0)[facts.id, "app"].state == "up"
+
+
+def test_turning_the_check_off_lets_a_down_backend_back_in_at_once() -> None:
+    gate, facts = checked({**HTTP, L.HEALTH_FAILS: "1"})
+    gate.at(1.0)
+    gate.answer(key(facts), ok(500))
+    plain = replace(facts, labels={})
+    assert states(gate.observe(plain)) == {"w1": BackendState.UP}
+    assert R.next_wake(gate.readiness) == math.inf
+
+
+def test_a_changed_check_is_probed_at_once_with_fresh_counts() -> None:
+    gate, facts = checked({**HTTP, L.HEALTH_FAILS: "3"})
+    gate.at(1.0)
+    gate.answer(key(facts), ok(500))
+    sent = len(gate.sent)
+    gate.observe(replace(facts, labels={**HTTP, L.HEALTH_PATH: "/other"}))
+    assert len(gate.sent) == sent + 1
+    track = gate.readiness.tracks[key(facts)]
+    assert (track.fails, track.check.path) == (0, "/other")
+
+
+def test_backends_let_in_together_spread_their_probes() -> None:
+    facts = [replace(container(f"w{i}", ip=f"172.20.0.{i + 2}"), labels=HTTP) for i in range(20)]
+    gate = Gate(*facts)
+    for i, f in enumerate(facts):
+        gate.answer(key(f), ok(), draw=i / 20)
+    due = sorted(gate.readiness.tracks[key(f)].next_at for f in facts)
+    assert due[0] >= 0.8 and due[-1] <= 1.0 and len(set(due)) == 20
+
+
+def test_moved_names_only_the_backends_whose_phase_changed() -> None:
+    gate, facts = checked({**HTTP, L.HEALTH_FAILS: "1"})
+    before = gate.readiness
+    gate.at(1.0)
+    assert R.moved(before, gate.readiness) == []
+    before = gate.readiness
+    gate.answer(key(facts), ok(500))
+    assert R.moved(before, gate.readiness) == [key(facts)]
+    assert R.moved(gate.readiness, gate.readiness) == []
