@@ -81,6 +81,11 @@ def main() -> None:
             machine_rig,
             lambda r: chaos.storm(r, args.storm, drain=True),
         ),
+        (
+            "7. the same, listening 1 s after start",
+            machine_rig,
+            lambda r: chaos.storm(r, args.storm, drain=True, listen_ms=1000),
+        ),
         ("8. change nginx rejects, then a good one", machine_rig, chaos.rejected),
     ]
     rows = []

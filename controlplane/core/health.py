@@ -23,8 +23,9 @@ data; the probing is an edge (controlplane.gatekeeper, controlplane.prober).
 - What the controller's first pass finds is INCUMBENT: an nginx may already send it traffic,
   so it stays served while it is probed, and a controller restart causes no outage. A pass
   makes it READY; a refusal before any pass makes it PENDING (out: its port is closed); any
-  other failure counts as a READY backend's; if no probe gets an answer for its start period,
-  it is READY (nothing said it was not).
+  other failing answer makes it DOWN (the last controller may have had it out: it stays out
+  until it passes `passes` times); if no probe gets an answer for its start period, it is
+  READY (nothing said it was not).
 - A network is reachable once a probe on it was answered (anything but silence). It is
   unreachable after "network unreachable", or while no probe on it was ever answered and the
   ones sent for `silence` seconds got none (timeouts, "host unreachable"): a remote engine, or
@@ -400,8 +401,10 @@ def _probed(
         if track.phase is Phase.INCUMBENT and result.outcome is Outcome.REFUSED:
             return replace(probed, phase=Phase.PENDING, since=now, fails=0)
         if track.phase is Phase.INCUMBENT and result.outcome in ANSWERS:
-            probed = replace(probed, phase=Phase.READY, since=now)
-            return _counted(probed, result, now)
+            # what the last controller made of it is not known: out until it passes again
+            why = f"failed its first check since the controller started (last: {said(result)})"
+            interval = track.check.interval_ms / 1000
+            return replace(probed, phase=Phase.DOWN, since=now, next_at=now + interval, why=why)
         return probed
     return _counted(probed, result, now)
 

@@ -82,6 +82,17 @@ def test_event_storm(rig: Rig) -> None:
     assert result.reloads <= bound, f"{result.reloads} reloads for a storm of 30 containers"
 
 
+@BOTH_DATAPLANES
+def test_storm_of_backends_that_listen_late(rig: Rig) -> None:
+    """Issue 16's storm: 50 backends that listen 1 s after their start, served once they do
+    (the readiness gate), then stopped, draining for a second: no request fails."""
+    no_failures(
+        chaos.run(
+            rig, "late storm", chaos.storm(rig, count=50, drain=True, listen_ms=1000), SECONDS
+        )
+    )
+
+
 def test_rejected_change(rig: Rig) -> None:
     """Reload mode: its template breaks the config of a backend of weight 7; on the dynamic
     data plane a weight is pushed, not rendered (test_lua_balancer covers bad pushed data)."""

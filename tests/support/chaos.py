@@ -476,12 +476,18 @@ def dockerd_restart(rig: Rig, engine: PrivateEngine) -> Callable[[ScenarioResult
     return action
 
 
-def storm(rig: Rig, count: int, drain: bool = False) -> Callable[[ScenarioResult], None]:
+def storm(
+    rig: Rig, count: int, drain: bool = False, listen_ms: int = 0
+) -> Callable[[ScenarioResult], None]:
     """`count` containers started and stopped within a few seconds; with `drain`, they keep
-    serving for a second after SIGTERM (like real apps), else they exit at once."""
+    serving for a second after SIGTERM (like real apps), else they exit at once. With
+    `listen_ms`, each listens that long after its start (an app warming up), and they are
+    stopped a second after that, once they serve."""
 
     def action(result: ScenarioResult) -> None:
-        env = DRAINING if drain else {}
+        env = dict(DRAINING) if drain else {}
+        if listen_ms:
+            env["LISTEN_DELAY_MS"] = str(listen_ms)
         created = [
             rig.lab.backend(rig.net, alias=SERVICE, start=False, env=env) for _ in range(count)
         ]
@@ -489,6 +495,8 @@ def storm(rig: Rig, count: int, drain: bool = False) -> Callable[[ScenarioResult
 
         def start_and_stop() -> None:
             together(c.start for c in created)
+            if listen_ms:
+                time.sleep(listen_ms / 1000 + 1.0)
             together(partial(c.stop, timeout=5) for c in created)
 
         timed(rig, result, start_and_stop)

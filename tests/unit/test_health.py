@@ -522,15 +522,22 @@ def test_a_newcomer_that_never_passes_an_active_check_is_down_and_checked_on() -
     assert states(gate.gated) == {"w1": BackendState.UP}
 
 
-def test_an_incumbent_failing_its_check_counts_like_a_served_one() -> None:
-    facts = replace(W1, labels={**HTTP, L.HEALTH_FAILS: "2"})
+def test_an_incumbent_failing_its_check_is_down_at_once() -> None:
+    """The last controller may have had it out: it is not let back in for `fails` probes."""
+    facts = replace(W1, labels={**HTTP, L.HEALTH_FAILS: "3"})
     gate = Gate(facts, first=True)
-    assert not gate.answer(key(facts), ok(500))
     assert states(gate.gated) == {"w1": BackendState.UP}
-    assert gate.readiness.tracks[key(facts)].phase is R.Phase.READY
-    gate.at(gate.readiness.tracks[key(facts)].next_at)
     assert gate.answer(key(facts), ok(500))
     assert states(gate.gated) == {"w1": BackendState.UNHEALTHY}
+    down = R.report(gate.readiness, 0.0)[facts.id, "app"]
+    assert down.reason == (
+        "failed its first check since the controller started (last: status 500); back in "
+        "after 2 passing in a row (0 so far)"
+    )
+    for second in (1.0, 2.0):
+        gate.at(second)
+        gate.answer(key(facts), ok())
+    assert states(gate.gated) == {"w1": BackendState.UP}
 
 
 def test_silence_on_an_unreachable_network_is_no_failure() -> None:
