@@ -64,6 +64,13 @@ PLAUSIBLE = st.sampled_from(
         "Web",
         "/etc/nginx/conf.d/x.conf",
         "../x.conf",
+        "/health",
+        "/a b",
+        "200-399",
+        "500ms",
+        "http",
+        "tcp",
+        "none",
     ]
 )
 VALUE = st.one_of(

@@ -9,9 +9,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from controlplane.core import labels as L
 from controlplane.core.health import Address, Outcome, Result
 from controlplane.core.model import HealthCheck, HealthMode
+from controlplane.errors import InvalidValue
 from controlplane.prober import READ_AT_MOST, SocketProber, request, status_of
 
 Reply = Callable[[socket.socket, bytes], None]
@@ -181,3 +185,44 @@ def test_a_closed_port_is_refused(prober: SocketProber) -> None:
 )
 def test_status_of(head: bytes, status: int | None) -> None:
     assert status_of(head) == status
+
+
+HOSTILE = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["/health", "/a b", "/x\r\nX: y", "app.example.com", "a:80", "/%0d%0a"]),
+    st.builds(
+        lambda a, b: a + b,
+        st.sampled_from(["/", "/ok", "app", "x.io:"]),
+        st.sampled_from(["\r\n", "\n", " ", "\x00", "é", "\t", "HTTP/1.1"]),
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(path=HOSTILE, host=HOSTILE, status=HOSTILE)
+def test_hostile_check_labels_never_shape_the_request(path: str, host: str, status: str) -> None:
+    """Whatever the labels say, a check that passes the grammar writes one request line and
+    three headers, all printable ASCII; a value that fails it excludes the container."""
+    labels = {L.HEALTH_PATH: path, L.HEALTH_HOST: host, L.HEALTH_STATUS: status}
+    try:
+        parsed = L.parse_service_labels(labels)
+    except InvalidValue:
+        return
+    check = HealthCheck(
+        HealthMode.HTTP,
+        active=True,
+        path=parsed.health_path or "/",
+        host=parsed.health_host,
+        status=parsed.health_status or (200, 399),
+    )
+    lines = request(Address("c", "s", "n", "10.0.0.2", 80), check).split(b"\r\n")
+    assert lines[-2:] == [b"", b""] and len(lines) == 7
+    method, target, version = lines[0].split(b" ")
+    assert (method, version) == (b"GET", b"HTTP/1.1") and target.startswith(b"/")
+    assert all(0x20 <= byte < 0x7F for line in lines for byte in line)
+    assert [line.split(b":")[0] for line in lines[1:5]] == [
+        b"Host",
+        b"User-Agent",
+        b"Accept",
+        b"Connection",
+    ]
