@@ -319,10 +319,16 @@ def up() -> None:
     backend_image = env.get("BACKEND_IMAGE", "")
     if backend_image.startswith(f"{TAG_PREFIX}/"):
         reply = "a backend answers with its container name; repeat it to meet the others"
-    elif not backend_image:
-        reply = "traefik/whoami answers with its hostname (the short container ID), and more"
+        sicken = f"docker exec {names[0]} /health.sh 500"
+        heal = f"docker exec {names[0]} /health.sh ok"
     else:
-        reply = f"one of the backends ({backend_image}) answers"
+        reply = (
+            "traefik/whoami answers with its hostname (the short container ID), and more"
+            if not backend_image
+            else f"one of the backends ({backend_image}) answers"
+        )
+        sicken = f"curl -X POST -d 500 -H 'Host: web' http://127.0.0.1:{http}/health"
+        heal = "the same with -d 200 (through nginx: it reaches a backend still in)"
     token = env["CONTROLPLANE_API_TOKEN"]
     compose_line = f"{' '.join(compose_command())} -p {PROJECT} -f compose/docker-compose.yml"
     more = scale + 2
@@ -347,6 +353,9 @@ Try:
   .venv/bin/controlplane services
   .venv/bin/controlplane algorithm web hash --key '$request_uri' --consistent
       # now each path always meets the same backend; try a few paths, each twice
+  {sicken}
+      # its health check (GET /health every 2 s) fails: out of nginx and DNS within ~5 s,
+      # `.venv/bin/controlplane services web` says why; `{heal}` brings it back
   .venv/bin/controlplane drain web {names[0]}
       # it gets no new requests; `.venv/bin/controlplane undrain web {names[0]}` brings it back
   {compose_line} up -d --scale web={more}
