@@ -20,6 +20,24 @@ from controlplane.core.model import Backend, BackendState, Exclusion, Method, Se
 from controlplane.errors import TemplateError
 
 SERVICE_TEMPLATE = "service.conf.j2"
+STATS_TAG_RE = re.compile(r"[A-Za-z0-9]{16,32}")
+
+
+@dataclass(frozen=True)
+class StatsSink:
+    """Where nginx sends its traffic figures (issue 17): the controller's UDP listener, as
+    nginx reaches it, and the tag that proves a datagram came from a config the controller
+    wrote. Every field is made by the controller, and checked here again because it is
+    written into the config."""
+
+    host: str
+    port: int
+    tag: str
+
+    def __post_init__(self) -> None:
+        ipaddress.ip_address(self.host)
+        if not 0 < self.port < 65536 or not STATS_TAG_RE.fullmatch(self.tag):
+            raise ValueError(f"not a stats sink: port {self.port}, tag of {len(self.tag)}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,8 @@ class RenderOptions:
     delta_path: str = ""
     poll: float = 0.005
     """How often (seconds) the Lua loader looks at the state file's first line."""
+    stats: StatsSink | None = None
+    """Where nginx sends its traffic figures; None: it sends none."""
 
 
 class ServerView(NamedTuple):
