@@ -5,6 +5,9 @@ so a `kill -9` at any moment loses no acknowledged change and leaves no half-wri
 state file that can't be read or fails its integrity check stops the start; it is never
 replaced, since it may hold the only copy of an operator's choices. Readers get the current
 `Overrides` value whole, without a lock.
+
+A schema only grows: a newer one adds tables (`CREATE TABLE IF NOT EXISTS`), so a file an older
+controlplane wrote opens with everything it held, and gets the new tables empty.
 """
 
 from __future__ import annotations
@@ -16,14 +19,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from controlplane.core.model import Algorithm, BackendOverride, Method, Overrides
-from controlplane.core.overrides import check_algorithm, check_backend
+from controlplane.core.model import (
+    Algorithm,
+    BackendOverride,
+    HealthCheck,
+    HealthMode,
+    Method,
+    Overrides,
+)
+from controlplane.core.overrides import check_algorithm, check_backend, check_health
 from controlplane.errors import InvalidValue, StateError
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "overrides.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: algorithm and backend; 2: health."""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS algorithm (
     service TEXT PRIMARY KEY,
@@ -39,7 +50,25 @@ CREATE TABLE IF NOT EXISTS backend (
     drain INTEGER NOT NULL,
     PRIMARY KEY (service, container)
 );
+CREATE TABLE IF NOT EXISTS health (
+    service TEXT PRIMARY KEY,
+    mode TEXT NOT NULL,
+    path TEXT NOT NULL,
+    port INTEGER,
+    host TEXT,
+    status_low INTEGER NOT NULL,
+    status_high INTEGER NOT NULL,
+    interval_ms INTEGER NOT NULL,
+    timeout_ms INTEGER NOT NULL,
+    fails INTEGER NOT NULL,
+    passes INTEGER NOT NULL,
+    start_period INTEGER NOT NULL
+);
 """
+HEALTH_COLUMNS = (
+    "service, mode, path, port, host, status_low, status_high, interval_ms, timeout_ms, "
+    "fails, passes, start_period"
+)
 
 
 class OverrideStore:
@@ -74,6 +103,34 @@ class OverrideStore:
     def clear_algorithm(self, service: str) -> Overrides:
         with self._write() as db:
             db.execute("DELETE FROM algorithm WHERE service = ?", (service,))
+        return self.current
+
+    def set_health(self, service: str, check: HealthCheck) -> Overrides:
+        """Checked again here, so nothing the start would refuse is ever written."""
+        check = check_health(check)
+        with self._write() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO health ({HEALTH_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    service,
+                    check.mode.value,
+                    check.path,
+                    check.port,
+                    check.host,
+                    *check.status,
+                    check.interval_ms,
+                    check.timeout_ms,
+                    check.fails,
+                    check.passes,
+                    check.start_period,
+                ),
+            )
+        return self.current
+
+    def clear_health(self, service: str) -> Overrides:
+        with self._write() as db:
+            db.execute("DELETE FROM health WHERE service = ?", (service,))
         return self.current
 
     def update_backend(
@@ -129,12 +186,43 @@ class OverrideStore:
                 backends.setdefault(service, {})[container] = check_backend(
                     BackendOverride(weight, bool(drain))
                 )
+            health = self._load_health()
         except (sqlite3.Error, ValueError, InvalidValue) as error:
             raise StateError(
                 f"the state file {self.path} holds a value controlplane can't use ({error}); "
                 "fix or move the file away (it is left as it is)"
             ) from error
-        return Overrides(algorithms, backends)
+        return Overrides(algorithms, backends, health)
+
+    def _load_health(self) -> dict[str, HealthCheck]:
+        """Nothing from a file of schema 1 opened read-only (`controlplane render`): its table
+        comes with the first start of this version."""
+        if not self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'health'"
+        ).fetchone():
+            return {}
+        health = {}
+        for row in self._db.execute(f"SELECT {HEALTH_COLUMNS} FROM health"):
+            service, mode, path, port, host, low, high, every, timeout, fails, passes, start = row
+            try:
+                health[service] = check_health(
+                    HealthCheck(
+                        mode=HealthMode(mode),
+                        active=mode != HealthMode.NONE.value,
+                        start_period=start,
+                        path=path,
+                        port=port,
+                        host=host,
+                        status=(low, high),
+                        interval_ms=every,
+                        timeout_ms=timeout,
+                        fails=fails,
+                        passes=passes,
+                    )
+                )
+            except (ValueError, InvalidValue) as error:
+                raise InvalidValue(f"the health check of service {service!r}: {error}") from None
+        return health
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.core.model import Algorithm, BackendOverride, Method
-from controlplane.errors import StateError
-from controlplane.store import FILE_NAME, OverrideStore
+from controlplane.core.model import Algorithm, BackendOverride, HealthCheck, HealthMode, Method
+from controlplane.core.overrides import HealthSpec
+from controlplane.errors import InvalidValue, StateError
+from controlplane.store import FILE_NAME, SCHEMA_VERSION, OverrideStore
 
 HASH = Algorithm(Method.HASH, "$request_uri", consistent=True)
+HTTP = HealthSpec(
+    path="/healthz", port=8080, host="app.example.com", status="200-299", interval="2500ms"
+).to_check()
 
 
 def test_changes_survive_reopening(tmp_path: Path) -> None:
@@ -30,6 +34,95 @@ def test_changes_survive_reopening(tmp_path: Path) -> None:
     assert again.current.algorithms == {"web": HASH}
     assert again.current.backends == {"web": {"w1": BackendOverride(5, True)}}
     again.close()
+
+
+def test_health_checks_survive_reopening(tmp_path: Path) -> None:
+    store = OverrideStore(tmp_path)
+    store.set_health("web", HTTP)
+    store.set_health("api", HealthSpec(mode="none").to_check())
+    store.set_health("db", HealthSpec(mode="tcp", fails=1, start_period="5m").to_check())
+    store.clear_health("db")
+    store.close()
+    again = OverrideStore(tmp_path)
+    assert again.current.health == {
+        "web": HTTP,
+        "api": HealthCheck(mode=HealthMode.NONE, active=False),
+    }
+    assert again.current.health["web"].interval_ms == 2500
+    again.close()
+
+
+# The file as the first version of the schema wrote it.
+SCHEMA_1 = """
+CREATE TABLE algorithm (service TEXT PRIMARY KEY, method TEXT NOT NULL, key TEXT,
+    consistent INTEGER NOT NULL, two INTEGER NOT NULL);
+CREATE TABLE backend (service TEXT NOT NULL, container TEXT NOT NULL, weight INTEGER,
+    drain INTEGER NOT NULL, PRIMARY KEY (service, container));
+INSERT INTO algorithm VALUES ('web', 'hash', '$request_uri', 1, 0);
+INSERT INTO backend VALUES ('web', 'w1', 5, 1);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_file_of_the_first_schema_keeps_everything_and_takes_health(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / FILE_NAME) as db:
+        db.executescript(SCHEMA_1)
+    db.close()
+    reader = OverrideStore(tmp_path, read_only=True)  # `render` before the first start
+    assert reader.current.algorithms == {"web": HASH} and reader.current.health == {}
+    reader.close()
+    store = OverrideStore(tmp_path)
+    assert store.current.algorithms == {"web": HASH}
+    assert store.current.backends == {"web": {"w1": BackendOverride(5, True)}}
+    store.set_health("web", HTTP)
+    store.close()
+    with sqlite3.connect(tmp_path / FILE_NAME) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db.close()
+    again = OverrideStore(tmp_path)
+    assert again.current.health == {"web": HTTP} and again.current.algorithms == {"web": HASH}
+    again.close()
+
+
+def test_a_check_the_api_could_not_make_is_never_written(tmp_path: Path) -> None:
+    store = OverrideStore(tmp_path)
+    with pytest.raises(InvalidValue) as refused:
+        store.set_health("web", HealthCheck(mode=HealthMode.TCP, active=True, path="/x"))
+    assert refused.value.details == {"field": "path"}
+    assert store.current.health == {}
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "says"),
+    [
+        ("mode", "'udp'", "'udp' is not a valid HealthMode"),
+        ("path", "'/a b'", "path='/a b' is not a path"),
+        ("host", "'x;y'", "host='x;y' is not a host"),
+        ("port", "0", "port='0' must be a whole number from 1 to 65535"),
+        ("port", "'eighty'", "port='eighty'"),
+        ("status_low", "600", "status='600-299' is not a status range"),
+        ("interval_ms", "5", "interval='5ms' is not a duration from 0.1s"),
+        ("timeout_ms", "1.5", "timeout='1.5ms'"),
+        ("fails", "0", "fails='0' must be a whole number from 1 to 100"),
+        ("passes", "'two'", "passes='two'"),
+        ("start_period", "7200", "start_period='7200s' is not a duration from 1s to 3600s"),
+    ],
+    ids=lambda v: str(v)[:12],
+)
+def test_a_bad_health_check_stops_the_start(
+    tmp_path: Path, column: str, value: str, says: str
+) -> None:
+    store = OverrideStore(tmp_path)
+    store.set_health("web", HTTP)
+    store.close()
+    with sqlite3.connect(tmp_path / FILE_NAME) as db:
+        db.execute(f"UPDATE health SET {column} = {value}")
+    db.close()
+    with pytest.raises(StateError, match="holds a value controlplane can't use") as stopped:
+        OverrideStore(tmp_path)
+    assert "the health check of service 'web'" in str(stopped.value)
+    assert says in str(stopped.value)
 
 
 def test_an_empty_override_is_deleted(tmp_path: Path) -> None:
