@@ -1,0 +1,255 @@
+"""Traffic figures per service and per backend over the last minute, from what nginx reports
+(issue 17): requests by status class, connect errors, bytes, and the upstream response time's
+percentiles. Pure: time comes in as a number, and memory is bounded whatever the traffic.
+
+Each key (a service, or a service's backend address) keeps a ring of one-second counts for a
+minute, and a ring of response-time histograms in ten-second slots: a figure never holds a
+sample, so a million requests cost what ten do. A histogram bucket spans a factor of sqrt(2),
+so a percentile is given as its bucket's geometric middle: within 19% of the true value.
+
+Reports come in two forms, one per data plane: one try or request at a time (the reload
+data plane's access log lines), or counts that only grow, per nginx (the Lua balancer's
+counters, sent every second): `Cumulative` turns those into what was added since the last.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+WINDOW = 60
+"""Seconds of counts kept."""
+SLOT = 10
+"""Seconds per histogram slot."""
+SLOTS = WINDOW // SLOT
+BASE = 0.0005
+"""Seconds: the top of bucket 0 (anything faster lands there)."""
+BUCKETS = 33
+"""Bucket i holds times in (BASE x 2^((i-1)/2), BASE x 2^(i/2)]; the last, everything over
+BASE x 2^16 (about 33 s)."""
+
+CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CONNECT_ERRORS, BYTES_SENT, BYTES_RECEIVED = 5, 6, 7
+COUNTS = 8
+"""A count vector: requests per status class (1xx-5xx), connect errors, bytes sent to
+clients, bytes received from them; then, in a report, BUCKETS response-time buckets."""
+VECTOR = COUNTS + BUCKETS
+
+
+def bucket(seconds: float) -> int:
+    """The histogram bucket of a response time (the Lua balancer computes the same)."""
+    if seconds <= BASE:
+        return 0
+    return min(BUCKETS - 1, math.ceil(2 * math.log2(seconds / BASE) - 1e-9))
+
+
+def middle(index: int) -> float:
+    """A bucket's geometric middle, in seconds: what a percentile in it is reported as."""
+    if index == 0:
+        return BASE
+    return BASE * 2 ** ((index - 0.5) / 2)
+
+
+class Key(NamedTuple):
+    service: str
+    backend: str
+    """The backend's address as nginx names it (IP:port, [IPv6]:port); "" for the whole
+    service (each request counted once, however many tries it took)."""
+
+
+def status_class(status: int) -> int | None:
+    """The index of a status's class in a count vector, None for no status."""
+    return status // 100 - 1 if 100 <= status <= 599 else None
+
+
+@dataclass
+class _Ring:
+    """One key's last minute."""
+
+    seconds: list[int]
+    """The second each count slot holds (-1: empty)."""
+    counts: list[list[int]]
+    slots: list[int]
+    """The ten-second slot each histogram holds (-1: empty)."""
+    histograms: list[list[int]]
+    last: int
+    """The last second a report touched it."""
+
+    @classmethod
+    def empty(cls) -> _Ring:
+        return cls(
+            [-1] * WINDOW,
+            [[0] * COUNTS for _ in range(WINDOW)],
+            [-1] * SLOTS,
+            [[0] * BUCKETS for _ in range(SLOTS)],
+            -1,
+        )
+
+    def at(self, second: int) -> tuple[list[int], list[int]]:
+        """The count and histogram slots for `second`, emptied if they held an older one."""
+        i = second % WINDOW
+        if self.seconds[i] != second:
+            self.seconds[i] = second
+            self.counts[i] = [0] * COUNTS
+        slot = second // SLOT
+        j = slot % SLOTS
+        if self.slots[j] != slot:
+            self.slots[j] = slot
+            self.histograms[j] = [0] * BUCKETS
+        self.last = max(self.last, second)
+        return self.counts[i], self.histograms[j]
+
+
+class Summary(NamedTuple):
+    """One key's figures, in the API's terms."""
+
+    rps_10s: float
+    rps_1m: float
+    requests: Mapping[str, int]
+    connect_errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    bytes_sent: int
+    bytes_received: int
+    per_second: tuple[int, ...]
+    """Requests in each of the last 60 seconds, oldest first."""
+
+
+class TrafficBook:
+    """Every key's last minute. Owned by one thread at a time (the stats listener adds, the
+    API reads under the caller's lock)."""
+
+    def __init__(self) -> None:
+        self._rings: dict[Key, _Ring] = {}
+
+    def __len__(self) -> int:
+        return len(self._rings)
+
+    def add(
+        self,
+        key: Key,
+        status: int | None,
+        seconds: float | None,
+        now: float,
+        connect_error: bool = False,
+        sent: int = 0,
+        received: int = 0,
+    ) -> None:
+        """One try at a backend, or one request to a service."""
+        ring = self._rings.get(key)
+        if ring is None:
+            ring = self._rings[key] = _Ring.empty()
+        counts, histogram = ring.at(int(now))
+        kind = None if status is None else status_class(status)
+        if kind is not None:
+            counts[kind] += 1
+        if connect_error:
+            counts[CONNECT_ERRORS] += 1
+        counts[BYTES_SENT] += sent
+        counts[BYTES_RECEIVED] += received
+        if seconds is not None and kind is not None:
+            histogram[bucket(seconds)] += 1
+
+    def add_vector(self, key: Key, vector: Sequence[int], now: float) -> None:
+        """Counts added since the last report (a VECTOR: counts, then buckets)."""
+        ring = self._rings.get(key)
+        if ring is None:
+            ring = self._rings[key] = _Ring.empty()
+        counts, histogram = ring.at(int(now))
+        for i in range(COUNTS):
+            counts[i] += vector[i]
+        for i in range(BUCKETS):
+            histogram[i] += vector[COUNTS + i]
+
+    def summary(self, key: Key, now: float) -> Summary | None:
+        """The key's last minute (None: nothing reported in it)."""
+        ring = self._rings.get(key)
+        second = int(now)
+        if ring is None or ring.last <= second - WINDOW:
+            return None
+        per_second = []
+        totals = [0] * COUNTS
+        recent = 0
+        for s in range(second - WINDOW + 1, second + 1):
+            i = s % WINDOW
+            if ring.seconds[i] != s:
+                per_second.append(0)
+                continue
+            counts = ring.counts[i]
+            requests = sum(counts[:CONNECT_ERRORS])
+            per_second.append(requests)
+            if s > second - 10:
+                recent += requests
+            for k in range(COUNTS):
+                totals[k] += counts[k]
+        slot = second // SLOT
+        histogram = [0] * BUCKETS
+        for j, held in enumerate(ring.slots):
+            if slot - SLOTS < held <= slot:
+                for k, n in enumerate(ring.histograms[j]):
+                    histogram[k] += n
+        p50, p95, p99 = percentiles(histogram, (0.5, 0.95, 0.99))
+        return Summary(
+            rps_10s=recent / 10,
+            rps_1m=sum(per_second) / WINDOW,
+            requests=dict(zip(CLASSES, totals[:CONNECT_ERRORS], strict=True)),
+            connect_errors=totals[CONNECT_ERRORS],
+            p50_ms=None if p50 is None else p50 * 1000,
+            p95_ms=None if p95 is None else p95 * 1000,
+            p99_ms=None if p99 is None else p99 * 1000,
+            bytes_sent=totals[BYTES_SENT],
+            bytes_received=totals[BYTES_RECEIVED],
+            per_second=tuple(per_second),
+        )
+
+    def prune(self, now: float) -> None:
+        """Forgets the keys nothing was reported for in the last minute."""
+        oldest = int(now) - WINDOW
+        self._rings = {k: r for k, r in self._rings.items() if r.last > oldest}
+
+
+def percentiles(histogram: Sequence[int], qs: Iterable[float]) -> list[float | None]:
+    """Each quantile of the histogram, as its bucket's middle (None: it is empty)."""
+    total = sum(histogram)
+    found: list[float | None] = []
+    for q in qs:
+        if total == 0:
+            found.append(None)
+            continue
+        rank, seen = q * total, 0
+        for index, n in enumerate(histogram):
+            seen += n
+            if seen >= rank:
+                found.append(middle(index))
+                break
+    return found
+
+
+class Cumulative:
+    """Turns counts that only grow (one source's: an nginx's Lua balancer) into what was
+    added since its last report. A count that went down means the source started again
+    (nginx restarted, its shared memory emptied): the new counts are all new."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, Key], tuple[int, ...]] = {}
+
+    def delta(self, source: str, key: Key, vector: Sequence[int]) -> list[int] | None:
+        """What was added, None when nothing was (or the vector is not VECTOR long)."""
+        if len(vector) != VECTOR:
+            return None
+        now = tuple(vector)
+        before = self._last.get((source, key))
+        self._last[source, key] = now
+        if before is None or any(n < b for n, b in zip(now, before, strict=True)):
+            added = list(now)
+        else:
+            added = [n - b for n, b in zip(now, before, strict=True)]
+        return added if any(added) else None
+
+    def forget(self, sources: Iterable[str]) -> None:
+        """Keeps only these sources (the nginx still managed)."""
+        keep = set(sources)
+        self._last = {k: v for k, v in self._last.items() if k[0] in keep}

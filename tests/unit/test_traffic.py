@@ -1,0 +1,99 @@
+"""The traffic book on a fake clock: counts by class, windows, percentiles within a bucket,
+bounded memory, and cumulative reports turned into deltas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controlplane.core import traffic as T
+
+WEB = T.Key("web", "172.20.0.2:80")
+
+
+def test_requests_by_class_and_rates_over_ten_seconds_and_a_minute() -> None:
+    book = T.TrafficBook()
+    for second in range(100, 160):
+        for _ in range(3):
+            book.add(WEB, 200, 0.010, second + 0.5, sent=100, received=50)
+    book.add(WEB, 503, 0.002, 159.9)
+    book.add(WEB, None, None, 159.9, connect_error=True)
+    summary = book.summary(WEB, 159.95)
+    assert summary is not None
+    assert summary.requests == {"1xx": 0, "2xx": 180, "3xx": 0, "4xx": 0, "5xx": 1}
+    assert summary.connect_errors == 1
+    assert summary.rps_10s == pytest.approx(3.1) and summary.rps_1m == pytest.approx(181 / 60)
+    assert (summary.bytes_sent, summary.bytes_received) == (18_000, 9_000)
+    assert summary.per_second == (3,) * 59 + (4,)
+
+
+def test_what_is_older_than_a_minute_drops_out() -> None:
+    book = T.TrafficBook()
+    book.add(WEB, 200, 0.01, 100.0)
+    book.add(WEB, 500, 0.01, 130.0)
+    later = book.summary(WEB, 165.0)
+    assert later is not None and later.requests["2xx"] == 0 and later.requests["5xx"] == 1
+    assert book.summary(WEB, 190.0) is None
+    book.prune(190.0)
+    assert len(book) == 0
+
+
+@pytest.mark.parametrize("seconds", [0.0003, 0.0012, 0.015, 0.2, 3.0, 20.0])
+def test_a_percentile_is_within_a_bucket_of_the_truth(seconds: float) -> None:
+    book = T.TrafficBook()
+    for _ in range(100):
+        book.add(WEB, 200, seconds, 10.0)
+    summary = book.summary(WEB, 10.0)
+    assert summary is not None and summary.p50_ms is not None
+    if seconds > T.BASE:
+        assert abs(math.log(summary.p50_ms / 1000 / seconds)) <= math.log(2) / 2
+
+
+def test_percentiles_split_by_rank() -> None:
+    book = T.TrafficBook()
+    for i in range(100):
+        book.add(WEB, 200, 0.001 if i < 90 else 1.0, 10.0)
+    summary = book.summary(WEB, 10.0)
+    assert summary is not None and summary.p50_ms is not None and summary.p99_ms is not None
+    assert summary.p50_ms < 1.2 and 700 < summary.p99_ms < 1200
+    assert summary.p95_ms == summary.p99_ms
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e4, allow_nan=False), max_size=50))
+def test_every_time_has_a_bucket(times: list[float]) -> None:
+    for t in times:
+        assert 0 <= T.bucket(t) < T.BUCKETS
+
+
+def test_memory_does_not_grow_with_requests() -> None:
+    book = T.TrafficBook()
+    for i in range(50_000):
+        book.add(WEB, 200, 0.001 * (i % 1000), 100 + i / 1000)
+    ring = book._rings[WEB]
+    assert len(ring.counts) == T.WINDOW and len(ring.histograms) == T.SLOTS
+
+
+def test_cumulative_reports_become_deltas_and_a_restart_starts_again() -> None:
+    feed = T.Cumulative()
+    first = [1] * T.VECTOR
+    assert feed.delta("lb", WEB, first) == first
+    assert feed.delta("lb", WEB, first) is None
+    assert feed.delta("lb", WEB, [3] * T.VECTOR) == [2] * T.VECTOR
+    assert feed.delta("lb", WEB, [1] * T.VECTOR) == [1] * T.VECTOR  # nginx restarted
+    assert feed.delta("lb", WEB, [1, 2]) is None
+    feed.forget(["other"])
+    assert feed.delta("lb", WEB, [1] * T.VECTOR) == [1] * T.VECTOR
+
+
+def test_a_vector_adds_counts_and_buckets() -> None:
+    book = T.TrafficBook()
+    vector = [0, 5, 0, 0, 1, 2, 600, 300] + [0] * T.BUCKETS
+    vector[T.COUNTS + T.bucket(0.02)] = 6
+    book.add_vector(WEB, vector, 50.0)
+    summary = book.summary(WEB, 50.0)
+    assert summary is not None
+    assert summary.requests["2xx"] == 5 and summary.connect_errors == 2
+    assert summary.p50_ms is not None and 14 < summary.p50_ms < 29
