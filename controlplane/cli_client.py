@@ -12,7 +12,8 @@ import click
 
 from controlplane.api.bodies import Algorithm
 from controlplane.api_client import DEFAULT_URL, ApiClient
-from controlplane.core.model import Method
+from controlplane.core.model import HealthMode, Method
+from controlplane.core.overrides import HEALTH_FIELDS, HealthSpec, describe_health
 from controlplane.errors import ControlPlaneError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,6 +117,39 @@ def nginx_lines(service: dict[str, Any]) -> list[str]:
     return lines
 
 
+def describe_check(health: dict[str, Any]) -> str:
+    """The API's health object in one line, with where it comes from."""
+    spec = HealthSpec(**{f: health.get(f) for f in HEALTH_FIELDS})
+    return f"{describe_health(spec, bool(health.get('active')))} ({health.get('source')})"
+
+
+def _latency(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.2f}ms" if ms < 10 else f"{ms:.1f}ms" if ms < 100 else f"{ms:.0f}ms"
+
+
+def _streak(health: dict[str, Any]) -> str:
+    """Passes or failures in a row (a probe resets the other count)."""
+    if health["fails"]:
+        return f"{health['fails']} failed"
+    if health["passes"]:
+        return f"{health['passes']} passed"
+    return "-"
+
+
+def _health_cells(health: dict[str, Any] | None) -> tuple[str, str, str, str]:
+    """HEALTH, IN A ROW, LAST, LATENCY; dashes for a backend not checked."""
+    if health is None:
+        return ("-", "-", "-", "-")
+    return (
+        health["state"],
+        _streak(health),
+        health["last"] or "-",
+        _latency(health["last_latency_ms"]),
+    )
+
+
 def service_text(service: dict[str, Any]) -> str:
     lines = [
         f"service {service['name']}: {describe(service['algorithm'])} "
@@ -123,10 +157,24 @@ def service_text(service: dict[str, Any]) -> str:
         + ("" if service["exists"] else " - no backend yet, overrides kept for when it appears"),
         f"names: {', '.join(service['hosts']) or '-'}",
     ]
+    if service.get("health"):
+        lines.append(f"health: {describe_check(service['health'])}")
     if service["backends"]:
         lines.append(
             table(
-                ("CONTAINER", "ID", "NETWORK", "ADDRESS", "WEIGHT", "STATE", "IN NGINX"),
+                (
+                    "CONTAINER",
+                    "ID",
+                    "NETWORK",
+                    "ADDRESS",
+                    "WEIGHT",
+                    "STATE",
+                    "IN NGINX",
+                    "HEALTH",
+                    "IN A ROW",
+                    "LAST",
+                    "LATENCY",
+                ),
                 [
                     (
                         b["name"],
@@ -136,6 +184,7 @@ def service_text(service: dict[str, Any]) -> str:
                         f"{b['weight']}{' backup' if b['backup'] else ''}",
                         b["state"],
                         _yes_no(b.get("in_nginx")),
+                        *_health_cells(b.get("health")),
                     )
                     for b in service["backends"]
                 ],
@@ -221,6 +270,48 @@ def algorithm(
     _show_change(reply, as_json)
 
 
+@click.command()
+@click.argument("service")
+@click.option(
+    "--mode",
+    type=click.Choice([m.value for m in HealthMode]),
+    help="tcp: a connect to the port; http: a GET whose status must be in range (implied by "
+    "--path, --host or --status); none: not checked.",
+)
+@click.option("--path", help="http: the path to GET (default /).")
+@click.option("--port", type=int, help="The port to check (default: the backend's).")
+@click.option("--host", help="http: the Host header (default: the backend's address).")
+@click.option("--status", help="http: the statuses that pass, NNN or LOW-HIGH (default 200-399).")
+@click.option("--interval", help="How often each backend is checked, e.g. 500ms, 5s (default 5s).")
+@click.option("--timeout", help="How long a probe may take, e.g. 500ms (default 1s).")
+@click.option("--fails", type=int, help="Failures in a row that take a backend out (default 3).")
+@click.option("--passes", type=int, help="Passes in a row that bring it back (default 2).")
+@click.option(
+    "--start-period", help="How long a new backend has to pass, e.g. 30s, 2m (default 60s)."
+)
+@click.option("--reset", is_flag=True, help="Drop the override: labels decide again.")
+@CREATE_OPTION
+@client_options
+def health(
+    service: str, reset: bool, create: bool, api_url: str, as_json: bool, **fields: Any
+) -> None:
+    """Set a service's health check (persisted; beats labels): checked for as long as a
+    backend runs, unless --mode none."""
+    path = f"/api/v1/services/{service}/health"
+    given = {name: value for name, value in fields.items() if value is not None}
+    if reset == bool(given):
+        raise click.UsageError(
+            "give --mode or a check option (e.g. --mode http --path /healthz), or --reset to "
+            "drop the override"
+        )
+    if reset:
+        reply = _call(api_url, "DELETE", path, wait="true")
+    else:
+        extra = {"create": "true"} if create else {}
+        reply = _call(api_url, "PUT", path, given, wait="true", **extra)
+    _show_change(reply, as_json)
+
+
 def _patch(
     api_url: str, service: str, container: str, body: dict[str, object], create: bool
 ) -> Any:
@@ -298,4 +389,4 @@ def problems(api_url: str, as_json: bool) -> None:
     click.echo(json.dumps(reply, indent=2) if as_json else problems_text(reply))
 
 
-COMMANDS = (services, problems, algorithm, weight, drain, undrain)
+COMMANDS = (services, problems, algorithm, health, weight, drain, undrain)

@@ -164,6 +164,113 @@ class Algorithm(Body):
         )
 
 
+def _health_mode(value: object) -> object:
+    """Any case and spacing, as in labels; anything but a string is left to the type check."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return L.parse_health(value, "mode")
+    except InvalidValue as error:
+        raise _refused(error) from None
+
+
+def _health_schema(schema: dict[str, Any]) -> None:
+    """The core's rules of which field goes with which mode (core.overrides.HealthSpec) in
+    JSON Schema: none takes no other field, tcp no http field."""
+
+    def mode_is(mode: core.HealthMode) -> dict[str, Any]:
+        return {"properties": {"mode": {"const": mode.value}}, "required": ["mode"]}
+
+    def unset(fields: Sequence[str]) -> dict[str, Any]:
+        return {"properties": {f: {"type": "null"} for f in fields}}
+
+    others = [f for f in overrides.HEALTH_FIELDS if f != "mode"]
+    schema["allOf"] = [
+        {"if": mode_is(core.HealthMode.NONE), "then": unset(others)},
+        {"if": mode_is(core.HealthMode.TCP), "then": unset(overrides.HTTP_FIELDS)},
+    ]
+    schema["examples"] = [
+        {"mode": "http", "path": "/healthz", "interval": "2s", "fails": 3, "passes": 2},
+        {"mode": "tcp", "interval": "10s"},
+        {"mode": "none"},
+    ]
+
+
+def _threshold(description: str) -> Any:
+    return Field(None, strict=True, ge=L.THRESHOLD[0], le=L.THRESHOLD[1], description=description)
+
+
+Count = Annotated[int | None, BeforeValidator(_whole)]
+
+
+class HealthCheck(Body):
+    """A service's health check: the body of PUT .../health, and the override a reply shows.
+    A field left out or null takes its default (as HealthCheck's in the core: tcp, /, the
+    backend's port, 200-399, 5s, 1s, 3, 2, 60s); a path, host or status without a mode means
+    http. Every value passes the grammar of its controlplane.health.* label."""
+
+    model_config = ConfigDict(json_schema_extra=_health_schema)
+
+    mode: Annotated[core.HealthMode | None, BeforeValidator(_health_mode)] = Field(
+        None,
+        description="tcp: a connect to the port; http: a GET whose status must be in range; "
+        "none: not checked, served as soon as it runs (takes no other field)",
+    )
+    path: str | None = Field(
+        None, description="http only: the path to GET, printable, no space (default /)"
+    )
+    port: Annotated[int | None, BeforeValidator(_whole)] = Field(
+        None,
+        strict=True,
+        ge=overrides.PORTS[0],
+        le=overrides.PORTS[1],
+        description="the port to check (default: the backend's own)",
+    )
+    host: str | None = Field(
+        None,
+        description="http only: the Host header, a DNS name or IPv4 address with an optional "
+        ":port (default: the backend's address)",
+    )
+    status: str | None = Field(
+        None, description="http only: the statuses that pass, NNN or LOW-HIGH (default 200-399)"
+    )
+    interval: str | None = Field(
+        None,
+        description="how often each backend is checked, in ms, s or m (e.g. 500ms, 5s), "
+        "from 100ms to 1h (default 5s)",
+    )
+    timeout: str | None = Field(
+        None, description="how long a probe may take, from 10ms to 60s (default 1s)"
+    )
+    fails: Count = _threshold("failures in a row that take a backend out (default 3)")
+    passes: Count = _threshold("passes in a row that bring it back (default 2)")
+    start_period: str | None = Field(
+        None,
+        description="how long a new backend has to pass its first check, in s, m or h, from "
+        "1s to 1h (default 60s)",
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        try:
+            self.to_core()
+        except InvalidValue as error:
+            raise _refused(error) from None
+        return self
+
+    @classmethod
+    def of(cls, check: core.HealthCheck) -> HealthCheck:
+        """A core value is valid already: made without checking it again."""
+        spec = overrides.HealthSpec.of(check)
+        fields: dict[str, Any] = {f: getattr(spec, f) for f in overrides.HEALTH_FIELDS}
+        return cls.model_construct(**{**fields, "mode": check.mode})
+
+    def to_core(self) -> core.HealthCheck:
+        fields = {f: getattr(self, f) for f in overrides.HEALTH_FIELDS}
+        fields["mode"] = self.mode.value if self.mode is not None else None
+        return overrides.HealthSpec(**fields).to_check()
+
+
 class BackendPatch(Body):
     """The body of PATCH .../backends/{container}: a field left out stays as it is."""
 

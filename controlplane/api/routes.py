@@ -15,7 +15,7 @@ from controlplane.api.http import body, context, query, reply
 from controlplane.api.openapi import document, operation
 from controlplane.core import labels as L
 from controlplane.core.model import Backend, BackendOverride, Method, Service
-from controlplane.core.overrides import parse_container_name
+from controlplane.core.overrides import HealthSpec, describe_health, parse_container_name
 from controlplane.core.served import NginxState
 from controlplane.errors import ApiError, InvalidValue
 from controlplane.snapshot import PassTicket, Snapshot
@@ -196,8 +196,8 @@ def get_problems() -> Response:
 def get_service(name: str) -> Response:
     snapshot = _snapshot()
     service = _service_name(name)
-    overrides = context().store.current
-    if service not in overrides.algorithms and service not in overrides.backends:
+    kept = context().store.current
+    if not any(service in k for k in (kept.algorithms, kept.backends, kept.health)):
         _require(snapshot, service)
     return reply(_view(service, snapshot))
 
@@ -252,6 +252,43 @@ def delete_algorithm(name: str) -> Response:
         _require(snapshot, service)
     context().store.clear_algorithm(service)
     return _apply(service, "algorithm override removed", waiting)
+
+
+@routes.put(f"{PREFIX}/services/<name>/health")
+@operation(
+    "set the health check (persisted)",
+    V.ServiceChange,
+    body=bodies.HealthCheck,
+    query=bodies.ChangeQuery,
+    errors=(404, 503),
+)
+def put_health(name: str) -> Response:
+    snapshot = _snapshot()
+    service = _service_name(name)
+    waiting = _waiting(bodies.ChangeQuery)
+    check = body(bodies.HealthCheck).to_core()
+    if not waiting.create:
+        _require(snapshot, service)
+    context().store.set_health(service, check)
+    summary = describe_health(HealthSpec.of(check), check.active)
+    return _apply(service, f"health check set to {summary}", waiting)
+
+
+@routes.delete(f"{PREFIX}/services/<name>/health")
+@operation(
+    "remove the health check override: the labels decide again",
+    V.ServiceChange,
+    query=bodies.WaitQuery,
+    errors=(404, 503),
+)
+def delete_health(name: str) -> Response:
+    snapshot = _snapshot()
+    service = _service_name(name)
+    waiting = _waiting()
+    if service not in context().store.current.health:
+        _require(snapshot, service)
+    context().store.clear_health(service)
+    return _apply(service, "health check override removed", waiting)
 
 
 def _backend_key(snapshot: Snapshot, service: str, container: str, create: bool) -> str:

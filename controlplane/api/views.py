@@ -9,10 +9,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from controlplane.api.bodies import Algorithm
+from controlplane.api.bodies import Algorithm, HealthCheck
 from controlplane.core import health as H
 from controlplane.core import model as core
 from controlplane.core.dns_records import Record, Soa, Srv, Zone
+from controlplane.core.overrides import HealthSpec
 from controlplane.core.served import Failure as CoreFailure
 from controlplane.core.served import NginxState, Serves
 
@@ -117,6 +118,35 @@ class BackendOverride(Reply):
 class Overrides(Reply):
     algorithm: Algorithm | None
     backends: dict[str, BackendOverride] = Field(description="by container name")
+    health: HealthCheck | None = Field(
+        description="the check set through the API, as PUT .../health takes it"
+    )
+
+
+class ServiceHealth(Reply):
+    """A service's check, its fields as PUT .../health takes them; null where it does not use
+    one (path, host and status are http's; interval, fails and passes an active check's; none
+    uses nothing)."""
+
+    mode: core.HealthMode
+    active: bool = Field(
+        description="every backend is checked every `interval` for as long as it runs, out "
+        "after `fails` failures in a row and back after `passes` passes; false: only until its "
+        "first pass (the readiness gate), so interval, fails and passes do not apply"
+    )
+    path: str | None
+    port: int | None = Field(description="null: the backend's own")
+    host: str | None = Field(description="the Host header; null: the backend's address")
+    status: str | None = Field(description="the statuses that pass, e.g. 200-399")
+    interval: str | None
+    timeout: str | None
+    fails: int | None
+    passes: int | None
+    start_period: str | None = Field(description="how long a new backend has to pass")
+    source: Literal["default", "label", "api"] = Field(
+        description="api: an override (PUT .../health), label: the service's "
+        "controlplane.health labels, default: no label (the readiness gate alone)"
+    )
 
 
 class Service(Reply):
@@ -126,6 +156,7 @@ class Service(Reply):
     algorithm: Algorithm
     algorithm_source: Literal["override", "label", "default"]
     hosts: list[str]
+    health: ServiceHealth
     backends: list[Backend]
     nginx: list[ServiceNginx]
     excluded: list[Excluded]
@@ -201,7 +232,9 @@ class NginxList(Reply):
 
 class Event(Reply):
     time: str
-    kind: Literal["reconcile", "held", "refused", "failure", "override"]
+    kind: Literal["reconcile", "held", "refused", "failure", "override", "health"] = Field(
+        description="health: a backend's health state changed (details: from, to, reason)"
+    )
     summary: str
     details: dict[str, Any]
 
@@ -344,12 +377,34 @@ def exclusion_view(exclusion: core.Exclusion) -> Exclusion:
 
 def overrides_view(overrides: core.Overrides, service: str) -> Overrides:
     algorithm = overrides.algorithms.get(service)
+    health = overrides.health.get(service)
     return Overrides(
         algorithm=Algorithm.of(algorithm) if algorithm else None,
         backends={
             container: BackendOverride(weight=o.weight, drain=o.drain)
             for container, o in sorted(overrides.backends.get(service, {}).items())
         },
+        health=HealthCheck.of(health) if health else None,
+    )
+
+
+def check_view(check: core.HealthCheck, source: str) -> ServiceHealth:
+    """Interval, fails and passes are null for the readiness gate alone (not active)."""
+    spec = HealthSpec.of(check)
+    active = check.active
+    return ServiceHealth(
+        mode=check.mode,
+        active=active,
+        path=spec.path,
+        port=spec.port,
+        host=spec.host,
+        status=spec.status,
+        interval=spec.interval if active else None,
+        timeout=spec.timeout,
+        fails=spec.fails if active else None,
+        passes=spec.passes if active else None,
+        start_period=spec.start_period,
+        source=source,  # type: ignore[arg-type]
     )
 
 
@@ -370,6 +425,7 @@ def service_view(
         algorithm=Algorithm.of(service.algorithm),
         algorithm_source=service.algorithm_source,  # type: ignore[arg-type]
         hosts=list(service.names),
+        health=check_view(service.health, service.health_source),
         backends=[backend_view(b, service.name, nginx, health) for b in service.backends],
         nginx=service_nginx_views(service.name, wanted, nginx),
         excluded=[
@@ -385,6 +441,7 @@ def service_view(
 def absent_service_view(name: str, overrides: core.Overrides) -> Service:
     """A service with overrides but no backend yet (created with ?create=true)."""
     algorithm = overrides.algorithms.get(name)
+    check = overrides.health.get(name)
     return Service(
         name=name,
         exists=False,
@@ -392,6 +449,7 @@ def absent_service_view(name: str, overrides: core.Overrides) -> Service:
         algorithm=Algorithm.of(algorithm or core.Algorithm()),
         algorithm_source="override" if algorithm else "default",
         hosts=[],
+        health=check_view(check or core.HealthCheck(), "api" if check else "default"),
         backends=[],
         nginx=[],
         excluded=[],

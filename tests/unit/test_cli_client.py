@@ -57,8 +57,32 @@ def test_one_service_shows_its_backends(served: tuple[ApiHarness, str]) -> None:
     _, url = served
     lines = cli(url, "services", "web").output.splitlines()
     assert lines[0] == "service web: round_robin (default)"
-    assert lines[2].split()[:3] == ["CONTAINER", "ID", "NETWORK"]
-    assert lines[3].split()[0] == "w1" and lines[3].split()[-2:] == ["up", "yes"]
+    assert lines[2] == (
+        "health: tcp connect to its port, until it first passes (timeout 1s), not after; "
+        "start period 60s (default)"
+    )
+    assert re.split(r"\s{2,}", lines[3]) == [
+        "CONTAINER",
+        "ID",
+        "NETWORK",
+        "ADDRESS",
+        "WEIGHT",
+        "STATE",
+        "IN NGINX",
+        "HEALTH",
+        "IN A ROW",
+        "LAST",
+        "LATENCY",
+    ]
+    # no check has run: this harness has no gate
+    assert lines[4].split()[0] == "w1" and lines[4].split()[-6:] == [
+        "up",
+        "yes",
+        "-",
+        "-",
+        "-",
+        "-",
+    ]
 
 
 def test_algorithm_weight_drain_undrain(served: tuple[ApiHarness, str]) -> None:
@@ -148,7 +172,9 @@ def test_a_refused_config_shows_in_services_and_problems(served: tuple[ApiHarnes
     row = cli(url, "services").output.splitlines()[1].split()
     assert row[4] == "refused"
     text = cli(url, "services", "web").output
-    assert "w3" in text and text.count(" no\n") == 1
+    assert "w3" in text and [line.split()[0] for line in text.splitlines() if "  no  " in line] == [
+        "w3"
+    ]
     # The version that failed depends on whether the start-up passes came before the change.
     assert re.search(
         r"nginx lb runs version 1, serving 2 of this service's backends; version \d+ refused "
@@ -169,3 +195,74 @@ def test_create_keeps_a_backend_override_for_a_backend_not_there_yet(
     assert cli(url, "drain", "web", "w9", "--create").exit_code == 0
     assert cli(url, "weight", "web", "w9", "4", "--create").exit_code == 0
     assert cli(url, "undrain", "web", "w9", "--create").exit_code == 0
+
+
+def test_health_sets_shows_and_resets_a_check(served: tuple[ApiHarness, str]) -> None:
+    api, url = served
+    result = cli(
+        url,
+        "health",
+        "web",
+        "--path",
+        "/healthz",
+        "--interval",
+        "2s",
+        "--timeout",
+        "500ms",
+        "--fails",
+        "3",
+        "--passes",
+        "2",
+        "--status",
+        "200-299",
+        "--port",
+        "8080",
+        "--host",
+        "app.example.com",
+        "--start-period",
+        "2m",
+    )
+    assert result.exit_code == 0, result.output
+    expected = (
+        "health: http GET /healthz (Host app.example.com) on port 8080, status 200-299, every "
+        "2s (timeout 500ms), out after 3 failing in a row, back after 2 passing; start period "
+        "120s (api)"
+    )
+    assert expected in result.output.splitlines()
+    assert "saved; version" in result.output
+    check = api.store.current.health["web"]
+    assert (check.path, check.port, check.interval_ms, check.start_period) == (
+        "/healthz",
+        8080,
+        2000,
+        120,
+    )
+    assert expected in cli(url, "services", "web").output.splitlines()
+    shown = json.loads(cli(url, "services", "web", "--json").output)["health"]
+    assert shown["source"] == "api" and shown["interval"] == "2s"
+    assert cli(url, "health", "web", "--mode", "none").exit_code == 0
+    assert "health: none: not checked, served as soon as it runs (api)" in (
+        cli(url, "services", "web").output
+    )
+    reset = cli(url, "health", "web", "--reset")
+    assert reset.exit_code == 0 and api.store.current.health == {}
+    assert "start period 60s (default)" in reset.output
+
+
+def test_health_errors_say_what_to_do(served: tuple[ApiHarness, str]) -> None:
+    api, url = served
+    usage = cli(url, "health", "web")
+    assert usage.exit_code == 2 and "give --mode or a check option" in usage.output
+    both = cli(url, "health", "web", "--reset", "--fails", "2")
+    assert both.exit_code == 2 and "--reset" in both.output
+    bad = cli(url, "health", "web", "--interval", "50ms")
+    assert bad.exit_code == 1
+    assert "interval='50ms' is not a duration from 0.1s to 3600s" in bad.output
+    assert "(HTTP 422)" in bad.output
+    tcp = cli(url, "health", "web", "--mode", "tcp", "--path", "/x")
+    assert tcp.exit_code == 1 and "path applies only to mode http" in tcp.output
+    missing = cli(url, "health", "api", "--mode", "tcp")
+    assert missing.exit_code == 1 and "--create" in missing.output
+    assert api.store.current.health == {}
+    created = cli(url, "health", "api", "--mode", "tcp", "--create")
+    assert created.exit_code == 0 and "no backend yet" in created.output
