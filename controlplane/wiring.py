@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from controlplane.activity import Activity
+from controlplane.activity import Activity, HealthEvents
 from controlplane.addresses import SocketAddress, is_loopback, parse_address
 from controlplane.api.app import create_app
 from controlplane.api.http import ApiContext
@@ -61,8 +61,9 @@ def build_controller(settings: Settings) -> Controller:
     template = load_template(settings.templates_dir)
     api = connect(settings.docker_url)
     gatekeeper = Gatekeeper(SocketProber(), settings.readiness_wait)
+    source = DockerSource(api, settings.networks)
     reconciler = Reconciler(
-        DockerSource(api, settings.networks),
+        source,
         NginxDeployer(api, shell=settings.nginx_shell, retire=settings.retire_old_workers),
         template,
         settings,
@@ -78,8 +79,10 @@ def build_controller(settings: Settings) -> Controller:
         dns.outcomes if dns is not None else None,
         lambda: reconciler.nginx,
     )
-    reconciler.on_report.extend([activity.on_report, metrics.on_report])
+    health = HealthEvents(activity, lambda: reconciler.snapshot, source.known)
+    reconciler.on_report.extend([health.on_report, activity.on_report, metrics.on_report])
     gatekeeper.on_probe.append(metrics.on_probe)
+    gatekeeper.on_transition.append(health.on_transition)
     loop.on_failure.extend([activity.on_failure, metrics.on_failure])
     server = None
     if api_bind is not None:

@@ -1,11 +1,13 @@
 """Health checks as operators set and see them: the API's override (PUT, GET and DELETE
 .../health) over a real reconciler, loop and store, each field through its label's grammar
-(a bad one refused with its name, never persisted, never a 500), and the check in the service
-view."""
+(a bad one refused with its name, never persisted, never a 500), the check and each backend's
+health in the service view and the CLI, and each backend's transition as a log line and an
+event."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import replace
 from typing import Any
@@ -16,13 +18,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+from controlplane.activity import Activity, HealthEvents
 from controlplane.api import bodies
+from controlplane.api.app import create_app
+from controlplane.cli_client import service_text
 from controlplane.core import labels as L
-from controlplane.core.model import HealthCheck, HealthMode
+from controlplane.core.health import Address, Health, Outcome, Result
+from controlplane.core.model import ContainerFacts, HealthCheck, HealthMode
 from controlplane.core.overrides import HEALTH_FIELDS, HealthSpec, check_health
 from controlplane.errors import InvalidValue
-from tests.unit.builders import container, nginx
+from controlplane.gatekeeper import Gatekeeper
+from controlplane.metrics import Metrics
+from controlplane.reconciler import ControlLoop, Reconciler
+from controlplane.settings import Settings
+from controlplane.snapshot import ReconcileReport
+from controlplane.store import OverrideStore
+from controlplane.templating import load_template
+from controlplane.wiring import api_context
+from tests.unit.builders import container, nginx, state
 from tests.unit.conftest import WEB, ApiHarness, HarnessFactory, served_document
+from tests.unit.fakes import FakeDeployer, FakeEvents, FakeProber, FakeSource
 
 HEALTH = "/api/v1/services/web/health"
 WAIT = "?wait=true"
@@ -384,3 +399,174 @@ def test_the_documented_examples_are_accepted(shared_api: ApiHarness) -> None:
         assert _valid(shared_api, example) and _accepted(example)
     paths = served_document(shared_api.app)["paths"]["/api/v1/services/{name}/health"]
     assert set(paths) == {"put", "delete"}
+
+
+# ---------------------------------------------------------------- transitions
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+OK = Result(Outcome.STATUS, 200, 0.0015)
+FAILING = Result(Outcome.STATUS, 500, 0.004)
+CHECKED = {
+    L.HEALTH: "http",
+    L.HEALTH_PATH: "/healthz",
+    L.HEALTH_INTERVAL: "1s",
+    L.HEALTH_FAILS: "2",
+    L.HEALTH_PASSES: "2",
+}
+W1 = container("w1", ip="172.20.0.2", labels=CHECKED)
+W2 = container("w2", ip="172.20.0.3", labels=CHECKED)
+
+
+class Checked:
+    """A reconciler whose gate probes with a fake prober on a fake clock, with the events
+    wired as in production (wiring.build_controller)."""
+
+    def __init__(self, prober: FakeProber, *containers: ContainerFacts) -> None:
+        self.clock = Clock(100.0)
+        self.prober = prober
+        self.source = FakeSource(state(*containers))
+        self.gate = Gatekeeper(
+            prober, wait=0.0, clock=self.clock, wall=lambda: 1e9, draw=lambda: 0.5, background=False
+        )
+        self.settings = Settings()
+        self.reconciler = Reconciler(
+            self.source,
+            FakeDeployer(),
+            load_template(),
+            self.settings,
+            clock=self.clock,
+            gate=self.gate,
+        )
+        self.activity = Activity()
+        events = HealthEvents(self.activity, lambda: self.reconciler.snapshot, self.source.known)
+        self.reconciler.on_report.extend([events.on_report, self.activity.on_report])
+        self.gate.on_transition.append(events.on_transition)
+        self.reconciler.reconcile("start")
+
+    def starts(self, facts: ContainerFacts) -> None:
+        self.source.state = state(*self.source.state.containers, facts)
+        self.reconciler.reconcile("start of " + facts.name)
+
+    def ticks(self, seconds: int) -> None:
+        for _ in range(seconds):
+            self.clock.now += 1
+            self.gate.tick()
+
+    def health(self) -> list[str]:
+        """The health events, oldest first."""
+        return [e.summary for e in reversed(self.activity.entries()) if e.kind == "health"]
+
+    def service(self) -> dict[str, Any]:
+        loop = ControlLoop(self.reconciler, FakeEvents([]), self.settings, clock=self.clock)
+        metrics = Metrics(lambda: self.reconciler.snapshot, nginx=lambda: self.reconciler.nginx)
+        context = api_context(
+            self.settings, self.reconciler, loop, OverrideStore(None), self.activity, metrics
+        )
+        app = create_app(context)
+        events = app.test_client().get("/api/v1/events").get_json()["events"]
+        assert {e["kind"] for e in events} >= {"health", "reconcile"}
+        found: dict[str, Any] = app.test_client().get("/api/v1/services/web").get_json()
+        return found
+
+
+def test_each_transition_is_a_log_line_and_an_event(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="controlplane.activity")
+    prober = FakeProber({"172.20.0.2": OK, "172.20.0.3": OK})
+    run = Checked(prober, nginx("lb"), W1)
+    assert run.health() == [], "what the first pass found and passed is no news"
+    run.starts(W2)
+    assert run.health() == ["health: web/w2 on app: starting -> up (last: status 200)"]
+    prober.answers["172.20.0.2"] = FAILING
+    run.ticks(3)
+    down = (
+        "health: web/w1 on app: up -> down: failed 2 checks in a row (last: status 500); back "
+        "in after 2 passing in a row (0 so far)"
+    )
+    assert run.health()[1:] == [down]
+    assert down in caplog.messages
+    (event,) = [e for e in run.activity.entries() if e.summary == down]
+    assert event.details == {
+        "container": W1.id,
+        "name": "w1",
+        "services": ["web"],
+        "network": "app",
+        "from": "up",
+        "to": "down",
+        "reason": down.split("up -> down: ")[1],
+        "last": "status 500",
+        "latency_ms": 4.0,
+        "fails": 2,
+        "passes": 0,
+    }
+    run.reconciler.reconcile("the gate moved")
+    w1 = run.service()["backends"][0]
+    assert (w1["name"], w1["state"], w1["health"]["state"]) == ("w1", "unhealthy", "down")
+    prober.answers["172.20.0.2"] = OK
+    run.ticks(3)
+    assert run.health()[2:] == ["health: web/w1 on app: down -> up (last: status 200)"]
+
+
+def test_the_cli_shows_the_check_and_each_backends_health() -> None:
+    prober = FakeProber({"172.20.0.2": FAILING, "172.20.0.3": OK})
+    run = Checked(prober, nginx("lb"), W1, W2)
+    run.ticks(3)
+    run.reconciler.reconcile("the gate moved")
+    text = service_text(run.service())
+    lines = text.splitlines()
+    assert lines[2] == (
+        "health: http GET /healthz on its port, status 200-399, every 1s (timeout 1s), out "
+        "after 2 failing in a row, back after 2 passing; start period 60s (label)"
+    )
+    header, w1, w2 = (re.split(r"\s{2,}", line) for line in lines[3:6])
+    assert header[-5:] == ["IN NGINX", "HEALTH", "IN A ROW", "LAST", "LATENCY"]
+    assert w1[0] == "w1" and w1[-4:] == ["down", "4 failed", "status 500", "4.00ms"]
+    assert w2[0] == "w2" and w2[-4:] == ["up", "4 passed", "status 200", "1.50ms"]
+    column = lines[3].index("HEALTH")
+    assert (lines[4][column:].split()[0], lines[5][column:].split()[0]) == ("down", "up")
+    assert lines[6].startswith("w1 (app) is unhealthy: failed ")
+
+
+def test_a_container_no_snapshot_names_is_told_by_id() -> None:
+    activity = Activity()
+    events = HealthEvents(activity, lambda: None, lambda _: None)
+    key = Address("f" * 64, "2024-05-01T10:00:00Z", "app", "172.20.0.9", 80)
+    down = Health("down", False, "failed 3 checks in a row (last: refused)", 1e9, True, "refused")
+    events.on_transition(key, down)
+    assert activity.entries() == [], "it waits for the pass that may name it"
+    events.on_report(ReconcileReport("start", 1, True, ()))
+    (entry,) = activity.entries()
+    assert entry.summary == (
+        "health: container ffffffffffff on app: up -> down: failed 3 checks in a row (last: "
+        "refused)"
+    )
+    assert entry.details["name"] is None and entry.details["services"] == []
+
+
+def test_where_a_backend_was_is_what_the_snapshot_shows_or_what_moved_since() -> None:
+    prober = FakeProber({"172.20.0.2": OK, "172.20.0.3": OK})
+    run = Checked(prober, nginx("lb"), W1, W2)
+    prober.answers["172.20.0.2"] = FAILING
+    run.ticks(3)
+    prober.answers["172.20.0.2"] = OK
+    run.ticks(3)  # down and back up with no pass between: the snapshot still says up
+    moves = [re.match(r"health: web/w1 on app: (\w+ -> \w+)", s) for s in run.health()]
+    assert [m.group(1) for m in moves if m] == ["up -> down", "down -> up"]
+    run.source.state = state(nginx("lb"), W1, replace(W2, status="paused"))
+    run.reconciler.reconcile("w2 paused")
+    run.source.state = state(nginx("lb"), W1, W2)
+    run.reconciler.reconcile("w2 unpaused")
+    restarted = replace(W1, started_at="2024-05-01T11:00:00Z")
+    run.source.state = state(nginx("lb"), restarted, W2)
+    run.reconciler.reconcile("w1 restarted")
+    assert run.health()[2:] == [
+        "health: web/w2 on app: starting -> up (last: status 200)",
+        "health: web/w1 on app: starting -> up (last: status 200)",
+    ]
