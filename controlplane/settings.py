@@ -57,6 +57,14 @@ class Settings:
     state_dir: Path | None = None
     """Where overrides persist; None keeps them in memory only (tests, `render`)."""
     wait_timeout: float = 10.0
+    stats: bool = True
+    """Collect traffic figures from every managed nginx (stats_listener); off: nginx is
+    told to send none."""
+    stats_bind: str = "0.0.0.0:0"
+    """IP:PORT of the UDP listener nginx reports to (checked where it is bound, as the
+    API's); port 0: any free port (the rendered config names the one taken)."""
+    stats_address: str | None = None
+    """The IP nginx sends its reports to; None: found from Docker (stats_sink)."""
 
     def __post_init__(self) -> None:
         """A wrong pair is refused, never repaired behind the operator's back."""
@@ -72,6 +80,14 @@ class Settings:
                 f"({self.batch_quiet:g} s): a held scale-out would always end at --batch-max; "
                 "set --batch-max to 0 (hold nothing) or to at least --batch-quiet"
             )
+        if self.stats_address is not None:
+            try:
+                ipaddress.ip_address(self.stats_address)
+            except ValueError as error:
+                raise InvalidValue(
+                    f"--stats-address {self.stats_address!r} is not an IP address: give the "
+                    "address of this controller that every managed nginx can reach"
+                ) from error
 
     @property
     def build_options(self) -> BuildOptions:

@@ -1,0 +1,259 @@
+"""The controller's one UDP listener for nginx's traffic reports (issue 17), on its own event
+loop (uvloop) in its own thread, feeding the traffic book the API reads.
+
+Each datagram is taken only from the address of a managed nginx (`allowed`) and only with the
+controller's tag in it; what it holds is parsed strictly, by its first bytes: a syslog line
+of the reload data plane's access log (core.access_log), or counts that only grow from a Lua
+worker of the dynamic one (a decoder given by its prefix, whose vectors go through
+core.traffic.Cumulative per nginx address and worker pid). Work per datagram is bounded by
+its size, and every datagram is counted by what became of it. Losing one costs a figure,
+never routing: nginx sends and forgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+import uvloop
+
+from controlplane.addresses import SocketAddress
+from controlplane.core import access_log
+from controlplane.core.traffic import VECTOR, Cumulative, Key, Summary, TrafficBook
+from controlplane.errors import ControlPlaneError
+
+log = logging.getLogger(__name__)
+
+Decoded = tuple[int, Sequence[tuple[Key, Sequence[int]]]]
+Decoder = Callable[[bytes, str], Decoded | None]
+"""(datagram, tag) -> (worker pid, [(key, cumulative vector)]), None for anything not ours."""
+
+RESULTS = ("accepted", "size", "source", "kind", "tag", "invalid", "error")
+"""What became of a datagram: fed into the book, or dropped for being too long, from an
+address that is no managed nginx's, of no known kind, without the tag, refused by its
+parser, or its parser failed (a bug, logged)."""
+ACCEPTED, SIZE, SOURCE, KIND, TAG, INVALID, ERROR = range(len(RESULTS))
+MAX_DATAGRAM = access_log.MAX_DATAGRAM
+RECEIVE_BUFFER = 4 << 20
+"""Bytes asked of the kernel (it grants at most net.core.rmem_max): room for a burst of
+datagrams while the thread waits for the GIL."""
+MISS_REFRESH = 0.1
+"""Seconds: a datagram from an unknown address asks `allowed` again at most this often, so a
+new nginx is heard from its first report."""
+HOUSEKEEPING = 10.0
+"""Seconds between prunes of the book and of the workers no longer heard from."""
+SOURCE_TTL = 30.0
+"""Seconds after which a worker that sent nothing is forgotten (a reload replaces them all)."""
+ERROR_LOG_EVERY = 60.0
+
+
+class StatsListener:
+    """Bound at construction (the port goes into the config before the first pass); `start`
+    runs its loop, `close` stops it. `allowed` returns the managed nginx's addresses; it is
+    called from the listener's thread, on a miss at most every MISS_REFRESH seconds and at
+    each housekeeping."""
+
+    def __init__(
+        self,
+        bind: SocketAddress,
+        tag: str,
+        allowed: Callable[[], Collection[str]],
+        decoders: Mapping[bytes, Decoder] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._tag = tag
+        self._tag_bytes = tag.encode()
+        self._allowed_of = allowed
+        self._decoders = dict(decoders or {})
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._book = TrafficBook()
+        self._cumulative = Cumulative()
+        self._heard: dict[str, float] = {}
+        self._allowed: Collection[str] = frozenset()
+        self._allowed_at = -float("inf")
+        self._counts = [0] * len(RESULTS)
+        self._error_logged_at = -float("inf")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            self._sock.bind((bind.host, bind.port))
+        except OSError as error:
+            self._sock.close()
+            raise ControlPlaneError(
+                f"the stats listener could not bind UDP {bind}: {error}; pick a free address "
+                "with --stats-bind (port 0: any free port), or turn traffic figures off with "
+                "--no-stats"
+            ) from error
+        self._sock.setblocking(False)
+        self.port: int = self._sock.getsockname()[1]
+
+    def start(self) -> None:
+        """Starts the listener's thread; datagrams that came since the bind are read first."""
+        if self._thread is not None:
+            return
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            endpoint = loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
+            transport, _ = loop.run_until_complete(endpoint)
+            loop.call_later(HOUSEKEEPING, self._tick)
+            ready.set()
+            loop.run_forever()
+            transport.close()  # and with it the socket
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="stats-listener", daemon=True)
+        self._thread.start()
+        ready.wait(timeout=10)
+
+    def received(self, data: bytes, source: str) -> None:
+        """One datagram from `source` (an IP). Never raises: a bug costs that datagram."""
+        counts = self._counts
+        if len(data) > MAX_DATAGRAM:
+            counts[SIZE] += 1
+            return
+        host = _unmapped(source)
+        if host not in self._allowed and not self._refresh_for(host):
+            counts[SOURCE] += 1
+            return
+        decoder = None
+        if not data.startswith(access_log.PREFIX):
+            decoder = next((d for p, d in self._decoders.items() if data.startswith(p)), None)
+            if decoder is None:
+                counts[KIND] += 1
+                return
+        if self._tag_bytes not in data:
+            counts[TAG] += 1
+            return
+        try:
+            fed = self._feed(data, host, decoder)
+        except Exception:
+            counts[ERROR] += 1
+            now = self._clock()
+            if now - self._error_logged_at >= ERROR_LOG_EVERY:
+                self._error_logged_at = now
+                log.exception("a stats datagram from %s could not be read; please report", host)
+            return
+        counts[ACCEPTED if fed else INVALID] += 1
+
+    def _feed(self, data: bytes, host: str, decoder: Decoder | None) -> bool:
+        if decoder is None:
+            request = access_log.parse(data, self._tag)
+            if request is None:
+                return False
+            with self._lock:
+                access_log.add(self._book, request, self._clock())
+            return True
+        decoded = decoder(data, self._tag)
+        if decoded is None:
+            return False
+        pid, entries = decoded
+        if not all(_counts(vector) for _, vector in entries):
+            return False
+        source = f"{host}/{pid}"
+        with self._lock:
+            now = self._clock()
+            self._heard[source] = now
+            for key, vector in entries:
+                added = self._cumulative.delta(source, key, vector)
+                if added is not None:
+                    self._book.add_vector(key, added, now)
+        return True
+
+    def _refresh_for(self, host: str) -> bool:
+        """Asks `allowed` again if it was not asked just now; whether `host` is in it."""
+        if self._clock() - self._allowed_at < MISS_REFRESH:
+            return False
+        self._refresh()
+        return host in self._allowed
+
+    def _refresh(self) -> None:
+        self._allowed_at = self._clock()
+        try:
+            self._allowed = frozenset(map(_unmapped, self._allowed_of()))
+        except Exception:
+            log.exception("could not tell which nginx may send stats; keeping the last answer")
+
+    def housekeep(self) -> None:
+        """Asks `allowed` again, forgets the workers not heard from in SOURCE_TTL and the keys
+        with nothing in the last minute: memory stays bounded as nginx reload and services
+        go. Every HOUSEKEEPING seconds on the listener's loop."""
+        self._refresh()
+        with self._lock:
+            now = self._clock()
+            self._book.prune(now)
+            self._heard = {s: t for s, t in self._heard.items() if t > now - SOURCE_TTL}
+            self._cumulative.forget(self._heard)
+
+    def _tick(self) -> None:
+        try:
+            self.housekeep()
+        except Exception:
+            log.exception("stats housekeeping failed; please report")
+        if self._loop is not None:
+            self._loop.call_later(HOUSEKEEPING, self._tick)
+
+    def summary(self, key: Key, now: float | None = None) -> Summary | None:
+        """The key's last minute (None: nothing reported in it); `now` on the listener's clock."""
+        with self._lock:
+            return self._book.summary(key, self._clock() if now is None else now)
+
+    def summaries(self, keys: Iterable[Key], now: float | None = None) -> dict[Key, Summary]:
+        """Several keys at once, under one lock; keys with nothing in the last minute are
+        left out."""
+        with self._lock:
+            at = self._clock() if now is None else now
+            found = {key: self._book.summary(key, at) for key in keys}
+        return {key: summary for key, summary in found.items() if summary is not None}
+
+    def datagrams(self) -> dict[str, int]:
+        """Datagrams since the start, by what became of them (RESULTS)."""
+        return dict(zip(RESULTS, self._counts, strict=True))
+
+    def close(self) -> None:
+        """Stops the loop and closes the socket; idempotent."""
+        loop, thread = self._loop, self._thread
+        self._loop = None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+        self._sock.close()  # a no-op once the loop's transport closed it
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, listener: StatsListener) -> None:
+        self._listener = listener
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self._listener.received(data, str(addr[0]))
+
+    def error_received(self, exc: Exception) -> None:
+        """The listener never sends, so nothing here concerns it."""
+
+
+def _unmapped(address: str) -> str:
+    """An IPv4 address as itself, also when a dual-stack socket gives it as ::ffff:a.b.c.d."""
+    if address.startswith("::ffff:"):
+        try:
+            mapped = ipaddress.IPv6Address(address).ipv4_mapped
+        except ValueError:
+            return address
+        return str(mapped) if mapped is not None else address
+    return address
+
+
+def _counts(vector: Sequence[int]) -> bool:
+    return len(vector) == VECTOR and all(isinstance(n, int) and n >= 0 for n in vector)
