@@ -24,12 +24,10 @@ from controlplane.prober import Prober
 
 log = logging.getLogger(__name__)
 
-REFILL = 0.01
-"""Seconds the probe thread waits for room when as many probes as allowed are under way."""
 GRANULE = 0.01
-"""Seconds the probe thread sleeps at least between two rounds: each round scans every
-tracked backend, and a thousand checked every second would otherwise wake it a thousand
-times a second, to send one probe each time."""
+"""Seconds the probe thread rests at least between two rounds. A round records the answers
+that came since the last and sends what is due, scanning every tracked backend: a thousand
+checked every second would otherwise wake it a thousand times a second, for one probe each."""
 
 
 class Gatekeeper:
@@ -59,9 +57,8 @@ class Gatekeeper:
         self._awaited: set[R.Address] = set()
         """Probes sent by the pass under way, which waits for them itself."""
         self._thread: threading.Thread | None = None
-        self._planned = math.inf
-        """When the probe thread means to wake next: an answer wakes it only if it moves that
-        earlier, so a storm of answers does not make it scan every backend for each."""
+        self._answers: list[R.Answer] = []
+        """Answers the probe thread records in its next round."""
         self._closed = False
         self.on_change: list[Callable[[], None]] = []
         """Called when an answer or a start period's end changed what the gate lets in."""
@@ -98,8 +95,13 @@ class Gatekeeper:
         return gated
 
     def tick(self) -> float:
-        """Sends the probes due now and ends the start periods that are over; returns when
-        the next is due (math.inf: nothing to do until a pass brings a newcomer)."""
+        """Records the answers that came since the last round, sends the probes due now and
+        ends the start periods that are over; returns when the next is due (math.inf: nothing
+        to do until a pass brings a newcomer)."""
+        with self._changed:
+            answers, self._answers = self._answers, []
+        if answers:
+            self._settle(answers, in_pass=False)
         with self._changed:
             now = self._clock()
             before = self._state
@@ -143,35 +145,62 @@ class Gatekeeper:
             self._prober.probe(key, check, lambda k, result: self._done(k, result, sent))
 
     def _done(self, key: R.Address, result: R.Result, sent: float) -> None:
+        """A probe's answer: recorded at once when a pass waits for it (or no thread runs
+        the rounds), else in the probe thread's next round."""
+        answer = (key, result, sent, self._draw())
         with self._changed:
-            before = self._state.reach(key.network).unreachable
-            was = self._state.tracks.get(key)
-            self._state, changed = R.record(
-                self._state, key, result, sent, self._clock(), self._draw(), self._policy
-            )
-            after = self._state.reach(key.network).unreachable
             in_pass = key in self._awaited
-            self._awaited.discard(key)
-            track = self._state.tracks.get(key)
-            if in_pass or (track is not None and track.next_at < self._planned):
+            if self._background and not in_pass:
+                self._answers.append(answer)
+                if len(self._answers) == 1:
+                    self._changed.notify_all()
+                return
+        self._settle([answer], in_pass)
+
+    def _settle(self, answers: Sequence[R.Answer], in_pass: bool) -> None:
+        """Records answers; tells the metrics, the transitions, and the loop when what is
+        served changed (unless a pass waits for them: it reads them itself)."""
+        with self._changed:
+            # the pass may have stopped waiting since: then the loop must hear of it
+            in_pass = in_pass and all(key in self._awaited for key, *_ in answers)
+            before = self._state
+            self._state, changed = R.record_many(before, answers, self._clock(), self._policy)
+            for key, *_ in answers:
+                self._awaited.discard(key)
+            if in_pass:
                 self._changed.notify_all()
-            moved = track is not None and was is not None and track.phase is not was.phase
-        if track is not None:
-            for probed in self.on_probe:
-                probed(result, R.passed(track.check, result))
-        if moved:
-            self._moved([key])
-        if after is not None and before is None:
-            log.warning(
-                "network %s: the controller cannot reach its backends (%s); new backends on it "
-                "get traffic without waiting for their port",
-                key.network,
-                after,
-            )
-        elif before is not None and after is None:
-            log.info("network %s: the controller reaches its backends again", key.network)
+            after = self._state
+        for key, result, *_ in answers:
+            track = after.tracks.get(key)
+            if track is not None:
+                for probed in self.on_probe:
+                    probed(result, R.passed(track.check, result))
+        self._moved(
+            [
+                key
+                for key, *_ in answers
+                if (was := before.tracks.get(key)) is not None
+                and (now := after.tracks.get(key)) is not None
+                and was.phase is not now.phase
+            ]
+        )
+        self._said_reach(before, after, {key.network for key, *_ in answers})
         if changed and not in_pass:
             self._notify()
+
+    @staticmethod
+    def _said_reach(before: R.Readiness, after: R.Readiness, networks: set[str]) -> None:
+        for network in sorted(networks):
+            was, now = before.reach(network).unreachable, after.reach(network).unreachable
+            if now is not None and was is None:
+                log.warning(
+                    "network %s: the controller cannot reach its backends (%s); their health "
+                    "is not checked: they get traffic without waiting for a check",
+                    network,
+                    now,
+                )
+            elif was is not None and now is None:
+                log.info("network %s: the controller reaches its backends again", network)
 
     def _moved(self, keys: Sequence[R.Address]) -> None:
         """Tells `on_transition` each backend's new health."""
@@ -199,17 +228,19 @@ class Gatekeeper:
             self._thread.start()
 
     def _run(self) -> None:
+        """Rounds, at most one per GRANULE: the answers and due probes of that time gather
+        and go in one round."""
         while True:
-            self.tick()
+            wake = self.tick()
+            rested = time.monotonic() + GRANULE
             with self._changed:
+                while not self._closed and (left := rested - time.monotonic()) > 0:
+                    self._changed.wait(left)
                 if self._closed:
                     return
-                # Read again under the lock: an answer since the tick may have moved it.
-                wake = R.next_wake(self._state)
                 left = wake - self._clock()
-                if left <= 0:  # due, but as many probes as allowed are under way: let some end
-                    self._changed.wait(REFILL)
-                else:
-                    self._planned = wake
-                    self._changed.wait(None if wake == math.inf else max(left, GRANULE))
-                    self._planned = math.inf
+                if not self._answers and left > 0:
+                    # woken early by an answer, or by a pass that brought newcomers
+                    self._changed.wait(None if wake == math.inf else left)
+                if self._closed:
+                    return
