@@ -102,13 +102,11 @@ class StatsListener:
         if self._thread is not None:
             return
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        ready = threading.Event()
+        endpoint = loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
+        transport, _ = loop.run_until_complete(endpoint)  # here, so a failure is raised here
+        loop.call_later(HOUSEKEEPING, self._tick)
 
         def run() -> None:
-            endpoint = loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
-            transport, _ = loop.run_until_complete(endpoint)
-            loop.call_later(HOUSEKEEPING, self._tick)
-            ready.set()
             loop.run_forever()
             transport.close()  # and with it the socket
             loop.run_until_complete(asyncio.sleep(0))
@@ -117,7 +115,6 @@ class StatsListener:
         self._loop = loop
         self._thread = threading.Thread(target=run, name="stats-listener", daemon=True)
         self._thread.start()
-        ready.wait(timeout=10)
 
     def received(self, data: bytes, source: str) -> None:
         """One datagram from `source` (an IP). Never raises: a bug costs that datagram."""
