@@ -76,7 +76,7 @@ class Gatekeeper:
             now = self._clock()
             state = self._state if same and not first else R.observe(self._state, found, now, first)
             ended, _ = R.advance(state, now)
-            moved = R.moved(state, ended)
+            moved = R.moved(self._state, ended)  # a check turned off, a start period over
             self._state, chosen = R.due(ended, now, self._policy)
             # the pass waits for newcomers' first answers only, not for the re-probes of
             # ones already held (a silent one would cost every pass the whole wait)
@@ -175,16 +175,21 @@ class Gatekeeper:
             if track is not None:
                 for probed in self.on_probe:
                     probed(result, R.passed(track.check, result))
-        self._moved(
-            [
-                key
-                for key, *_ in answers
-                if (was := before.tracks.get(key)) is not None
-                and (now := after.tracks.get(key)) is not None
-                and was.phase is not now.phase
-            ]
-        )
-        self._said_reach(before, after, {key.network for key, *_ in answers})
+        networks = {key.network for key, *_ in answers}
+        flipped = any(before.reach(n).unreachable != after.reach(n).unreachable for n in networks)
+        if flipped:  # a network the controller cannot reach lets its held backends in
+            self._moved(R.moved(before, after))
+        else:
+            self._moved(
+                [
+                    key
+                    for key, *_ in answers
+                    if (was := before.tracks.get(key)) is not None
+                    and (now := after.tracks.get(key)) is not None
+                    and was.phase is not now.phase
+                ]
+            )
+        self._said_reach(before, after, networks)
         if changed and not in_pass:
             self._notify()
 

@@ -69,6 +69,8 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        # bound once: a thousand probes a second each look their child up otherwise
+        self._passed, self._failed = self._probes.labels("pass"), self._probes.labels("fail")
         self._probe_failures = Counter(
             "controlplane_health_probe_failures",
             "Failed health probes by reason: refused, no answer, no reply, not HTTP, status "
@@ -98,7 +100,7 @@ class Metrics:
         self._failures.inc()
 
     def on_probe(self, result: Result, passed: bool) -> None:
-        self._probes.labels("pass" if passed else "fail").inc()
+        (self._passed if passed else self._failed).inc()
         self._probe_seconds.observe(result.latency)
         if not passed:
             reason = (

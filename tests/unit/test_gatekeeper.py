@@ -326,3 +326,21 @@ def test_an_active_check_takes_a_failing_backend_out_and_says_so_once() -> None:
         "status 500",
         1e9 - 0.5,  # down at 102.0, asked at 102.5
     )
+
+
+def test_turning_a_check_off_tells_the_transition_of_a_down_backend() -> None:
+    checked = {L.HEALTH_PATH: "/health", L.HEALTH_INTERVAL: "1s", L.HEALTH_FAILS: "1"}
+    w2 = replace(W2, labels=checked)
+    good = Result(Outcome.STATUS, 200, 0.001)
+    prober = FakeProber({"172.20.0.2": good, "172.20.0.3": good})
+    run = Run(prober, LB, W1, w2)  # the check is service-wide: w1 is checked too
+    moves: list[tuple[str, str]] = []
+    run.gate.on_transition.append(lambda key, h: moves.append((key.host, h.state)))
+    prober.answers["172.20.0.3"] = Result(Outcome.STATUS, 500, 0.001)
+    run.clock.now = 101.0
+    run.gate.tick()
+    assert moves == [("172.20.0.3", "down")]
+    run.source.state = state(LB, W1, W2)  # the labels are gone: no check any more
+    run.at(102.0, DockerEvent("container", "update", W2.id, None, 0))
+    assert moves == [("172.20.0.3", "down"), ("172.20.0.3", "up")]
+    assert run.served() == {"w1", "w2"}
