@@ -209,8 +209,7 @@ export function servicePage(name, app) {
       "form",
       { class: "inline", novalidate: true },
       h("label", { for: weight.id, class: "sr-only" }, `Weight of ${first.name} (empty: the labels decide)`),
-      weight,
-      setWeight,
+      h("span", { class: "nowrap" }, weight, " ", setWeight),
       weightNote,
       weightError,
     );

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from axe_playwright_python.sync_playwright import Axe
 from docker.models.containers import Container
 from docker.models.networks import Network
 from docker.types import EndpointConfig
@@ -108,6 +109,12 @@ def state_of(page: Page, name: str) -> Locator:
     return backend_row(page, name).locator("td").nth(1)
 
 
+def accessible(page: Page) -> None:
+    """axe-core finds nothing on the page as it is (labels, names, roles, contrast, tables)."""
+    found = Axe().run(page).response["violations"]
+    assert not found, [(v["id"], v["help"], [n["target"] for n in v["nodes"]]) for v in found]
+
+
 def open_service(page: Page, stack: Stack, name: str = "web") -> None:
     page.goto(f"{stack.url}/ui/#/service/{quote(name)}")
     expect(page.locator("h1")).to_have_text(f"Service {name}")
@@ -129,6 +136,7 @@ def test_the_dashboard_lists_what_docker_has_with_no_console_error(
     expect(nginx.locator("tbody td").nth(1)).to_contain_text("current")
     page.wait_for_timeout(1200)  # a few polls: none may log an error either
     shot(page, request, "overview")
+    accessible(page)
 
     # by keyboard: the service's link, then the page's heading has the focus
     page.get_by_role("link", name="web", exact=True).focus()
@@ -140,6 +148,10 @@ def test_the_dashboard_lists_what_docker_has_with_no_console_error(
         expect(backend_row(page, str(backend.name))).to_contain_text(str(backend.id)[:12])
     expect(page.locator("#main tbody tr").filter(has_text="serving")).to_have_count(2)
     shot(page, request, "service")
+    accessible(page)
+    page.emulate_media(color_scheme="dark")
+    accessible(page)
+    page.emulate_media(color_scheme="light")
 
     page.goto(f"{stack.url}/ui/")
     expect(page.locator("#main tbody th").first).to_have_text("web")
@@ -287,6 +299,7 @@ def test_names_and_labels_made_of_markup_are_shown_as_text(
     expect(page.locator("#key-error")).to_contain_text(f"key='{HOSTILE_KEY}'")
     no_markup_ran(page)
     shot(page, request, "service")
+    accessible(page)  # with an error shown beside its field
 
     # a service named by the alias: the API's 404 message and the heading, as text
     page.goto(f"{stack.url}/#/service/{quote(HOSTILE_ALIAS, safe='')}")
