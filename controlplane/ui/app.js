@@ -2,7 +2,8 @@
 // /ui/ alike), the token field, and the poll that keeps the open view live.
 //
 // A view is {root, title, load(), update(data), failed(error)?}: load asks the API, update
-// brings the page up to date in place (so a focused control or a value being typed survives).
+// brings the page up to date in place (so a focused control or a value being typed survives),
+// failed(error) returns true when the view shows that error itself.
 
 import { ApiFailure, setToken, token } from "./api.js";
 import { h, setText } from "./dom.js";
@@ -89,8 +90,9 @@ class Dashboard {
       this.status(`${error.message}; retrying`, true);
       return;
     }
-    this.status(error.status === 503 ? error.message : "live", error.status === 503);
-    view.failed?.(error);
+    // a view that shows the error itself (an unknown service) is still a live page
+    if (view.failed?.(error)) this.status("live", false);
+    else this.status(error.message, true);
   }
 
   status(text, bad) {

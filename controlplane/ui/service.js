@@ -179,10 +179,13 @@ export function servicePage(name, app) {
     eventRows(events, recent.events.filter((e) => concerns(e, name)).slice(0, 20));
   }
 
+  /** An unknown service is said on the page (true); anything else is the header's to say. */
   function failed(error) {
+    if (error.status !== 404) return false;
     banner.hidden = false;
     setText(banner, error.message);
-    content.hidden = error.status === 404;
+    content.hidden = true;
+    return true;
   }
 
   /** A backend's row, with its weight form and drain button kept across polls. */
