@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from controlplane.api import API_HEADER
 from controlplane.api.http import MAX_BODY, MUTATING, ApiContext, context, error_response
 from controlplane.api.routes import routes
+from controlplane.api.ui import dashboard
 from controlplane.errors import ApiError, InvalidValue, StateError
 
 log = logging.getLogger(__name__)
@@ -88,4 +89,5 @@ def create_app(api: ApiContext) -> Flask:
     app.register_error_handler(StateError, _state_error)
     app.register_error_handler(Exception, _unexpected)
     app.register_blueprint(routes)
+    app.register_blueprint(dashboard())
     return app
