@@ -53,6 +53,7 @@ from controlplane.core.build import build_topology
 from controlplane.core.health import Result
 from controlplane.core.model import Topology
 from controlplane.gatekeeper import Gatekeeper
+from controlplane.metrics import Metrics
 from controlplane.prober import SocketProber
 from tests.unit.builders import container, nginx, state
 
@@ -205,6 +206,7 @@ def measure(scenario: Scenario, ports: Sequence[int], seconds: float, warmup: fl
     built = topology(scenario, ports)
     answers: list[tuple[Result, bool]] = []
     gate = Gatekeeper(SocketProber(), wait=0.025)
+    gate.on_probe.append(Metrics(lambda: None).on_probe)  # as the controller is wired
     gate.on_probe.append(lambda result, ok: answers.append((result, ok)))
     ticks = [0]
     tick = gate.tick
