@@ -231,6 +231,29 @@ RUN: list[Decorator] = [
         "~50 ms and join as soon as their port accepts a connection.",
     ),
     setting(
+        "stats",
+        "--stats/--no-stats",
+        default=True,
+        help="Collect traffic figures from every managed nginx (per service and backend, in "
+        "the API, the metrics and the dashboard): nginx sends them over UDP to this "
+        "controller.",
+    ),
+    setting(
+        "stats_bind",
+        "--stats-bind",
+        default="0.0.0.0:0",
+        help="IP:PORT of the UDP listener nginx sends traffic figures to (port 0: any free "
+        "port). It takes reports only from managed nginx, with this controller's secret tag.",
+    ),
+    setting(
+        "stats_address",
+        "--stats-address",
+        default=None,
+        help="The IP of this controller that nginx sends traffic figures to. Default: found "
+        "from Docker (its address on a network it shares with nginx, or that network's "
+        "gateway when it runs on the host).",
+    ),
+    setting(
         "resync_interval",
         "--resync",
         default=30.0,

@@ -29,8 +29,10 @@ class Metrics:
         snapshot: Callable[[], Snapshot | None],
         dns_outcomes: Callable[[], Mapping[str, int]] | None = None,
         nginx: Callable[[], Mapping[str, NginxState]] = dict,
+        stats_datagrams: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
-        """`nginx`: what each managed nginx runs (core.served), by container id."""
+        """`nginx`: what each managed nginx runs (core.served), by container id;
+        `stats_datagrams`: the stats listener's datagrams by result."""
         self.registry = CollectorRegistry()
         self._reloads = Counter(
             "controlplane_nginx_reloads",
@@ -85,6 +87,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_SnapshotCollector(snapshot, dns_outcomes, nginx))
+        if stats_datagrams is not None:
+            self.registry.register(_StatsCollector(stats_datagrams))
 
     def on_report(self, report: ReconcileReport) -> None:
         if not (report.changed or report.deployed):
@@ -112,6 +116,24 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StatsCollector(Collector):
+    """The stats listener's datagrams, read at scrape time."""
+
+    def __init__(self, datagrams: Callable[[], Mapping[str, int]]) -> None:
+        self._datagrams = datagrams
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "controlplane_stats_datagrams",
+            "Traffic reports from nginx by result: accepted, or dropped for its size, an "
+            "unknown source, an unknown kind, a wrong tag, invalid content or a decoder error.",
+            labels=["result"],
+        )
+        for result, count in self._datagrams().items():
+            family.add_metric([result], count)
+        yield family
 
 
 class _SnapshotCollector(Collector):

@@ -50,7 +50,7 @@ from controlplane.core.model import (
     Overrides,
     Topology,
 )
-from controlplane.core.render import RenderCache, render_config
+from controlplane.core.render import RenderCache, StatsSink, render_config
 from controlplane.core.schedule import Holding, Outcome, Run, Schedule, Timing, Wait
 from controlplane.core.served import (
     Failure,
@@ -166,11 +166,14 @@ class Reconciler:
         clock: Callable[[], float] = time.monotonic,
         overrides: Callable[[], Overrides] = Overrides,
         gate: Gate | None = None,
+        stats: Callable[[Sequence[NginxTarget]], StatsSink | None] | None = None,
     ) -> None:
         """`overrides` returns the operator's current choices (the store's value); `gate`
-        holds new backends out until they are ready (None: nothing is held)."""
+        holds new backends out until they are ready (None: nothing is held); `stats` says
+        where the managed nginx send their traffic figures (None: they send none)."""
         self._source = source
         self._gate = gate
+        self._stats = stats
         self._overrides = overrides
         self._deployer = deployer
         self._template = template
@@ -296,6 +299,10 @@ class Reconciler:
             gating = time.perf_counter()
             topology = self._gate.admit(topology, first=self.snapshot is None)
             timings["ready"] = time.perf_counter() - gating
+        if self._stats is not None:
+            sink = self._stats(topology.nginx)
+            if sink != self._render.stats:
+                self._render = replace(self._render, stats=sink)
         config = render_config(topology, self._template, self._render, self._render_cache)
         timings["render"] = time.perf_counter() - mark - timings.get("ready", 0.0)
         digest = checksum(config)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import docker
 
 from controlplane.activity import Activity, HealthEvents
 from controlplane.addresses import SocketAddress, is_loopback, parse_address
@@ -23,6 +26,8 @@ from controlplane.nginx_deployer import NginxDeployer
 from controlplane.prober import SocketProber
 from controlplane.reconciler import ControlLoop, Reconciler
 from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
+from controlplane.stats_listener import StatsListener
+from controlplane.stats_sink import SinkFinder, new_tag
 from controlplane.store import FILE_NAME, OverrideStore
 from controlplane.templating import load_template
 
@@ -36,8 +41,11 @@ class Controller:
     metrics: Metrics
     dns: DnsServer | None = None
     api: ApiServer | None = None
+    stats: StatsListener | None = None
 
     def start_servers(self) -> None:
+        if self.stats is not None:
+            self.stats.start()
         if self.dns is not None:
             self.dns.start()
         if self.api is not None:
@@ -48,6 +56,8 @@ class Controller:
             self.api.stop()
         if self.dns is not None:
             self.dns.stop()
+        if self.stats is not None:
+            self.stats.close()
         self.reconciler.close()
         self.store.close()
 
@@ -62,6 +72,7 @@ def build_controller(settings: Settings) -> Controller:
     api = connect(settings.docker_url)
     gatekeeper = Gatekeeper(SocketProber(), settings.readiness_wait)
     source = DockerSource(api, settings.networks)
+    stats, sinks = _stats(settings, api, lambda: nginx_addresses(reconciler, source))
     reconciler = Reconciler(
         source,
         NginxDeployer(api, shell=settings.nginx_shell, retire=settings.retire_old_workers),
@@ -69,6 +80,7 @@ def build_controller(settings: Settings) -> Controller:
         settings,
         overrides=lambda: store.current,
         gate=gatekeeper,
+        stats=sinks.sink if sinks is not None else None,
     )
     loop = ControlLoop(reconciler, DockerSource(connect(settings.docker_url)), settings)
     gatekeeper.on_change.append(loop.readiness_changed)
@@ -78,6 +90,7 @@ def build_controller(settings: Settings) -> Controller:
         lambda: reconciler.snapshot,
         dns.outcomes if dns is not None else None,
         lambda: reconciler.nginx,
+        stats.datagrams if stats is not None else None,
     )
     health = HealthEvents(activity, lambda: reconciler.snapshot, source.known)
     reconciler.on_report.extend([health.on_report, activity.on_report, metrics.on_report])
@@ -86,9 +99,36 @@ def build_controller(settings: Settings) -> Controller:
     loop.on_failure.extend([activity.on_failure, metrics.on_failure])
     server = None
     if api_bind is not None:
-        app = create_app(api_context(settings, reconciler, loop, store, activity, metrics))
-        server = ApiServer(app, api_bind.host, api_bind.port)
-    return Controller(reconciler, loop, store, activity, metrics, dns, server)
+        context = api_context(settings, reconciler, loop, store, activity, metrics)
+        if stats is not None:
+            context = replace(context, traffic=stats.summaries)
+        server = ApiServer(create_app(context), api_bind.host, api_bind.port)
+    return Controller(reconciler, loop, store, activity, metrics, dns, server, stats)
+
+
+def nginx_addresses(reconciler: Reconciler, source: DockerSource) -> frozenset[str]:
+    """The managed nginx's addresses: the only senders the stats listener takes. Read on the
+    listener's thread from what the last pass saw."""
+    snapshot = reconciler.snapshot
+    found: set[str] = set()
+    for target in snapshot.topology.nginx if snapshot is not None else ():
+        facts = source.known(target.container_id)
+        if facts is not None:
+            found.update(a for e in facts.endpoints for a in (e.ip, e.ipv6) if a)
+    return frozenset(found)
+
+
+def _stats(
+    settings: Settings, api: docker.APIClient, allowed: Callable[[], frozenset[str]]
+) -> tuple[StatsListener | None, SinkFinder | None]:
+    """The listener nginx send their traffic figures to, and where they find it (none with
+    --no-stats). Bound here: its port goes into the first config."""
+    if not settings.stats:
+        return None, None
+    tag = new_tag()
+    bind = parse_address(settings.stats_bind, default_port=0, any_port=True)
+    listener = StatsListener(bind, tag, allowed)
+    return listener, SinkFinder(api, listener.port, tag, settings.stats_address)
 
 
 def api_context(

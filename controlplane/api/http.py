@@ -5,7 +5,7 @@ replies and errors written from the models of api/views.py."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from controlplane.api.views import Error, ErrorBody
 from controlplane.core.health import Health
 from controlplane.core.model import NginxTarget
 from controlplane.core.served import NginxState
+from controlplane.core.traffic import Key, Summary
 from controlplane.errors import ApiError
 from controlplane.metrics import Metrics
 from controlplane.snapshot import PassTicket, Snapshot
@@ -46,6 +47,8 @@ class ApiContext:
     config_of: Callable[[Snapshot, NginxTarget], str | None]
     """The config a managed nginx is given by a snapshot, as its data plane wants (None:
     not made for that snapshot)."""
+    traffic: Callable[[Iterable[Key]], Mapping[Key, Summary]] = field(default=lambda keys: {})
+    """Each key's traffic figures over the last minute (core.traffic; absent: none)."""
     health: Callable[[], Mapping[tuple[str, str], Health]] = field(default=lambda: {})
     """By (container id, network): each checked backend's health."""
     token: str | None = None

@@ -41,11 +41,11 @@ OPERATOR_LOG = "/var/log/nginx/access.log"
 
 
 def with_operator_log(nginx: Container) -> None:
-    """The test image turns nginx's access log off, which would silence ours too (see
-    docs/nginx.md); an operator's nginx.conf, like the official image's, logs to a file."""
+    """The test image discards nginx's own access log; an operator's nginx.conf, like the
+    official image's, logs to a file, which must go on being written beside ours."""
     main = config_in(nginx, MAIN_CONFIG)
-    assert "    access_log off;\n" in main
-    main = main.replace("    access_log off;\n", f"    access_log {OPERATOR_LOG};\n")
+    assert "    access_log /dev/null;\n" in main
+    main = main.replace("    access_log /dev/null;\n", f"    access_log {OPERATOR_LOG};\n")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         data = main.encode()
