@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from controlplane.core.health import Outcome, Result
 from controlplane.core.model import BackendState
+from controlplane.core.render import address
 from controlplane.core.served import NginxState
+from controlplane.core.traffic import CLASSES, Key, bucket, middle
 from controlplane.snapshot import ReconcileReport, Snapshot
+from controlplane.stats_listener import Totals
 
 PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+UPSTREAM_BUCKETS = tuple(0.001 * 2**k for k in range(14))
+"""Seconds, 1 ms doubling to 8.192 s: each is the top of one of core.traffic's buckets (a
+factor of sqrt(2) apart), so what nginx reported falls below a bound exactly, with no
+re-binning."""
+UPSTREAM_CODES = (*CLASSES, "connect_error")
 
 
 class Metrics:
@@ -30,9 +38,11 @@ class Metrics:
         dns_outcomes: Callable[[], Mapping[str, int]] | None = None,
         nginx: Callable[[], Mapping[str, NginxState]] = dict,
         stats_datagrams: Callable[[], Mapping[str, int]] | None = None,
+        upstreams: Callable[[], Mapping[Key, Totals]] | None = None,
     ) -> None:
         """`nginx`: what each managed nginx runs (core.served), by container id;
-        `stats_datagrams`: the stats listener's datagrams by result."""
+        `stats_datagrams`: the stats listener's datagrams by result; `upstreams`: its running
+        totals per backend and service (StatsListener.totals)."""
         self.registry = CollectorRegistry()
         self._reloads = Counter(
             "controlplane_nginx_reloads",
@@ -89,6 +99,8 @@ class Metrics:
         self.registry.register(_SnapshotCollector(snapshot, dns_outcomes, nginx))
         if stats_datagrams is not None:
             self.registry.register(_StatsCollector(stats_datagrams))
+        if upstreams is not None:
+            self.registry.register(_UpstreamCollector(upstreams, snapshot))
 
     def on_report(self, report: ReconcileReport) -> None:
         if not (report.changed or report.deployed):
@@ -134,6 +146,79 @@ class _StatsCollector(Collector):
         for result, count in self._datagrams().items():
             family.add_metric([result], count)
         yield family
+
+
+class _UpstreamCollector(Collector):
+    """What nginx reported of its requests to backends, as counters that only grow: the stats
+    listener's running totals, read at scrape time. A backend is labelled with its container's
+    name (the snapshot's, by service and address; an address no backend has any more keeps
+    the address)."""
+
+    def __init__(
+        self,
+        totals: Callable[[], Mapping[Key, Totals]],
+        snapshot: Callable[[], Snapshot | None],
+    ) -> None:
+        self._totals = totals
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        totals = self._totals()
+        requests = CounterMetricFamily(
+            "controlplane_upstream_requests",
+            "Tries at each backend that nginx reported, by the status class of the backend's "
+            "reply, or connect_error (refused, timed out, unreachable): a request retried "
+            "elsewhere counts at each backend it tried.",
+            labels=["service", "backend", "code"],
+        )
+        seconds = HistogramMetricFamily(
+            "controlplane_upstream_response_seconds",
+            "Each request's time in its service's backends (all its tries), as nginx reported "
+            "it; the sum is estimated from each bucket's middle (within 19%).",
+            labels=["service"],
+        )
+        names = self._names()
+        tries: dict[tuple[str, str], list[int]] = {}
+        for key, total in totals.items():
+            if key.backend == "":
+                seconds.add_metric([key.service], *_histogram(total.buckets))
+                continue
+            label = names.get(key, key.backend)
+            # a container on two networks is two addresses, one label: summed
+            counts = tries.setdefault((key.service, label), [0] * len(UPSTREAM_CODES))
+            for i, n in enumerate((*total.requests, total.connect_errors)):
+                counts[i] += n
+        for (service, backend), counts in tries.items():
+            for code, n in zip(UPSTREAM_CODES, counts, strict=True):
+                requests.add_metric([service, backend, code], n)
+        yield requests
+        yield seconds
+
+    def _names(self) -> dict[Key, str]:
+        """Each backend's container name, by its key."""
+        snapshot = self._snapshot()
+        if snapshot is None:
+            return {}
+        return {
+            Key(service.name, address(b)): b.container
+            for service in snapshot.topology.services
+            for b in service.backends
+        }
+
+
+_TOPS = tuple(bucket(bound) for bound in UPSTREAM_BUCKETS)
+"""The core.traffic bucket each bound is the top of."""
+
+
+def _histogram(buckets: Sequence[int]) -> tuple[list[tuple[str, float]], float]:
+    """core.traffic's buckets as Prometheus's cumulative ones, and their estimated sum."""
+    cumulative, seen, top = [], 0, 0
+    for bound, last in zip(UPSTREAM_BUCKETS, _TOPS, strict=True):
+        seen += sum(buckets[top : last + 1])
+        top = last + 1
+        cumulative.append((str(bound), float(seen)))
+    cumulative.append(("+Inf", float(sum(buckets))))
+    return cumulative, sum(middle(i) * n for i, n in enumerate(buckets))
 
 
 class _SnapshotCollector(Collector):

@@ -1,5 +1,6 @@
 """The controller's one UDP listener for nginx's traffic reports (issue 17), on its own event
-loop (uvloop) in its own thread, feeding the traffic book the API reads.
+loop (uvloop) in its own thread, feeding the traffic book the API reads (the last minute)
+and running totals beside it that the metrics read (counters that only grow).
 
 Each datagram is taken only from the address of a managed nginx (`allowed`) and only with the
 controller's tag in it; what it holds is parsed strictly, by its first bytes: a syslog line
@@ -19,13 +20,25 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import uvloop
 
 from controlplane.addresses import SocketAddress
 from controlplane.core import access_log
-from controlplane.core.traffic import VECTOR, Cumulative, Key, Summary, TrafficBook
+from controlplane.core.traffic import (
+    BUCKETS,
+    CONNECT_ERRORS,
+    COUNTS,
+    VECTOR,
+    Cumulative,
+    Key,
+    Summary,
+    TrafficBook,
+    bucket,
+    status_class,
+)
 from controlplane.errors import ControlPlaneError
 
 log = logging.getLogger(__name__)
@@ -51,6 +64,20 @@ HOUSEKEEPING = 10.0
 SOURCE_TTL = 30.0
 """Seconds after which a worker that sent nothing is forgotten (a reload replaces them all)."""
 ERROR_LOG_EVERY = 60.0
+TOTALS_TTL = 600.0
+"""Seconds a key's running totals are kept after its last report: a backend or service gone
+that long is forgotten (its counters leave the metrics), so memory follows what is live."""
+
+
+class Totals(NamedTuple):
+    """One key's counts since it was first reported (or last forgotten): what Prometheus's
+    counters need, where the book only holds the last minute."""
+
+    requests: tuple[int, ...]
+    """By the upstream's status class, 1xx to 5xx (core.traffic.CLASSES)."""
+    connect_errors: int
+    buckets: tuple[int, ...]
+    """Response times in core.traffic's buckets; a service's only (a backend's: empty)."""
 
 
 class StatsListener:
@@ -73,7 +100,7 @@ class StatsListener:
         self._decoders = dict(decoders or {})
         self._clock = clock
         self._lock = threading.Lock()
-        self._book = TrafficBook()
+        self._book = _Book()
         self._cumulative = Cumulative()
         self._heard: dict[str, float] = {}
         self._allowed: Collection[str] = frozenset()
@@ -185,13 +212,15 @@ class StatsListener:
             log.exception("could not tell which nginx may send stats; keeping the last answer")
 
     def housekeep(self) -> None:
-        """Asks `allowed` again, forgets the workers not heard from in SOURCE_TTL and the keys
-        with nothing in the last minute: memory stays bounded as nginx reload and services
-        go. Every HOUSEKEEPING seconds on the listener's loop."""
+        """Asks `allowed` again, forgets the workers not heard from in SOURCE_TTL, the keys
+        with nothing in the last minute and the totals of those with nothing in TOTALS_TTL:
+        memory stays bounded as nginx reload and services go. Every HOUSEKEEPING seconds on
+        the listener's loop."""
         self._refresh()
         with self._lock:
             now = self._clock()
             self._book.prune(now)
+            self._book.prune_totals(now - TOTALS_TTL)
             self._heard = {s: t for s, t in self._heard.items() if t > now - SOURCE_TTL}
             self._cumulative.forget(self._heard)
 
@@ -216,6 +245,11 @@ class StatsListener:
             found = {key: self._book.summary(key, at) for key in keys}
         return {key: summary for key, summary in found.items() if summary is not None}
 
+    def totals(self) -> dict[Key, Totals]:
+        """Every key's running totals, under one lock (read at each scrape of the metrics)."""
+        with self._lock:
+            return self._book.totals()
+
     def datagrams(self) -> dict[str, int]:
         """Datagrams since the start, by what became of them (RESULTS)."""
         return dict(zip(RESULTS, self._counts, strict=True))
@@ -228,6 +262,77 @@ class StatsListener:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=5)
         self._sock.close()  # a no-op once the loop's transport closed it
+
+
+@dataclass(slots=True)
+class _Total:
+    counts: list[int]
+    """Requests by status class, then connect errors."""
+    buckets: list[int] | None
+    """A service's response times; None for a backend."""
+    last: float
+
+
+class _Book(TrafficBook):
+    """The traffic book, with a running total per key beside its last minute: fed by the same
+    calls (access_log.add, the Lua counts), so the metrics count what the API shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._totals: dict[Key, _Total] = {}
+
+    def _total(self, key: Key, now: float) -> _Total:
+        total = self._totals.get(key)
+        if total is None:
+            buckets = [0] * BUCKETS if key.backend == "" else None
+            total = self._totals[key] = _Total([0] * (CONNECT_ERRORS + 1), buckets, now)
+        total.last = now
+        return total
+
+    def add(
+        self,
+        key: Key,
+        status: int | None,
+        seconds: float | None,
+        now: float,
+        connect_error: bool = False,
+        sent: int = 0,
+        received: int = 0,
+    ) -> None:
+        super().add(key, status, seconds, now, connect_error, sent, received)
+        total = self._total(key, now)
+        kind = None if status is None else status_class(status)
+        if kind is not None:
+            total.counts[kind] += 1
+            if seconds is not None and total.buckets is not None:
+                total.buckets[bucket(seconds)] += 1
+        if connect_error:
+            total.counts[CONNECT_ERRORS] += 1
+
+    def add_vector(self, key: Key, vector: Sequence[int], now: float) -> None:
+        super().add_vector(key, vector, now)
+        total = self._total(key, now)
+        counts = total.counts
+        for i in range(CONNECT_ERRORS + 1):
+            counts[i] += vector[i]
+        if total.buckets is not None:
+            buckets = total.buckets
+            for i in range(BUCKETS):
+                buckets[i] += vector[COUNTS + i]
+
+    def prune_totals(self, before: float) -> None:
+        """Forgets the totals of the keys nothing was reported for since `before`."""
+        self._totals = {k: t for k, t in self._totals.items() if t.last > before}
+
+    def totals(self) -> dict[Key, Totals]:
+        return {
+            key: Totals(
+                tuple(t.counts[:CONNECT_ERRORS]),
+                t.counts[CONNECT_ERRORS],
+                tuple(t.buckets) if t.buckets is not None else (),
+            )
+            for key, t in self._totals.items()
+        }
 
 
 class _Protocol(asyncio.DatagramProtocol):

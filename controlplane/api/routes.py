@@ -17,6 +17,7 @@ from controlplane.core import labels as L
 from controlplane.core.model import Backend, BackendOverride, Method, Service
 from controlplane.core.overrides import HealthSpec, describe_health, parse_container_name
 from controlplane.core.served import NginxState
+from controlplane.core.traffic import Key
 from controlplane.errors import ApiError, InvalidValue
 from controlplane.snapshot import PassTicket, Snapshot
 
@@ -69,10 +70,12 @@ def _require(snapshot: Snapshot, name: str) -> Service:
 
 
 def _view(name: str, snapshot: Snapshot) -> V.Service:
+    """The service with its figures and each backend's, read at once."""
     overrides = context().store.current
     service = _find(snapshot, name)
     if service is None:
-        return V.absent_service_view(name, overrides)
+        whole = Key(name, "")
+        return V.absent_service_view(name, overrides, context().traffic([whole]).get(whole))
     return V.service_view(
         service,
         snapshot.topology,
@@ -80,6 +83,7 @@ def _view(name: str, snapshot: Snapshot) -> V.Service:
         snapshot.serves,
         _nginx_states(snapshot),
         context().health(),
+        context().traffic(V.traffic_keys(service)),
     )
 
 
@@ -151,11 +155,17 @@ def list_services() -> Response:
     overrides = context().store.current
     nginx = _nginx_states(snapshot)
     health = context().health()
+    services = snapshot.topology.services
+    # each service's figures, read at once; its backends' are left out, which keeps a list of
+    # thousands cheap to poll (GET .../services/{name} has them)
+    traffic = context().traffic([Key(s.name, "") for s in services])
     return reply(
         V.ServiceList(
             services=[
-                V.service_view(s, snapshot.topology, overrides, snapshot.serves, nginx, health)
-                for s in snapshot.topology.services
+                V.service_view(
+                    s, snapshot.topology, overrides, snapshot.serves, nginx, health, traffic
+                )
+                for s in services
             ]
         )
     )

@@ -14,8 +14,10 @@ from controlplane.core import health as H
 from controlplane.core import model as core
 from controlplane.core.dns_records import Record, Soa, Srv, Zone
 from controlplane.core.overrides import HealthSpec
+from controlplane.core.render import address
 from controlplane.core.served import Failure as CoreFailure
 from controlplane.core.served import NginxState, Serves
+from controlplane.core.traffic import Key, Summary
 
 
 class Reply(BaseModel):
@@ -53,6 +55,44 @@ class BackendHealth(Reply):
     passes: int = Field(description="passing probes in a row")
 
 
+class Requests(Reply):
+    """Requests by the status class of the upstream's reply."""
+
+    model_config = ConfigDict(
+        frozen=True, json_schema_serialization_defaults_required=True, serialize_by_alias=True
+    )
+    c1xx: int = Field(alias="1xx")
+    c2xx: int = Field(alias="2xx")
+    c3xx: int = Field(alias="3xx")
+    c4xx: int = Field(alias="4xx")
+    c5xx: int = Field(alias="5xx")
+
+
+class Traffic(Reply):
+    """What the managed nginx reported over the last minute (--stats). At a backend, each
+    try counts (a request retried elsewhere counts at each backend it tried); at a service,
+    each request counts once."""
+
+    rps_10s: float = Field(description="requests per second over the last 10 s")
+    rps_1m: float = Field(description="requests per second over the last 60 s")
+    requests: Requests = Field(description="over the last 60 s, by the upstream's status class")
+    connect_errors: int = Field(
+        description="over the last 60 s: tries whose connect failed (refused, timed out, "
+        "unreachable); they are in no status class"
+    )
+    p50_ms: float | None = Field(
+        description="the upstream's response time over the last 60 s, median, within 19% "
+        "(null: no reply timed)"
+    )
+    p95_ms: float | None
+    p99_ms: float | None
+    bytes_sent: int = Field(description="to clients, over the last 60 s")
+    bytes_received: int = Field(description="from clients, over the last 60 s")
+    per_second: list[int] = Field(
+        description="requests in each of the last 60 seconds, oldest first"
+    )
+
+
 class Backend(Reply):
     container: str = Field(description="container ID")
     name: str = Field(description="container name")
@@ -75,6 +115,10 @@ class Backend(Reply):
         "known yet, or no managed nginx)"
     )
     served_by: list[str] = Field(description="the nginx whose running config does")
+    traffic: Traffic | None = Field(
+        description="its tries over the last minute, by its address (null: none reported, "
+        "traffic figures are off, or in GET /api/v1/services, which leaves them out)"
+    )
 
 
 class Failure(Reply):
@@ -162,6 +206,10 @@ class Service(Reply):
     excluded: list[Excluded]
     warnings: list[str]
     overrides: Overrides
+    traffic: Traffic | None = Field(
+        description="its requests over the last minute (null: none reported, or traffic "
+        "figures are off)"
+    )
 
 
 class Applied(Reply):
@@ -282,13 +330,42 @@ def in_nginx(service: str, container_id: str, nginx: Sequence[NginxState]) -> bo
     return True if len(known) == len(nginx) else None
 
 
+def traffic_keys(service: core.Service) -> list[Key]:
+    """The keys of a service's figures: the whole service, then each backend by its address
+    as nginx names it (one per network it is on)."""
+    return [Key(service.name, ""), *(Key(service.name, address(b)) for b in service.backends)]
+
+
+def traffic_view(summary: Summary | None) -> Traffic | None:
+    if summary is None:
+        return None
+    return Traffic(
+        rps_10s=round(summary.rps_10s, 3),
+        rps_1m=round(summary.rps_1m, 3),
+        requests=Requests.model_validate(summary.requests),
+        connect_errors=summary.connect_errors,
+        p50_ms=_ms(summary.p50_ms),
+        p95_ms=_ms(summary.p95_ms),
+        p99_ms=_ms(summary.p99_ms),
+        bytes_sent=summary.bytes_sent,
+        bytes_received=summary.bytes_received,
+        per_second=list(summary.per_second),
+    )
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def backend_view(
     backend: core.Backend,
     service: str,
     nginx: Sequence[NginxState],
     health: Mapping[tuple[str, str], H.Health],
+    traffic: Mapping[Key, Summary],
 ) -> Backend:
-    """`health`: the checks', by (container id, network)."""
+    """`health`: the checks', by (container id, network); `traffic`: figures by key (a
+    backend's absent: null)."""
     checked = health.get((backend.container_id, backend.network))
     hold = None
     if backend.state in (core.BackendState.STARTING, core.BackendState.UNHEALTHY):
@@ -311,6 +388,7 @@ def backend_view(
             for n in nginx
             if n.serves is not None and backend.container_id in n.serves.get(service, ())
         ],
+        traffic=traffic_view(traffic.get(Key(service, address(backend)))),
     )
 
 
@@ -415,9 +493,11 @@ def service_view(
     wanted: Serves,
     nginx: Sequence[NginxState],
     health: Mapping[tuple[str, str], H.Health],
+    traffic: Mapping[Key, Summary],
 ) -> Service:
     """`wanted`: what the current config sends traffic to; `nginx`: what each nginx runs;
-    `health`: what the checks say of each backend."""
+    `health`: what the checks say of each backend; `traffic`: figures by key (traffic_keys),
+    null where absent."""
     return Service(
         name=service.name,
         exists=True,
@@ -426,7 +506,7 @@ def service_view(
         algorithm_source=service.algorithm_source,  # type: ignore[arg-type]
         hosts=list(service.names),
         health=check_view(service.health, service.health_source),
-        backends=[backend_view(b, service.name, nginx, health) for b in service.backends],
+        backends=[backend_view(b, service.name, nginx, health, traffic) for b in service.backends],
         nginx=service_nginx_views(service.name, wanted, nginx),
         excluded=[
             Excluded(container=e.container, reason=e.reason)
@@ -435,11 +515,15 @@ def service_view(
         ],
         warnings=list(service.warnings),
         overrides=overrides_view(overrides, service.name),
+        traffic=traffic_view(traffic.get(Key(service.name, ""))),
     )
 
 
-def absent_service_view(name: str, overrides: core.Overrides) -> Service:
-    """A service with overrides but no backend yet (created with ?create=true)."""
+def absent_service_view(
+    name: str, overrides: core.Overrides, traffic: Summary | None = None
+) -> Service:
+    """A service with overrides but no backend yet (created with ?create=true), or none
+    left (`traffic`: what its last minute still holds)."""
     algorithm = overrides.algorithms.get(name)
     check = overrides.health.get(name)
     return Service(
@@ -455,6 +539,7 @@ def absent_service_view(name: str, overrides: core.Overrides) -> Service:
         excluded=[],
         warnings=[],
         overrides=overrides_view(overrides, name),
+        traffic=traffic_view(traffic),
     )
 
 
