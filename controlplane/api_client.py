@@ -1,5 +1,5 @@
-"""A small client of the REST API, for the CLI's `services`, `algorithm`, `health`, `weight`
-and `drain`.
+"""A small client of the REST API, for the CLI's `services`, `algorithm`, `health`, `weight`,
+`drain` and `top`.
 
 The standard library's urllib is enough for a handful of JSON calls; every failure becomes a
 ControlPlaneError whose message says what to do.

@@ -1,12 +1,15 @@
 """The CLI commands that talk to a running controller through its API: readable tables by
-default, the API's JSON with --json."""
+default, the API's JSON with --json; `top` polls it and redraws."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TextIO, TypeVar
 
 import click
 
@@ -20,10 +23,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 TOKEN_ENV = "CONTROLPLANE_API_TOKEN"
 
 
-def client_options(command: F) -> F:
-    command = click.option(
-        "--json", "as_json", is_flag=True, help="Print the API's JSON reply, for scripts."
-    )(command)
+def api_option(command: F) -> F:
     return click.option(
         "--api",
         "api_url",
@@ -34,8 +34,15 @@ def client_options(command: F) -> F:
     )(command)
 
 
-def _client(api_url: str) -> ApiClient:
-    return ApiClient(api_url, os.environ.get(TOKEN_ENV) or None)
+def client_options(command: F) -> F:
+    command = click.option(
+        "--json", "as_json", is_flag=True, help="Print the API's JSON reply, for scripts."
+    )(command)
+    return api_option(command)
+
+
+def _client(api_url: str, timeout: float = 30.0) -> ApiClient:
+    return ApiClient(api_url, os.environ.get(TOKEN_ENV) or None, timeout)
 
 
 def _call(api_url: str, method: str, path: str, body: object = None, **query: str) -> Any:
@@ -389,4 +396,166 @@ def problems(api_url: str, as_json: bool) -> None:
     click.echo(json.dumps(reply, indent=2) if as_json else problems_text(reply))
 
 
-COMMANDS = (services, problems, algorithm, health, weight, drain, undrain)
+class Caller(Protocol):
+    """What `top` asks of the API (ApiClient; a fake in tests)."""
+
+    def call(self, method: str, path: str) -> Any: ...
+
+
+TOP_FIGURES = ("REQ/S", "2XX", "4XX", "5XX", "CONN ERR", "P50", "P95", "P99")
+NO_FIGURES = (
+    "no traffic figures: nothing reported in the last minute, or the controller runs with "
+    "--no-stats"
+)
+
+
+def traffic_cells(traffic: dict[str, Any] | None) -> tuple[str, ...]:
+    """TOP_FIGURES of an API traffic object: requests per second over 10 s, the rest over
+    the last minute; dashes for none."""
+    if traffic is None:
+        return ("-",) * len(TOP_FIGURES)
+    requests = traffic["requests"]
+    return (
+        f"{traffic['rps_10s']:.1f}",
+        str(requests["2xx"]),
+        str(requests["4xx"]),
+        str(requests["5xx"]),
+        str(traffic["connect_errors"]),
+        _latency(traffic["p50_ms"]),
+        _latency(traffic["p95_ms"]),
+        _latency(traffic["p99_ms"]),
+    )
+
+
+def _up(service: dict[str, Any]) -> str:
+    backends = service["backends"]
+    return f"{sum(b['state'] == 'up' for b in backends)}/{len(backends)} up"
+
+
+def top_text(api: Caller, service: str | None) -> str:
+    """One screen of `top`: each service's figures, or with `service`, the service's and
+    each of its backends' (one row per network it is on)."""
+    if service is None:
+        services = api.call("GET", "/api/v1/services")["services"]
+        lines = [
+            table(
+                ("SERVICE", *TOP_FIGURES, "STATE"),
+                [(s["name"], *traffic_cells(s["traffic"]), _up(s)) for s in services],
+            )
+            if services
+            else "no services"
+        ]
+        if services and all(s["traffic"] is None for s in services):
+            lines.append(NO_FIGURES)
+        return "\n".join(lines)
+    found = api.call("GET", f"/api/v1/services/{service}")
+    whole = dict(zip(TOP_FIGURES, traffic_cells(found["traffic"]), strict=True))
+    lines = [
+        f"service {found['name']}: {_up(found)}; "
+        + ", ".join(f"{name.lower()} {value}" for name, value in whole.items())
+    ]
+    backends = found["backends"]
+    if backends:
+        lines.append(
+            table(
+                ("CONTAINER", "NETWORK", "ADDRESS", *TOP_FIGURES, "STATE"),
+                [
+                    (
+                        b["name"],
+                        b["network"],
+                        _address(b),
+                        *traffic_cells(b["traffic"]),
+                        b["state"],
+                    )
+                    for b in backends
+                ],
+            )
+        )
+    if found["traffic"] is None and all(b["traffic"] is None for b in backends):
+        lines.append(NO_FIGURES)
+    return "\n".join(lines)
+
+
+def _address(backend: dict[str, Any]) -> str:
+    ip = backend["ip"]
+    return f"[{ip}]:{backend['port']}" if ":" in ip else f"{ip}:{backend['port']}"
+
+
+CLEAR = "\x1b[H\x1b[2J"
+"""Cursor home, then clear the screen: each frame is drawn from the top."""
+
+
+def watch(
+    first: str,
+    frame: Callable[[], str],
+    interval: float,
+    out: TextIO,
+    sleep: Callable[[float], None] = time.sleep,
+    size: Callable[[], os.terminal_size] = shutil.get_terminal_size,
+) -> None:
+    """Draws `first`, then a new frame every `interval` seconds until Ctrl-C, each cut to the
+    terminal so it never scrolls."""
+    text = first
+    try:
+        while True:
+            started = time.monotonic()
+            columns, rows = size()
+            lines = [line[:columns] for line in text.splitlines()[: max(1, rows - 1)]]
+            out.write(CLEAR + "\n".join(lines) + "\n")
+            out.flush()
+            sleep(max(0.0, interval - (time.monotonic() - started)))
+            text = frame()
+    except KeyboardInterrupt:
+        return
+
+
+def _on_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _top_header(service: str | None, interval: float) -> str:
+    scope = f"service {service}" if service else "every service"
+    return (
+        f"controlplane top: {scope}, every {interval:g}s, {time.strftime('%H:%M:%S')} "
+        "(req/s over 10 s, the rest over 1 min)"
+    )
+
+
+@click.command()
+@click.argument("service", required=False)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option("--once", is_flag=True, help="Print one screen and exit (also when not a TTY).")
+@api_option
+def top(service: str | None, interval: float, once: bool, api_url: str) -> None:
+    """Live traffic per service, or per backend of SERVICE: requests per second, status
+    classes, connect errors and response times, as nginx reports them. Redraws every
+    --interval on a terminal; Ctrl-C exits."""
+    api = _client(api_url, timeout=max(5.0, interval))
+
+    def screen() -> str:
+        return _top_header(service, interval) + "\n" + top_text(api, service)
+
+    try:
+        first = screen()
+    except ControlPlaneError as error:
+        raise click.ClickException(str(error)) from error
+    if once or not _on_terminal():
+        click.echo(first)
+        return
+
+    def frame() -> str:
+        try:
+            return screen()
+        except ControlPlaneError as error:
+            return f"{_top_header(service, interval)}\n{error}\n(trying again every {interval:g}s)"
+
+    watch(first, frame, interval, sys.stdout)
+
+
+COMMANDS = (services, problems, algorithm, health, weight, drain, undrain, top)

@@ -1,18 +1,25 @@
-"""The CLI's API commands against a real HTTP server on loopback (waitress, port 0)."""
+"""The CLI's API commands against a real HTTP server on loopback (waitress, port 0); `top`
+against a fake API too."""
 
 from __future__ import annotations
 
 import http.server
+import io
 import json
+import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
+from controlplane import cli_client
 from controlplane.api.server import ApiServer
+from controlplane.api_client import ApiClientError
 from controlplane.cli import main
+from controlplane.cli_client import CLEAR, NO_FIGURES, TOP_FIGURES, top_text, watch
 from controlplane.core import labels as L
 from controlplane.errors import ControlPlaneError
 from tests.support.ports import free_port
@@ -266,3 +273,182 @@ def test_health_errors_say_what_to_do(served: tuple[ApiHarness, str]) -> None:
     assert api.store.current.health == {}
     created = cli(url, "health", "api", "--mode", "tcp", "--create")
     assert created.exit_code == 0 and "no backend yet" in created.output
+
+
+def traffic(rps: float, two_xx: int, five_xx: int = 0, p50: float | None = 1.19) -> dict[str, Any]:
+    return {
+        "rps_10s": rps,
+        "rps_1m": rps,
+        "requests": {"1xx": 0, "2xx": two_xx, "3xx": 0, "4xx": 2, "5xx": five_xx},
+        "connect_errors": 1,
+        "p50_ms": p50,
+        "p95_ms": None if p50 is None else 4.757,
+        "p99_ms": None if p50 is None else 152.2,
+        "bytes_sent": 0,
+        "bytes_received": 0,
+        "per_second": [0] * 60,
+    }
+
+
+def backend(
+    name: str, ip: str, figures: dict[str, Any] | None, state: str = "up"
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "network": "app",
+        "ip": ip,
+        "port": 80,
+        "state": state,
+        "traffic": figures,
+    }
+
+
+WEB_SERVICE = {
+    "name": "web",
+    "traffic": traffic(12.34, 700, 3),
+    "backends": [
+        backend("w1", "172.20.0.2", traffic(6.2, 350)),
+        backend("w2", "fd00::3", traffic(6.1, 350, 3, p50=None), state="draining"),
+    ],
+}
+
+
+class FakeApi:
+    """The API as `top` calls it: canned replies by path, each call recorded."""
+
+    def __init__(self, replies: dict[str, Any]) -> None:
+        self.replies = replies
+        self.calls: list[str] = []
+
+    def call(self, method: str, path: str) -> Any:
+        assert method == "GET"
+        self.calls.append(path)
+        found = self.replies[path]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+
+def cells(text: str) -> list[list[str]]:
+    return [re.split(r"\s{2,}", line) for line in text.splitlines()]
+
+
+def test_top_shows_each_service() -> None:
+    quiet = {"name": "api", "traffic": None, "backends": [backend("a1", "172.20.0.9", None)]}
+    api = FakeApi({"/api/v1/services": {"services": [quiet, WEB_SERVICE]}})
+    assert cells(top_text(api, None)) == [
+        ["SERVICE", "REQ/S", "2XX", "4XX", "5XX", "CONN ERR", "P50", "P95", "P99", "STATE"],
+        ["api", "-", "-", "-", "-", "-", "-", "-", "-", "1/1 up"],
+        ["web", "12.3", "700", "2", "3", "1", "1.19ms", "4.76ms", "152ms", "1/2 up"],
+    ]
+    assert api.calls == ["/api/v1/services"]
+
+
+def test_top_of_a_service_shows_each_backend() -> None:
+    api = FakeApi({"/api/v1/services/web": WEB_SERVICE})
+    lines = top_text(api, "web").splitlines()
+    assert lines[0] == (
+        "service web: 1/2 up; req/s 12.3, 2xx 700, 4xx 2, 5xx 3, conn err 1, p50 1.19ms, "
+        "p95 4.76ms, p99 152ms"
+    )
+    assert cells("\n".join(lines[1:])) == [
+        ["CONTAINER", "NETWORK", "ADDRESS", *TOP_FIGURES, "STATE"],
+        [
+            "w1",
+            "app",
+            "172.20.0.2:80",
+            "6.2",
+            "350",
+            "2",
+            "0",
+            "1",
+            "1.19ms",
+            "4.76ms",
+            "152ms",
+            "up",
+        ],
+        ["w2", "app", "[fd00::3]:80", "6.1", "350", "2", "3", "1", "-", "-", "-", "draining"],
+    ]
+
+
+def test_top_says_when_there_are_no_figures() -> None:
+    quiet = {"name": "api", "traffic": None, "backends": [backend("a1", "172.20.0.9", None)]}
+    api = FakeApi({"/api/v1/services": {"services": [quiet]}, "/api/v1/services/api": quiet})
+    assert top_text(api, None).splitlines()[-1] == NO_FIGURES
+    assert top_text(api, "api").splitlines()[-1] == NO_FIGURES
+    assert top_text(FakeApi({"/api/v1/services": {"services": []}}), None) == "no services"
+
+
+def test_top_once_and_when_not_a_tty_prints_one_screen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    api = FakeApi({"/api/v1/services/web": WEB_SERVICE})
+    monkeypatch.setattr(cli_client, "_client", lambda url, timeout: api)
+    for args in (["top", "web", "--once"], ["top", "web", "--interval", "0.5"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert re.fullmatch(
+            r"controlplane top: service web, every \S+s, \d\d:\d\d:\d\d .*", lines[0]
+        )
+        assert lines[1].startswith("service web: 1/2 up; req/s 12.3")
+        assert "\x1b" not in result.output
+    assert api.calls == ["/api/v1/services/web"] * 2
+
+
+def test_top_against_the_api_says_what_is_wrong(served: tuple[ApiHarness, str]) -> None:
+    _, url = served
+    result = cli(url, "top", "--once")
+    assert result.exit_code == 0, result.output
+    assert cells(result.output)[2] == ["web", *["-"] * 8, "2/2 up"]
+    assert result.output.splitlines()[-1] == NO_FIGURES
+    unknown = cli(url, "top", "nope")
+    assert unknown.exit_code == 1 and "no service nope" in unknown.output
+    gone = cli(f"http://127.0.0.1:{free_port()}", "top")
+    assert gone.exit_code == 1 and "no controlplane API answers" in gone.output
+
+
+def test_watch_redraws_each_interval_cut_to_the_terminal_until_ctrl_c() -> None:
+    frames = iter(["second\nrow", "third"])
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 3:
+            raise KeyboardInterrupt
+
+    out = io.StringIO()
+    watch(
+        "first line that is long\n2\n3\n4",
+        lambda: next(frames),
+        1.0,
+        out,
+        sleep,
+        lambda: os.terminal_size((10, 3)),
+    )
+    assert out.getvalue() == (
+        f"{CLEAR}first line\n2\n" + f"{CLEAR}second\nrow\n" + f"{CLEAR}third\n"
+    )
+    assert len(slept) == 3 and all(0.9 < s <= 1.0 for s in slept)
+
+
+def test_top_keeps_polling_through_an_api_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal a failed poll is shown in place of the table, and the next one is tried."""
+    api = FakeApi({"/api/v1/services": {"services": [WEB_SERVICE]}})
+    drawn: list[str] = []
+
+    def fake_watch(first: str, frame: Callable[[], str], *_: object) -> None:
+        drawn.append(first)
+        api.replies["/api/v1/services"] = ApiClientError("no controlplane API answers at x")
+        drawn.append(frame())
+
+    monkeypatch.setattr(cli_client, "_client", lambda url, timeout: api)
+    monkeypatch.setattr(cli_client, "watch", fake_watch)
+    monkeypatch.setattr(cli_client, "_on_terminal", lambda: True)
+    result = CliRunner().invoke(main, ["top"])
+    assert result.exit_code == 0, result.output
+    assert "web" in drawn[0]
+    assert drawn[1].splitlines()[1:] == [
+        "no controlplane API answers at x",
+        "(trying again every 1s)",
+    ]
