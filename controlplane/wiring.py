@@ -91,6 +91,7 @@ def build_controller(settings: Settings) -> Controller:
         dns.outcomes if dns is not None else None,
         lambda: reconciler.nginx,
         stats.datagrams if stats is not None else None,
+        upstreams=stats.totals if stats is not None else None,
     )
     health = HealthEvents(activity, lambda: reconciler.snapshot, source.known)
     reconciler.on_report.extend([health.on_report, activity.on_report, metrics.on_report])
