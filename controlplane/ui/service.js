@@ -14,6 +14,7 @@ import {
   sparkline,
   syncRows,
   timeEl,
+  total,
 } from "./dom.js";
 import { eventRows, nginxWord, table } from "./parts.js";
 
@@ -281,7 +282,13 @@ export function servicePage(name, app) {
         ),
       );
       const traffic = b.traffic;
-      fill(rps, rate(traffic));
+      fill(
+        rps,
+        rate(traffic),
+        traffic
+          ? h("div", { class: "hint nowrap" }, `${total(traffic.requests)} in 1 min`)
+          : null,
+      );
       fill(
         errors,
         traffic ? String(traffic.requests?.["5xx"] || 0) : NONE,

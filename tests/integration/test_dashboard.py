@@ -7,8 +7,10 @@ or $CONTROLPLANE_ARTIFACTS/dashboard) for a person to look at."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -241,6 +243,55 @@ def test_draining_in_the_page_takes_the_backend_out_and_the_page_follows_the_api
     expect(other).to_be_focused()
     expect(other).to_have_value("7")
     assert console.unexpected(401, 422) == []
+
+
+def test_the_page_counts_what_was_sent_through_nginx(
+    stack: Stack,
+    page: Page,
+    http_for: type[Http],
+    request: pytest.FixtureRequest,
+) -> None:
+    """300 requests through nginx: each backend's count on the page and in the API is what
+    the clients got from it, within 10% (issue 17)."""
+    console = Console(page)
+    time.sleep(1.5)  # what settling sent is reported by then; it is counted below
+    before = backend_counts(stack)
+    sent = http_for(stack.port).bodies("web", 300)
+    assert sum(sent.values()) == 300
+    open_service(page, stack)
+    for name, count in sent.items():
+        wanted = before.get(name, 0) + count
+        wait_until(
+            lambda n=name, w=wanted: backend_counts(stack).get(n, 0) >= w * 0.9,
+            what=f"{name}'s requests in the API",
+        )
+        got = backend_counts(stack)[name] - before.get(name, 0)
+        assert abs(got - count) <= count * 0.1, (name, got, count)
+        shown = backend_row(page, name).locator("td").nth(5)
+        expect(shown).to_contain_text(re.compile(r"\d+ in 1 min"))
+        wait_until(
+            lambda n=name, c=count: page_count(page, n) >= before.get(n, 0) + c * 0.9,
+            what=f"{name}'s requests on the page",
+        )
+        assert abs(page_count(page, name) - before.get(name, 0) - count) <= count * 0.1
+    shot(page, request, "service-traffic")
+    assert console.unexpected() == []
+
+
+def backend_counts(stack: Stack) -> dict[str, int]:
+    """Requests per backend over the last minute, as the API says."""
+    reply = httpx.get(f"{stack.url}/api/v1/services/web", timeout=10).json()
+    return {
+        b["name"]: sum(b["traffic"]["requests"].values())
+        for b in reply["backends"]
+        if b["traffic"] is not None
+    }
+
+
+def page_count(page: Page, name: str) -> int:
+    text = backend_row(page, name).locator("td").nth(5).inner_text()
+    found = re.search(r"(\d+) in 1 min", text)
+    return int(found.group(1)) if found else 0
 
 
 HOSTILE_ALIAS = "<img src=x onerror=alert(1)>"
