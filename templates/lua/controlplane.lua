@@ -1274,14 +1274,13 @@ end
 local function record(st)
     local svc, n = st.svc, st.n
     local last = st[n] -- nil when no peer was picked (a denial, or busy at once)
+    local judged = last and not st.busy and last.max_fails > 0
+    local status = (judged or stats) and ngx.status -- the client's
     if last then
         -- the answer is the last try's (or nginx's 502/504 for its connect error or timeout);
         -- after a busy pick it is nginx's own 502, not this peer's
-        if not st.busy and last.max_fails > 0 then
-            local status = ngx.status
-            if status == 502 or status == 503 or status == 504 then
-                failed(svc, last)
-            end
+        if judged and (status == 502 or status == 503 or status == 504) then
+            failed(svc, last)
         end
         if st.held then
             release(last)
@@ -1351,7 +1350,7 @@ local function record(st)
         if st.busy then -- nginx's own 502 came after the tries
             answered, refused = false, false
         end
-        count_request(svc, ngx.status, answered and rtt, refused, answered and last.tv)
+        count_request(svc, status, answered and rtt, refused, answered and last.tv)
     end
 end
 
