@@ -5,8 +5,11 @@ backends, which a second nginx answers on loopback. `wrk -t1 -c20` (keep-alive) 
 each path in turn, the order rotating every round, so a noisy machine weighs on all alike; for
 each run, requests/s and the proxy nginx's CPU time per request (master and workers, from
 /proc). Optional rows: the three Lua phases doing nothing but pick one of the two backends
-(`--floor`: what having the phases costs at all), and the Lua path of another revision of
-templates/lua/controlplane.lua in a proxy of its own (`--against REV`).
+(`--floor`: what having the phases costs at all), the Lua path of another revision of
+templates/lua/controlplane.lua in a proxy of its own (`--against REV`), and the Lua path
+counting traffic figures and sending them every second to a UDP socket of this process
+(`--stats`, in a proxy of its own: configure's `stats` is per nginx), with its ratio to the
+Lua path without them.
 
 `--idle-polls 0.001,0.002,0.005` measures the loader instead: an idle nginx (1 worker) per
 interval, all at once, over a base of 1,000 services x 10 backends and a delta of one, none
@@ -14,7 +17,8 @@ of which changes: the worker's CPU time per second, each poll reading the first 
 files. One with a poll of an hour is the baseline. Run:
 
     .venv/bin/python bench/lua_cost.py [--rounds 5] [--seconds 5] [--workers 2] [--floor]
-        [--against REV] [--method round_robin] [--idle-polls 0.001,0.005 --idle-seconds 30]
+        [--against REV] [--stats] [--method round_robin]
+        [--idle-polls 0.001,0.005 --idle-seconds 30]
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ import argparse
 import operator
 import os
 import re
+import secrets
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line, percentile, table
-from tests.support.lua_nginx import LuaNginx, Peer, service_json
-from tests.support.ports import free_port
+from tests.support.lua_nginx import LUA_SOURCE, LuaNginx, Peer, service_json
+from tests.support.ports import LOOPBACK, free_port
 
 FLOOR = """\
     upstream floor {
@@ -59,6 +66,18 @@ FLOOR = """\
     }"""
 """The three phases with no work of controlplane's: a random one of the two backends."""
 HOUR = 3600.0
+STATS_ROW = "Lua, traffic figures on"
+WITH_STATS = """\
+local M = (function()
+%(source)s
+end)()
+local configure = M.configure
+function M.configure(opts)
+    opts.stats = {host = "%(host)s", port = %(port)d, tag = "%(tag)s"}
+    return configure(opts)
+end
+return M"""
+"""The balancer's source with configure given `stats`, as the rendered config does."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +138,32 @@ def measure(target: Target, seconds: int, runs: Runs) -> None:
     )
 
 
+class Sink:
+    """The controller's listener, as far as nginx can tell: a UDP socket on loopback, read
+    (and counted) by a thread."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind((LOOPBACK, 0))
+        self.port: int = self.socket.getsockname()[1]
+        self.tag = secrets.token_hex(12)
+        self.datagrams = self.bytes = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.socket.recv(65536)
+            except OSError:
+                return
+            self.datagrams += 1
+            self.bytes += len(data)
+
+    def source(self) -> str:
+        source = LUA_SOURCE.read_text(encoding="utf-8")
+        return WITH_STATS % {"source": source, "host": LOOPBACK, "port": self.port, "tag": self.tag}
+
+
 def turns(targets: Sequence[Target], rounds: int) -> Iterator[tuple[int, Target]]:
     """Each round gives every path a turn; the order rotates, so none always goes first."""
     for r in range(rounds):
@@ -137,7 +182,9 @@ def source_at(revision: str) -> str:
     ).stdout
 
 
-def report(results: dict[str, Runs], args: argparse.Namespace, load: float) -> None:
+def report(
+    results: dict[str, Runs], args: argparse.Namespace, load: float, sink: Sink | None
+) -> None:
     """Each path beside the native upstream by the medians of its rounds' ratios and
     differences: a round's turns run within seconds of each other, so the machine's drift
     between rounds cancels."""
@@ -158,6 +205,15 @@ def report(results: dict[str, Runs], args: argparse.Namespace, load: float) -> N
     header = ("path", "req/s p50", "req/s p99", "CPU us/req p50", "CPU p99",
               "req/s / native's", "CPU - native's, us", "errors")  # fmt: skip
     print(table(rows, header))
+    if sink is not None:
+        on, off = results[STATS_ROW], results["Lua"]
+        ratio = statistics.median(map(operator.truediv, on.rates, off.rates))
+        added = statistics.median(map(operator.sub, on.cpu_us, off.cpu_us))
+        print(
+            f"traffic figures on / off: {ratio:.3f}x requests/s, {added:+.2f} us CPU per "
+            f"request (medians of the rounds'); {sink.datagrams:,} datagrams, "
+            f"{sink.bytes:,} bytes received in all"
+        )
     print(
         f"{args.rounds} rounds of wrk -t1 -c20 -d{args.seconds}s per path, turns rotating; the "
         f"proxy nginx: {args.workers} workers, {args.method} over 2 backends in another nginx; "
@@ -211,6 +267,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="the proxy nginx's workers")
     parser.add_argument("--floor", action="store_true", help="add the do-nothing Lua phases")
     parser.add_argument("--against", help="a git revision whose Lua runs side by side")
+    parser.add_argument("--stats", action="store_true", help="add the Lua path with stats on")
     parser.add_argument("--method", default="round_robin")
     parser.add_argument("--idle-polls", help="poll intervals (s), comma-separated")
     parser.add_argument("--idle-seconds", type=int, default=30)
@@ -238,7 +295,7 @@ def main() -> None:
             return nginx
 
         try:
-            for name in ("backends", "proxy", "against"):
+            for name in ("backends", "proxy", "against", "stats"):
                 Path(tmp, name).mkdir()
             start(LuaNginx(Path(tmp, "backends"), ports, plain_stubs=True, workers=1))
             ours = proxy("proxy", [FLOOR % {"a": ports[0], "b": ports[1]}] if args.floor else [])
@@ -248,6 +305,9 @@ def main() -> None:
             if args.against:
                 theirs = proxy("against", source=source_at(args.against))
                 targets.append(Target(f"Lua at {args.against}", theirs, "web"))
+            sink = Sink() if args.stats else None
+            if sink is not None:
+                targets.append(Target(STATS_ROW, proxy("stats", source=sink.source()), "web"))
             for target in targets:
                 reply = target.proxy.get(target.host)
                 if reply.status != 200:
@@ -260,7 +320,7 @@ def main() -> None:
         finally:
             for nginx in started:
                 nginx.stop()
-    report(results, args, load)
+    report(results, args, load, sink)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@
 --   x:<svc>                 until when some peer of the service may be ejected
 --   c:|f:|e:|w:<svc>|<addr>|<container>  per peer: in flight (where a method or max_conns
 --                           reads it), failures, ejected, EWMA (its time in the flags)
+--
+-- Traffic figures (issue 17), when configure is given `stats`: each worker counts in plain
+-- tables of its own (nothing shared is written a request) and sends its counts, cumulative
+-- since it started, to the controller's UDP listener every second (see send_figures).
 
 local balancer = require "ngx.balancer"
 local cjson = require "cjson.safe"
@@ -40,9 +44,11 @@ local crc32 = ngx.crc32_long
 local clock_now = ngx.now
 local byte, char, sub, find, match, gmatch, format =
     string.byte, string.char, string.sub, string.find, string.match, string.gmatch, string.format
-local floor, exp, random, min, max = math.floor, math.exp, math.random, math.min, math.max
+local floor, ceil, exp, ln, random, min, max =
+    math.floor, math.ceil, math.exp, math.log, math.random, math.min, math.max
 local concat, sort = table.concat, table.sort
-local type, tostring, tonumber, pairs, ipairs, pcall = type, tostring, tonumber, pairs, ipairs, pcall
+local type, tostring, tonumber, pairs, ipairs, next, pcall =
+    type, tostring, tonumber, pairs, ipairs, next, pcall
 local null = cjson.null
 local cast, uintptr = ffi.cast, ffi.typeof("uintptr_t")
 
@@ -78,6 +84,7 @@ local requests = {}
 local loaded_here = false -- per worker: it had the state loaded itself once (first_load)
 local cand, cand_n = {}, {} -- per worker scratch for least_conn (nothing yields while used)
 local stamp = 0 -- per worker: marks the peers a consistent hash walk has already seen
+local stats -- configure's `stats` {host, port, tag, peer}; nil: nothing counted nor sent
 
 -- Validation ------------------------------------------------------------------------------
 
@@ -812,6 +819,211 @@ local function release(p)
     end
 end
 
+-- Traffic figures -------------------------------------------------------------------------
+-- A count vector per service and per (service, peer address), laid out as core.traffic's
+-- VECTOR: [1..5] by status class, [6] connect errors, [7] bytes sent to clients, [8] bytes
+-- received from them, [9 + i] response-time bucket i. What each counts:
+--   a peer's: each try at it, by the status it answered ($upstream_status), or as a connect
+--     error (a 502 or 504 whose $upstream_connect_time is "-": refused, unreachable, timed
+--     out), which has no status class; the try's $upstream_response_time in its bucket when it
+--     answered; and the bytes of the requests whose answer it gave (the last try's).
+--   the service's (addr ""): each request once, by the status the client got ($status), its
+--     denials (503 no live backend, bad data) included; as a connect error when its last
+--     try's connect failed; its bytes ($bytes_sent, $request_length); the last try's upstream
+--     response time when that try answered (as the reload data plane's log line gives it).
+-- Each vector is cached on the peer (p.tv) and the service (svc.tv), so a request finds its
+-- vectors with no string made; one forgotten after IDLE is `gone`, and made again when used,
+-- from 0 (the controller takes counts that went down for a new start: core.traffic.Cumulative).
+
+local CONNECT_ERRORS, SENT, RECEIVED, BUCKET0 = 6, 7, 8, 9
+local VECTOR = 41 -- core.traffic.VECTOR
+local BASE = 0.0005 -- seconds: the top of bucket 0 (core.traffic.BASE)
+local TOP_BUCKET = 32
+local HALF_STEPS = 2 / ln(2) -- a bucket spans a factor of sqrt(2)
+local FULL_EVERY = 10 -- every tenth send has every key, the others only those that changed
+local IDLE = 600 -- seconds: a key unchanged this long is forgotten (bounded memory and sends)
+local DATAGRAM = 1400 -- bytes at most: no IP fragmentation on any usual link
+local ERROR_EVERY = 60 -- seconds: a failed send is logged at most this often
+local figures = {} -- per worker: service name -> {[""] = its vector, [addr] = a peer's}
+local vectors, vectors_n = {}, 0 -- per worker: every vector, in the order made
+local sends, seq, last_error, pid = 0, 0, nil, nil -- per worker
+
+-- core.traffic.bucket (log2 there: its 1e-9 makes both agree on a bucket's very edge)
+local function bucket(t)
+    if t <= BASE then
+        return 0
+    end
+    local b = ceil(ln(t / BASE) * HALF_STEPS - 1e-9)
+    return b < TOP_BUCKET and b or TOP_BUCKET
+end
+
+local function vector(name, addr)
+    local by = figures[name]
+    if not by then
+        by = {}
+        figures[name] = by
+    end
+    local v = by[addr]
+    if not v then
+        v = { name = name, addr = addr, prefix = name .. " " .. (addr == "" and "-" or addr) .. " ",
+            dirty = false, gone = false, at = clock_now() }
+        for i = 1, VECTOR do
+            v[i] = 0
+        end
+        by[addr] = v
+        vectors_n = vectors_n + 1
+        vectors[vectors_n] = v
+    end
+    return v
+end
+
+local function peer_vector(svc, p)
+    local v = p.tv
+    if not v or v.gone then
+        v = vector(svc.name, p.addr)
+        p.tv = v
+    end
+    return v
+end
+
+-- Whether the i-th entry of a ", "-separated nginx list is "-".
+local function nth_is_dash(list, i)
+    local pos = 1
+    for _ = 2, i do
+        pos = find(list, ",", pos, true)
+        if not pos then
+            return false
+        end
+        pos = pos + 1
+    end
+    local c = byte(list, pos)
+    while c == 32 do
+        pos = pos + 1
+        c = byte(list, pos)
+    end
+    return c == 45
+end
+
+-- The request once, at its service; and its bytes at `peer`'s vector, the peer that answered.
+local function count_request(svc, status, rtt, refused, peer)
+    local v = svc.tv
+    if not v or v.gone then
+        v = vector(svc.name, "")
+        svc.tv = v
+    end
+    local sent = tonumber(ngx_var.bytes_sent) or 0
+    local received = tonumber(ngx_var.request_length) or 0
+    if status >= 100 and status <= 599 then
+        local class = floor(status / 100)
+        v[class] = v[class] + 1
+        if rtt then
+            local b = BUCKET0 + bucket(rtt)
+            v[b] = v[b] + 1
+        end
+    end
+    if refused then
+        v[CONNECT_ERRORS] = v[CONNECT_ERRORS] + 1
+    end
+    v[SENT], v[RECEIVED], v.dirty = v[SENT] + sent, v[RECEIVED] + received, true
+    if peer then
+        peer[SENT], peer[RECEIVED] = peer[SENT] + sent, peer[RECEIVED] + received
+    end
+end
+
+-- Each vector's line: `<service> <addr or -> <8 counts> <buckets>`, buckets "-" or
+-- "index:count" pairs joined by ",".
+local function figure_line(v)
+    local buckets, k = {}, 0
+    for i = 0, TOP_BUCKET do
+        local n = v[BUCKET0 + i]
+        if n > 0 then
+            k = k + 1
+            buckets[k] = format("%d:%d", i, n)
+        end
+    end
+    return format("%s%d %d %d %d %d %d %d %d %s", v.prefix, v[1], v[2], v[3], v[4], v[5],
+        v[6], v[7], v[8], k > 0 and concat(buckets, ",") or "-")
+end
+
+local function forget_idle(now)
+    local kept, k = {}, 0
+    for i = 1, vectors_n do
+        local v = vectors[i]
+        if now - v.at < IDLE then
+            k = k + 1
+            kept[k] = v
+        else
+            v.gone = true
+            local by = figures[v.name]
+            by[v.addr] = nil
+            if next(by) == nil then
+                figures[v.name] = nil
+            end
+        end
+    end
+    vectors, vectors_n = kept, k
+end
+
+-- One send: the vectors that changed since the last (every one each FULL_EVERY sends, and
+-- at the worker's exit, `last`), as datagrams of at most DATAGRAM bytes, each headed
+-- `cp-stats 1 <tag> <worker pid> <seq>` (seq counts the worker's datagrams, so a listener
+-- can tell one lost). Returns an error, or nil.
+local function send_figures(last)
+    sends = sends + 1
+    local full = last or sends % FULL_EVERY == 0
+    local now = clock_now()
+    local lines, m = {}, 0
+    for i = 1, vectors_n do
+        local v = vectors[i]
+        if v.dirty then
+            v.at = now
+        end
+        if full or v.dirty then
+            m = m + 1
+            lines[m] = figure_line(v)
+            v.dirty = false
+        end
+    end
+    if sends % 60 == 0 then
+        forget_idle(now)
+    end
+    if m == 0 then
+        return nil
+    end
+    local sock = ngx.socket.udp()
+    local ok, err = sock:setpeername(stats.peer, stats.port)
+    local i = 1
+    while ok and i <= m do
+        seq = seq + 1
+        local parts = { format("cp-stats 1 %s %d %d", stats.tag, pid, seq) }
+        local size, k = #parts[1], 1
+        while i <= m and size + 1 + #lines[i] <= DATAGRAM do
+            k = k + 1
+            parts[k] = lines[i]
+            size = size + 1 + #lines[i]
+            i = i + 1
+        end
+        ok, err = sock:send(concat(parts, "\n"))
+    end
+    sock:close()
+    return err
+end
+
+-- The flush timer (every second; `premature`: the worker exits, a reload or a stop).
+local function flush(premature)
+    local ok, err = pcall(send_figures, premature)
+    if ok and not err then
+        return
+    end
+    local now = clock_now()
+    if not last_error or now - last_error >= ERROR_EVERY then
+        last_error = now
+        log(WARN, "controlplane: traffic figures not sent to ", stats.host, " port ", stats.port,
+            ": ", err, "; routing is not affected, and the counts go with the next send",
+            " (said at most once a minute)")
+    end
+end
+
 -- Entry points --------------------------------------------------------------------------
 
 -- nginx's request, as a number a table is keyed by
@@ -850,6 +1062,23 @@ local function configure_error(opts)
     end
 end
 
+-- `stats`: where the traffic figures go ({host = IP address, port, tag}), as the controller
+-- writes it; nil when it is fine.
+local function stats_error(s)
+    if type(s) ~= "table" then
+        return "stats must be a table {host = ..., port = ..., tag = ...}"
+    end
+    if type(s.host) ~= "string" or not (ipv4(s.host) or ipv6(s.host)) then
+        return "stats.host must be an IP address"
+    end
+    if not integer(s.port, 1, 65535) then
+        return "stats.port must be an integer 1-65535"
+    end
+    if type(s.tag) ~= "string" or #s.tag < 16 or #s.tag > 32 or not match(s.tag, "^%w+$") then
+        return "stats.tag must be 16-32 letters and digits"
+    end
+end
+
 function M.configure(opts)
     local why = configure_error(opts)
     if why then
@@ -862,6 +1091,20 @@ function M.configure(opts)
     }
     dict = ngx.shared[opts.dict]
     routes = ngx.shared[opts.routes]
+    stats = nil
+    if opts.stats ~= nil then
+        why = stats_error(opts.stats)
+        if why then
+            log(ERR, "controlplane: configure: ", why, "; no traffic figures are sent (routing",
+                " is not affected)")
+            return
+        end
+        local host = opts.stats.host
+        stats = {
+            host = host, port = opts.stats.port, tag = opts.stats.tag,
+            peer = find(host, ":", 1, true) and "[" .. host .. "]" or host, -- as nginx parses it
+        }
+    end
 end
 
 local load_once -- the loader, defined below
@@ -951,6 +1194,9 @@ function M.route()
     end
     local why = hit.deny
     if why then
+        if stats and why ~= "host" then -- counted at the service (hit.name is one)
+            requests[request_key()] = { svc = hit, n = 0, busy = false, held = false }
+        end
         return deny(hit.name, why)
     end
     -- every field a request may set, made at once (a table grown field by field costs more
@@ -1027,39 +1273,84 @@ end
 
 local function record(st)
     local svc, n = st.svc, st.n
-    local last = st[n]
-    -- the answer is the last try's (or nginx's 502/504 for its connect error or timeout);
-    -- after a busy pick it is nginx's own 502, not this peer's
-    if not st.busy and last.max_fails > 0 then
-        local status = ngx.status
-        if status == 502 or status == 503 or status == 504 then
+    local last = st[n] -- nil when no peer was picked (a denial, or busy at once)
+    local judged = last and not st.busy and last.max_fails > 0
+    local status = (judged or stats) and ngx.status -- the client's
+    if last then
+        -- the answer is the last try's (or nginx's 502/504 for its connect error or timeout);
+        -- after a busy pick it is nginx's own 502, not this peer's
+        if judged and (status == 502 or status == 503 or status == 504) then
             failed(svc, last)
         end
-    end
-    if st.held then
-        release(last)
-    end
-    if svc.method == "least_time" then
-        -- "0.012" or, after retries, "0.001, 0.012": split with find (gmatch stops the JIT)
-        local times, t = ngx_var.upstream_response_time or "", clock_now()
-        local pos, i = 1, 0
-        while pos <= #times do
-            local stop = find(times, ",", pos, true) or #times + 1
-            i = i + 1
-            local rtt, p = tonumber(sub(times, pos, stop - 1)), st[i]
-            pos = stop + 1
-            if rtt and p then
-                local e, at = dict:get(p.wkey)
-                local age = since(at, t)
-                if e and age then
-                    local w = exp(-age / DECAY)
-                    e = e * w + rtt * (1 - w)
-                else
-                    e = rtt
-                end
-                dict:set(p.wkey, e, EWMA_TTL, sampled_at(t))
-            end
+        if st.held then
+            release(last)
         end
+    end
+    local timed = last and svc.method == "least_time"
+    if not timed and not stats then
+        return
+    end
+    -- one entry per try: "0.012" or, after retries, "0.001, 0.012" (statuses alike); split
+    -- with find (gmatch stops the JIT), each list once
+    local times = last and ngx_var.upstream_response_time or ""
+    local codes = last and stats and ngx_var.upstream_status or ""
+    local t = timed and clock_now()
+    local tpos, cpos, connects = 1, 1, nil
+    local rtt, answered, refused = nil, false, false
+    for i = 1, n do
+        rtt = nil
+        if tpos <= #times then
+            local stop = find(times, ",", tpos, true) or #times + 1
+            rtt = tonumber(sub(times, tpos, stop - 1))
+            tpos = stop + 1
+        end
+        local p = st[i]
+        if timed and rtt then
+            local e, at = dict:get(p.wkey)
+            local age = since(at, t)
+            if e and age then
+                local w = exp(-age / DECAY)
+                e = e * w + rtt * (1 - w)
+            else
+                e = rtt
+            end
+            dict:set(p.wkey, e, EWMA_TTL, sampled_at(t))
+        end
+        if stats then
+            -- the try's status: three digits, or "-" for none
+            local c = byte(codes, cpos)
+            while c == 32 do
+                cpos = cpos + 1
+                c = byte(codes, cpos)
+            end
+            local v = peer_vector(svc, p)
+            answered, refused = false, false
+            if c and c >= 49 and c <= 53 then
+                local c3 = byte(codes, cpos + 2)
+                if c == 53 and byte(codes, cpos + 1) == 48 and (c3 == 50 or c3 == 52) then
+                    connects = connects or ngx_var.upstream_connect_time or ""
+                    refused = nth_is_dash(connects, i)
+                end
+                if refused then
+                    v[CONNECT_ERRORS] = v[CONNECT_ERRORS] + 1
+                else
+                    answered = true
+                    v[c - 48] = v[c - 48] + 1
+                    if rtt then
+                        local b = BUCKET0 + bucket(rtt)
+                        v[b] = v[b] + 1
+                    end
+                end
+            end
+            v.dirty = true
+            cpos = (find(codes, ",", cpos, true) or #codes) + 1
+        end
+    end
+    if stats then
+        if st.busy then -- nginx's own 502 came after the tries
+            answered, refused = false, false
+        end
+        count_request(svc, status, answered and rtt, refused, answered and last.tv)
     end
 end
 
@@ -1071,7 +1362,7 @@ function M.record()
         return
     end
     requests[key] = nil
-    if st.n > 0 then
+    if st.n > 0 or stats then
         local ok, err = pcall(record, st)
         if not ok then
             log(ERR, "controlplane: service ", st.svc.name, ": ", err)
@@ -1436,6 +1727,13 @@ function M.init_worker()
     math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
     if not conf then
         return
+    end
+    if stats then
+        pid = ngx.worker.pid()
+        local ok, err = ngx.timer.every(1, flush)
+        if not ok then
+            log(ERR, "controlplane: cannot start sending traffic figures: ", err)
+        end
     end
     local id = ngx.worker.id()
     if id ~= nil and id ~= 0 then
