@@ -43,7 +43,7 @@ from controlplane.errors import ControlPlaneError
 
 log = logging.getLogger(__name__)
 
-Decoded = tuple[int, Sequence[tuple[Key, Sequence[int]]]]
+Decoded = tuple[str, Sequence[tuple[Key, Sequence[int]]]]
 Decoder = Callable[[bytes, str], Decoded | None]
 """(datagram, tag) -> (worker pid, [(key, cumulative vector)]), None for anything not ours."""
 

@@ -13,6 +13,7 @@ from controlplane.addresses import SocketAddress, is_loopback, parse_address
 from controlplane.api.app import create_app
 from controlplane.api.http import ApiContext
 from controlplane.api.server import ApiServer
+from controlplane.core import lua_stats
 from controlplane.core.build import build_topology
 from controlplane.core.dns_records import Zone
 from controlplane.core.render import render_config
@@ -128,7 +129,7 @@ def _stats(
         return None, None
     tag = new_tag()
     bind = parse_address(settings.stats_bind, default_port=0, any_port=True)
-    listener = StatsListener(bind, tag, allowed)
+    listener = StatsListener(bind, tag, allowed, {b"cp-stats ": lua_stats.parse})
     return listener, SinkFinder(api, listener.port, tag, settings.stats_address)
 
 
