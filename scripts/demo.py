@@ -349,8 +349,10 @@ Try:
       # {reply}
   dig @127.0.0.1 -p {dns} +short web.internal          # their addresses, from the controller
   curl http://127.0.0.1:{api}/api/v1/services
+  open http://127.0.0.1:{api}/ in a browser      # the dashboard: services, backends, traffic, live
   export CONTROLPLANE_API=http://127.0.0.1:{api} CONTROLPLANE_API_TOKEN={token}
   .venv/bin/controlplane services
+  .venv/bin/controlplane top                          # traffic per service, refreshed each second
   .venv/bin/controlplane algorithm web hash --key '$request_uri' --consistent
       # now each path always meets the same backend; try a few paths, each twice
   {sicken}
