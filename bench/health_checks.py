@@ -57,6 +57,7 @@ from controlplane.settings import Settings
 from images.build import OfflineImages, ensure_images
 from tests.support.lab import Lab, wait_until
 from tests.support.ports import free_port
+from tests.support.served import served_names
 
 PLANES = ("reload", "dynamic")
 INTERVAL, TIMEOUT, FAILS, PASSES = 0.5, 0.3, 2, 2
@@ -170,17 +171,7 @@ class Controlled:
 
     def serves(self, service: str) -> frozenset[str]:
         """The backends the controller's snapshot lets have traffic, by container name."""
-        snapshot = self.running.controller.reconciler.snapshot
-        if snapshot is None:
-            return frozenset()
-        ids = snapshot.serves.get(service, frozenset())
-        return frozenset(
-            b.container
-            for s in snapshot.topology.services
-            if s.name == service
-            for b in s.backends
-            if b.container_id in ids
-        )
+        return served_names(self.running.controller.reconciler.snapshot, service)
 
     def listed(self, service: str) -> frozenset[str] | None:
         """The addresses the controller's DNS answers for the service; None: no answer."""

@@ -19,6 +19,7 @@ from tests.integration.conftest import ControllerFactory, RunningController
 from tests.support.lab import BOTH_DATAPLANES, Http, Lab, wait_until
 from tests.support.load import Load
 from tests.support.ports import free_port
+from tests.support.served import served_names
 
 pytestmark = BOTH_DATAPLANES
 
@@ -36,17 +37,7 @@ the test: bench/health_checks.py measures the figure itself."""
 
 
 def served(controller: RunningController, service: str = "web") -> frozenset[str]:
-    snapshot = controller.controller.reconciler.snapshot
-    if snapshot is None:
-        return frozenset()
-    ids = snapshot.serves.get(service, frozenset())
-    return frozenset(
-        b.container
-        for s in snapshot.topology.services
-        if s.name == service
-        for b in s.backends
-        if b.container_id in ids
-    )
+    return served_names(controller.controller.reconciler.snapshot, service)
 
 
 def view(controller: RunningController, name: str) -> dict[str, object]:

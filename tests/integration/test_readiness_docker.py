@@ -14,6 +14,7 @@ from controlplane.core import labels as L
 from tests.integration.conftest import ControllerFactory, RunningController
 from tests.support.lab import BOTH_DATAPLANES, Http, Lab, wait_until
 from tests.support.load import Load
+from tests.support.served import served_names
 
 pytestmark = BOTH_DATAPLANES
 
@@ -22,18 +23,7 @@ LATE = {"LISTEN_DELAY_MS": "1500"}
 
 
 def served(controller: RunningController, service: str = "web") -> frozenset[str]:
-    """Container names the controller's current config sends the service's requests to."""
-    snapshot = controller.controller.reconciler.snapshot
-    if snapshot is None:
-        return frozenset()
-    ids = snapshot.serves.get(service, frozenset())
-    return frozenset(
-        b.container
-        for s in snapshot.topology.services
-        if s.name == service
-        for b in s.backends
-        if b.container_id in ids
-    )
+    return served_names(controller.controller.reconciler.snapshot, service)
 
 
 def backend_view(controller: RunningController, service: str, name: str) -> dict[str, object]:
