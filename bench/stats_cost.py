@@ -72,8 +72,11 @@ PLANES = ("reload", "dynamic")
 PARTS = ("1", "2", "3")
 LISTENER_THREAD = "stats-listener"
 HEY_WORKERS = 50
-STATS_IN_CONFIG = re.compile(r"syslog:server=|stats = \{")
-"""What a config with a stats sink says: the reload access log, the dynamic configure()."""
+STATS_IN_CONFIG = re.compile(
+    r"^access_log \S*syslog:server=|^controlplane\.configure\(.*\bstats = \{", re.MULTILINE
+)
+"""What a config with a stats sink says: the reload access log, the dynamic configure()
+(the Lua source inlined beside it has its own `stats = {`)."""
 STOP_AFTER = """
 local done = 0
 function init(args) limit = tonumber(args[1]) end
