@@ -105,10 +105,8 @@ class Gatekeeper:
         with self._changed:
             now = self._clock()
             before = self._state
-            self._state, ended = R.advance(before, now)
-            moved = R.moved(before, self._state)
-            self._state, chosen = R.due(self._state, now, self._policy)
-            wake = R.next_wake(self._state)
+            self._state, chosen, ended, wake = R.step(before, now, self._policy)
+            moved = R.moved(before, self._state) if ended else []
         if ended:
             self._notify()
         self._moved(moved)

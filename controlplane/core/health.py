@@ -174,10 +174,6 @@ class Track(NamedTuple):
     why: str = ""
     """What took it out, for a DOWN one."""
 
-    @property
-    def probed(self) -> bool:
-        return self.phase in STARTING or (self.check.active and self.phase in CHECKED)
-
 
 @dataclass(frozen=True)
 class Reach:
@@ -208,6 +204,7 @@ class Readiness:
 
 
 _NO_REACH = Reach()
+_ANSWERED = Reach(answered=True)
 
 
 class Candidate(NamedTuple):
@@ -373,7 +370,7 @@ def _served(track: Track, reach: Reach) -> bool:
 
 def _reach(was: Reach, outcome: Outcome, sent: float, now: float, policy: ReadinessPolicy) -> Reach:
     if outcome in ANSWERS:
-        return Reach(answered=True)
+        return _ANSWERED
     if outcome is Outcome.NETWORK_UNREACHABLE:
         return Reach(was.answered, was.silent_since, "the controller has no route to it")
     if was.answered or was.unreachable is not None:
@@ -408,38 +405,50 @@ def _probed(
 ) -> Track:
     """`blind`: the probe got no answer on a network the controller cannot reach."""
     ok = passed(track.check, result)
+    fails = 0 if ok or blind else track.fails + 1
+    passes = track.passes + 1 if ok else 0
+    if track.phase in CHECKED and track.check.active:  # the steady state: one new tuple
+        check = track.check
+        next_at = max(track.next_at + check.interval_ms / 1000, now)
+        probed = track._replace(
+            probing=False,
+            probes=track.probes + 1,
+            last=result,
+            last_at=now,
+            fails=fails,
+            passes=passes,
+            next_at=next_at,
+        )
+        return _counted(probed, result, now)
     probed = track._replace(
         probing=False,
         probes=track.probes + 1,
         last=result,
         last_at=now,
-        fails=0 if ok or blind else track.fails + 1,
-        passes=track.passes + 1 if ok else 0,
+        fails=fails,
+        passes=passes,
     )
-    if not track.probed:
+    if track.phase not in STARTING:  # not probed (no active check): only recorded
         return probed
-    if track.phase in STARTING:
-        if ok or blind:
-            return _ready(probed, now, draw, policy.jitter)
-        spread = policy.interval * policy.jitter * (2 * draw - 1)
-        probed = probed._replace(next_at=now + policy.interval + spread)
-        if track.phase is Phase.INCUMBENT and result.outcome is Outcome.REFUSED:
-            return probed._replace(phase=Phase.PENDING, since=now, fails=0)
-        if track.phase is Phase.INCUMBENT and result.outcome in ANSWERS:
-            # what the last controller made of it is not known: out until it passes again
-            why = f"failed its first check since the controller started (last: {said(result)})"
-            interval = track.check.interval_ms / 1000
-            return probed._replace(phase=Phase.DOWN, since=now, next_at=now + interval, why=why)
-        return probed
-    return _counted(probed, result, now)
+    if ok or blind:
+        return _ready(probed, now, draw, policy.jitter)
+    spread = policy.interval * policy.jitter * (2 * draw - 1)
+    probed = probed._replace(next_at=now + policy.interval + spread)
+    if track.phase is Phase.INCUMBENT and result.outcome is Outcome.REFUSED:
+        return probed._replace(phase=Phase.PENDING, since=now, fails=0)
+    if track.phase is Phase.INCUMBENT and result.outcome in ANSWERS:
+        # what the last controller made of it is not known: out until it passes again
+        why = f"failed its first check since the controller started (last: {said(result)})"
+        interval = track.check.interval_ms / 1000
+        return probed._replace(phase=Phase.DOWN, since=now, next_at=now + interval, why=why)
+    return probed
 
 
 def _counted(track: Track, result: Result, now: float) -> Track:
-    """An active check's probe of a READY or DOWN backend: the thresholds move it, and the
-    next probe is due one interval after this one was (no later than the interval after
-    now, when the probe took longer than that)."""
+    """An active check's probe of a READY or DOWN backend, its next probe already due one
+    interval after this one was (no later than now, when the probe took longer than that):
+    the thresholds move it."""
     check = track.check
-    track = track._replace(next_at=max(track.next_at + check.interval_ms / 1000, now))
     if track.phase is Phase.READY and track.fails >= check.fails:
         why = f"failed {track.fails} checks in a row (last: {said(result)})"
         return track._replace(phase=Phase.DOWN, since=now, passes=0, why=why)
@@ -497,6 +506,53 @@ def next_wake(readiness: Readiness) -> float:
         elif not t.probing and t.next_at < wake and t.check.active and t.phase in CHECKED:
             wake = t.next_at
     return wake
+
+
+class Step(NamedTuple):
+    readiness: Readiness
+    chosen: list[tuple[Address, HealthCheck]]
+    ended: bool
+    """A start period ended and what the gate shows changed (a pass is due)."""
+    wake: float
+
+
+def step(readiness: Readiness, now: float, policy: ReadinessPolicy) -> Step:
+    """`advance`, `due` and `next_wake` in one scan of the tracks: the probe thread's round,
+    a hundred times a second over a thousand backends."""
+    in_flight = 0
+    waiting = []
+    wake = math.inf
+    for key, t in readiness.tracks.items():
+        if t.phase in STARTING:
+            end = t.appeared + t.check.start_period
+            if now >= end:  # rare: the plain functions, one scan each
+                ended, changed = advance(readiness, now)
+                after, chosen = due(ended, now, policy)
+                return Step(after, chosen, changed, next_wake(after))
+            wake = min(wake, end)
+        elif not (t.check.active and t.phase in CHECKED):
+            continue
+        if t.probing:
+            in_flight += 1
+        elif t.next_at <= now:
+            waiting.append((t.next_at, key))
+        elif t.next_at < wake:
+            wake = t.next_at
+    room = policy.concurrency - in_flight
+    if not waiting:
+        return Step(readiness, [], False, wake)
+    waiting.sort()
+    keys = [key for _, key in waiting[: max(0, room)]]
+    if len(keys) < len(waiting):  # the rest wait for room: due now
+        wake = min(wake, now)
+    if not keys:
+        return Step(readiness, [], False, wake)
+    tracks = dict(readiness.tracks)
+    for key in keys:
+        tracks[key] = tracks[key]._replace(probing=True)
+    return Step(
+        replace(readiness, tracks=tracks), [(key, tracks[key].check) for key in keys], False, wake
+    )
 
 
 def gate(topology: Topology, readiness: Readiness) -> Topology:

@@ -4,6 +4,7 @@ the others are not."""
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import replace
 
 import pytest
@@ -601,3 +602,32 @@ def test_moved_names_only_the_backends_whose_phase_changed() -> None:
     gate.answer(key(facts), ok(500))
     assert R.moved(before, gate.readiness) == [key(facts)]
     assert R.moved(gate.readiness, gate.readiness) == []
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_round_in_one_scan_is_advance_due_and_next_wake(seed: int) -> None:
+    """`step` is the probe thread's round: the same as the three functions it stands for."""
+    draw = random.Random(seed)
+    checks = [HealthCheck(), HealthCheck(HealthMode.HTTP, active=True, start_period=5)]
+    tracks = {}
+    for i in range(40):
+        check = draw.choice(checks)
+        tracks[R.Address(f"c{i}", "s", "app", f"10.0.0.{i}", 80)] = R.Track(
+            draw.choice(list(R.Phase)),
+            draw.uniform(0, 10),
+            0.0,
+            check,
+            next_at=draw.choice([math.inf, draw.uniform(0, 20)]),
+            probing=draw.random() < 0.2,
+        )
+    readiness = R.Readiness(tracks)
+    policy = replace(POLICY, concurrency=draw.choice([3, 256]))
+    now = draw.uniform(0, 20)
+    ended, changed = R.advance(readiness, now)
+    after, chosen = R.due(ended, now, policy)
+    stepped = R.step(readiness, now, policy)
+    assert stepped.readiness.tracks == after.tracks and stepped.chosen == chosen
+    assert stepped.ended == changed
+    wake = R.next_wake(after)
+    left = len([t for t in after.tracks.values() if t.probing]) >= policy.concurrency
+    assert stepped.wake == wake or (left and stepped.wake == now)
