@@ -54,6 +54,7 @@ from types import FrameType
 
 import docker
 import docker.errors
+from docker.models.containers import Container
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -121,6 +122,23 @@ def machine_busy() -> float:
     fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def container_cpu_ns(container: Container) -> int:
+    """The container's CPU time so far, from its cgroup (v1 cpuacct, else v2 cpu.stat) when
+    this process can read it: the engine's stats call takes a second to answer."""
+    root = Path("/sys/fs/cgroup")
+    v1 = root / "cpuacct" / "docker" / str(container.id) / "cpuacct.usage"
+    with contextlib.suppress(OSError, ValueError):
+        return int(v1.read_text())
+    for v2 in (
+        root / "system.slice" / f"docker-{container.id}.scope",
+        root / "docker" / str(container.id),
+    ):
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            lines = (v2 / "cpu.stat").read_text().splitlines()
+            return int(next(ln.split()[1] for ln in lines if ln.startswith("usage_usec "))) * 1000
+    return cpu_ns(container)
 
 
 def thread_cpu(ident: int | None) -> float:
@@ -281,7 +299,7 @@ class Usage:
     def now(cls, lab: Lab) -> Usage:
         return cls(
             time.monotonic(),
-            cpu_ns(lab.plane.proxy),
+            container_cpu_ns(lab.plane.proxy),
             time.process_time(),
             thread_cpu(lab.listener_ident),
             machine_busy(),
