@@ -94,7 +94,8 @@ class StatsListener:
         decoders: Mapping[bytes, Decoder] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._tag = tag
+        self.tag = tag
+        """What nginx proves its reports with (kept for the next run by wiring)."""
         self._tag_bytes = tag.encode()
         self._allowed_of = allowed
         self._decoders = dict(decoders or {})
@@ -175,13 +176,13 @@ class StatsListener:
 
     def _feed(self, data: bytes, host: str, decoder: Decoder | None) -> bool:
         if decoder is None:
-            request = access_log.parse(data, self._tag)
+            request = access_log.parse(data, self.tag)
             if request is None:
                 return False
             with self._lock:
                 access_log.add(self._book, request, self._clock())
             return True
-        decoded = decoder(data, self._tag)
+        decoded = decoder(data, self.tag)
         if decoded is None:
             return False
         pid, entries = decoded

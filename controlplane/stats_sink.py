@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import secrets
 import string
@@ -40,6 +41,47 @@ _CGROUP_RE = re.compile(r"(?:/docker/|/docker-)([0-9a-f]{64})(?:\.scope)?")
 def new_tag() -> str:
     """This run's secret: nginx may only use [A-Za-z0-9_] in a syslog tag, 32 at most."""
     return "".join(secrets.choice(TAG_ALPHABET) for _ in range(TAG_LENGTH))
+
+
+MEMORY_FILE = "stats-listener"
+MEMORY_RE = re.compile(r"([0-9]{1,5}) ([A-Za-z0-9]{16,32})\n?")
+
+
+def remembered(state_dir: Path | None) -> tuple[int, str] | None:
+    """The port and tag the last run gave nginx, from the state directory: bound and used
+    again, a controller restart leaves nginx's config as it is (no reload for it). None
+    without a state directory, or when the file is absent or not ours."""
+    if state_dir is None:
+        return None
+    try:
+        text = (state_dir / MEMORY_FILE).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = MEMORY_RE.fullmatch(text)
+    if match is None or not 0 < int(match.group(1)) < 65536:
+        return None
+    return int(match.group(1)), match.group(2)
+
+
+def remember(state_dir: Path | None, port: int, tag: str) -> None:
+    """Keeps this run's port and tag for the next (readable by the controller's user only:
+    the tag is what nginx proves itself with). Losing it costs one reload, nothing more."""
+    if state_dir is None:
+        return
+    path = state_dir / MEMORY_FILE
+    fresh = path.with_name(path.name + ".new")
+    try:
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(f"{port} {tag}\n")
+        os.replace(fresh, path)
+    except OSError as error:
+        log.warning(
+            "could not keep the stats listener's port in %s (%s): a restart will reload "
+            "nginx once for its new port",
+            state_dir,
+            error,
+        )
 
 
 def own_container_id(mountinfo: str, cgroup: str) -> str | None:

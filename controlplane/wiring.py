@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,7 +29,7 @@ from controlplane.prober import SocketProber
 from controlplane.reconciler import ControlLoop, Reconciler
 from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
 from controlplane.stats_listener import StatsListener
-from controlplane.stats_sink import SinkFinder, new_tag
+from controlplane.stats_sink import SinkFinder, new_tag, remember, remembered
 from controlplane.store import FILE_NAME, OverrideStore
 from controlplane.templating import load_template
 
@@ -127,10 +128,17 @@ def _stats(
     --no-stats). Bound here: its port goes into the first config."""
     if not settings.stats:
         return None, None
-    tag = new_tag()
     bind = parse_address(settings.stats_bind, default_port=0, any_port=True)
-    listener = StatsListener(bind, tag, allowed, {b"cp-stats ": lua_stats.parse})
-    return listener, SinkFinder(api, listener.port, tag, settings.stats_address)
+    decoders = {b"cp-stats ": lua_stats.parse}
+    last = remembered(settings.state_dir)
+    listener = None
+    if last is not None and bind.port == 0:  # the last run's port and tag, if it is free
+        with contextlib.suppress(ControlPlaneError):
+            listener = StatsListener(replace(bind, port=last[0]), last[1], allowed, decoders)
+    if listener is None:
+        listener = StatsListener(bind, new_tag(), allowed, decoders)
+    remember(settings.state_dir, listener.port, listener.tag)
+    return listener, SinkFinder(api, listener.port, listener.tag, settings.stats_address)
 
 
 def api_context(

@@ -4,6 +4,9 @@ through nginx show up per backend and per service, as the clients counted them."
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+import httpx
 
 from controlplane.core.traffic import Key
 from tests.integration.conftest import ControllerFactory, RunningController
@@ -48,3 +51,43 @@ def test_requests_through_nginx_are_counted_per_backend_and_service(
     after = figures(controller, service, *addresses.values())
     for name, key in addresses.items():
         assert after.get(key, 0) - before.get(key, 0) == sent[name], name
+
+
+def test_a_controller_restart_keeps_the_stats_port_and_tag(
+    lab: Lab, start_controller: ControllerFactory, http_for: type[Http], tmp_path: Path
+) -> None:
+    """The listener's port and tag are in nginx's config: with a state directory the next
+    run binds the same port with the same tag, so it renders the same config for nginx, and
+    the figures go on coming."""
+    net = lab.network()
+    lb = lab.nginx(net)
+    backend = lab.backend(net)
+    first = start_controller(net.name, state_dir=tmp_path, api_bind="127.0.0.1:0")
+    http = http_for(lab.published_port(lb))
+    wait_until(lambda: http.settled("web", {str(backend.name)}), what="served")
+    before = rendered(first)
+    first.stop()
+    again = start_controller(net.name, state_dir=tmp_path, api_bind="127.0.0.1:0")
+    wait_until(lambda: bool(again.reports), what="its first pass")
+    assert rendered(again) == before
+    service = Key("web", "")
+    http.bodies("web", 20)
+    wait_until(lambda: figures(again, service).get(service, 0) >= 20, what="figures again")
+
+
+def rendered(controller: RunningController) -> str:
+    """The config the controller gives the managed nginx, as the API shows it."""
+    (managed,) = httpx.get(f"{controller.api_url}/api/v1/nginx", timeout=10).json()["nginx"]
+    wait_until(
+        lambda: (
+            httpx.get(
+                f"{controller.api_url}/api/v1/config", params={"nginx": managed["name"]}, timeout=10
+            ).status_code
+            == 200
+        ),
+        what="its config",
+    )
+    reply = httpx.get(
+        f"{controller.api_url}/api/v1/config", params={"nginx": managed["name"]}, timeout=10
+    )
+    return reply.text

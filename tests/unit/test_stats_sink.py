@@ -13,12 +13,15 @@ import pytest
 from controlplane.core.model import NginxTarget
 from controlplane.core.render import STATS_TAG_RE, StatsSink
 from controlplane.stats_sink import (
+    MEMORY_FILE,
     NetworkInfo,
     SinkFinder,
     choose,
     network_info,
     new_tag,
     own_container_id,
+    remember,
+    remembered,
 )
 
 CID = "384b61e3d3bf60044b6aa01bbd132648ee31f7ae33a57068893dceceb48aef52"
@@ -208,3 +211,17 @@ def test_stats_address_is_taken_as_it_is(tmp_path: Path) -> None:
     finder = SinkFinder(api, 5514, "T" * 20, address="10.1.2.3", proc=tmp_path)  # type: ignore[arg-type]
     assert finder.sink([target("lb1", "front")]) == StatsSink("10.1.2.3", 5514, "T" * 20)
     assert api.calls == 0
+
+
+def test_the_port_and_tag_are_kept_for_the_next_run(tmp_path: Path) -> None:
+    """A restarted controller binds the same port with the same tag, so nginx's config is
+    unchanged (no reload for it); a file that is not ours is ignored."""
+    assert remembered(tmp_path) is None
+    remember(tmp_path, 40123, "a" * 24)
+    assert remembered(tmp_path) == (40123, "a" * 24)
+    assert (tmp_path / MEMORY_FILE).stat().st_mode & 0o777 == 0o600
+    for junk in ("", "70000 " + "a" * 24, "80 short", "80 " + "a" * 24 + " more", "\xff"):
+        (tmp_path / MEMORY_FILE).write_text(junk, encoding="latin-1")
+        assert remembered(tmp_path) is None
+    assert remembered(None) is None
+    remember(None, 1, "b" * 24)  # no state directory: nothing kept
