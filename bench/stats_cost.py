@@ -11,17 +11,18 @@ any load the bench checks what each nginx runs (`nginx -T`) and that the stats-o
 hears from its nginx; a data plane whose nginx sends nothing is left out, said so.
 
 1. Proxied requests/s: wrk -t2 -c32 --latency (keep-alive), turns of --seconds alternating
-   over the labs, the order rotating each round: requests/s, p50/p99 latency; per request,
+   over the labs, the order rotating each round (a 1 s wrk first in round 1 opens nginx's
+   connections to the backends and warms the Lua code): requests/s, p50/p99 latency; per request,
    nginx's CPU (its container's cgroup), this process's (every controller in it) and the
    whole machine's (/proc/stat: other tenants' too); with stats on, the listener thread's
    CPU and the requests it counted of those sent (after its last datagrams came in).
 2. Controller CPU at --rate req/s: hey -c 50 -q rate/50 for --cpu-seconds through each lab:
    this process's CPU and the stats listener's thread (by its name, through its CPU clock),
    as % of one core.
-3. Memory: --memory-requests through each stats-on nginx in --chunks wrk runs, each bounded
-   by its count (a wrk script stops each thread at its share) and by time (its share at the
-   last rate seen, and what is left of --memory-seconds): this process's RSS after each
-   chunk and a full collection, the listener's book keys and running totals' keys.
+3. Memory: about --memory-requests through each stats-on nginx in --chunks wrk runs, each
+   as long as its share takes at the last rate seen (so the total is ~1 M), all within
+   --memory-seconds: this process's RSS after each chunk and a full collection, the
+   listener's book keys and running totals' keys (what grows with traffic, if anything).
 
 Last, the listener's own Python path per reload datagram with no socket (StatsListener.received
 on a typical datagram; the parse and the book's add alone), for where the time goes.
@@ -44,7 +45,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -73,20 +73,13 @@ PLANES = ("reload", "dynamic")
 PARTS = ("1", "2", "3")
 LISTENER_THREAD = "stats-listener"
 HEY_WORKERS = 50
-STATS_IN_CONFIG = re.compile(
-    r"^access_log \S*syslog:server=|^controlplane\.configure\(.*\bstats = \{", re.MULTILINE
+SINK_PORT = re.compile(
+    r"^access_log \S*syslog:server=(?:\[[^\]]*\]|[^\s:,]*):(\d+),"
+    r"|^controlplane\.configure\(.*\bstats = \{[^}]*\bport = (\d+)",
+    re.MULTILINE,
 )
-"""What a config with a stats sink says: the reload access log, the dynamic configure()
-(the Lua source inlined beside it has its own `stats = {`)."""
-STOP_AFTER = """
-local done = 0
-function init(args) limit = tonumber(args[1]) end
-function response(status, headers, body)
-  done = done + 1
-  if done >= limit then wrk.thread:stop() end
-end
-"""
-"""wrk stops each thread after its share of a chunk's requests (wrk itself runs on to -d)."""
+"""Where a config sends stats: the reload access log's port, or the dynamic configure()'s
+(the Lua source inlined beside it has a `stats = {` of its own)."""
 SAMPLE = b"<190>Dec  1 00:17:00 %s: cps1|bench|172.18.0.3:80|200|0.001|0.000|200|212|67"
 """A typical reload datagram: one try, answered."""
 SAMPLE_SOURCE = "172.18.0.2"
@@ -214,16 +207,17 @@ def set_up(
 
 def checked(lab: Lab) -> str | None:
     """Why the lab can't be measured as it is named (None: it can): the config nginx runs
-    has this controller's stats sink exactly when stats are on, and the listener counts
+    sends stats to this controller's listener exactly when stats are on, and the listener counts
     requests sent through it."""
-    text = lab.config()
+    ports = {int(n) for found in SINK_PORT.finditer(lab.config()) for n in found.groups() if n}
     listener = lab.listener
     if listener is None:
+        return f"nginx -T sends stats to port {sorted(ports)} with stats off" if ports else None
+    if ports != {listener.port}:
         return (
-            "nginx -T names a stats sink with stats off" if STATS_IN_CONFIG.search(text) else None
+            f"nginx -T sends stats to ports {sorted(ports)}, not to this controller's "
+            f"{listener.port} alone (its data plane sends none?)"
         )
-    if listener._tag not in text:  # private: the run's tag, the one sure mark of its sink
-        return "nginx -T names no stats sink of this controller (its data plane sends none)"
     bodies(lab.plane.port, 10)
     with contextlib.suppress(AssertionError):
         wait_until(lambda: lab.counted() > 0, timeout=3, interval=0.05)
@@ -245,15 +239,11 @@ def load(command: Sequence[str]) -> Iterator[subprocess.Popen[str]]:
             process.communicate()
 
 
-def wrk(port: int, seconds: float, script: str | None = None, args: Sequence[str] = ()) -> str:
+def wrk(port: int, seconds: float) -> str:
     """wrk -t2 -c32 --latency (keep-alive) through nginx, bounded in time."""
     command = ["wrk", "-t2", "-c32", f"-d{max(1, round(seconds))}s", "--latency",
                "--timeout", "10s", "-H", f"Host: {SERVICE}"]  # fmt: skip
-    if script is not None:
-        command += ["-s", script]
     command.append(f"http://127.0.0.1:{port}/")
-    if args:
-        command += ["--", *args]  # to the script's init
     with load(command) as process:
         return ended(process, interrupt=False)
 
@@ -375,9 +365,10 @@ def throughput(labs: Sequence[Lab], rounds: int, seconds: float) -> Figures:
     figures = Figures()
     for r, lab in rotated(labs, rounds):
         log(f"1. round {r + 1}, {lab.name}: wrk {seconds:g} s")
+        if r == 0:
+            wrk(lab.plane.port, 1)  # nginx's connections to the backends, the Lua code
         counted = settle(lab)
         drops = udp_drops()
-        warm = parse_wrk(wrk(lab.plane.port, 1))  # connections, the Lua code
         before = Usage.now(lab)
         output = wrk(lab.plane.port, seconds)
         after = Usage.now(lab)
@@ -395,9 +386,7 @@ def throughput(labs: Sequence[Lab], rounds: int, seconds: float) -> Figures:
         if lab.stats:
             used = after.listener - before.listener
             figures.add(lab, "listener CPU / request", used / n * 1e6, "us")
-            figures.add(
-                lab, "requests counted / sent", (settle(lab) - counted) / (warm.requests + n)
-            )
+            figures.add(lab, "requests counted / sent", (settle(lab) - counted) / n)
             figures.add(lab, "UDP receive-buffer drops", udp_drops() - drops)
     title(
         f"1. proxied requests/s, stats on vs off: wrk -t2 -c32 -d{seconds:g}s --latency "
@@ -487,37 +476,36 @@ def cpu_at_rate(labs: Sequence[Lab], rate: int, seconds: float, rounds: int) -> 
 def memory(
     labs: Sequence[Lab], requests: int, chunks: int, budget: float, rates: dict[str, float]
 ) -> None:
-    """`rates`: requests/s per lab seen in part 1, for the first chunk's time bound."""
+    """Each chunk runs for what it takes to reach its part of `requests` at the last rate
+    seen (`rates`: part 1's, per lab), within what is left of `budget`."""
     rows = []
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(STOP_AFTER)
-        script.flush()
-        for lab in [lab for lab in labs if lab.stats]:
-            listener = lab.listener
-            assert listener is not None
-            rate = rates.get(lab.name, 10000.0)
-            deadline = time.monotonic() + budget
-            sent = 0
-            rows.append(memory_row(lab, listener, "before", sent, 0))
-            for chunk in range(chunks):
-                left = deadline - time.monotonic()
-                wanted = requests * (chunk + 1) // chunks - sent
-                if left < 1 or wanted <= 0:
-                    break
-                seconds = min(left, wanted / rate * 1.2 + 1)
-                log(f"3. {lab.name}: chunk {chunk + 1} of {chunks}: {wanted:,} requests, "
-                    f"at most {seconds:.0f} s")  # fmt: skip
-                began = time.monotonic()
-                output = wrk(lab.plane.port, seconds, script.name, [str(-(-wanted // 2))])
-                took = time.monotonic() - began
-                done = parse_wrk(output).requests
-                if done < wanted:  # bounded by time: the rate was lower than thought
-                    rate = max(done / took, 100.0)
-                sent += done
-                settle(lab)
-                rows.append(memory_row(lab, listener, str(chunk + 1), sent, took))
+    for lab in [lab for lab in labs if lab.stats]:
+        listener = lab.listener
+        assert listener is not None
+        rate = rates.get(lab.name, 10000.0)
+        deadline = time.monotonic() + budget
+        sent = 0
+        rows.append(memory_row(lab, listener, "before", sent, 0))
+        for chunk in range(chunks):
+            left = deadline - time.monotonic()
+            wanted = requests * (chunk + 1) // chunks - sent
+            if left < 1 or wanted <= 0:
+                break
+            seconds = max(1, min(int(left), round(wanted / rate)))
+            log(
+                f"3. {lab.name}: chunk {chunk + 1} of {chunks}: ~{wanted:,} requests in {seconds} s"
+            )
+            began = time.monotonic()
+            output = wrk(lab.plane.port, seconds)
+            took = time.monotonic() - began
+            done = parse_wrk(output).requests
+            ran = re.search(r"requests in ([\d.]+)s", output)
+            rate = done / float(ran.group(1)) if ran and done else rate
+            sent += done
+            settle(lab)
+            rows.append(memory_row(lab, listener, str(chunk + 1), sent, took))
     title(
-        f"3. memory with stats on: {requests:,} requests per data plane in {chunks} wrk -t2 -c32 "
+        f"3. memory with stats on: ~{requests:,} requests per data plane in {chunks} wrk -t2 -c32 "
         f"chunks (at most {budget:g} s per plane); RSS after a full collection"
     )
     header = ("lab", "chunk", "requests sent", "counted", "datagrams accepted", "RSS MiB",
