@@ -74,7 +74,7 @@ def build_controller(settings: Settings) -> Controller:
     api = connect(settings.docker_url)
     gatekeeper = Gatekeeper(SocketProber(), settings.readiness_wait)
     source = DockerSource(api, settings.networks)
-    stats, sinks = _stats(settings, api, lambda: nginx_addresses(reconciler, source))
+    stats, sinks = _stats(settings, api, lambda: addresses())
     reconciler = Reconciler(
         source,
         NginxDeployer(api, shell=settings.nginx_shell, retire=settings.retire_old_workers),
@@ -84,6 +84,7 @@ def build_controller(settings: Settings) -> Controller:
         gate=gatekeeper,
         stats=sinks.sink if sinks is not None else None,
     )
+    addresses = NginxAddresses(reconciler, source)
     loop = ControlLoop(reconciler, DockerSource(connect(settings.docker_url)), settings)
     gatekeeper.on_change.append(loop.readiness_changed)
     dns = _dns_server(settings, reconciler)
@@ -109,16 +110,30 @@ def build_controller(settings: Settings) -> Controller:
     return Controller(reconciler, loop, store, activity, metrics, dns, server, stats)
 
 
-def nginx_addresses(reconciler: Reconciler, source: DockerSource) -> frozenset[str]:
+class NginxAddresses:
     """The managed nginx's addresses: the only senders the stats listener takes. Read on the
-    listener's thread from what the last pass saw."""
-    snapshot = reconciler.snapshot
-    found: set[str] = set()
-    for target in snapshot.topology.nginx if snapshot is not None else ():
-        facts = source.known(target.container_id)
-        if facts is not None:
-            found.update(a for e in facts.endpoints for a in (e.ip, e.ipv6) if a)
-    return frozenset(found)
+    listener's thread from what the last pass saw; an nginx whose inspect is being redone
+    (an event just cleared it) keeps the addresses it had, so its reports are not dropped
+    meanwhile."""
+
+    def __init__(self, reconciler: Reconciler, source: DockerSource) -> None:
+        self._reconciler = reconciler
+        self._source = source
+        self._known: dict[str, frozenset[str]] = {}
+
+    def __call__(self) -> frozenset[str]:
+        snapshot = self._reconciler.snapshot
+        found: dict[str, frozenset[str]] = {}
+        for target in snapshot.topology.nginx if snapshot is not None else ():
+            facts = self._source.known(target.container_id)
+            if facts is not None:
+                found[target.container_id] = frozenset(
+                    a for e in facts.endpoints for a in (e.ip, e.ipv6) if a
+                )
+            elif target.container_id in self._known:
+                found[target.container_id] = self._known[target.container_id]
+        self._known = found
+        return frozenset().union(*found.values())
 
 
 def _stats(
