@@ -126,15 +126,26 @@ class StatsListener:
         self.port: int = self._sock.getsockname()[1]
 
     def start(self) -> None:
-        """Starts the listener's thread; datagrams that came since the bind are read first."""
+        """Starts the listener's thread; datagrams that came since the bind are read first.
+        Its loop is made and run on that thread only (the caller's may run a loop of its own),
+        and a failure to set it up is raised here."""
         if self._thread is not None:
             return
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        endpoint = loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
-        transport, _ = loop.run_until_complete(endpoint)  # here, so a failure is raised here
-        loop.call_later(HOUSEKEEPING, self._tick)
+        ready = threading.Event()
+        failed: list[BaseException] = []
 
         def run() -> None:
+            try:
+                endpoint = loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
+                transport, _ = loop.run_until_complete(endpoint)
+            except BaseException as error:  # told to the caller, which raises it
+                failed.append(error)
+                ready.set()
+                loop.close()
+                return
+            loop.call_later(HOUSEKEEPING, self._tick)
+            ready.set()
             loop.run_forever()
             transport.close()  # and with it the socket
             loop.run_until_complete(asyncio.sleep(0))
@@ -143,6 +154,13 @@ class StatsListener:
         self._loop = loop
         self._thread = threading.Thread(target=run, name="stats-listener", daemon=True)
         self._thread.start()
+        ready.wait()
+        if failed:
+            self._thread = self._loop = None
+            raise ControlPlaneError(
+                f"the stats listener could not start: {failed[0]}; turn traffic figures off "
+                "with --no-stats if this keeps happening"
+            ) from failed[0]
 
     def received(self, data: bytes, source: str) -> None:
         """One datagram from `source` (an IP). Never raises: a bug costs that datagram."""

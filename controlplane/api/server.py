@@ -6,6 +6,7 @@ import logging
 import threading
 
 from flask import Flask
+from waitress import wasyncore
 from waitress.server import create_server
 
 from controlplane.errors import ControlPlaneError
@@ -44,6 +45,10 @@ class ApiServer:
         log.info("API listening on %s", self.url)
 
     def stop(self) -> None:
-        self._server.close()
-        if self._thread is not None:
+        """Closes the sockets on the server's own thread, through its trigger: closed from
+        here, they would vanish under the select() that thread is in (EBADF)."""
+        server = self._server
+        if self._thread is not None and self._thread.is_alive():
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
             self._thread.join(timeout=5)
+        server.close()
