@@ -59,6 +59,9 @@ class Gatekeeper:
         self._thread: threading.Thread | None = None
         self._answers: list[R.Answer] = []
         """Answers the probe thread records in its next round."""
+        self._dirty = False
+        """A pass or an answer it waited for changed the state since the probe thread's
+        last round: the wake that round computed may be late."""
         self._closed = False
         self.on_change: list[Callable[[], None]] = []
         """Called when an answer or a start period's end changed what the gate lets in."""
@@ -88,8 +91,9 @@ class Gatekeeper:
                 self._changed.wait(left)
             self._awaited = set()
             gated = R.gate(topology, self._state)
-            if self._background and R.next_wake(self._state) < math.inf:
+            if self._background and (chosen or R.next_wake(self._state) < math.inf):
                 self._start()
+            self._dirty = True  # the probe thread's next wake may have moved
             self._changed.notify_all()
         self._moved(moved)
         return gated
@@ -103,14 +107,15 @@ class Gatekeeper:
         if answers:
             self._settle(answers, in_pass=False)
         with self._changed:
+            self._dirty = False
             now = self._clock()
             before = self._state
             self._state, chosen, ended, wake = R.step(before, now, self._policy)
             moved = R.moved(before, self._state) if ended else []
+        self._send(chosen, now)  # first: they are marked in flight, and a callback may fail
         if ended:
             self._notify()
         self._moved(moved)
-        self._send(chosen, now)
         return wake
 
     def health(self) -> Mapping[tuple[str, str], R.Health]:
@@ -150,6 +155,7 @@ class Gatekeeper:
             in_pass = key in self._awaited
             if self._background and not in_pass:
                 self._answers.append(answer)
+                self._start()  # only the probe thread records these
                 if len(self._answers) == 1:
                     self._changed.notify_all()
                 return
@@ -166,13 +172,13 @@ class Gatekeeper:
             for key, *_ in answers:
                 self._awaited.discard(key)
             if in_pass:
+                self._dirty = True
                 self._changed.notify_all()
             after = self._state
         for key, result, *_ in answers:
             track = after.tracks.get(key)
             if track is not None:
-                for probed in self.on_probe:
-                    probed(result, R.passed(track.check, result))
+                _call(self.on_probe, result, R.passed(track.check, result))
         networks = {key.network for key, *_ in answers}
         flipped = any(before.reach(n).unreachable != after.reach(n).unreachable for n in networks)
         if flipped:  # a network the controller cannot reach lets its held backends in
@@ -217,12 +223,10 @@ class Gatekeeper:
                 if (track := self._state.tracks.get(key)) is not None
             ]
         for key, health in found:
-            for callback in self.on_transition:
-                callback(key, self._walled(health, now, wall))
+            _call(self.on_transition, key, self._walled(health, now, wall))
 
     def _notify(self) -> None:
-        for callback in self.on_change:
-            callback()
+        _call(self.on_change)
 
     def _start(self) -> None:
         """Under `_changed`: the thread that sends the later probes, once."""
@@ -234,7 +238,11 @@ class Gatekeeper:
         """Rounds, at most one per GRANULE: the answers and due probes of that time gather
         and go in one round."""
         while True:
-            wake = self.tick()
+            try:
+                wake = self.tick()
+            except Exception:  # a bug must not stop the checks: the next round tries again
+                log.exception("a round of health probes failed; please report")
+                wake = self._clock() + GRANULE
             rested = time.monotonic() + GRANULE
             with self._changed:
                 while not self._closed and (left := rested - time.monotonic()) > 0:
@@ -242,8 +250,17 @@ class Gatekeeper:
                 if self._closed:
                     return
                 left = wake - self._clock()
-                if not self._answers and left > 0:
+                if not self._answers and not self._dirty and left > 0:
                     # woken early by an answer, or by a pass that brought newcomers
                     self._changed.wait(None if wake == math.inf else left)
                 if self._closed:
                     return
+
+
+def _call(callbacks: Sequence[Callable[..., None]], *args: object) -> None:
+    """Each callback, whatever the others do: one that fails is logged, not spread."""
+    for callback in callbacks:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("a health callback (%r) failed; please report", callback)

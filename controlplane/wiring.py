@@ -105,7 +105,12 @@ def build_controller(settings: Settings) -> Controller:
     if api_bind is not None:
         context = api_context(settings, reconciler, loop, store, activity, metrics)
         if stats is not None:
-            context = replace(context, traffic=stats.summaries)
+            tag = stats.tag
+            context = replace(
+                context,
+                traffic=stats.summaries,
+                redact=lambda text: text.replace(tag, "(the stats tag: not shown)"),
+            )
         server = ApiServer(create_app(context), api_bind.host, api_bind.port)
     return Controller(reconciler, loop, store, activity, metrics, dns, server, stats)
 

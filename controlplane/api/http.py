@@ -47,6 +47,9 @@ class ApiContext:
     config_of: Callable[[Snapshot, NginxTarget], str | None]
     """The config a managed nginx is given by a snapshot, as its data plane wants (None:
     not made for that snapshot)."""
+    redact: Callable[[str], str] = field(default=lambda text: text)
+    """A config as the API shows it: without the secret nginx proves its reports with (this
+    route is read without the token, and anyone with the tag could forge figures)."""
     traffic: Callable[[Iterable[Key]], Mapping[Key, Summary]] = field(default=lambda keys: {})
     """Each key's traffic figures over the last minute (core.traffic; absent: none)."""
     health: Callable[[], Mapping[tuple[str, str], Health]] = field(default=lambda: {})

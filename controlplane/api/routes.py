@@ -372,7 +372,7 @@ def get_config() -> Response:
     snapshot = _snapshot()
     wanted = query(bodies.ConfigQuery).nginx
     if wanted is None:
-        return Response(snapshot.config, mimetype="text/plain")
+        return Response(context().redact(snapshot.config), mimetype="text/plain")
     managed = snapshot.topology.nginx
     found = [t for t in managed if wanted in (t.container, t.container_id)] or [
         t for t in managed if len(wanted) >= 12 and t.container_id.startswith(wanted)
@@ -394,7 +394,7 @@ def get_config() -> Response:
             "yet: ask again after the pass under way",
             {"nginx": wanted},
         )
-    return Response(text, mimetype="text/plain")
+    return Response(context().redact(text), mimetype="text/plain")
 
 
 @routes.get(f"{PREFIX}/nginx")

@@ -290,6 +290,9 @@ def _rechecked(track: Track, check: HealthCheck, now: float) -> Track:
     if not check.active:
         phase = Phase.READY if track.phase is Phase.DOWN else track.phase
         return track._replace(phase=phase, since=now, next_at=math.inf, why="")
+    if track.phase is Phase.GAVE_UP:  # an active check goes on checking it: it may come back
+        why = "checked again: a new active check"
+        return track._replace(phase=Phase.DOWN, since=now, next_at=now, why=why)
     return track._replace(next_at=now) if not track.probing else track
 
 

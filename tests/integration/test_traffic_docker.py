@@ -70,6 +70,8 @@ def test_a_controller_restart_keeps_the_stats_port_and_tag(
     again = start_controller(net.name, state_dir=tmp_path, api_bind="127.0.0.1:0")
     wait_until(lambda: bool(again.reports), what="its first pass")
     assert rendered(again) == before
+    stats = again.controller.stats
+    assert stats is not None and stats.tag not in before, "the API shows the stats tag"
     service = Key("web", "")
     http.bodies("web", 20)
     wait_until(lambda: figures(again, service).get(service, 0) >= 20, what="figures again")

@@ -18,8 +18,9 @@ from controlplane.activity import Activity
 from controlplane.api.app import create_app
 from controlplane.cli_client import service_text
 from controlplane.core import labels as L
+from controlplane.core.build import build_topology
 from controlplane.core.health import Address, Outcome, ReadinessPolicy, Result
-from controlplane.core.model import BackendState, ContainerFacts, HealthCheck
+from controlplane.core.model import BackendState, ContainerFacts, HealthCheck, HealthMode, Overrides
 from controlplane.docker_source import DockerEvent
 from controlplane.gatekeeper import Gatekeeper
 from controlplane.metrics import Metrics
@@ -344,3 +345,49 @@ def test_turning_a_check_off_tells_the_transition_of_a_down_backend() -> None:
     run.at(102.0, DockerEvent("container", "update", W2.id, None, 0))
     assert moves == [("172.20.0.3", "down"), ("172.20.0.3", "up")]
     assert run.served() == {"w1", "w2"}
+
+
+class LateProber:
+    """Answers CONNECTED a millisecond later, from another thread, as the real one does."""
+
+    def __init__(self) -> None:
+        self.sent: list[float] = []
+
+    def probe(self, address: Address, check: HealthCheck, done: Callable[..., None]) -> None:
+        self.sent.append(time.monotonic())
+        threading.Timer(0.001, done, args=(address, Result(Outcome.CONNECTED))).start()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_check_made_active_later_is_probed_though_no_thread_ran_before() -> None:
+    """Every backend passed in the pass that found it, so no probe thread was needed; an
+    active check set afterwards (through the API) must still get its probes answered."""
+    prober = LateProber()
+    gate = Gatekeeper(prober, wait=0.05)
+    try:
+        gate.admit(build_topology(state(LB, W1)), first=True)
+        active = HealthCheck(HealthMode.TCP, active=True, interval_ms=200)
+        overrides = Overrides(health={"web": active})
+        gate.admit(build_topology(state(LB, W1), overrides=overrides), first=False)
+        poll(lambda: len(prober.sent) >= 5, "probes every 200 ms")
+    finally:
+        gate.close()
+
+
+def test_a_failing_callback_does_not_stop_the_probe_thread() -> None:
+    prober = FakeProber({"172.20.0.2": Outcome.CONNECTED, "172.20.0.3": Outcome.REFUSED})
+    gate = Gatekeeper(prober, wait=0.0, policy=ReadinessPolicy(interval=0.02))
+
+    def boom() -> None:
+        raise RuntimeError("a listener failed")
+
+    gate.on_change.append(boom)
+    try:
+        gate.admit(build_topology(state(LB, W1, W2)), first=False)
+        prober.answers["172.20.0.3"] = Outcome.CONNECTED
+        poll(lambda: gate.health()[W2.id, "app"].state == "up", "w2 up despite the callback")
+        assert gate._thread is not None and gate._thread.is_alive()
+    finally:
+        gate.close()

@@ -631,3 +631,17 @@ def test_a_round_in_one_scan_is_advance_due_and_next_wake(seed: int) -> None:
     wake = R.next_wake(after)
     left = len([t for t in after.tracks.values() if t.probing]) >= policy.concurrency
     assert stepped.wake == wake or (left and stepped.wake == now)
+
+
+def test_a_backend_that_gave_up_is_checked_again_by_a_new_active_check() -> None:
+    short = replace(W1, labels={L.HEALTH_START_PERIOD: "2s"})
+    gate = Gate(short)
+    gate.answer(key(short), R.Outcome.REFUSED)
+    gate.at(2.0)
+    assert gate.readiness.tracks[key(short)].phase is R.Phase.GAVE_UP
+    checked_now = replace(short, labels={**short.labels, L.HEALTH: "tcp", L.HEALTH_PASSES: "1"})
+    sent = len(gate.sent)
+    gate.observe(checked_now)
+    assert len(gate.sent) == sent + 1  # probed at once
+    assert gate.answer(key(short), R.Outcome.CONNECTED)
+    assert states(gate.gated) == {"w1": BackendState.UP}
