@@ -410,19 +410,7 @@ def _probed(
     ok = passed(track.check, result)
     fails = 0 if ok or blind else track.fails + 1
     passes = track.passes + 1 if ok else 0
-    if track.phase in CHECKED and track.check.active:  # the steady state: one new tuple
-        check = track.check
-        next_at = max(track.next_at + check.interval_ms / 1000, now)
-        probed = track._replace(
-            probing=False,
-            probes=track.probes + 1,
-            last=result,
-            last_at=now,
-            fails=fails,
-            passes=passes,
-            next_at=next_at,
-        )
-        return _counted(probed, result, now)
+    steady = track.phase in CHECKED and track.check.active
     probed = track._replace(
         probing=False,
         probes=track.probes + 1,
@@ -430,7 +418,13 @@ def _probed(
         last_at=now,
         fails=fails,
         passes=passes,
+        # an active check's next probe: one interval after this one was due (or now)
+        next_at=max(track.next_at + track.check.interval_ms / 1000, now)
+        if steady
+        else track.next_at,
     )
+    if steady:
+        return _counted(probed, result, now)
     if track.phase not in STARTING:  # not probed (no active check): only recorded
         return probed
     if ok or blind:
