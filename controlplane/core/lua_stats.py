@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
+from typing import NamedTuple
 
 from controlplane.core.labels import NAME_RE
 from controlplane.core.traffic import BUCKETS, COUNTS, Key
@@ -27,20 +28,29 @@ MAX_COUNT = 2**53
 """What a Lua number counts exactly."""
 
 _INT = r"(?:0|[1-9][0-9]{0,15})"
-HEADER_RE = re.compile(rf"cp-stats 1 ([A-Za-z0-9]{{16,32}}) ([1-9][0-9]{{0,9}}) {_INT}")
+HEADER_RE = re.compile(rf"cp-stats 1 ([A-Za-z0-9]{{16,32}}) ([1-9][0-9]{{0,9}}) ({_INT})")
 LINE_RE = re.compile(
     rf"([^ ]+) ([^ ]+) ({_INT}) ({_INT}) ({_INT}) ({_INT}) ({_INT}) ({_INT}) ({_INT}) ({_INT}) "
     rf"(-|(?:[0-9]{{1,2}}:{_INT},)*[0-9]{{1,2}}:{_INT})"
 )
 ADDR_RE = re.compile(r"(?:([0-9.]{7,15})|\[([0-9a-f:.]{2,45})\]):([1-9][0-9]{0,4})")
 
-Report = tuple[str, list[tuple[Key, list[int]]]]
-"""The sending worker's pid, and each key's cumulative VECTOR."""
+Entries = list[tuple[Key, list[int]]]
+"""Each key's cumulative VECTOR."""
 
 
-def parse(datagram: bytes, tag: str) -> Report | None:
-    """The worker's pid and its keys' counts, or None when anything in the datagram is off
-    the grammar or the tag is not `tag`."""
+class Report(NamedTuple):
+    pid: str
+    """The sending worker's."""
+    seq: int
+    """The worker's datagrams so far, this one included: what core.traffic.Cumulative.report
+    orders a worker's reports by (a late or repeated datagram adds nothing)."""
+    entries: Entries
+
+
+def read(datagram: bytes, tag: str) -> Report | None:
+    """The worker's pid, the datagram's sequence number and its keys' counts, or None when
+    anything in the datagram is off the grammar or the tag is not `tag`."""
     if len(datagram) > MAX_BYTES or not datagram.isascii():
         return None
     lines = datagram.decode("ascii").removesuffix("\n").split("\n")
@@ -49,7 +59,7 @@ def parse(datagram: bytes, tag: str) -> Report | None:
         return None
     if not hmac.compare_digest(header[1].encode(), tag.encode()):
         return None
-    found: list[tuple[Key, list[int]]] = []
+    found: Entries = []
     seen: set[Key] = set()
     for line in lines[1:]:
         entry = _entry(line)
@@ -57,7 +67,13 @@ def parse(datagram: bytes, tag: str) -> Report | None:
             return None
         seen.add(entry[0])
         found.append(entry)
-    return header[2], found
+    return Report(header[2], int(header[3]), found)
+
+
+def parse(datagram: bytes, tag: str) -> tuple[str, Entries] | None:
+    """`read` as the stats listener's decoders give it today: the pid and the entries."""
+    report = read(datagram, tag)
+    return None if report is None else (report.pid, report.entries)
 
 
 def _entry(line: str) -> tuple[Key, list[int]] | None:

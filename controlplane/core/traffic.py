@@ -228,16 +228,81 @@ def percentiles(histogram: Sequence[int], qs: Iterable[float]) -> list[float | N
     return found
 
 
+WARMUP = 12.0
+"""Seconds after a source is first heard in which a key it reports for the first time may
+hold counts from before: a Lua worker sends only the keys that changed, and every key each
+tenth send (one a second), so a key idle when the controller started comes within this."""
+REORDER = 64
+"""Datagrams: a sequence number this far below the highest heard from a source is no late
+datagram but a new worker that took the same pid (its sequence starts at 1 again)."""
+
+
+@dataclass
+class _Source:
+    """What one source (a Lua worker: "<nginx ip>/<pid>") last reported."""
+
+    whole: bool
+    """Heard from its first datagram: every count it holds was made while we listened."""
+    since: float
+    """When it was first heard."""
+    top: int
+    """The highest sequence number heard from it."""
+    keys: dict[Key, tuple[int, tuple[int, ...]]]
+    """Each key's last sequence number and vector."""
+
+
 class Cumulative:
-    """Turns counts that only grow (one source's: an nginx's Lua balancer) into what was
-    added since its last report. A count that went down means the source started again
-    (nginx restarted, its shared memory emptied): the new counts are all new."""
+    """Turns counts that only grow (each Lua worker's, cumulative since it started) into what
+    was added since its last report, as Prometheus reads counters: a controller that starts
+    does not know what a worker counted before, so its first report of each key is a
+    baseline that adds nothing, unless the worker was heard from its first datagram (seq 1).
+    A count that went down is a reset (the worker forgot a key idle for ten minutes and made
+    it again from zero): a new baseline whose counts are all new. A report whose sequence
+    number is not above the last one for that key (a duplicate, a late datagram) adds
+    nothing: what it holds is in the newer one."""
 
     def __init__(self) -> None:
+        self._sources: dict[str, _Source] = {}
         self._last: dict[tuple[str, Key], tuple[int, ...]] = {}
 
+    def report(
+        self,
+        source: str,
+        seq: int,
+        entries: Iterable[tuple[Key, Sequence[int]]],
+        now: float,
+    ) -> list[tuple[Key, list[int]]]:
+        """One datagram's keys (cumulative VECTORs): what each added, keys that added nothing
+        (or whose vector is not VECTOR long) left out."""
+        state = self._sources.get(source)
+        if state is None or seq < state.top - REORDER:
+            state = self._sources[source] = _Source(seq == 1, now, seq, {})
+        state.top = max(state.top, seq)
+        counted = state.whole or now - state.since >= WARMUP
+        found: list[tuple[Key, list[int]]] = []
+        for key, vector in entries:
+            if len(vector) != VECTOR:
+                continue
+            values = tuple(vector)
+            last = state.keys.get(key)
+            if last is not None and seq <= last[0]:
+                continue
+            state.keys[key] = (seq, values)
+            if last is None:
+                added = list(values) if counted else []
+            elif any(n < b for n, b in zip(values, last[1], strict=True)):
+                added = list(values)
+            else:
+                added = [n - b for n, b in zip(values, last[1], strict=True)]
+            if any(added):
+                found.append((key, added))
+        return found
+
     def delta(self, source: str, key: Key, vector: Sequence[int]) -> list[int] | None:
-        """What was added, None when nothing was (or the vector is not VECTOR long)."""
+        """The per-key form the stats listener takes today: what was added, None when
+        nothing was (or the vector is not VECTOR long). It has no sequence numbers, nor the
+        datagram a key came in, so a source's first report counts whole: `report` is the
+        form that does not."""
         if len(vector) != VECTOR:
             return None
         now = tuple(vector)
@@ -250,6 +315,7 @@ class Cumulative:
         return added if any(added) else None
 
     def forget(self, sources: Iterable[str]) -> None:
-        """Keeps only these sources (the nginx still managed)."""
+        """Keeps only these sources (the workers still heard from)."""
         keep = set(sources)
+        self._sources = {s: state for s, state in self._sources.items() if s in keep}
         self._last = {k: v for k, v in self._last.items() if k[0] in keep}

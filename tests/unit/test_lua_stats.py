@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.core.labels import NAME_RE
-from controlplane.core.lua_stats import MAX_BYTES, MAX_COUNT, parse
+from controlplane.core.lua_stats import MAX_BYTES, MAX_COUNT, Report, parse, read
 from controlplane.core.model import Topology
 from controlplane.core.render import RenderOptions, StatsSink, render_config
 from controlplane.core.traffic import BUCKETS, COUNTS, VECTOR, Key
@@ -52,6 +52,13 @@ def test_a_datagram_as_the_lua_side_writes_it() -> None:
         ],
     )
     assert all(len(v) == VECTOR for _, v in report[1])
+
+
+def test_read_gives_the_sequence_number_too() -> None:
+    peer = (Key("web", "172.20.0.2:8080"), vector([0, 7, 0, 1, 2, 0, 4000, 700], {4: 10}))
+    assert read(datagram(PEER), TAG) == Report("4242", 17, [peer])
+    assert read(datagram(header=f"cp-stats 1 {TAG} 7 1"), TAG) == Report("7", 1, [])
+    assert read(datagram(WEB), "Xbc123def456GHI789jk") is None
 
 
 def test_a_header_alone_and_a_last_newline_are_fine() -> None:

@@ -88,6 +88,68 @@ def test_cumulative_reports_become_deltas_and_a_restart_starts_again() -> None:
     assert feed.delta("lb", WEB, [1] * T.VECTOR) == [1] * T.VECTOR
 
 
+def v(n: int) -> list[int]:
+    return [n] * T.VECTOR
+
+
+API = T.Key("api", "")
+
+
+def test_a_restarted_controller_takes_a_workers_first_report_as_its_baseline() -> None:
+    feed = T.Cumulative()
+    assert feed.report("lb/7", 5000, [(WEB, v(90_000)), (API, v(3))], 100.0) == []
+    assert feed.report("lb/7", 5001, [(WEB, v(90_004))], 101.0) == [(WEB, v(4))]
+    # an idle key comes with the next full send: from before too
+    assert feed.report("lb/7", 5002, [(T.Key("old", ""), v(500))], 109.0) == []
+    # after that, a key first seen was made since: all of it is new
+    new = T.Key("new", "")
+    assert feed.report("lb/7", 5003, [(new, v(2))], 100.0 + T.WARMUP) == [(new, v(2))]
+
+
+def test_a_worker_heard_from_its_first_datagram_counts_whole() -> None:
+    """A reload's new workers (new pids) start at seq 1: all they hold is new."""
+    feed = T.Cumulative()
+    assert feed.report("lb/8", 1, [(WEB, v(3))], 100.0) == [(WEB, v(3))]
+    assert feed.report("lb/8", 2, [(API, v(1))], 101.0) == [(API, v(1))]
+
+
+def test_a_count_that_went_down_is_a_new_baseline_whose_counts_are_new() -> None:
+    feed = T.Cumulative()
+    feed.report("lb/7", 1, [(WEB, v(10))], 100.0)
+    assert feed.report("lb/7", 2, [(WEB, v(3))], 101.0) == [(WEB, v(3))]
+    assert feed.report("lb/7", 3, [(WEB, v(5))], 102.0) == [(WEB, v(2))]
+    one_down = v(8)
+    one_down[T.BYTES_SENT] = 4  # one count lower is enough (a 2^53 wrap, a forgotten key)
+    assert feed.report("lb/7", 4, [(WEB, one_down)], 103.0) == [(WEB, one_down)]
+
+
+def test_duplicate_and_late_datagrams_add_nothing() -> None:
+    feed = T.Cumulative()
+    feed.report("lb/7", 1, [(WEB, v(1)), (API, v(1))], 100.0)
+    assert feed.report("lb/7", 3, [(WEB, v(5))], 102.0) == [(WEB, v(4))]
+    assert feed.report("lb/7", 3, [(WEB, v(5))], 102.0) == [], "the same one again"
+    late = feed.report("lb/7", 2, [(WEB, v(3)), (API, v(2))], 102.1)
+    assert late == [(API, v(1))], "WEB's is older than what came; API's is not"
+    assert feed.report("lb/7", 4, [(WEB, v(6)), (API, v(2))], 103.0) == [(WEB, v(1))]
+
+
+def test_a_new_worker_with_a_known_pid_is_a_new_source() -> None:
+    feed = T.Cumulative()
+    feed.report("lb/7", 500, [(WEB, v(50))], 100.0)
+    assert feed.report("lb/7", 1, [(WEB, v(2))], 200.0) == [(WEB, v(2))]
+    assert feed.report("lb/7", 2, [(WEB, v(3))], 201.0) == [(WEB, v(1))]
+
+
+def test_sources_are_apart_and_a_forgotten_one_starts_again() -> None:
+    feed = T.Cumulative()
+    feed.report("lb/7", 1, [(WEB, v(1))], 100.0)
+    assert feed.report("other/7", 9, [(WEB, v(40))], 100.0) == [], "another nginx's worker"
+    assert feed.report("lb/7", 2, [(WEB, v(2)), (API, [1, 2])], 101.0) == [(WEB, v(1))]
+    feed.forget(["other/7"])
+    assert feed.report("lb/7", 3, [(WEB, v(3))], 102.0) == [], "a baseline again"
+    assert feed.report("other/7", 10, [(WEB, v(41))], 102.0) == [(WEB, v(1))]
+
+
 def test_a_vector_adds_counts_and_buckets() -> None:
     book = T.TrafficBook()
     vector = [0, 5, 0, 0, 1, 2, 600, 300] + [0] * T.BUCKETS
