@@ -80,7 +80,7 @@ SINK_PORT = re.compile(
 )
 """Where a config sends stats: the reload access log's port, or the dynamic configure()'s
 (the Lua source inlined beside it has a `stats = {` of its own)."""
-SAMPLE = b"<190>Dec  1 00:17:00 %s: cps1|bench|172.18.0.3:80|200|0.001|0.000|200|212|67"
+SAMPLE = b"<190>Dec  1 00:17:00 %s: cps2|1|bench|172.18.0.3:80|200|0.001|0.000|200|212|67"
 """A typical reload datagram: one try, answered."""
 SAMPLE_SOURCE = "172.18.0.2"
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}

@@ -1,18 +1,20 @@
-"""The reload data plane's traffic reports (issue 17): one syslog datagram per request, the
-`controlplane_stats` access log that templates/controlplane.conf.j2 declares, read into what
+"""The reload data plane's traffic reports (issue 17): one syslog datagram per request sent,
+the `controlplane_stats` access log that templates/controlplane.conf.j2 declares, read into what
 the traffic book counts. Pure, and it never raises: a datagram that is not exactly what
 nginx sends (wrong tag, a field out of its grammar, more than MAX_TRIES tries) is None.
 
 What nginx sends (nginx 1.22, `syslog:...,facility=local7,severity=info,tag=T,nohostname`):
 
-  <190>Dec  1 00:17:00 T: cps1|web|10.0.0.3:80, 10.0.0.4:80|502, 200|0.000, 0.004|-, 0.001|200|9|67
+  <190>Dec  1 00:17:00 T: cps2|1|web|10.0.0.3:80, 10.0.0.4:80|502, 200|0.000, 0.004|-, 0.001|200|9|7
 
-after the `cps1` version: the service, then $upstream_addr, $upstream_status,
-$upstream_response_time and $upstream_connect_time (one entry per try, ", " between tries,
-" : " between the upstreams of an internal redirect, the same layout in all four), then
-$status, $bytes_sent and $request_length. Where no upstream was used (the service's 503 with
-no live backend) the four are "-". Where nginx found no server to try ("no live upstreams"),
-the entry's address is the upstream's name: that entry is no try at a backend.
+after the `cps2` version: the weight (how many requests the line stands for: 1, or N for
+one that nginx sent one in N of, --stats-sample), the service, then $upstream_addr,
+$upstream_status, $upstream_response_time and $upstream_connect_time (one entry per try,
+", " between tries, " : " between the upstreams of an internal redirect, the same layout in
+all four), then $status, $bytes_sent and $request_length. Where no upstream was used (the
+service's 503 with no live backend) the four are "-". Where nginx found no server to try
+("no live upstreams"), the entry's address is the upstream's name: that entry is no try at a
+backend.
 
 A try is a connect error when its connect never finished ($upstream_connect_time "-") and
 nginx gave it 502 (refused, unreachable) or 504 (the connect timed out): the status is then
@@ -31,11 +33,20 @@ from typing import NamedTuple
 
 from controlplane.core.labels import NAME_RE
 from controlplane.core.render import IPV4_RE
-from controlplane.core.traffic import Key, TrafficBook
+from controlplane.core.traffic import (
+    BYTES_RECEIVED,
+    BYTES_SENT,
+    COUNTS,
+    VECTOR,
+    Key,
+    TrafficBook,
+    bucket,
+    status_class,
+)
 
-VERSION = "cps1"
+VERSION = "cps2"
 FORMAT = (
-    f"{VERSION}|$cp_service|$upstream_addr|$upstream_status|$upstream_response_time"
+    f"{VERSION}|$cp_weight|$cp_service|$upstream_addr|$upstream_status|$upstream_response_time"
     "|$upstream_connect_time|$status|$bytes_sent|$request_length"
 )
 """The log_format the template declares (a test checks they agree)."""
@@ -45,6 +56,8 @@ asks (the stats listener dispatches on it)."""
 MAX_DATAGRAM = 2048
 """Bytes: 16 tries at IPv6 addresses take about 1,300."""
 MAX_TRIES = 16
+MAX_WEIGHT = 1000
+"""As --stats-sample's (core.render.MAX_STATS_SAMPLE)."""
 
 _HEADER_RE = re.compile(
     re.escape(PREFIX)
@@ -59,6 +72,7 @@ _IPV6_PORT_RE = re.compile(rb"\[([0-9a-fA-F:.]{2,45})\]:([0-9]{1,5})")
 _STATUS_RE = re.compile(rb"[0-9]{3}")
 _TIME_RE = re.compile(rb"[0-9]{1,9}\.[0-9]{3}")
 _BYTES_RE = re.compile(rb"[0-9]{1,15}")
+_WEIGHT_RE = re.compile(rb"[1-9][0-9]{0,3}")
 _SEPARATOR_RE = re.compile(rb", | : ")
 _CONNECT_FAILED = frozenset({502, 504})
 
@@ -83,6 +97,8 @@ class Request(NamedTuple):
     """Spent in upstreams, over all tries; None when no try has a time."""
     sent: int
     received: int
+    weight: int = 1
+    """How many requests this one stands for: N when nginx sent one in N like it."""
 
 
 def parse(datagram: bytes, tag: str) -> Request | None:
@@ -93,11 +109,13 @@ def parse(datagram: bytes, tag: str) -> Request | None:
     if header is None or not hmac.compare_digest(header.group(1), tag.encode()):
         return None
     fields = header.group(2).split(b"|")
-    if len(fields) != 8:
+    if len(fields) != 9:
         return None
-    service, addrs, statuses, times, connects, status, sent, received = fields
+    weight, service, addrs, statuses, times, connects, status, sent, received = fields
     if not (
-        _NAME_RE.fullmatch(service)
+        _WEIGHT_RE.fullmatch(weight)
+        and int(weight) <= MAX_WEIGHT
+        and _NAME_RE.fullmatch(service)
         and _STATUS_RE.fullmatch(status)
         and _BYTES_RE.fullmatch(sent)
         and _BYTES_RE.fullmatch(received)
@@ -108,6 +126,9 @@ def parse(datagram: bytes, tag: str) -> Request | None:
     if tries is None:
         return None
     spent = [t.seconds for t in tries if t.seconds is not None]
+    count = int(weight)
+    if count > 1 and not (len(tries) == 1 and not tries[0].connect_error):
+        return None  # nginx samples only requests answered in one try
     return Request(
         name,
         tries,
@@ -115,6 +136,7 @@ def parse(datagram: bytes, tag: str) -> Request | None:
         sum(spent) if spent else None,
         int(sent),
         int(received),
+        count,
     )
 
 
@@ -171,7 +193,10 @@ def _is_ipv6(text: str) -> bool:
 
 def add(book: TrafficBook, request: Request, now: float) -> None:
     """Each try at its backend, and the request once at its service (which counts every
-    failed connect of its tries, as its backends do)."""
+    failed connect of its tries, as its backends do); a sampled request, `weight` times."""
+    if request.weight > 1:
+        _add_weighted(book, request, now)
+        return
     last = len(request.tries) - 1
     answered = last if last >= 0 and not request.tries[last].connect_error else -1
     failed = 0
@@ -198,3 +223,22 @@ def add(book: TrafficBook, request: Request, now: float) -> None:
     )
     for _ in range(failed - 1):
         book.add(whole, None, None, now, connect_error=True)
+
+
+def _add_weighted(book: TrafficBook, request: Request, now: float) -> None:
+    """A sampled request (one try, answered) as the vector of `weight` such requests."""
+    (one,) = request.tries
+    n = request.weight
+    for key, status in (
+        (Key(request.service, one.backend), one.status),
+        (Key(request.service, ""), request.status),
+    ):
+        vector = [0] * VECTOR
+        kind = None if status is None else status_class(status)
+        if kind is not None:
+            vector[kind] = n
+            if request.seconds is not None:
+                vector[COUNTS + bucket(request.seconds)] = n
+        vector[BYTES_SENT] = n * request.sent
+        vector[BYTES_RECEIVED] = n * request.received
+        book.add_vector(key, vector, now)

@@ -21,6 +21,8 @@ from controlplane.errors import TemplateError
 
 SERVICE_TEMPLATE = "service.conf.j2"
 STATS_TAG_RE = re.compile(r"[A-Za-z0-9]{16,32}")
+MAX_STATS_SAMPLE = 1000
+"""nginx's split_clients takes percentages to two decimals: one in 1,000 is 0.10%."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class RenderOptions:
     """How often (seconds) the Lua loader looks at the state file's first line."""
     stats: StatsSink | None = None
     """Where nginx sends its traffic figures; None: it sends none."""
+    stats_sample: int = 1
+    """Reload data plane: of the requests answered in one try, below 500 and within a second,
+    nginx sends one in this many, standing for them all; every other request is sent."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.stats_sample <= MAX_STATS_SAMPLE:
+            raise ValueError(f"stats_sample {self.stats_sample} is not in 1..{MAX_STATS_SAMPLE}")
 
 
 class ServerView(NamedTuple):

@@ -72,7 +72,8 @@ def make_stack(
 
 @pytest.fixture
 def stack(lab: Lab, start_controller: ControllerFactory, http_for: type[Http]) -> Stack:
-    return make_stack(lab, start_controller, http_for)
+    """Every request counted (--stats-sample 1), so the page's counts are the clients'."""
+    return make_stack(lab, start_controller, http_for, stats_sample=1)
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 datagram per request to a listener in this process, on the test network's gateway (where the
 controller on a host is reached), and the book's counts per backend are the clients' own,
 exactly; refused connects are counted as nginx itself logged them; the operator's access log
-is still written. Rendered and deployed with the controller's own parts, without its loop."""
+is still written. Sampled (--stats-sample), nginx sends one in N of the fast answers, each
+standing for N, and every error. Rendered and deployed with the controller's own parts,
+without its loop."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import io
 import re
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,14 +78,15 @@ class Deployed:
         self.listener.start()
         self.deployer = NginxDeployer(lab.client.api)
 
-    def deploy(self, stats: bool = True) -> None:
+    def deploy(self, stats: bool = True, sample: int = 1) -> None:
         topology = topology_of(self.lab, self.net)
         sink = None
         if stats:
             finder = SinkFinder(self.lab.client.api, self.listener.port, self.tag)
             sink = finder.sink(topology.nginx)
             assert sink == StatsSink(self.gateway, self.listener.port, self.tag)
-        config = render_config(topology, load_template(), RenderOptions(stats=sink))
+        options = RenderOptions(stats=sink, stats_sample=sample)
+        config = render_config(topology, load_template(), options)
         result = self.deployer.deploy(topology.nginx[0], config.encode())
         assert result.ok, result
 
@@ -180,6 +184,61 @@ def test_refused_connects_are_counted_as_nginx_logged_them(
     assert whole is not None and whole.requests["2xx"] == 60 and whole.connect_errors == refusals
 
 
+def test_sampled_answers_stand_for_n_and_every_error_is_sent(
+    lab: Lab, http_for: type[Http], deployed_for: type[Deployed]
+) -> None:
+    """One in ten of the fast 200s comes as a datagram of weight 10; each 500 comes alone."""
+    net = lab.network()
+    lb = lab.nginx(net, labels={L.DATAPLANE: "reload"})
+    backend = lab.backend(net, env={"HEALTH": "500"})
+    stats = deployed_for(lab, net, lb)
+    stats.deploy(sample=10)
+    http = http_for(lab.published_port(lb))
+    wait_until(lambda: http.settled("web", {str(backend.name)}), what="the backend")
+    listener = stats.listener
+    settled = listener.datagrams()["accepted"]
+    before = listener.summary(Key("web", ""))
+    done = sum(before.requests.values()) if before is not None else 0
+
+    served = http.bodies("web", 2000)
+    assert served == {backend.name: 2000}, served
+    failed = [http.get("web", "/health").status_code for _ in range(50)]
+    assert failed == [500] * 50
+
+    # 200 of the 2,000 expected (sd 13); each 500 is sent
+    wait_until(lambda: listener.datagrams()["accepted"] - settled >= 50 + 150, what="datagrams")
+    time.sleep(0.5)
+    sent = listener.datagrams()["accepted"] - settled
+    assert 50 + 150 <= sent <= 50 + 250 and not dropped(listener), listener.datagrams()
+    whole = listener.summary(Key("web", ""))
+    assert whole is not None and whole.requests["5xx"] == 50
+    answered = whole.requests["2xx"] - done
+    assert answered % 10 == 0 and 1500 <= answered <= 2500, answered
+    assert whole.p50_ms is not None
+
+
+def test_a_service_named_0_is_counted(
+    lab: Lab, http_for: type[Http], deployed_for: type[Deployed]
+) -> None:
+    """nginx takes "0" for false in `if=`: the log's condition is a flag of its own."""
+    net = lab.network()
+    lb = lab.nginx(net, labels={L.DATAPLANE: "reload"})
+    backend = lab.backend(net, alias="0")
+    stats = deployed_for(lab, net, lb)
+    stats.deploy()
+    http = http_for(lab.published_port(lb))
+    wait_until(lambda: http.settled("0", {str(backend.name)}), what="the backend")
+    counted = stats.listener.summary(Key("0", ""))
+    done = sum(counted.requests.values()) if counted is not None else 0
+    assert http.bodies("0", 20) == {backend.name: 20}
+
+    def all_in() -> bool:
+        figures = stats.listener.summary(Key("0", ""))
+        return figures is not None and figures.requests["2xx"] - done == 20
+
+    wait_until(all_in, what="the 20 requests counted")
+
+
 def logs(nginx: Container) -> str:
     return nginx.logs(stdout=True, stderr=True).decode("utf-8", "replace")
 
@@ -193,16 +252,17 @@ def template() -> jinja2.Template:
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(st.lists(st.tuples(LABELS, ALIAS), min_size=1, max_size=4))
+@given(st.lists(st.tuples(LABELS, ALIAS), min_size=1, max_size=4), st.sampled_from([1, 10]))
 def test_any_labels_with_stats_give_a_config_nginx_accepts(
-    template: jinja2.Template, backends: list[tuple[dict[str, str], str]]
+    template: jinja2.Template, backends: list[tuple[dict[str, str], str]], sample: int
 ) -> None:
     """The label fuzz's property, with the stats log on."""
     containers = tuple(container(i, labels, alias) for i, (labels, alias) in enumerate(backends))
     state = DockerState(
         containers=containers, networks=(NetworkFacts("n", "app", "bridge", "local"),)
     )
-    options = RenderOptions(listen_port=18080, stats=StatsSink("172.20.0.1", 5514, "T" * 24))
+    sink = StatsSink("172.20.0.1", 5514, "T" * 24)
+    options = RenderOptions(listen_port=18080, stats=sink, stats_sample=sample)
     config = render_config(build_topology(state), template, options)
     with tempfile.TemporaryDirectory() as directory:
         result = nginx_t(Path(directory), config)

@@ -25,10 +25,11 @@ def figures(controller: RunningController, *keys: Key) -> dict[Key, int]:
 def test_requests_through_nginx_are_counted_per_backend_and_service(
     lab: Lab, start_controller: ControllerFactory, http_for: type[Http]
 ) -> None:
+    """Exactly, with --stats-sample 1 (the dynamic data plane counts every request anyway)."""
     net = lab.network()
     lb = lab.nginx(net)
     backends = [lab.backend(net), lab.backend(net)]
-    controller = start_controller(net.name, api_bind="127.0.0.1:0")
+    controller = start_controller(net.name, api_bind="127.0.0.1:0", stats_sample=1)
     http = http_for(lab.published_port(lb))
     names = {str(b.name) for b in backends}
     wait_until(lambda: http.settled("web", names), what="both served")
@@ -62,12 +63,12 @@ def test_a_controller_restart_keeps_the_stats_port_and_tag(
     net = lab.network()
     lb = lab.nginx(net)
     backend = lab.backend(net)
-    first = start_controller(net.name, state_dir=tmp_path, api_bind="127.0.0.1:0")
+    first = start_controller(net.name, state_dir=tmp_path, api_bind="127.0.0.1:0", stats_sample=1)
     http = http_for(lab.published_port(lb))
     wait_until(lambda: http.settled("web", {str(backend.name)}), what="served")
     before = rendered(first)
     first.stop()
-    again = start_controller(net.name, state_dir=tmp_path, api_bind="127.0.0.1:0")
+    again = start_controller(net.name, state_dir=tmp_path, api_bind="127.0.0.1:0", stats_sample=1)
     wait_until(lambda: bool(again.reports), what="its first pass")
     assert rendered(again) == before
     stats = again.controller.stats

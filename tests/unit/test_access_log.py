@@ -41,40 +41,40 @@ def refused(backend: str) -> A.Try:
     ("message", "expected"),
     [
         (
-            f"cps1|web|{B1}|200|0.004|0.001|200|150|67",
+            f"cps2|1|web|{B1}|200|0.004|0.001|200|150|67",
             A.Request(WEB, (attempt(B1, 200, 0.004),), 200, 0.004, 150, 67),
         ),
         (
-            f"cps1|web|{B1}, {B2}|502, 200|0.000, 0.002|-, 0.001|200|150|67",
+            f"cps2|1|web|{B1}, {B2}|502, 200|0.000, 0.002|-, 0.001|200|150|67",
             A.Request(WEB, (refused(B1), attempt(B2, 200, 0.002)), 200, 0.002, 150, 67),
         ),
         (
-            f"cps1|web|{B1}|504|1.001|-|504|314|67",
+            f"cps2|1|web|{B1}|504|1.001|-|504|314|67",
             A.Request(WEB, (refused(B1),), 504, None, 314, 67),
         ),
         (
-            f"cps1|web|{B1}|504|60.002|0.001|504|314|67",
+            f"cps2|1|web|{B1}|504|60.002|0.001|504|314|67",
             A.Request(WEB, (attempt(B1, 504, 60.002),), 504, 60.002, 314, 67),
         ),
         (
-            f"cps1|web|{B1} : {B2}|404 : 200|0.001 : 0.003|0.000 : 0.001|200|150|72",
+            f"cps2|1|web|{B1} : {B2}|404 : 200|0.001 : 0.003|0.000 : 0.001|200|150|72",
             A.Request(WEB, (attempt(B1, 404, 0.001), attempt(B2, 200, 0.003)), 200, 0.004, 150, 72),
         ),
         (
-            "cps1|web|cp_web|502|0.000|-|502|314|67",
+            "cps2|1|web|cp_web|502|0.000|-|502|314|67",
             A.Request(WEB, (), 502, None, 314, 67),
         ),
         (
-            f"cps1|web|{B1}, cp_web|502, 502|0.000, 0.000|-, -|502|314|67",
+            f"cps2|1|web|{B1}, cp_web|502, 502|0.000, 0.000|-, -|502|314|67",
             A.Request(WEB, (refused(B1),), 502, None, 314, 67),
         ),
-        ("cps1|web|-|-|-|-|503|190|67", A.Request(WEB, (), 503, None, 190, 67)),
+        ("cps2|1|web|-|-|-|-|503|190|67", A.Request(WEB, (), 503, None, 190, 67)),
         (
-            f"cps1|web|{B1}|-|0.500|0.001|499|0|67",
+            f"cps2|1|web|{B1}|-|0.500|0.001|499|0|67",
             A.Request(WEB, (attempt(B1, None, 0.5),), 499, 0.5, 0, 67),
         ),
         (
-            "cps1|api.v2|[fd00::2]:8080|200|0.010|0.000|200|314|67",
+            "cps2|1|api.v2|[fd00::2]:8080|200|0.010|0.000|200|314|67",
             A.Request("api.v2", (attempt("[fd00::2]:8080", 200, 0.01),), 200, 0.01, 314, 67),
         ),
     ],
@@ -95,7 +95,7 @@ def test_what_nginx_sends_is_read(message: str, expected: A.Request) -> None:
     assert A.parse(line(message), TAG) == expected
 
 
-GOOD = f"cps1|web|{B1}|200|0.004|0.001|200|150|67"
+GOOD = f"cps2|1|web|{B1}|200|0.004|0.001|200|150|67"
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,14 @@ GOOD = f"cps1|web|{B1}|200|0.004|0.001|200|150|67"
         line(GOOD, f"<191>Dec  1 00:17:00 {TAG}: "),
         line(GOOD, f"<190>Dec  1 00:17:00 host {TAG}: "),
         line(GOOD, f"<190>2026-12-01T00:17:00 {TAG}: "),
-        line(GOOD.replace("cps1", "cps2")),
+        line(GOOD.replace("cps2|1|", "cps1|")),
+        line(GOOD.replace("cps2|1|", "cps2|0|")),
+        line(GOOD.replace("cps2|1|", "cps2|01|")),
+        line(GOOD.replace("cps2|1|", "cps2|1001|")),
+        line(GOOD.replace("cps2|1|", "cps2||")),
+        line(f"cps2|10|web|{B1}, {B2}|502, 200|0.000, 0.002|-, 0.001|200|150|67"),
+        line(f"cps2|10|web|{B1}|502|0.000|-|502|150|67"),
+        line("cps2|10|web|-|-|-|-|503|190|67"),
         line(GOOD + "|1"),
         line(GOOD.replace("|67", "|67\n")),
         line(GOOD + "\n" + GOOD),
@@ -124,12 +131,12 @@ GOOD = f"cps1|web|{B1}|200|0.004|0.001|200|150|67"
         line(GOOD.replace("0.004", "1234567890.004")),
         line(GOOD.replace("|150|", "|1234567890123456|")),
         line(GOOD.replace("|150|", "|-1|")),
-        line(f"cps1|web|{B1}, {B2}|502|0.000, 0.002|-, 0.001|200|150|67"),
-        line(f"cps1|web|{B1}, {B2}|502 : 200|0.000, 0.002|-, 0.001|200|150|67"),
-        line(f"cps1|web|{B1} : |200 : |0.001 : |0.000 : |200|150|67"),
-        line("cps1|web|-|-|0.001|-|503|190|67"),
+        line(f"cps2|1|web|{B1}, {B2}|502|0.000, 0.002|-, 0.001|200|150|67"),
+        line(f"cps2|1|web|{B1}, {B2}|502 : 200|0.000, 0.002|-, 0.001|200|150|67"),
+        line(f"cps2|1|web|{B1} : |200 : |0.001 : |0.000 : |200|150|67"),
+        line("cps2|1|web|-|-|0.001|-|503|190|67"),
         line(
-            "cps1|web|"
+            "cps2|1|web|"
             + "|".join(", ".join([v] * (A.MAX_TRIES + 1)) for v in (B1, "200", "0.001", "0.000"))
             + "|200|150|67"
         ),
@@ -147,7 +154,7 @@ def test_up_to_sixteen_tries_and_no_more_bytes_than_a_datagram_holds() -> None:
     fields = [
         ", ".join([v] * A.MAX_TRIES) for v in ("[fd00::1234:5678]:65535", "200", "0.001", "0.000")
     ]
-    datagram = line("cps1|web|" + "|".join(fields) + "|200|150|67")
+    datagram = line("cps2|1|web|" + "|".join(fields) + "|200|150|67")
     request = A.parse(datagram, TAG)
     assert request is not None and len(request.tries) == A.MAX_TRIES
     assert len(datagram) <= A.MAX_DATAGRAM
@@ -156,8 +163,8 @@ def test_up_to_sixteen_tries_and_no_more_bytes_than_a_datagram_holds() -> None:
 
 def test_a_request_counts_once_at_its_service_and_each_try_at_its_backend() -> None:
     book = TrafficBook()
-    retried = A.parse(line(f"cps1|web|{B1}, {B2}|502, 200|0.000, 0.002|-, 0.001|200|150|67"), TAG)
-    none_left = A.parse(line(f"cps1|web|{B1}, cp_web|502, 502|0.000, 0.000|-, -|502|314|60"), TAG)
+    retried = A.parse(line(f"cps2|1|web|{B1}, {B2}|502, 200|0.000, 0.002|-, 0.001|200|150|67"), TAG)
+    none_left = A.parse(line(f"cps2|1|web|{B1}, cp_web|502, 502|0.000, 0.000|-, -|502|314|60"), TAG)
     assert retried is not None and none_left is not None
     A.add(book, retried, 100.0)
     A.add(book, none_left, 100.0)
@@ -175,11 +182,13 @@ def test_a_request_counts_once_at_its_service_and_each_try_at_its_backend() -> N
 def test_the_template_declares_the_format_parsed_here(
     template: jinja2.Template, tmp_path: Path
 ) -> None:
-    """The http-level log and the service's variable; nginx accepts them, IPv6 sink too."""
+    """The http-level log and the service's variable; nginx accepts them, with an IPv6 sink
+    too, sampled or not."""
     topology = build_topology(state(nginx(), container("web-1")))
-    for host in ("172.20.0.1", "fd00::1"):
+    for host, sample in (("172.20.0.1", 1), ("fd00::1", 1), ("172.20.0.1", 10), ("fd00::1", 7)):
         sink = StatsSink(host, 5514, "A" * 32)
-        config = render_config(topology, template, RenderOptions(listen_port=18080, stats=sink))
+        options = RenderOptions(listen_port=18080, stats=sink, stats_sample=sample)
+        config = render_config(topology, template, options)
         formats = re.findall(
             r"^log_format controlplane_stats escape=default '(.*)';$", config, re.M
         )
@@ -188,8 +197,9 @@ def test_the_template_declares_the_format_parsed_here(
         target = f"[{host}]" if ":" in host else host
         assert (
             f'access_log "syslog:server={target}:5514,facility=local7,severity=info,tag={"A" * 32},'
-            'nohostname" controlplane_stats if=$cp_service;' in config
+            'nohostname" controlplane_stats if=$cp_send;' in config
         )
+        assert ("split_clients" in config) == (sample > 1)
         assert nginx_t(tmp_path, config).returncode == 0
     plain = render_config(topology, template, RenderOptions())
     assert "cp_service" not in plain and "syslog" not in plain
@@ -200,7 +210,7 @@ def test_the_template_declares_the_format_parsed_here(
 @given(st.binary(max_size=300))
 def test_random_bytes_never_raise(data: bytes) -> None:
     assert A.parse(data, TAG) is None or data.startswith(A.PREFIX)
-    assert A.parse(line("cps1|") + data, TAG) is None or b"|" in data
+    assert A.parse(line("cps2|1|") + data, TAG) is None or b"|" in data
 
 
 MUTATIONS = st.lists(
@@ -214,9 +224,9 @@ MUTATIONS = st.lists(
     st.sampled_from(
         [
             GOOD,
-            f"cps1|web|{B1}, {B2}|502, 200|0.000, 0.002|-, 0.001|200|150|67",
-            f"cps1|web|{B1} : {B2}|404 : 200|0.001 : 0.003|0.000 : 0.001|200|150|72",
-            "cps1|api.v2|[fd00::2]:8080|200|0.010|0.000|200|314|67",
+            f"cps2|1|web|{B1}, {B2}|502, 200|0.000, 0.002|-, 0.001|200|150|67",
+            f"cps2|1|web|{B1} : {B2}|404 : 200|0.001 : 0.003|0.000 : 0.001|200|150|72",
+            "cps2|1|api.v2|[fd00::2]:8080|200|0.010|0.000|200|314|67",
         ]
     ),
     MUTATIONS,
@@ -236,3 +246,17 @@ def test_mutated_lines_never_raise_and_what_passes_is_bounded(
             assert one.status is None or 0 <= one.status <= 999
             assert one.seconds is None or 0 <= one.seconds < 10**9
         A.add(TrafficBook(), request, 1.0)
+
+
+def test_a_sampled_request_counts_as_many_as_it_stands_for() -> None:
+    """One in ten fast answers is sent, weight 10: the book counts ten, bytes and times
+    included, as if each had been sent."""
+    weighted, alone = TrafficBook(), TrafficBook()
+    sampled = A.parse(line(f"cps2|10|web|{B1}|200|0.004|0.001|200|150|67"), TAG)
+    single = A.parse(line(GOOD), TAG)
+    assert sampled is not None and sampled.weight == 10 and single is not None
+    A.add(weighted, sampled, 100.0)
+    for _ in range(10):
+        A.add(alone, single, 100.0)
+    for key in (Key(WEB, B1), Key(WEB, "")):
+        assert weighted.summary(key, 100.5) == alone.summary(key, 100.5)

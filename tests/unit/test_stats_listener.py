@@ -18,7 +18,7 @@ from controlplane.stats_listener import HOUSEKEEPING, SOURCE_TTL, Decoded, Stats
 
 TAG = "abcdefghijklmnop1234"
 B1 = "172.20.0.3:80"
-LINE = f"<190>Dec  1 00:17:00 {TAG}: cps1|web|{B1}|200|0.004|0.001|200|150|67".encode()
+LINE = f"<190>Dec  1 00:17:00 {TAG}: cps2|1|web|{B1}|200|0.004|0.001|200|150|67".encode()
 LOCAL = "127.0.0.1"
 
 

@@ -160,7 +160,8 @@ class Clock:
 
 def line(addrs: str, statuses: str, times: str, connects: str, status: int) -> bytes:
     return (
-        f"<190>Dec  1 00:17:00 {TAG}: cps1|web|{addrs}|{statuses}|{times}|{connects}|{status}|9|67"
+        f"<190>Dec  1 00:17:00 {TAG}: "
+        f"cps2|1|web|{addrs}|{statuses}|{times}|{connects}|{status}|9|67"
     ).encode()
 
 
