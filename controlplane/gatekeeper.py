@@ -10,6 +10,7 @@ changes what is served calls `on_change` (the loop then runs a pass at once).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -145,12 +146,13 @@ class Gatekeeper:
 
     def _send(self, chosen: Sequence[tuple[R.Address, HealthCheck]], sent: float) -> None:
         for key, check in chosen:
-            self._prober.probe(key, check, lambda k, result: self._done(k, result, sent))
+            self._prober.probe(key, check, functools.partial(self._done, sent=sent, check=check))
 
-    def _done(self, key: R.Address, result: R.Result, sent: float) -> None:
+    def _done(self, key: R.Address, result: R.Result, sent: float, check: HealthCheck) -> None:
         """A probe's answer: recorded at once when a pass waits for it (or no thread runs
-        the rounds), else in the probe thread's next round."""
-        answer = (key, result, sent, self._draw())
+        the rounds), else in the probe thread's next round; with the check it ran, so one
+        that changed since drops it."""
+        answer = (key, result, sent, self._draw(), check)
         with self._changed:
             in_pass = key in self._awaited
             if self._background and not in_pass:
@@ -169,16 +171,17 @@ class Gatekeeper:
             in_pass = in_pass and all(key in self._awaited for key, *_ in answers)
             before = self._state
             self._state, changed = R.record_many(before, answers, self._clock(), self._policy)
-            for key, *_ in answers:
-                self._awaited.discard(key)
+            for key, *_, check in answers:
+                # a pass waits on for the answer to a check it changed
+                if (track := before.tracks.get(key)) is None or R.judged(track, check):
+                    self._awaited.discard(key)
             if in_pass:
                 self._dirty = True
                 self._changed.notify_all()
             after = self._state
-        for key, result, *_ in answers:
-            track = after.tracks.get(key)
-            if track is not None:
-                _call(self.on_probe, result, R.passed(track.check, result))
+        for key, result, *_, check in answers:
+            if key in after.tracks:  # judged by the check it ran, changed since or not
+                _call(self.on_probe, result, R.passed(check, result))
         networks = {key.network for key, *_ in answers}
         flipped = any(before.reach(n).unreachable != after.reach(n).unreachable for n in networks)
         if flipped:  # a network the controller cannot reach lets its held backends in

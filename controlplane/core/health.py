@@ -284,7 +284,11 @@ def observe(readiness: Readiness, found: Iterable[Candidate], now: float, first:
 
 
 def _rechecked(track: Track, check: HealthCheck, now: float) -> Track:
+    """A probe in flight ran the old check: its answer will be dropped (record_many), so the
+    new check is probed at once rather than after it."""
     track = track._replace(check=check, fails=0, passes=0)
+    if track.probing:
+        track = track._replace(probing=False, next_at=now)
     if track.phase in STARTING:
         return track
     if not check.active:
@@ -293,7 +297,7 @@ def _rechecked(track: Track, check: HealthCheck, now: float) -> Track:
     if track.phase is Phase.GAVE_UP:  # an active check goes on checking it: it may come back
         why = "checked again: a new active check"
         return track._replace(phase=Phase.DOWN, since=now, next_at=now, why=why)
-    return track._replace(next_at=now) if not track.probing else track
+    return track._replace(next_at=now)
 
 
 def due(
@@ -321,19 +325,23 @@ def due(
 def record(
     readiness: Readiness,
     key: Address,
+    check: HealthCheck,
     result: Result,
     sent: float,
     now: float,
     draw: float,
     policy: ReadinessPolicy,
 ) -> tuple[Readiness, bool]:
-    """A probe sent at `sent` said `result` at `now`; `draw` (uniform in [0, 1)) places the
-    next probe within the jitter. Also True when the gate's answer changed: a pass is due."""
-    return record_many(readiness, [(key, result, sent, draw)], now, policy)
+    """A probe of `check` sent at `sent` said `result` at `now`; `draw` (uniform in [0, 1))
+    places the next probe within the jitter. Also True when the gate's answer changed: a pass
+    is due."""
+    return record_many(readiness, [(key, result, sent, draw, check)], now, policy)
 
 
-Answer = tuple[Address, Result, float, float]
-"""A probe's key, its result, when it was sent and the jitter's draw for the next."""
+Answer = tuple[Address, Result, float, float, HealthCheck]
+"""A probe's key, its result, when it was sent, the jitter's draw for the next, and the check
+it ran: an answer to a check that changed since (the API, the labels) neither passes nor
+fails, as it may not be judged by the new one (a tcp connect is no passing GET /health)."""
 
 
 def record_many(
@@ -344,7 +352,7 @@ def record_many(
     tracks = dict(readiness.tracks)
     networks = dict(readiness.networks)
     changed = False
-    for key, result, sent, draw in answers:
+    for key, result, sent, draw, check in answers:
         was = networks.get(key.network, _NO_REACH)
         reach = _reach(was, result.outcome, sent, now, policy)
         if reach is not was:
@@ -354,7 +362,7 @@ def record_many(
             if was.unreachable is None:
                 tracks = _opened(tracks, key.network, now)
         track = tracks.get(key)
-        if track is None:
+        if track is None or not judged(track, check):
             continue
         blind = reach.unreachable is not None and result.outcome not in ANSWERS
         after = _probed(track, result, now, draw, policy, blind)
@@ -362,6 +370,11 @@ def record_many(
         if after.phase is not track.phase:
             changed = changed or _served(track, was) != _served(after, reach)
     return Readiness(tracks, networks), changed
+
+
+def judged(track: Track, check: HealthCheck) -> bool:
+    """Whether an answer to a probe of `check` counts for `track`: its check is the same."""
+    return track.check is check or track.check == check
 
 
 def _served(track: Track, reach: Reach) -> bool:

@@ -347,6 +347,31 @@ def test_turning_a_check_off_tells_the_transition_of_a_down_backend() -> None:
     assert run.served() == {"w1", "w2"}
 
 
+def test_a_probe_in_flight_when_the_check_changed_is_not_judged_by_the_new_one() -> None:
+    checked = {L.HEALTH_PATH: "/health", L.HEALTH_INTERVAL: "1s", L.HEALTH_FAILS: "2"}
+    w1, w2 = replace(W1, labels=checked), replace(W2, labels=checked)
+    good = Result(Outcome.STATUS, 200, 0.001)
+    prober = FakeProber({"172.20.0.2": good, "172.20.0.3": good})
+    run = Run(prober, LB, w1, w2)
+    del prober.answers["172.20.0.3"]  # its next probe stays in flight
+    run.clock.now = 101.0
+    run.gate.tick()
+    assert {(a.host, c.path) for a, c in zip(prober.sent, prober.checks, strict=True)} == {
+        ("172.20.0.2", "/health"),
+        ("172.20.0.3", "/health"),
+    }
+    ready = {**checked, L.HEALTH_PATH: "/ready"}
+    w1, w2 = replace(W1, labels=ready), replace(W2, labels=ready)
+    run.source.state = state(LB, w1, w2)
+    run.at(101.5, DockerEvent("container", "update", W2.id, None, 0))
+    sent = [(a.host, c.path) for a, c in zip(prober.sent, prober.checks, strict=True)]
+    assert ("172.20.0.3", "/ready") in sent[-2:], "the new check at once, not after the old"
+    prober.answer("172.20.0.3", Result(Outcome.STATUS, 404, 0.001))  # both: /health's dropped
+    health = run.reconciler.health()[W2.id, "app"]
+    assert (health.state, health.fails) == ("up", 1)
+    assert run.woken == [] and run.served() == {"w1", "w2"}
+
+
 class LateProber:
     """Answers CONNECTED a millisecond later, from another thread, as the real one does."""
 

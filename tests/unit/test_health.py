@@ -66,10 +66,20 @@ class Gate:
     def gated(self) -> Topology:
         return R.gate(topology(*self.containers), self.readiness)
 
-    def answer(self, address: R.Address, outcome: R.Outcome | R.Result, draw: float = 0.5) -> bool:
+    def answer(
+        self,
+        address: R.Address,
+        outcome: R.Outcome | R.Result,
+        draw: float = 0.5,
+        check: HealthCheck | None = None,
+    ) -> bool:
+        """`check`: the one the probe ran (by default the backend's current one)."""
         result = outcome if isinstance(outcome, R.Result) else R.Result(outcome)
+        if check is None:  # an answer for an untracked one is dropped whatever its check
+            track = self.readiness.tracks.get(address)
+            check = track.check if track is not None else HealthCheck()
         self.readiness, changed = R.record(
-            self.readiness, address, result, self.now, self.now, draw, POLICY
+            self.readiness, address, check, result, self.now, self.now, draw, POLICY
         )
         return changed
 
@@ -255,7 +265,7 @@ def test_probes_in_flight_are_bounded() -> None:
     readiness, none = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
     assert len(first) == 2 and none == []
     readiness, _ = R.record(
-        readiness, first[0][0], R.Result(R.Outcome.REFUSED), 0.0, 0.0, 0.5, POLICY
+        readiness, *first[0], R.Result(R.Outcome.REFUSED), 0.0, 0.0, 0.5, POLICY
     )
     _, more = R.due(readiness, 0.0, replace(POLICY, concurrency=2))
     assert len(more) == 1 and more[0] not in first
@@ -645,3 +655,59 @@ def test_a_backend_that_gave_up_is_checked_again_by_a_new_active_check() -> None
     assert len(gate.sent) == sent + 1  # probed at once
     assert gate.answer(key(short), R.Outcome.CONNECTED)
     assert states(gate.gated) == {"w1": BackendState.UP}
+
+
+# A probe in flight when its check changed (API PUT, labels): its answer is dropped.
+
+
+def test_an_answer_to_a_check_changed_since_neither_passes_nor_fails() -> None:
+    gate, facts = checked({**HTTP, L.HEALTH_FAILS: "1"})
+    gate.at(2.0)  # its next probe goes out, GET /health
+    before = gate.readiness.tracks[key(facts)]
+    assert gate.sent == [key(facts)] * 2 and before.probing
+    ready = replace(facts, labels={**HTTP, L.HEALTH_FAILS: "1", L.HEALTH_PATH: "/ready"})
+    gate.observe(ready)  # changed while in flight: the new check is probed at once
+    assert gate.sent == [key(facts)] * 3
+    assert not gate.answer(key(facts), ok(500), check=before.check)
+    track = gate.readiness.tracks[key(facts)]
+    assert (track.phase, track.fails, track.passes, track.probing) == (R.Phase.READY, 0, 0, True)
+    assert track.probes == before.probes and track.last == before.last
+    assert states(gate.gated) == {"w1": BackendState.UP}
+    assert gate.answer(key(facts), ok(500))  # the new check's answer counts: fails=1
+    assert states(gate.gated) == {"w1": BackendState.UNHEALTHY}
+
+
+def test_a_tcp_connect_is_not_taken_for_a_passing_http_check_nor_for_a_failing_one() -> None:
+    facts = replace(W1, labels={L.HEALTH: "tcp", L.HEALTH_INTERVAL: "1s", L.HEALTH_FAILS: "1"})
+    gate = Gate(facts)
+    assert gate.answer(key(facts), R.Outcome.CONNECTED)
+    gate.at(2.0)
+    tcp = gate.readiness.tracks[key(facts)].check
+    gate.observe(replace(facts, labels={L.HEALTH_PATH: "/health", L.HEALTH_FAILS: "1"}))
+    assert not gate.answer(key(facts), R.Outcome.CONNECTED, check=tcp)  # not a failed GET
+    assert states(gate.gated) == {"w1": BackendState.UP}
+    gate.at(2.1)
+    assert gate.sent == [key(facts)] * 3, "the GET alone is in flight"
+
+
+def test_a_newcomer_whose_check_changed_while_probed_is_probed_again_not_stuck() -> None:
+    gate = Gate(W1)
+    first = gate.readiness.tracks[key(W1)].check
+    gate.now = 0.01
+    gate.observe(replace(W1, labels={L.HEALTH_PATH: "/health"}))
+    assert gate.sent == [key(W1)] * 2
+    assert not gate.answer(key(W1), R.Outcome.CONNECTED, check=first)
+    assert states(gate.gated) == {"w1": BackendState.STARTING}
+    assert gate.answer(key(W1), ok())
+    assert states(gate.gated) == {"w1": BackendState.UP}
+
+
+def test_a_check_changed_and_changed_back_takes_the_answer_it_ran() -> None:
+    """An answer is judged by the check it ran, not by when it was sent."""
+    gate, facts = checked({**HTTP, L.HEALTH_FAILS: "1"})
+    gate.at(2.0)
+    old = gate.readiness.tracks[key(facts)].check
+    gate.observe(replace(facts, labels={**HTTP, L.HEALTH_PATH: "/other"}))
+    gate.observe(facts)
+    assert gate.answer(key(facts), ok(500), check=old)
+    assert states(gate.gated) == {"w1": BackendState.UNHEALTHY}
