@@ -118,15 +118,73 @@ class Summary(NamedTuple):
     """Requests in each of the last 60 seconds, oldest first."""
 
 
+MAX_KEYS = 4096
+"""Keys a book holds at most (about 16 KB each when every second of the minute has counts): a
+report for one more is refused, and counted."""
+REFUSALS = ("unknown", "full")
+"""Why a report was refused: its key is of no service or backend the model has (or had in
+the last minute), or the book holds MAX_KEYS already."""
+
+
 class TrafficBook:
     """Every key's last minute. Owned by one thread at a time (the stats listener adds, the
-    API reads under the caller's lock)."""
+    API reads under the caller's lock).
 
-    def __init__(self) -> None:
+    Any string in a report (a service, an address) would make a key, so the book takes only
+    the keys of the current model once it is given them (`retain`, at each new snapshot), and
+    never more than `max_keys`; what it refuses is counted (`refused`). A key that left the
+    model stays a minute, taking reports the while (an old worker's last counts), so its last
+    figures stay visible; then it goes."""
+
+    def __init__(self, max_keys: int = MAX_KEYS) -> None:
         self._rings: dict[Key, _Ring] = {}
+        self._max_keys = max_keys
+        self._known: frozenset[Key] | None = None
+        """The model's keys; None: none given yet, every key is taken (within the cap)."""
+        self._left: dict[Key, float] = {}
+        """Keys no longer in the model, and when they left it."""
+        self._refused = dict.fromkeys(REFUSALS, 0)
 
     def __len__(self) -> int:
         return len(self._rings)
+
+    def retain(self, known: Iterable[Key], now: float) -> None:
+        """From now on, only these keys (the model's), and for a minute those that left."""
+        keep = frozenset(known)
+        before = self._known if self._known is not None else frozenset(self._rings)
+        for key in before | self._rings.keys():
+            if key not in keep:
+                self._left.setdefault(key, now)
+        self._left = {k: at for k, at in self._left.items() if k not in keep}
+        self._known = keep
+
+    def admits(self, key: Key) -> bool:
+        """Whether a report for `key` would be taken (nothing counted)."""
+        return self._why_not(key) is None
+
+    def refused(self) -> dict[str, int]:
+        """Reports refused since the start, by REFUSALS."""
+        return dict(self._refused)
+
+    def _why_not(self, key: Key) -> str | None:
+        if self._known is not None and key not in self._known and key not in self._left:
+            return "unknown"
+        if key not in self._rings and len(self._rings) >= self._max_keys:
+            return "full"
+        return None
+
+    def _ring(self, key: Key) -> _Ring | None:
+        """The key's ring, made if new; None (counted) when the book refuses the key."""
+        ring = self._rings.get(key)
+        if ring is not None and (self._known is None or key in self._known):
+            return ring
+        why = self._why_not(key)
+        if why is not None:
+            self._refused[why] += 1
+            return None
+        if ring is None:
+            ring = self._rings[key] = _Ring.empty()
+        return ring
 
     def add(
         self,
@@ -138,10 +196,10 @@ class TrafficBook:
         sent: int = 0,
         received: int = 0,
     ) -> None:
-        """One try at a backend, or one request to a service."""
-        ring = self._rings.get(key)
+        """One try at a backend, or one request to a service (unless refused: counted)."""
+        ring = self._ring(key)
         if ring is None:
-            ring = self._rings[key] = _Ring.empty()
+            return
         counts, histogram = ring.at(int(now))
         kind = None if status is None else status_class(status)
         if kind is not None:
@@ -154,10 +212,11 @@ class TrafficBook:
             histogram[bucket(seconds)] += 1
 
     def add_vector(self, key: Key, vector: Sequence[int], now: float) -> None:
-        """Counts added since the last report (a VECTOR: counts, then buckets)."""
-        ring = self._rings.get(key)
+        """Counts added since the last report (a VECTOR: counts, then buckets), unless
+        refused (counted)."""
+        ring = self._ring(key)
         if ring is None:
-            ring = self._rings[key] = _Ring.empty()
+            return
         counts, histogram = ring.at(int(now))
         for i in range(COUNTS):
             counts[i] += vector[i]
@@ -206,9 +265,16 @@ class TrafficBook:
         )
 
     def prune(self, now: float) -> None:
-        """Forgets the keys nothing was reported for in the last minute."""
+        """Forgets the keys nothing was reported for in the last minute, and those that left
+        the model a minute ago or more."""
         oldest = int(now) - WINDOW
-        self._rings = {k: r for k, r in self._rings.items() if r.last > oldest}
+        self._left = {k: at for k, at in self._left.items() if at > now - WINDOW}
+        known, left = self._known, self._left
+        self._rings = {
+            k: r
+            for k, r in self._rings.items()
+            if r.last > oldest and (known is None or k in known or k in left)
+        }
 
 
 def percentiles(histogram: Sequence[int], qs: Iterable[float]) -> list[float | None]:
@@ -261,7 +327,9 @@ class Cumulative:
     number is not above the last one for that key (a duplicate, a late datagram) adds
     nothing: what it holds is in the newer one."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_keys: int = MAX_KEYS) -> None:
+        self._max_keys = max_keys
+        """Keys kept per source at most: one reporting any string it likes stays bounded."""
         self._sources: dict[str, _Source] = {}
         self._last: dict[tuple[str, Key], tuple[int, ...]] = {}
 
@@ -286,6 +354,8 @@ class Cumulative:
             values = tuple(vector)
             last = state.keys.get(key)
             if last is not None and seq <= last[0]:
+                continue
+            if last is None and len(state.keys) >= self._max_keys:
                 continue
             state.keys[key] = (seq, values)
             if last is None:

@@ -159,3 +159,89 @@ def test_a_vector_adds_counts_and_buckets() -> None:
     assert summary is not None
     assert summary.requests["2xx"] == 5 and summary.connect_errors == 2
     assert summary.p50_ms is not None and 14 < summary.p50_ms < 29
+
+
+# Bounded keys: the model's only, and never more than max_keys.
+
+API_B = T.Key("api", "172.20.0.3:80")
+
+
+def test_once_given_the_models_keys_the_book_refuses_any_other_and_counts_it() -> None:
+    book = T.TrafficBook()
+    book.add(T.Key("junk", "10.9.9.9:1"), 200, 0.01, 10.0)  # no model yet: taken
+    book.retain([WEB, API], 10.0)
+    book.add(WEB, 200, 0.01, 11.0)
+    book.add(T.Key("made-up", ""), 200, 0.01, 11.0)
+    book.add_vector(T.Key("web", "10.0.0.1:80"), v(1), 11.0)
+    assert book.refused() == {"unknown": 2, "full": 0}
+    assert book.admits(WEB) and not book.admits(T.Key("made-up", ""))
+    assert book.summary(T.Key("made-up", ""), 11.0) is None
+    assert book.summary(WEB, 11.0) is not None
+
+
+def test_a_key_that_left_the_model_keeps_its_figures_and_reports_for_a_minute() -> None:
+    book = T.TrafficBook()
+    book.retain([WEB, API, API_B], 0.0)
+    book.add(API_B, 200, 0.01, 5.0)
+    book.retain([WEB, API], 10.0)  # api's backend is gone
+    book.add(API_B, 502, 0.01, 12.0)  # an old worker's last counts still come in
+    summary = book.summary(API_B, 30.0)
+    assert summary is not None and summary.requests["5xx"] == 1
+    book.prune(69.0)
+    assert book.summary(API_B, 69.0) is not None, "still within the minute after it left"
+    book.prune(70.0)
+    assert book.summary(API_B, 70.0) is None and len(book) == 0
+    book.add(API_B, 200, 0.01, 71.0)
+    assert book.refused()["unknown"] == 1 and len(book) == 0
+
+
+def test_a_key_that_comes_back_is_kept_again() -> None:
+    book = T.TrafficBook()
+    book.retain([API_B], 0.0)
+    book.add(API_B, 200, 0.01, 1.0)
+    book.retain([], 2.0)
+    book.retain([API_B], 3.0)
+    book.prune(100.0 - T.WINDOW + 1)
+    assert book.summary(API_B, 30.0) is not None
+    book.add(API_B, 200, 0.01, 200.0)
+    assert book.refused()["unknown"] == 0
+
+
+def test_keys_before_the_first_model_that_it_lacks_go_after_a_minute() -> None:
+    book = T.TrafficBook()
+    junk = T.Key("junk", "")
+    book.add(junk, 200, 0.01, 5.0)
+    book.retain([WEB], 10.0)
+    assert book.summary(junk, 20.0) is not None
+    book.add(junk, 200, 0.01, 65.0)  # taken within its minute
+    book.prune(70.0)
+    assert book.summary(junk, 70.0) is None and len(book) == 0
+
+
+def test_the_cap_refuses_new_keys_and_counts_them_whatever_the_model() -> None:
+    book = T.TrafficBook(max_keys=3)
+    keys = [T.Key(f"s{i}", "") for i in range(5)]
+    for key in keys:
+        book.add(key, 200, 0.01, 1.0)
+    assert len(book) == 3 and book.refused() == {"unknown": 0, "full": 2}
+    book.add(keys[0], 200, 0.01, 2.0)  # a key it holds still takes reports
+    book.retain(keys, 2.0)
+    book.add_vector(keys[4], v(1), 2.0)
+    assert len(book) == 3 and book.refused() == {"unknown": 0, "full": 3}
+    book.prune(2.0 + T.WINDOW)
+    book.add(keys[4], 200, 0.01, 2.0 + T.WINDOW)
+    assert len(book) == 1, "room again once the old ones went"
+
+
+def test_memory_stays_bounded_whatever_keys_a_sender_makes_up() -> None:
+    book = T.TrafficBook(max_keys=50)
+    feed = T.Cumulative(max_keys=50)
+    book.retain([WEB], 0.0)
+    for i in range(2000):
+        key = T.Key(f"s{i}", f"10.0.{i // 250}.{i % 250}:80")
+        for k, added in feed.report("lb/7", i + 1, [(key, v(1)), (WEB, v(i + 1))], float(i)):
+            book.add_vector(k, added, float(i))
+    assert len(book) == 1 and book.refused()["unknown"] == 49
+    assert len(feed._sources["lb/7"].keys) == 50
+    summary = book.summary(WEB, 1999.0)
+    assert summary is not None and summary.requests["2xx"] == 60
