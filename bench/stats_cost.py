@@ -4,9 +4,11 @@ proxied req/s: report it; memory flat over 1 M requests".
 
 Per data plane, two labs side by side, each its own network, managed nginx (the test images:
 2 workers) and 2 nginx backends answering a short body, and each its own controller in this
-process: one with Settings(stats=True), one with stats=False, default flags otherwise, both
+process: one with Settings(stats=True), one with stats=False, default flags otherwise, all
 running throughout, so each renders its own nginx's config (reload: the syslog access log,
-one datagram per request; dynamic: the Lua's per-worker counts, sent every second). Before
+one datagram per request sent; dynamic: the Lua's per-worker counts, sent every second).
+The reload data plane gets a stats-on lab per --samples value (--stats-sample: 10, the
+default, sends one in ten fast answers; 1 sends every request). Before
 any load the bench checks what each nginx runs (`nginx -T`) and that the stats-on listener
 hears from its nginx; a data plane whose nginx sends nothing is left out, said so.
 
@@ -31,7 +33,7 @@ and is removed at the end, also on Ctrl-C or SIGTERM. Run:
 
     .venv/bin/python bench/stats_cost.py [--planes reload,dynamic] [--parts 1,2,3]
         [--rounds 6] [--seconds 5] [--rate 5000] [--cpu-seconds 20] [--cpu-rounds 1]
-        [--memory-requests 1000000] [--chunks 5] [--memory-seconds 300]
+        [--memory-requests 1000000] [--chunks 5] [--memory-seconds 300] [--samples 10,1]
 """
 
 from __future__ import annotations
@@ -154,13 +156,18 @@ class Lab:
     mode: str
     stats: bool
     plane: Plane
+    sample: int = 1
+    """--stats-sample (the reload data plane's; the dynamic one counts every request)."""
     running: Running | None = None
     listener_ident: int | None = None
     workers: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.mode}, stats {'on' if self.stats else 'off'}"
+        if not self.stats:
+            return f"{self.mode}, stats off"
+        sampled = f", 1 in {self.sample}" if self.mode == "reload" else ""
+        return f"{self.mode}, stats on{sampled}"
 
     @property
     def listener(self) -> StatsListener | None:
@@ -190,15 +197,21 @@ class Lab:
 
 
 def set_up(
-    client: docker.DockerClient, images: OfflineImages, mode: str, stats: bool, labs: list[Lab]
+    client: docker.DockerClient,
+    images: OfflineImages,
+    mode: str,
+    stats: bool,
+    sample: int,
+    labs: list[Lab],
 ) -> Lab:
     """The lab (in `labs` as soon as it exists, so it is removed whatever happens), served by
     its own controller."""
-    lab = Lab(mode, stats, make_plane(mode, client, images, "", ""))
+    lab = Lab(mode, stats, make_plane(mode, client, images, "", ""), sample)
     labs.append(lab)
     backends = [lab.plane.fast_backend() for _ in range(2)]
     before = listener_idents()
-    lab.running = Running(Settings(networks=frozenset({str(lab.plane.net.name)}), stats=stats))
+    networks = frozenset({str(lab.plane.net.name)})
+    lab.running = Running(Settings(networks=networks, stats=stats, stats_sample=sample))
     lab.listener_ident = next(iter(listener_idents() - before), None)
     lab.plane.served({str(c.name) for c in backends}, running=lab.running)
     lab.workers = sum(1 for p in lab.plane.proxy.top()["Processes"] if "worker process" in p[-1])
@@ -344,12 +357,12 @@ def rotated(labs: Sequence[Lab], rounds: int) -> Iterator[tuple[int, Lab]]:
 
 
 def pairs(labs: Sequence[Lab]) -> Iterator[tuple[Lab, Lab]]:
-    """(stats on, stats off) per data plane."""
+    """(stats on, stats off) per data plane, for each stats-on lab of it."""
     for mode in dict.fromkeys(lab.mode for lab in labs):
-        on = [lab for lab in labs if lab.mode == mode and lab.stats]
         off = [lab for lab in labs if lab.mode == mode and not lab.stats]
-        if on and off:
-            yield on[0], off[0]
+        for on in (lab for lab in labs if lab.mode == mode and lab.stats):
+            if off:
+                yield on, off[0]
 
 
 def title(text: str) -> None:
@@ -404,7 +417,7 @@ def throughput(labs: Sequence[Lab], rounds: int, seconds: float) -> Figures:
             return figures.median(on, metric) - figures.median(off, metric)
 
         print(
-            f"[{on.mode}] on / off requests/s: {medians:.3f} (medians), "
+            f"[{on.name}] on / off requests/s: {medians:.3f} (medians), "
             f"{statistics.median(ratios):.3f} (median of the rounds' ratios, "
             f"{min(ratios):.3f} to {max(ratios):.3f}); per request with stats (medians): nginx "
             f"{extra('nginx CPU / request'):+.1f} us, this process "
@@ -466,7 +479,7 @@ def cpu_at_rate(labs: Sequence[Lab], rate: int, seconds: float, rounds: int) -> 
     for on_lab, off_lab in pairs(labs):
         if busy.get(on_lab.name) and busy.get(off_lab.name):
             extra = statistics.median(busy[on_lab.name]) - statistics.median(busy[off_lab.name])
-            print(f"[{on_lab.mode}] this process, stats on - off: {extra:+.1f}% of one core")
+            print(f"[{on_lab.name}] this process, stats on - off: {extra:+.1f}% of one core")
     sys.stdout.flush()
 
 
@@ -532,8 +545,9 @@ def memory_row(lab: Lab, listener: StatsListener, chunk: str, sent: int, took: f
 
 
 def per_datagram(count: int = 20000) -> None:
-    """StatsListener.received on the same datagram `count` times (what the listener's thread
-    does per datagram once uvloop has read it), then its parse and the book's add alone."""
+    """What the listener's thread does per datagram once it has read it, `count` times on the
+    same datagram (StatsListener.received: each one also goes into the book, where a read of
+    many adds each key once), then its parse and its tally alone."""
     tag = "T" * 24
     data = SAMPLE % tag.encode()
     listener = StatsListener(SocketAddress("127.0.0.1", 0), tag, lambda: {SAMPLE_SOURCE})
@@ -545,13 +559,16 @@ def per_datagram(count: int = 20000) -> None:
     parse = timed(lambda: access_log.parse(data, tag), count)
     request = access_log.parse(data, tag)
     assert request is not None, "the sample datagram no longer parses"
+    vectors: dict[Key, list[int]] = {}
+    tally = timed(lambda: access_log.tally(vectors, request), count)
     book = TrafficBook()
     add = timed(lambda: access_log.add(book, request, time.monotonic()), count)
     title(f"the listener's Python path per reload datagram, no socket ({count:,} times)")
     rows = [
-        ["StatsListener.received (all of it)", f"{whole:.1f}"],
+        ["StatsListener.received (each into the book)", f"{whole:.1f}"],
         ["  access_log.parse", f"{parse:.1f}"],
-        ["  access_log.add into a plain TrafficBook", f"{add:.1f}"],
+        ["  access_log.tally (per datagram of a read)", f"{tally:.1f}"],
+        ["  access_log.add (tally + the book, per key)", f"{add:.1f}"],
     ]
     print(table(rows, ("step", "us each")))
 
@@ -582,7 +599,11 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=1_000_000, help="part 3")
     parser.add_argument("--chunks", type=int, default=5, help="part 3: wrk runs per plane")
     parser.add_argument("--memory-seconds", type=float, default=300, help="part 3: per plane")
+    parser.add_argument(
+        "--samples", default="10,1", help="reload: a stats-on lab per --stats-sample value"
+    )
     args = parser.parse_args()
+    samples = [int(n) for n in args.samples.split(",") if n.strip()]
     planes = [p.strip() for p in args.planes.split(",") if p.strip()]
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(planes) - set(PLANES)) + sorted(set(parts) - set(PARTS))
@@ -598,9 +619,12 @@ def main() -> None:
     try:
         images = ensure_images(client, progress=log)
         for mode in planes:
-            for stats in (True, False):
-                log(f"setting up {mode}, stats {'on' if stats else 'off'}")
-                set_up(client, images, mode, stats, labs)
+            for stats, sample in [
+                *((True, n) for n in (samples if mode == "reload" else [1])),
+                (False, 1),
+            ]:
+                log(f"setting up {mode}, stats {'on' if stats else 'off'}, sample {sample}")
+                set_up(client, images, mode, stats, sample, labs)
         measured = []
         for lab in labs:
             why = checked(lab)

@@ -1,6 +1,11 @@
-"""The controller's one UDP listener for nginx's traffic reports (issue 17), on its own event
-loop (uvloop) in its own thread, feeding the traffic book the API reads (the last minute)
-and running totals beside it that the metrics read (counters that only grow).
+"""The controller's one UDP listener for nginx's traffic reports (issue 17), in its own
+thread, feeding the traffic book the API reads (the last minute) and running totals beside it
+that the metrics read (counters that only grow).
+
+The thread does not wait on the socket: it sleeps, then reads everything that came (POLL_IDLE,
+or POLL_BUSY while much comes). Woken for each datagram, the wake-up and the GIL's hand-over
+cost it more than reading the datagram, and each send cost nginx the wake-up too; the figures
+are read every half second at most, so a few milliseconds in the socket cost nothing.
 
 Each datagram is taken only from the address of a managed nginx (`allowed`) and only with the
 controller's tag in it; what it holds is parsed strictly, by its first bytes: a syslog line
@@ -13,7 +18,6 @@ never routing: nginx sends and forgets.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
@@ -21,9 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-
-import uvloop
+from typing import NamedTuple
 
 from controlplane.addresses import SocketAddress
 from controlplane.core import access_log
@@ -54,8 +56,15 @@ parser, or its parser failed (a bug, logged)."""
 ACCEPTED, SIZE, SOURCE, KIND, TAG, INVALID, ERROR = range(len(RESULTS))
 MAX_DATAGRAM = access_log.MAX_DATAGRAM
 RECEIVE_BUFFER = 4 << 20
-"""Bytes asked of the kernel (it grants at most net.core.rmem_max): room for a burst of
-datagrams while the thread waits for the GIL."""
+"""Bytes asked of the kernel (it grants at most twice net.core.rmem_max): room for what comes
+between two reads (the Debian default grants 416 KiB, ~500 small datagrams)."""
+POLL_IDLE = 0.02
+"""Seconds between reads while few datagrams come."""
+POLL_BUSY = 0.002
+"""Seconds between reads after one that found at least BUSY datagrams."""
+BUSY = 32
+DRAIN_MAX = 4096
+"""Datagrams read at most in one go, so housekeeping and close are never held off."""
 MISS_REFRESH = 0.1
 """Seconds: a datagram from an unknown address asks `allowed` again at most this often, so a
 new nginx is heard from its first report."""
@@ -82,7 +91,7 @@ class Totals(NamedTuple):
 
 class StatsListener:
     """Bound at construction (the port goes into the config before the first pass); `start`
-    runs its loop, `close` stops it. `allowed` returns the managed nginx's addresses; it is
+    starts its thread, `close` stops it. `allowed` returns the managed nginx's addresses; it is
     called from the listener's thread, on a miss at most every MISS_REFRESH seconds and at
     each housekeeping."""
 
@@ -108,7 +117,9 @@ class StatsListener:
         self._allowed_at = -float("inf")
         self._counts = [0] * len(RESULTS)
         self._error_logged_at = -float("inf")
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[Key, list[int]] = {}
+        """Reload requests read but not yet in the book (the listener's thread's alone)."""
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -126,44 +137,62 @@ class StatsListener:
         self.port: int = self._sock.getsockname()[1]
 
     def start(self) -> None:
-        """Starts the listener's thread; datagrams that came since the bind are read first.
-        Its loop is made and run on that thread only (the caller's may run a loop of its own),
-        and a failure to set it up is raised here."""
+        """Starts the listener's thread; datagrams that came since the bind are read first."""
         if self._thread is not None:
             return
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        ready = threading.Event()
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                endpoint = loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
-                transport, _ = loop.run_until_complete(endpoint)
-            except BaseException as error:  # told to the caller, which raises it
-                failed.append(error)
-                ready.set()
-                loop.close()
-                return
-            loop.call_later(HOUSEKEEPING, self._tick)
-            ready.set()
-            loop.run_forever()
-            transport.close()  # and with it the socket
-            loop.run_until_complete(asyncio.sleep(0))
-            loop.close()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="stats-listener", daemon=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="stats-listener", daemon=True)
         self._thread.start()
-        ready.wait()
-        if failed:
-            self._thread = self._loop = None
-            raise ControlPlaneError(
-                f"the stats listener could not start: {failed[0]}; turn traffic figures off "
-                "with --no-stats if this keeps happening"
-            ) from failed[0]
+
+    def _run(self) -> None:
+        housekeeping = self._clock() + HOUSEKEEPING
+        while not self._stop.is_set():
+            read = self.drain()
+            if self._clock() >= housekeeping:
+                housekeeping = self._clock() + HOUSEKEEPING
+                try:
+                    self.housekeep()
+                except Exception:
+                    log.exception("stats housekeeping failed; please report")
+            self._stop.wait(POLL_BUSY if read >= BUSY else POLL_IDLE)
+
+    def drain(self) -> int:
+        """Reads what the socket holds (DRAIN_MAX at most) into the book, each key's requests
+        added at once; how many datagrams were read."""
+        receive, take = self._sock.recvfrom, self._take
+        read = 0
+        try:
+            while read < DRAIN_MAX:
+                data, address = receive(MAX_DATAGRAM + 1)  # one more: a longer one is refused
+                read += 1
+                take(data, str(address[0]))
+        except BlockingIOError:
+            pass
+        except OSError as error:
+            if not self._stop.is_set():
+                log.warning("the stats listener could not read its socket: %s", error)
+        finally:
+            self._flush()
+        return read
 
     def received(self, data: bytes, source: str) -> None:
-        """One datagram from `source` (an IP). Never raises: a bug costs that datagram."""
+        """One datagram from `source` (an IP), into the book at once. Never raises: a bug
+        costs that datagram."""
+        self._take(data, source)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Adds what `_take` tallied, each key's vector once."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = {}
+        with self._lock:
+            now = self._clock()
+            for key, vector in pending.items():
+                self._book.add_vector(key, vector, now)
+
+    def _take(self, data: bytes, source: str) -> None:
         counts = self._counts
         if len(data) > MAX_DATAGRAM:
             counts[SIZE] += 1
@@ -197,8 +226,7 @@ class StatsListener:
             request = access_log.parse(data, self.tag)
             if request is None:
                 return False
-            with self._lock:
-                access_log.add(self._book, request, self._clock())
+            access_log.tally(self._pending, request)
             return True
         decoded = decoder(data, self.tag)
         if decoded is None:
@@ -234,7 +262,7 @@ class StatsListener:
         """Asks `allowed` again, forgets the workers not heard from in SOURCE_TTL, the keys
         with nothing in the last minute and the totals of those with nothing in TOTALS_TTL:
         memory stays bounded as nginx reload and services go. Every HOUSEKEEPING seconds on
-        the listener's loop."""
+        the listener's thread."""
         self._refresh()
         with self._lock:
             now = self._clock()
@@ -242,14 +270,6 @@ class StatsListener:
             self._book.prune_totals(now - TOTALS_TTL)
             self._heard = {s: t for s, t in self._heard.items() if t > now - SOURCE_TTL}
             self._cumulative.forget(self._heard)
-
-    def _tick(self) -> None:
-        try:
-            self.housekeep()
-        except Exception:
-            log.exception("stats housekeeping failed; please report")
-        if self._loop is not None:
-            self._loop.call_later(HOUSEKEEPING, self._tick)
 
     def summary(self, key: Key, now: float | None = None) -> Summary | None:
         """The key's last minute (None: nothing reported in it); `now` on the listener's clock."""
@@ -274,13 +294,12 @@ class StatsListener:
         return dict(zip(RESULTS, self._counts, strict=True))
 
     def close(self) -> None:
-        """Stops the loop and closes the socket; idempotent."""
-        loop, thread = self._loop, self._thread
-        self._loop = None
-        if loop is not None and thread is not None:
-            loop.call_soon_threadsafe(loop.stop)
+        """Stops the thread and closes the socket; idempotent."""
+        thread, self._thread = self._thread, None
+        self._stop.set()
+        if thread is not None:
             thread.join(timeout=5)
-        self._sock.close()  # a no-op once the loop's transport closed it
+        self._sock.close()
 
 
 @dataclass(slots=True)
@@ -352,17 +371,6 @@ class _Book(TrafficBook):
             )
             for key, t in self._totals.items()
         }
-
-
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, listener: StatsListener) -> None:
-        self._listener = listener
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self._listener.received(data, str(addr[0]))
-
-    def error_received(self, exc: Exception) -> None:
-        """The listener never sends, so nothing here concerns it."""
 
 
 def _unmapped(address: str) -> str:

@@ -32,10 +32,11 @@ import re
 from typing import NamedTuple
 
 from controlplane.core.labels import NAME_RE
-from controlplane.core.render import IPV4_RE
+from controlplane.core.render import IPV4_RE, SAMPLED_STATUSES
 from controlplane.core.traffic import (
     BYTES_RECEIVED,
     BYTES_SENT,
+    CONNECT_ERRORS,
     COUNTS,
     VECTOR,
     Key,
@@ -67,6 +68,19 @@ _HEADER_RE = re.compile(
 )
 """`.` stops at a newline, so a datagram holding one is refused by fullmatch."""
 _NAME_RE = re.compile(NAME_RE.pattern.encode())
+_ONE_TRY_RE = re.compile(
+    _HEADER_RE.pattern[: -len(rb"\|(.*)")]
+    + rb"\|([1-9][0-9]{0,3})"
+    + rb"\|([a-z0-9_.-]{1,63})"
+    + rb"\|("
+    + IPV4_RE.pattern.encode()
+    + rb":([0-9]{1,5}))"
+    + rb"\|([0-9]{3})\|([0-9]{1,9}\.[0-9]{3})\|[0-9]{1,9}\.[0-9]{3}"
+    + rb"\|([0-9]{3})\|([0-9]{1,15})\|([0-9]{1,15})"
+)
+"""Most datagrams: one try at an IPv4 backend that connected. One match instead of a field
+at a time; whatever it takes is what `parse` would make of it (a test holds them equal), and
+everything else goes the long way."""
 _IPV4_PORT_RE = re.compile(IPV4_RE.pattern.encode() + rb":([0-9]{1,5})")
 _IPV6_PORT_RE = re.compile(rb"\[([0-9a-fA-F:.]{2,45})\]:([0-9]{1,5})")
 _STATUS_RE = re.compile(rb"[0-9]{3}")
@@ -75,6 +89,7 @@ _BYTES_RE = re.compile(rb"[0-9]{1,15}")
 _WEIGHT_RE = re.compile(rb"[1-9][0-9]{0,3}")
 _SEPARATOR_RE = re.compile(rb", | : ")
 _CONNECT_FAILED = frozenset({502, 504})
+_SAMPLED = frozenset(SAMPLED_STATUSES)
 
 
 class Try(NamedTuple):
@@ -105,6 +120,32 @@ def parse(datagram: bytes, tag: str) -> Request | None:
     """The request one datagram reports, None unless it is one of ours to the byte."""
     if len(datagram) > MAX_DATAGRAM:
         return None
+    one = _ONE_TRY_RE.fullmatch(datagram)
+    if one is not None:
+        quick = _one_try(one, tag)
+        if quick is not None:
+            return quick
+    return _parse(datagram, tag)
+
+
+def _one_try(found: re.Match[bytes], tag: str) -> Request | None:
+    (mark, weight, service, backend, port, code, took, status, sent, received) = found.groups()
+    count = int(weight)
+    reply = int(code)
+    if not (
+        hmac.compare_digest(mark, tag.encode())
+        and count <= MAX_WEIGHT
+        and 0 < int(port) < 65536
+        and _NAME_RE.fullmatch(service)
+        and (count == 1 or reply in _SAMPLED)
+    ):
+        return None
+    seconds = float(took)
+    try_ = Try(backend.decode(), reply, seconds, False)
+    return Request(service.decode(), (try_,), int(status), seconds, int(sent), int(received), count)
+
+
+def _parse(datagram: bytes, tag: str) -> Request | None:
     header = _HEADER_RE.fullmatch(datagram)
     if header is None or not hmac.compare_digest(header.group(1), tag.encode()):
         return None
@@ -127,8 +168,8 @@ def parse(datagram: bytes, tag: str) -> Request | None:
         return None
     spent = [t.seconds for t in tries if t.seconds is not None]
     count = int(weight)
-    if count > 1 and not (len(tries) == 1 and not tries[0].connect_error):
-        return None  # nginx samples only requests answered in one try
+    if count > 1 and not (len(tries) == 1 and tries[0].status in _SAMPLED):
+        return None  # nginx samples only ordinary answers in one try
     return Request(
         name,
         tries,
@@ -192,53 +233,44 @@ def _is_ipv6(text: str) -> bool:
 
 
 def add(book: TrafficBook, request: Request, now: float) -> None:
-    """Each try at its backend, and the request once at its service (which counts every
-    failed connect of its tries, as its backends do); a sampled request, `weight` times."""
-    if request.weight > 1:
-        _add_weighted(book, request, now)
-        return
+    """One request into the book (as `tally`, at `now`)."""
+    vectors: dict[Key, list[int]] = {}
+    tally(vectors, request)
+    for key, vector in vectors.items():
+        book.add_vector(key, vector, now)
+
+
+def tally(vectors: dict[Key, list[int]], request: Request) -> None:
+    """Adds the request to count vectors per key (core.traffic's VECTOR), to go into the book
+    at once, so a listener adds many requests per key at the cost of one: each try at its
+    backend, and the request once at its service (which counts every failed connect of its
+    tries, as its backends do); a sampled request `weight` times."""
+    n = request.weight
     last = len(request.tries) - 1
     answered = last if last >= 0 and not request.tries[last].connect_error else -1
     failed = 0
     for i, one in enumerate(request.tries):
-        failed += one.connect_error
-        book.add(
-            Key(request.service, one.backend),
-            one.status,
-            one.seconds,
-            now,
-            connect_error=one.connect_error,
-            sent=request.sent if i == answered else 0,
-            received=request.received if i == answered else 0,
-        )
-    whole = Key(request.service, "")
-    book.add(
-        whole,
-        request.status,
-        request.seconds,
-        now,
-        connect_error=failed > 0,
-        sent=request.sent,
-        received=request.received,
-    )
-    for _ in range(failed - 1):
-        book.add(whole, None, None, now, connect_error=True)
-
-
-def _add_weighted(book: TrafficBook, request: Request, now: float) -> None:
-    """A sampled request (one try, answered) as the vector of `weight` such requests."""
-    (one,) = request.tries
-    n = request.weight
-    for key, status in (
-        (Key(request.service, one.backend), one.status),
-        (Key(request.service, ""), request.status),
-    ):
-        vector = [0] * VECTOR
-        kind = None if status is None else status_class(status)
-        if kind is not None:
-            vector[kind] = n
-            if request.seconds is not None:
-                vector[COUNTS + bucket(request.seconds)] = n
-        vector[BYTES_SENT] = n * request.sent
-        vector[BYTES_RECEIVED] = n * request.received
-        book.add_vector(key, vector, now)
+        vector = vectors.get(key := Key(request.service, one.backend))
+        if vector is None:
+            vector = vectors[key] = [0] * VECTOR
+        if one.connect_error:
+            failed += 1
+            vector[CONNECT_ERRORS] += n
+        elif one.status is not None and (kind := status_class(one.status)) is not None:
+            vector[kind] += n
+            if one.seconds is not None:
+                vector[COUNTS + bucket(one.seconds)] += n
+        if i == answered:
+            vector[BYTES_SENT] += n * request.sent
+            vector[BYTES_RECEIVED] += n * request.received
+    vector = vectors.get(key := Key(request.service, ""))
+    if vector is None:
+        vector = vectors[key] = [0] * VECTOR
+    kind = status_class(request.status)
+    if kind is not None:
+        vector[kind] += n
+        if request.seconds is not None:
+            vector[COUNTS + bucket(request.seconds)] += n
+    vector[CONNECT_ERRORS] += failed * n
+    vector[BYTES_SENT] += n * request.sent
+    vector[BYTES_RECEIVED] += n * request.received

@@ -23,6 +23,11 @@ SERVICE_TEMPLATE = "service.conf.j2"
 STATS_TAG_RE = re.compile(r"[A-Za-z0-9]{16,32}")
 MAX_STATS_SAMPLE = 1000
 """nginx's split_clients takes percentages to two decimals: one in 1,000 is 0.10%."""
+SAMPLED_STATUSES: tuple[int, ...] = (200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308)
+SAMPLED_STATUSES += (400, 401, 403, 404, 405, 409, 410, 412, 422, 429)
+"""The backend replies a sampled reload nginx reports one in --stats-sample of (each standing
+for that many): the ordinary ones. Any other, and any request with no reply or more than one
+try, is reported every time."""
 
 
 @dataclass(frozen=True)
@@ -398,6 +403,7 @@ def render_config(
             memo = cache or RenderCache()
             rendered = memo.render(service_template, topology.services, reachable, options)
         return template.render(
+            sampled_statuses=SAMPLED_STATUSES,
             services=[view for view, _ in rendered],
             service_blocks=[block for _, block in rendered],
             excluded=excluded,

@@ -195,6 +195,7 @@ def test_sampled_answers_stand_for_n_and_every_error_is_sent(
     stats.deploy(sample=10)
     http = http_for(lab.published_port(lb))
     wait_until(lambda: http.settled("web", {str(backend.name)}), what="the backend")
+    time.sleep(0.3)  # what settling sent is in the book by then (read every 20 ms)
     listener = stats.listener
     settled = listener.datagrams()["accepted"]
     before = listener.summary(Key("web", ""))
@@ -228,6 +229,7 @@ def test_a_service_named_0_is_counted(
     stats.deploy()
     http = http_for(lab.published_port(lb))
     wait_until(lambda: http.settled("0", {str(backend.name)}), what="the backend")
+    time.sleep(0.3)  # what settling sent is in the book by then (read every 20 ms)
     counted = stats.listener.summary(Key("0", ""))
     done = sum(counted.requests.values()) if counted is not None else 0
     assert http.bodies("0", 20) == {backend.name: 20}

@@ -260,3 +260,31 @@ def test_a_sampled_request_counts_as_many_as_it_stands_for() -> None:
         A.add(alone, single, 100.0)
     for key in (Key(WEB, B1), Key(WEB, "")):
         assert weighted.summary(key, 100.5) == alone.summary(key, 100.5)
+
+
+FIELD = st.sampled_from
+ONE_TRY = st.tuples(
+    FIELD(["1", "10", "1000", "1001", "0", "01"]),
+    FIELD(["web", "api.v2", "a_b-c", "0", "-web", "web-", "a..b", "a.-b", "w" * 63, "w" * 64]),
+    FIELD([B1, "10.0.0.255:65535", "10.0.0.3:0", "10.0.0.3:65536", "010.0.0.3:80", "[fd00::1]:80"]),
+    FIELD(["200", "404", "429", "500", "502", "504", "418", "999", "000", "-"]),
+    FIELD(["0.004", "123456789.000", "1234567890.000", "-", "4"]),
+    FIELD(["0.001", "-", "1.5"]),
+    FIELD(["200", "502", "999", "2000"]),
+    FIELD(["150", "0", "1234567890123456"]),
+)
+
+
+@given(ONE_TRY, st.sampled_from([TAG, "T" * 16]))
+def test_the_one_try_shortcut_reads_as_the_long_way(fields: tuple[str, ...], tag: str) -> None:
+    """parse takes most datagrams in one match; it must say exactly what _parse says."""
+    datagram = line("cps2|" + "|".join(fields) + "|67")
+    assert A.parse(datagram, tag) == A._parse(datagram, tag)
+
+
+@given(ONE_TRY)
+def test_any_request_goes_into_the_book(fields: tuple[str, ...]) -> None:
+    """Statuses outside 1xx-5xx included: they count in no class, and never raise."""
+    request = A.parse(line("cps2|" + "|".join(fields) + "|67"), TAG)
+    if request is not None:
+        A.add(TrafficBook(), request, 100.0)
