@@ -422,6 +422,7 @@ def _service(
 ) -> tuple[Service, tuple[Exclusion, ...]]:
     """`reachable`: networks some managed nginx is on (None: no nginx is managed)."""
     settings, warnings = _merge_service_labels(members)
+    settings = _fit_health(settings, warnings)
     algorithm, source, problem = _algorithm(settings)
     if algorithm_override is not None:
         algorithm, source = algorithm_override, "override"
@@ -551,7 +552,26 @@ def _algorithm(settings: L.ServiceLabels) -> tuple[Algorithm, str, str | None]:
 
 
 _CHECK_FIELDS = tuple(f for f in _SERVICE_LABEL_FIELDS if f.startswith("health_"))
-_HTTP_FIELDS = ("health_path", "health_host", "health_status")
+_HTTP_FIELDS = tuple(f"health_{f}" for f in L.HEALTH_HTTP_ONLY)
+
+
+def _fit_health(settings: L.ServiceLabels, warnings: list[str]) -> L.ServiceLabels:
+    """Each container's labels go with its own check mode (labels.health_misfit), but two
+    containers can still disagree (one says tcp, another gives a path): the older one's mode
+    stands, and a field it does not use is left out with a warning."""
+    while True:
+        given = [f for f in ("start_period", *_CHECK_FIELDS) if getattr(settings, f) is not None]
+        misfit = L.health_misfit(
+            settings.health,
+            [f.removeprefix("health_") for f in given],
+            L.HEALTH_LABELS.__getitem__,
+            lambda mode: f"{L.HEALTH}={mode}",
+        )
+        if misfit is None:
+            return settings
+        field = "start_period" if misfit[0] == "start_period" else f"health_{misfit[0]}"
+        warnings.append(f"{misfit[1]}; the containers disagree, so it is ignored until they agree")
+        settings = replace(settings, **{field: None})
 
 
 def _health(settings: L.ServiceLabels) -> HealthCheck:

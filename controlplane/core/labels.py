@@ -7,8 +7,9 @@ pattern before it is used; a value that fails is reported, never passed through.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TypeVar
 
 from controlplane.core.model import Algorithm, DataPlane, HealthMode, Method
@@ -204,6 +205,36 @@ def parse_health(value: str, what: str = HEALTH) -> HealthMode:
             f"{what}={show(value)} is not a check: use tcp (a connect to the port), http "
             f"(a GET of {HEALTH_PATH}, / by default) or none (no check: served at once)"
         ) from None
+
+
+HEALTH_HTTP_ONLY = ("path", "host", "status")
+"""The check fields only an http check uses (as the API names them; the label of each is
+controlplane.health.FIELD)."""
+
+
+def health_misfit(
+    mode: HealthMode | None,
+    given: Iterable[str],
+    field_is: Callable[[str], str] = lambda field: field,
+    mode_is: Callable[[str], str] = lambda mode: f"mode {mode}",
+) -> tuple[str, str] | None:
+    """The first of the `given` check fields (the API's names: path, port, ..., start_period)
+    that `mode` does not use, and why; None when all go with it. The one rule labels and the
+    API share: none checks nothing, so it takes no other field; tcp takes no http field; no
+    mode: the fields choose it. `field_is` and `mode_is` write a field and a mode as the
+    caller's user does (labels: controlplane.health.path, controlplane.health=tcp)."""
+    for field in given:
+        if mode is HealthMode.NONE:
+            return field, (
+                f"{mode_is('none')} checks nothing, so {field_is(field)} does not apply: leave "
+                f"it out, or choose {mode_is('tcp')} or http"
+            )
+        if mode is HealthMode.TCP and field in HEALTH_HTTP_ONLY:
+            return field, (
+                f"{field_is(field)} applies only to {mode_is('http')}, not tcp: leave it out, "
+                f"or choose {mode_is('http')}"
+            )
+    return None
 
 
 def parse_milliseconds(value: str, what: str, low: int, high: int) -> int:
@@ -443,8 +474,32 @@ def parse_service_labels(labels: Mapping[str, str]) -> ServiceLabels:
         health_fails=c.get(HEALTH_FAILS, lambda v: parse_int(v, HEALTH_FAILS, *THRESHOLD)),
         health_passes=c.get(HEALTH_PASSES, lambda v: parse_int(v, HEALTH_PASSES, *THRESHOLD)),
     )
+    misfit = health_misfit(
+        result.health,
+        [f for f, label in HEALTH_LABELS.items() if label in labels],
+        HEALTH_LABELS.__getitem__,
+        lambda mode: f"{HEALTH}={mode}",
+    )
+    if misfit is not None:
+        c.errors.append(misfit[1])
     c.done()
     return result
+
+
+HEALTH_LABELS = MappingProxyType(
+    {
+        "start_period": HEALTH_START_PERIOD,
+        "path": HEALTH_PATH,
+        "port": HEALTH_PORT,
+        "host": HEALTH_HOST,
+        "status": HEALTH_STATUS,
+        "interval": HEALTH_INTERVAL,
+        "timeout": HEALTH_TIMEOUT,
+        "fails": HEALTH_FAILS,
+        "passes": HEALTH_PASSES,
+    }
+)
+"""Each check field's label, by the API's name of the field."""
 
 
 @dataclass(frozen=True)

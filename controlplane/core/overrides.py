@@ -142,18 +142,9 @@ class HealthSpec:
         named = values.pop("mode", None)
         implied = HealthMode.HTTP if set(given) & set(HTTP_FIELDS) else HealthMode.TCP
         mode = named if isinstance(named, HealthMode) else implied
-        if mode is HealthMode.NONE and values:
-            name = next(iter(values))
-            raise InvalidValue(
-                f"mode none checks nothing, so {name} does not apply: leave it out, or choose "
-                "mode tcp or http",
-                {"field": name},
-            )
-        if mode is HealthMode.TCP and (http := [f for f in values if f in HTTP_FIELDS]):
-            raise InvalidValue(
-                f"{http[0]} applies only to mode http, not tcp: leave it out, or choose mode http",
-                {"field": http[0]},
-            )
+        misfit = L.health_misfit(mode, values)
+        if misfit is not None:
+            raise InvalidValue(misfit[1], {"field": misfit[0]})
         chosen: dict[str, Any] = {_CORE_NAMES.get(k, k): v for k, v in values.items()}
         return dataclasses.replace(
             HealthCheck(mode=mode, active=mode is not HealthMode.NONE), **chosen
@@ -177,7 +168,7 @@ HEALTH_FIELDS: Mapping[str, Callable[[str], object]] = MappingProxyType(
 )
 """Each field of a check, with its label's parser (the label is controlplane.health.FIELD;
 the mode's is controlplane.health)."""
-HTTP_FIELDS = ("path", "host", "status")
+HTTP_FIELDS = L.HEALTH_HTTP_ONLY
 """The fields only an http check uses."""
 _CORE_NAMES = MappingProxyType({"interval": "interval_ms", "timeout": "timeout_ms"})
 _API_NAMES = MappingProxyType(

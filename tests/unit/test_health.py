@@ -11,6 +11,7 @@ import pytest
 
 from controlplane.core import health as R
 from controlplane.core import labels as L
+from controlplane.core import overrides as O
 from controlplane.core.build import BuildMemo, build_topology
 from controlplane.core.model import BackendState, ContainerFacts, HealthCheck, HealthMode, Topology
 from controlplane.errors import InvalidValue
@@ -319,6 +320,68 @@ def test_a_bad_health_label_excludes_the_container(label: str, value: str, says:
     assert says in built.excluded[0].reason
 
 
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        (
+            {L.HEALTH: "tcp", L.HEALTH_PATH: "/x"},
+            f"{L.HEALTH_PATH} applies only to {L.HEALTH}=http, not tcp: leave it out, or "
+            f"choose {L.HEALTH}=http",
+        ),
+        ({L.HEALTH: "TCP", L.HEALTH_HOST: "a.example"}, f"{L.HEALTH_HOST} applies only to"),
+        ({L.HEALTH: "tcp", L.HEALTH_STATUS: "204"}, f"{L.HEALTH_STATUS} applies only to"),
+        (
+            {L.HEALTH: "none", L.HEALTH_FAILS: "5"},
+            f"{L.HEALTH}=none checks nothing, so {L.HEALTH_FAILS} does not apply: leave it "
+            f"out, or choose {L.HEALTH}=tcp or http",
+        ),
+        ({L.HEALTH: "none", L.HEALTH_PATH: "/x"}, f"so {L.HEALTH_PATH} does not apply"),
+        ({L.HEALTH: "none", L.HEALTH_START_PERIOD: "2m"}, f"so {L.HEALTH_START_PERIOD} does"),
+    ],
+    ids=["tcp-path", "tcp-host", "tcp-status", "none-fails", "none-path", "none-start-period"],
+)
+def test_a_field_the_check_mode_does_not_use_excludes_the_container(
+    labels: dict[str, str], says: str
+) -> None:
+    with pytest.raises(InvalidValue, match=says.replace(".", r"\.").replace("?", r"\?")):
+        L.parse_service_labels(labels)
+    built = topology(replace(W1, labels=labels), W2)
+    assert [e.container for e in built.excluded] == ["w1"]
+    assert says in built.excluded[0].reason
+    assert [b.container for s in built.services for b in s.backends] == ["w2"]
+
+
+@pytest.mark.parametrize("mode", [None, "tcp", "http", "none", "TCP"])
+@pytest.mark.parametrize("field", [*O.HEALTH_FIELDS][1:])
+def test_labels_and_the_api_take_and_refuse_the_same_combinations(
+    mode: str | None, field: str
+) -> None:
+    value = {"path": "/x", "host": "a.example", "status": "204", "interval": "2s"}.get(field)
+    value = value or {"timeout": "2s", "start_period": "30s"}.get(field, "5")
+    labels = {L.HEALTH_LABELS[field]: value} | ({L.HEALTH: mode} if mode else {})
+    try:
+        L.parse_service_labels(labels)
+        by_labels = None
+    except InvalidValue as error:
+        by_labels = str(error)
+    try:
+        O.HealthSpec(mode=mode, **{field: value}).to_check()  # type: ignore[arg-type]
+        by_api = None
+    except InvalidValue as error:
+        by_api = str(error)
+    assert (by_labels is None) == (by_api is None), (by_labels, by_api)
+
+
+def test_containers_that_disagree_keep_the_older_mode_and_drop_what_it_does_not_use() -> None:
+    older = replace(W1, labels={L.HEALTH: "tcp"}, created="2024-05-01T09:00:00Z")
+    (service,) = topology(older, replace(W2, labels={L.HEALTH_PATH: "/x"})).services
+    assert service.health == HealthCheck(active=True)
+    assert service.warnings == (
+        f"{L.HEALTH_PATH} applies only to {L.HEALTH}=http, not tcp: leave it out, or choose "
+        f"{L.HEALTH}=http; the containers disagree, so it is ignored until they agree",
+    )
+
+
 def test_the_oldest_container_sets_the_check_and_a_disagreement_is_warned() -> None:
     older = replace(W1, labels={L.HEALTH: "none"}, created="2024-05-01T09:00:00Z")
     (service,) = topology(older, replace(W2, labels={L.HEALTH: "tcp"})).services
@@ -377,11 +440,6 @@ def checked(labels: dict[str, str] = HTTP, at: float = 0.0) -> tuple[Gate, Conta
             {L.HEALTH_TIMEOUT: "2s", L.HEALTH_PORT: "9000"},
             HealthCheck(active=True, timeout_ms=2000, port=9000),
         ),
-        ({L.HEALTH: "tcp", L.HEALTH_PATH: "/x"}, HealthCheck(active=True, path="/x")),
-        (
-            {L.HEALTH: "none", L.HEALTH_FAILS: "5"},
-            HealthCheck(HealthMode.NONE, active=False, fails=5),
-        ),
         (
             {L.HEALTH_FAILS: "1", L.HEALTH_PASSES: "100", L.HEALTH_INTERVAL: "1m"},
             HealthCheck(active=True, fails=1, passes=100, interval_ms=60_000),
@@ -396,8 +454,6 @@ def checked(labels: dict[str, str] = HTTP, at: float = 0.0) -> tuple[Gate, Conta
         "status",
         "interval",
         "port",
-        "tcp-wins",
-        "off",
         "bounds",
     ],
 )
