@@ -151,12 +151,8 @@ class Scenario:
     def labels(self) -> dict[str, str]:
         if self.mode == "idle":
             return {L.SERVICE: "web"}
-        return {
-            L.SERVICE: "web",
-            L.HEALTH: self.mode,
-            L.HEALTH_INTERVAL: "1s",
-            L.HEALTH_PATH: "/health",
-        }
+        path = {L.HEALTH_PATH: "/health"} if self.mode == "http" else {}
+        return {L.SERVICE: "web", L.HEALTH: self.mode, L.HEALTH_INTERVAL: "1s", **path}
 
 
 def topology(scenario: Scenario, ports: Sequence[int]) -> Topology:
