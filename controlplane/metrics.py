@@ -39,10 +39,12 @@ class Metrics:
         nginx: Callable[[], Mapping[str, NginxState]] = dict,
         stats_datagrams: Callable[[], Mapping[str, int]] | None = None,
         upstreams: Callable[[], Mapping[Key, Totals]] | None = None,
+        stats_refused: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         """`nginx`: what each managed nginx runs (core.served), by container id;
         `stats_datagrams`: the stats listener's datagrams by result; `upstreams`: its running
-        totals per backend and service (StatsListener.totals)."""
+        totals per backend and service (StatsListener.totals); `stats_refused`: the reports
+        of keys its book refused, by reason (StatsListener.refused)."""
         self.registry = CollectorRegistry()
         self._reloads = Counter(
             "controlplane_nginx_reloads",
@@ -98,7 +100,7 @@ class Metrics:
         )
         self.registry.register(_SnapshotCollector(snapshot, dns_outcomes, nginx))
         if stats_datagrams is not None:
-            self.registry.register(_StatsCollector(stats_datagrams))
+            self.registry.register(_StatsCollector(stats_datagrams, stats_refused or dict))
         if upstreams is not None:
             self.registry.register(_UpstreamCollector(upstreams, snapshot))
 
@@ -131,10 +133,14 @@ class Metrics:
 
 
 class _StatsCollector(Collector):
-    """The stats listener's datagrams, read at scrape time."""
+    """The stats listener's datagrams and refused keys, read at scrape time."""
 
-    def __init__(self, datagrams: Callable[[], Mapping[str, int]]) -> None:
-        self._datagrams = datagrams
+    def __init__(
+        self,
+        datagrams: Callable[[], Mapping[str, int]],
+        refused: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self._datagrams, self._refused = datagrams, refused
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
@@ -146,6 +152,15 @@ class _StatsCollector(Collector):
         for result, count in self._datagrams().items():
             family.add_metric([result], count)
         yield family
+        refused = CounterMetricFamily(
+            "controlplane_stats_refused_keys",
+            "Reports of a service or backend the traffic book did not take: unknown (in no "
+            "model of the last minute) or full (it holds as many keys as it may).",
+            labels=["reason"],
+        )
+        for reason, count in self._refused().items():
+            refused.add_metric([reason], count)
+        yield refused
 
 
 class _UpstreamCollector(Collector):

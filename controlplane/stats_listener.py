@@ -38,16 +38,15 @@ from controlplane.core.traffic import (
     Key,
     Summary,
     TrafficBook,
-    bucket,
-    status_class,
 )
 from controlplane.errors import ControlPlaneError
 
 log = logging.getLogger(__name__)
 
-Decoded = tuple[str, Sequence[tuple[Key, Sequence[int]]]]
+Decoded = tuple[str, int, Sequence[tuple[Key, Sequence[int]]]]
 Decoder = Callable[[bytes, str], Decoded | None]
-"""(datagram, tag) -> (worker pid, [(key, cumulative vector)]), None for anything not ours."""
+"""(datagram, tag) -> (worker pid, seq, [(key, cumulative vector)]), None for anything not
+ours."""
 
 RESULTS = ("accepted", "size", "source", "kind", "tag", "invalid", "error")
 """What became of a datagram: fed into the book, or dropped for being too long, from an
@@ -231,17 +230,15 @@ class StatsListener:
         decoded = decoder(data, self.tag)
         if decoded is None:
             return False
-        pid, entries = decoded
+        pid, seq, entries = decoded
         if not all(_counts(vector) for _, vector in entries):
             return False
         source = f"{host}/{pid}"
         with self._lock:
             now = self._clock()
             self._heard[source] = now
-            for key, vector in entries:
-                added = self._cumulative.delta(source, key, vector)
-                if added is not None:
-                    self._book.add_vector(key, added, now)
+            for key, added in self._cumulative.report(source, seq, entries, now):
+                self._book.add_vector(key, added, now)
         return True
 
     def _refresh_for(self, host: str) -> bool:
@@ -270,6 +267,17 @@ class StatsListener:
             self._book.prune_totals(now - TOTALS_TTL)
             self._heard = {s: t for s, t in self._heard.items() if t > now - SOURCE_TTL}
             self._cumulative.forget(self._heard)
+
+    def retain(self, known: Iterable[Key]) -> None:
+        """Takes only these keys from now on (the current model's: each backend's address as
+        nginx names it, each service's ""), and for a minute those that left it."""
+        with self._lock:
+            self._book.retain(known, self._clock())
+
+    def refused(self) -> dict[str, int]:
+        """Key reports the book refused since the start (core.traffic.REFUSALS)."""
+        with self._lock:
+            return self._book.refused()
 
     def summary(self, key: Key, now: float | None = None) -> Summary | None:
         """The key's last minute (None: nothing reported in it); `now` on the listener's clock."""
@@ -313,7 +321,7 @@ class _Total:
 
 class _Book(TrafficBook):
     """The traffic book, with a running total per key beside its last minute: fed by the same
-    calls (access_log.add, the Lua counts), so the metrics count what the API shows."""
+    calls (access_log.tally, the Lua counts), so the metrics count what the API shows."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -327,28 +335,11 @@ class _Book(TrafficBook):
         total.last = now
         return total
 
-    def add(
-        self,
-        key: Key,
-        status: int | None,
-        seconds: float | None,
-        now: float,
-        connect_error: bool = False,
-        sent: int = 0,
-        received: int = 0,
-    ) -> None:
-        super().add(key, status, seconds, now, connect_error, sent, received)
-        total = self._total(key, now)
-        kind = None if status is None else status_class(status)
-        if kind is not None:
-            total.counts[kind] += 1
-            if seconds is not None and total.buckets is not None:
-                total.buckets[bucket(seconds)] += 1
-        if connect_error:
-            total.counts[CONNECT_ERRORS] += 1
-
     def add_vector(self, key: Key, vector: Sequence[int], now: float) -> None:
+        taken = self.admits(key)
         super().add_vector(key, vector, now)
+        if not taken:
+            return
         total = self._total(key, now)
         counts = total.counts
         for i in range(CONNECT_ERRORS + 1):

@@ -14,6 +14,7 @@ from controlplane.addresses import SocketAddress, is_loopback, parse_address
 from controlplane.api.app import create_app
 from controlplane.api.http import ApiContext
 from controlplane.api.server import ApiServer
+from controlplane.api.views import traffic_keys
 from controlplane.core import lua_stats
 from controlplane.core.build import build_topology
 from controlplane.core.dns_records import Zone
@@ -28,6 +29,7 @@ from controlplane.nginx_deployer import NginxDeployer
 from controlplane.prober import SocketProber
 from controlplane.reconciler import ControlLoop, Reconciler
 from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
+from controlplane.snapshot import Snapshot
 from controlplane.stats_listener import StatsListener
 from controlplane.stats_sink import SinkFinder, new_tag, remember, remembered
 from controlplane.store import FILE_NAME, OverrideStore
@@ -95,12 +97,15 @@ def build_controller(settings: Settings) -> Controller:
         lambda: reconciler.nginx,
         stats.datagrams if stats is not None else None,
         upstreams=stats.totals if stats is not None else None,
+        stats_refused=stats.refused if stats is not None else None,
     )
     health = HealthEvents(activity, lambda: reconciler.snapshot, source.known)
     reconciler.on_report.extend([health.on_report, activity.on_report, metrics.on_report])
     gatekeeper.on_probe.append(metrics.on_probe)
     gatekeeper.on_transition.append(health.on_transition)
     loop.on_failure.extend([activity.on_failure, metrics.on_failure])
+    if stats is not None:  # the traffic book takes only the keys of the current model
+        reconciler.on_report.append(lambda _: _retain_traffic(stats, reconciler.snapshot))
     server = None
     if api_bind is not None:
         context = api_context(settings, reconciler, loop, store, activity, metrics)
@@ -113,6 +118,13 @@ def build_controller(settings: Settings) -> Controller:
             )
         server = ApiServer(create_app(context), api_bind.host, api_bind.port)
     return Controller(reconciler, loop, store, activity, metrics, dns, server, stats)
+
+
+def _retain_traffic(stats: StatsListener, snapshot: Snapshot | None) -> None:
+    """The traffic book keeps the keys of the model each pass settled on (each service's,
+    each backend's address as nginx names it), and no made-up one."""
+    if snapshot is not None:
+        stats.retain(k for s in snapshot.topology.services for k in traffic_keys(s))
 
 
 class NginxAddresses:
@@ -149,7 +161,7 @@ def _stats(
     if not settings.stats:
         return None, None
     bind = parse_address(settings.stats_bind, default_port=0, any_port=True)
-    decoders = {b"cp-stats ": lua_stats.parse}
+    decoders = {b"cp-stats ": lua_stats.read}
     last = remembered(settings.state_dir)
     listener = None
     if last is not None and bind.port == 0:  # the last run's port and tag, if it is free

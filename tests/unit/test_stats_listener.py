@@ -38,11 +38,11 @@ def counts(two_xx: int, connect_errors: int = 0) -> list[int]:
 
 
 def lua(data: bytes, tag: str) -> Decoded | None:
-    """A stand-in for core.lua_stats.parse: `cp-stats TAG PID N` is N 2xx at web's B1."""
+    """A stand-in for core.lua_stats.read: `cp-stats TAG PID SEQ N` is N 2xx at web's B1."""
     parts = data.split(b" ")
-    if len(parts) != 4 or parts[1].decode() != tag:
+    if len(parts) != 5 or parts[1].decode() != tag:
         return None
-    return int(parts[2]), [(Key("web", B1), counts(int(parts[3])))]
+    return parts[2].decode(), int(parts[3]), [(Key("web", B1), counts(int(parts[4])))]
 
 
 def listener(
@@ -71,7 +71,7 @@ def test_datagrams_on_the_socket_reach_the_book(running: StatsListener) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
         for _ in range(50):
             sender.sendto(LINE, (LOCAL, running.port))
-        sender.sendto(b"cp-stats " + TAG.encode() + b" 7 5", (LOCAL, running.port))
+        sender.sendto(b"cp-stats " + TAG.encode() + b" 7 1 5", (LOCAL, running.port))
     wait_for(lambda: running.datagrams()["accepted"] == 51)
     backend = running.summary(Key("web", B1))
     service = running.summary(Key("web", ""))
@@ -142,26 +142,45 @@ def test_cumulative_reports_are_deltas_per_worker_and_stale_workers_are_forgotte
     clock = Clock()
     stats = listener(clock=clock)
     try:
+        seqs: dict[int, int] = {}
 
-        def report(pid: int, total: int) -> None:
-            stats.received(f"cp-stats {TAG} {pid} {total}".encode(), LOCAL)
+        def report(pid: int, total: int, seq: int | None = None) -> None:
+            seqs[pid] = seq if seq is not None else seqs.get(pid, 0) + 1
+            stats.received(f"cp-stats {TAG} {pid} {seqs[pid]} {total}".encode(), LOCAL)
 
-        report(10, 5)
-        report(11, 3)
+        report(10, 5)  # its first datagram: all of it is new
+        report(11, 3, seq=40)  # heard from mid-life (the controller restarted): a baseline
         report(10, 5)
         report(10, 9)
+        report(11, 6)
         summary = stats.summary(Key("web", B1))
-        assert summary is not None and summary.requests["2xx"] == 12
-        report(10, 2)  # the worker started again: all of it is new
+        assert summary is not None and summary.requests["2xx"] == 5 + 4 + 3
+        report(10, 2)  # the count went down (the worker forgot it): all of it is new
+        report(10, 50, seq=1)  # a late datagram: nothing
         summary = stats.summary(Key("web", B1))
         assert summary is not None and summary.requests["2xx"] == 14
 
         clock.now += max(SOURCE_TTL, WINDOW) + 1
         stats.housekeep()
         assert stats.summary(Key("web", B1)) is None
-        report(11, 4)  # forgotten: its counts are all new again
+        report(11, 8)  # forgotten: a baseline again
+        report(11, 12)
         summary = stats.summary(Key("web", B1))
         assert summary is not None and summary.requests["2xx"] == 4
+    finally:
+        stats.close()
+
+
+def test_only_the_models_keys_are_taken_and_the_rest_is_counted() -> None:
+    clock = Clock()
+    stats = listener(clock=clock)
+    try:
+        stats.retain([Key("web", "")])
+        stats.received(LINE, LOCAL)
+        stats.received(f"cp-stats {TAG} 7 1 5".encode(), LOCAL)  # web's B1: not in the model
+        assert stats.refused() == {"unknown": 2, "full": 0}
+        assert set(stats.totals()) == {Key("web", "")}
+        assert stats.summary(Key("web", B1)) is None
     finally:
         stats.close()
 
@@ -171,7 +190,7 @@ def test_a_decoder_that_fails_costs_its_datagram_only() -> None:
         raise RuntimeError("bug")
 
     def negative(data: bytes, tag: str) -> Decoded | None:
-        return 1, [(Key("web", B1), [-1] * VECTOR)]
+        return "1", 1, [(Key("web", B1), [-1] * VECTOR)]
 
     stats = StatsListener(
         SocketAddress(LOCAL, 0), TAG, lambda: [LOCAL], {b"a ": broken, b"b ": negative}

@@ -166,16 +166,16 @@ def line(addrs: str, statuses: str, times: str, connects: str, status: int) -> b
 
 
 def lua(data: bytes, tag: str) -> Decoded | None:
-    """A stand-in for the Lua decoder: `cp-stats TAG PID N` is, cumulatively, N 2xx at w2 and
-    at the service, each taking 3 ms."""
+    """A stand-in for the Lua decoder: `cp-stats TAG PID SEQ N` is, cumulatively, N 2xx at w2
+    and at the service, each taking 3 ms."""
     parts = data.split(b" ")
-    if len(parts) != 4 or parts[1].decode() != tag:
+    if len(parts) != 5 or parts[1].decode() != tag:
         return None
-    n = int(parts[3])
+    n = int(parts[4])
     vector = [0] * VECTOR
     vector[1] = n
     vector[COUNTS + bucket(0.003)] = n
-    return int(parts[2]), [(Key("web", W2), vector), (Key("web", ""), vector)]
+    return parts[2].decode(), int(parts[3]), [(Key("web", W2), vector), (Key("web", ""), vector)]
 
 
 @pytest.fixture
@@ -221,8 +221,8 @@ def test_counters_by_backend_container_and_class(api: ApiHarness, stats: StatsLi
     stats.received(line(W1, "404", "0.002", "0.001", 404), NGINX_IP)
     stats.received(line(f"{W1}, {W2}", "502, 503", "0.000, 0.010", "-, 0.001", 503), NGINX_IP)
     stats.received(line("10.9.9.9:80", "200", "0.004", "0.001", 200), NGINX_IP)
-    stats.received(f"cp-stats {TAG} 7 5".encode(), NGINX_IP)
-    stats.received(f"cp-stats {TAG} 7 8".encode(), NGINX_IP)  # cumulative: 3 more
+    stats.received(f"cp-stats {TAG} 7 1 5".encode(), NGINX_IP)
+    stats.received(f"cp-stats {TAG} 7 2 8".encode(), NGINX_IP)  # cumulative: 3 more
     found = scrape(metrics)
     zero = {"1xx": 0.0, "2xx": 0.0, "3xx": 0.0, "4xx": 0.0, "5xx": 0.0, "connect_error": 0.0}
     assert requests(found, "w1") == {**zero, "2xx": 3.0, "4xx": 1.0, "connect_error": 1.0}
@@ -239,7 +239,7 @@ def test_the_histogram_is_per_service_with_exact_bounds(
     for took in ("0.001", "0.004", "0.004", "0.100", "9.000"):
         stats.received(line(W1, "200", took, "0.001", 200), NGINX_IP)
     stats.received(line(W1, "-", "-", "-", 499), NGINX_IP)  # the client left: no time
-    stats.received(f"cp-stats {TAG} 7 2".encode(), NGINX_IP)  # 2 at 3 ms
+    stats.received(f"cp-stats {TAG} 7 1 2".encode(), NGINX_IP)  # 2 at 3 ms
     found = scrape(metrics)
     buckets = {
         dict(labels)["le"]: value
@@ -304,3 +304,28 @@ def test_totals_count_what_the_book_counts(stats: StatsListener) -> None:
 
 def test_no_listener_no_upstream_metrics(api: ApiHarness) -> None:
     assert "controlplane_upstream" not in api.metrics.exposition().decode()
+
+
+def test_keys_outside_the_model_are_refused_and_counted(
+    api: ApiHarness, stats: StatsListener
+) -> None:
+    """Once told the model's keys, the book takes no made-up service; the metrics count it."""
+    metrics = Metrics(
+        lambda: api.reconciler.snapshot,
+        stats_datagrams=stats.datagrams,
+        stats_refused=stats.refused,
+    )
+    stats.retain([Key("web", ""), Key("web", W1)])
+    stats.received(line(W1, "200", "0.004", "0.001", 200), NGINX_IP)
+    made_up = line(W1, "200", "0.004", "0.001", 200).replace(b"|web|", b"|made-up|")
+    stats.received(made_up, NGINX_IP)
+    assert stats.summary(Key("made-up", "")) is None
+    assert stats.summary(Key("web", "")) is not None
+    text = metrics.exposition().decode()
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "controlplane_stats_refused_keys"
+    ]
+    refused = {s.labels["reason"]: s.value for s in family.samples}
+    assert refused["unknown"] >= 1 and refused.get("full", 0) == 0
