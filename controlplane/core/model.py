@@ -34,6 +34,15 @@ class DataPlane(StrEnum):
     RELOAD = "reload"
 
 
+class SwarmEndpoint(StrEnum):
+    """What a Swarm service's upstream holds: `tasks`, each running task's address (so
+    least_conn, hash and least_time see every backend), or `vip`, the one virtual IP that
+    Docker balances itself."""
+
+    TASKS = "tasks"
+    VIP = "vip"
+
+
 class HealthMode(StrEnum):
     """How the controller checks a service's backends: `tcp` by a connect to the port, `http`
     by a GET whose status must be in range, `none` not at all (a backend is served as soon as
@@ -210,6 +219,8 @@ class SwarmServiceFacts:
 class DockerState:
     containers: tuple[ContainerFacts, ...]
     networks: tuple[NetworkFacts, ...]
+    swarm_services: tuple[SwarmServiceFacts, ...] | None = None
+    """None: the engine is no Swarm manager, so services and tasks can't be listed."""
 
 
 @dataclass(frozen=True)
