@@ -94,6 +94,12 @@ def network_facts(inspect: Mapping[str, Any]) -> NetworkFacts:
     )
 
 
+def is_swarm_manager(info: Mapping[str, Any]) -> bool:
+    """From `GET /info`: only a manager can list services and the tasks of every node."""
+    swarm = _dict(info.get("Swarm"))
+    return swarm.get("LocalNodeState") == "active" and swarm.get("ControlAvailable") is True
+
+
 def _address(network_id: str, network: str, cidr: Any) -> TaskAddress | None:
     """From `10.0.1.3/24` (or an IPv6 one); None for a value that is not an address."""
     ip = _str(cidr).split("/", 1)[0]
