@@ -11,13 +11,16 @@ removes the engine.
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 
 import docker
 import docker.errors
 
 from images.build import OfflineImages, ensure_images
 from tests.support.engine import PrivateEngine
+from tests.support.netns import entered
 
 SWARM_FLAGS = ("--userland-proxy=false",)
 """The machine engine's flags but --live-restore, which swarm mode refuses."""
@@ -37,6 +40,14 @@ class PrivateSwarm:
     @property
     def client(self) -> docker.DockerClient:
         return self.engine.client
+
+    def entered(self, container_id: str) -> AbstractContextManager[None]:
+        """The block runs in a running container's network namespace: where a process on
+        that container's networks sits, an overlay network's too. The engine's own namespace
+        has no route into an overlay network (its addresses live in a namespace of their own),
+        so a controller that must probe tasks there runs in such a container's."""
+        pid = int(self.client.api.inspect_container(container_id)["State"]["Pid"])
+        return entered(Path(f"/proc/{pid}/ns/net"))
 
     def close(self) -> None:
         """`swarm leave --force` (services, tasks and overlay networks go with the swarm),
