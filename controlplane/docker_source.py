@@ -165,15 +165,12 @@ class DockerSource:
                 if facts is not None:
                     self._cache[container_id] = facts
                     containers.append(facts)
+            swarm = self._swarm_services() if self._manager else None
         except DOCKER_ERRORS as error:
             raise DockerUnavailable(f"lost the Docker engine while listing: {error}") from error
         for gone in set(self._cache) - set(listed):
             del self._cache[gone]
-        return DockerState(
-            containers=tuple(containers),
-            networks=networks,
-            swarm_services=self._swarm_services() if self._manager else None,
-        )
+        return DockerState(containers=tuple(containers), networks=networks, swarm_services=swarm)
 
     def _swarm_services(self) -> tuple[SwarmServiceFacts, ...] | None:
         """None when the engine stopped being a manager since it was asked."""

@@ -429,7 +429,7 @@ def _swarm_members(
     if endpoint is SwarmEndpoint.VIP and service.endpoint_mode != "vip":
         return exclude(
             f"{L.ENDPOINT}=vip, but its endpoint mode is {service.endpoint_mode}, which has "
-            f"no virtual IP: drop the label (its tasks are served) or use --endpoint-mode vip",
+            "no virtual IP: drop the label (its tasks are served) or use --endpoint-mode vip",
             name,
         )
 

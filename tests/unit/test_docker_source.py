@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from controlplane.docker_source import DockerSource, parse_event
+from controlplane.errors import DockerUnavailable
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -100,6 +101,19 @@ def test_a_manager_demoted_since_it_was_asked_lists_no_services() -> None:
     assert source.snapshot().swarm_services is None
     assert source.snapshot().swarm_services is None
     assert api.calls.count("services") == 2  # asked again with the networks only
+
+
+def test_losing_the_manager_mid_listing_says_the_engine_is_unavailable() -> None:
+    api = CountingApi(manager=True)
+    source = DockerSource(api)  # type: ignore[arg-type]
+    source.snapshot()
+
+    def broken() -> list[dict[str, Any]]:
+        raise requests.exceptions.ConnectionError("connection refused")
+
+    api.tasks = broken  # type: ignore[method-assign]
+    with pytest.raises(DockerUnavailable, match="lost the Docker engine while listing"):
+        source.snapshot()
 
 
 @pytest.mark.parametrize(
