@@ -13,10 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import threading
-from collections import Counter
 
-import httpx
 import pytest
 from dnslib import QTYPE, DNSRecord
 from docker.models.containers import Container
@@ -25,6 +22,7 @@ from docker.types import ServiceMode
 from controlplane.core import labels as L
 from tests.integration.conftest import ControllerFactory, RunningController
 from tests.support.lab import Http, wait_until
+from tests.support.load import Load
 from tests.support.ports import free_port
 from tests.support.swarm import PrivateSwarm
 
@@ -77,36 +75,6 @@ def _dns(port: int, name: str) -> set[str]:
     except OSError:
         return set()
     return {str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A}
-
-
-class Load:
-    """Requests one after another on a thread (in the namespace it was started in) until
-    stopped; every reply that is not a 200 from a task, and every error, is a failure."""
-
-    def __init__(self, http: Http, host: str) -> None:
-        self.http = http
-        self.host = host
-        self.answers: Counter[str] = Counter()
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                reply = self.http.get(self.host, timeout=5.0)
-            except httpx.HTTPError as error:
-                self.failures.append(repr(error))
-                continue
-            if reply.status_code == 200:
-                self.answers[reply.text.strip()] += 1
-            else:
-                self.failures.append(f"HTTP {reply.status_code}: {reply.text.strip()}")
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 @pytest.mark.parametrize("dataplane", ["reload", "dynamic"])
@@ -167,8 +135,7 @@ def test_a_swarm_service_is_served_by_task_address_and_scales_without_a_failed_r
             assert _live(controller) == set(tasks.values())
 
             reloads = controller.reloads()
-            load = Load(http, "web")
-            try:
+            with Load(80, "web", max_seconds=120, address=lb_address) as load:
                 for replicas in (5, 2):
                     before = _running_tasks(swarm, "web")
                     _scale(swarm, "web", replicas)
@@ -198,10 +165,8 @@ def test_a_swarm_service_is_served_by_task_address_and_scales_without_a_failed_r
                         lambda now=now: _dns(dns_port, "web.internal") == set(now.values()),
                         what=f"DNS answering the {replicas} tasks",
                     )
-            finally:
-                load.stop()
             assert load.failures == []
-            assert len(load.answers) >= 5  # every task that ran got requests
+            assert len(load.by_backend()) >= 5  # every task that ran got requests
             # the dynamic data plane takes the scales without a reload; plain nginx reloads
             assert (controller.reloads() > reloads) is (dataplane == "reload")
         finally:
