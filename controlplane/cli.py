@@ -101,7 +101,8 @@ DISCOVERY: list[Decorator] = [
         multiple=True,
         callback=_networks,
         help="Watch only this network (repeatable; in the environment, separated by spaces). "
-        "Default: all user-defined bridge networks.",
+        "Default: all user-defined bridge networks, and the overlay networks a managed nginx "
+        "is attached to.",
     ),
     setting(
         "domain",

@@ -2,13 +2,16 @@
 
 Inspect results are cached per container and dropped whenever an event names that container,
 so a reconcile after one event inspects one container, not all of them; a periodic full resync
-drops the whole cache, which repairs anything an event could have missed.
+drops the whole cache, which repairs anything an event could have missed. On a Swarm manager,
+every pass also lists the services and their tasks (on every node) through the manager's API:
+a task on another node changes state without any event here, so nothing of it is cached.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +21,13 @@ import docker.errors
 import requests.exceptions
 from docker.utils import kwargs_from_env
 
-from controlplane.core.model import ContainerFacts, DockerState, NetworkFacts
-from controlplane.core.observe import container_facts, network_facts
+from controlplane.core.model import ContainerFacts, DockerState, NetworkFacts, SwarmServiceFacts
+from controlplane.core.observe import (
+    container_facts,
+    is_swarm_manager,
+    network_facts,
+    swarm_service_facts,
+)
 from controlplane.errors import DockerUnavailable
 
 log = logging.getLogger(__name__)
@@ -41,6 +49,10 @@ CONTAINER_ACTIONS = frozenset(
     }
 )
 NETWORK_ACTIONS = frozenset({"connect", "disconnect", "create", "destroy"})
+SWARM_KINDS = frozenset({"service", "node"})
+"""A manager's events for a service (create, update, remove: a scale, a rolling update) or a
+node (its availability, its loss): the pass lists services and tasks again."""
+EVENT_TYPES = ["container", "network", *sorted(SWARM_KINDS)]
 DOCKER_ERRORS = (requests.exceptions.ConnectionError, docker.errors.DockerException, OSError)
 
 
@@ -88,6 +100,8 @@ def parse_event(raw: dict[str, Any], received_ns: int = 0) -> DockerEvent | None
         container_id = str(actor.get("ID") or raw.get("id") or "")
     elif kind == "network" and action in NETWORK_ACTIONS:
         container_id = str(attributes.get("container") or "")
+    elif kind in SWARM_KINDS:
+        container_id = ""
     else:
         return None
     return DockerEvent(
@@ -111,6 +125,8 @@ class DockerSource:
         self._networks: tuple[NetworkFacts, ...] | None = None
         """Listed again after a network event (or a full invalidate): one engine call fewer
         in a pass that a container's event started."""
+        self._manager = False
+        """Whether the engine is a Swarm manager, asked again with the networks."""
         self._stream: Any = None
 
     def invalidate(self, container_id: str | None = None) -> None:
@@ -140,6 +156,7 @@ class DockerSource:
         try:
             if self._networks is None:
                 self._networks = tuple(network_facts(n) for n in self._api.networks())
+                self._manager = is_swarm_manager(self._api.info())
             networks = self._networks
             listed = [c["Id"] for c in self._api.containers(all=False, filters=self._filters)]
             containers = []
@@ -148,11 +165,28 @@ class DockerSource:
                 if facts is not None:
                     self._cache[container_id] = facts
                     containers.append(facts)
+            swarm = self._swarm_services() if self._manager else None
         except DOCKER_ERRORS as error:
             raise DockerUnavailable(f"lost the Docker engine while listing: {error}") from error
         for gone in set(self._cache) - set(listed):
             del self._cache[gone]
-        return DockerState(containers=tuple(containers), networks=networks)
+        return DockerState(containers=tuple(containers), networks=networks, swarm_services=swarm)
+
+    def _swarm_services(self) -> tuple[SwarmServiceFacts, ...] | None:
+        """None when the engine stopped being a manager since it was asked."""
+        api: Any = self._api  # docker-py leaves these two calls unannotated
+        try:
+            services = api.services()
+            tasks = api.tasks()
+        except docker.errors.APIError as error:
+            if error.status_code != 503:  # "This node is not a swarm manager"
+                raise
+            self._manager = False
+            return None
+        by_service: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for task in tasks:
+            by_service[str(task.get("ServiceID") or "")].append(task)
+        return tuple(swarm_service_facts(s, by_service[str(s.get("ID"))]) for s in services)
 
     def _inspect(self, container_id: str) -> ContainerFacts | None:
         try:
@@ -164,7 +198,7 @@ class DockerSource:
     def open_events(self) -> Iterator[DockerEvent]:
         """Opens the stream now (raising DockerUnavailable if it can't) and yields from it."""
         try:
-            stream = self._api.events(decode=True, filters={"type": ["container", "network"]})
+            stream = self._api.events(decode=True, filters={"type": EVENT_TYPES})
         except DOCKER_ERRORS as error:
             raise DockerUnavailable(f"cannot open the Docker event stream: {error}") from error
         self._stream = stream

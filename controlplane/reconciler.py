@@ -69,6 +69,10 @@ from controlplane.snapshot import PassTicket, ReconcileReport, Snapshot
 
 log = logging.getLogger(__name__)
 
+SWARM_POLL = 0.5
+"""Seconds between two listings of a converging Swarm service: a task on its way to running
+is served within about this much of it running (under the 1 s the swarm issue asks)."""
+
 
 class Source(Protocol):
     """What the reconciler needs from Docker (DockerSource, or a fake in tests)."""
@@ -194,6 +198,8 @@ class Reconciler:
         self._push_failed: dict[tuple[str, str], Failure] = {}
         self._build_memo = BuildMemo()
         self._clock = clock
+        self._converging = False
+        """The last listing found a Swarm service still converging."""
         self._marks: dict[str, StopMark] = {}
         self._deployed: dict[tuple[str, str], str] = {}
         self._failed: dict[tuple[str, str], Failure] = {}
@@ -263,6 +269,11 @@ class Reconciler:
         failures = [*self._failed.values(), *self._push_failed.values()]
         return min((f.retry_at for f in failures if f.retry_at > now), default=math.inf)
 
+    def poll_at(self) -> float:
+        """When a Swarm service the last pass found converging is listed again (math.inf:
+        none is): its tasks on other nodes change state without an event here."""
+        return self._clock() + SWARM_POLL if self._converging else math.inf
+
     def retry_refused(self) -> None:
         """Deploy again to nginx that refused the current config: an operator asked for a
         pass (the API), so the answer must say what nginx says now, not what it said before."""
@@ -289,6 +300,7 @@ class Reconciler:
         start = time.perf_counter()
         state = self._source.snapshot()
         timings["list"] = time.perf_counter() - start
+        self._converging = any(s.converging for s in state.swarm_services or ())
         running = [c.id for c in state.containers]
         self._marks = prune(self._marks, running, self._clock(), self._settings.stop_grace)
         mark = time.perf_counter()
@@ -776,6 +788,7 @@ class ControlLoop:
             plan.held,
             self._reconciler.retry_at(),
             self._reconciler.any_reload(),
+            self._reconciler.poll_at(),
         )
         self._schedule = self._schedule.passed(self._clock(), outcome)
         for ticket in run.tickets:

@@ -31,6 +31,9 @@ from controlplane.core.model import (
     NginxTarget,
     Overrides,
     Service,
+    SwarmEndpoint,
+    SwarmServiceFacts,
+    TaskAddress,
     Topology,
 )
 from controlplane.core.overrides import for_service
@@ -38,6 +41,9 @@ from controlplane.errors import InvalidValue
 
 DEFAULT_CONFIG_PATH = "/etc/nginx/conf.d/controlplane.conf"
 DEFAULT_PORT = 80
+SWARM_SERVICE_ID = "com.docker.swarm.service.id"
+"""The label Docker puts on a Swarm task's container: a manager's listing serves it through
+its service, with the tasks on the other nodes."""
 
 
 @dataclass(frozen=True)
@@ -141,10 +147,14 @@ def build_topology(
         if container.labels.get(L.ROLE) == "nginx":
             if any(e.network in watched for e in container.endpoints):
                 labels = L.parse_container_labels(container.labels, parsed.labels)
-                warnings.extend(_label_typos(container, labels))
+                warnings.extend(
+                    _label_typos(f"container {container.name}", container.labels, labels)
+                )
             target = _nginx_target(container, watched, excluded)
             if target is not None:
                 nginx.append(target)
+            continue
+        if state.swarm_services is not None and SWARM_SERVICE_ID in container.labels:
             continue
         mark = marks.get(container.id)
         stopping_now = mark is not None and is_stopping(mark, container.stop_signal)
@@ -165,6 +175,13 @@ def build_topology(
         for member in plan.members:
             for name in member.names:
                 members[name].append(member)
+    network_names = {n.id: n.name for n in state.networks}
+    for swarm_service in sorted(state.swarm_services or (), key=_OLDEST_FIRST):
+        found = _swarm_members(swarm_service, watched, watch_all, network_names, parsed)
+        warnings.extend(found.warnings)
+        excluded.extend(found.excluded)
+        for member in found.members:
+            members[member.names[0]].append(member)
 
     reachable = frozenset(network for target in nginx for network in target.networks)
     services = []
@@ -206,44 +223,55 @@ def build_topology(
     )
 
 
-def _label_typos(container: ContainerFacts, parsed: L.ContainerLabels) -> list[str]:
-    """A misspelt label would otherwise be ignored without a word."""
-    if not parsed.unknown and L.ROLE not in container.labels:
+def _label_typos(
+    what: str, raw: Mapping[str, str], parsed: L.ContainerLabels, swarm: bool = False
+) -> list[str]:
+    """A misspelt label would otherwise be ignored without a word; so would one that means
+    nothing where it is. `what` names the labelled thing: container NAME, swarm service NAME."""
+    if not parsed.unknown and L.ROLE not in raw and (swarm or L.ENDPOINT not in raw):
         return []
     warnings = [
-        f"container {container.name}: unknown label {L.show(key)} is ignored (a typo?)"
-        for key in parsed.unknown
+        f"{what}: unknown label {L.show(key)} is ignored (a typo?)" for key in parsed.unknown
     ]
-    role = container.labels.get(L.ROLE)
+    role = raw.get(L.ROLE)
     if role is not None and role != "nginx":
-        warnings.append(
-            f"container {container.name}: {L.ROLE}={L.show(role)} is ignored "
-            "(the only role is nginx)"
-        )
+        warnings.append(f"{what}: {L.ROLE}={L.show(role)} is ignored (the only role is nginx)")
+    if not swarm and L.ENDPOINT in raw:
+        warnings.append(f"{what}: {L.ENDPOINT} is ignored (it is for Swarm services)")
     return warnings
 
 
 def _watched_networks(
     state: DockerState, options: BuildOptions
 ) -> tuple[frozenset[str], list[str]]:
+    """By default every user-defined bridge, and every overlay network a managed nginx is
+    attached to (it can reach the tasks there); with --network, the bridges and overlay
+    networks it names."""
     bridges = frozenset(
         n.name for n in state.networks if n.driver == "bridge" and n.name != "bridge"
     )
+    overlays = frozenset(n.name for n in state.networks if n.driver == "overlay")
     if options.networks is None:
-        return bridges, []
+        with_nginx = {
+            e.network
+            for c in state.containers
+            if c.labels.get(L.ROLE) == "nginx" and c.status in ("running", "paused")
+            for e in c.endpoints
+        }
+        return bridges | (overlays & with_nginx), []
     warnings = []
     drivers = {n.name: n.driver for n in state.networks}
-    for name in sorted(options.networks - bridges):
+    for name in sorted(options.networks - bridges - overlays):
         if name not in drivers:
             warnings.append(
                 f"network {L.show(name)} does not exist (yet): nothing is watched on it"
             )
         else:
             warnings.append(
-                f"network {L.show(name)} has driver {drivers[name]}, not a user-defined bridge: "
-                "it is not watched"
+                f"network {L.show(name)} has driver {drivers[name]}, neither a user-defined "
+                "bridge nor an overlay network: it is not watched"
             )
-    return bridges & options.networks, warnings
+    return (bridges | overlays) & options.networks, warnings
 
 
 def _nginx_target(
@@ -302,7 +330,7 @@ def _plan(
         reason = f"has {L.SERVICE} but is on no watched network (it is on {on})"
         return made(excluded=(Exclusion(container.id, container.name, reason),))
     labels = L.parse_container_labels(container.labels, parsed.labels)
-    warnings = tuple(_label_typos(container, labels))
+    warnings = tuple(_label_typos(f"container {container.name}", container.labels, labels))
     excluded: list[Exclusion] = []
     names_by_endpoint = [
         (e, _alias_services(container, e, excluded, parsed.aliases)) for e in endpoints
@@ -354,6 +382,96 @@ def _plan(
         for endpoint, names in names_by_endpoint
     )
     return made(warnings, tuple(excluded), members)
+
+
+class _Found(NamedTuple):
+    warnings: list[str]
+    excluded: list[Exclusion]
+    members: list[_Member]
+
+
+def _swarm_members(
+    service: SwarmServiceFacts,
+    watched: frozenset[str],
+    watch_all: bool,
+    network_names: Mapping[str, str],
+    parsed: _Parsed,
+) -> _Found:
+    """A Swarm service on a watched network: one backend per running task there (its
+    address on that network), or its virtual IP with `controlplane.endpoint=vip`. A task
+    whose desired state is no longer running is stopping: drained before Docker stops it."""
+    found = _Found([], [], [])
+    on = [network_names.get(n, n) for n in service.networks]
+    networks = [n for n in on if n in watched]
+    labels = L.parse_container_labels(service.labels, parsed.labels)
+    what = f"swarm service {service.name}"
+
+    def exclude(reason: str, name: str | None) -> _Found:
+        found.excluded.append(Exclusion(service.id, service.name, reason, service=name))
+        return found
+
+    if not networks:
+        if watch_all and L.SERVICE in service.labels:
+            where = ", ".join(on) or "no network"
+            return exclude(f"has {L.SERVICE} but is on no watched network (it is on {where})", None)
+        return found
+    found.warnings.extend(_label_typos(what, service.labels, labels, swarm=True))
+    try:
+        name = labels.backend.service or L.parse_name(service.name, "swarm service name")
+        endpoint = L.parse_endpoint(service.labels.get(L.ENDPOINT, SwarmEndpoint.TASKS))
+    except InvalidValue as error:
+        return exclude(str(error), labels.backend.service)
+    if labels.errors:
+        return exclude("; ".join(labels.errors), name)
+    backend = labels.backend
+    if not backend.enabled:
+        return exclude(f"opted out with {L.ENABLE}=false", name)
+    if endpoint is SwarmEndpoint.VIP and service.endpoint_mode != "vip":
+        return exclude(
+            f"{L.ENDPOINT}=vip, but its endpoint mode is {service.endpoint_mode}, which has "
+            "no virtual IP: drop the label (its tasks are served) or use --endpoint-mode vip",
+            name,
+        )
+
+    def member(
+        backend_id: str, shown: str, address: TaskAddress, created: str, up: bool
+    ) -> _Member:
+        return _Member(
+            (name,),
+            Backend(
+                backend_id,
+                shown,
+                address.network or network_names.get(address.network_id, ""),
+                address.ip,
+                address.ipv6,
+                backend.port or DEFAULT_PORT,
+                created,
+                BackendState.UP if up else BackendState.STOPPING,
+                backend.weight,
+                backend.backup,
+                backend.max_fails,
+                backend.fail_timeout,
+                backend.max_conns,
+                created,
+            ),
+            labels.service,
+        )
+
+    if endpoint is SwarmEndpoint.VIP:
+        found.members.extend(
+            member(service.id, service.name, vip, service.created, True)
+            for vip in service.virtual_ips
+            if network_names.get(vip.network_id) in networks
+        )
+        return found
+    found.members.extend(
+        member(task.id, task.name, address, task.created, task.desired_state == "running")
+        for task in service.tasks
+        if task.state == "running"
+        for address in task.addresses
+        if (address.network or network_names.get(address.network_id)) in networks
+    )
+    return found
 
 
 def _label_service(container: ContainerFacts) -> str | None:

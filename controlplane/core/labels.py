@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeVar
 
-from controlplane.core.model import Algorithm, DataPlane, HealthMode, Method
+from controlplane.core.model import Algorithm, DataPlane, HealthMode, Method, SwarmEndpoint
 from controlplane.errors import InvalidValue
 
 PREFIX = "controlplane."
@@ -32,6 +32,7 @@ RANDOM_TWO = PREFIX + "random_two"
 HOSTS = PREFIX + "hosts"
 CONFIG_PATH = PREFIX + "config_path"
 DATAPLANE = PREFIX + "dataplane"
+ENDPOINT = PREFIX + "endpoint"
 HEALTH = PREFIX + "health"
 HEALTH_START_PERIOD = PREFIX + "health.start_period"
 HEALTH_PATH = PREFIX + "health.path"
@@ -65,6 +66,7 @@ KNOWN_LABELS = frozenset(
         HOSTS,
         CONFIG_PATH,
         DATAPLANE,
+        ENDPOINT,
         HEALTH,
         HEALTH_START_PERIOD,
         HEALTH_PATH,
@@ -354,6 +356,16 @@ def parse_dataplane(value: str, what: str = DATAPLANE) -> DataPlane:
         allowed = ", ".join(m.value for m in DataPlane)
         raise InvalidValue(
             f"{what}={show(value)} is not a data plane: use one of {allowed}"
+        ) from None
+
+
+def parse_endpoint(value: str) -> SwarmEndpoint:
+    try:
+        return SwarmEndpoint(value.strip().lower())
+    except ValueError:
+        allowed = ", ".join(e.value for e in SwarmEndpoint)
+        raise InvalidValue(
+            f"{ENDPOINT}={show(value)} is not an endpoint: use one of {allowed}"
         ) from None
 
 

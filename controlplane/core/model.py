@@ -34,6 +34,15 @@ class DataPlane(StrEnum):
     RELOAD = "reload"
 
 
+class SwarmEndpoint(StrEnum):
+    """What a Swarm service's upstream holds: `tasks`, each running task's address (so
+    least_conn, hash and least_time see every backend), or `vip`, the one virtual IP that
+    Docker balances itself."""
+
+    TASKS = "tasks"
+    VIP = "vip"
+
+
 class HealthMode(StrEnum):
     """How the controller checks a service's backends: `tcp` by a connect to the port, `http`
     by a GET whose status must be in range, `none` not at all (a backend is served as soon as
@@ -137,9 +146,81 @@ class NetworkFacts:
 
 
 @dataclass(frozen=True)
+class TaskAddress:
+    """A Swarm task's (or a service's virtual) address on one network."""
+
+    network_id: str
+    network: str
+    ip: str
+    ipv6: str = ""
+
+
+TASK_MOVING_STATES = frozenset(
+    {"new", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
+)
+"""Task states on the way to running: Docker is still placing or starting the task."""
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """One task of a Swarm service, on any node, as the manager lists it."""
+
+    id: str
+    name: str
+    """SERVICE.SLOT.ID (SERVICE.NODE.ID in global mode): its container's name."""
+    node: str
+    state: str
+    desired_state: str
+    created: str
+    addresses: tuple[TaskAddress, ...]
+
+    @property
+    def moving(self) -> bool:
+        """Docker is still taking it to its desired state."""
+        if self.desired_state == "running":
+            return self.state in TASK_MOVING_STATES
+        return self.state == "running" or self.state in TASK_MOVING_STATES
+
+
+@dataclass(frozen=True)
+class SwarmServiceFacts:
+    """A Swarm service and its live tasks, owned so no SDK object leaks."""
+
+    id: str
+    name: str
+    created: str
+    labels: Mapping[str, str] = field(hash=False)
+    """The service's labels overlaid by its task template's container labels."""
+    networks: tuple[str, ...]
+    """IDs of the networks its task template attaches."""
+    endpoint_mode: str
+    """vip or dnsrr."""
+    virtual_ips: tuple[TaskAddress, ...]
+    replicas: int | None
+    """Replicated mode's desired count; None in global mode."""
+    updating: bool
+    """A rolling update (or its rollback) is under way."""
+    tasks: tuple[TaskFacts, ...]
+    """Those that run or are meant to: a task's history is left out."""
+
+    @property
+    def converging(self) -> bool:
+        """Docker is still moving it (an update, a scale, a restart): worth listing again
+        soon rather than at the next event."""
+        wanted = sum(1 for t in self.tasks if t.desired_state == "running")
+        return (
+            self.updating
+            or any(t.moving for t in self.tasks)
+            or (self.replicas is not None and wanted != self.replicas)
+        )
+
+
+@dataclass(frozen=True)
 class DockerState:
     containers: tuple[ContainerFacts, ...]
     networks: tuple[NetworkFacts, ...]
+    swarm_services: tuple[SwarmServiceFacts, ...] | None = None
+    """None: the engine is no Swarm manager, so services and tasks can't be listed."""
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,17 @@ absorbs that so the rest of the code reads plain typed values.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from controlplane.core.model import ContainerFacts, Endpoint, NetworkFacts
+from controlplane.core.model import (
+    ContainerFacts,
+    Endpoint,
+    NetworkFacts,
+    SwarmServiceFacts,
+    TaskAddress,
+    TaskFacts,
+)
 
 
 def _dict(value: Any) -> Mapping[str, Any]:
@@ -83,5 +90,94 @@ def network_facts(inspect: Mapping[str, Any]) -> NetworkFacts:
             _str(_dict(c).get("Subnet"))
             for c in (_dict(inspect.get("IPAM")).get("Config") or ())
             if _str(_dict(c).get("Subnet"))
+        ),
+    )
+
+
+def is_swarm_manager(info: Mapping[str, Any]) -> bool:
+    """From `GET /info`: only a manager can list services and the tasks of every node."""
+    swarm = _dict(info.get("Swarm"))
+    return swarm.get("LocalNodeState") == "active" and swarm.get("ControlAvailable") is True
+
+
+def _address(network_id: str, network: str, cidr: Any) -> TaskAddress | None:
+    """From `10.0.1.3/24` (or an IPv6 one); None for a value that is not an address."""
+    ip = _str(cidr).split("/", 1)[0]
+    if not ip:
+        return None
+    if ":" in ip:
+        return TaskAddress(network_id, network, "", ip)
+    return TaskAddress(network_id, network, ip)
+
+
+def task_facts(task: Mapping[str, Any], service_name: str) -> TaskFacts:
+    """Facts from one entry of `GET /tasks`."""
+    status = _dict(task.get("Status"))
+    task_id = _str(task.get("ID"))
+    slot = task.get("Slot")
+    node = _str(task.get("NodeID"))
+    addresses = []
+    for attachment in task.get("NetworksAttachments") or ():
+        network = _dict(_dict(attachment).get("Network"))
+        name = _str(_dict(network.get("Spec")).get("Name"))
+        for cidr in _dict(attachment).get("Addresses") or ():
+            found = _address(_str(network.get("ID")), name, cidr)
+            if found is not None:
+                addresses.append(found)
+    return TaskFacts(
+        id=task_id,
+        name=f"{service_name}.{slot if isinstance(slot, int) and slot > 0 else node}.{task_id}",
+        node=node,
+        state=_str(status.get("State")),
+        desired_state=_str(task.get("DesiredState")),
+        created=canonical_time(task.get("CreatedAt")),
+        addresses=tuple(addresses),
+    )
+
+
+def swarm_service_facts(
+    inspect: Mapping[str, Any], tasks: Iterable[Mapping[str, Any]]
+) -> SwarmServiceFacts:
+    """Facts from `GET /services/{id}` and that service's entries of `GET /tasks`. A task
+    that is not meant to run and is not on its way anywhere is history (Docker keeps a few
+    per slot): left out."""
+    spec = _dict(inspect.get("Spec"))
+    template = _dict(spec.get("TaskTemplate"))
+    labels = {
+        str(k): str(v)
+        for source in (spec.get("Labels"), _dict(template.get("ContainerSpec")).get("Labels"))
+        for k, v in _dict(source).items()
+    }
+    endpoint = _dict(inspect.get("Endpoint"))
+    mode = _str(_dict(endpoint.get("Spec")).get("Mode")) or _str(
+        _dict(spec.get("EndpointSpec")).get("Mode")
+    )
+    replicas = _dict(_dict(spec.get("Mode")).get("Replicated")).get("Replicas")
+    name = _str(spec.get("Name"))
+    vips = (
+        _address(_str(_dict(vip).get("NetworkID")), "", _dict(vip).get("Addr"))
+        for vip in endpoint.get("VirtualIPs") or ()
+    )
+    live = (task_facts(t, name) for t in tasks)
+    return SwarmServiceFacts(
+        id=_str(inspect.get("ID")),
+        name=name,
+        created=canonical_time(inspect.get("CreatedAt")),
+        labels=labels,
+        networks=tuple(
+            _str(_dict(n).get("Target"))
+            for n in template.get("Networks") or spec.get("Networks") or ()
+            if _str(_dict(n).get("Target"))
+        ),
+        endpoint_mode=mode or "vip",
+        virtual_ips=tuple(v for v in vips if v is not None),
+        replicas=replicas if isinstance(replicas, int) else None,
+        updating=_str(_dict(inspect.get("UpdateStatus")).get("State"))
+        in ("updating", "rollback_started"),
+        tasks=tuple(
+            sorted(
+                (t for t in live if t.desired_state == "running" or t.moving),
+                key=lambda t: (t.created, t.id),
+            )
         ),
     )

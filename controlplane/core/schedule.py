@@ -19,6 +19,9 @@ and does what this says.
   at its due time unless a pass takes it earlier. A failed pass releases the hold.
 - A resync (everything inspected again) runs every `resync_interval`, counted from the end of
   the last one, even while events keep coming: it is what repairs a missed event.
+- While a Swarm service converges (a task on its way to running or to a stop, a rolling
+  update), a pass lists it again when the last one asks (Outcome.poll_at): a task on another
+  node changes state without an event on this one.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ RESTORED = "stream-restored"
 HELD = "held new backends"
 RESYNC = "periodic resync"
 RETRY = "retry an nginx that failed"
+POLL = "a swarm service converging"
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class Outcome:
     """When a deploy or push that failed in it is due again (core.served.failed)."""
     reloads: bool = True
     """Some managed nginx reloads for a change: events are coalesced for it."""
+    poll_at: float = math.inf
+    """When a Swarm service it found converging is listed again."""
 
     @classmethod
     def of(
@@ -117,17 +123,19 @@ class Outcome:
         held: Held | None = None,
         retry_at: float = math.inf,
         reloads: bool = True,
+        poll_at: float = math.inf,
     ) -> Outcome:
         """`before`: what the pass started from, None for the first pass, which finds every
         backend at once: that is no scale-out."""
         if before is None:
-            return cls(held, retry_at=retry_at, reloads=reloads)
+            return cls(held, retry_at=retry_at, reloads=reloads, poll_at=poll_at)
         return cls(
             held,
             adds_backends(before, after),
             removes_backends(before, after),
             retry_at,
             reloads,
+            poll_at,
         )
 
 
@@ -175,6 +183,8 @@ class Schedule(Generic[Ticket, Event]):
     retry_at: float = math.inf
     """A pass then tries again an nginx whose deploy or push failed; without it, a failed
     push would wait for the next event or resync."""
+    poll_at: float = math.inf
+    """A pass then lists a converging Swarm service again (Outcome.poll_at)."""
     held: Held | None = None
     last_added: float = -math.inf
     """When a pass last applied backends that add capacity (core.batching.hold)."""
@@ -263,7 +273,11 @@ class Schedule(Generic[Ticket, Event]):
             return replace(self, retry_at=math.inf, restarts_resync=False), Run(
                 RETRY, holding=self._holding(now)
             )
-        return self, Wait(min(self.resync_at, held_due, self.retry_at))
+        if now >= self.poll_at:
+            return replace(self, poll_at=math.inf, restarts_resync=False), Run(
+                POLL, holding=self._holding(now)
+            )
+        return self, Wait(min(self.resync_at, held_due, self.retry_at, self.poll_at))
 
     def _holding(self, now: float) -> Holding:
         return Holding(now, self.last_added, self.held, self.timing.batching)
@@ -282,6 +296,7 @@ class Schedule(Generic[Ticket, Event]):
             held=outcome.held,
             last_added=last_added,
             retry_at=outcome.retry_at,
+            poll_at=outcome.poll_at,
             coalesce=outcome.reloads,
         )
 

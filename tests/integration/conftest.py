@@ -22,13 +22,16 @@ from controlplane.wiring import Controller, build_controller
 from images.build import OfflineImages, ensure_images
 from tests.support.engine import EngineUnavailable, PrivateEngine
 from tests.support.lab import Http, Lab, wait_until
+from tests.support.swarm import PrivateSwarm, start_swarm
 from tests.support.witness import MachineEngineWitness
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use an engine (through any fixture) carry the `docker` marker."""
     for item in items:
-        if {"docker_client", "private_engine"} & set(getattr(item, "fixturenames", ())):
+        if {"docker_client", "private_engine", "private_swarm"} & set(
+            getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.docker)
 
 
@@ -62,6 +65,20 @@ def private_engine() -> Iterator[PrivateEngine]:
         yield engine
     finally:
         engine.close()
+
+
+@pytest.fixture
+def private_swarm() -> Iterator[PrivateSwarm]:
+    """A single-node swarm on an engine of the test's own: swarm mode refuses the machine's
+    engine (--live-restore), and a test must not reconfigure it anyway."""
+    try:
+        swarm = start_swarm()
+    except EngineUnavailable as error:
+        unavailable(f"no private Docker engine for a swarm: {error}")
+    try:
+        yield swarm
+    finally:
+        swarm.close()
 
 
 @pytest.fixture

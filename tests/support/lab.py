@@ -201,8 +201,8 @@ class Http:
     """A client of one published nginx; a new connection per request, so a reload's closed
     keep-alive connection can't be mistaken for a failure."""
 
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
+    def __init__(self, port: int, address: str = "127.0.0.1") -> None:
+        self.base = f"http://{address}:{port}"
         self.client = httpx.Client(timeout=10.0, headers={"Connection": "close"})
 
     def get(self, host: str, path: str = "/", timeout: float = 10.0) -> httpx.Response:

@@ -32,6 +32,8 @@ class Load:
     max_seconds: float = 60.0
     max_requests: int = 50_000
     path: str = "/"
+    address: str = "127.0.0.1"
+    """nginx's address: a published loopback port, or its own address on a network."""
     responses: list[Response] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -58,7 +60,7 @@ class Load:
             thread.join(timeout=15)
 
     def _work(self) -> None:
-        url = f"http://127.0.0.1:{self.port}{self.path}"
+        url = f"http://{self.address}:{self.port}{self.path}"
         with httpx.Client(
             timeout=10.0, headers={"Host": self.host, "Connection": "close"}
         ) as client:

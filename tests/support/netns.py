@@ -9,7 +9,7 @@ import ctypes
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
@@ -40,27 +40,33 @@ class NetworkNamespace:
         """`argv` run inside the namespace; nsenter execs it, so its PID is the program's."""
         return ["nsenter", f"--net={self.path}", *argv]
 
-    @contextmanager
-    def entered(self) -> Iterator[None]:
-        """Moves the calling thread into the namespace for the block: the sockets it opens and
-        the threads and processes it starts live there. setns(2) moves only this thread; the
-        rest of the process, and unix sockets such as an engine's, are unaffected."""
-        back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            inside = os.open(self.path, os.O_RDONLY)
-            try:
-                _setns(inside, str(self.path))
-            finally:
-                os.close(inside)
-            try:
-                yield
-            finally:
-                _setns(back, "the thread's own network namespace")
-        finally:
-            os.close(back)
+    def entered(self) -> AbstractContextManager[None]:
+        """Moves the calling thread into the namespace for the block (see `entered`)."""
+        return entered(self.path)
 
     def remove(self) -> None:
         """Drop the namespace (it goes once no process is left in it) and its file."""
         if os.path.ismount(self.path):
             subprocess.run(["umount", str(self.path)], check=True, capture_output=True)
         self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def entered(path: Path) -> Iterator[None]:
+    """Moves the calling thread into the network namespace at `path` (a namespace file, or a
+    process's /proc/PID/ns/net) for the block: the sockets it opens and the threads and
+    processes it starts live there. setns(2) moves only this thread; the rest of the process,
+    and unix sockets such as an engine's, are unaffected."""
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        inside = os.open(path, os.O_RDONLY)
+        try:
+            _setns(inside, str(path))
+        finally:
+            os.close(inside)
+        try:
+            yield
+        finally:
+            _setns(back, "the thread's own network namespace")
+    finally:
+        os.close(back)

@@ -11,7 +11,15 @@ import hashlib
 from collections.abc import Iterable, Mapping
 
 from controlplane.core import labels as L
-from controlplane.core.model import ContainerFacts, DockerState, Endpoint, NetworkFacts
+from controlplane.core.model import (
+    ContainerFacts,
+    DockerState,
+    Endpoint,
+    NetworkFacts,
+    SwarmServiceFacts,
+    TaskAddress,
+    TaskFacts,
+)
 
 CREATED = "2024-05-01T10:00:00.000000001Z"
 
@@ -99,4 +107,52 @@ def state(
     return DockerState(
         containers=tuple(containers),
         networks=tuple(n if isinstance(n, NetworkFacts) else network(n) for n in networks),
+    )
+
+
+def task(
+    service: str,
+    slot: int,
+    ip: str,
+    *,
+    network: str = "ov",
+    state: str = "running",
+    desired: str = "running",
+    created: str = CREATED,
+) -> TaskFacts:
+    """A Swarm task of `service` in `slot`, with its address on one overlay network."""
+    task_id = container_id(f"task:{service}.{slot}.{ip}")[:25]
+    return TaskFacts(
+        id=task_id,
+        name=f"{service}.{slot}.{task_id}",
+        node="node1",
+        state=state,
+        desired_state=desired,
+        created=created,
+        addresses=(TaskAddress(container_id("network:" + network), network, ip),),
+    )
+
+
+def swarm_service(
+    name: str,
+    *tasks: TaskFacts,
+    labels: Mapping[str, str] | None = None,
+    networks: Iterable[str] = ("ov",),
+    endpoint_mode: str = "vip",
+    vip: str = "10.0.1.2",
+    created: str = CREATED,
+) -> SwarmServiceFacts:
+    """A replicated Swarm service with these tasks, and a VIP on each of its networks."""
+    ids = tuple(container_id("network:" + n) for n in networks)
+    return SwarmServiceFacts(
+        id=container_id(f"service:{name}")[:25],
+        name=name,
+        created=created,
+        labels=dict(labels or {}),
+        networks=ids,
+        endpoint_mode=endpoint_mode,
+        virtual_ips=tuple(TaskAddress(i, "", vip) for i in ids) if endpoint_mode == "vip" else (),
+        replicas=len(tasks),
+        updating=False,
+        tasks=tasks,
     )

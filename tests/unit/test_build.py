@@ -203,8 +203,8 @@ def test_only_running_and_paused_containers_count(
         ({"app"}, {"web": ["w1@app"]}, []),
         ({"app", "back"}, {"web": ["w1@app", "w1@back"]}, []),
         ({"gone"}, {}, ["network 'gone' does not exist (yet)"]),
-        ({"ov"}, {}, ["network 'ov' has driver overlay, not a user-defined bridge"]),
-        ({"bridge"}, {}, ["network 'bridge' has driver bridge, not a user-defined bridge"]),
+        ({"ov"}, {"web": ["w1@ov"]}, []),
+        ({"bridge"}, {}, ["network 'bridge' has driver bridge, neither a user-defined bridge"]),
         (
             {"app", "gone", "mac"},
             {"web": ["w1@app"]},
@@ -472,7 +472,7 @@ def test_stop_mark_of_another_container_is_ignored() -> None:
         ),
         (nginx(status="exited"), []),
         (nginx(network="bridge"), []),
-        (nginx(network="ov"), []),
+        (nginx(network="ov"), [("proxy", DEFAULT_CONFIG_PATH, ("ov",))]),
         (nginx(network="bridge", status="paused", config_path="bad"), []),
     ],
     ids=[
@@ -481,7 +481,7 @@ def test_stop_mark_of_another_container_is_ignored() -> None:
         "all-its-networks",
         "exited-ignored",
         "only-on-default-bridge-not-ours",
-        "only-on-overlay-not-ours",
+        "on-an-overlay-it-watches-it",
         "not-ours-so-not-even-excluded",
     ],
 )
@@ -833,7 +833,17 @@ def test_build_options_default_domain_is_internal() -> None:
             container("w1", labels={"controlplane.x\n}": "1"}),
             ["container w1: unknown label 'controlplane.x\\n}' is ignored (a typo?)"],
         ),
-        (container("w1", labels={label: "" for label in L.KNOWN_LABELS if label != L.ROLE}), []),
+        (
+            container(
+                "w1",
+                labels={label: "" for label in L.KNOWN_LABELS if label not in (L.ROLE, L.ENDPOINT)},
+            ),
+            [],
+        ),
+        (
+            container("w1", labels={L.ENDPOINT: "vip"}),
+            [f"container w1: {L.ENDPOINT} is ignored (it is for Swarm services)"],
+        ),
         (container("w1", labels={"com.example.controlplane.x": "1", "controlplanex": "1"}), []),
         (container("w1", labels={"controlplane.wieght": "3"}, status="exited"), []),
     ],
@@ -845,6 +855,7 @@ def test_build_options_default_domain_is_internal() -> None:
         "role-is-case-sensitive",
         "label-name-shown-escaped",
         "every-known-label-is-quiet",
+        "endpoint-is-for-swarm-services",
         "other-prefixes-are-not-ours",
         "stopped-container-not-checked",
     ],

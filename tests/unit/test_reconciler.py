@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from controlplane.core.model import ContainerFacts, NginxTarget
+from controlplane.core.schedule import POLL
 from controlplane.docker_source import DockerEvent
 from controlplane.nginx_deployer import DeployResult
 from controlplane.reconciler import (
@@ -25,7 +26,7 @@ from controlplane.reconciler import (
 from controlplane.settings import Settings
 from controlplane.snapshot import PassTicket, ReconcileReport
 from controlplane.templating import load_template
-from tests.unit.builders import container, nginx, state
+from tests.unit.builders import container, network, nginx, state, swarm_service, task
 from tests.unit.fakes import FakeDeployer, FakeEvents, FakeSource
 
 
@@ -251,6 +252,28 @@ def test_an_event_after_quiet_goes_at_once_and_the_ones_after_it_wait_for_quiet(
     ]
     trigger = run.reports[1].trigger
     assert trigger is not None and trigger.container_id == W2.id
+
+
+def test_a_converging_swarm_service_is_listed_every_half_second_until_it_settles() -> None:
+    lb = nginx("lb", network="ov", ip="10.0.1.100")
+    running, starting = task("web", 1, "10.0.1.3"), task("web", 2, "10.0.1.4", state="starting")
+    run = driven(lb, batch_max=0.0)  # no scale-out hold: the task goes in when it runs
+    run.source.state = replace(
+        state(lb, networks=("bridge", network("ov", "overlay"))),
+        swarm_services=(swarm_service("web", running, starting),),
+    )
+    assert run.at(105.0, DockerEvent("service", "update", "", None, 0)) == 105.5
+    assert run.at(105.5) == 106.0
+    run.source.state = replace(
+        run.source.state,
+        swarm_services=(swarm_service("web", running, replace(starting, state="running")),),
+    )
+    assert run.at(106.0) == 130.0
+    assert [p[0] for p in run.passes] == ["start", "1 event(s)", POLL, POLL]
+    assert [b.ip for b in run.reconciler.snapshot.topology.services[0].backends] == [
+        "10.0.1.3",
+        "10.0.1.4",
+    ]
 
 
 def test_new_backends_during_a_scale_out_are_held_and_applied_together() -> None:

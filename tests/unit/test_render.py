@@ -168,8 +168,8 @@ def golden_topology() -> Topology:
             labels={L.WEIGHT: HOSTILE, L.HOSTS: 'a.com"; }'},
         ),
     ]
-    docker = state(*containers, networks=("bridge", "app", "back", network("ov", "overlay")))
-    options = BuildOptions(networks=frozenset({"app", "back", "ov"}))
+    docker = state(*containers, networks=("bridge", "app", "back", network("mac", "macvlan")))
+    options = BuildOptions(networks=frozenset({"app", "back", "mac"}))
     return build_topology(docker, options, {stopping.id: StopMark(frozenset({15}), 1.0)})
 
 

@@ -12,7 +12,16 @@ import pytest
 from controlplane.core.batching import BatchPolicy
 from controlplane.core.build import build_topology
 from controlplane.core.model import ContainerFacts, Topology
-from controlplane.core.schedule import RETRY, Holding, Outcome, Run, Schedule, Timing, Wait
+from controlplane.core.schedule import (
+    POLL,
+    RETRY,
+    Holding,
+    Outcome,
+    Run,
+    Schedule,
+    Timing,
+    Wait,
+)
 from tests.unit.builders import container, nginx, state
 
 TIMING = Timing(
@@ -373,6 +382,21 @@ def test_a_failed_deploy_wakes_the_loop_when_it_is_due_again() -> None:
     assert isinstance(run, Run) and run.reason == RETRY
     schedule = schedule.passed(105.5, Outcome())
     assert schedule.next(106.0)[1] == Wait(160.0)
+
+
+def test_a_converging_swarm_service_is_listed_again_until_it_settles() -> None:
+    """Its tasks on other nodes change state without an event here."""
+    schedule: Schedule[str, str] = Schedule(TIMING)
+    schedule, _ = schedule.next(100.0)
+    schedule = schedule.passed(100.0, Outcome.of(None, Topology(), poll_at=100.5))
+    assert schedule.next(100.2)[1] == Wait(100.5)
+    schedule, run = schedule.next(100.5)
+    assert isinstance(run, Run) and run.reason == POLL and not run.resync
+    schedule = schedule.passed(100.6, Outcome(poll_at=101.1))
+    schedule, run = schedule.next(101.1)
+    assert isinstance(run, Run) and run.reason == POLL
+    schedule = schedule.passed(101.2, Outcome())  # settled
+    assert schedule.next(101.3)[1] == Wait(160.0)
 
 
 def test_the_gate_letting_a_backend_in_is_a_pass_as_for_an_event() -> None:
