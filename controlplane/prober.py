@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import re
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 Done = Callable[[Address, Result], None]
 
 READ_AT_MOST = 4096
+REQUESTS_KEPT = 4096
+SWEEP = 0.01
+"""Seconds between looks at the probes under way for those past their timeout."""
 STATUS_LINE_RE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])[ \r]")
 USER_AGENT = "controlplane-health"
 
@@ -85,23 +89,28 @@ class SocketProber:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._flight: _InFlight | None = None
         self._thread: threading.Thread | None = None
 
     def probe(self, address: Address, check: HealthCheck, done: Done) -> None:
-        loop = self._running()
-        if loop is not None:
-            loop.call_soon_threadsafe(_Probe.start, loop, address, check, done)
+        running = self._running()
+        if running is not None:
+            loop, flight = running
+            loop.call_soon_threadsafe(_Probe.start, loop, flight, address, check, done)
 
-    def _running(self) -> asyncio.AbstractEventLoop | None:
+    def _running(self) -> tuple[asyncio.AbstractEventLoop, _InFlight] | None:
         with self._lock:
             if self._loop is None and self._thread is None:
                 loop = uvloop.new_event_loop()
+                self._flight = _InFlight(loop)
                 self._thread = threading.Thread(
                     target=loop.run_forever, name="health-probes", daemon=True
                 )
                 self._thread.start()
                 self._loop = loop
-            return self._loop
+            if self._loop is None or self._flight is None:
+                return None
+            return self._loop, self._flight
 
     def close(self) -> None:
         """Stops the loop; probes under way are dropped. No probe starts after this."""
@@ -116,55 +125,99 @@ class SocketProber:
 
 
 class _Probe:
-    """One probe as callbacks on the loop's file descriptors and one timer: no task, no
-    coroutine, since at a thousand probes a second their cost is most of the probe's."""
+    """One probe as callbacks on the loop's file descriptors: no task, no coroutine, since at a
+    thousand probes a second their cost is most of the probe's. A connect to a backend on
+    this host has mostly finished when connect() returns (the kernel runs the handshake on
+    the spot), so the request goes out at once and the probe waits for writability only when
+    it could not; its timeout is read by its loop's sweep (_InFlight), not a timer of its own."""
 
-    __slots__ = ("address", "check", "done", "head", "loop", "phase", "sock", "started", "timer")
+    __slots__ = (
+        "address",
+        "check",
+        "deadline",
+        "done",
+        "flight",
+        "head",
+        "loop",
+        "phase",
+        "sock",
+        "started",
+    )
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, address: Address, check: HealthCheck, done: Done
+        self,
+        loop: asyncio.AbstractEventLoop,
+        flight: _InFlight,
+        address: Address,
+        check: HealthCheck,
+        done: Done,
     ) -> None:
-        self.loop, self.address, self.check, self.done = loop, address, check, done
+        self.loop, self.flight, self.address, self.check, self.done = (
+            loop,
+            flight,
+            address,
+            check,
+            done,
+        )
         self.started = time.monotonic()
+        self.deadline = self.started + check.timeout_ms / 1000
         self.head = b""
         self.phase = "connect"
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setblocking(False)
-        self.timer = loop.call_later(check.timeout_ms / 1000, self._timeout)
 
     @classmethod
     def start(
-        cls, loop: asyncio.AbstractEventLoop, address: Address, check: HealthCheck, done: Done
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        flight: _InFlight,
+        address: Address,
+        check: HealthCheck,
+        done: Done,
     ) -> None:
         try:
-            probe = cls(loop, address, check, done)
+            probe = cls(loop, flight, address, check, done)
         except OSError as failed:  # no socket to be had (out of file descriptors)
             done(address, Result(outcome_of(failed)))
             return
-        code = probe.sock.connect_ex((address.host, probe.check.port or address.port))
-        if code in (0, errno.EINPROGRESS):
-            loop.add_writer(probe.sock, probe._connected)
+        code = probe.sock.connect_ex((address.host, check.port or address.port))
+        if code not in (0, errno.EINPROGRESS):
+            probe._end(outcome_of(OSError(code, os.strerror(code))))
+            return
+        flight.watch(probe)
+        if check.mode is HealthMode.HTTP:
+            try:
+                probe._send()  # connected already, as a backend on this host mostly is
+            except BlockingIOError:
+                loop.add_writer(probe.sock, probe._connected)
+            except OSError as failed:  # refused on the spot: send took the socket's error
+                probe._end(outcome_of(failed))
+        elif code == 0:
+            probe._end(Outcome.CONNECTED)
         else:
-            probe._end(Result(outcome_of(OSError(code, os.strerror(code)))))
+            loop.add_writer(probe.sock, probe._connected)
+
+    def _send(self) -> None:
+        """Sends the request and waits for the reply; raises what send raised."""
+        data = self.flight.request(self.address, self.check)
+        if self.sock.send(data) != len(data):  # a fresh socket's buffer takes it all
+            raise BlockingIOError
+        self.phase = "reply"
+        self.loop.add_reader(self.sock, self._readable)
 
     def _connected(self) -> None:
         self.loop.remove_writer(self.sock)
         error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
-            self._end(Result(outcome_of(OSError(error, os.strerror(error)))))
+            self._end(outcome_of(OSError(error, os.strerror(error))))
         elif self.check.mode is not HealthMode.HTTP:
-            self._end(Result(Outcome.CONNECTED))
+            self._end(Outcome.CONNECTED)
         else:
-            self.phase = "reply"
             try:
-                data = request(self.address, self.check)
-                if self.sock.send(data) != len(data):  # a fresh socket's buffer takes it all
-                    raise BlockingIOError
+                self._send()
             except OSError:
-                self._end(Result(Outcome.BAD_REPLY))
-                return
-            self.loop.add_reader(self.sock, self._readable)
+                self._end(Outcome.BAD_REPLY)
 
     def _readable(self) -> None:
         try:
@@ -177,12 +230,12 @@ class _Probe:
         if chunk and b"\n" not in self.head and len(self.head) < READ_AT_MOST:
             return
         status = status_of(self.head)
-        self._end(Result(Outcome.BAD_REPLY) if status is None else Result(Outcome.STATUS, status))
+        self._end(Outcome.BAD_REPLY if status is None else Outcome.STATUS, status)
 
-    def _timeout(self) -> None:
-        self._end(Result(Outcome.TIMEOUT if self.phase == "connect" else Outcome.NO_REPLY))
+    def timed_out(self) -> None:
+        self._end(Outcome.TIMEOUT if self.phase == "connect" else Outcome.NO_REPLY)
 
-    def _end(self, result: Result) -> None:
+    def _end(self, outcome: Outcome, status: int | None = None) -> None:
         if self.phase == "over":
             return
         if self.phase == "connect":
@@ -190,11 +243,44 @@ class _Probe:
         else:
             self.loop.remove_reader(self.sock)
         self.phase = "over"
-        self.timer.cancel()
         self.sock.close()
         try:
-            self.done(self.address, result._replace(latency=time.monotonic() - self.started))
+            self.done(self.address, Result(outcome, status, time.monotonic() - self.started))
         except Exception:
             log.exception(
                 "recording the probe of %s port %d failed; please report", *self.address[3:]
             )
+
+
+class _InFlight:
+    """The probes under way on one loop, and every SWEEP seconds those past their deadline
+    told so: one timer for all of them, where a timer each cost more than the rest of a
+    probe's Python. It also keeps the requests made, as a backend gets the same one each
+    interval."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._probes: list[_Probe] = []
+        self._armed = False
+        self.request = functools.lru_cache(maxsize=REQUESTS_KEPT)(request)
+
+    def watch(self, probe: _Probe) -> None:
+        self._probes.append(probe)
+        if not self._armed:
+            self._armed = True
+            self._loop.call_later(SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        live = []
+        for probe in self._probes:
+            if probe.phase == "over":
+                continue
+            if probe.deadline <= now:
+                probe.timed_out()
+            else:
+                live.append(probe)
+        self._probes = live
+        self._armed = bool(live)
+        if live:
+            self._loop.call_later(SWEEP, self._sweep)
