@@ -84,19 +84,33 @@ def status_of(head: bytes) -> int | None:
 
 
 class SocketProber:
-    """Starts its loop's thread at the first probe; `close` stops it."""
+    """Starts its loop's thread at the first probe; `close` stops it. Probes asked for while
+    the loop has not yet taken the last ones go with them: one wake-up of the loop for a
+    round's probes, not one each."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flight: _InFlight | None = None
         self._thread: threading.Thread | None = None
+        self._asked: list[tuple[Address, HealthCheck, Done]] = []
 
     def probe(self, address: Address, check: HealthCheck, done: Done) -> None:
         running = self._running()
-        if running is not None:
-            loop, flight = running
-            loop.call_soon_threadsafe(_Probe.start, loop, flight, address, check, done)
+        if running is None:
+            return
+        loop, flight = running
+        with self._lock:
+            self._asked.append((address, check, done))
+            if len(self._asked) > 1:
+                return  # the loop is told already
+        loop.call_soon_threadsafe(self._start, loop, flight)
+
+    def _start(self, loop: asyncio.AbstractEventLoop, flight: _InFlight) -> None:
+        with self._lock:
+            asked, self._asked = self._asked, []
+        for address, check, done in asked:
+            _Probe.start(loop, flight, address, check, done)
 
     def _running(self) -> tuple[asyncio.AbstractEventLoop, _InFlight] | None:
         with self._lock:
@@ -164,8 +178,7 @@ class _Probe:
         self.head = b""
         self.phase = "connect"
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
+        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 
     @classmethod
     def start(
