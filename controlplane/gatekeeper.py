@@ -26,9 +26,14 @@ from controlplane.prober import Prober
 log = logging.getLogger(__name__)
 
 GRANULE = 0.01
-"""Seconds the probe thread rests at least between two rounds. A round records the answers
-that came since the last and sends what is due, scanning every tracked backend: a thousand
-checked every second would otherwise wake it a thousand times a second, for one probe each."""
+"""Seconds the probe thread rests at least between two rounds while a newcomer is held. A
+round records the answers that came since the last and sends what is due, scanning every
+tracked backend: a thousand checked every second would otherwise wake it a thousand times a
+second, for one probe each."""
+STEADY_GRANULE = 0.03
+"""The same while no newcomer is held: active checks' answers wait a little longer to be
+recorded (their bound is the interval times `fails`), and the scans are a third as many. A
+pass that brings newcomers ends the rest."""
 
 
 class Gatekeeper:
@@ -63,6 +68,9 @@ class Gatekeeper:
         self._dirty = False
         """A pass or an answer it waited for changed the state since the probe thread's
         last round: the wake that round computed may be late."""
+        self._starting = False
+        """The last round saw a newcomer held: the next comes after GRANULE, not
+        STEADY_GRANULE (the probe thread's own)."""
         self._closed = False
         self.on_change: list[Callable[[], None]] = []
         """Called when an answer or a start period's end changed what the gate lets in."""
@@ -111,7 +119,7 @@ class Gatekeeper:
             self._dirty = False
             now = self._clock()
             before = self._state
-            self._state, chosen, ended, wake = R.step(before, now, self._policy)
+            self._state, chosen, ended, wake, self._starting = R.step(before, now, self._policy)
             moved = R.moved(before, self._state) if ended else []
         self._send(chosen, now)  # first: they are marked in flight, and a callback may fail
         if ended:
@@ -246,9 +254,13 @@ class Gatekeeper:
             except Exception:  # a bug must not stop the checks: the next round tries again
                 log.exception("a round of health probes failed; please report")
                 wake = self._clock() + GRANULE
-            rested = time.monotonic() + GRANULE
+            rested = time.monotonic() + (GRANULE if self._starting else STEADY_GRANULE)
             with self._changed:
                 while not self._closed and (left := rested - time.monotonic()) > 0:
+                    if self._dirty and not self._starting:  # newcomers: rest as for them
+                        rested -= STEADY_GRANULE - GRANULE
+                        self._starting = True
+                        continue
                     self._changed.wait(left)
                 if self._closed:
                     return

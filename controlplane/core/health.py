@@ -524,6 +524,8 @@ class Step(NamedTuple):
     ended: bool
     """A start period ended and what the gate shows changed (a pass is due)."""
     wake: float
+    starting: bool = False
+    """A newcomer is held by the gate: its answers should be read soon, for it to join."""
 
 
 def step(readiness: Readiness, now: float, policy: ReadinessPolicy) -> Step:
@@ -532,14 +534,17 @@ def step(readiness: Readiness, now: float, policy: ReadinessPolicy) -> Step:
     in_flight = 0
     waiting = []
     wake = math.inf
+    starting = False
     for key, t in readiness.tracks.items():
         if t.phase in STARTING:
             end = t.appeared + t.check.start_period
             if now >= end:  # rare: the plain functions, one scan each
                 ended, changed = advance(readiness, now)
                 after, chosen = due(ended, now, policy)
-                return Step(after, chosen, changed, next_wake(after))
+                held = any(t.phase in STARTING for t in after.tracks.values())
+                return Step(after, chosen, changed, next_wake(after), held)
             wake = min(wake, end)
+            starting = True
         elif not (t.check.active and t.phase in CHECKED):
             continue
         if t.probing:
@@ -550,19 +555,18 @@ def step(readiness: Readiness, now: float, policy: ReadinessPolicy) -> Step:
             wake = t.next_at
     room = policy.concurrency - in_flight
     if not waiting:
-        return Step(readiness, [], False, wake)
+        return Step(readiness, [], False, wake, starting)
     waiting.sort()
     keys = [key for _, key in waiting[: max(0, room)]]
     if len(keys) < len(waiting):  # the rest wait for room: due now
         wake = min(wake, now)
     if not keys:
-        return Step(readiness, [], False, wake)
+        return Step(readiness, [], False, wake, starting)
     tracks = dict(readiness.tracks)
     for key in keys:
         tracks[key] = tracks[key]._replace(probing=True)
-    return Step(
-        replace(readiness, tracks=tracks), [(key, tracks[key].check) for key in keys], False, wake
-    )
+    chosen = [(key, tracks[key].check) for key in keys]
+    return Step(replace(readiness, tracks=tracks), chosen, False, wake, starting)
 
 
 def gate(topology: Topology, readiness: Readiness) -> Topology:

@@ -697,6 +697,7 @@ def test_a_round_in_one_scan_is_advance_due_and_next_wake(seed: int) -> None:
     wake = R.next_wake(after)
     left = len([t for t in after.tracks.values() if t.probing]) >= policy.concurrency
     assert stepped.wake == wake or (left and stepped.wake == now)
+    assert stepped.starting == any(t.phase in R.STARTING for t in after.tracks.values())
 
 
 def test_a_backend_that_gave_up_is_checked_again_by_a_new_active_check() -> None:
