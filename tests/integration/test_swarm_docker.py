@@ -282,3 +282,87 @@ def test_a_label_update_srv_answers_and_a_removed_service(
         # once the service is gone, by nginx's 404: none went to a stopped task
         assert {r.status for r in load.responses} <= {200, 404}, load.failures[:5]
         assert 200 in {r.status for r in load.responses}
+
+
+@DATAPLANES
+def test_an_nginx_swarm_service_is_managed_through_its_tasks_on_this_node(
+    private_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
+) -> None:
+    """`controlplane.role=nginx` on a service: each of its tasks here is a managed nginx."""
+    swarm = private_swarm
+    client = swarm.client
+    run = secrets.token_hex(4)
+    network = client.networks.create(f"cpt-{run}-ov", driver="overlay", attachable=True)
+    seat: Container = client.containers.run(
+        swarm.images.backend,
+        name=f"cpt-{run}-controller",
+        network=str(network.name),
+        entrypoint=["sleep", "3600"],
+        detach=True,
+    )
+    client.services.create(
+        swarm.images.nginx if dataplane == "reload" else swarm.images.nginx_lua,
+        name="edge",
+        networks=[str(network.id)],
+        mode=ServiceMode("replicated", 2),
+        labels={L.ROLE: "nginx", L.DATAPLANE: dataplane},
+    )
+    client.services.create(
+        swarm.images.backend,
+        name="web",
+        networks=[str(network.id)],
+        mode=ServiceMode("replicated", 2),
+        container_labels={L.PORT: "80"},
+    )
+    edges = wait_until(
+        lambda: len(_running_tasks(swarm, "edge")) == 2 and _running_tasks(swarm, "edge"),
+        timeout=90,
+        what="2 running nginx tasks",
+    )
+    containers = {
+        t["Status"]["ContainerStatus"]["ContainerID"]
+        for t in client.api.tasks(filters={"service": "edge", "desired-state": "running"})
+    }
+    with swarm.entered(seat.id):
+        controller: RunningController = start_controller(
+            networks=None, docker_url=swarm.engine.url, stats=False
+        )
+        clients = [Http(80, address) for address in edges.values()]
+        try:
+            wait_until(lambda: _managed(controller) == containers, what="both nginx tasks managed")
+            _serve_everywhere(clients, _running_tasks(swarm, "web"))
+            reloads = controller.reloads()
+            _docker(swarm, "service", "scale", "--detach", "web=3")
+            tasks = wait_until(
+                lambda: len(_running_tasks(swarm, "web")) == 3 and _running_tasks(swarm, "web"),
+                timeout=90,
+                what="3 running tasks",
+            )
+            _serve_everywhere(clients, tasks)
+            snapshot = controller.controller.reconciler.snapshot
+            assert snapshot is not None and snapshot.topology.remote_nginx == ()
+            modes = {t.container_id: t.dataplane for t in snapshot.topology.nginx}
+            assert {str(m) for m in modes.values()} == {dataplane}  # the service's label
+            # the dynamic data plane took the scale without a reload
+            assert (controller.reloads() > reloads) is (dataplane == "reload")
+        finally:
+            for http in clients:
+                http.close()
+
+
+def _managed(controller: RunningController) -> set[str]:
+    """The container IDs of the nginx the controller has deployed to."""
+    snapshot = controller.controller.reconciler.snapshot
+    if snapshot is None:
+        return set()
+    done = {d.container_id for r in controller.reports for d in r.deployed if d.ok}
+    return {t.container_id for t in snapshot.topology.nginx} & done
+
+
+def _serve_everywhere(clients: list[Http], tasks: dict[str, str]) -> None:
+    for http in clients:
+        wait_until(
+            lambda http=http: http.settled("web", tasks),
+            timeout=30,
+            what=f"nginx task {http.base} serving the {len(tasks)} tasks",
+        )

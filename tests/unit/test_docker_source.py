@@ -33,7 +33,7 @@ class CountingApi:
     def info(self) -> dict[str, Any]:
         self.calls.append("info")
         if self.manager:
-            return {"Swarm": {"LocalNodeState": "active", "ControlAvailable": True}}
+            return {"Swarm": {"LocalNodeState": "active", "ControlAvailable": True, "NodeID": "n1"}}
         return {"Swarm": {"LocalNodeState": "inactive", "ControlAvailable": False}}
 
     def _manager_only(self, what: str) -> None:
@@ -86,8 +86,10 @@ def test_a_manager_lists_services_and_tasks_in_every_pass() -> None:
     """A task on another node changes state without an event here: nothing is cached."""
     api = CountingApi(manager=True)
     source = DockerSource(api)  # type: ignore[arg-type]
-    [web] = source.snapshot().swarm_services or ()
+    first = source.snapshot()
+    [web] = first.swarm_services or ()
     assert (web.name, len(web.tasks), web.converging) == ("web", 2, True)
+    assert first.node_id == "n1"  # a task elsewhere runs on an engine it does not reach
     assert api.calls == ["networks", "info", "containers", "inspect c1", "services", "tasks"]
     source.snapshot()
     assert api.calls[6:] == ["containers", "services", "tasks"]
