@@ -183,14 +183,24 @@ class DockerSource:
         )
 
     def _swarm_services(self) -> tuple[SwarmServiceFacts, ...] | None:
-        """None when the engine stopped being a manager since it was asked."""
+        """None when the engine stopped being a manager since it was asked. A manager that
+        can't list (its swarm has no leader: a partition, a failover) fails the pass, which
+        leaves nginx and DNS as they are: answering None would drop every Swarm service."""
         api: Any = self._api  # docker-py leaves these two calls unannotated
         try:
             services = api.services()
             tasks = api.tasks()
         except docker.errors.APIError as error:
-            if error.status_code != 503:  # "This node is not a swarm manager"
+            if error.status_code != 503:
                 raise
+            # "This node is not a swarm manager", or a manager whose swarm has no leader
+            if is_swarm_manager(self._api.info()):
+                raise DockerUnavailable(
+                    f"the Swarm manager lists no services ({error.explanation}): its swarm "
+                    "may have no leader (a partition, or a manager failover under way). nginx "
+                    "and DNS keep the last listing; the next event or resync lists again. If "
+                    "it lasts, check `docker node ls` on another manager"
+                ) from error
             self._manager = False
             return None
         by_service: dict[str, list[dict[str, Any]]] = defaultdict(list)
