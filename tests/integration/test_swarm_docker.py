@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 from docker.models.containers import Container
 from docker.models.networks import Network
-from docker.types import ServiceMode
+from docker.types import Healthcheck, ServiceMode
 
 from controlplane.core import labels as L
 from tests.integration.conftest import ControllerFactory, RunningController
@@ -282,6 +283,40 @@ def test_a_label_update_srv_answers_and_a_removed_service(
         # once the service is gone, by nginx's 404: none went to a stopped task
         assert {r.status for r in load.responses} <= {200, 404}, load.failures[:5]
         assert 200 in {r.status for r in load.responses}
+
+
+def test_a_task_with_a_healthcheck_is_served_once_docker_finds_it_healthy(
+    private_swarm: PrivateSwarm, start_controller: ControllerFactory
+) -> None:
+    """Swarm keeps such a task `starting` until its HEALTHCHECK passes: `running` already
+    means healthy. (Discovery alone: one data plane is enough.)"""
+    swarm = private_swarm
+    with staged(swarm, start_controller, "reload") as stage:
+        swarm.client.services.create(
+            swarm.images.backend,
+            name="hc",
+            networks=[str(stage.network.id)],
+            container_labels={L.PORT: "80"},
+            healthcheck=Healthcheck(  # failures in the start period don't count
+                test=["CMD", "test", "-f", "/tmp/healthy"],
+                interval=200_000_000,
+                start_period=60_000_000_000,
+            ),
+        )
+        [container_id] = wait_until(
+            lambda: [
+                t["Status"]["ContainerStatus"]["ContainerID"]
+                for t in swarm.client.api.tasks(filters={"service": "hc"})
+                if t["Status"]["State"] == "starting"
+            ],
+            timeout=60,
+            what="the task starting, not yet healthy",
+        )
+        time.sleep(2)  # 8 listings of the converging service: none may serve it
+        assert _states(swarm, "hc") == {n: "starting" for n in _states(swarm, "hc")}
+        assert not _live(stage.controller) and stage.http.status("hc") == 404
+        swarm.client.containers.get(container_id).exec_run(["touch", "/tmp/healthy"])
+        stage.served("hc", stage.running("hc", 1))
 
 
 @DATAPLANES
