@@ -26,6 +26,7 @@ from controlplane.core.observe import (
     container_facts,
     is_swarm_manager,
     network_facts,
+    swarm_node_id,
     swarm_service_facts,
 )
 from controlplane.errors import DockerUnavailable
@@ -127,6 +128,8 @@ class DockerSource:
         in a pass that a container's event started."""
         self._manager = False
         """Whether the engine is a Swarm manager, asked again with the networks."""
+        self._node_id = ""
+        """The Swarm node the engine is, asked with it."""
         self._stream: Any = None
 
     def invalidate(self, container_id: str | None = None) -> None:
@@ -156,7 +159,9 @@ class DockerSource:
         try:
             if self._networks is None:
                 self._networks = tuple(network_facts(n) for n in self._api.networks())
-                self._manager = is_swarm_manager(self._api.info())
+                info = self._api.info()
+                self._manager = is_swarm_manager(info)
+                self._node_id = swarm_node_id(info)
             networks = self._networks
             listed = [c["Id"] for c in self._api.containers(all=False, filters=self._filters)]
             containers = []
@@ -170,17 +175,32 @@ class DockerSource:
             raise DockerUnavailable(f"lost the Docker engine while listing: {error}") from error
         for gone in set(self._cache) - set(listed):
             del self._cache[gone]
-        return DockerState(containers=tuple(containers), networks=networks, swarm_services=swarm)
+        return DockerState(
+            containers=tuple(containers),
+            networks=networks,
+            swarm_services=swarm,
+            node_id=self._node_id,
+        )
 
     def _swarm_services(self) -> tuple[SwarmServiceFacts, ...] | None:
-        """None when the engine stopped being a manager since it was asked."""
+        """None when the engine stopped being a manager since it was asked. A manager that
+        can't list (its swarm has no leader: a partition, a failover) fails the pass, which
+        leaves nginx and DNS as they are: answering None would drop every Swarm service."""
         api: Any = self._api  # docker-py leaves these two calls unannotated
         try:
             services = api.services()
             tasks = api.tasks()
         except docker.errors.APIError as error:
-            if error.status_code != 503:  # "This node is not a swarm manager"
+            if error.status_code != 503:
                 raise
+            # "This node is not a swarm manager", or a manager whose swarm has no leader
+            if is_swarm_manager(self._api.info()):
+                raise DockerUnavailable(
+                    f"the Swarm manager lists no services ({error.explanation}): its swarm "
+                    "may have no leader (a partition, or a manager failover under way). nginx "
+                    "and DNS keep the last listing; the next event or resync lists again. If "
+                    "it lasts, check `docker node ls` on another manager"
+                ) from error
             self._manager = False
             return None
         by_service: dict[str, list[dict[str, Any]]] = defaultdict(list)

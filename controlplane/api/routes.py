@@ -439,7 +439,13 @@ def get_nginx() -> Response:
         for e in snapshot.topology.excluded
         if e.reason.startswith("managed nginx")
     ]
-    return reply(V.NginxList(checksum=snapshot.checksum, nginx=managed, excluded=excluded))
+    remote = [
+        V.RemoteNginx(task=r.task_id, name=r.task, node=r.node, reason=r.reason)
+        for r in snapshot.topology.remote_nginx
+    ]
+    return reply(
+        V.NginxList(checksum=snapshot.checksum, nginx=managed, excluded=excluded, remote=remote)
+    )
 
 
 @routes.get(f"{PREFIX}/events")

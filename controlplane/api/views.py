@@ -272,10 +272,21 @@ class Nginx(Reply):
     dataplane_reason: str | None = Field(description="why it runs that data plane")
 
 
+class RemoteNginx(Reply):
+    task: str = Field(description="the Swarm task's ID")
+    name: str
+    node: str = Field(description="the Swarm node it runs on")
+    reason: str = Field(description="why this controller does not manage it")
+
+
 class NginxList(Reply):
     checksum: str
     nginx: list[Nginx]
     excluded: list[Excluded]
+    remote: list[RemoteNginx] = Field(
+        description="tasks of an nginx Swarm service on other nodes: their engine is not "
+        "this controller's"
+    )
 
 
 class Event(Reply):

@@ -30,6 +30,7 @@ from controlplane.core.model import (
     Method,
     NginxTarget,
     Overrides,
+    RemoteNginx,
     Service,
     SwarmEndpoint,
     SwarmServiceFacts,
@@ -135,7 +136,8 @@ def build_topology(
     memo = memo if memo is not None else BuildMemo()
     parsed = _Parsed({}, {})
     plans: dict[str, _Plan] = {}
-    watched, warnings = _watched_networks(state, options)
+    swarm_nginx, remote = _swarm_nginx(state)
+    watched, warnings = _watched_networks(state, options, swarm_nginx)
     watch_all = options.networks is None
     marks = stopping or {}
     nginx: list[NginxTarget] = []
@@ -144,7 +146,14 @@ def build_topology(
     for container in sorted(state.containers, key=_OLDEST_FIRST):
         if container.status not in ("running", "paused"):
             continue
-        if container.labels.get(L.ROLE) == "nginx":
+        if container.id in swarm_nginx:
+            target = _nginx_target(container, watched, excluded, swarm_nginx[container.id])
+            if target is not None:
+                nginx.append(target)
+            continue
+        if container.labels.get(L.ROLE) == "nginx" and not (
+            state.swarm_services is not None and SWARM_SERVICE_ID in container.labels
+        ):
             if any(e.network in watched for e in container.endpoints):
                 labels = L.parse_container_labels(container.labels, parsed.labels)
                 warnings.extend(
@@ -177,6 +186,11 @@ def build_topology(
                 members[name].append(member)
     network_names = {n.id: n.name for n in state.networks}
     for swarm_service in sorted(state.swarm_services or (), key=_OLDEST_FIRST):
+        if swarm_service.labels.get(L.ROLE) == "nginx":
+            labels = L.parse_container_labels(swarm_service.labels, parsed.labels)
+            what = f"swarm service {swarm_service.name}"
+            warnings.extend(_label_typos(what, swarm_service.labels, labels, swarm=True))
+            continue
         found = _swarm_members(swarm_service, watched, watch_all, network_names, parsed)
         warnings.extend(found.warnings)
         excluded.extend(found.excluded)
@@ -220,6 +234,7 @@ def build_topology(
         nginx=tuple(nginx),
         warnings=tuple(dict.fromkeys(warnings + host_warnings)),
         networks=tuple(n for n in state.networks if n.name in watched),
+        remote_nginx=remote,
     )
 
 
@@ -241,12 +256,43 @@ def _label_typos(
     return warnings
 
 
+def _swarm_nginx(
+    state: DockerState,
+) -> tuple[dict[str, Mapping[str, str]], tuple[RemoteNginx, ...]]:
+    """The tasks of the Swarm services labelled controlplane.role=nginx: those whose container
+    runs on this node's engine are managed nginx (container ID -> the service's labels), the
+    others are listed as remote, since only their own node's engine can deploy to them."""
+    local: dict[str, Mapping[str, str]] = {}
+    remote = []
+    for service in state.swarm_services or ():
+        if service.labels.get(L.ROLE) != "nginx":
+            continue
+        for task in service.tasks:
+            if task.state != "running" or task.desired_state != "running":
+                continue
+            if task.node == state.node_id:
+                if task.container_id:
+                    local[task.container_id] = service.labels
+                continue
+            remote.append(
+                RemoteNginx(
+                    task.id,
+                    task.name,
+                    task.node,
+                    f"runs on node {task.node}, not on this controller's node "
+                    f"{state.node_id}: its config goes through that node's engine, which this "
+                    "controller does not reach; run a controller there (a global service)",
+                )
+            )
+    return local, tuple(remote)
+
+
 def _watched_networks(
-    state: DockerState, options: BuildOptions
+    state: DockerState, options: BuildOptions, swarm_nginx: Mapping[str, object]
 ) -> tuple[frozenset[str], list[str]]:
-    """By default every user-defined bridge, and every overlay network a managed nginx is
-    attached to (it can reach the tasks there); with --network, the bridges and overlay
-    networks it names."""
+    """By default every user-defined bridge, and every overlay network a managed nginx (a
+    container or a Swarm service's task here) is attached to (it can reach the tasks there);
+    with --network, the bridges and overlay networks it names."""
     bridges = frozenset(
         n.name for n in state.networks if n.driver == "bridge" and n.name != "bridge"
     )
@@ -255,7 +301,8 @@ def _watched_networks(
         with_nginx = {
             e.network
             for c in state.containers
-            if c.labels.get(L.ROLE) == "nginx" and c.status in ("running", "paused")
+            if (c.labels.get(L.ROLE) == "nginx" or c.id in swarm_nginx)
+            and c.status in ("running", "paused")
             for e in c.endpoints
         }
         return bridges | (overlays & with_nginx), []
@@ -275,10 +322,15 @@ def _watched_networks(
 
 
 def _nginx_target(
-    container: ContainerFacts, watched: frozenset[str], excluded: list[Exclusion]
+    container: ContainerFacts,
+    watched: frozenset[str],
+    excluded: list[Exclusion],
+    labels: Mapping[str, str] | None = None,
 ) -> NginxTarget | None:
     """Only an nginx on a watched network is managed: elsewhere it could reach no backend,
-    and another controller may own it."""
+    and another controller may own it. `labels`: its Swarm service's, for a task's container
+    (which carries only the task template's)."""
+    labels = container.labels if labels is None else labels
 
     def exclude(reason: str) -> None:
         excluded.append(Exclusion(container.id, container.name, reason))
@@ -290,8 +342,8 @@ def _nginx_target(
         exclude("managed nginx is paused: it gets the current config when it is unpaused")
         return None
     try:
-        path = L.parse_config_path(container.labels.get(L.CONFIG_PATH, DEFAULT_CONFIG_PATH))
-        requested = container.labels.get(L.DATAPLANE)
+        path = L.parse_config_path(labels.get(L.CONFIG_PATH, DEFAULT_CONFIG_PATH))
+        requested = labels.get(L.DATAPLANE)
         dataplane = None if requested is None else L.parse_dataplane(requested)
     except InvalidValue as error:
         exclude(f"managed nginx not updated: {error}")

@@ -173,6 +173,8 @@ class TaskFacts:
     desired_state: str
     created: str
     addresses: tuple[TaskAddress, ...]
+    container_id: str = ""
+    """Its container's ID, on its node's engine; empty until the node has created it."""
 
     @property
     def moving(self) -> bool:
@@ -221,6 +223,9 @@ class DockerState:
     networks: tuple[NetworkFacts, ...]
     swarm_services: tuple[SwarmServiceFacts, ...] | None = None
     """None: the engine is no Swarm manager, so services and tasks can't be listed."""
+    node_id: str = ""
+    """The Swarm node this engine is (empty outside a swarm): a task on another node runs on
+    an engine this controller does not reach."""
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,17 @@ class NginxTarget:
 
 
 @dataclass(frozen=True)
+class RemoteNginx:
+    """A task of an nginx Swarm service that runs on another node: listed, not managed, since
+    its config goes through the engine of the node it runs on."""
+
+    task_id: str
+    task: str
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Topology:
     services: tuple[Service, ...] = ()
     excluded: tuple[Exclusion, ...] = ()
@@ -315,3 +331,4 @@ class Topology:
     warnings: tuple[str, ...] = ()
     networks: tuple[NetworkFacts, ...] = ()
     """The watched networks."""
+    remote_nginx: tuple[RemoteNginx, ...] = ()

@@ -100,6 +100,11 @@ def is_swarm_manager(info: Mapping[str, Any]) -> bool:
     return swarm.get("LocalNodeState") == "active" and swarm.get("ControlAvailable") is True
 
 
+def swarm_node_id(info: Mapping[str, Any]) -> str:
+    """From `GET /info`: the node this engine is, empty outside a swarm."""
+    return _str(_dict(info.get("Swarm")).get("NodeID"))
+
+
 def _address(network_id: str, network: str, cidr: Any) -> TaskAddress | None:
     """From `10.0.1.3/24` (or an IPv6 one); None for a value that is not an address."""
     ip = _str(cidr).split("/", 1)[0]
@@ -132,6 +137,7 @@ def task_facts(task: Mapping[str, Any], service_name: str) -> TaskFacts:
         desired_state=_str(task.get("DesiredState")),
         created=canonical_time(task.get("CreatedAt")),
         addresses=tuple(addresses),
+        container_id=_str(_dict(status.get("ContainerStatus")).get("ContainerID")),
     )
 
 

@@ -1,6 +1,7 @@
-"""A Swarm service served end to end on a single-node swarm of the test's own
-(tests/support/swarm.py): nginx and DNS answer with its tasks' overlay addresses, and a scale
-up and down under traffic fails no request.
+"""Swarm services served end to end on a single-node swarm of the test's own
+(tests/support/swarm.py): nginx and DNS answer with their tasks' overlay addresses, and what an
+operator does to a service (scale, rolling update, label change, removal) reaches them with no
+failed request.
 
 The controller runs in this process, in the network namespace of a container attached to the
 overlay network: where a controller deployed on the swarm sits, and the only place its
@@ -13,11 +14,16 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
-from dnslib import QTYPE, DNSRecord
+from dnslib import QTYPE, RCODE, DNSRecord
 from docker.models.containers import Container
-from docker.types import ServiceMode
+from docker.models.networks import Network
+from docker.types import Healthcheck, ServiceMode
 
 from controlplane.core import labels as L
 from tests.integration.conftest import ControllerFactory, RunningController
@@ -26,6 +32,7 @@ from tests.support.load import Load
 from tests.support.ports import free_port
 from tests.support.swarm import PrivateSwarm
 
+DATAPLANES = pytest.mark.parametrize("dataplane", ["reload", "dynamic"])
 DRAINING = ["STOP_DELAY=3", "DRAIN_STATUS=200"]
 """Like a real app, a task keeps answering for a while after SIGTERM."""
 
@@ -56,32 +63,87 @@ def _live(controller: RunningController) -> set[str]:
     return {b.ip for s in snapshot.topology.services for b in s.live_backends}
 
 
-def _scale(swarm: PrivateSwarm, service: str, replicas: int) -> None:
-    """As an operator does: the CLI's scale changes the replica count only (docker-py's
-    update sends the whole spec back, which Docker takes as an update of every task)."""
+def _docker(swarm: PrivateSwarm, *args: str) -> None:
+    """As an operator does, with the CLI: `service scale` and `service update` change only
+    what they name (docker-py's update sends the whole spec back, which Docker takes as an
+    update of every task)."""
     environment = {**os.environ, "DOCKER_HOST": swarm.engine.url}
-    subprocess.run(
-        ["docker", "service", "scale", "--detach", f"{service}={replicas}"],
-        check=True,
-        capture_output=True,
-        env=environment,
-    )
+    subprocess.run(["docker", *args], check=True, capture_output=True, env=environment)
+
+
+def _ask(port: int, name: str, rtype: str) -> DNSRecord | None:
+    query = DNSRecord.question(name, rtype)
+    try:
+        return DNSRecord.parse(query.send("127.0.0.1", port, timeout=2))
+    except OSError:
+        return None
 
 
 def _dns(port: int, name: str) -> set[str]:
-    query = DNSRecord.question(name, "A")
-    try:
-        reply = DNSRecord.parse(query.send("127.0.0.1", port, timeout=2))
-    except OSError:
-        return set()
-    return {str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A}
+    reply = _ask(port, name, "A")
+    return set() if reply is None else {str(r.rdata) for r in reply.rr if r.rtype == QTYPE.A}
 
 
-@pytest.mark.parametrize("dataplane", ["reload", "dynamic"])
-def test_a_swarm_service_is_served_by_task_address_and_scales_without_a_failed_request(
-    private_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
-) -> None:
-    swarm = private_swarm
+@dataclass
+class Stage:
+    """An overlay network with a managed nginx on it, and a controller in the namespace of a
+    container there (its DNS on a loopback port of that namespace)."""
+
+    swarm: PrivateSwarm
+    network: Network
+    lb_address: str
+    controller: RunningController
+    dns_port: int
+    http: Http
+
+    def service(self, name: str, replicas: int, **labels: str) -> dict[str, str]:
+        """Creates a draining service of `replicas` tasks, labelled `labels` on its spec,
+        and waits until they run: task name -> address."""
+        self.swarm.client.services.create(
+            self.swarm.images.backend,
+            name=name,
+            networks=[str(self.network.id)],
+            mode=ServiceMode("replicated", replicas),
+            env=DRAINING,
+            labels=labels,
+            container_labels={L.PORT: "80"},
+        )
+        return self.running(name, replicas)
+
+    def running(self, name: str, replicas: int) -> dict[str, str]:
+        return wait_until(
+            lambda: (
+                len(_running_tasks(self.swarm, name)) == replicas
+                and _running_tasks(self.swarm, name)
+            ),
+            timeout=90,
+            what=f"{replicas} running tasks of {name}",
+        )
+
+    def served(self, name: str, tasks: dict[str, str]) -> None:
+        """The controller, nginx and DNS serve exactly these tasks."""
+        addresses = set(tasks.values())
+        wait_until(
+            lambda: _live(self.controller) == addresses,
+            timeout=30,
+            what=f"the controller serving the {len(tasks)} tasks",
+        )
+        wait_until(
+            lambda: self.http.settled(name, tasks), timeout=30, what=f"the {len(tasks)} served"
+        )
+        wait_until(
+            lambda: _dns(self.dns_port, f"{name}.internal") == addresses,
+            what=f"DNS answering the {len(tasks)} tasks",
+        )
+
+    def load(self, name: str) -> Load:
+        return Load(80, name, max_seconds=150, address=self.lb_address)
+
+
+@contextmanager
+def staged(
+    swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
+) -> Iterator[Stage]:
     client = swarm.client
     run = secrets.token_hex(4)
     network = client.networks.create(f"cpt-{run}-ov", driver="overlay", attachable=True)
@@ -99,23 +161,8 @@ def test_a_swarm_service_is_served_by_task_address_and_scales_without_a_failed_r
         entrypoint=["sleep", "3600"],
         detach=True,
     )
-    client.services.create(
-        swarm.images.backend,
-        name="web",
-        networks=[str(network.id)],
-        mode=ServiceMode("replicated", 3),
-        env=DRAINING,
-        labels={L.ALGORITHM: "least_conn"},
-        container_labels={L.PORT: "80"},
-    )
-    tasks = wait_until(
-        lambda: len(_running_tasks(swarm, "web")) == 3 and _running_tasks(swarm, "web"),
-        timeout=60,
-        what="3 running tasks",
-    )
     lb.reload()
     lb_address = lb.attrs["NetworkSettings"]["Networks"][network.name]["IPAddress"]
-
     with swarm.entered(seat.id):
         dns_port = free_port()
         controller: RunningController = start_controller(
@@ -126,48 +173,231 @@ def test_a_swarm_service_is_served_by_task_address_and_scales_without_a_failed_r
         )
         http = Http(80, lb_address)
         try:
-            wait_until(lambda: http.settled("web", tasks), timeout=30, what="the 3 tasks served")
-            assert _dns(dns_port, "web.internal") == set(tasks.values())
-            snapshot = controller.controller.reconciler.snapshot
-            assert snapshot is not None
-            [service] = snapshot.topology.services
-            assert service.algorithm.method.value == "least_conn"
-            assert _live(controller) == set(tasks.values())
-
-            reloads = controller.reloads()
-            with Load(80, "web", max_seconds=120, address=lb_address) as load:
-                for replicas in (5, 2):
-                    before = _running_tasks(swarm, "web")
-                    _scale(swarm, "web", replicas)
-                    now = wait_until(
-                        lambda n=replicas: (
-                            len(_running_tasks(swarm, "web")) == n and _running_tasks(swarm, "web")
-                        ),
-                        timeout=60,
-                        what=f"{replicas} running tasks",
-                    )
-                    wait_until(
-                        lambda now=now: _live(controller) == set(now.values()),
-                        timeout=30,
-                        what=f"the controller serving the {replicas} tasks",
-                    )
-                    if replicas < len(before):
-                        # drained on its desired state: out before Docker stopped it
-                        leaving = set(before) - set(now)
-                        states = _states(swarm, "web")
-                        assert "running" in {states[name] for name in leaving}, states
-                    wait_until(
-                        lambda now=now: http.settled("web", now),
-                        timeout=30,
-                        what=f"the {replicas} tasks served",
-                    )
-                    wait_until(
-                        lambda now=now: _dns(dns_port, "web.internal") == set(now.values()),
-                        what=f"DNS answering the {replicas} tasks",
-                    )
-            assert load.failures == []
-            assert len(load.by_backend()) >= 5  # every task that ran got requests
-            # the dynamic data plane takes the scales without a reload; plain nginx reloads
-            assert (controller.reloads() > reloads) is (dataplane == "reload")
+            yield Stage(swarm, network, lb_address, controller, dns_port, http)
         finally:
             http.close()
+
+
+@DATAPLANES
+def test_a_swarm_service_is_served_by_task_address_and_scales_without_a_failed_request(
+    private_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
+) -> None:
+    swarm = private_swarm
+    with staged(swarm, start_controller, dataplane) as stage:
+        tasks = stage.service("web", 3, **{L.ALGORITHM: "least_conn"})
+        stage.served("web", tasks)
+        snapshot = stage.controller.controller.reconciler.snapshot
+        assert snapshot is not None
+        [service] = snapshot.topology.services
+        assert service.algorithm.method.value == "least_conn"
+
+        reloads = stage.controller.reloads()
+        with stage.load("web") as load:
+            for replicas in (10, 1):
+                before = _running_tasks(swarm, "web")
+                _docker(swarm, "service", "scale", "--detach", f"web={replicas}")
+                now = stage.running("web", replicas)
+                wait_until(
+                    lambda now=now: _live(stage.controller) == set(now.values()),
+                    timeout=30,
+                    what=f"the controller serving the {replicas} tasks",
+                )
+                if replicas < len(before):
+                    # drained on its desired state: out before Docker stopped it
+                    leaving = set(before) - set(now)
+                    states = _states(swarm, "web")
+                    assert "running" in {states[name] for name in leaving}, states
+                stage.served("web", now)
+        assert load.failures == []
+        assert len(load.by_backend()) >= 10  # every task that ran got requests
+        # the dynamic data plane takes the scales without a reload; plain nginx reloads
+        assert (stage.controller.reloads() > reloads) is (dataplane == "reload")
+
+
+@DATAPLANES
+def test_rolling_updates_stop_first_and_start_first_fail_no_request(
+    private_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
+) -> None:
+    swarm = private_swarm
+    with staged(swarm, start_controller, dataplane) as stage:
+        tasks = stage.service("web", 3)
+        stage.served("web", tasks)
+        with stage.load("web") as load:
+            for order in ("stop-first", "start-first"):
+                before = set(tasks)
+                _docker(
+                    swarm,
+                    *("service", "update", "--detach", "--update-parallelism", "1"),
+                    *("--update-order", order, "--env-add", f"ORDER={order}", "web"),
+                )
+                tasks = wait_until(
+                    lambda before=before: (
+                        not (before & set(_running_tasks(swarm, "web")))
+                        and len(_running_tasks(swarm, "web")) == 3
+                        and _running_tasks(swarm, "web")
+                    ),
+                    timeout=90,
+                    what=f"3 new tasks after a {order} update",
+                )
+                stage.served("web", tasks)
+        assert load.failures == [], load.failures[:5]
+        assert set(tasks) <= set(load.by_backend())  # the last round's tasks took over
+
+
+@DATAPLANES
+def test_a_label_update_srv_answers_and_a_removed_service(
+    private_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
+) -> None:
+    swarm = private_swarm
+    with staged(swarm, start_controller, dataplane) as stage:
+        tasks = stage.service("web", 3)
+        stage.served("web", tasks)
+
+        reply = _ask(stage.dns_port, "_web._tcp.internal", "SRV")
+        assert reply is not None
+        srv = [r.rdata for r in reply.rr if r.rtype == QTYPE.SRV]
+        assert {r.port for r in srv} == {80} and len(srv) == 3
+        targets = {str(r.target).rstrip(".") for r in srv}
+        assert set().union(*(_dns(stage.dns_port, t) for t in targets)) == set(tasks.values())
+
+        # a label on the service's spec changes no task: the new method reaches nginx alone
+        _docker(
+            swarm,
+            "service",
+            "update",
+            "--detach",
+            "--label-add",
+            f"{L.ALGORITHM}=least_conn",
+            "web",
+        )
+        wait_until(lambda: stage.controller.applied("least_conn;"), what="least_conn in nginx")
+        assert _running_tasks(swarm, "web") == tasks
+
+        with stage.load("web") as load:
+            _docker(swarm, "service", "rm", "web")
+            wait_until(lambda: not _live(stage.controller), what="the service out of the snapshot")
+            wait_until(lambda: stage.http.status("web") == 404, what="nginx refusing host web")
+            reply = _ask(stage.dns_port, "web.internal", "A")
+            assert reply is not None and reply.header.rcode == RCODE.NXDOMAIN
+        # every request was answered by a task (which keeps answering while it stops) or,
+        # once the service is gone, by nginx's 404: none went to a stopped task
+        assert {r.status for r in load.responses} <= {200, 404}, load.failures[:5]
+        assert 200 in {r.status for r in load.responses}
+
+
+def test_a_task_with_a_healthcheck_is_served_once_docker_finds_it_healthy(
+    private_swarm: PrivateSwarm, start_controller: ControllerFactory
+) -> None:
+    """Swarm keeps such a task `starting` until its HEALTHCHECK passes: `running` already
+    means healthy. (Discovery alone: one data plane is enough.)"""
+    swarm = private_swarm
+    with staged(swarm, start_controller, "reload") as stage:
+        swarm.client.services.create(
+            swarm.images.backend,
+            name="hc",
+            networks=[str(stage.network.id)],
+            container_labels={L.PORT: "80"},
+            healthcheck=Healthcheck(  # failures in the start period don't count
+                test=["CMD", "test", "-f", "/tmp/healthy"],
+                interval=200_000_000,
+                start_period=60_000_000_000,
+            ),
+        )
+        [container_id] = wait_until(
+            lambda: [
+                t["Status"]["ContainerStatus"]["ContainerID"]
+                for t in swarm.client.api.tasks(filters={"service": "hc"})
+                if t["Status"]["State"] == "starting"
+            ],
+            timeout=60,
+            what="the task starting, not yet healthy",
+        )
+        time.sleep(2)  # 8 listings of the converging service: none may serve it
+        assert _states(swarm, "hc") == {n: "starting" for n in _states(swarm, "hc")}
+        assert not _live(stage.controller) and stage.http.status("hc") == 404
+        swarm.client.containers.get(container_id).exec_run(["touch", "/tmp/healthy"])
+        stage.served("hc", stage.running("hc", 1))
+
+
+@DATAPLANES
+def test_an_nginx_swarm_service_is_managed_through_its_tasks_on_this_node(
+    private_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
+) -> None:
+    """`controlplane.role=nginx` on a service: each of its tasks here is a managed nginx."""
+    swarm = private_swarm
+    client = swarm.client
+    run = secrets.token_hex(4)
+    network = client.networks.create(f"cpt-{run}-ov", driver="overlay", attachable=True)
+    seat: Container = client.containers.run(
+        swarm.images.backend,
+        name=f"cpt-{run}-controller",
+        network=str(network.name),
+        entrypoint=["sleep", "3600"],
+        detach=True,
+    )
+    client.services.create(
+        swarm.images.nginx if dataplane == "reload" else swarm.images.nginx_lua,
+        name="edge",
+        networks=[str(network.id)],
+        mode=ServiceMode("replicated", 2),
+        labels={L.ROLE: "nginx", L.DATAPLANE: dataplane},
+    )
+    client.services.create(
+        swarm.images.backend,
+        name="web",
+        networks=[str(network.id)],
+        mode=ServiceMode("replicated", 2),
+        container_labels={L.PORT: "80"},
+    )
+    edges = wait_until(
+        lambda: len(_running_tasks(swarm, "edge")) == 2 and _running_tasks(swarm, "edge"),
+        timeout=90,
+        what="2 running nginx tasks",
+    )
+    containers = {
+        t["Status"]["ContainerStatus"]["ContainerID"]
+        for t in client.api.tasks(filters={"service": "edge", "desired-state": "running"})
+    }
+    with swarm.entered(seat.id):
+        controller: RunningController = start_controller(
+            networks=None, docker_url=swarm.engine.url, stats=False
+        )
+        clients = [Http(80, address) for address in edges.values()]
+        try:
+            wait_until(lambda: _managed(controller) == containers, what="both nginx tasks managed")
+            _serve_everywhere(clients, _running_tasks(swarm, "web"))
+            reloads = controller.reloads()
+            _docker(swarm, "service", "scale", "--detach", "web=3")
+            tasks = wait_until(
+                lambda: len(_running_tasks(swarm, "web")) == 3 and _running_tasks(swarm, "web"),
+                timeout=90,
+                what="3 running tasks",
+            )
+            _serve_everywhere(clients, tasks)
+            snapshot = controller.controller.reconciler.snapshot
+            assert snapshot is not None and snapshot.topology.remote_nginx == ()
+            modes = {t.container_id: t.dataplane for t in snapshot.topology.nginx}
+            assert {str(m) for m in modes.values()} == {dataplane}  # the service's label
+            # the dynamic data plane took the scale without a reload
+            assert (controller.reloads() > reloads) is (dataplane == "reload")
+        finally:
+            for http in clients:
+                http.close()
+
+
+def _managed(controller: RunningController) -> set[str]:
+    """The container IDs of the nginx the controller has deployed to."""
+    snapshot = controller.controller.reconciler.snapshot
+    if snapshot is None:
+        return set()
+    done = {d.container_id for r in controller.reports for d in r.deployed if d.ok}
+    return {t.container_id for t in snapshot.topology.nginx} & done
+
+
+def _serve_everywhere(clients: list[Http], tasks: dict[str, str]) -> None:
+    for http in clients:
+        wait_until(
+            lambda http=http: http.settled("web", tasks),
+            timeout=30,
+            what=f"nginx task {http.base} serving the {len(tasks)} tasks",
+        )

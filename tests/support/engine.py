@@ -236,8 +236,14 @@ class PrivateEngine:
         if stopped and self._client is not None:
             with contextlib.suppress(RuntimeError):
                 self.start()  # stopped by a test that failed: containers go through it
-        if self._dockerd is not None and self._answers() and self._client is not None:
-            self._remove_resources(self._client)
+        try:
+            if self._dockerd is not None and self._answers() and self._client is not None:
+                self._remove_resources(self._client)
+        finally:  # an engine that failed to remove something still goes, with the rest
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        """dockerd and containerd stopped by PID, then everything of theirs removed."""
         for client in (self._client, self._probe):
             if client is not None:
                 client.close()
@@ -264,8 +270,14 @@ class PrivateEngine:
 
     def _remove_resources(self, client: docker.DockerClient) -> None:
         for container in client.containers.list(all=True):
-            with contextlib.suppress(docker.errors.NotFound):
+            try:
                 container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as error:
+                # 409 "removal already in progress" (swarm leave removes its tasks' own)
+                if error.status_code != 409:
+                    raise
         for network in client.networks.list():
             if network.name not in PREDEFINED_NETWORKS:
                 remove_network(network)

@@ -119,17 +119,21 @@ def task(
     state: str = "running",
     desired: str = "running",
     created: str = CREATED,
+    node: str = "node1",
+    container: str = "",
 ) -> TaskFacts:
-    """A Swarm task of `service` in `slot`, with its address on one overlay network."""
+    """A Swarm task of `service` in `slot`, with its address on one overlay network;
+    `container`: its container's ID."""
     task_id = container_id(f"task:{service}.{slot}.{ip}")[:25]
     return TaskFacts(
         id=task_id,
         name=f"{service}.{slot}.{task_id}",
-        node="node1",
+        node=node,
         state=state,
         desired_state=desired,
         created=created,
         addresses=(TaskAddress(container_id("network:" + network), network, ip),),
+        container_id=container,
     )
 
 

@@ -5,13 +5,14 @@ OpenAPI document by `ApiHarness.call`."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from controlplane.core import labels as L
 from controlplane.errors import ApiError, ControlPlaneError, InvalidValue
-from tests.unit.builders import container, nginx
+from tests.unit.builders import container, nginx, state, swarm_service, task
 from tests.unit.conftest import WEB, ApiHarness, HarnessFactory
 
 WAIT = "?wait=true"
@@ -131,6 +132,22 @@ def test_nginx_shows_the_deployed_checksum(api: ApiHarness) -> None:
     (lb,) = reply["nginx"]
     assert lb["name"] == "lb" and lb["current"] and lb["last_result"] == "ok"
     assert lb["checksum"] == reply["checksum"] and lb["reloads"] == 1
+
+
+def test_nginx_lists_the_tasks_of_an_nginx_swarm_service_on_other_nodes(api: ApiHarness) -> None:
+    elsewhere = task("edge", 1, "10.0.1.9", node="node2", container="c0ffee")
+    edge = swarm_service("edge", elsewhere, labels={L.ROLE: "nginx"})
+    api.source.state = replace(state(*WEB), swarm_services=(edge,), node_id="node1")
+    api.call("POST", "/api/v1/resync")
+    reply = api.call("GET", "/api/v1/nginx").get_json()
+    assert [n["name"] for n in reply["nginx"]] == ["lb"]
+    [remote] = reply["remote"]
+    assert (remote["task"], remote["name"], remote["node"]) == (
+        elsewhere.id,
+        elsewhere.name,
+        "node2",
+    )
+    assert "through that node's engine" in remote["reason"]
 
 
 def test_nginx_shows_a_refused_config(api: ApiHarness) -> None:

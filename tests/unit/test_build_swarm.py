@@ -3,6 +3,8 @@ with the same label grammar and exclusion reasons as containers."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from builders import container, network, nginx, swarm_service, task
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from controlplane.core.dns_records import build_zone
 from controlplane.core.model import (
     BackendState,
     ContainerFacts,
+    DataPlane,
     DockerState,
     Method,
     SwarmServiceFacts,
@@ -160,6 +163,73 @@ def test_task_containers_are_served_through_their_service_and_join_containers_by
     assert {b.container for b in topology.services[0].backends} == {W1.name, "web-local"}
     without_manager = DockerState(containers=(LB, swarm_task), networks=NETWORKS)
     assert [b.container for b in build_topology(without_manager).services[0].backends] == [W1.name]
+
+
+def _nginx_service(
+    *, here: int, elsewhere: int, **labels: str
+) -> tuple[SwarmServiceFacts, tuple[ContainerFacts, ...]]:
+    """An nginx Swarm service with tasks on this node (node1, with their containers) and on
+    another (node2)."""
+    containers = tuple(
+        container(
+            f"lb.{slot}.x",
+            aliases=(),
+            network="ov",
+            ip=f"10.0.1.{100 + slot}",
+            labels={"com.docker.swarm.service.id": "lb"},
+        )
+        for slot in range(1, here + 1)
+    )
+    tasks = [
+        task("lb", slot, f"10.0.1.{100 + slot}", container=c.id)
+        for slot, c in enumerate(containers, 1)
+    ]
+    tasks += [
+        task("lb", slot, f"10.0.1.{100 + slot}", node="node2", container="elsewhere")
+        for slot in range(here + 1, here + elsewhere + 1)
+    ]
+    return swarm_service("lb", *tasks, labels={L.ROLE: "nginx", **labels}), containers
+
+
+def test_an_nginx_service_manages_its_tasks_here_and_lists_those_on_other_nodes() -> None:
+    lb, local = _nginx_service(here=1, elsewhere=2, **{L.DATAPLANE: "dynamic"})
+    state = DockerState(
+        containers=local,
+        networks=NETWORKS,
+        swarm_services=(lb, swarm_service("web", W1)),
+        node_id="node1",
+    )
+    topology = build_topology(state)
+    [target] = topology.nginx
+    assert (target.container_id, target.networks) == (local[0].id, ("ov",))
+    assert target.dataplane is DataPlane.DYNAMIC  # from the service's labels
+    assert servers(topology) == {"web": [(W1.name, "10.0.1.3@ov", UP)]}  # ov is watched
+    assert [(r.task, r.node) for r in topology.remote_nginx] == [
+        (t.name, "node2") for t in lb.tasks[1:]
+    ]
+    assert "not on this controller's node node1" in topology.remote_nginx[0].reason
+    assert "run a controller there" in topology.remote_nginx[0].reason
+
+
+def test_an_nginx_task_labelled_on_its_container_is_managed_once_and_stopping_ones_not() -> None:
+    lb, local = _nginx_service(here=2, elsewhere=0)
+    first, second = local
+    first = replace(first, labels={**first.labels, L.ROLE: "nginx"})
+    leaving = replace(lb.tasks[1], desired_state="shutdown")
+    lb = replace(lb, tasks=(lb.tasks[0], leaving))
+    state = DockerState(
+        containers=(first, second), networks=NETWORKS, swarm_services=(lb,), node_id="node1"
+    )
+    topology = build_topology(state)
+    assert [t.container_id for t in topology.nginx] == [first.id]
+    assert topology.services == () and topology.remote_nginx == ()
+
+
+def test_without_a_manager_an_nginx_task_is_a_container_like_any() -> None:
+    _, local = _nginx_service(here=1, elsewhere=0)
+    labelled = replace(local[0], labels={**local[0].labels, L.ROLE: "nginx"})
+    state = DockerState(containers=(labelled,), networks=NETWORKS)
+    assert [t.container_id for t in build_topology(state).nginx] == [labelled.id]
 
 
 LABEL_NAMES = sorted(L.KNOWN_LABELS - {L.ROLE, L.CONFIG_PATH})

@@ -25,6 +25,7 @@ class CountingApi:
         self.calls: list[str] = []
         self.filters: list[dict[str, list[str]] | None] = []
         self.manager = manager
+        self.leaderless = False
 
     def networks(self) -> list[dict[str, Any]]:
         self.calls.append("networks")
@@ -33,15 +34,16 @@ class CountingApi:
     def info(self) -> dict[str, Any]:
         self.calls.append("info")
         if self.manager:
-            return {"Swarm": {"LocalNodeState": "active", "ControlAvailable": True}}
+            return {"Swarm": {"LocalNodeState": "active", "ControlAvailable": True, "NodeID": "n1"}}
         return {"Swarm": {"LocalNodeState": "inactive", "ControlAvailable": False}}
 
     def _manager_only(self, what: str) -> None:
         self.calls.append(what)
-        if not self.manager:
+        if not self.manager or self.leaderless:
             response = requests.Response()
             response.status_code = 503
-            raise docker.errors.APIError("This node is not a swarm manager.", response)
+            message = "The swarm does not have a leader." if self.manager else "not a manager."
+            raise docker.errors.APIError(message, response, explanation=message)
 
     def services(self) -> list[dict[str, Any]]:
         self._manager_only("services")
@@ -86,8 +88,10 @@ def test_a_manager_lists_services_and_tasks_in_every_pass() -> None:
     """A task on another node changes state without an event here: nothing is cached."""
     api = CountingApi(manager=True)
     source = DockerSource(api)  # type: ignore[arg-type]
-    [web] = source.snapshot().swarm_services or ()
+    first = source.snapshot()
+    [web] = first.swarm_services or ()
     assert (web.name, len(web.tasks), web.converging) == ("web", 2, True)
+    assert first.node_id == "n1"  # a task elsewhere runs on an engine it does not reach
     assert api.calls == ["networks", "info", "containers", "inspect c1", "services", "tasks"]
     source.snapshot()
     assert api.calls[6:] == ["containers", "services", "tasks"]
@@ -101,6 +105,17 @@ def test_a_manager_demoted_since_it_was_asked_lists_no_services() -> None:
     assert source.snapshot().swarm_services is None
     assert source.snapshot().swarm_services is None
     assert api.calls.count("services") == 2  # asked again with the networks only
+
+
+def test_a_manager_whose_swarm_has_no_leader_fails_the_pass_rather_than_drop_services() -> None:
+    api = CountingApi(manager=True)
+    source = DockerSource(api)  # type: ignore[arg-type]
+    source.snapshot()
+    api.leaderless = True
+    with pytest.raises(DockerUnavailable, match=r"does not have a leader.*keep the last listing"):
+        source.snapshot()
+    api.leaderless = False
+    assert [s.name for s in source.snapshot().swarm_services or ()] == ["web"]
 
 
 def test_losing_the_manager_mid_listing_says_the_engine_is_unavailable() -> None:

@@ -46,6 +46,7 @@ def test_a_real_service_and_its_tasks() -> None:
                 desired_state="shutdown",
                 created="2026-12-01T02:51:35.803629633Z",
                 addresses=(TaskAddress(NETWORK_ID, "shop-ov", "10.0.1.3"),),
+                container_id="ad2365491efecc329b185131d925a8f039f860feed7d547217de60bcd109d9cb",
             ),
             TaskFacts(
                 id="wx431hdts8n9vywyy0uld7hqv",

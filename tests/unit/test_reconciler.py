@@ -254,7 +254,7 @@ def test_an_event_after_quiet_goes_at_once_and_the_ones_after_it_wait_for_quiet(
     assert trigger is not None and trigger.container_id == W2.id
 
 
-def test_a_converging_swarm_service_is_listed_every_half_second_until_it_settles() -> None:
+def test_a_converging_swarm_service_is_listed_every_quarter_second_until_it_settles() -> None:
     lb = nginx("lb", network="ov", ip="10.0.1.100")
     running, starting = task("web", 1, "10.0.1.3"), task("web", 2, "10.0.1.4", state="starting")
     run = driven(lb, batch_max=0.0)  # no scale-out hold: the task goes in when it runs
@@ -262,13 +262,13 @@ def test_a_converging_swarm_service_is_listed_every_half_second_until_it_settles
         state(lb, networks=("bridge", network("ov", "overlay"))),
         swarm_services=(swarm_service("web", running, starting),),
     )
-    assert run.at(105.0, DockerEvent("service", "update", "", None, 0)) == 105.5
-    assert run.at(105.5) == 106.0
+    assert run.at(105.0, DockerEvent("service", "update", "", None, 0)) == 105.25
+    assert run.at(105.25) == 105.5
     run.source.state = replace(
         run.source.state,
         swarm_services=(swarm_service("web", running, replace(starting, state="running")),),
     )
-    assert run.at(106.0) == 130.0
+    assert run.at(105.5) == 130.0
     assert [p[0] for p in run.passes] == ["start", "1 event(s)", POLL, POLL]
     assert [b.ip for b in run.reconciler.snapshot.topology.services[0].backends] == [
         "10.0.1.3",
