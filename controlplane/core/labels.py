@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -45,6 +46,7 @@ HEALTH_FAILS = PREFIX + "health.fails"
 HEALTH_PASSES = PREFIX + "health.passes"
 
 T = TypeVar("T")
+E = TypeVar("E", bound=StrEnum)
 
 # Labels under this prefix belong to controlplane's own test harness, not to users.
 TEST_PREFIX = PREFIX + "test"
@@ -342,31 +344,24 @@ def parse_hosts(value: str) -> tuple[str, ...]:
 
 
 def parse_method(value: str, what: str = ALGORITHM) -> Method:
-    try:
-        return Method(value.strip().lower())
-    except ValueError:
-        allowed = ", ".join(m.value for m in Method)
-        raise InvalidValue(f"{what}={show(value)} is not a method: use one of {allowed}") from None
+    return _one_of(Method, value, what, "a method")
 
 
 def parse_dataplane(value: str, what: str = DATAPLANE) -> DataPlane:
-    try:
-        return DataPlane(value.strip().lower())
-    except ValueError:
-        allowed = ", ".join(m.value for m in DataPlane)
-        raise InvalidValue(
-            f"{what}={show(value)} is not a data plane: use one of {allowed}"
-        ) from None
+    return _one_of(DataPlane, value, what, "a data plane")
 
 
 def parse_endpoint(value: str) -> SwarmEndpoint:
+    return _one_of(SwarmEndpoint, value, ENDPOINT, "an endpoint")
+
+
+def _one_of(kind: type[E], value: str, what: str, noun: str) -> E:
+    """A member of a string enum, by its value, case and spaces aside."""
     try:
-        return SwarmEndpoint(value.strip().lower())
+        return kind(value.strip().lower())
     except ValueError:
-        allowed = ", ".join(e.value for e in SwarmEndpoint)
-        raise InvalidValue(
-            f"{ENDPOINT}={show(value)} is not an endpoint: use one of {allowed}"
-        ) from None
+        allowed = ", ".join(m.value for m in kind)
+        raise InvalidValue(f"{what}={show(value)} is not {noun}: use one of {allowed}") from None
 
 
 def parse_config_path(value: str) -> str:
