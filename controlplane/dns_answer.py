@@ -25,6 +25,7 @@ from dnslib import (
     SRV,
     A,
     DNSHeader,
+    DNSLabel,
     DNSRecord,
 )
 from dnslib import EDNS0 as Edns0
@@ -42,6 +43,8 @@ MAX_NAME_OCTETS = 255
 TC_BIT = 0x02  # in the header's third byte
 CLASS_IN, CLASS_ANY = 1, 255
 OPT = 41
+DO_BIT = 0x8000  # in the OPT record's TTL field (RFC 3225)
+BADVERS = 16  # an extended RCODE: 1 in the OPT record's high bits, 0 in the header
 
 
 @dataclass(frozen=True)
@@ -131,22 +134,28 @@ class Answerer:
             return formerr(data)
         if request.header.qr:
             return None  # a reply sent to us: answering it could start a loop
+        ra = self._forwarding  # RA says what the server offers, in every reply
         if request.header.opcode != OPCODE.QUERY:
-            return _status(request, RCODE.NOTIMP)
+            return _status(request, RCODE.NOTIMP, ra)
         if len(request.questions) != 1:
-            return _status(request, RCODE.FORMERR)
+            return _status(request, RCODE.FORMERR, ra)
+        opts = [rr for rr in request.ar if rr.rtype == OPT]
+        if len(opts) > 1:
+            return formerr(data)  # RFC 6891 6.1.1
+        if opts and (opts[0].ttl >> 16) & 0xFF:
+            return _status(request, BADVERS, ra)  # RFC 6891 6.1.3: we speak EDNS version 0 only
         if sum(len(label) + 1 for label in request.q.qname.label) + 1 > MAX_NAME_OCTETS:
             return formerr(data)  # dnslib reads such a name but can't write it back
         if zone is None:
-            return _status(request, RCODE.SERVFAIL)
+            return _status(request, RCODE.SERVFAIL, ra)
         name = str(request.q.qname).rstrip(".").lower()
         if request.q.qclass not in (CLASS_IN, CLASS_ANY):
-            return _status(request, RCODE.REFUSED)  # CHAOS, HESIOD: not served here
+            return _status(request, RCODE.REFUSED, ra)  # CHAOS, HESIOD: not served here
         if zone.in_zone(name):
             return self._authoritative(request, name, zone, udp)
         if self._forwarding and self._client_allowed(client):
             return Forward(request)
-        return _status(request, RCODE.REFUSED, cacheable=False)
+        return _status(request, RCODE.REFUSED, False, cacheable=False)
 
     def _client_allowed(self, client: str) -> bool:
         try:
@@ -161,7 +170,7 @@ class Answerer:
         qtype = QTYPE.get(request.q.qtype)
         found: tuple[Record, ...] | None
         if qtype == "ANY":
-            types = zone.records.get(name)
+            types = zone.types(name)
             found = None if types is None else tuple(r for rs in types.values() for r in rs)
         else:
             found = zone.lookup(name, str(qtype))
@@ -170,9 +179,10 @@ class Answerer:
             reply = _reply_to(request, aa=True, ra=ra)
             if found is None:
                 reply.header.rcode = RCODE.NXDOMAIN
-            reply.add_auth(_rr(zone.soa))
+            reply.add_auth(_rr(zone.soa_for(name)))
             packed = _pack(reply, request, udp)
             return _Replies(1, lambda _turn: packed)
+        owner = request.q.qname  # its case, as asked: resolvers using 0x20 compare it
         additional = [
             r
             for srv in found
@@ -185,7 +195,7 @@ class Answerer:
             """The reply with the records rotated by `turn`: encoding is O(records)."""
             reply = _reply_to(request, aa=True, ra=ra)
             for record in found[turn:] + found[:turn]:
-                reply.add_answer(_rr(record))
+                reply.add_answer(_rr(record, owner))
             for record in additional:
                 reply.add_ar(_rr(record))
             return _pack(reply, request, udp)
@@ -218,22 +228,36 @@ def _reply_to(request: DNSRecord, aa: bool, ra: bool) -> DNSRecord:
     return DNSRecord(header, q=request.questions[0] if len(request.questions) == 1 else None)
 
 
-def _status(request: DNSRecord, rcode: int, cacheable: bool = True) -> _Replies:
-    reply = status(request, rcode)
+def _status(request: DNSRecord, rcode: int, ra: bool, cacheable: bool = True) -> _Replies:
+    reply = status(request, rcode, ra)
     return _Replies(1, lambda _turn: reply, cacheable)
 
 
 def status(request: DNSRecord, rcode: int, ra: bool = False) -> bytes:
-    """A reply with no records and this RCODE, keeping the client's EDNS0."""
+    """A reply with no records and this RCODE (extended ones in the OPT record), keeping the
+    client's EDNS0."""
     reply = _reply_to(request, aa=False, ra=ra)
-    reply.header.rcode = rcode
-    if _has_edns(request):
-        reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
+    reply.header.rcode = rcode & 0x0F
+    _add_opt(reply, request, rcode >> 4)
     return bytes(reply.pack())
 
 
-def _has_edns(request: DNSRecord) -> bool:
-    return any(rr.rtype == OPT for rr in request.ar)
+def truncated(request: DNSRecord, aa: bool, ra: bool) -> bytes:
+    """TC and the question only: the client is to ask again over TCP."""
+    reply = _reply_to(request, aa=aa, ra=ra)
+    reply.header.tc = 1
+    _add_opt(reply, request)
+    return bytes(reply.pack())
+
+
+def _add_opt(reply: DNSRecord, request: DNSRecord, ext_rcode: int = 0) -> None:
+    """Our OPT (version 0, our buffer size) when the client sent one, with its DO bit copied
+    (RFC 3225: a server that does not sign still echoes it)."""
+    for rr in request.ar:
+        if rr.rtype == OPT:
+            flags = "do" if rr.ttl & DO_BIT else ""
+            reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX, ext_rcode=ext_rcode, flags=flags))
+            return
 
 
 def formerr(data: bytes) -> bytes | None:
@@ -256,20 +280,15 @@ def udp_limit(request: DNSRecord) -> int:
 def _pack(reply: DNSRecord, request: DNSRecord, udp: bool) -> bytes:
     """Adds OPT when the client sent one; over UDP, a reply that doesn't fit goes out
     truncated (TC, question only) so the client retries over TCP."""
-    has_edns = _has_edns(request)
-    if has_edns:
-        reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
+    _add_opt(reply, request)
     packed = bytes(reply.pack())
     if udp and len(packed) > udp_limit(request):
-        truncated = _reply_to(request, aa=True, ra=bool(reply.header.ra))
-        truncated.header.tc = 1
-        if has_edns:
-            truncated.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
-        packed = bytes(truncated.pack())
+        return truncated(request, aa=True, ra=bool(reply.header.ra))
     return packed
 
 
-def _rr(record: Record) -> RR:
+def _rr(record: Record, owner: DNSLabel | None = None) -> RR:
+    """`owner`: the name to write for the record's own (the question's, in its case)."""
     value = record.value
     rdata: object
     if isinstance(value, Srv):
@@ -288,4 +307,5 @@ def _rr(record: Record) -> RR:
         rdata = PTR(value + ".")
     else:
         rdata = NS(value + ".")
-    return RR(record.name + ".", getattr(QTYPE, record.rtype), rdata=rdata, ttl=record.ttl)
+    name = record.name + "." if owner is None else owner
+    return RR(name, getattr(QTYPE, record.rtype), rdata=rdata, ttl=record.ttl)

@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, RR, DNSRecord
 
 from controlplane.addresses import SocketAddress
-from controlplane.dns_answer import Answerer, Forward, formerr, status
+from controlplane.dns_answer import (
+    OPT,
+    TC_BIT,
+    Answerer,
+    Forward,
+    formerr,
+    status,
+    truncated,
+    udp_limit,
+)
 from controlplane.errors import ControlPlaneError
 
 log = logging.getLogger(__name__)
@@ -43,21 +54,52 @@ FORWARD_MAX_TTL = 300
 MAX_PENDING_FORWARDS = 1_000
 
 
-class Forwarder:
-    """Asks the upstreams in order, each with a timeout, and keeps answers for their TTL."""
+@dataclass
+class _Stored:
+    """An upstream's reply as it came, told again with its TTLs counted down."""
 
-    def __init__(self, upstreams: Sequence[SocketAddress], timeout: float = 1.0) -> None:
+    stored_at: float
+    expires: float
+    reply: DNSRecord
+    records: list[RR]
+    ttls: list[int]
+    aged_by: int = -1
+    packed: bytes = b""
+
+    def aged(self, now: float) -> bytes:
+        """TTLs less the whole seconds begun since it was stored: never above what is left.
+        Re-encoded once per second of age at most."""
+        age = math.ceil(now - self.stored_at)
+        if age != self.aged_by:
+            for rr, ttl in zip(self.records, self.ttls, strict=True):
+                rr.ttl = max(0, ttl - age)
+            self.packed, self.aged_by = bytes(self.reply.pack()), age
+        return self.packed
+
+
+class Forwarder:
+    """Asks the upstreams in order, each with a timeout, and keeps answers for their TTL. A
+    truncated reply is asked again over TCP (the client may be on TCP, or use it next)."""
+
+    def __init__(
+        self,
+        upstreams: Sequence[SocketAddress],
+        timeout: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._upstreams = list(upstreams)
         self._timeout = timeout
-        self._cache: OrderedDict[tuple[str, int, int], tuple[float, bytes]] = OrderedDict()
+        self._clock = clock
+        self._cache: OrderedDict[tuple[str, int, int], _Stored] = OrderedDict()
 
     async def resolve(self, request: DNSRecord) -> bytes:
         q = request.q
         key = (str(q.qname), int(q.qtype), int(q.qclass))  # exact case: the reply echoes it
         cached = self._cache.get(key)
         ident: bytes = int(request.header.id).to_bytes(2, "big")
-        if cached is not None and cached[0] > time.monotonic():
-            return ident + cached[1][2:]
+        now = self._clock()
+        if cached is not None and cached.expires > now:
+            return ident + cached.aged(now)[2:]
         query = bytearray(request.pack())
         query[:2] = secrets.randbelow(65536).to_bytes(2, "big")  # not the client's guessable ID
         for upstream in self._upstreams:
@@ -66,6 +108,11 @@ class Forwarder:
             except (OSError, TimeoutError):
                 log.debug("upstream %s did not answer %s", upstream, q.qname)
                 continue
+            if reply[2] & TC_BIT:
+                try:
+                    reply = await asyncio.wait_for(_ask_tcp(upstream, bytes(query)), self._timeout)
+                except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                    log.debug("upstream %s did not answer %s over TCP", upstream, q.qname)
             self._remember(key, reply)
             return ident + reply[2:]
         return status(request, RCODE.SERVFAIL, ra=True)
@@ -85,10 +132,33 @@ class Forwarder:
             or parsed.header.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN)
         ):
             return
-        self._cache[key] = (time.monotonic() + min(min(ttls), FORWARD_MAX_TTL), reply)
+        now = self._clock()
+        records = [rr for rr in (*parsed.rr, *parsed.auth, *parsed.ar) if rr.rtype != OPT]
+        stored = _Stored(
+            now, now + min(min(ttls), FORWARD_MAX_TTL), parsed, records, [rr.ttl for rr in records]
+        )
+        try:
+            stored.aged(now)
+        except Exception:  # dnslib reads some records it can't write back: not kept
+            return
+        self._cache[key] = stored
         self._cache.move_to_end(key)
         while len(self._cache) > FORWARD_CACHE_ENTRIES:
             self._cache.popitem(last=False)
+
+
+async def _ask_tcp(upstream: SocketAddress, query: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+    try:
+        writer.write(len(query).to_bytes(2, "big") + query)
+        await writer.drain()
+        while True:
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            reply = await reader.readexactly(size)
+            if reply[:2] == query[:2]:
+                return reply
+    finally:
+        writer.close()
 
 
 async def _ask(upstream: SocketAddress, query: bytes) -> bytes:
@@ -135,6 +205,8 @@ class _Udp(asyncio.DatagramProtocol):
 
     async def _forward(self, forward: Forward, addr: tuple[str, int]) -> None:
         reply = await self.server.forward(forward)
+        if len(reply) > udp_limit(forward.request):  # an upstream's TCP answer, or its cache
+            reply = truncated(forward.request, aa=False, ra=True)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 

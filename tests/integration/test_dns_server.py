@@ -350,6 +350,40 @@ def test_forward_cache_honours_the_ttl() -> None:
         assert stub.count == 2
 
 
+def test_a_truncated_upstream_reply_is_asked_again_over_tcp() -> None:
+    with (
+        StubUpstream(truncating=True) as stub,
+        running_dns(ZONE, upstreams=[stub.endpoint]) as running,
+    ):
+        reply = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=0x7E7E)))
+        assert reply.header.id == 0x7E7E
+        assert reply.header.tc == 0
+        assert [str(rr.rdata) for rr in reply.rr] == ["192.0.2.1"]
+        assert (stub.count, stub.tcp_count) == (1, 1)
+        # The full answer is what is kept: the next client is served it from the cache.
+        udp_ask(running.port, query("example.test", ident=0x7E7F))
+        assert (stub.count, stub.tcp_count) == (1, 1)
+
+
+def test_forwarded_ttls_count_down_from_when_the_answer_was_stored() -> None:
+    """Never a TTL above what is left: whole seconds begun since are taken off."""
+    now = [1000.0]
+    with (
+        StubUpstream({"example.test": ("192.0.2.1", 30)}) as stub,
+        running_dns(ZONE, upstreams=[stub.endpoint], clock=lambda: now[0]) as running,
+    ):
+        ttls = []
+        for at in (1000.0, 1000.0, 1010.5, 1029.9):
+            now[0] = at
+            reply = DNSRecord.parse(udp_ask(running.port, query("example.test")))
+            ttls.append(reply.rr[0].ttl)
+        assert ttls == [30, 30, 19, 0]
+        assert stub.count == 1
+        now[0] = 1030.0  # expired: asked again, and told with the upstream's TTL
+        assert DNSRecord.parse(udp_ask(running.port, query("example.test"))).rr[0].ttl == 30
+        assert stub.count == 2
+
+
 @pytest.mark.parametrize("dead", ["refused", "silent"])
 def test_fail_over_to_the_next_upstream(dead: str) -> None:
     with StubUpstream(silent=True) as silent, StubUpstream() as stub:

@@ -9,7 +9,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pytest
-from dnslib import CLASS, OPCODE, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import (
+    CLASS,
+    OPCODE,
+    QTYPE,
+    RCODE,
+    RR,
+    A,
+    DNSHeader,
+    DNSLabel,
+    DNSQuestion,
+    DNSRecord,
+)
 from dnslib import EDNS0 as Edns0
 from dnslib import EDNSOption as EdnsOption
 from hypothesis import HealthCheck, given, settings
@@ -237,7 +248,7 @@ def test_record_types(
         ("nope.internal", "A", RCODE.NXDOMAIN),
         ("web.nope.internal", "A", RCODE.NXDOMAIN),
         ("_nope._tcp.internal", "SRV", RCODE.NXDOMAIN),
-        ("9.9.20.172.in-addr.arpa", "PTR", None),  # outside: not ours to deny
+        ("4.3.2.1.in-addr.arpa", "PTR", None),  # a public address's: not ours to deny
         ("web.internal", "TXT", RCODE.NOERROR),
         ("web.internal", "MX", RCODE.NOERROR),
         ("web.internal", "PTR", RCODE.NOERROR),
@@ -276,6 +287,91 @@ def test_negative_answers_carry_the_soa(name: str, qtype: str, rcode: int | None
     assert reply.rr == []
     assert rrs(reply.auth) == {SOA}
     assert reply.auth[0].ttl == TTL
+
+
+def local_soa(apex: str) -> tuple[str, str, str]:
+    return (f"{apex}.", "SOA", f"{apex}. nobody.invalid. 1 3600 1200 604800 {TTL}")
+
+
+@pytest.mark.parametrize(
+    ("name", "qtype", "rcode", "answers", "apex"),
+    [
+        ("9.9.20.172.in-addr.arpa", "PTR", RCODE.NXDOMAIN, set(), "20.172.in-addr.arpa"),
+        ("3.2.1.10.in-addr.arpa", "PTR", RCODE.NXDOMAIN, set(), "10.in-addr.arpa"),
+        ("9.9.168.192.in-addr.arpa", "PTR", RCODE.NXDOMAIN, set(), "168.192.in-addr.arpa"),
+        ("1.0.0.127.in-addr.arpa", "PTR", RCODE.NXDOMAIN, set(), "127.in-addr.arpa"),
+        (
+            ipaddress.ip_address("fd00::9").reverse_pointer,
+            "PTR",
+            RCODE.NXDOMAIN,
+            set(),
+            "d.f.ip6.arpa",
+        ),
+        (
+            ipaddress.ip_address("fe80::1").reverse_pointer,
+            "PTR",
+            RCODE.NXDOMAIN,
+            set(),
+            "8.e.f.ip6.arpa",
+        ),
+        (
+            ipaddress.ip_address("2001:db8::1").reverse_pointer,
+            "PTR",
+            RCODE.NXDOMAIN,
+            set(),
+            "8.b.d.0.1.0.0.2.ip6.arpa",
+        ),
+        ("0.20.172.in-addr.arpa", "PTR", RCODE.NOERROR, set(), "20.172.in-addr.arpa"),
+        ("2.0.20.172.in-addr.arpa", "A", RCODE.NOERROR, set(), "20.172.in-addr.arpa"),
+        (
+            "2.0.20.172.in-addr.arpa",
+            "PTR",
+            RCODE.NOERROR,
+            {("2.0.20.172.in-addr.arpa.", "PTR", "w1.container.internal.")},
+            None,
+        ),
+        ("10.in-addr.arpa", "SOA", RCODE.NOERROR, {local_soa("10.in-addr.arpa")}, None),
+        (
+            "10.in-addr.arpa",
+            "NS",
+            RCODE.NOERROR,
+            {("10.in-addr.arpa.", "NS", "10.in-addr.arpa.")},
+            None,
+        ),
+    ],
+    ids=[
+        "rfc1918-172",
+        "rfc1918-10",
+        "rfc1918-192",
+        "loopback",
+        "ula",
+        "link-local",
+        "documentation-v6",
+        "empty-non-terminal-above-a-backend",
+        "backend-ptr-name-nodata",
+        "backend-ptr",
+        "apex-soa",
+        "apex-ns",
+    ],
+)
+def test_private_reverse_zones_are_answered_here(
+    name: str, qtype: str, rcode: int, answers: set[tuple[str, str, str]], apex: str | None
+) -> None:
+    """RFC 6303: never forwarded, even by a forwarder; NXDOMAIN carries that zone's SOA."""
+    reply = ask(answerer(forwarding=True), query(name, qtype))
+    assert reply.header.rcode == rcode
+    assert reply.header.aa == 1
+    assert rrs(reply.rr) == answers
+    assert rrs(reply.auth) == (set() if apex is None else {local_soa(apex)})
+
+
+@pytest.mark.parametrize(
+    "name", ["4.3.2.1.in-addr.arpa", "1.0.32.172.in-addr.arpa", "in-addr.arpa"]
+)
+def test_public_reverse_names_are_forwarded(name: str) -> None:
+    assert isinstance(
+        answerer(forwarding=True).answer(query(name, "PTR"), "127.0.0.1", True), Forward
+    )
 
 
 @pytest.mark.parametrize("forwarding", [False, True], ids=["authoritative-only", "forwarding"])
@@ -351,6 +447,24 @@ def test_answers_for_mixed_case_are_the_same_records() -> None:
     lower = ask(a, query("web.internal"), udp=False)
     mixed = ask(a, query("WeB.InTeRnAl"), udp=False)
     assert {str(rr.rdata) for rr in lower.rr} == {str(rr.rdata) for rr in mixed.rr}
+
+
+@pytest.mark.parametrize(
+    ("name", "qtype"),
+    [
+        ("WeB.InTeRnAl", "A"),
+        ("_WEB._Tcp.internal", "SRV"),
+        ("W1.Container.Internal", "ANY"),
+        ("2.0.20.172.IN-ADDR.arpa", "PTR"),
+    ],
+)
+def test_answer_owner_names_echo_the_question_case(name: str, qtype: str) -> None:
+    """0x20: a resolver that randomises case checks it comes back as sent."""
+    a = answerer()
+    for _ in range(2):  # miss, then hit
+        reply = ask(a, query(name, qtype), udp=False)
+        assert reply.rr
+        assert {rr.rname.label for rr in reply.rr} == {DNSLabel(name).label}
 
 
 # ---------------------------------------------------------------- rotation
@@ -515,9 +629,9 @@ def test_a_miss_encodes_each_record_a_bounded_number_of_times(
     encoded: list[object] = []
     real_rr = dns_answer._rr
 
-    def counting_rr(record: Record) -> RR:
+    def counting_rr(record: Record, owner: DNSLabel | None = None) -> RR:
         encoded.append(record)
-        return real_rr(record)
+        return real_rr(record, owner)
 
     monkeypatch.setattr(dns_answer, "_rr", counting_rr)
     reply = ask(answerer(), query(name, qtype), udp=False)
@@ -589,6 +703,44 @@ def test_edns_opt_is_echoed_with_our_size() -> None:
     nx = ask(answerer(), query("nope.internal", edns=1232))
     assert len(opt(nx)) == 1
     assert nx.header.rcode == RCODE.NXDOMAIN
+
+
+def edns_query(name: str, *, do: bool = False, version: int = 0, opts: int = 1) -> bytes:
+    request = DNSRecord.question(name)
+    for _ in range(opts):
+        request.add_ar(Edns0(udp_len=1232, flags="do" if do else "", version=version))
+    return bytes(request.pack())
+
+
+@pytest.mark.parametrize("name", ["web.internal", "nope.internal", "big.internal", "example.test"])
+@pytest.mark.parametrize("do", [False, True], ids=["no-do", "do"])
+def test_the_do_bit_is_copied(name: str, do: bool) -> None:
+    """RFC 3225 3: the reply's DO bit is the query's, signed or not."""
+    a = answerer()
+    for _ in range(2):
+        (record,) = opt(ask(a, edns_query(name, do=do)))
+        assert bool(record.ttl & dns_answer.DO_BIT) == do
+        assert (record.ttl >> 16) & 0xFF == 0  # our version: 0
+
+
+@pytest.mark.parametrize("version", [1, 2, 255])
+@pytest.mark.parametrize("name", ["web.internal", "example.test"])
+def test_an_edns_version_above_0_is_badvers(version: int, name: str) -> None:
+    """RFC 6891 6.1.3: BADVERS (16: 1 in the OPT's extended RCODE, 0 in the header), with an
+    OPT of the version we speak."""
+    reply = ask(answerer(forwarding=True), edns_query(name, version=version, do=True))
+    assert reply.header.rcode == 0
+    assert reply.rr == []
+    (record,) = opt(reply)
+    assert record.ttl >> 24 == 1
+    assert (record.ttl >> 16) & 0xFF == 0
+    assert record.ttl & dns_answer.DO_BIT
+
+
+def test_two_opt_records_are_formerr() -> None:
+    """RFC 6891 6.1.1."""
+    reply = ask(answerer(), edns_query("web.internal", opts=2))
+    assert reply.header.rcode == RCODE.FORMERR
 
 
 # ---------------------------------------------------------------- errors and drops
