@@ -4,12 +4,17 @@ The hot path does no parsing: replies are kept by the query's bytes after the tr
 (so case and EDNS options are echoed exactly) and only the ID is patched in. dnslib parses
 and encodes on a miss only. The cache belongs to one zone version and is bounded, so random
 names can't grow it and a reply never outlives the model it came from.
+
+An A, AAAA or SRV set too big for the client's UDP buffer (or above --dns-udp-answers) is
+answered with as many records as fit, picked at random per query, without TC: a stub
+resolver that can't retry over TCP still gets addresses, and the load spreads. TCP gets all.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -45,6 +50,7 @@ CLASS_IN, CLASS_ANY = 1, 255
 OPT = 41
 DO_BIT = 0x8000  # in the OPT record's TTL field (RFC 3225)
 BADVERS = 16  # an extended RCODE: 1 in the OPT record's high bits, 0 in the header
+SUBSET_TYPES = frozenset((int(QTYPE.A), int(QTYPE.AAAA), int(QTYPE.SRV)))
 
 
 @dataclass(frozen=True)
@@ -75,17 +81,24 @@ class _Cache:
 
 
 class Answerer:
-    """Answers from `zone_of()`, which returns the current zone (None before the first sync)."""
+    """Answers from `zone_of()`, which returns the current zone (None before the first sync).
+
+    `udp_answers`: at most this many records in a UDP answer (0: as many as fit)."""
 
     def __init__(
         self,
         zone_of: Callable[[], Zone | None],
         allowed: Callable[[], Iterable[IpNetwork]],
         forwarding: bool,
+        *,
+        udp_answers: int = 0,
+        rng: random.Random | None = None,
     ) -> None:
         self._zone_of = zone_of
         self._allowed = allowed
         self._forwarding = forwarding
+        self._udp_answers = udp_answers
+        self._rng = rng or random.Random()
         self._cache = _Cache(-1)
 
     def answer(self, data: bytes, client: str, udp: bool) -> bytes | Forward | None:
@@ -97,8 +110,11 @@ class Answerer:
         key = (udp, data[2:])
         hit = cache.entries.get(key)
         if hit is not None:
-            turn = hit.turn % hit.replies.count
-            hit.turn += 1
+            if hit.replies.shuffled:
+                turn = self._rng.randrange(hit.replies.count)
+            else:
+                turn = hit.turn % hit.replies.count
+                hit.turn += 1
             variant = hit.variants.get(turn)
             if variant is None:  # each order is encoded once, when its turn first comes
                 variant = hit.replies.build(turn)[2:]
@@ -110,7 +126,9 @@ class Answerer:
         if not isinstance(result, _Replies):
             return result
         turn = 0
-        if result.rotation is not None and result.count > 1:
+        if result.shuffled:
+            turn = self._rng.randrange(result.count)
+        elif result.rotation is not None and result.count > 1:
             turn = cache.turns.get(result.rotation, 0) % result.count
             cache.turns[result.rotation] = turn + 1
         reply = result.build(turn)
@@ -183,24 +201,38 @@ class Answerer:
             packed = _pack(reply, request, udp)
             return _Replies(1, lambda _turn: packed)
         owner = request.q.qname  # its case, as asked: resolvers using 0x20 compare it
-        additional = [
-            r
-            for srv in found
-            if isinstance(srv.value, Srv)
-            for t in ("A", "AAAA")
-            for r in zone.lookup(srv.value.target, t) or ()
+        answers = [_rr(record, owner) for record in found]  # each record is encoded once
+        glue = [
+            [
+                _rr(r)
+                for t in ("A", "AAAA")
+                if isinstance(record.value, Srv)
+                for r in zone.lookup(record.value.target, t) or ()
+            ]
+            for record in found
         ]
 
         def build(turn: int) -> bytes:
-            """The reply with the records rotated by `turn`: encoding is O(records)."""
+            """The reply with the records rotated by `turn`."""
             reply = _reply_to(request, aa=True, ra=ra)
-            for record in found[turn:] + found[:turn]:
-                reply.add_answer(_rr(record, owner))
-            for record in additional:
-                reply.add_ar(_rr(record))
+            for rr in answers[turn:] + answers[:turn]:
+                reply.add_answer(rr)
+            for rrs in glue:
+                for rr in rrs:
+                    reply.add_ar(rr)
             return _pack(reply, request, udp)
 
         first = build(0)
+        cap = self._udp_answers or len(found)
+        if udp and int(request.q.qtype) in SUBSET_TYPES and (first[2] & TC_BIT or cap < len(found)):
+
+            def subset(_turn: int) -> bytes:
+                """One random pick of what fits: `count` of them, each encoded once."""
+                picked = self._rng.sample(range(len(found)), len(found))
+                chosen = [answers[i] for i in picked], [glue[i] for i in picked]
+                return _fit(request, ra, *chosen, min(cap, len(found)))
+
+            return _Replies(len(found), subset, shuffled=True)
         count = 1 if first[2] & TC_BIT else len(found)  # truncated replies are all alike
         return _Replies(
             count,
@@ -211,12 +243,41 @@ class Answerer:
 
 @dataclass(frozen=True)
 class _Replies:
-    """`count` orders of one reply, each built on demand by `build(turn)`."""
+    """`count` variants of one reply, each built on demand by `build(turn)`: orders taken in
+    turn, or (`shuffled`) random subsets, one picked at random per query."""
 
     count: int
     build: Callable[[int], bytes]
     cacheable: bool = True
     rotation: tuple[str, int] | None = None
+    shuffled: bool = False
+
+
+def _fit(request: DNSRecord, ra: bool, answers: list[RR], glue: list[list[RR]], cap: int) -> bytes:
+    """The first n of `answers` (n <= cap), each with its glue, for the largest n that fits
+    the client's UDP buffer (found by halving: sizes grow with n); TC if not even one fits."""
+    limit = udp_limit(request)
+
+    def pack(n: int) -> bytes:
+        reply = _reply_to(request, aa=True, ra=ra)
+        for rr in answers[:n]:
+            reply.add_answer(rr)
+        for rrs in glue[:n]:
+            for rr in rrs:
+                reply.add_ar(rr)
+        _add_opt(reply, request)
+        return bytes(reply.pack())
+
+    best = truncated(request, aa=True, ra=ra)
+    low, high = 1, cap
+    while low <= high:
+        middle = (low + high) // 2
+        packed = pack(middle)
+        if len(packed) <= limit:
+            best, low = packed, middle + 1
+        else:
+            high = middle - 1
+    return best
 
 
 def _reply_to(request: DNSRecord, aa: bool, ra: bool) -> DNSRecord:

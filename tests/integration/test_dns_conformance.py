@@ -127,7 +127,10 @@ ROWS = (
     Row("nodata", "idle.internal", authority=1, additional=1),
     Row("srv-with-glue", "_web._tcp.internal", "SRV", answer=3, additional=5),
     Row("soa", "internal", "SOA", answer=1, additional=1),
-    Row("big-a-no-edns", "big.internal", edns=False, flags="aa tc rd ra"),
+    Row("big-a-no-edns", "big.internal", edns=False, answer=30),  # 90 backends: what fits 512
+    Row("big-a-edns", "big.internal", answer=74, additional=1),  # and what fits 1232
+    Row("big-srv", "_big._tcp.internal", "SRV", answer=18, additional=19),  # with their glue
+    Row("big-any-truncated", "big.internal", "ANY", flags="aa tc rd ra", additional=1),
     Row("badvers", "web.internal", version=1, flags="rd ra", additional=1),
     Row("badvers-do", "web.internal", version=1, do=True, flags="rd ra do", additional=1),
     Row(

@@ -148,18 +148,30 @@ def test_dig_status(dns: RunningDns, name: str, status: str, transport: tuple[st
         assert "IN\tSOA\tns.internal. hostmaster.internal. 1 " in out
 
 
-def test_dig_falls_back_to_tcp_for_a_big_answer(dns: RunningDns) -> None:
-    out = dig(dns.port, "big.internal", "+noedns")
-    assert "Truncated, retrying in TCP mode" in out
-    assert f"ANSWER: {BIG}," in out
-    assert set(lines(dig(dns.port, "big.internal", "+noedns", "+short"))) == set(BIG_IPS)
+def answer_count(out: str) -> int:
+    return int(out.split("ANSWER: ", 1)[1].split(",", 1)[0])
 
 
-def test_dig_with_edns_gets_big_a_answers_over_udp(dns: RunningDns) -> None:
-    out = dig(dns.port, "big.internal", "+bufsize=1232")
-    assert "Truncated" not in out
-    assert f"ANSWER: {BIG}," in out
-    assert "udp: 1232" in out
+@pytest.mark.parametrize(
+    ("args", "size", "fitting"),
+    [(("+noedns",), UDP_PLAIN_LIMIT, 30), (("+bufsize=1232",), 1232, 74)],
+    ids=["no-edns", "edns-1232"],
+)
+def test_dig_gets_as_many_big_a_answers_as_fit_over_udp(
+    dns: RunningDns, args: tuple[str, ...], size: int, fitting: int
+) -> None:
+    """90 backends: no TC, as many records as the buffer holds, a different pick each time."""
+    picks = set()
+    for _ in range(5):
+        out = dig(dns.port, "big.internal", *args, "+ignore")
+        assert "flags: qr aa rd;" in out
+        assert answer_count(out) == fitting
+        assert int(out.split("MSG SIZE  rcvd: ", 1)[1].split()[0]) <= size
+        answers = frozenset(line.split()[-1] for line in lines(out) if "\tIN\tA\t" in line)
+        assert len(answers) == fitting and answers <= set(BIG_IPS)
+        picks.add(answers)
+    assert len(picks) > 1
+    assert set(lines(dig(dns.port, "big.internal", "+tcp", "+short"))) == set(BIG_IPS)
 
 
 # ---------------------------------------------------------------- raw UDP and TCP
@@ -204,15 +216,15 @@ def test_several_queries_on_one_tcp_connection(dns: RunningDns, pipelined: bool)
     assert replies[3].header.tc == 0
 
 
-def test_truncated_over_udp_then_full_over_tcp(dns: RunningDns) -> None:
+def test_a_fitting_pick_over_udp_then_all_over_tcp(dns: RunningDns) -> None:
     data = query("big.internal", ident=0x0BAD)
     raw = udp_ask(dns.port, data)
     assert len(raw) <= UDP_PLAIN_LIMIT
-    truncated = DNSRecord.parse(raw)
-    assert truncated.header.tc == 1
-    assert truncated.header.id == 0x0BAD
-    assert truncated.rr == []
-    assert str(truncated.q.qname) == "big.internal."
+    picked = DNSRecord.parse(raw)
+    assert picked.header.tc == 0
+    assert picked.header.id == 0x0BAD
+    assert 0 < len(picked.rr) < BIG
+    assert str(picked.q.qname) == "big.internal."
 
     (raw,) = tcp_ask(dns.port, data)
     full = DNSRecord.parse(raw)
@@ -221,10 +233,16 @@ def test_truncated_over_udp_then_full_over_tcp(dns: RunningDns) -> None:
     assert {str(rr.rdata) for rr in full.rr} == set(BIG_IPS)
 
 
-def test_big_srv_is_truncated_even_with_a_large_edns_buffer(dns: RunningDns) -> None:
-    data = query("_big._tcp.internal", "SRV", edns=4096)
-    truncated = DNSRecord.parse(udp_ask(dns.port, data))
-    assert truncated.header.tc == 1
+@pytest.mark.parametrize("edns", [None, 4096], ids=["no-edns", "edns-4096"])
+def test_big_srv_over_udp_is_a_pick_with_its_glue(dns: RunningDns, edns: int | None) -> None:
+    data = query("_big._tcp.internal", "SRV", edns=edns)
+    raw = udp_ask(dns.port, data)
+    assert len(raw) <= (UDP_PLAIN_LIMIT if edns is None else 1232)
+    picked = DNSRecord.parse(raw)
+    assert picked.header.tc == 0
+    assert 0 < len(picked.rr) < BIG
+    targets = {str(rr.rdata.target) for rr in picked.rr}
+    assert {str(rr.rname) for rr in picked.ar if rr.rtype == QTYPE.A} == targets
     (raw,) = tcp_ask(dns.port, data)
     full = DNSRecord.parse(raw)
     assert len(full.rr) == BIG

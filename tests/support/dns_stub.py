@@ -268,13 +268,13 @@ def tcp_ask(
 
 
 WEB_IPS = ("172.20.0.2", "172.20.0.3", "172.20.0.4")
-BIG = 60
+BIG = 90
 BIG_IPS = tuple(f"172.20.1.{i}" for i in range(1, BIG + 1))
 
 
 def sample_zone(domain: str = "internal", ttl: int = 5, version: int = 1) -> Zone:
-    """web: three backends (w1 also on IPv6) on port 8080; big: 60 backends, too many for a
-    UDP reply; idle: a service whose only backend is paused."""
+    """web: three backends (w1 also on IPv6) on port 8080; big: 90 backends, more than a UDP
+    reply holds; idle: a service whose only backend is paused."""
     web = [
         container(
             f"w{i}",

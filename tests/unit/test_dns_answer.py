@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import itertools
 import random
@@ -44,7 +45,7 @@ from tests.unit.builders import container, state
 DOMAIN = "internal"
 TTL = 5
 WEB_IPS = ("172.20.0.2", "172.20.0.3", "172.20.0.4")
-BIG = 60
+BIG = 90  # the issue's figure: far more A records than 512 bytes hold
 BIG_IPS = tuple(f"172.20.1.{i}" for i in range(1, BIG + 1))
 ALLOWED = (ipaddress.ip_network("172.30.0.0/16"), ipaddress.ip_network("fd30::/64"))
 
@@ -541,8 +542,8 @@ def test_cache_hit_over_tcp_is_not_the_udp_reply() -> None:
     udp = ask(a, query("big.internal"), udp=True)
     tcp = ask(a, query("big.internal"), udp=False)
     udp_again = ask(a, query("big.internal"), udp=True)
-    assert udp.header.tc == 1
-    assert udp_again.header.tc == 1
+    assert 0 < len(udp.rr) < BIG
+    assert 0 < len(udp_again.rr) < BIG
     assert tcp.header.tc == 0
     assert len(tcp.rr) == BIG
 
@@ -642,33 +643,42 @@ def test_a_miss_encodes_each_record_a_bounded_number_of_times(
 # ---------------------------------------------------------------- sizes, EDNS0 and TC
 
 
+A_FITTING = {None: 30, 512: 29, 100: 29, 700: 41, 4096: 74}
+"""A records of big.internal in 512, 700 and 1232 bytes: 12 header, 18 question, 16 each,
+11 for an OPT."""
+
+
 @pytest.mark.parametrize(
-    ("name", "qtype", "edns", "truncated", "limit"),
+    ("name", "qtype", "edns", "truncated", "limit", "answers"),
     [
-        ("big.internal", "A", None, True, UDP_PLAIN_LIMIT),
-        ("big.internal", "A", 512, True, UDP_PLAIN_LIMIT),
-        ("big.internal", "A", 100, True, UDP_PLAIN_LIMIT),  # below 512 counts as 512
-        ("big.internal", "A", 700, True, 700),
-        ("big.internal", "A", 4096, False, UDP_EDNS_MAX),
-        ("big.internal", "SRV", 4096, True, UDP_EDNS_MAX),  # capped at 1232
-        ("_big._tcp.internal", "SRV", 65535, True, UDP_EDNS_MAX),
-        ("web.internal", "A", None, False, UDP_PLAIN_LIMIT),
-        ("web.internal", "SRV", None, False, UDP_PLAIN_LIMIT),
+        ("big.internal", "A", None, False, UDP_PLAIN_LIMIT, A_FITTING[None]),
+        ("big.internal", "A", 512, False, UDP_PLAIN_LIMIT, A_FITTING[512]),
+        ("big.internal", "A", 100, False, UDP_PLAIN_LIMIT, A_FITTING[100]),  # below 512: 512
+        ("big.internal", "A", 700, False, 700, A_FITTING[700]),
+        ("big.internal", "A", 4096, False, UDP_EDNS_MAX, A_FITTING[4096]),  # capped at 1232
+        ("big.internal", "SRV", 4096, False, UDP_EDNS_MAX, None),
+        ("_big._tcp.internal", "SRV", 65535, False, UDP_EDNS_MAX, None),
+        ("_big._tcp.internal", "SRV", None, False, UDP_PLAIN_LIMIT, None),
+        ("big.internal", "ANY", 4096, True, UDP_EDNS_MAX, 0),  # not a set to pick from
+        ("web.internal", "A", None, False, UDP_PLAIN_LIMIT, 3),
+        ("web.internal", "SRV", None, False, UDP_PLAIN_LIMIT, 3),
     ],
     ids=[
         "a-no-edns",
         "a-edns-512",
         "a-edns-below-512",
         "a-edns-700",
-        "a-edns-4096-fits-1232",
+        "a-edns-4096-capped",
         "srv-edns-4096-capped",
         "srv-edns-max",
+        "srv-no-edns",
+        "any-truncated",
         "small-no-edns",
         "small-srv-no-edns",
     ],
 )
 def test_udp_size_limits(
-    name: str, qtype: str, edns: int | None, truncated: bool, limit: int
+    name: str, qtype: str, edns: int | None, truncated: bool, limit: int, answers: int | None
 ) -> None:
     a = answerer()
     for _ in range(2):  # miss, then hit
@@ -681,18 +691,112 @@ def test_udp_size_limits(
         assert reply.header.qr == 1
         assert str(reply.q.qname) == name + "."
         assert len(opt(reply)) == (edns is not None)
-        if truncated:
-            assert reply.rr == []
-            assert reply.auth == []
-            assert rrs(reply.ar) == set()
+        if answers is not None:
+            assert len(reply.rr) == answers
         else:
-            assert reply.rr
+            assert 0 < len(reply.rr) < BIG
+        if qtype == "SRV":  # each SRV answered comes with its target's address
+            glue = {str(rr.rname) for rr in reply.ar if rr.rtype == QTYPE.A}
+            assert glue == {str(rr.rdata.target) for rr in reply.rr}
 
         full = ask(a, query(name, qtype, edns=edns), udp=False)
         assert full.header.tc == 0
-        assert len(full.rr) == (BIG if "big" in name else 3)
+        assert len(full.rr) == (BIG if "big" in name else 3) * (2 if qtype == "ANY" else 1)
         if qtype == "SRV":
             assert len([rr for rr in full.ar if rr.rtype == QTYPE.A]) == len(full.rr)
+
+
+def many_zone(count: int) -> Zone:
+    """Service `many` with `count` backends, each on IPv4 and IPv6."""
+    backends = [
+        container(
+            f"m{i:03d}",
+            aliases=("many",),
+            ip=f"172.21.{i // 250}.{i % 250 + 1}",
+            ipv6=f"fd21::{i + 1:x}",
+        )
+        for i in range(count)
+    ]
+    return build_zone(build_topology(state(*backends), BuildOptions()), DOMAIN, TTL, 1)
+
+
+MANY_ZONES = {n: many_zone(n) for n in (1, 2, 7, 30, 90, 150)}
+
+
+def test_a_udp_subset_varies_across_queries_and_spreads_the_load() -> None:
+    a = answerer(MANY_ZONES[90])
+    data = query("many.internal")
+    picks = [frozenset(str(rr.rdata) for rr in ask(a, data).rr) for _ in range(200)]
+    assert len(set(picks)) > 50
+    counts = collections.Counter(ip for pick in picks for ip in pick)
+    assert len(counts) == 90  # every backend is handed out
+    assert max(counts.values()) < 4 * min(counts.values())
+
+
+@pytest.mark.parametrize("edns", [None, 1232, 4096], ids=["no-edns", "edns-1232", "edns-4096"])
+@pytest.mark.parametrize("qtype", ["A", "AAAA", "SRV"])
+def test_ninety_backends_over_udp_fit_without_tc_and_all_over_tcp(
+    edns: int | None, qtype: str
+) -> None:
+    a = answerer(MANY_ZONES[90])
+    data = query("many.internal", qtype, edns=edns)
+    raw = a.answer(data, "127.0.0.1", True)
+    assert isinstance(raw, bytes | bytearray)
+    assert len(raw) <= (UDP_PLAIN_LIMIT if edns is None else UDP_EDNS_MAX)
+    reply = DNSRecord.parse(raw)
+    assert reply.header.tc == 0
+    assert 0 < len(reply.rr) < 90
+    assert len(ask(a, data, udp=False).rr) == 90
+
+
+@pytest.mark.parametrize(
+    ("limit", "name", "expected"),
+    [
+        (0, "web.internal", 3),
+        (3, "web.internal", 3),
+        (2, "web.internal", 2),
+        (5, "big.internal", 5),
+        (1, "_web._tcp.internal", 1),
+    ],
+)
+def test_udp_answers_caps_a_udp_answer(limit: int, name: str, expected: int) -> None:
+    """--dns-udp-answers, Consul's udp_answer_limit: a random pick of that many over UDP,
+    all over TCP."""
+    a = Answerer(lambda: ZONE, list, False, udp_answers=limit)
+    qtype = "SRV" if name.startswith("_") else "A"
+    for _ in range(3):
+        assert len(ask(a, query(name, qtype)).rr) == expected
+        assert len(ask(a, query(name, qtype), udp=False).rr) == (BIG if "big" in name else 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    count=st.sampled_from(sorted(MANY_ZONES)),
+    qtype=st.sampled_from(["A", "AAAA", "SRV"]),
+    edns=st.one_of(st.none(), st.integers(0, 65535)),
+    limit=st.integers(0, 12),
+    seed=st.integers(0, 2**32),
+)
+def test_any_udp_answer_fits_its_limit(
+    count: int, qtype: str, edns: int | None, limit: int, seed: int
+) -> None:
+    a = Answerer(lambda: MANY_ZONES[count], list, False, udp_answers=limit, rng=random.Random(seed))
+    data = query("mAnY.internal", qtype, edns=edns)
+    raw = a.answer(data, "127.0.0.1", True)
+    assert isinstance(raw, bytes | bytearray)
+    size = UDP_PLAIN_LIMIT if edns is None else max(UDP_PLAIN_LIMIT, min(edns, UDP_EDNS_MAX))
+    assert len(raw) <= size
+    reply = DNSRecord.parse(raw)
+    assert reply.header.tc == 0
+    assert 1 <= len(reply.rr) <= (limit or count)
+    assert all(rr.rname.label == DNSLabel("mAnY.internal").label for rr in reply.rr)
+    full = {str(rr.rdata) for rr in ask(a, data, udp=False).rr}
+    assert len(full) == count
+    assert {str(rr.rdata) for rr in reply.rr} <= full
+    if qtype == "SRV":
+        targets = {str(rr.rdata.target) for rr in reply.rr}
+        assert {str(rr.rname) for rr in reply.ar if rr.rtype == QTYPE.A} == targets
+        assert {str(rr.rname) for rr in reply.ar if rr.rtype == QTYPE.AAAA} == targets
 
 
 def test_edns_opt_is_echoed_with_our_size() -> None:
