@@ -111,7 +111,7 @@ class Answerer:
         hit = cache.entries.get(key)
         if hit is not None:
             if hit.replies.shuffled:
-                turn = self._rng.randrange(hit.replies.count)
+                turn = int(self._rng.random() * hit.replies.count)  # randrange costs 3x
             else:
                 turn = hit.turn % hit.replies.count
                 hit.turn += 1
@@ -127,7 +127,7 @@ class Answerer:
             return result
         turn = 0
         if result.shuffled:
-            turn = self._rng.randrange(result.count)
+            turn = int(self._rng.random() * result.count)
         elif result.rotation is not None and result.count > 1:
             turn = cache.turns.get(result.rotation, 0) % result.count
             cache.turns[result.rotation] = turn + 1
@@ -213,31 +213,29 @@ class Answerer:
         ]
 
         def build(turn: int) -> bytes:
-            """The reply with the records rotated by `turn`."""
-            reply = _reply_to(request, aa=True, ra=ra)
-            for rr in answers[turn:] + answers[:turn]:
-                reply.add_answer(rr)
-            for rrs in glue:
-                for rr in rrs:
-                    reply.add_ar(rr)
-            return _pack(reply, request, udp)
+            """The reply with the records rotated by `turn`, whatever its size."""
+            return _packed(request, ra, answers[turn:] + answers[:turn], glue)
 
-        first = build(0)
+        rotation = (name, int(request.q.qtype))
+        if not udp:
+            return _Replies(len(found), build, rotation=rotation)
+        whole = build(0)
+        too_big = len(whole) > udp_limit(request)
         cap = self._udp_answers or len(found)
-        if udp and int(request.q.qtype) in SUBSET_TYPES and (first[2] & TC_BIT or cap < len(found)):
+        if int(request.q.qtype) in SUBSET_TYPES and (too_big or cap < len(found)):
 
             def subset(_turn: int) -> bytes:
                 """One random pick of what fits: `count` of them, each encoded once."""
                 picked = self._rng.sample(range(len(found)), len(found))
                 chosen = [answers[i] for i in picked], [glue[i] for i in picked]
-                return _fit(request, ra, *chosen, min(cap, len(found)))
+                return _fit(request, ra, *chosen, min(cap, len(found)), len(whole))
 
             return _Replies(len(found), subset, shuffled=True)
-        count = 1 if first[2] & TC_BIT else len(found)  # truncated replies are all alike
+        if too_big:  # truncated replies are all alike
+            cut = truncated(request, aa=True, ra=ra)
+            return _Replies(1, lambda _turn: cut, rotation=rotation)
         return _Replies(
-            count,
-            lambda turn: first if turn == 0 else build(turn),
-            rotation=(name, int(request.q.qtype)),
+            len(found), lambda turn: whole if turn == 0 else build(turn), rotation=rotation
         )
 
 
@@ -253,31 +251,40 @@ class _Replies:
     shuffled: bool = False
 
 
-def _fit(request: DNSRecord, ra: bool, answers: list[RR], glue: list[list[RR]], cap: int) -> bytes:
+def _packed(request: DNSRecord, ra: bool, answers: list[RR], glue: list[list[RR]]) -> bytes:
+    """An authoritative reply with these answers and their glue, and our OPT if asked for."""
+    reply = _reply_to(request, aa=True, ra=ra)
+    reply.add_answer(*answers)  # all at once: dnslib recounts the header at each call
+    reply.add_ar(*(rr for rrs in glue for rr in rrs))
+    _add_opt(reply, request)
+    return bytes(reply.pack())
+
+
+def _fit(
+    request: DNSRecord, ra: bool, answers: list[RR], glue: list[list[RR]], cap: int, whole: int
+) -> bytes:
     """The first n of `answers` (n <= cap), each with its glue, for the largest n that fits
-    the client's UDP buffer (found by halving: sizes grow with n); TC if not even one fits."""
+    the client's UDP buffer; TC if not even one fits. `whole`, the size of them all, gives
+    n at the first try when records are of one size (A, AAAA); a step or two finds it else."""
     limit = udp_limit(request)
 
     def pack(n: int) -> bytes:
-        reply = _reply_to(request, aa=True, ra=ra)
-        for rr in answers[:n]:
-            reply.add_answer(rr)
-        for rrs in glue[:n]:
-            for rr in rrs:
-                reply.add_ar(rr)
-        _add_opt(reply, request)
-        return bytes(reply.pack())
+        return _packed(request, ra, answers[:n], glue[:n])
 
-    best = truncated(request, aa=True, ra=ra)
-    low, high = 1, cap
-    while low <= high:
-        middle = (low + high) // 2
-        packed = pack(middle)
-        if len(packed) <= limit:
-            best, low = packed, middle + 1
-        else:
-            high = middle - 1
-    return best
+    base = len(pack(0))
+    n = max(1, min(cap, (limit - base) * len(answers) // max(1, whole - base)))
+    packed = pack(n)
+    while len(packed) > limit and n > 1:
+        n -= 1
+        packed = pack(n)
+    if len(packed) > limit:
+        return truncated(request, aa=True, ra=ra)
+    while n < cap:
+        bigger = pack(n + 1)
+        if len(bigger) > limit:
+            break
+        n, packed = n + 1, bigger
+    return packed
 
 
 def _reply_to(request: DNSRecord, aa: bool, ra: bool) -> DNSRecord:

@@ -56,6 +56,8 @@ class Row:
     additional: int = 0
     shared: bool = False
     """dnsmasq gives the same RCODE, flags, DO and answer/additional counts."""
+    shown: str = ""
+    """How docs/dns.md names the query, when not by its name and type."""
 
     def query(self, ident: int) -> bytes:
         request = DNSRecord.question(self.name, self.qtype, self.qclass)
@@ -68,15 +70,53 @@ class Row:
         return bytes(request.pack())
 
 
+OPCODES = {OPCODE.NOTIFY: "NOTIFY"}
+
+
+def describe(row: Row) -> str:
+    """The row as docs/dns.md's table shows it."""
+    klass = "" if row.qclass == "IN" else f" {row.qclass}"
+    text = row.shown or f"`{row.name} {row.qtype}{klass}`"
+    text += "".join(
+        f", {words}"
+        for on, words in [
+            (not row.edns, "no EDNS0"),
+            (not row.rd, "RD clear"),
+            (bool(row.version), f"EDNS version {row.version}"),
+            (row.do, "DO"),
+            (row.opcode != OPCODE.QUERY, f"opcode {OPCODES.get(row.opcode)}"),
+        ]
+        if on
+    )
+    rcode = "BADVERS" if row.version else RCODE.get(row.rcode)
+    counts = f"{row.answer}/{row.authority}/{row.additional}"
+    return f"| {text} | {rcode} | {row.flags} | {counts} | {'agrees' if row.shared else ''} |"
+
+
 ROWS = (
     Row("a", "web.internal", answer=3, additional=1, shared=True),
     Row("a-no-edns", "web.internal", edns=False, answer=3, shared=True),
     Row("a-no-rd", "web.internal", rd=False, flags="aa ra", answer=3, additional=1, shared=True),
-    Row("a-0x20-case", "WeB.InTeRnAl", answer=3, additional=1, shared=True),
+    Row(
+        "a-0x20-case",
+        "WeB.InTeRnAl",
+        answer=3,
+        additional=1,
+        shared=True,
+        shown="`WeB.InTeRnAl A` (answered in that case)",
+    ),
     Row("a-do", "web.internal", do=True, flags="aa rd ra do", answer=3, additional=1, shared=True),
     Row("aaaa", "web.internal", "AAAA", answer=1, additional=1, shared=True),
     Row("host-a", "w2.container.internal", answer=1, additional=1, shared=True),
-    Row("ptr-backend", "3.0.20.172.in-addr.arpa", "PTR", answer=1, additional=1, shared=True),
+    Row(
+        "ptr-backend",
+        "3.0.20.172.in-addr.arpa",
+        "PTR",
+        answer=1,
+        additional=1,
+        shared=True,
+        shown="`3.0.20.172.in-addr.arpa PTR` (a backend)",
+    ),
     Row(
         "ptr-rfc1918-10",
         "3.2.1.10.in-addr.arpa",
@@ -112,6 +152,7 @@ ROWS = (
         authority=1,
         additional=1,
         shared=True,
+        shown="PTR of `fd00::9` (unique local)",
     ),
     Row(
         "ptr-link-local",
@@ -121,13 +162,26 @@ ROWS = (
         authority=1,
         additional=1,
         shared=True,
+        shown="PTR of `fe80::1` (link-local)",
     ),
     Row("rfc6303-apex-soa", "168.192.in-addr.arpa", "SOA", answer=1, additional=1),
     Row("nxdomain", "nope.internal", rcode=RCODE.NXDOMAIN, authority=1, additional=1),
-    Row("nodata", "idle.internal", authority=1, additional=1),
+    Row(
+        "nodata",
+        "idle.internal",
+        authority=1,
+        additional=1,
+        shown="`idle.internal A` (no live backend)",
+    ),
     Row("srv-with-glue", "_web._tcp.internal", "SRV", answer=3, additional=5),
     Row("soa", "internal", "SOA", answer=1, additional=1),
-    Row("big-a-no-edns", "big.internal", edns=False, answer=30),  # 90 backends: what fits 512
+    Row(
+        "big-a-no-edns",
+        "big.internal",
+        edns=False,
+        answer=30,
+        shown="`big.internal A` (90 backends)",
+    ),
     Row("big-a-edns", "big.internal", answer=74, additional=1),  # and what fits 1232
     Row("big-srv", "_big._tcp.internal", "SRV", answer=18, additional=19),  # with their glue
     Row("big-any-truncated", "big.internal", "ANY", flags="aa tc rd ra", additional=1),
@@ -276,3 +330,16 @@ def test_dnsmasq_agrees(ours: RunningDns, dnsmasq: int, row: Row) -> None:
         mine.additional,
     )
     assert theirs.owners_echo_case and mine.owners_echo_case
+
+
+def test_docs_show_this_table() -> None:
+    """docs/dns.md's conformance table is this one, row for row."""
+    table = "\n".join(
+        [
+            "| query | RCODE | flags | an/ns/ar | dnsmasq |",
+            "| --- | --- | --- | --- | --- |",
+            *map(describe, ROWS),
+        ]
+    )
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "dns.md").read_text()
+    assert table in doc, table
