@@ -7,6 +7,7 @@ packet goes through `Answerer`; nothing a client sends can raise out of a handle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
@@ -284,10 +285,11 @@ class DnsServer:
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         for bind in self._binds:
-            await loop.create_datagram_endpoint(
+            transport, _ = await loop.create_datagram_endpoint(
                 lambda: _Udp(self), local_addr=(bind.host, bind.port)
             )
-            await asyncio.start_server(self._tcp, bind.host, bind.port)
+            server = await asyncio.start_server(self._tcp, bind.host, bind.port)
+            self._listeners.append((transport, server))
             log.info("DNS listening on %s (UDP and TCP)", bind)
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -318,9 +320,25 @@ class DnsServer:
     def stop(self) -> None:
         loop = self._loop
         if loop is not None and loop.is_running():
+            closing = asyncio.run_coroutine_threadsafe(self._close(), loop)
+            with contextlib.suppress(Exception):  # stopping anyway: a stuck close can't hold it
+                closing.result(timeout=5)
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    async def _close(self) -> None:
+        """Stops listening and ends every handler and forward still running, so no task is
+        left pending in a closed loop (its garbage, collected later anywhere, would log)."""
+        for transport, server in self._listeners:
+            transport.close()
+            server.close()
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # the transports' close callbacks
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -383,6 +383,23 @@ def test_a_truncated_upstream_reply_is_asked_again_over_tcp() -> None:
         assert (stub.count, stub.tcp_count) == (1, 1)
 
 
+def test_a_forwarded_answer_too_big_for_the_client_is_truncated_for_it() -> None:
+    """The upstream's full answer (asked over TCP) is kept; a UDP client without EDNS0 gets TC
+    from us and then all of it over TCP, from the cache."""
+    many = tuple(f"192.0.2.{i}" for i in range(1, 41))  # 40 A records: more than 512 bytes
+    with (
+        StubUpstream({"many.test": (many, 30)}, truncating=True) as stub,
+        running_dns(ZONE, upstreams=[stub.endpoint]) as running,
+    ):
+        raw = udp_ask(running.port, query("many.test", ident=0x4242))
+        assert len(raw) <= UDP_PLAIN_LIMIT
+        cut = DNSRecord.parse(raw)
+        assert (cut.header.id, cut.header.tc, cut.header.ra, cut.rr) == (0x4242, 1, 1, [])
+        (raw,) = tcp_ask(running.port, query("many.test", ident=0x4343))
+        assert {str(rr.rdata) for rr in DNSRecord.parse(raw).rr} == set(many)
+        assert (stub.count, stub.tcp_count) == (1, 1)
+
+
 def test_forwarded_ttls_count_down_from_when_the_answer_was_stored() -> None:
     """Never a TTL above what is left: whole seconds begun since are taken off."""
     now = [1000.0]

@@ -50,14 +50,14 @@ def _udp_and_tcp_on_one_port() -> tuple[socket.socket, socket.socket]:
 
 
 class StubUpstream:
-    """A resolver on loopback, UDP and TCP: A records from `records` (name -> (ip, ttl)),
+    """A resolver on loopback, UDP and TCP: A records from `records` (name -> (IPs, TTL)),
     NXDOMAIN for anything else; `silent` never answers (an upstream that is down without
     saying so); `truncating` answers every UDP query with TC and no records, as an upstream
     does when the answer is too big for the client's buffer."""
 
     def __init__(
         self,
-        records: Mapping[str, tuple[str, int]] | None = None,
+        records: Mapping[str, tuple[str | Sequence[str], int]] | None = None,
         *,
         silent: bool = False,
         truncating: bool = False,
@@ -110,8 +110,9 @@ class StubUpstream:
         if found is None:
             reply.header.rcode = RCODE.NXDOMAIN
         elif request.q.qtype == QTYPE.A:
-            ip, ttl = found
-            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=ttl))
+            ips, ttl = found
+            for ip in (ips,) if isinstance(ips, str) else ips:
+                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=ttl))
         return reply
 
     def _serve_tcp(self) -> None:
