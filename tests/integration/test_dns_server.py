@@ -383,6 +383,18 @@ def test_a_truncated_upstream_reply_is_asked_again_over_tcp() -> None:
         assert (stub.count, stub.tcp_count) == (1, 1)
 
 
+def test_a_truncated_upstream_reply_is_relayed_when_tcp_fails() -> None:
+    """The client is told TC, to ask over TCP itself; nothing truncated is kept."""
+    with (
+        StubUpstream(truncating=True, tcp=False) as stub,
+        running_dns(ZONE, upstreams=[stub.endpoint]) as running,
+    ):
+        for ident in (0x6161, 0x6262):
+            reply = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=ident)))
+            assert (reply.header.id, reply.header.tc, reply.rr) == (ident, 1, [])
+        assert stub.count == 2
+
+
 def test_a_forwarded_answer_too_big_for_the_client_is_truncated_for_it() -> None:
     """The upstream's full answer (asked over TCP) is kept; a UDP client without EDNS0 gets TC
     from us and then all of it over TCP, from the cache."""

@@ -53,7 +53,8 @@ class StubUpstream:
     """A resolver on loopback, UDP and TCP: A records from `records` (name -> (IPs, TTL)),
     NXDOMAIN for anything else; `silent` never answers (an upstream that is down without
     saying so); `truncating` answers every UDP query with TC and no records, as an upstream
-    does when the answer is too big for the client's buffer."""
+    does when the answer is too big for the client's buffer; without `tcp`, connections are
+    refused."""
 
     def __init__(
         self,
@@ -61,12 +62,14 @@ class StubUpstream:
         *,
         silent: bool = False,
         truncating: bool = False,
+        tcp: bool = True,
     ) -> None:
         self.records = {
             k.lower(): v for k, v in (records or {"example.test": ("192.0.2.1", 30)}).items()
         }
         self.silent = silent
         self.truncating = truncating
+        self.tcp = tcp
         self.tcp_count = 0
         self.queries: list[DNSRecord] = []  # the first KEPT_QUERIES, so a flood can't grow it
         self._count = 0
@@ -93,13 +96,17 @@ class StubUpstream:
 
     def __enter__(self) -> StubUpstream:
         self._thread.start()
-        self._tcp_thread.start()
+        if self.tcp:
+            self._tcp_thread.start()
+        else:
+            self._listener.close()  # nothing listens on the port: TCP is refused
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._tcp_thread.join(timeout=5)
+        if self._tcp_thread.is_alive():
+            self._tcp_thread.join(timeout=5)
         self._sock.close()
         self._listener.close()
 
