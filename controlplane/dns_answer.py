@@ -328,6 +328,15 @@ def _add_opt(reply: DNSRecord, request: DNSRecord, ext_rcode: int = 0) -> None:
             return
 
 
+def extended_rcode(reply: bytes) -> int:
+    """A reply's whole RCODE: the header's 4 bits, and the high bits in the OPT record when
+    that is its only record (as in our BADVERS: an OPT without options ends it)."""
+    rcode = reply[3] & 0x0F
+    if reply[6:10] == b"\0\0\0\0" and reply[-11:-8] == b"\0\0\x29" and reply[-2:] == b"\0\0":
+        rcode |= reply[-6] << 4
+    return rcode
+
+
 def formerr(data: bytes) -> bytes | None:
     """FORMERR for a packet with a readable header; nothing for one too short to have one."""
     if len(data) < 12:

@@ -22,10 +22,12 @@ from dnslib import QTYPE, RCODE, RR, DNSRecord
 
 from controlplane.addresses import SocketAddress
 from controlplane.dns_answer import (
+    BADVERS,
     OPT,
     TC_BIT,
     Answerer,
     Forward,
+    extended_rcode,
     formerr,
     status,
     truncated,
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 TCP_IDLE_SECONDS = 10.0
 TCP_MAX_CONNECTIONS = 256
-# Indexes 0-15 are the reply's RCODE; then what got no reply of ours.
+# Indexes 0-15 are the reply's RCODE; then what got no reply of ours; then BADVERS (16).
 OUTCOMES = (
     "noerror",
     "formerr",
@@ -48,8 +50,9 @@ OUTCOMES = (
     *(f"rcode{n}" for n in range(6, 16)),
     "forwarded",
     "dropped",
+    "badvers",
 )
-FORWARDED, DROPPED = 16, 17
+FORWARDED, DROPPED, BAD_VERSION = 16, 17, 18
 FORWARD_CACHE_ENTRIES = 10_000
 FORWARD_MAX_TTL = 300
 MAX_PENDING_FORWARDS = 1_000
@@ -238,8 +241,10 @@ class DnsServer:
             self._outcomes[DROPPED] += 1
         elif isinstance(result, Forward):
             self._outcomes[FORWARDED] += 1
-        else:
-            self._outcomes[result[3] & 0x0F] += 1
+        elif (rcode := result[3] & 0x0F) or result[7] or result[6]:  # an error, or answers
+            self._outcomes[rcode] += 1
+        else:  # NOERROR without answers: a NODATA, a TC, or BADVERS (its high bits in the OPT)
+            self._outcomes[BAD_VERSION if extended_rcode(result) == BADVERS else 0] += 1
         return result
 
     def outcomes(self) -> dict[str, int]:

@@ -474,14 +474,19 @@ def test_queries_are_counted_by_result_for_the_metrics() -> None:
         udp_ask(running.port, query("web.internal"))
         udp_ask(running.port, query("nope.internal", ident=0x3333))
         udp_ask(running.port, query("example.com", ident=0x4444))
+        badvers = DNSRecord.question("web.internal")
+        badvers.add_ar(Edns0(udp_len=1232, version=1))
+        udp_ask(running.port, bytes(badvers.pack()))
+        udp_ask(running.port, query("big.internal", "ANY"))  # TC: no records either
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"\x00", (LOOPBACK, running.port))  # too short for a header
         wait_until_dropped = time.monotonic() + 2
         while running.server.outcomes()["dropped"] == 0 and time.monotonic() < wait_until_dropped:
             time.sleep(0.01)
         outcomes = running.server.outcomes()
-    assert outcomes["noerror"] == 1 and outcomes["nxdomain"] == 1
+    assert outcomes["nxdomain"] == 1
     assert outcomes["refused"] == 1 and outcomes["dropped"] == 1
+    assert outcomes["badvers"] == 1 and outcomes["noerror"] == 2
     metrics = Metrics(lambda: None, lambda: outcomes).exposition().decode()
     assert 'controlplane_dns_queries_total{result="nxdomain"} 1.0' in metrics
     assert "rcode7" not in metrics
