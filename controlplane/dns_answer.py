@@ -256,7 +256,7 @@ def _packed(request: DNSRecord, ra: bool, answers: list[RR], glue: list[list[RR]
     reply = _reply_to(request, aa=True, ra=ra)
     reply.add_answer(*answers)  # all at once: dnslib recounts the header at each call
     reply.add_ar(*(rr for rrs in glue for rr in rrs))
-    _add_opt(reply, request)
+    add_opt(reply, request)
     return bytes(reply.pack())
 
 
@@ -306,7 +306,7 @@ def status(request: DNSRecord, rcode: int, ra: bool = False) -> bytes:
     client's EDNS0."""
     reply = _reply_to(request, aa=False, ra=ra)
     reply.header.rcode = rcode & 0x0F
-    _add_opt(reply, request, rcode >> 4)
+    add_opt(reply, request, rcode >> 4)
     return bytes(reply.pack())
 
 
@@ -314,11 +314,11 @@ def truncated(request: DNSRecord, aa: bool, ra: bool) -> bytes:
     """TC and the question only: the client is to ask again over TCP."""
     reply = _reply_to(request, aa=aa, ra=ra)
     reply.header.tc = 1
-    _add_opt(reply, request)
+    add_opt(reply, request)
     return bytes(reply.pack())
 
 
-def _add_opt(reply: DNSRecord, request: DNSRecord, ext_rcode: int = 0) -> None:
+def add_opt(reply: DNSRecord, request: DNSRecord, ext_rcode: int = 0) -> None:
     """Our OPT (version 0, our buffer size) when the client sent one, with its DO bit copied
     (RFC 3225: a server that does not sign still echoes it)."""
     for rr in request.ar:
@@ -357,7 +357,7 @@ def udp_limit(request: DNSRecord) -> int:
 def _pack(reply: DNSRecord, request: DNSRecord, udp: bool) -> bytes:
     """Adds OPT when the client sent one; over UDP, a reply that doesn't fit goes out
     truncated (TC, question only) so the client retries over TCP."""
-    _add_opt(reply, request)
+    add_opt(reply, request)
     packed = bytes(reply.pack())
     if udp and len(packed) > udp_limit(request):
         return truncated(request, aa=True, ra=bool(reply.header.ra))

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from dnslib import QTYPE, RCODE, RR, DNSRecord
@@ -23,10 +23,12 @@ from dnslib import QTYPE, RCODE, RR, DNSRecord
 from controlplane.addresses import SocketAddress
 from controlplane.dns_answer import (
     BADVERS,
+    DO_BIT,
     OPT,
     TC_BIT,
     Answerer,
     Forward,
+    add_opt,
     extended_rcode,
     formerr,
     status,
@@ -60,25 +62,36 @@ MAX_PENDING_FORWARDS = 1_000
 
 @dataclass
 class _Stored:
-    """An upstream's reply as it came, told again with its TTLs counted down."""
+    """An upstream's reply, told again with its TTLs counted down, and with the header bits
+    and EDNS0 of the client asking now (not of the one whose query filled it)."""
 
     stored_at: float
     expires: float
     reply: DNSRecord
     records: list[RR]
     ttls: list[int]
+    additional: list[RR]
+    """The reply's additional records but its OPT."""
     aged_by: int = -1
-    packed: bytes = b""
+    packed: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
 
-    def aged(self, now: float) -> bytes:
+    def aged(self, now: float, request: DNSRecord) -> bytes:
         """TTLs less the whole seconds begun since it was stored: never above what is left.
-        Re-encoded once per second of age at most."""
+        Re-encoded once per second of age at most, for each kind of client (RD, CD, OPT)."""
         age = math.ceil(now - self.stored_at)
         if age != self.aged_by:
             for rr, ttl in zip(self.records, self.ttls, strict=True):
                 rr.ttl = max(0, ttl - age)
-            self.packed, self.aged_by = bytes(self.reply.pack()), age
-        return self.packed
+            self.packed, self.aged_by = {}, age
+        opts = [rr.ttl & DO_BIT for rr in request.ar if rr.rtype == OPT]
+        kind = (request.header.rd, request.header.cd, opts[0] + 1 if opts else 0)
+        packed = self.packed.get(kind)
+        if packed is None:
+            self.reply.header.rd, self.reply.header.cd = request.header.rd, request.header.cd
+            self.reply.ar = list(self.additional)
+            add_opt(self.reply, request)
+            packed = self.packed[kind] = bytes(self.reply.pack())
+        return packed
 
 
 class Forwarder:
@@ -103,7 +116,7 @@ class Forwarder:
         ident: bytes = int(request.header.id).to_bytes(2, "big")
         now = self._clock()
         if cached is not None and cached.expires > now:
-            return ident + cached.aged(now)[2:]
+            return ident + cached.aged(now, request)[2:]
         query = bytearray(request.pack())
         query[:2] = secrets.randbelow(65536).to_bytes(2, "big")  # not the client's guessable ID
         for upstream in self._upstreams:
@@ -117,16 +130,19 @@ class Forwarder:
                     reply = await asyncio.wait_for(_ask_tcp(upstream, bytes(query)), self._timeout)
                 except (OSError, TimeoutError, asyncio.IncompleteReadError):
                     log.debug("upstream %s did not answer %s over TCP", upstream, q.qname)
-            self._remember(key, reply)
-            return ident + reply[2:]
+            stored = self._remember(key, reply, request)
+            return ident + (reply if stored is None else stored)[2:]
         return status(request, RCODE.SERVFAIL, ra=True)
 
-    def _remember(self, key: tuple[str, int, int], reply: bytes) -> None:
-        """Kept for the smallest TTL (5 min at most); truncated or failed replies are not."""
+    def _remember(
+        self, key: tuple[str, int, int], reply: bytes, request: DNSRecord
+    ) -> bytes | None:
+        """Kept for the smallest TTL (5 min at most), and told from the first time with our
+        EDNS0; truncated or failed replies are not kept but relayed as they came."""
         try:
             parsed = DNSRecord.parse(reply)
         except Exception:
-            return
+            return None
         ttls = [rr.ttl for rr in parsed.rr] or [
             rr.ttl for rr in parsed.auth if rr.rtype == QTYPE.SOA
         ]
@@ -135,20 +151,21 @@ class Forwarder:
             or not ttls
             or parsed.header.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN)
         ):
-            return
+            return None
         now = self._clock()
         records = [rr for rr in (*parsed.rr, *parsed.auth, *parsed.ar) if rr.rtype != OPT]
-        stored = _Stored(
-            now, now + min(min(ttls), FORWARD_MAX_TTL), parsed, records, [rr.ttl for rr in records]
-        )
+        expires = now + min(min(ttls), FORWARD_MAX_TTL)
+        additional = [rr for rr in parsed.ar if rr.rtype != OPT]
+        stored = _Stored(now, expires, parsed, records, [rr.ttl for rr in records], additional)
         try:
-            stored.aged(now)
+            told = stored.aged(now, request)
         except Exception:  # dnslib reads some records it can't write back: not kept
-            return
+            return None
         self._cache[key] = stored
         self._cache.move_to_end(key)
         while len(self._cache) > FORWARD_CACHE_ENTRIES:
             self._cache.popitem(last=False)
+        return told
 
 
 async def _ask_tcp(upstream: SocketAddress, query: bytes) -> bytes:

@@ -412,6 +412,27 @@ def test_a_forwarded_answer_too_big_for_the_client_is_truncated_for_it() -> None
         assert (stub.count, stub.tcp_count) == (1, 1)
 
 
+def test_a_kept_answer_carries_the_edns0_and_rd_of_the_client_asking_now() -> None:
+    """RFC 6891: no OPT to a client that sent none; RFC 3225: DO as that client set it."""
+    first = DNSRecord.question("example.test")
+    first.add_ar(Edns0(udp_len=4096, flags="do"))
+    plain = DNSRecord.question("example.test")
+    plain.header.rd = 0
+    without_do = DNSRecord.question("example.test")
+    without_do.add_ar(Edns0(udp_len=1232))
+    with StubUpstream() as stub, running_dns(ZONE, upstreams=[stub.endpoint]) as running:
+        replies = [
+            DNSRecord.parse(udp_ask(running.port, bytes(r.pack())))
+            for r in (first, plain, without_do, first)
+        ]
+        assert stub.count == 1  # the last three from the cache
+    opts = [[rr for rr in r.ar if rr.rtype == QTYPE.OPT] for r in replies]
+    assert [len(o) for o in opts] == [1, 0, 1, 1]
+    assert [bool(o[0].ttl & 0x8000) for o in opts if o] == [True, False, True]
+    assert [r.header.rd for r in replies] == [1, 0, 1, 1]
+    assert all([str(rr.rdata) for rr in r.rr] == ["192.0.2.1"] for r in replies)
+
+
 def test_forwarded_ttls_count_down_from_when_the_answer_was_stored() -> None:
     """Never a TTL above what is left: whole seconds begun since are taken off."""
     now = [1000.0]
