@@ -295,6 +295,14 @@ RUN: list[Decorator] = [
     ),
     setting("dns_ttl", "--dns-ttl", default=5, type=click.IntRange(0, 86400)),
     setting(
+        "dns_udp_answers",
+        "--dns-udp-answers",
+        default=0,
+        type=click.IntRange(0, 65535),
+        help="At most N A/AAAA/SRV records in a UDP answer, picked at random per query "
+        "(Consul's udp_answer_limit); 0: as many as fit the client's buffer. TCP gets all.",
+    ),
+    setting(
         "dns_upstreams",
         "--dns-upstream",
         multiple=True,

@@ -4,12 +4,17 @@ The hot path does no parsing: replies are kept by the query's bytes after the tr
 (so case and EDNS options are echoed exactly) and only the ID is patched in. dnslib parses
 and encodes on a miss only. The cache belongs to one zone version and is bounded, so random
 names can't grow it and a reply never outlives the model it came from.
+
+An A, AAAA or SRV set too big for the client's UDP buffer (or above --dns-udp-answers) is
+answered with as many records as fit, picked at random per query, without TC: a stub
+resolver that can't retry over TCP still gets addresses, and the load spreads. TCP gets all.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +30,7 @@ from dnslib import (
     SRV,
     A,
     DNSHeader,
+    DNSLabel,
     DNSRecord,
 )
 from dnslib import EDNS0 as Edns0
@@ -42,6 +48,9 @@ MAX_NAME_OCTETS = 255
 TC_BIT = 0x02  # in the header's third byte
 CLASS_IN, CLASS_ANY = 1, 255
 OPT = 41
+DO_BIT = 0x8000  # in the OPT record's TTL field (RFC 3225)
+BADVERS = 16  # an extended RCODE: 1 in the OPT record's high bits, 0 in the header
+SUBSET_TYPES = frozenset((int(QTYPE.A), int(QTYPE.AAAA), int(QTYPE.SRV)))
 
 
 @dataclass(frozen=True)
@@ -72,17 +81,24 @@ class _Cache:
 
 
 class Answerer:
-    """Answers from `zone_of()`, which returns the current zone (None before the first sync)."""
+    """Answers from `zone_of()`, which returns the current zone (None before the first sync).
+
+    `udp_answers`: at most this many records in a UDP answer (0: as many as fit)."""
 
     def __init__(
         self,
         zone_of: Callable[[], Zone | None],
         allowed: Callable[[], Iterable[IpNetwork]],
         forwarding: bool,
+        *,
+        udp_answers: int = 0,
+        rng: random.Random | None = None,
     ) -> None:
         self._zone_of = zone_of
         self._allowed = allowed
         self._forwarding = forwarding
+        self._udp_answers = udp_answers
+        self._rng = rng or random.Random()
         self._cache = _Cache(-1)
 
     def answer(self, data: bytes, client: str, udp: bool) -> bytes | Forward | None:
@@ -94,8 +110,11 @@ class Answerer:
         key = (udp, data[2:])
         hit = cache.entries.get(key)
         if hit is not None:
-            turn = hit.turn % hit.replies.count
-            hit.turn += 1
+            if hit.replies.shuffled:
+                turn = int(self._rng.random() * hit.replies.count)  # randrange costs 3x
+            else:
+                turn = hit.turn % hit.replies.count
+                hit.turn += 1
             variant = hit.variants.get(turn)
             if variant is None:  # each order is encoded once, when its turn first comes
                 variant = hit.replies.build(turn)[2:]
@@ -107,7 +126,9 @@ class Answerer:
         if not isinstance(result, _Replies):
             return result
         turn = 0
-        if result.rotation is not None and result.count > 1:
+        if result.shuffled:
+            turn = int(self._rng.random() * result.count)
+        elif result.rotation is not None and result.count > 1:
             turn = cache.turns.get(result.rotation, 0) % result.count
             cache.turns[result.rotation] = turn + 1
         reply = result.build(turn)
@@ -131,22 +152,28 @@ class Answerer:
             return formerr(data)
         if request.header.qr:
             return None  # a reply sent to us: answering it could start a loop
+        ra = self._forwarding  # RA says what the server offers, in every reply
         if request.header.opcode != OPCODE.QUERY:
-            return _status(request, RCODE.NOTIMP)
+            return _status(request, RCODE.NOTIMP, ra)
         if len(request.questions) != 1:
-            return _status(request, RCODE.FORMERR)
+            return _status(request, RCODE.FORMERR, ra)
+        opts = [rr for rr in request.ar if rr.rtype == OPT]
+        if len(opts) > 1:
+            return formerr(data)  # RFC 6891 6.1.1
+        if opts and (opts[0].ttl >> 16) & 0xFF:
+            return _status(request, BADVERS, ra)  # RFC 6891 6.1.3: we speak EDNS version 0 only
         if sum(len(label) + 1 for label in request.q.qname.label) + 1 > MAX_NAME_OCTETS:
             return formerr(data)  # dnslib reads such a name but can't write it back
         if zone is None:
-            return _status(request, RCODE.SERVFAIL)
+            return _status(request, RCODE.SERVFAIL, ra)
         name = str(request.q.qname).rstrip(".").lower()
         if request.q.qclass not in (CLASS_IN, CLASS_ANY):
-            return _status(request, RCODE.REFUSED)  # CHAOS, HESIOD: not served here
+            return _status(request, RCODE.REFUSED, ra)  # CHAOS, HESIOD: not served here
         if zone.in_zone(name):
             return self._authoritative(request, name, zone, udp)
         if self._forwarding and self._client_allowed(client):
             return Forward(request)
-        return _status(request, RCODE.REFUSED, cacheable=False)
+        return _status(request, RCODE.REFUSED, False, cacheable=False)
 
     def _client_allowed(self, client: str) -> bool:
         try:
@@ -161,7 +188,7 @@ class Answerer:
         qtype = QTYPE.get(request.q.qtype)
         found: tuple[Record, ...] | None
         if qtype == "ANY":
-            types = zone.records.get(name)
+            types = zone.types(name)
             found = None if types is None else tuple(r for rs in types.values() for r in rs)
         else:
             found = zone.lookup(name, str(qtype))
@@ -170,43 +197,94 @@ class Answerer:
             reply = _reply_to(request, aa=True, ra=ra)
             if found is None:
                 reply.header.rcode = RCODE.NXDOMAIN
-            reply.add_auth(_rr(zone.soa))
+            reply.add_auth(_rr(zone.soa_for(name)))
             packed = _pack(reply, request, udp)
             return _Replies(1, lambda _turn: packed)
-        additional = [
-            r
-            for srv in found
-            if isinstance(srv.value, Srv)
-            for t in ("A", "AAAA")
-            for r in zone.lookup(srv.value.target, t) or ()
+        owner = request.q.qname  # its case, as asked: resolvers using 0x20 compare it
+        answers = [_rr(record, owner) for record in found]  # each record is encoded once
+        glue = [
+            [
+                _rr(r)
+                for t in ("A", "AAAA")
+                if isinstance(record.value, Srv)
+                for r in zone.lookup(record.value.target, t) or ()
+            ]
+            for record in found
         ]
 
         def build(turn: int) -> bytes:
-            """The reply with the records rotated by `turn`: encoding is O(records)."""
-            reply = _reply_to(request, aa=True, ra=ra)
-            for record in found[turn:] + found[:turn]:
-                reply.add_answer(_rr(record))
-            for record in additional:
-                reply.add_ar(_rr(record))
-            return _pack(reply, request, udp)
+            """The reply with the records rotated by `turn`, whatever its size."""
+            return _packed(request, ra, answers[turn:] + answers[:turn], glue)
 
-        first = build(0)
-        count = 1 if first[2] & TC_BIT else len(found)  # truncated replies are all alike
+        rotation = (name, int(request.q.qtype))
+        if not udp:
+            return _Replies(len(found), build, rotation=rotation)
+        whole = build(0)
+        too_big = len(whole) > udp_limit(request)
+        cap = self._udp_answers or len(found)
+        if int(request.q.qtype) in SUBSET_TYPES and (too_big or cap < len(found)):
+
+            def subset(_turn: int) -> bytes:
+                """One random pick of what fits: `count` of them, each encoded once."""
+                picked = self._rng.sample(range(len(found)), len(found))
+                chosen = [answers[i] for i in picked], [glue[i] for i in picked]
+                return _fit(request, ra, *chosen, min(cap, len(found)), len(whole))
+
+            return _Replies(len(found), subset, shuffled=True)
+        if too_big:  # truncated replies are all alike
+            cut = truncated(request, aa=True, ra=ra)
+            return _Replies(1, lambda _turn: cut, rotation=rotation)
         return _Replies(
-            count,
-            lambda turn: first if turn == 0 else build(turn),
-            rotation=(name, int(request.q.qtype)),
+            len(found), lambda turn: whole if turn == 0 else build(turn), rotation=rotation
         )
 
 
 @dataclass(frozen=True)
 class _Replies:
-    """`count` orders of one reply, each built on demand by `build(turn)`."""
+    """`count` variants of one reply, each built on demand by `build(turn)`: orders taken in
+    turn, or (`shuffled`) random subsets, one picked at random per query."""
 
     count: int
     build: Callable[[int], bytes]
     cacheable: bool = True
     rotation: tuple[str, int] | None = None
+    shuffled: bool = False
+
+
+def _packed(request: DNSRecord, ra: bool, answers: list[RR], glue: list[list[RR]]) -> bytes:
+    """An authoritative reply with these answers and their glue, and our OPT if asked for."""
+    reply = _reply_to(request, aa=True, ra=ra)
+    reply.add_answer(*answers)  # all at once: dnslib recounts the header at each call
+    reply.add_ar(*(rr for rrs in glue for rr in rrs))
+    add_opt(reply, request)
+    return bytes(reply.pack())
+
+
+def _fit(
+    request: DNSRecord, ra: bool, answers: list[RR], glue: list[list[RR]], cap: int, whole: int
+) -> bytes:
+    """The first n of `answers` (n <= cap), each with its glue, for the largest n that fits
+    the client's UDP buffer; TC if not even one fits. `whole`, the size of them all, gives
+    n at the first try when records are of one size (A, AAAA); a step or two finds it else."""
+    limit = udp_limit(request)
+
+    def pack(n: int) -> bytes:
+        return _packed(request, ra, answers[:n], glue[:n])
+
+    base = len(pack(0))
+    n = max(1, min(cap, (limit - base) * len(answers) // max(1, whole - base)))
+    packed = pack(n)
+    while len(packed) > limit and n > 1:
+        n -= 1
+        packed = pack(n)
+    if len(packed) > limit:
+        return truncated(request, aa=True, ra=ra)
+    while n < cap:
+        bigger = pack(n + 1)
+        if len(bigger) > limit:
+            break
+        n, packed = n + 1, bigger
+    return packed
 
 
 def _reply_to(request: DNSRecord, aa: bool, ra: bool) -> DNSRecord:
@@ -218,22 +296,45 @@ def _reply_to(request: DNSRecord, aa: bool, ra: bool) -> DNSRecord:
     return DNSRecord(header, q=request.questions[0] if len(request.questions) == 1 else None)
 
 
-def _status(request: DNSRecord, rcode: int, cacheable: bool = True) -> _Replies:
-    reply = status(request, rcode)
+def _status(request: DNSRecord, rcode: int, ra: bool, cacheable: bool = True) -> _Replies:
+    reply = status(request, rcode, ra)
     return _Replies(1, lambda _turn: reply, cacheable)
 
 
 def status(request: DNSRecord, rcode: int, ra: bool = False) -> bytes:
-    """A reply with no records and this RCODE, keeping the client's EDNS0."""
+    """A reply with no records and this RCODE (extended ones in the OPT record), keeping the
+    client's EDNS0."""
     reply = _reply_to(request, aa=False, ra=ra)
-    reply.header.rcode = rcode
-    if _has_edns(request):
-        reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
+    reply.header.rcode = rcode & 0x0F
+    add_opt(reply, request, rcode >> 4)
     return bytes(reply.pack())
 
 
-def _has_edns(request: DNSRecord) -> bool:
-    return any(rr.rtype == OPT for rr in request.ar)
+def truncated(request: DNSRecord, aa: bool, ra: bool) -> bytes:
+    """TC and the question only: the client is to ask again over TCP."""
+    reply = _reply_to(request, aa=aa, ra=ra)
+    reply.header.tc = 1
+    add_opt(reply, request)
+    return bytes(reply.pack())
+
+
+def add_opt(reply: DNSRecord, request: DNSRecord, ext_rcode: int = 0) -> None:
+    """Our OPT (version 0, our buffer size) when the client sent one, with its DO bit copied
+    (RFC 3225: a server that does not sign still echoes it)."""
+    for rr in request.ar:
+        if rr.rtype == OPT:
+            flags = "do" if rr.ttl & DO_BIT else ""
+            reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX, ext_rcode=ext_rcode, flags=flags))
+            return
+
+
+def extended_rcode(reply: bytes) -> int:
+    """A reply's whole RCODE: the header's 4 bits, and the high bits in the OPT record when
+    that is its only record (as in our BADVERS: an OPT without options ends it)."""
+    rcode = reply[3] & 0x0F
+    if reply[6:10] == b"\0\0\0\0" and reply[-11:-8] == b"\0\0\x29" and reply[-2:] == b"\0\0":
+        rcode |= reply[-6] << 4
+    return rcode
 
 
 def formerr(data: bytes) -> bytes | None:
@@ -256,20 +357,15 @@ def udp_limit(request: DNSRecord) -> int:
 def _pack(reply: DNSRecord, request: DNSRecord, udp: bool) -> bytes:
     """Adds OPT when the client sent one; over UDP, a reply that doesn't fit goes out
     truncated (TC, question only) so the client retries over TCP."""
-    has_edns = _has_edns(request)
-    if has_edns:
-        reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
+    add_opt(reply, request)
     packed = bytes(reply.pack())
     if udp and len(packed) > udp_limit(request):
-        truncated = _reply_to(request, aa=True, ra=bool(reply.header.ra))
-        truncated.header.tc = 1
-        if has_edns:
-            truncated.add_ar(Edns0(udp_len=UDP_EDNS_MAX))
-        packed = bytes(truncated.pack())
+        return truncated(request, aa=True, ra=bool(reply.header.ra))
     return packed
 
 
-def _rr(record: Record) -> RR:
+def _rr(record: Record, owner: DNSLabel | None = None) -> RR:
+    """`owner`: the name to write for the record's own (the question's, in its case)."""
     value = record.value
     rdata: object
     if isinstance(value, Srv):
@@ -288,4 +384,5 @@ def _rr(record: Record) -> RR:
         rdata = PTR(value + ".")
     else:
         rdata = NS(value + ".")
-    return RR(record.name + ".", getattr(QTYPE, record.rtype), rdata=rdata, ttl=record.ttl)
+    name = record.name + "." if owner is None else owner
+    return RR(name, getattr(QTYPE, record.rtype), rdata=rdata, ttl=record.ttl)

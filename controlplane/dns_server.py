@@ -7,25 +7,41 @@ packet goes through `Answerer`; nothing a client sends can raise out of a handle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import cast
 
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, RR, DNSRecord
 
 from controlplane.addresses import SocketAddress
-from controlplane.dns_answer import Answerer, Forward, formerr, status
+from controlplane.dns_answer import (
+    BADVERS,
+    DO_BIT,
+    OPT,
+    TC_BIT,
+    Answerer,
+    Forward,
+    add_opt,
+    extended_rcode,
+    formerr,
+    status,
+    truncated,
+    udp_limit,
+)
 from controlplane.errors import ControlPlaneError
 
 log = logging.getLogger(__name__)
 
 TCP_IDLE_SECONDS = 10.0
 TCP_MAX_CONNECTIONS = 256
-# Indexes 0-15 are the reply's RCODE; then what got no reply of ours.
+# Indexes 0-15 are the reply's RCODE; then what got no reply of ours; then BADVERS (16).
 OUTCOMES = (
     "noerror",
     "formerr",
@@ -36,28 +52,71 @@ OUTCOMES = (
     *(f"rcode{n}" for n in range(6, 16)),
     "forwarded",
     "dropped",
+    "badvers",
 )
-FORWARDED, DROPPED = 16, 17
+FORWARDED, DROPPED, BAD_VERSION = 16, 17, 18
 FORWARD_CACHE_ENTRIES = 10_000
 FORWARD_MAX_TTL = 300
 MAX_PENDING_FORWARDS = 1_000
 
 
-class Forwarder:
-    """Asks the upstreams in order, each with a timeout, and keeps answers for their TTL."""
+@dataclass
+class _Stored:
+    """An upstream's reply, told again with its TTLs counted down, and with the header bits
+    and EDNS0 of the client asking now (not of the one whose query filled it)."""
 
-    def __init__(self, upstreams: Sequence[SocketAddress], timeout: float = 1.0) -> None:
+    stored_at: float
+    expires: float
+    reply: DNSRecord
+    records: list[RR]
+    ttls: list[int]
+    additional: list[RR]
+    """The reply's additional records but its OPT."""
+    aged_by: int = -1
+    packed: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
+
+    def aged(self, now: float, request: DNSRecord) -> bytes:
+        """TTLs less the whole seconds begun since it was stored: never above what is left.
+        Re-encoded once per second of age at most, for each kind of client (RD, CD, OPT)."""
+        age = math.ceil(now - self.stored_at)
+        if age != self.aged_by:
+            for rr, ttl in zip(self.records, self.ttls, strict=True):
+                rr.ttl = max(0, ttl - age)
+            self.packed, self.aged_by = {}, age
+        opts = [rr.ttl & DO_BIT for rr in request.ar if rr.rtype == OPT]
+        kind = (request.header.rd, request.header.cd, opts[0] + 1 if opts else 0)
+        packed = self.packed.get(kind)
+        if packed is None:
+            self.reply.header.rd, self.reply.header.cd = request.header.rd, request.header.cd
+            self.reply.ar = list(self.additional)
+            add_opt(self.reply, request)
+            packed = self.packed[kind] = bytes(self.reply.pack())
+        return packed
+
+
+class Forwarder:
+    """Asks the upstreams in order, each with a timeout, and keeps answers for their TTL. A
+    truncated reply is asked again over TCP (the client may be on TCP, or use it next)."""
+
+    def __init__(
+        self,
+        upstreams: Sequence[SocketAddress],
+        timeout: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._upstreams = list(upstreams)
         self._timeout = timeout
-        self._cache: OrderedDict[tuple[str, int, int], tuple[float, bytes]] = OrderedDict()
+        self._clock = clock
+        self._cache: OrderedDict[tuple[str, int, int], _Stored] = OrderedDict()
 
     async def resolve(self, request: DNSRecord) -> bytes:
         q = request.q
         key = (str(q.qname), int(q.qtype), int(q.qclass))  # exact case: the reply echoes it
         cached = self._cache.get(key)
         ident: bytes = int(request.header.id).to_bytes(2, "big")
-        if cached is not None and cached[0] > time.monotonic():
-            return ident + cached[1][2:]
+        now = self._clock()
+        if cached is not None and cached.expires > now:
+            return ident + cached.aged(now, request)[2:]
         query = bytearray(request.pack())
         query[:2] = secrets.randbelow(65536).to_bytes(2, "big")  # not the client's guessable ID
         for upstream in self._upstreams:
@@ -66,16 +125,24 @@ class Forwarder:
             except (OSError, TimeoutError):
                 log.debug("upstream %s did not answer %s", upstream, q.qname)
                 continue
-            self._remember(key, reply)
-            return ident + reply[2:]
+            if reply[2] & TC_BIT:
+                try:
+                    reply = await asyncio.wait_for(_ask_tcp(upstream, bytes(query)), self._timeout)
+                except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                    log.debug("upstream %s did not answer %s over TCP", upstream, q.qname)
+            stored = self._remember(key, reply, request)
+            return ident + (reply if stored is None else stored)[2:]
         return status(request, RCODE.SERVFAIL, ra=True)
 
-    def _remember(self, key: tuple[str, int, int], reply: bytes) -> None:
-        """Kept for the smallest TTL (5 min at most); truncated or failed replies are not."""
+    def _remember(
+        self, key: tuple[str, int, int], reply: bytes, request: DNSRecord
+    ) -> bytes | None:
+        """Kept for the smallest TTL (5 min at most), and told from the first time with our
+        EDNS0; truncated or failed replies are not kept but relayed as they came."""
         try:
             parsed = DNSRecord.parse(reply)
         except Exception:
-            return
+            return None
         ttls = [rr.ttl for rr in parsed.rr] or [
             rr.ttl for rr in parsed.auth if rr.rtype == QTYPE.SOA
         ]
@@ -84,11 +151,35 @@ class Forwarder:
             or not ttls
             or parsed.header.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN)
         ):
-            return
-        self._cache[key] = (time.monotonic() + min(min(ttls), FORWARD_MAX_TTL), reply)
+            return None
+        now = self._clock()
+        records = [rr for rr in (*parsed.rr, *parsed.auth, *parsed.ar) if rr.rtype != OPT]
+        expires = now + min(min(ttls), FORWARD_MAX_TTL)
+        additional = [rr for rr in parsed.ar if rr.rtype != OPT]
+        stored = _Stored(now, expires, parsed, records, [rr.ttl for rr in records], additional)
+        try:
+            told = stored.aged(now, request)
+        except Exception:  # dnslib reads some records it can't write back: not kept
+            return None
+        self._cache[key] = stored
         self._cache.move_to_end(key)
         while len(self._cache) > FORWARD_CACHE_ENTRIES:
             self._cache.popitem(last=False)
+        return told
+
+
+async def _ask_tcp(upstream: SocketAddress, query: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+    try:
+        writer.write(len(query).to_bytes(2, "big") + query)
+        await writer.drain()
+        while True:
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            reply = await reader.readexactly(size)
+            if reply[:2] == query[:2]:
+                return reply
+    finally:
+        writer.close()
 
 
 async def _ask(upstream: SocketAddress, query: bytes) -> bytes:
@@ -135,6 +226,8 @@ class _Udp(asyncio.DatagramProtocol):
 
     async def _forward(self, forward: Forward, addr: tuple[str, int]) -> None:
         reply = await self.server.forward(forward)
+        if len(reply) > udp_limit(forward.request):  # an upstream's TCP answer, or its cache
+            reply = truncated(forward.request, aa=False, ra=True)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
@@ -165,8 +258,10 @@ class DnsServer:
             self._outcomes[DROPPED] += 1
         elif isinstance(result, Forward):
             self._outcomes[FORWARDED] += 1
-        else:
-            self._outcomes[result[3] & 0x0F] += 1
+        elif (rcode := result[3] & 0x0F) or result[7] or result[6]:  # an error, or answers
+            self._outcomes[rcode] += 1
+        else:  # NOERROR without answers: a NODATA, a TC, or BADVERS (its high bits in the OPT)
+            self._outcomes[BAD_VERSION if extended_rcode(result) == BADVERS else 0] += 1
         return result
 
     def outcomes(self) -> dict[str, int]:
@@ -212,10 +307,11 @@ class DnsServer:
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         for bind in self._binds:
-            await loop.create_datagram_endpoint(
+            transport, _ = await loop.create_datagram_endpoint(
                 lambda: _Udp(self), local_addr=(bind.host, bind.port)
             )
-            await asyncio.start_server(self._tcp, bind.host, bind.port)
+            server = await asyncio.start_server(self._tcp, bind.host, bind.port)
+            self._listeners.append((transport, server))
             log.info("DNS listening on %s (UDP and TCP)", bind)
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -246,9 +342,25 @@ class DnsServer:
     def stop(self) -> None:
         loop = self._loop
         if loop is not None and loop.is_running():
+            closing = asyncio.run_coroutine_threadsafe(self._close(), loop)
+            with contextlib.suppress(Exception):  # stopping anyway: a stuck close can't hold it
+                closing.result(timeout=5)
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    async def _close(self) -> None:
+        """Stops listening and ends every handler and forward still running, so no task is
+        left pending in a closed loop (its garbage, collected later anywhere, would log)."""
+        for transport, server in self._listeners:
+            transport.close()
+            server.close()
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # the transports' close callbacks
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

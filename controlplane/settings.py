@@ -46,6 +46,9 @@ class Settings:
     dns_binds: tuple[str, ...] = ()
     dns_domain: str = "internal"
     dns_ttl: int = 5
+    dns_udp_answers: int = 0
+    """At most this many A, AAAA or SRV records in a UDP answer, a random pick per query
+    (Consul's udp_answer_limit); 0: as many as fit the client's buffer. TCP gets them all."""
     dns_upstreams: tuple[str, ...] = ()
     dns_allow: tuple[IpNetwork, ...] | None = None
     """None: loopback and the watched networks' subnets may use the forwarder."""

@@ -235,7 +235,9 @@ def _dns_server(settings: Settings, reconciler: Reconciler) -> DnsServer | None:
         return [ipaddress.ip_network(s, strict=False) for n in networks for s in n.subnets]
 
     upstreams = [parse_address(u, default_port=53) for u in settings.dns_upstreams]
-    answerer = Answerer(zone, allowed, forwarding=bool(upstreams))
+    answerer = Answerer(
+        zone, allowed, forwarding=bool(upstreams), udp_answers=settings.dns_udp_answers
+    )
     binds = [parse_address(b, default_port=53) for b in settings.dns_binds]
     return DnsServer(binds, answerer, Forwarder(upstreams) if upstreams else None)
 

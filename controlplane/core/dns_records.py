@@ -4,6 +4,10 @@ Built from the same snapshot that renders nginx, so a backend nginx no longer ro
 longer answered, and one zone value is one version of the model: an answer can't mix two.
 Names are lower case without the trailing dot. The server turns these records into wire
 format; nothing here knows dnslib.
+
+The reverse zones of private and special-use addresses (RFC 6303) are answered here too:
+backends' PTR records, and NXDOMAIN with the zone's own SOA for every other name in them, so
+such queries never leak to the upstreams.
 """
 
 from __future__ import annotations
@@ -18,6 +22,34 @@ from controlplane.core.model import Backend, Topology
 
 LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 SOA_TIMES = (3600, 600, 86400)  # refresh, retry, expire: no secondaries, so only informative
+LOCAL_SOA_TIMES = (3600, 1200, 604800)  # RFC 6303 section 3
+LOCAL_RNAME = "nobody.invalid"  # RFC 6303 section 3
+LOCAL_ZONES = frozenset(
+    (
+        # RFC 6303 4.2: RFC 1918 space
+        "10.in-addr.arpa",
+        *(f"{n}.172.in-addr.arpa" for n in range(16, 32)),
+        "168.192.in-addr.arpa",
+        # 4.3: RFC 5735 special-use space
+        "0.in-addr.arpa",
+        "127.in-addr.arpa",
+        "254.169.in-addr.arpa",
+        "2.0.192.in-addr.arpa",
+        "100.51.198.in-addr.arpa",
+        "113.0.203.in-addr.arpa",
+        "255.255.255.255.in-addr.arpa",
+        # 4.4: the unspecified and loopback IPv6 addresses
+        "0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa",
+        "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa",
+        # 4.5-4.7: unique local, link-local and documentation IPv6 space
+        "d.f.ip6.arpa",
+        "8.e.f.ip6.arpa",
+        "9.e.f.ip6.arpa",
+        "a.e.f.ip6.arpa",
+        "b.e.f.ip6.arpa",
+        "8.b.d.0.1.0.0.2.ip6.arpa",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -62,19 +94,57 @@ class Zone:
         return self.records[self.domain]["SOA"][0]
 
     def in_zone(self, name: str) -> bool:
-        return name == self.domain or name.endswith("." + self.domain) or name in self.records
+        return (
+            name == self.domain
+            or name.endswith("." + self.domain)
+            or name in self.records
+            or local_zone(name) is not None
+        )
+
+    def soa_for(self, name: str) -> Record:
+        """The SOA of the zone `name` is in: a local reverse zone's own, else the domain's."""
+        apex = local_zone(name)
+        return self.soa if apex is None else self._local_apex(apex)["SOA"][0]
+
+    def types(self, name: str) -> Mapping[str, tuple[Record, ...]] | None:
+        """Every record of `name` by type; None for a name that does not exist."""
+        types = self.records.get(name)
+        if name in LOCAL_ZONES:
+            return {**(types or {}), **self._local_apex(name)}
+        return types
 
     def lookup(self, name: str, rtype: str) -> tuple[Record, ...] | None:
         """The records of that type; () for a name that exists without them (NODATA); None for
         a name that does not exist (NXDOMAIN)."""
-        types = self.records.get(name)
+        types = self.types(name)
         if types is None:
             return None
         return types.get(rtype, ())
 
+    def _local_apex(self, apex: str) -> dict[str, tuple[Record, ...]]:
+        """RFC 6303's SOA and NS, with this zone's TTL as the negative TTL: a name answered
+        NXDOMAIN now may be a new backend's PTR in the next version."""
+        soa = Soa(apex, LOCAL_RNAME, self.version, *LOCAL_SOA_TIMES, self.ttl)
+        return {
+            "SOA": (Record(apex, "SOA", self.ttl, soa),),
+            "NS": (Record(apex, "NS", self.ttl, apex),),
+        }
+
 
 def reverse_name(ip: str) -> str:
     return ipaddress.ip_address(ip).reverse_pointer
+
+
+def local_zone(name: str) -> str | None:
+    """The RFC 6303 zone `name` is in (or is), if any."""
+    if not name.endswith(("in-addr.arpa", "ip6.arpa")):
+        return None
+    labels = name.split(".")
+    for i in range(len(labels) - 2):
+        suffix = ".".join(labels[i:])
+        if suffix in LOCAL_ZONES:
+            return suffix
+    return None
 
 
 def host_label(backend: Backend) -> str:
@@ -122,9 +192,10 @@ def build_zone(topology: Topology, domain: str, ttl: int, version: int) -> Zone:
     names: dict[str, dict[str, tuple[Record, ...]]] = {name: {} for name in exists}
     names.update({n: {t: tuple(rs) for t, rs in types.items()} for n, types in records.items()})
     for name in list(names):
-        if name.endswith("." + domain):
-            parent = name[: -len(domain) - 1]
+        apex = domain if name.endswith("." + domain) else local_zone(name)
+        if apex is not None and name != apex:
+            parent = name[: -len(apex) - 1]
             while "." in parent:
                 parent = parent.split(".", 1)[1]
-                names.setdefault(f"{parent}.{domain}", {})
+                names.setdefault(f"{parent}.{apex}", {})
     return Zone(domain, version, ttl, names)

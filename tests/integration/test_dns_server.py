@@ -148,18 +148,30 @@ def test_dig_status(dns: RunningDns, name: str, status: str, transport: tuple[st
         assert "IN\tSOA\tns.internal. hostmaster.internal. 1 " in out
 
 
-def test_dig_falls_back_to_tcp_for_a_big_answer(dns: RunningDns) -> None:
-    out = dig(dns.port, "big.internal", "+noedns")
-    assert "Truncated, retrying in TCP mode" in out
-    assert f"ANSWER: {BIG}," in out
-    assert set(lines(dig(dns.port, "big.internal", "+noedns", "+short"))) == set(BIG_IPS)
+def answer_count(out: str) -> int:
+    return int(out.split("ANSWER: ", 1)[1].split(",", 1)[0])
 
 
-def test_dig_with_edns_gets_big_a_answers_over_udp(dns: RunningDns) -> None:
-    out = dig(dns.port, "big.internal", "+bufsize=1232")
-    assert "Truncated" not in out
-    assert f"ANSWER: {BIG}," in out
-    assert "udp: 1232" in out
+@pytest.mark.parametrize(
+    ("args", "size", "fitting"),
+    [(("+noedns",), UDP_PLAIN_LIMIT, 30), (("+bufsize=1232",), 1232, 74)],
+    ids=["no-edns", "edns-1232"],
+)
+def test_dig_gets_as_many_big_a_answers_as_fit_over_udp(
+    dns: RunningDns, args: tuple[str, ...], size: int, fitting: int
+) -> None:
+    """90 backends: no TC, as many records as the buffer holds, a different pick each time."""
+    picks = set()
+    for _ in range(5):
+        out = dig(dns.port, "big.internal", *args, "+ignore")
+        assert "flags: qr aa rd;" in out
+        assert answer_count(out) == fitting
+        assert int(out.split("MSG SIZE  rcvd: ", 1)[1].split()[0]) <= size
+        answers = frozenset(line.split()[-1] for line in lines(out) if "\tIN\tA\t" in line)
+        assert len(answers) == fitting and answers <= set(BIG_IPS)
+        picks.add(answers)
+    assert len(picks) > 1
+    assert set(lines(dig(dns.port, "big.internal", "+tcp", "+short"))) == set(BIG_IPS)
 
 
 # ---------------------------------------------------------------- raw UDP and TCP
@@ -204,15 +216,15 @@ def test_several_queries_on_one_tcp_connection(dns: RunningDns, pipelined: bool)
     assert replies[3].header.tc == 0
 
 
-def test_truncated_over_udp_then_full_over_tcp(dns: RunningDns) -> None:
+def test_a_fitting_pick_over_udp_then_all_over_tcp(dns: RunningDns) -> None:
     data = query("big.internal", ident=0x0BAD)
     raw = udp_ask(dns.port, data)
     assert len(raw) <= UDP_PLAIN_LIMIT
-    truncated = DNSRecord.parse(raw)
-    assert truncated.header.tc == 1
-    assert truncated.header.id == 0x0BAD
-    assert truncated.rr == []
-    assert str(truncated.q.qname) == "big.internal."
+    picked = DNSRecord.parse(raw)
+    assert picked.header.tc == 0
+    assert picked.header.id == 0x0BAD
+    assert 0 < len(picked.rr) < BIG
+    assert str(picked.q.qname) == "big.internal."
 
     (raw,) = tcp_ask(dns.port, data)
     full = DNSRecord.parse(raw)
@@ -221,10 +233,16 @@ def test_truncated_over_udp_then_full_over_tcp(dns: RunningDns) -> None:
     assert {str(rr.rdata) for rr in full.rr} == set(BIG_IPS)
 
 
-def test_big_srv_is_truncated_even_with_a_large_edns_buffer(dns: RunningDns) -> None:
-    data = query("_big._tcp.internal", "SRV", edns=4096)
-    truncated = DNSRecord.parse(udp_ask(dns.port, data))
-    assert truncated.header.tc == 1
+@pytest.mark.parametrize("edns", [None, 4096], ids=["no-edns", "edns-4096"])
+def test_big_srv_over_udp_is_a_pick_with_its_glue(dns: RunningDns, edns: int | None) -> None:
+    data = query("_big._tcp.internal", "SRV", edns=edns)
+    raw = udp_ask(dns.port, data)
+    assert len(raw) <= (UDP_PLAIN_LIMIT if edns is None else 1232)
+    picked = DNSRecord.parse(raw)
+    assert picked.header.tc == 0
+    assert 0 < len(picked.rr) < BIG
+    targets = {str(rr.rdata.target) for rr in picked.rr}
+    assert {str(rr.rname) for rr in picked.ar if rr.rtype == QTYPE.A} == targets
     (raw,) = tcp_ask(dns.port, data)
     full = DNSRecord.parse(raw)
     assert len(full.rr) == BIG
@@ -350,6 +368,90 @@ def test_forward_cache_honours_the_ttl() -> None:
         assert stub.count == 2
 
 
+def test_a_truncated_upstream_reply_is_asked_again_over_tcp() -> None:
+    with (
+        StubUpstream(truncating=True) as stub,
+        running_dns(ZONE, upstreams=[stub.endpoint]) as running,
+    ):
+        reply = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=0x7E7E)))
+        assert reply.header.id == 0x7E7E
+        assert reply.header.tc == 0
+        assert [str(rr.rdata) for rr in reply.rr] == ["192.0.2.1"]
+        assert (stub.count, stub.tcp_count) == (1, 1)
+        # The full answer is what is kept: the next client is served it from the cache.
+        udp_ask(running.port, query("example.test", ident=0x7E7F))
+        assert (stub.count, stub.tcp_count) == (1, 1)
+
+
+def test_a_truncated_upstream_reply_is_relayed_when_tcp_fails() -> None:
+    """The client is told TC, to ask over TCP itself; nothing truncated is kept."""
+    with (
+        StubUpstream(truncating=True, tcp=False) as stub,
+        running_dns(ZONE, upstreams=[stub.endpoint]) as running,
+    ):
+        for ident in (0x6161, 0x6262):
+            reply = DNSRecord.parse(udp_ask(running.port, query("example.test", ident=ident)))
+            assert (reply.header.id, reply.header.tc, reply.rr) == (ident, 1, [])
+        assert stub.count == 2
+
+
+def test_a_forwarded_answer_too_big_for_the_client_is_truncated_for_it() -> None:
+    """The upstream's full answer (asked over TCP) is kept; a UDP client without EDNS0 gets TC
+    from us and then all of it over TCP, from the cache."""
+    many = tuple(f"192.0.2.{i}" for i in range(1, 41))  # 40 A records: more than 512 bytes
+    with (
+        StubUpstream({"many.test": (many, 30)}, truncating=True) as stub,
+        running_dns(ZONE, upstreams=[stub.endpoint]) as running,
+    ):
+        raw = udp_ask(running.port, query("many.test", ident=0x4242))
+        assert len(raw) <= UDP_PLAIN_LIMIT
+        cut = DNSRecord.parse(raw)
+        assert (cut.header.id, cut.header.tc, cut.header.ra, cut.rr) == (0x4242, 1, 1, [])
+        (raw,) = tcp_ask(running.port, query("many.test", ident=0x4343))
+        assert {str(rr.rdata) for rr in DNSRecord.parse(raw).rr} == set(many)
+        assert (stub.count, stub.tcp_count) == (1, 1)
+
+
+def test_a_kept_answer_carries_the_edns0_and_rd_of_the_client_asking_now() -> None:
+    """RFC 6891: no OPT to a client that sent none; RFC 3225: DO as that client set it."""
+    first = DNSRecord.question("example.test")
+    first.add_ar(Edns0(udp_len=4096, flags="do"))
+    plain = DNSRecord.question("example.test")
+    plain.header.rd = 0
+    without_do = DNSRecord.question("example.test")
+    without_do.add_ar(Edns0(udp_len=1232))
+    with StubUpstream() as stub, running_dns(ZONE, upstreams=[stub.endpoint]) as running:
+        replies = [
+            DNSRecord.parse(udp_ask(running.port, bytes(r.pack())))
+            for r in (first, plain, without_do, first)
+        ]
+        assert stub.count == 1  # the last three from the cache
+    opts = [[rr for rr in r.ar if rr.rtype == QTYPE.OPT] for r in replies]
+    assert [len(o) for o in opts] == [1, 0, 1, 1]
+    assert [bool(o[0].ttl & 0x8000) for o in opts if o] == [True, False, True]
+    assert [r.header.rd for r in replies] == [1, 0, 1, 1]
+    assert all([str(rr.rdata) for rr in r.rr] == ["192.0.2.1"] for r in replies)
+
+
+def test_forwarded_ttls_count_down_from_when_the_answer_was_stored() -> None:
+    """Never a TTL above what is left: whole seconds begun since are taken off."""
+    now = [1000.0]
+    with (
+        StubUpstream({"example.test": ("192.0.2.1", 30)}) as stub,
+        running_dns(ZONE, upstreams=[stub.endpoint], clock=lambda: now[0]) as running,
+    ):
+        ttls = []
+        for at in (1000.0, 1000.0, 1010.5, 1029.9):
+            now[0] = at
+            reply = DNSRecord.parse(udp_ask(running.port, query("example.test")))
+            ttls.append(reply.rr[0].ttl)
+        assert ttls == [30, 30, 19, 0]
+        assert stub.count == 1
+        now[0] = 1030.0  # expired: asked again, and told with the upstream's TTL
+        assert DNSRecord.parse(udp_ask(running.port, query("example.test"))).rr[0].ttl == 30
+        assert stub.count == 2
+
+
 @pytest.mark.parametrize("dead", ["refused", "silent"])
 def test_fail_over_to_the_next_upstream(dead: str) -> None:
     with StubUpstream(silent=True) as silent, StubUpstream() as stub:
@@ -393,14 +495,19 @@ def test_queries_are_counted_by_result_for_the_metrics() -> None:
         udp_ask(running.port, query("web.internal"))
         udp_ask(running.port, query("nope.internal", ident=0x3333))
         udp_ask(running.port, query("example.com", ident=0x4444))
+        badvers = DNSRecord.question("web.internal")
+        badvers.add_ar(Edns0(udp_len=1232, version=1))
+        udp_ask(running.port, bytes(badvers.pack()))
+        udp_ask(running.port, query("big.internal", "ANY"))  # TC: no records either
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"\x00", (LOOPBACK, running.port))  # too short for a header
         wait_until_dropped = time.monotonic() + 2
         while running.server.outcomes()["dropped"] == 0 and time.monotonic() < wait_until_dropped:
             time.sleep(0.01)
         outcomes = running.server.outcomes()
-    assert outcomes["noerror"] == 1 and outcomes["nxdomain"] == 1
+    assert outcomes["nxdomain"] == 1
     assert outcomes["refused"] == 1 and outcomes["dropped"] == 1
+    assert outcomes["badvers"] == 1 and outcomes["noerror"] == 2
     metrics = Metrics(lambda: None, lambda: outcomes).exposition().decode()
     assert 'controlplane_dns_queries_total{result="nxdomain"} 1.0' in metrics
     assert "rcode7" not in metrics

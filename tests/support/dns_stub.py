@@ -32,29 +32,58 @@ LOOPBACK = "127.0.0.1"
 KEPT_QUERIES = 100
 
 
+def _udp_and_tcp_on_one_port() -> tuple[socket.socket, socket.socket]:
+    """A resolver's two sockets on one loopback port (a few tries: the TCP twin of a free UDP
+    port is seldom taken)."""
+    for _ in range(10):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((LOOPBACK, 0))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            tcp.bind((LOOPBACK, udp.getsockname()[1]))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        return udp, tcp
+    raise OSError("no loopback port free for both UDP and TCP")
+
+
 class StubUpstream:
-    """A UDP resolver on loopback: A records from `records` (name -> (ip, ttl)), NXDOMAIN for
-    anything else; `silent` never answers (an upstream that is down without saying so)."""
+    """A resolver on loopback, UDP and TCP: A records from `records` (name -> (IPs, TTL)),
+    NXDOMAIN for anything else; `silent` never answers (an upstream that is down without
+    saying so); `truncating` answers every UDP query with TC and no records, as an upstream
+    does when the answer is too big for the client's buffer; without `tcp`, connections are
+    refused."""
 
     def __init__(
         self,
-        records: Mapping[str, tuple[str, int]] | None = None,
+        records: Mapping[str, tuple[str | Sequence[str], int]] | None = None,
         *,
         silent: bool = False,
+        truncating: bool = False,
+        tcp: bool = True,
     ) -> None:
         self.records = {
             k.lower(): v for k, v in (records or {"example.test": ("192.0.2.1", 30)}).items()
         }
         self.silent = silent
+        self.truncating = truncating
+        self.tcp = tcp
+        self.tcp_count = 0
         self.queries: list[DNSRecord] = []  # the first KEPT_QUERIES, so a flood can't grow it
         self._count = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind((LOOPBACK, 0))
+        self._sock, self._listener = _udp_and_tcp_on_one_port()
         self._sock.settimeout(0.05)
         self.port: int = self._sock.getsockname()[1]
+        self._listener.listen(8)
+        self._listener.settimeout(0.05)
         self._thread = threading.Thread(target=self._serve, name="stub-upstream", daemon=True)
+        self._tcp_thread = threading.Thread(
+            target=self._serve_tcp, name="stub-upstream-tcp", daemon=True
+        )
 
     @property
     def endpoint(self) -> SocketAddress:
@@ -67,12 +96,47 @@ class StubUpstream:
 
     def __enter__(self) -> StubUpstream:
         self._thread.start()
+        if self.tcp:
+            self._tcp_thread.start()
+        else:
+            self._listener.close()  # nothing listens on the port: TCP is refused
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._tcp_thread.is_alive():
+            self._tcp_thread.join(timeout=5)
         self._sock.close()
+        self._listener.close()
+
+    def _reply(self, request: DNSRecord) -> DNSRecord:
+        reply = request.reply(ra=1, aa=0)
+        name = str(request.q.qname).rstrip(".").lower()
+        found = self.records.get(name)
+        if found is None:
+            reply.header.rcode = RCODE.NXDOMAIN
+        elif request.q.qtype == QTYPE.A:
+            ips, ttl = found
+            for ip in (ips,) if isinstance(ips, str) else ips:
+                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=ttl))
+        return reply
+
+    def _serve_tcp(self) -> None:
+        """One query per connection: all the forwarder asks over TCP."""
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError, ConnectionError):
+                conn.settimeout(2)
+                request = DNSRecord.parse(read_frame(conn))
+                with self._lock:
+                    self.tcp_count += 1
+                conn.sendall(frame(bytes(self._reply(request).pack())))
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -92,14 +156,11 @@ class StubUpstream:
                     self.queries.append(request)
             if self.silent:
                 continue
-            reply = request.reply(ra=1, aa=0)
-            name = str(request.q.qname).rstrip(".").lower()
-            found = self.records.get(name)
-            if found is None:
-                reply.header.rcode = RCODE.NXDOMAIN
-            elif request.q.qtype == QTYPE.A:
-                ip, ttl = found
-                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=ttl))
+            if self.truncating:
+                reply = request.reply(ra=1, aa=0)
+                reply.header.tc = 1
+            else:
+                reply = self._reply(request)
             with contextlib.suppress(OSError):
                 self._sock.sendto(bytes(reply.pack()), addr)
 
@@ -145,11 +206,12 @@ def running_dns(
     upstreams: Sequence[SocketAddress] = (),
     allowed: Iterable[IpNetwork] = (),
     timeout: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[RunningDns]:
     """A DnsServer on a free loopback port, wired the way `wiring._dns_server` wires it."""
     networks = list(allowed)
     answerer = CountingAnswerer(lambda: zone, lambda: networks, forwarding=bool(upstreams))
-    forwarder = Forwarder(upstreams, timeout) if upstreams else None
+    forwarder = Forwarder(upstreams, timeout, clock) if upstreams else None
     for attempt in range(5):
         port = free_port()
         server = DnsServer([SocketAddress(LOOPBACK, port)], answerer, forwarder)
@@ -214,13 +276,13 @@ def tcp_ask(
 
 
 WEB_IPS = ("172.20.0.2", "172.20.0.3", "172.20.0.4")
-BIG = 60
+BIG = 90
 BIG_IPS = tuple(f"172.20.1.{i}" for i in range(1, BIG + 1))
 
 
 def sample_zone(domain: str = "internal", ttl: int = 5, version: int = 1) -> Zone:
-    """web: three backends (w1 also on IPv6) on port 8080; big: 60 backends, too many for a
-    UDP reply; idle: a service whose only backend is paused."""
+    """web: three backends (w1 also on IPv6) on port 8080; big: 90 backends, more than a UDP
+    reply holds; idle: a service whose only backend is paused."""
     web = [
         container(
             f"w{i}",

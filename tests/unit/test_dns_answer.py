@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import itertools
 import random
@@ -9,7 +10,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pytest
-from dnslib import CLASS, OPCODE, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import (
+    CLASS,
+    OPCODE,
+    QTYPE,
+    RCODE,
+    RR,
+    A,
+    DNSHeader,
+    DNSLabel,
+    DNSQuestion,
+    DNSRecord,
+)
 from dnslib import EDNS0 as Edns0
 from dnslib import EDNSOption as EdnsOption
 from hypothesis import HealthCheck, given, settings
@@ -33,7 +45,7 @@ from tests.unit.builders import container, state
 DOMAIN = "internal"
 TTL = 5
 WEB_IPS = ("172.20.0.2", "172.20.0.3", "172.20.0.4")
-BIG = 60
+BIG = 90  # the issue's figure: far more A records than 512 bytes hold
 BIG_IPS = tuple(f"172.20.1.{i}" for i in range(1, BIG + 1))
 ALLOWED = (ipaddress.ip_network("172.30.0.0/16"), ipaddress.ip_network("fd30::/64"))
 
@@ -237,7 +249,7 @@ def test_record_types(
         ("nope.internal", "A", RCODE.NXDOMAIN),
         ("web.nope.internal", "A", RCODE.NXDOMAIN),
         ("_nope._tcp.internal", "SRV", RCODE.NXDOMAIN),
-        ("9.9.20.172.in-addr.arpa", "PTR", None),  # outside: not ours to deny
+        ("4.3.2.1.in-addr.arpa", "PTR", None),  # a public address's: not ours to deny
         ("web.internal", "TXT", RCODE.NOERROR),
         ("web.internal", "MX", RCODE.NOERROR),
         ("web.internal", "PTR", RCODE.NOERROR),
@@ -276,6 +288,91 @@ def test_negative_answers_carry_the_soa(name: str, qtype: str, rcode: int | None
     assert reply.rr == []
     assert rrs(reply.auth) == {SOA}
     assert reply.auth[0].ttl == TTL
+
+
+def local_soa(apex: str) -> tuple[str, str, str]:
+    return (f"{apex}.", "SOA", f"{apex}. nobody.invalid. 1 3600 1200 604800 {TTL}")
+
+
+@pytest.mark.parametrize(
+    ("name", "qtype", "rcode", "answers", "apex"),
+    [
+        ("9.9.20.172.in-addr.arpa", "PTR", RCODE.NXDOMAIN, set(), "20.172.in-addr.arpa"),
+        ("3.2.1.10.in-addr.arpa", "PTR", RCODE.NXDOMAIN, set(), "10.in-addr.arpa"),
+        ("9.9.168.192.in-addr.arpa", "PTR", RCODE.NXDOMAIN, set(), "168.192.in-addr.arpa"),
+        ("1.0.0.127.in-addr.arpa", "PTR", RCODE.NXDOMAIN, set(), "127.in-addr.arpa"),
+        (
+            ipaddress.ip_address("fd00::9").reverse_pointer,
+            "PTR",
+            RCODE.NXDOMAIN,
+            set(),
+            "d.f.ip6.arpa",
+        ),
+        (
+            ipaddress.ip_address("fe80::1").reverse_pointer,
+            "PTR",
+            RCODE.NXDOMAIN,
+            set(),
+            "8.e.f.ip6.arpa",
+        ),
+        (
+            ipaddress.ip_address("2001:db8::1").reverse_pointer,
+            "PTR",
+            RCODE.NXDOMAIN,
+            set(),
+            "8.b.d.0.1.0.0.2.ip6.arpa",
+        ),
+        ("0.20.172.in-addr.arpa", "PTR", RCODE.NOERROR, set(), "20.172.in-addr.arpa"),
+        ("2.0.20.172.in-addr.arpa", "A", RCODE.NOERROR, set(), "20.172.in-addr.arpa"),
+        (
+            "2.0.20.172.in-addr.arpa",
+            "PTR",
+            RCODE.NOERROR,
+            {("2.0.20.172.in-addr.arpa.", "PTR", "w1.container.internal.")},
+            None,
+        ),
+        ("10.in-addr.arpa", "SOA", RCODE.NOERROR, {local_soa("10.in-addr.arpa")}, None),
+        (
+            "10.in-addr.arpa",
+            "NS",
+            RCODE.NOERROR,
+            {("10.in-addr.arpa.", "NS", "10.in-addr.arpa.")},
+            None,
+        ),
+    ],
+    ids=[
+        "rfc1918-172",
+        "rfc1918-10",
+        "rfc1918-192",
+        "loopback",
+        "ula",
+        "link-local",
+        "documentation-v6",
+        "empty-non-terminal-above-a-backend",
+        "backend-ptr-name-nodata",
+        "backend-ptr",
+        "apex-soa",
+        "apex-ns",
+    ],
+)
+def test_private_reverse_zones_are_answered_here(
+    name: str, qtype: str, rcode: int, answers: set[tuple[str, str, str]], apex: str | None
+) -> None:
+    """RFC 6303: never forwarded, even by a forwarder; NXDOMAIN carries that zone's SOA."""
+    reply = ask(answerer(forwarding=True), query(name, qtype))
+    assert reply.header.rcode == rcode
+    assert reply.header.aa == 1
+    assert rrs(reply.rr) == answers
+    assert rrs(reply.auth) == (set() if apex is None else {local_soa(apex)})
+
+
+@pytest.mark.parametrize(
+    "name", ["4.3.2.1.in-addr.arpa", "1.0.32.172.in-addr.arpa", "in-addr.arpa"]
+)
+def test_public_reverse_names_are_forwarded(name: str) -> None:
+    assert isinstance(
+        answerer(forwarding=True).answer(query(name, "PTR"), "127.0.0.1", True), Forward
+    )
 
 
 @pytest.mark.parametrize("forwarding", [False, True], ids=["authoritative-only", "forwarding"])
@@ -353,6 +450,24 @@ def test_answers_for_mixed_case_are_the_same_records() -> None:
     assert {str(rr.rdata) for rr in lower.rr} == {str(rr.rdata) for rr in mixed.rr}
 
 
+@pytest.mark.parametrize(
+    ("name", "qtype"),
+    [
+        ("WeB.InTeRnAl", "A"),
+        ("_WEB._Tcp.internal", "SRV"),
+        ("W1.Container.Internal", "ANY"),
+        ("2.0.20.172.IN-ADDR.arpa", "PTR"),
+    ],
+)
+def test_answer_owner_names_echo_the_question_case(name: str, qtype: str) -> None:
+    """0x20: a resolver that randomises case checks it comes back as sent."""
+    a = answerer()
+    for _ in range(2):  # miss, then hit
+        reply = ask(a, query(name, qtype), udp=False)
+        assert reply.rr
+        assert {rr.rname.label for rr in reply.rr} == {DNSLabel(name).label}
+
+
 # ---------------------------------------------------------------- rotation
 
 
@@ -427,8 +542,8 @@ def test_cache_hit_over_tcp_is_not_the_udp_reply() -> None:
     udp = ask(a, query("big.internal"), udp=True)
     tcp = ask(a, query("big.internal"), udp=False)
     udp_again = ask(a, query("big.internal"), udp=True)
-    assert udp.header.tc == 1
-    assert udp_again.header.tc == 1
+    assert 0 < len(udp.rr) < BIG
+    assert 0 < len(udp_again.rr) < BIG
     assert tcp.header.tc == 0
     assert len(tcp.rr) == BIG
 
@@ -515,9 +630,9 @@ def test_a_miss_encodes_each_record_a_bounded_number_of_times(
     encoded: list[object] = []
     real_rr = dns_answer._rr
 
-    def counting_rr(record: Record) -> RR:
+    def counting_rr(record: Record, owner: DNSLabel | None = None) -> RR:
         encoded.append(record)
-        return real_rr(record)
+        return real_rr(record, owner)
 
     monkeypatch.setattr(dns_answer, "_rr", counting_rr)
     reply = ask(answerer(), query(name, qtype), udp=False)
@@ -528,33 +643,42 @@ def test_a_miss_encodes_each_record_a_bounded_number_of_times(
 # ---------------------------------------------------------------- sizes, EDNS0 and TC
 
 
+A_FITTING = {None: 30, 512: 29, 100: 29, 700: 41, 4096: 74}
+"""A records of big.internal in 512, 700 and 1232 bytes: 12 header, 18 question, 16 each,
+11 for an OPT."""
+
+
 @pytest.mark.parametrize(
-    ("name", "qtype", "edns", "truncated", "limit"),
+    ("name", "qtype", "edns", "truncated", "limit", "answers"),
     [
-        ("big.internal", "A", None, True, UDP_PLAIN_LIMIT),
-        ("big.internal", "A", 512, True, UDP_PLAIN_LIMIT),
-        ("big.internal", "A", 100, True, UDP_PLAIN_LIMIT),  # below 512 counts as 512
-        ("big.internal", "A", 700, True, 700),
-        ("big.internal", "A", 4096, False, UDP_EDNS_MAX),
-        ("big.internal", "SRV", 4096, True, UDP_EDNS_MAX),  # capped at 1232
-        ("_big._tcp.internal", "SRV", 65535, True, UDP_EDNS_MAX),
-        ("web.internal", "A", None, False, UDP_PLAIN_LIMIT),
-        ("web.internal", "SRV", None, False, UDP_PLAIN_LIMIT),
+        ("big.internal", "A", None, False, UDP_PLAIN_LIMIT, A_FITTING[None]),
+        ("big.internal", "A", 512, False, UDP_PLAIN_LIMIT, A_FITTING[512]),
+        ("big.internal", "A", 100, False, UDP_PLAIN_LIMIT, A_FITTING[100]),  # below 512: 512
+        ("big.internal", "A", 700, False, 700, A_FITTING[700]),
+        ("big.internal", "A", 4096, False, UDP_EDNS_MAX, A_FITTING[4096]),  # capped at 1232
+        ("big.internal", "SRV", 4096, False, UDP_EDNS_MAX, None),
+        ("_big._tcp.internal", "SRV", 65535, False, UDP_EDNS_MAX, None),
+        ("_big._tcp.internal", "SRV", None, False, UDP_PLAIN_LIMIT, None),
+        ("big.internal", "ANY", 4096, True, UDP_EDNS_MAX, 0),  # not a set to pick from
+        ("web.internal", "A", None, False, UDP_PLAIN_LIMIT, 3),
+        ("web.internal", "SRV", None, False, UDP_PLAIN_LIMIT, 3),
     ],
     ids=[
         "a-no-edns",
         "a-edns-512",
         "a-edns-below-512",
         "a-edns-700",
-        "a-edns-4096-fits-1232",
+        "a-edns-4096-capped",
         "srv-edns-4096-capped",
         "srv-edns-max",
+        "srv-no-edns",
+        "any-truncated",
         "small-no-edns",
         "small-srv-no-edns",
     ],
 )
 def test_udp_size_limits(
-    name: str, qtype: str, edns: int | None, truncated: bool, limit: int
+    name: str, qtype: str, edns: int | None, truncated: bool, limit: int, answers: int | None
 ) -> None:
     a = answerer()
     for _ in range(2):  # miss, then hit
@@ -567,18 +691,112 @@ def test_udp_size_limits(
         assert reply.header.qr == 1
         assert str(reply.q.qname) == name + "."
         assert len(opt(reply)) == (edns is not None)
-        if truncated:
-            assert reply.rr == []
-            assert reply.auth == []
-            assert rrs(reply.ar) == set()
+        if answers is not None:
+            assert len(reply.rr) == answers
         else:
-            assert reply.rr
+            assert 0 < len(reply.rr) < BIG
+        if qtype == "SRV":  # each SRV answered comes with its target's address
+            glue = {str(rr.rname) for rr in reply.ar if rr.rtype == QTYPE.A}
+            assert glue == {str(rr.rdata.target) for rr in reply.rr}
 
         full = ask(a, query(name, qtype, edns=edns), udp=False)
         assert full.header.tc == 0
-        assert len(full.rr) == (BIG if "big" in name else 3)
+        assert len(full.rr) == (BIG if "big" in name else 3) * (2 if qtype == "ANY" else 1)
         if qtype == "SRV":
             assert len([rr for rr in full.ar if rr.rtype == QTYPE.A]) == len(full.rr)
+
+
+def many_zone(count: int) -> Zone:
+    """Service `many` with `count` backends, each on IPv4 and IPv6."""
+    backends = [
+        container(
+            f"m{i:03d}",
+            aliases=("many",),
+            ip=f"172.21.{i // 250}.{i % 250 + 1}",
+            ipv6=f"fd21::{i + 1:x}",
+        )
+        for i in range(count)
+    ]
+    return build_zone(build_topology(state(*backends), BuildOptions()), DOMAIN, TTL, 1)
+
+
+MANY_ZONES = {n: many_zone(n) for n in (1, 2, 7, 30, 90, 150)}
+
+
+def test_a_udp_subset_varies_across_queries_and_spreads_the_load() -> None:
+    a = answerer(MANY_ZONES[90])
+    data = query("many.internal")
+    picks = [frozenset(str(rr.rdata) for rr in ask(a, data).rr) for _ in range(200)]
+    assert len(set(picks)) > 50
+    counts = collections.Counter(ip for pick in picks for ip in pick)
+    assert len(counts) == 90  # every backend is handed out
+    assert max(counts.values()) < 4 * min(counts.values())
+
+
+@pytest.mark.parametrize("edns", [None, 1232, 4096], ids=["no-edns", "edns-1232", "edns-4096"])
+@pytest.mark.parametrize("qtype", ["A", "AAAA", "SRV"])
+def test_ninety_backends_over_udp_fit_without_tc_and_all_over_tcp(
+    edns: int | None, qtype: str
+) -> None:
+    a = answerer(MANY_ZONES[90])
+    data = query("many.internal", qtype, edns=edns)
+    raw = a.answer(data, "127.0.0.1", True)
+    assert isinstance(raw, bytes | bytearray)
+    assert len(raw) <= (UDP_PLAIN_LIMIT if edns is None else UDP_EDNS_MAX)
+    reply = DNSRecord.parse(raw)
+    assert reply.header.tc == 0
+    assert 0 < len(reply.rr) < 90
+    assert len(ask(a, data, udp=False).rr) == 90
+
+
+@pytest.mark.parametrize(
+    ("limit", "name", "expected"),
+    [
+        (0, "web.internal", 3),
+        (3, "web.internal", 3),
+        (2, "web.internal", 2),
+        (5, "big.internal", 5),
+        (1, "_web._tcp.internal", 1),
+    ],
+)
+def test_udp_answers_caps_a_udp_answer(limit: int, name: str, expected: int) -> None:
+    """--dns-udp-answers, Consul's udp_answer_limit: a random pick of that many over UDP,
+    all over TCP."""
+    a = Answerer(lambda: ZONE, list, False, udp_answers=limit)
+    qtype = "SRV" if name.startswith("_") else "A"
+    for _ in range(3):
+        assert len(ask(a, query(name, qtype)).rr) == expected
+        assert len(ask(a, query(name, qtype), udp=False).rr) == (BIG if "big" in name else 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    count=st.sampled_from(sorted(MANY_ZONES)),
+    qtype=st.sampled_from(["A", "AAAA", "SRV"]),
+    edns=st.one_of(st.none(), st.integers(0, 65535)),
+    limit=st.integers(0, 12),
+    seed=st.integers(0, 2**32),
+)
+def test_any_udp_answer_fits_its_limit(
+    count: int, qtype: str, edns: int | None, limit: int, seed: int
+) -> None:
+    a = Answerer(lambda: MANY_ZONES[count], list, False, udp_answers=limit, rng=random.Random(seed))
+    data = query("mAnY.internal", qtype, edns=edns)
+    raw = a.answer(data, "127.0.0.1", True)
+    assert isinstance(raw, bytes | bytearray)
+    size = UDP_PLAIN_LIMIT if edns is None else max(UDP_PLAIN_LIMIT, min(edns, UDP_EDNS_MAX))
+    assert len(raw) <= size
+    reply = DNSRecord.parse(raw)
+    assert reply.header.tc == 0
+    assert 1 <= len(reply.rr) <= (limit or count)
+    assert all(rr.rname.label == DNSLabel("mAnY.internal").label for rr in reply.rr)
+    full = {str(rr.rdata) for rr in ask(a, data, udp=False).rr}
+    assert len(full) == count
+    assert {str(rr.rdata) for rr in reply.rr} <= full
+    if qtype == "SRV":
+        targets = {str(rr.rdata.target) for rr in reply.rr}
+        assert {str(rr.rname) for rr in reply.ar if rr.rtype == QTYPE.A} == targets
+        assert {str(rr.rname) for rr in reply.ar if rr.rtype == QTYPE.AAAA} == targets
 
 
 def test_edns_opt_is_echoed_with_our_size() -> None:
@@ -589,6 +807,44 @@ def test_edns_opt_is_echoed_with_our_size() -> None:
     nx = ask(answerer(), query("nope.internal", edns=1232))
     assert len(opt(nx)) == 1
     assert nx.header.rcode == RCODE.NXDOMAIN
+
+
+def edns_query(name: str, *, do: bool = False, version: int = 0, opts: int = 1) -> bytes:
+    request = DNSRecord.question(name)
+    for _ in range(opts):
+        request.add_ar(Edns0(udp_len=1232, flags="do" if do else "", version=version))
+    return bytes(request.pack())
+
+
+@pytest.mark.parametrize("name", ["web.internal", "nope.internal", "big.internal", "example.test"])
+@pytest.mark.parametrize("do", [False, True], ids=["no-do", "do"])
+def test_the_do_bit_is_copied(name: str, do: bool) -> None:
+    """RFC 3225 3: the reply's DO bit is the query's, signed or not."""
+    a = answerer()
+    for _ in range(2):
+        (record,) = opt(ask(a, edns_query(name, do=do)))
+        assert bool(record.ttl & dns_answer.DO_BIT) == do
+        assert (record.ttl >> 16) & 0xFF == 0  # our version: 0
+
+
+@pytest.mark.parametrize("version", [1, 2, 255])
+@pytest.mark.parametrize("name", ["web.internal", "example.test"])
+def test_an_edns_version_above_0_is_badvers(version: int, name: str) -> None:
+    """RFC 6891 6.1.3: BADVERS (16: 1 in the OPT's extended RCODE, 0 in the header), with an
+    OPT of the version we speak."""
+    reply = ask(answerer(forwarding=True), edns_query(name, version=version, do=True))
+    assert reply.header.rcode == 0
+    assert reply.rr == []
+    (record,) = opt(reply)
+    assert record.ttl >> 24 == 1
+    assert (record.ttl >> 16) & 0xFF == 0
+    assert record.ttl & dns_answer.DO_BIT
+
+
+def test_two_opt_records_are_formerr() -> None:
+    """RFC 6891 6.1.1."""
+    reply = ask(answerer(), edns_query("web.internal", opts=2))
+    assert reply.header.rcode == RCODE.FORMERR
 
 
 # ---------------------------------------------------------------- errors and drops

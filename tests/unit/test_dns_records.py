@@ -9,7 +9,16 @@ import pytest
 
 from controlplane.core import labels as L
 from controlplane.core.build import BuildOptions, build_topology
-from controlplane.core.dns_records import SOA_TIMES, Soa, Srv, Zone, build_zone, reverse_name
+from controlplane.core.dns_records import (
+    LOCAL_ZONES,
+    SOA_TIMES,
+    Soa,
+    Srv,
+    Zone,
+    build_zone,
+    local_zone,
+    reverse_name,
+)
 from controlplane.core.lifecycle import StopMark
 from controlplane.core.model import ContainerFacts
 from tests.unit.builders import container, container_id, state
@@ -282,8 +291,10 @@ def test_empty_topology_has_only_the_apex() -> None:
         ("_web._tcp.internal", True),
         ("2.0.20.172.in-addr.arpa", True),
         (reverse_name("fd00::5"), True),
-        ("3.0.20.172.in-addr.arpa", False),
-        ("0.20.172.in-addr.arpa", False),
+        ("3.0.20.172.in-addr.arpa", True),
+        ("0.20.172.in-addr.arpa", True),
+        ("4.3.2.1.in-addr.arpa", False),
+        ("10.in-addr.arpa", True),
         ("in-addr.arpa", False),
         ("example.com", False),
         ("internalx", False),
@@ -300,8 +311,10 @@ def test_empty_topology_has_only_the_apex() -> None:
         "srv-name",
         "ptr-known-v4",
         "ptr-known-v6",
-        "ptr-unknown-ip",
+        "ptr-unknown-private-ip",
         "ptr-parent",
+        "ptr-public-ip",
+        "rfc6303-apex",
         "arpa",
         "outside",
         "suffix-without-dot",
@@ -313,6 +326,48 @@ def test_empty_topology_has_only_the_apex() -> None:
 )
 def test_in_zone(name: str, expected: bool) -> None:
     assert zone(W1, V6).in_zone(name) is expected
+
+
+@pytest.mark.parametrize(
+    ("ip", "apex"),
+    [
+        ("10.1.2.3", "10.in-addr.arpa"),
+        ("172.16.0.1", "16.172.in-addr.arpa"),
+        ("172.31.255.1", "31.172.in-addr.arpa"),
+        ("172.32.0.1", None),
+        ("172.15.0.1", None),
+        ("192.168.1.1", "168.192.in-addr.arpa"),
+        ("192.169.1.1", None),
+        ("169.254.1.1", "254.169.in-addr.arpa"),
+        ("8.8.8.8", None),
+        ("fd12::1", "d.f.ip6.arpa"),
+        ("fc00::1", None),
+        ("fe80::1", "8.e.f.ip6.arpa"),
+        ("febf::1", "b.e.f.ip6.arpa"),
+        ("fec0::1", None),
+        ("::1", f"1.{'.'.join('0' * 31)}.ip6.arpa"),
+        ("2001:db8::1", "8.b.d.0.1.0.0.2.ip6.arpa"),
+        ("2001:db9::1", None),
+    ],
+)
+def test_local_zone_of_an_address(ip: str, apex: str | None) -> None:
+    assert local_zone(reverse_name(ip)) == apex
+    if apex is not None:
+        assert apex in LOCAL_ZONES
+        assert local_zone(apex) == apex
+
+
+def test_a_backend_reverse_name_has_its_parents_up_to_the_local_zone() -> None:
+    z = zone(W1, V6)
+    assert z.lookup("0.20.172.in-addr.arpa", "PTR") == ()
+    assert z.lookup("9.0.20.172.in-addr.arpa", "PTR") is None
+    assert "172.in-addr.arpa" not in z.records  # above the zone: not ours
+    assert values(z, "20.172.in-addr.arpa", "SOA") == (
+        Soa("20.172.in-addr.arpa", "nobody.invalid", VERSION, 3600, 1200, 604800, TTL),
+    )
+    assert values(z, "20.172.in-addr.arpa", "NS") == ("20.172.in-addr.arpa",)
+    assert z.soa_for("9.9.20.172.in-addr.arpa").name == "20.172.in-addr.arpa"
+    assert z.soa_for("web.internal") == z.soa
 
 
 def test_reverse_name_is_the_standard_pointer() -> None:
