@@ -201,6 +201,7 @@ def api_context(
         health=reconciler.health,
         token=settings.api_token,
         wait_timeout=settings.wait_timeout,
+        stats_sample=settings.stats_sample if settings.stats else None,
     )
 
 

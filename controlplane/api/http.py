@@ -56,6 +56,8 @@ class ApiContext:
     """By (container id, network): each checked backend's health."""
     token: str | None = None
     wait_timeout: float = 10.0
+    stats_sample: int | None = None
+    """--stats-sample, what a reload nginx's traffic reports sample (None: no stats)."""
 
 
 def context() -> ApiContext:

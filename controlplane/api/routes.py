@@ -432,6 +432,7 @@ def get_nginx() -> Response:
                 failure=V.failure_view(state.failure if state else None),
                 dataplane=V.dataplane(state),
                 dataplane_reason=state.mode.why if state and state.mode else None,
+                stats_sample=(context().stats_sample if V.dataplane(state) == "reload" else None),
             )
         )
     excluded = [

@@ -270,6 +270,12 @@ class Nginx(Reply):
         "rendered into its config (a reload each change); null: not known yet"
     )
     dataplane_reason: str | None = Field(description="why it runs that data plane")
+    stats_sample: int | None = Field(
+        default=None,
+        description="a reload nginx reports one in this many of its ordinary answers, each "
+        "counting for that many, so its counts of them are estimates (1: every request); "
+        "null: it counts every request itself (dynamic), or traffic figures are off",
+    )
 
 
 class RemoteNginx(Reply):

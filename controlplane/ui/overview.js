@@ -100,6 +100,13 @@ export function overview() {
           mode,
           n.dataplane || "not known yet",
           n.dataplane_reason ? h("div", { class: "hint" }, n.dataplane_reason) : null,
+          n.stats_sample > 1
+            ? h(
+                "div",
+                { class: "hint" },
+                `traffic: 1 in ${n.stats_sample} ordinary answers reported, each counted ${n.stats_sample} times`,
+              )
+            : null,
         );
         fill(
           version,

@@ -104,6 +104,8 @@ def test_auto_picks_the_data_plane_the_image_can_run(
     listed = api(controller.api_url, "GET", "/api/v1/nginx").json()["nginx"][0]
     assert listed["dataplane"] == lab.dataplane
     assert ("has lua" if lab.dataplane == "dynamic" else "has no lua") in listed["dataplane_reason"]
+    # a reload nginx's traffic reports are sampled (the default 10); a dynamic one counts all
+    assert listed["stats_sample"] == (10 if lab.dataplane == "reload" else None)
     services = api(controller.api_url, "GET", "/api/v1/services/web").json()
     assert services["nginx"][0]["dataplane"] == lab.dataplane
 
