@@ -70,7 +70,7 @@ class Gatekeeper:
         last round: the wake that round computed may be late."""
         self._starting = False
         """The last round saw a newcomer held: the next comes after GRANULE, not
-        STEADY_GRANULE (the probe thread's own)."""
+        STEADY_GRANULE (written by the probe thread only)."""
         self._closed = False
         self.on_change: list[Callable[[], None]] = []
         """Called when an answer or a start period's end changed what the gate lets in."""
@@ -254,13 +254,14 @@ class Gatekeeper:
             except Exception:  # a bug must not stop the checks: the next round tries again
                 log.exception("a round of health probes failed; please report")
                 wake = self._clock() + GRANULE
-            rested = time.monotonic() + (GRANULE if self._starting else STEADY_GRANULE)
+            began = time.monotonic()
             with self._changed:
-                while not self._closed and (left := rested - time.monotonic()) > 0:
-                    if self._dirty and not self._starting:  # newcomers: rest as for them
-                        rested -= STEADY_GRANULE - GRANULE
-                        self._starting = True
-                        continue
+                while not self._closed:
+                    # a pass since the round may have brought newcomers: rest as for them
+                    held = self._starting or self._dirty
+                    left = began + (GRANULE if held else STEADY_GRANULE) - time.monotonic()
+                    if left <= 0:
+                        break
                     self._changed.wait(left)
                 if self._closed:
                     return
