@@ -234,13 +234,7 @@ def run(args: argparse.Namespace) -> str:
         network = client.networks.create(
             f"cpb-{secrets.token_hex(3)}-ov", driver="overlay", attachable=True
         )
-        seat: Container = client.containers.run(
-            swarm.images.backend,
-            name=f"{network.name}-seat",
-            network=str(network.name),
-            entrypoint=["sleep", "3600"],
-            detach=True,
-        )
+        seat = swarm.seat(str(network.name), f"{network.name}-seat")
         client.services.create(
             swarm.images.backend,
             name=SERVICE,

@@ -154,13 +154,7 @@ def staged(
         labels={L.ROLE: "nginx", L.DATAPLANE: dataplane},
         detach=True,
     )
-    seat: Container = client.containers.run(
-        swarm.images.backend,
-        name=f"cpt-{run}-controller",
-        network=str(network.name),
-        entrypoint=["sleep", "3600"],
-        detach=True,
-    )
+    seat = swarm.seat(str(network.name), f"cpt-{run}-controller")
     lb.reload()
     lb_address = lb.attrs["NetworkSettings"]["Networks"][network.name]["IPAddress"]
     with swarm.entered(seat.id):
@@ -331,13 +325,7 @@ def test_an_nginx_swarm_service_is_managed_through_its_tasks_on_this_node(
     client = swarm.client
     run = secrets.token_hex(4)
     network = client.networks.create(f"cpt-{run}-ov", driver="overlay", attachable=True)
-    seat: Container = client.containers.run(
-        swarm.images.backend,
-        name=f"cpt-{run}-controller",
-        network=str(network.name),
-        entrypoint=["sleep", "3600"],
-        detach=True,
-    )
+    seat = swarm.seat(str(network.name), f"cpt-{run}-controller")
     client.services.create(
         swarm.images.nginx if dataplane == "reload" else swarm.images.nginx_lua,
         name="edge",

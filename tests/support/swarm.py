@@ -17,6 +17,7 @@ from pathlib import Path
 
 import docker
 import docker.errors
+from docker.models.containers import Container
 
 from images.build import OfflineImages, ensure_images
 from tests.support.engine import PrivateEngine
@@ -48,6 +49,18 @@ class PrivateSwarm:
         so a controller that must probe tasks there runs in such a container's."""
         pid = int(self.client.api.inspect_container(container_id)["State"]["Pid"])
         return entered(Path(f"/proc/{pid}/ns/net"))
+
+    def seat(self, network: str, name: str) -> Container:
+        """An idle container on `network` (an overlay) for `entered`: where a controller,
+        a client or a bench runs to reach the tasks there."""
+        seat: Container = self.client.containers.run(
+            self.images.backend,
+            name=name,
+            network=network,
+            entrypoint=["sleep", "3600"],
+            detach=True,
+        )
+        return seat
 
     def close(self) -> None:
         """`swarm leave --force` (services, tasks and overlay networks go with the swarm),
