@@ -2,8 +2,9 @@
 embedded DNS, each loaded by the same dnsperf (Debian's) with the same parameters, for names
 that exist, on the same machine in one run (issue 3, "Figures to reach").
 
-  (a) `controlplane run --network N --dns-bind 127.0.0.1:P` (a subprocess), with busybox
-      backends aliased `web` on N: web.internal, web.N.internal, C.container.internal;
+  (a) `controlplane run --network N --dns-bind 127.0.0.1:P` (a subprocess, whose DNS process
+      answers and is the one measured), with busybox backends aliased `web` on N:
+      web.internal, web.N.internal, C.container.internal;
   (b) dnsmasq on loopback answering the same names with the same addresses from a hosts file;
   (c) Docker's embedded DNS, 127.0.0.11 inside a container on N, for the same service and
       container: web, web.N and C (dnsperf from a FROM-scratch image of the host's binary).
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line, percentile, row, table
 from images.build import ensure_images
+from tests.support.dns_stub import dns_processes
 from tests.support.dnsperf_image import ensure_dnsperf_image
 from tests.support.lab import Lab, wait_until
 from tests.support.ports import free_port
@@ -424,12 +426,13 @@ def main() -> None:
             # (a) controlplane's resolver
             port_a = free_port()
             cp_cmd = [str(CONTROLPLANE), "run", "--network", net_name]
-            cp_cmd += ["--dns-bind", f"127.0.0.1:{port_a}"]
+            cp_cmd += ["--dns-bind", f"127.0.0.1:{port_a}", "--dns-keep", "0"]
             cp_log = work / "controlplane.log"
             log(f"(a) {' '.join(cp_cmd)}")
             cp = stack.enter_context(process(cp_cmd, cp_log))
             wait_answers(cp, cp_log, port_a, expected, timeout=30)
-            servers.append(f"(a) controlplane: {' '.join(cp_cmd)}")
+            (dns_pid,) = dns_processes(port_a)  # the DNS process answers, not the controller
+            servers.append(f"(a) controlplane: {' '.join(cp_cmd)} (DNS: process {dns_pid})")
 
             # (b) dnsmasq with the same names and addresses
             hosts = work / "hosts"
@@ -455,7 +458,7 @@ def main() -> None:
             )
 
             runners: dict[str, Runner] = {
-                "controlplane": partial(host_dnsperf, port_a, queries, load, pid=cp.pid),
+                "controlplane": partial(host_dnsperf, port_a, queries, load, pid=dns_pid),
                 "dnsmasq": partial(host_dnsperf, port_b, queries, load, pid=dm.pid),
                 "docker DNS": partial(
                     container_dnsperf,

@@ -155,7 +155,9 @@ class Rig:
         """A controller with default flags and DNS on a free loopback port, for one turn."""
         dns = free_port()
         settings = Settings(
-            networks=frozenset({str(self.net.name)}), dns_binds=(f"127.0.0.1:{dns}",)
+            networks=frozenset({str(self.net.name)}),
+            dns_binds=(f"127.0.0.1:{dns}",),
+            dns_keep=0,
         )
         running = Running(settings)
         try:

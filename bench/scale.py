@@ -294,7 +294,11 @@ def run_case(lab: Lab, net: Network, case: Case, args: argparse.Namespace) -> Re
     port = lab.published_port(nginx)
     dns_port = free_port()
     controller = ControllerProcess(
-        Settings(networks=frozenset({str(net.name)}), dns_binds=(f"{LOOPBACK}:{dns_port}",))
+        Settings(
+            networks=frozenset({str(net.name)}),
+            dns_binds=(f"{LOOPBACK}:{dns_port}",),
+            dns_keep=0,
+        )
     )
     try:
         names = name_backends(lab, case.aliases())

@@ -18,15 +18,18 @@ from typing import Any, TypeVar
 
 import click
 
+from controlplane.addresses import parse_address
 from controlplane.cli_client import COMMANDS
 from controlplane.core import labels as L
 from controlplane.core.model import DataPlane
 from controlplane.core.render import MAX_STATS_SAMPLE
+from controlplane.dns_process import DnsOptions, serve
 from controlplane.errors import ControlPlaneError, InvalidValue
 from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
 from controlplane.wiring import build_controller, render_once
 
 F = TypeVar("F", bound=Callable[..., Any])
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def _networks(
@@ -161,7 +164,7 @@ DISCOVERY: list[Decorator] = [
         show_envvar=True,
         default="info",
         show_default=True,
-        type=click.Choice(["debug", "info", "warning", "error"]),
+        type=click.Choice(LOG_LEVELS),
     ),
 ]
 
@@ -316,6 +319,14 @@ RUN: list[Decorator] = [
         help="CIDR allowed to use forwarding (repeatable). Default: loopback and watched networks.",
     ),
     setting(
+        "dns_keep",
+        "--dns-keep",
+        default=60.0,
+        type=click.FloatRange(0, 86400),
+        help="Seconds DNS keeps answering the last known state once the controller is gone "
+        "(stopped, crashed, killed), unless a new controller takes it over first.",
+    ),
+    setting(
         "api_bind",
         "--api-bind",
         default=f"127.0.0.1:{DEFAULT_API_PORT}",
@@ -405,7 +416,65 @@ def render(**values: Any) -> None:
         raise click.ClickException(str(error)) from error
 
 
+@click.option("--bind", "binds", multiple=True, required=True, help="IP:PORT (repeatable).")
+@click.option("--upstream", "upstreams", multiple=True, help="IP:PORT to forward to (repeatable).")
+@click.option(
+    "--udp-answers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="At most N records in a UDP answer; 0: as many as fit.",
+)
+@click.option(
+    "--allow",
+    multiple=True,
+    callback=_cidrs,
+    help="CIDR that may use forwarding (repeatable). Default: the controller's networks.",
+)
+@click.option(
+    "--keep",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0, 86400),
+    help="Seconds to answer the last zone once the controller is gone; then exit (standard "
+    "input) or answer SERVFAIL until it is back (--controller).",
+)
+@click.option(
+    "--controller",
+    default=None,
+    help="Follow this controller's API (http://HOST:PORT) instead of standard input: DNS as "
+    "a service of its own.",
+)
+@click.option("--api-token", envvar="CONTROLPLANE_API_TOKEN", default=None, hidden=True)
+@click.option("--log-level", default="info", type=click.Choice(LOG_LEVELS))
+def dns(**values: Any) -> None:
+    """Serve DNS from a controller's zones: those of `run --dns-bind`, which starts this, on
+    standard input; or, with --controller, those its API gives (dns_process)."""
+    _setup_logging(values["log_level"])
+    controller = values["controller"]
+    if controller is not None and not controller.startswith(("http://", "https://")):
+        raise click.BadParameter(
+            f"{controller!r} is not an http:// or https:// URL, e.g. http://controlplane:8081",
+            param_hint="--controller",
+        )
+    try:
+        options = DnsOptions(
+            binds=tuple(parse_address(b, default_port=53) for b in values["binds"]),
+            upstreams=tuple(parse_address(u, default_port=53) for u in values["upstreams"]),
+            udp_answers=values["udp_answers"],
+            allow=values["allow"] or None,
+            keep=values["keep"],
+            controller=values["controller"],
+            token=values["api_token"],
+        )
+    except ControlPlaneError as error:
+        raise click.UsageError(str(error)) from error
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the controller's
+    sys.exit(serve(options, sys.stdin, sys.stdout))
+
+
 main.add_command(click.command("run")(_apply(DISCOVERY + RUN, run)))
+main.add_command(click.command("dns")(dns))
 main.add_command(click.command("render")(_apply(DISCOVERY, render)))
 
 

@@ -3,7 +3,13 @@
 The hot path does no parsing: replies are kept by the query's bytes after the transaction ID
 (so case and EDNS options are echoed exactly) and only the ID is patched in. dnslib parses
 and encodes on a miss only. The cache belongs to one zone version and is bounded, so random
-names can't grow it and a reply never outlives the model it came from.
+names can't grow it and a reply never outlives the model it came from. A zone is handed in
+with `use()`, which swaps zone and cache as one: every query read after it returns is
+answered from the new version.
+
+For UDP, a reply with a few orders (a name's records, rotated) gets all of them built at its
+first miss and kept in `fast`, a plain dict the UDP reader looks into itself, before any call:
+that is most queries, and their whole cost is a dict lookup, a `next()` and a send.
 
 An A, AAAA or SRV set too big for the client's UDP buffer (or above --dns-udp-answers) is
 answered with as many records as fit, picked at random per query, without TC: a stub
@@ -13,9 +19,10 @@ resolver that can't retry over TCP still gets addresses, and the load spreads. T
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from dnslib import (
@@ -51,6 +58,22 @@ OPT = 41
 DO_BIT = 0x8000  # in the OPT record's TTL field (RFC 3225)
 BADVERS = 16  # an extended RCODE: 1 in the OPT record's high bits, 0 in the header
 SUBSET_TYPES = frozenset((int(QTYPE.A), int(QTYPE.AAAA), int(QTYPE.SRV)))
+FAST_ORDERS = 16  # a name with more records than this is rotated through the plain cache
+# Queries by outcome: indexes 0-15 are the reply's RCODE; then what got no reply of ours;
+# then BADVERS (16).
+OUTCOMES = (
+    "noerror",
+    "formerr",
+    "servfail",
+    "nxdomain",
+    "notimp",
+    "refused",
+    *(f"rcode{n}" for n in range(6, 16)),
+    "forwarded",
+    "dropped",
+    "badvers",
+)
+FORWARDED, DROPPED, BAD_VERSION = 16, 17, 18
 
 
 @dataclass(frozen=True)
@@ -69,44 +92,61 @@ class _Cached:
     turn: int = 0
 
 
+FastReplies = dict[bytes, tuple[Iterator[bytes], int]]
+"""A UDP query's bytes after the ID -> its replies' orders without the ID, taken in turn,
+and the reply's index in OUTCOMES."""
+
+
 @dataclass
 class _Cache:
     """One zone version's replies, and each name's rotation turn: clients that send a fresh
     EDNS cookie with every query miss the reply cache but still see the order rotate."""
 
-    version: int
+    zone: Zone | None
     entries: dict[tuple[bool, bytes], _Cached] = field(default_factory=dict)
     turns: dict[tuple[str, int], int] = field(default_factory=dict)
+    fast: FastReplies = field(default_factory=dict)
     size: int = 0
 
 
 class Answerer:
-    """Answers from `zone_of()`, which returns the current zone (None before the first sync).
+    """Answers from the zone last given to `use()` (none before the first sync: SERVFAIL).
 
     `udp_answers`: at most this many records in a UDP answer (0: as many as fit)."""
 
+    fill_fast = True
+    """Whether UDP replies go into `fast`; off, every query comes through `answer()`."""
+
     def __init__(
         self,
-        zone_of: Callable[[], Zone | None],
         allowed: Callable[[], Iterable[IpNetwork]],
         forwarding: bool,
         *,
         udp_answers: int = 0,
         rng: random.Random | None = None,
     ) -> None:
-        self._zone_of = zone_of
         self._allowed = allowed
         self._forwarding = forwarding
         self._udp_answers = udp_answers
         self._rng = rng or random.Random()
-        self._cache = _Cache(-1)
+        self._cache = _Cache(None)
+        self.fast: FastReplies = self._cache.fast
+
+    def use(self, zone: Zone | None) -> None:
+        """Answers from `zone` from now on, with a fresh cache (even for the same records: a
+        version is what a reply may not outlive)."""
+        cache = _Cache(zone)
+        self.fast = cache.fast
+        self._cache = cache
+
+    @property
+    def zone(self) -> Zone | None:
+        return self._cache.zone
 
     def answer(self, data: bytes, client: str, udp: bool) -> bytes | Forward | None:
         """Reply bytes, a Forward, or None to drop (not even a DNS header)."""
-        zone = self._zone_of()
         cache = self._cache
-        if zone is not None and cache.version != zone.version:
-            cache = self._cache = _Cache(zone.version)
+        zone = cache.zone
         key = (udp, data[2:])
         hit = cache.entries.get(key)
         if hit is not None:
@@ -132,13 +172,19 @@ class Answerer:
             turn = cache.turns.get(result.rotation, 0) % result.count
             cache.turns[result.rotation] = turn + 1
         reply = result.build(turn)
+        if not result.cacheable or zone is None or len(cache.entries) >= CACHE_ENTRIES:
+            return reply
+        if udp and self.fill_fast and not result.shuffled and result.count <= FAST_ORDERS:
+            orders = [result.build(t)[2:] for t in range(result.count)]
+            size = sum(map(len, orders)) + len(key[1])
+            if cache.size + size <= CACHE_BYTES:
+                later = orders[turn + 1 :] + orders[: turn + 1]
+                cache.fast[key[1]] = (itertools.cycle(later), outcome(reply))
+                cache.entries[key] = _Cached(result, dict(enumerate(orders)), turn + 1)
+                cache.size += size
+            return reply
         size = len(reply) + len(key[1])
-        if (
-            result.cacheable
-            and zone is not None
-            and len(cache.entries) < CACHE_ENTRIES
-            and cache.size + size <= CACHE_BYTES
-        ):
+        if cache.size + size <= CACHE_BYTES:
             cache.entries[key] = _Cached(result, {turn: reply[2:]}, turn + 1)
             cache.size += size
         return reply
@@ -326,6 +372,18 @@ def add_opt(reply: DNSRecord, request: DNSRecord, ext_rcode: int = 0) -> None:
             flags = "do" if rr.ttl & DO_BIT else ""
             reply.add_ar(Edns0(udp_len=UDP_EDNS_MAX, ext_rcode=ext_rcode, flags=flags))
             return
+
+
+def outcome(result: bytes | Forward | None) -> int:
+    """The index in OUTCOMES of how a query was answered."""
+    if result is None:
+        return DROPPED
+    if isinstance(result, Forward):
+        return FORWARDED
+    if (rcode := result[3] & 0x0F) or result[7] or result[6]:  # an error, or answers
+        return rcode
+    # NOERROR without answers: a NODATA, a TC, or BADVERS (its high bits in the OPT)
+    return BAD_VERSION if extended_rcode(result) == BADVERS else 0
 
 
 def extended_rcode(reply: bytes) -> int:

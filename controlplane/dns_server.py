@@ -1,7 +1,9 @@
 """The DNS edge: UDP and TCP listeners, and forwarding to upstream resolvers.
 
-Runs its own asyncio loop (uvloop when installed) in a thread of `controlplane run`. Every
-packet goes through `Answerer`; nothing a client sends can raise out of a handler.
+UDP is read by one plain thread per bind, a blocking recvfrom/sendto loop: most answers are a
+dict lookup, and an event loop's callback and transport around each datagram cost more than
+that. TCP and forwarding run on an asyncio loop (uvloop when installed) in another thread.
+Every packet goes through `Answerer`; nothing a client sends can raise out of a handler.
 """
 
 from __future__ import annotations
@@ -10,51 +12,40 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import secrets
+import select
+import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 from dnslib import QTYPE, RCODE, RR, DNSRecord
 
 from controlplane.addresses import SocketAddress
 from controlplane.dns_answer import (
-    BADVERS,
     DO_BIT,
     OPT,
+    OUTCOMES,
     TC_BIT,
     Answerer,
     Forward,
     add_opt,
-    extended_rcode,
     formerr,
+    outcome,
     status,
     truncated,
     udp_limit,
 )
+from controlplane.dns_handover import Listening
 from controlplane.errors import ControlPlaneError
 
 log = logging.getLogger(__name__)
 
 TCP_IDLE_SECONDS = 10.0
 TCP_MAX_CONNECTIONS = 256
-# Indexes 0-15 are the reply's RCODE; then what got no reply of ours; then BADVERS (16).
-OUTCOMES = (
-    "noerror",
-    "formerr",
-    "servfail",
-    "nxdomain",
-    "notimp",
-    "refused",
-    *(f"rcode{n}" for n in range(6, 16)),
-    "forwarded",
-    "dropped",
-    "badvers",
-)
-FORWARDED, DROPPED, BAD_VERSION = 16, 17, 18
 FORWARD_CACHE_ENTRIES = 10_000
 FORWARD_MAX_TTL = 300
 MAX_PENDING_FORWARDS = 1_000
@@ -205,69 +196,158 @@ async def _ask(upstream: SocketAddress, query: bytes) -> bytes:
         transport.close()
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer) -> None:
+UDP_RECEIVE_BUFFER = 1 << 20  # a burst waits in the kernel rather than being dropped there
+UDP_MAX_QUERY = 4096  # read at most: a longer datagram is cut, so unreadable, so FORMERR
+TCP_BACKLOG = 128
+
+
+class _UdpReader:
+    """Reads one UDP socket on a thread of its own until `stop()`. Forwarded queries go to
+    the event loop, which sends their replies through the same socket (sendto is safe from
+    any thread).
+
+    Reads never block (MSG_DONTWAIT): when nothing waits, the thread sleeps in poll() on the
+    socket and a wake-up pipe, so `stop()` never touches the socket itself, which a successor
+    process may be reading too (a handover)."""
+
+    def __init__(self, server: DnsServer, sock: socket.socket) -> None:
         self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
         self.forwarding: set[asyncio.Task[None]] = set()
+        self._thread = threading.Thread(target=self._run, name="dns-udp", daemon=True)
+        self._stopping = False
+        self._wake_read, self._wake_write = os.pipe()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's isn't a subclass
+    def start(self) -> None:
+        self._thread.start()
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        result = self.server.answer(data, addr[0], udp=True)
-        if isinstance(result, Forward):
-            if len(self.forwarding) < MAX_PENDING_FORWARDS:  # past that, drop: a flood
-                task = asyncio.ensure_future(self._forward(result, addr))
-                self.forwarding.add(task)
-                task.add_done_callback(self.forwarding.discard)
-        elif result is not None and self.transport is not None:
-            self.transport.sendto(result, addr)
+    def _run(self) -> None:
+        """Written for speed: no call, context manager or attribute chain on a fast reply."""
+        receive, send, answer = self.sock.recvfrom, self.sock.sendto, self.server.answer
+        answerer, counts = self.server.answerer, self.server.counts
+        idle = select.poll()
+        idle.register(self.sock, select.POLLIN)
+        idle.register(self._wake_read, select.POLLIN)
+        while not self._stopping:
+            try:
+                data, addr = receive(UDP_MAX_QUERY, socket.MSG_DONTWAIT)
+                fast = answerer.fast.get(data[2:])
+                if fast is not None:
+                    send(data[:2] + next(fast[0]), addr)
+                    counts[fast[1]] += 1
+                    continue
+            except BlockingIOError:
+                idle.poll()
+                continue
+            except OSError:  # the ICMP error of an earlier send, told on this socket
+                continue
+            result = answer(data, addr[0], udp=True)
+            if type(result) is bytes:
+                try:
+                    send(result, addr)
+                except OSError:
+                    continue  # the client's address is unreachable: nothing to do
+            elif isinstance(result, Forward):
+                self.server.call_soon(self._forward_later, result, addr)
+
+    def _forward_later(self, forward: Forward, addr: tuple[str, int]) -> None:
+        if len(self.forwarding) < MAX_PENDING_FORWARDS:  # past that, drop: a flood
+            task = asyncio.ensure_future(self._forward(forward, addr))
+            self.forwarding.add(task)
+            task.add_done_callback(self.forwarding.discard)
 
     async def _forward(self, forward: Forward, addr: tuple[str, int]) -> None:
         reply = await self.server.forward(forward)
         if len(reply) > udp_limit(forward.request):  # an upstream's TCP answer, or its cache
             reply = truncated(forward.request, aa=False, ra=True)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
+        if not self._stopping:
+            with contextlib.suppress(OSError):
+                self.sock.sendto(reply, addr)
+
+    def stop(self) -> None:
+        """Ends the thread after the datagram in hand, if any; the socket stays as it was."""
+        self._stopping = True
+        os.write(self._wake_write, b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+
+def bind_sockets(binds: Sequence[SocketAddress]) -> Listening:
+    """A UDP and a listening TCP socket on each bind; a taken address raises ControlPlaneError
+    with what to do."""
+    made: Listening = []
+    try:
+        for bind in binds:
+            family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            made.append((udp, tcp))
+            with contextlib.suppress(OSError):  # a smaller buffer only costs bursts
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                udp.bind((bind.host, bind.port))
+                tcp.bind((bind.host, bind.port))
+                tcp.listen(TCP_BACKLOG)
+            except OSError as error:
+                raise ControlPlaneError(
+                    f"the DNS server could not listen on {bind}: {error.strerror or error}; "
+                    "pick a free address with --dns-bind (ports below 1024 need root)"
+                ) from error
+    except BaseException:
+        for pair in made:
+            for sock in pair:
+                sock.close()
+        raise
+    return made
 
 
 class DnsServer:
-    """Listens on every endpoint over UDP and TCP; `start()` returns once they are bound."""
+    """Listens on every endpoint over UDP and TCP; `start()` returns once they are bound.
+    `sockets`: already bound ones (a predecessor's), else it binds its own."""
 
     def __init__(
-        self, binds: Sequence[SocketAddress], answerer: Answerer, forwarder: Forwarder | None
+        self,
+        binds: Sequence[SocketAddress],
+        answerer: Answerer,
+        forwarder: Forwarder | None,
+        sockets: Listening | None = None,
     ) -> None:
         self._binds = list(binds)
-        self._answerer = answerer
+        self._sockets = sockets
+        self.answerer = answerer
         self._forwarder = forwarder
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._connections = 0
-        self._listeners: list[tuple[asyncio.BaseTransport, asyncio.Server]] = []
-        self._outcomes = [0] * len(OUTCOMES)
+        self._listeners: list[asyncio.Server] = []
+        self._readers: list[_UdpReader] = []
+        self.counts = [0] * len(OUTCOMES)
+        """Queries by outcome since the start (a plain list on the hot path: a metrics
+        library's labelled counter would cost more than the answer)."""
 
     def answer(self, data: bytes, client: str, udp: bool) -> bytes | Forward | None:
         """Never raises: a bug on an odd packet costs that packet, not the server."""
         try:
-            result = self._answerer.answer(data, client, udp)
+            result = self.answerer.answer(data, client, udp)
         except Exception:
             log.exception("DNS query from %s could not be answered", client)
             result = formerr(data)
-        if result is None:
-            self._outcomes[DROPPED] += 1
-        elif isinstance(result, Forward):
-            self._outcomes[FORWARDED] += 1
-        elif (rcode := result[3] & 0x0F) or result[7] or result[6]:  # an error, or answers
-            self._outcomes[rcode] += 1
-        else:  # NOERROR without answers: a NODATA, a TC, or BADVERS (its high bits in the OPT)
-            self._outcomes[BAD_VERSION if extended_rcode(result) == BADVERS else 0] += 1
+        self.counts[outcome(result)] += 1
         return result
 
     def outcomes(self) -> dict[str, int]:
-        """Queries by how they were answered, since the start (a plain list on the hot path:
-        a metrics library's labelled counter would cost more than the answer)."""
-        return dict(zip(OUTCOMES, self._outcomes, strict=True))
+        """Queries by how they were answered, since the start."""
+        return dict(zip(OUTCOMES, self.counts, strict=True))
+
+    def call_soon(self, callback: Callable[..., None], *args: object) -> None:
+        """Runs `callback` on the event loop's thread (from a UDP reader)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closing: the query goes unanswered
+                loop.call_soon_threadsafe(callback, *args)
 
     async def forward(self, forward: Forward) -> bytes:
         if self._forwarder is None:
@@ -278,7 +358,14 @@ class DnsServer:
             log.exception("forwarding %s failed", forward.request.q.qname)
             return status(forward.request, RCODE.SERVFAIL, ra=True)
 
+    @property
+    def listening(self) -> Listening:
+        """Its sockets (for a successor to take over)."""
+        return list(self._sockets or ())
+
     def start(self) -> None:
+        if self._sockets is None:
+            self._sockets = bind_sockets(self._binds)
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -299,20 +386,20 @@ class DnsServer:
         self._thread.start()
         ready.wait(timeout=10)
         if failure:
+            self.stop()
             raise ControlPlaneError(
-                f"the DNS server could not listen on {', '.join(map(str, self._binds))}: "
-                f"{failure[0]}; pick a free address with --dns-bind (ports below 1024 need root)"
+                f"the DNS server could not serve TCP on {', '.join(map(str, self._binds))}: "
+                f"{failure[0]}"
             ) from failure[0]
+        self._readers = [_UdpReader(self, udp) for udp, _tcp in self._sockets]
+        for reader in self._readers:
+            reader.start()
+        for bind in self._binds:
+            log.info("DNS listening on %s (UDP and TCP)", bind)
 
     async def _listen(self) -> None:
-        loop = asyncio.get_running_loop()
-        for bind in self._binds:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Udp(self), local_addr=(bind.host, bind.port)
-            )
-            server = await asyncio.start_server(self._tcp, bind.host, bind.port)
-            self._listeners.append((transport, server))
-            log.info("DNS listening on %s (UDP and TCP)", bind)
+        for _udp, tcp in self._sockets or ():
+            self._listeners.append(await asyncio.start_server(self._tcp, sock=tcp))
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = str(writer.get_extra_info("peername", ("?", 0))[0])
@@ -340,6 +427,9 @@ class DnsServer:
             writer.close()
 
     def stop(self) -> None:
+        for reader in self._readers:
+            reader.stop()
+        self._readers = []
         loop = self._loop
         if loop is not None and loop.is_running():
             closing = asyncio.run_coroutine_threadsafe(self._close(), loop)
@@ -348,12 +438,14 @@ class DnsServer:
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        for udp, tcp in self._sockets or ():  # ours; a successor holds its own copies
+            udp.close()
+            tcp.close()
 
     async def _close(self) -> None:
         """Stops listening and ends every handler and forward still running, so no task is
         left pending in a closed loop (its garbage, collected later anywhere, would log)."""
-        for transport, server in self._listeners:
-            transport.close()
+        for server in self._listeners:
             server.close()
         current = asyncio.current_task()
         tasks = [task for task in asyncio.all_tasks() if task is not current]

@@ -211,6 +211,8 @@ class Reconciler:
         self.nginx: Mapping[str, NginxState] = {}
         """By container id, swapped whole after each pass's deploys; read without locks."""
         self.on_report: list[Callable[[ReconcileReport], None]] = []
+        self.on_snapshot: list[Callable[[Snapshot], None]] = []
+        """Called as a pass settles on a new snapshot, before its deploys (not to block)."""
 
     def handle_event(self, event: DockerEvent) -> bool:
         """Whether the event can change what this controller serves: one for a container or
@@ -350,6 +352,8 @@ class Reconciler:
         )
         snapshot = Snapshot(version, topology, config, digest, zone, serving(topology), lines)
         self.snapshot = snapshot
+        for callback in self.on_snapshot:
+            callback(snapshot)
         before = previous.topology if previous else Topology()
         changes = describe_changes(before, topology)
         for change in changes:

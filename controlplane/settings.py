@@ -52,6 +52,9 @@ class Settings:
     dns_upstreams: tuple[str, ...] = ()
     dns_allow: tuple[IpNetwork, ...] | None = None
     """None: loopback and the watched networks' subnets may use the forwarder."""
+    dns_keep: float = 60.0
+    """Seconds the DNS process answers the last zone once the controller is gone (stopped or
+    crashed), unless a new controller takes it over first (dns_process)."""
     api_bind: str | None = None
     """IP:PORT of the REST API; None: no API."""
     api_token: str | None = None

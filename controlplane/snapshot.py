@@ -75,3 +75,27 @@ class PassTicket:
         self.error = error
         self.planned.set()
         self.done.set()
+
+
+class Published:
+    """The snapshot of the last pass that finished, for a reader that waits for a newer one
+    (the DNS zone's long poll) without polling."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._snapshot: Snapshot | None = None
+
+    def publish(self, snapshot: Snapshot | None) -> None:
+        with self._changed:
+            self._snapshot = snapshot
+            self._changed.notify_all()
+
+    def newer(self, version: int, timeout: float) -> Snapshot | None:
+        """The first snapshot whose version is not `version` (a restarted controller counts
+        from 1 again), waiting up to `timeout` for it; else the latest (None before the
+        first pass)."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._snapshot is not None and self._snapshot.version != version, timeout
+            )
+            return self._snapshot

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -17,10 +17,9 @@ from controlplane.api.server import ApiServer
 from controlplane.api.views import traffic_keys
 from controlplane.core import lua_stats
 from controlplane.core.build import build_topology
-from controlplane.core.dns_records import Zone
+from controlplane.core.dns_records import forwarding_networks
 from controlplane.core.render import render_config
-from controlplane.dns_answer import Answerer
-from controlplane.dns_server import DnsServer, Forwarder
+from controlplane.dns_child import DnsChild
 from controlplane.docker_source import DockerSource, connect
 from controlplane.errors import ControlPlaneError
 from controlplane.gatekeeper import Gatekeeper
@@ -28,12 +27,14 @@ from controlplane.metrics import Metrics
 from controlplane.nginx_deployer import NginxDeployer
 from controlplane.prober import SocketProber
 from controlplane.reconciler import ControlLoop, Reconciler
-from controlplane.settings import DEFAULT_API_PORT, IpNetwork, Settings
-from controlplane.snapshot import Snapshot
+from controlplane.settings import DEFAULT_API_PORT, Settings
+from controlplane.snapshot import Published, ReconcileReport, Snapshot
 from controlplane.stats_listener import StatsListener
 from controlplane.stats_sink import SinkFinder, new_tag, remember, remembered
 from controlplane.store import FILE_NAME, OverrideStore
 from controlplane.templating import load_template
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Controller:
     store: OverrideStore
     activity: Activity
     metrics: Metrics
-    dns: DnsServer | None = None
+    dns: DnsChild | None = None
     api: ApiServer | None = None
     stats: StatsListener | None = None
 
@@ -59,7 +60,7 @@ class Controller:
         if self.api is not None:
             self.api.stop()
         if self.dns is not None:
-            self.dns.stop()
+            self.dns.close()
         if self.stats is not None:
             self.stats.close()
         self.reconciler.close()
@@ -189,6 +190,9 @@ def api_context(
             reasons.append("the last reconcile could not reach Docker")
         return reasons
 
+    published = Published()
+    published.publish(reconciler.snapshot)
+    reconciler.on_report.append(lambda _: published.publish(reconciler.snapshot))
     return ApiContext(
         snapshot=lambda: reconciler.snapshot,
         store=store,
@@ -202,6 +206,7 @@ def api_context(
         token=settings.api_token,
         wait_timeout=settings.wait_timeout,
         stats_sample=settings.stats_sample if settings.stats else None,
+        newer=published.newer,
     )
 
 
@@ -219,28 +224,39 @@ def _api_bind(settings: Settings) -> SocketAddress | None:
     return bind
 
 
-def _dns_server(settings: Settings, reconciler: Reconciler) -> DnsServer | None:
-    """The resolver reads the zone of the reconciler's current snapshot, whole."""
+DNS_APPLY_WAIT = 2.0
+
+
+def _dns_server(settings: Settings, reconciler: Reconciler) -> DnsChild | None:
+    """The DNS process gets the zone of each snapshot the reconciler settles on, whole, with
+    the networks that may use its forwarder."""
     if not settings.dns_binds:
         return None
-
-    def zone() -> Zone | None:
-        snapshot = reconciler.snapshot
-        return snapshot.dns if snapshot else None
-
-    def allowed() -> list[IpNetwork]:
-        if settings.dns_allow is not None:
-            return list(settings.dns_allow)
-        snapshot = reconciler.snapshot
-        networks = snapshot.topology.networks if snapshot else ()
-        return [ipaddress.ip_network(s, strict=False) for n in networks for s in n.subnets]
-
-    upstreams = [parse_address(u, default_port=53) for u in settings.dns_upstreams]
-    answerer = Answerer(
-        zone, allowed, forwarding=bool(upstreams), udp_answers=settings.dns_udp_answers
+    child = DnsChild(
+        [parse_address(b, default_port=53) for b in settings.dns_binds],
+        [parse_address(u, default_port=53) for u in settings.dns_upstreams],
+        settings.dns_udp_answers,
+        settings.dns_allow,
+        settings.dns_keep,
     )
-    binds = [parse_address(b, default_port=53) for b in settings.dns_binds]
-    return DnsServer(binds, answerer, Forwarder(upstreams) if upstreams else None)
+
+    def new_zone(snapshot: Snapshot) -> None:
+        """Sent as the pass settles on it: DNS changes while nginx deploys."""
+        child.publish(snapshot.dns, forwarding_networks(snapshot.topology))
+
+    def pass_done(report: ReconcileReport) -> None:
+        """The pass is done when DNS answers from its zone too (bounded)."""
+        if report.changed and not child.applied(report.version, DNS_APPLY_WAIT):
+            log.warning(
+                "DNS did not take zone version %s within %gs: it answers an older one until "
+                "it does",
+                report.version,
+                DNS_APPLY_WAIT,
+            )
+
+    reconciler.on_snapshot.append(new_zone)
+    reconciler.on_report.append(pass_done)
+    return child
 
 
 def render_once(settings: Settings) -> str:

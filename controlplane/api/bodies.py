@@ -342,6 +342,15 @@ class TimeoutQuery(Query):
     )
 
 
+class ZoneQuery(Query):
+    after: int = Field(
+        -1, ge=-1, le=2**63, description="the zone version the caller has (-1: none)"
+    )
+    timeout: float = Field(
+        25, ge=0, le=30, allow_inf_nan=False, description="seconds to wait for another one"
+    )
+
+
 class WaitQuery(TimeoutQuery):
     wait: QueryFlag = Field(
         False,

@@ -54,6 +54,9 @@ class ApiContext:
     """Each key's traffic figures over the last minute (core.traffic; absent: none)."""
     health: Callable[[], Mapping[tuple[str, str], Health]] = field(default=lambda: {})
     """By (container id, network): each checked backend's health."""
+    newer: Callable[[int, float], Snapshot | None] | None = None
+    """(version, timeout) -> the first snapshot whose version is not `version`, waiting up
+    to `timeout` for one (snapshot.Published); None: `snapshot` at once."""
     token: str | None = None
     wait_timeout: float = 10.0
     stats_sample: int | None = None

@@ -14,6 +14,7 @@ from controlplane.api import views as V
 from controlplane.api.http import body, context, query, reply
 from controlplane.api.openapi import document, operation
 from controlplane.core import labels as L
+from controlplane.core.dns_records import forwarding_networks, zone_data
 from controlplane.core.model import Backend, BackendOverride, Method, Service
 from controlplane.core.overrides import HealthSpec, describe_health, parse_container_name
 from controlplane.core.served import NginxState
@@ -471,6 +472,27 @@ def get_events() -> Response:
 @operation("the DNS zone served", V.DnsRecords, errors=(503,))
 def get_dns_records() -> Response:
     return reply(V.zone_view(_snapshot().dns))
+
+
+@routes.get(f"{PREFIX}/dns/zone")
+@operation(
+    "the DNS zone for `controlplane dns --controller`: at once when its version is not "
+    "`after`, else when the next one comes or after `timeout`",
+    V.DnsZone,
+    query=bodies.ZoneQuery,
+    errors=(503,),
+)
+def get_dns_zone() -> Response:
+    read = query(bodies.ZoneQuery)
+    newer = context().newer
+    snapshot = (newer(read.after, read.timeout) if newer else None) or _snapshot()
+    return reply(
+        V.DnsZone(
+            version=snapshot.dns.version,
+            zone=zone_data(snapshot.dns),
+            allowed=forwarding_networks(snapshot.topology),
+        )
+    )
 
 
 @routes.post(f"{PREFIX}/resync")

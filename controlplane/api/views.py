@@ -322,6 +322,14 @@ class DnsRecords(Reply):
     records: list[DnsRecord]
 
 
+class DnsZone(Reply):
+    """What `controlplane dns --controller` answers from."""
+
+    version: int
+    zone: dict[str, Any] = Field(description="the zone as data (core.dns_records.zone_data)")
+    allowed: list[str] = Field(description="CIDRs that may use the forwarder by default")
+
+
 class Resync(Applied):
     changed: bool
 

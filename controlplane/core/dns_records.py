@@ -160,6 +160,8 @@ def build_zone(topology: Topology, domain: str, ttl: int, version: int) -> Zone:
 
     def add(name: str, rtype: str, value: str | Srv | Soa) -> None:
         name = name.lower()  # Docker network names may have upper case; DNS has no case
+        if not NAME_RE.fullmatch(name) or len(name) > MAX_NAME:
+            return  # e.g. a network name past 63 characters: no DNS name can hold it
         existing = records[name][rtype]
         record = Record(name, rtype, ttl, value)
         if record not in existing:
@@ -199,3 +201,119 @@ def build_zone(topology: Topology, domain: str, ttl: int, version: int) -> Zone:
                 parent = parent.split(".", 1)[1]
                 names.setdefault(f"{parent}.{apex}", {})
     return Zone(domain, version, ttl, names)
+
+
+RTYPES = frozenset(("A", "AAAA", "SRV", "PTR", "SOA", "NS"))
+MAX_NAME = 253  # characters without the trailing dot: 255 octets on the wire
+MAX_TTL = 2**31 - 1  # RFC 2181 8
+
+
+def forwarding_networks(topology: Topology) -> list[str]:
+    """The subnets of the watched networks: who may use the forwarder by default."""
+    return [
+        str(ipaddress.ip_network(subnet, strict=False))
+        for network in topology.networks
+        for subnet in network.subnets
+    ]
+
+
+def zone_data(zone: Zone) -> dict[str, object]:
+    """The zone as JSON-ready data, for the DNS process to answer from (`zone_from_data`)."""
+
+    def value(record: Record) -> object:
+        v = record.value
+        if isinstance(v, Srv):
+            return [v.priority, v.weight, v.port, v.target]
+        if isinstance(v, Soa):
+            return [v.mname, v.rname, v.serial, v.refresh, v.retry, v.expire, v.minimum]
+        return v
+
+    return {
+        "domain": zone.domain,
+        "version": zone.version,
+        "ttl": zone.ttl,
+        "names": {
+            name: {t: [[r.ttl, value(r)] for r in rs] for t, rs in types.items()}
+            for name, types in zone.records.items()
+        },
+    }
+
+
+def zone_from_data(data: object) -> Zone:
+    """The zone `zone_data` gave, checked field by field: ValueError names the first wrong one
+    (the data crossed a process boundary, and maybe a network)."""
+    top = _mapping(data, "the zone")
+    domain = _name(top.get("domain"), "domain")
+    version = _int(top.get("version"), "version", 0, 2**63)
+    ttl = _int(top.get("ttl"), "ttl", 0, MAX_TTL)
+    names: dict[str, dict[str, tuple[Record, ...]]] = {}
+    for name, types in _mapping(top.get("names"), "names").items():
+        name = _name(name, "a name")
+        kept: dict[str, tuple[Record, ...]] = {}
+        for rtype, records in _mapping(types, name).items():
+            if rtype not in RTYPES:
+                raise ValueError(f"{name}: record type {rtype!r} is not one of {sorted(RTYPES)}")
+            if not isinstance(records, list):
+                raise ValueError(f"{name} {rtype}: records must be a list")
+            kept[rtype] = tuple(_record(name, rtype, r) for r in records)
+        names[name] = kept
+    if "SOA" not in names.get(domain, {}):
+        raise ValueError(f"the zone has no SOA record at its domain {domain!r}")
+    return Zone(domain, version, ttl, names)
+
+
+def _record(name: str, rtype: str, data: object) -> Record:
+    where = f"{name} {rtype}"
+    if not isinstance(data, list) or len(data) != 2:
+        raise ValueError(f"{where}: a record must be [ttl, value]")
+    ttl = _int(data[0], f"{where} ttl", 0, MAX_TTL)
+    raw = data[1]
+    value: str | Srv | Soa
+    if rtype in ("A", "AAAA"):
+        version = 4 if rtype == "A" else 6
+        try:
+            address = ipaddress.ip_address(raw if isinstance(raw, str) else "")
+        except ValueError:
+            raise ValueError(f"{where}: {raw!r} is not an IPv{version} address") from None
+        if address.version != version:
+            raise ValueError(f"{where}: {raw!r} is not an IPv{version} address")
+        value = str(address)
+    elif rtype in ("PTR", "NS"):
+        value = _name(raw, f"{where} target")
+    elif rtype == "SRV":
+        fields = raw if isinstance(raw, list) and len(raw) == 4 else None
+        if fields is None:
+            raise ValueError(f"{where}: must be [priority, weight, port, target]")
+        priority, weight, port = (_int(v, f"{where} field", 0, 65535) for v in fields[:3])
+        value = Srv(priority, weight, port, _name(fields[3], f"{where} target"))
+    else:
+        fields = raw if isinstance(raw, list) and len(raw) == 7 else None
+        if fields is None:
+            raise ValueError(f"{where}: must be [mname, rname, serial, refresh, retry, ...]")
+        times = [_int(v, f"{where} field", 0, 2**32 - 1) for v in fields[2:]]
+        value = Soa(_name(fields[0], f"{where} mname"), _name(fields[1], f"{where} rname"), *times)
+    return Record(name, rtype, ttl, value)
+
+
+def _mapping(data: object, what: str) -> dict[str, object]:
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError(f"{what} must be an object")
+    return data
+
+
+def _int(data: object, what: str, low: int, high: int) -> int:
+    if isinstance(data, bool) or not isinstance(data, int) or not low <= data <= high:
+        raise ValueError(f"{what} must be a whole number from {low} to {high}, not {data!r}")
+    return data
+
+
+# Labels of 1-63 printable ASCII characters but dots and upper case: what the zone is built
+# from is checked where it enters (labels, names); this only keeps out what can't be a name.
+NAME_RE = re.compile(r"[!-\-/-@\[-~]{1,63}(\.[!-\-/-@\[-~]{1,63})*")
+
+
+def _name(data: object, what: str) -> str:
+    """A lower-case DNS name without the trailing dot."""
+    if not isinstance(data, str) or len(data) > MAX_NAME or not NAME_RE.fullmatch(data):
+        raise ValueError(f"{what} {data!r} is not a lower-case DNS name")
+    return data

@@ -70,9 +70,15 @@ class Stack:
             for c in self.containers("web")
         }
 
-    def dig(self) -> set[str]:
+    @property
+    def dns_service_ip(self) -> str:
+        return self.env["CP_DNS2_IP"]
+
+    def dig(self, server: str | None = None) -> set[str]:
+        """web.internal's addresses from the controller's DNS, or from `server`."""
+        at = server or self.dns_ip
         done = subprocess.run(
-            ["dig", f"@{self.dns_ip}", "+short", "+time=2", "+tries=1", "web.internal", "A"],
+            ["dig", f"@{at}", "+short", "+time=2", "+tries=1", "web.internal", "A"],
             capture_output=True,
             text=True,
             timeout=15,
@@ -107,6 +113,7 @@ def stack(
         "CP_NETWORK": f"{project}_app",
         "CP_SUBNET": str(subnet),
         "CP_DNS_IP": dns_ip,
+        "CP_DNS2_IP": str(subnet.network_address + 54),
         "CP_HTTP_PORT": str(free_port()),
         "CP_API_PORT": str(free_port()),
         "CP_DNS_PORT": str(free_port()),
@@ -143,6 +150,15 @@ def test_scale_switch_and_tear_down(stack: Stack, http_for: type[Http]) -> None:
         what="nginx answering from the 4 backends",
     )
     wait_until(lambda: stack.dig() == stack.web_ips(), what="DNS answering the 4 addresses")
+    four = stack.web_ips()
+    wait_until(
+        lambda: stack.dig(stack.dns_service_ip) == four, what="the dns service answering them"
+    )
+    (controller,) = stack.containers("controlplane")
+    controller.stop(timeout=10)  # the dns service answers on while the controller is down
+    assert stack.dig(stack.dns_service_ip) == four
+    controller.start()
+    wait_until(lambda: stack.dig() == four, timeout=30, what="the controller's DNS back")
 
     (nginx,) = stack.containers("nginx")
     assert api.get("/api/v1/nginx").json()["nginx"][0]["dataplane"] == stack.dataplane
@@ -159,6 +175,7 @@ def test_scale_switch_and_tear_down(stack: Stack, http_for: type[Http]) -> None:
         lambda: ips if len(ips := stack.web_ips()) == 1 else None, what="1 web container"
     )
     wait_until(lambda: stack.dig() == {last}, what="DNS answering the 1 address")
+    wait_until(lambda: stack.dig(stack.dns_service_ip) == {last}, what="the dns service following")
     (remaining,) = stack.containers("web")
     wait_until(lambda: http.settled("web", {remaining.name}), what="nginx answering from 1")
     web = api.get("/api/v1/services/web").json()

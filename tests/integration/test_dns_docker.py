@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -125,3 +127,48 @@ def test_no_stale_answer_once_the_change_is_applied(
     assert after and all(victim_ip not in ips for ips in after)
     versions = {frozenset(ips) for _, ips in answers}
     assert versions <= {frozenset(all_ips), frozenset(all_ips - {victim_ip})}, versions
+
+
+def test_a_dns_service_follows_the_controller_and_outlives_it(
+    lab: Lab, start_controller: ControllerFactory
+) -> None:
+    """`controlplane dns --controller URL` (Compose's dns service): answers what the API's
+    zone holds, follows each change by long poll, answers on while the controller is gone,
+    and SERVFAIL once --keep has passed without word from it."""
+    net = lab.network()
+    backends = [lab.backend(net) for _ in range(2)]
+    controller = start_controller(net.name, api_bind="127.0.0.1:0")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controlplane", "dns", f"--bind=127.0.0.1:{port}",
+         f"--controller={controller.api_url}", "--keep=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert "ready" in json.loads(process.stdout.readline())
+        ips = sorted(ip_of(b, str(net.name)) for b in backends)
+        wait_until(lambda: dig(port, "web.internal", "A") == ips, what="the backends in DNS")
+        backends.append(lab.backend(net))
+        ips = sorted(ip_of(b, str(net.name)) for b in backends)
+        wait_until(lambda: dig(port, "web.internal", "A") == ips, what="the new backend in DNS")
+        controller.stop()
+        gone = time.monotonic()
+        assert dig(port, "web.internal", "A") == ips
+        wait_until(
+            lambda: "status: SERVFAIL" in dig_full(port, "web.internal"),
+            timeout=15,
+            what="SERVFAIL once --keep passed",
+        )
+        assert time.monotonic() - gone >= 1.5
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=10)
+    assert "does not answer" in errors and "SERVFAIL until it answers" in errors
+
+
+def dig_full(port: int, name: str) -> str:
+    return subprocess.run(
+        ["dig", "@127.0.0.1", "-p", str(port), "+time=2", "+tries=1", name],
+        capture_output=True, text=True, timeout=10, check=False,
+    ).stdout  # fmt: skip

@@ -14,7 +14,8 @@ from dnslib import EDNS0 as Edns0
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from controlplane.addresses import SocketAddress
-from controlplane.dns_answer import UDP_PLAIN_LIMIT
+from controlplane.core.dns_records import Zone
+from controlplane.dns_answer import UDP_PLAIN_LIMIT, Answerer
 from controlplane.dns_server import DnsServer
 from controlplane.errors import ControlPlaneError
 from controlplane.metrics import Metrics
@@ -23,7 +24,6 @@ from tests.support.dns_stub import (
     BIG_IPS,
     LOOPBACK,
     WEB_IPS,
-    CountingAnswerer,
     RunningDns,
     StubUpstream,
     frame,
@@ -289,12 +289,16 @@ def test_a_tcp_client_that_hangs_up_mid_message(dns: RunningDns) -> None:
     assert DNSRecord.parse(raw).rr
 
 
+def answering(zone: Zone) -> Answerer:
+    answerer = Answerer(list, False)
+    answerer.use(zone)
+    return answerer
+
+
 def test_stop_releases_the_port() -> None:
     port = free_port()
     for _ in range(2):
-        server = DnsServer(
-            [SocketAddress(LOOPBACK, port)], CountingAnswerer(lambda: ZONE, list, False), None
-        )
+        server = DnsServer([SocketAddress(LOOPBACK, port)], answering(ZONE), None)
         server.start()
         try:
             assert DNSRecord.parse(udp_ask(port, query("web.internal"))).rr
@@ -303,9 +307,7 @@ def test_stop_releases_the_port() -> None:
 
 
 def test_a_taken_port_is_a_clear_error(dns: RunningDns) -> None:
-    server = DnsServer(
-        [SocketAddress(LOOPBACK, dns.port)], CountingAnswerer(lambda: ZONE, list, False), None
-    )
+    server = DnsServer([SocketAddress(LOOPBACK, dns.port)], answering(ZONE), None)
     with pytest.raises(ControlPlaneError, match="--dns-bind"):
         server.start()
     server.stop()

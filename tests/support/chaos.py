@@ -9,6 +9,7 @@ dockerd restart runs on a private engine (tests/support/engine.py), never the ma
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ from docker.models.containers import Container
 from docker.models.networks import Network
 
 from images.build import ensure_images
+from tests.support.dns_stub import DnsLoad, dns_processes
 from tests.support.engine import PrivateEngine
 from tests.support.lab import DRAINING, Lab, wait_until
 from tests.support.ports import free_port
@@ -86,6 +88,7 @@ class Controller:
             "--state-dir", str(self.state_dir),
             "--templates", str(self.templates),
             "--resync", "10",
+            "--dns-keep", "30",
             "--log-level", "warning",
         ]  # fmt: skip
         if self.docker_url:
@@ -121,12 +124,16 @@ class Controller:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
+        """Stops the controller, and its DNS process, which would answer on for --dns-keep."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        for pid in dns_processes(self.dns_port):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     @property
     def pid(self) -> int:
@@ -434,9 +441,10 @@ def nginx_restart_and_second(rig: Rig) -> Callable[[ScenarioResult], None]:
     return action
 
 
-def controller_kill(rig: Rig) -> Callable[[ScenarioResult], None]:
-    """SIGKILL the controller during churn, start it again: nginx serves throughout, the new
-    controller rebuilds its model and keeps the persisted override."""
+def controller_kill(rig: Rig, dns_rate: int = 2000) -> Callable[[ScenarioResult], None]:
+    """SIGKILL the controller during churn, start it again: nginx serves throughout, DNS
+    answers throughout (dnsperf at `dns_rate` q/s: no query lost), the new controller
+    rebuilds its model and keeps the persisted override."""
 
     def action(result: ScenarioResult) -> None:
         api = rig.controller.api
@@ -446,10 +454,17 @@ def controller_kill(rig: Rig) -> Callable[[ScenarioResult], None]:
         )
         assert reply.status_code == 200, reply.text
         churn = [rig.add_backend(wait=False) for _ in range(2)]
+        rig.converge()
+        load = DnsLoad(rig.controller.dns_port, dns_rate, seconds=10)
+        time.sleep(1)
         rig.controller.kill()
         churn[0].stop(timeout=10)
         rig.add_backend(wait=False)
         timed(rig, result, rig.controller.start)
+        lost, sent = load.lost()
+        result.notes.append(f"DNS: {lost} of {sent} queries lost through the kill and restart")
+        assert sent > dns_rate * 5 and lost == 0, result.notes[-1]
+        assert len(dns_processes(rig.controller.dns_port)) == 1, "the old DNS process is left"
         web = api.get(f"/api/v1/services/{SERVICE}").json()
         weights = {b["name"]: b["weight"] for b in web["backends"]}
         assert weights[name] == 3, f"the override was lost: {weights}"

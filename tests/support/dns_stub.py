@@ -9,11 +9,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
+import os
+import re
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
@@ -167,15 +172,17 @@ class StubUpstream:
 
 class CountingAnswerer(Answerer):
     """Counts every packet the server hands over, so a load test knows what was processed;
-    the count lives in shared memory so a sender in another process can pace itself by it."""
+    the count lives in shared memory so a sender in another process can pace itself by it.
+    Every packet: so no reply goes into `fast`, which the server reads without a call."""
+
+    fill_fast = False
 
     def __init__(
         self,
-        zone_of: Callable[[], Zone | None],
         allowed: Callable[[], Iterable[IpNetwork]],
         forwarding: bool,
     ) -> None:
-        super().__init__(zone_of, allowed, forwarding)
+        super().__init__(allowed, forwarding)
         self.shared_seen = multiprocessing.RawValue(ctypes.c_uint64, 0)
 
     @property
@@ -190,7 +197,7 @@ class CountingAnswerer(Answerer):
 @dataclass
 class RunningDns:
     server: DnsServer
-    answerer: CountingAnswerer
+    answerer: Answerer
     forwarder: Forwarder | None
     port: int
 
@@ -207,10 +214,14 @@ def running_dns(
     allowed: Iterable[IpNetwork] = (),
     timeout: float = 1.0,
     clock: Callable[[], float] = time.monotonic,
+    counting: bool = False,
 ) -> Iterator[RunningDns]:
-    """A DnsServer on a free loopback port, wired the way `wiring._dns_server` wires it."""
+    """A DnsServer on a free loopback port, wired the way `wiring._dns_server` wires it;
+    `counting`: with a CountingAnswerer."""
     networks = list(allowed)
-    answerer = CountingAnswerer(lambda: zone, lambda: networks, forwarding=bool(upstreams))
+    kind = CountingAnswerer if counting else Answerer
+    answerer = kind(lambda: networks, forwarding=bool(upstreams))
+    answerer.use(zone)
     forwarder = Forwarder(upstreams, timeout, clock) if upstreams else None
     for attempt in range(5):
         port = free_port()
@@ -296,3 +307,51 @@ def sample_zone(domain: str = "internal", ttl: int = 5, version: int = 1) -> Zon
     idle = container("p1", aliases=("idle",), ip="172.20.2.1", status="paused")
     topology = build_topology(state(*web, *big, idle), BuildOptions())
     return build_zone(topology, domain, ttl, version)
+
+
+def dns_processes(port: int) -> list[int]:
+    """Pids of the `controlplane dns` processes serving 127.0.0.1:port (a controller's, which
+    outlive it for --dns-keep seconds)."""
+    wanted = [b"controlplane", b"dns", f"--bind={LOOPBACK}:{port}".encode()]
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(word in argv for word in wanted):
+            pids.append(int(entry))
+    return pids
+
+
+@dataclass
+class DnsLoad:
+    """dnsperf at a fixed rate for a bounded time, in the background; `lost()` waits for it
+    and is its count of queries that got no answer within its timeout (1 s)."""
+
+    port: int
+    rate: int
+    seconds: int
+    name: str = "web.internal"
+
+    def __post_init__(self) -> None:
+        self._queries = tempfile.NamedTemporaryFile("w", suffix=".txt")  # noqa: SIM115
+        self._queries.write(f"{self.name} A\n")
+        self._queries.flush()
+        self._process = subprocess.Popen(
+            ["dnsperf", "-s", LOOPBACK, "-p", str(self.port), "-d", self._queries.name,
+             "-Q", str(self.rate), "-l", str(self.seconds), "-t", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def lost(self) -> tuple[int, int]:
+        """(lost, sent)."""
+        output, _ = self._process.communicate(timeout=self.seconds + 30)
+        self._queries.close()
+        sent = re.search(r"Queries sent:\s+(\d+)", output)
+        lost = re.search(r"Queries lost:\s+(\d+)", output)
+        if sent is None or lost is None:
+            raise AssertionError(f"dnsperf printed no counts:\n{output[-2000:]}")
+        return int(lost.group(1)), int(sent.group(1))

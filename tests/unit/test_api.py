@@ -5,12 +5,14 @@ OpenAPI document by `ApiHarness.call`."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from controlplane.core import labels as L
+from controlplane.core.dns_records import zone_from_data
 from controlplane.errors import ApiError, ControlPlaneError, InvalidValue
 from tests.unit.builders import container, nginx, state, swarm_service, task
 from tests.unit.conftest import WEB, ApiHarness, HarnessFactory
@@ -182,6 +184,22 @@ def test_dns_records_of_live_backends(api: ApiHarness) -> None:
     a_records = {r["value"] for r in reply["records"] if r["name"] == "web.internal"}
     assert {"172.20.0.2", "172.20.0.3"} <= a_records
     assert reply["domain"] == "internal" and reply["version"] >= 1
+
+
+def test_dns_zone_is_the_zone_the_dns_service_answers_from(api: ApiHarness) -> None:
+    """What `controlplane dns --controller` follows: the zone whole, at once when the caller
+    has another version (a restarted controller counts from 1 again), else after `timeout`."""
+    reply = api.call("GET", "/api/v1/dns/zone?timeout=0").get_json()
+    zone = zone_from_data(reply["zone"])
+    assert zone.version == reply["version"] >= 1
+    assert {r.value for r in zone.lookup("web.internal", "A") or ()} >= {"172.20.0.2"}
+    assert isinstance(reply["allowed"], list)
+    started = time.monotonic()
+    again = api.call("GET", f"/api/v1/dns/zone?after={reply['version']}&timeout=0.2")
+    assert again.get_json()["version"] == reply["version"]
+    assert time.monotonic() - started >= 0.15
+    bad = api.call("GET", "/api/v1/dns/zone?timeout=31")
+    assert bad.status_code == 422 and "timeout" in bad.get_data(as_text=True)
 
 
 def test_resync_reinspects_and_reports(api: ApiHarness) -> None:

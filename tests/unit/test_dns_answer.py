@@ -7,7 +7,7 @@ import ipaddress
 import itertools
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from dnslib import (
@@ -73,22 +73,15 @@ def make_zone(version: int = 1, web_ips: Iterable[str] = WEB_IPS) -> Zone:
 ZONE = make_zone()
 
 
-@dataclass
-class ZoneHolder:
-    """What the reconciler's snapshot is to the Answerer: swapped whole."""
-
-    zone: Zone | None
-
-    def __call__(self) -> Zone | None:
-        return self.zone
-
-
 def answerer(
     zone: Zone | None = ZONE,
     forwarding: bool = False,
     allowed: Iterable[IpNetwork] = ALLOWED,
+    **options: Any,
 ) -> Answerer:
-    return Answerer(lambda: zone, lambda: list(allowed), forwarding)
+    a = Answerer(lambda: list(allowed), forwarding, **options)
+    a.use(zone)
+    return a
 
 
 def query(
@@ -114,7 +107,9 @@ def cookie(seed: int) -> EdnsOption:
 
 
 def ask(a: Answerer, data: bytes, client: str = "127.0.0.1", udp: bool = True) -> DNSRecord:
-    reply = a.answer(data, client, udp)
+    """As the server asks: a UDP query looks into `fast` first."""
+    fast = a.fast.get(data[2:]) if udp else None
+    reply = a.answer(data, client, udp) if fast is None else data[:2] + next(fast[0])
     assert isinstance(reply, bytes | bytearray), reply
     return DNSRecord.parse(reply)
 
@@ -557,8 +552,7 @@ def test_negative_answers_are_cached_too() -> None:
 
 
 def test_a_new_zone_version_never_returns_old_answers() -> None:
-    holder = ZoneHolder(make_zone(1))
-    a = Answerer(holder, lambda: [], False)
+    a = answerer(make_zone(1), allowed=[])
     web = query("web.internal")
     new_name = query("w4.container.internal")
     for _ in range(3):  # warm every rotation variant
@@ -566,7 +560,7 @@ def test_a_new_zone_version_never_returns_old_answers() -> None:
     assert ask(a, new_name).header.rcode == RCODE.NXDOMAIN
     assert ask(a, query("internal", "SOA")).rr[0].rdata.times[0] == 1
 
-    holder.zone = make_zone(2, web_ips=("172.20.0.3", "172.20.0.9", "172.20.0.10", "172.20.0.11"))
+    a.use(make_zone(2, web_ips=("172.20.0.3", "172.20.0.9", "172.20.0.10", "172.20.0.11")))
     for _ in range(8):
         assert {str(rr.rdata) for rr in ask(a, web).rr} == {
             "172.20.0.3",
@@ -580,13 +574,12 @@ def test_a_new_zone_version_never_returns_old_answers() -> None:
 
 
 def test_a_new_version_with_the_same_records_is_answered_afresh() -> None:
-    holder = ZoneHolder(make_zone(1))
-    a = Answerer(holder, lambda: [], False)
+    a = answerer(make_zone(1), allowed=[])
     misses = counting(a)
     ask(a, query("web.internal"))
     ask(a, query("web.internal"))
     assert len(misses) == 1
-    holder.zone = make_zone(2)
+    a.use(make_zone(2))
     ask(a, query("web.internal"))
     assert len(misses) == 2
 
@@ -762,7 +755,7 @@ def test_ninety_backends_over_udp_fit_without_tc_and_all_over_tcp(
 def test_udp_answers_caps_a_udp_answer(limit: int, name: str, expected: int) -> None:
     """--dns-udp-answers, Consul's udp_answer_limit: a random pick of that many over UDP,
     all over TCP."""
-    a = Answerer(lambda: ZONE, list, False, udp_answers=limit)
+    a = answerer(ZONE, allowed=[], udp_answers=limit)
     qtype = "SRV" if name.startswith("_") else "A"
     for _ in range(3):
         assert len(ask(a, query(name, qtype)).rr) == expected
@@ -780,7 +773,7 @@ def test_udp_answers_caps_a_udp_answer(limit: int, name: str, expected: int) -> 
 def test_any_udp_answer_fits_its_limit(
     count: int, qtype: str, edns: int | None, limit: int, seed: int
 ) -> None:
-    a = Answerer(lambda: MANY_ZONES[count], list, False, udp_answers=limit, rng=random.Random(seed))
+    a = answerer(MANY_ZONES[count], allowed=[], udp_answers=limit, rng=random.Random(seed))
     data = query("mAnY.internal", qtype, edns=edns)
     raw = a.answer(data, "127.0.0.1", True)
     assert isinstance(raw, bytes | bytearray)
@@ -929,15 +922,14 @@ def test_a_reply_sent_to_us_is_dropped() -> None:
 
 
 def test_before_the_first_sync_servfail_then_answers() -> None:
-    holder = ZoneHolder(None)
-    a = Answerer(holder, lambda: [], True)
+    a = answerer(None, True, allowed=[])
     for _ in range(2):
         reply = ask(a, query("web.internal", ident=5))
         assert reply.header.rcode == RCODE.SERVFAIL
         assert reply.header.id == 5
         assert reply.rr == []
     assert ask(a, query("example.com")).header.rcode == RCODE.SERVFAIL
-    holder.zone = ZONE
+    a.use(ZONE)
     reply = ask(a, query("web.internal", ident=6))
     assert reply.header.rcode == RCODE.NOERROR
     assert {str(rr.rdata) for rr in reply.rr} == set(WEB_IPS)
@@ -1008,7 +1000,7 @@ def test_a_refusal_is_not_served_to_an_allowed_client() -> None:
 
 def test_the_allow_list_is_read_at_each_query() -> None:
     allowed: list[IpNetwork] = []
-    a = Answerer(lambda: ZONE, lambda: allowed, True)
+    a = answerer(ZONE, True, allowed)
     data = query("example.com")
     assert isinstance(a.answer(data, "172.30.0.5", True), bytes | bytearray)
     allowed.append(ipaddress.ip_network("172.30.0.0/16"))
@@ -1136,19 +1128,43 @@ def test_mutated_queries_never_raise(
         assert DNSRecord.parse(result).header.qr == 1
 
 
-def test_the_zone_is_read_once_per_query() -> None:
-    """zone_of is read once per query, so an answer can't mix two versions."""
-    calls: list[int] = []
-    zones = [make_zone(1), make_zone(2, web_ips=("172.20.0.9",))]
+def test_use_swaps_zone_and_replies_as_one() -> None:
+    """The query after `use()` is answered from the new zone whole, fast replies included."""
+    a = answerer(make_zone(1), allowed=[])
+    web = query("web.internal")
+    for _ in range(len(WEB_IPS) + 1):
+        reply = ask(a, web)
+        assert {str(rr.rdata) for rr in reply.rr} == set(WEB_IPS)
+        assert reply.rr[0].ttl == TTL
+    assert web[2:] in a.fast
+    a.use(make_zone(2, web_ips=("172.20.0.9",)))
+    assert a.fast == {}
+    assert {str(rr.rdata) for rr in ask(a, web).rr} == {"172.20.0.9"}
+    assert a.zone is not None and a.zone.version == 2
 
-    def zone_of() -> Zone:
-        calls.append(1)
-        return zones[min(len(calls) - 1, 1)]
 
-    a = Answerer(zone_of, lambda: [], False)
-    reply = ask(a, query("web.internal"))
-    assert len(calls) == 1
-    assert {str(rr.rdata) for rr in reply.rr} == set(WEB_IPS)
-    assert reply.rr[0].ttl == TTL
-    reply = ask(a, query("web.internal"))
-    assert {str(rr.rdata) for rr in reply.rr} == {"172.20.0.9"}
+def test_fast_replies_rotate_and_carry_their_outcome() -> None:
+    """The UDP reader's own path: each order in turn, then again; the outcome counted is
+    the reply's."""
+    a = answerer()
+    web = query("web.internal")
+    firsts = [first_a(ask(a, web)) for _ in range(2 * len(WEB_IPS))]
+    assert firsts[: len(WEB_IPS)] == firsts[len(WEB_IPS) :]
+    assert sorted(firsts[: len(WEB_IPS)]) == sorted(WEB_IPS)
+    assert a.fast[web[2:]][1] == dns_answer.OUTCOMES.index("noerror")
+    nope = query("nope.internal")
+    ask(a, nope)
+    assert a.fast[nope[2:]][1] == dns_answer.OUTCOMES.index("nxdomain")
+
+
+def test_only_client_independent_replies_go_fast() -> None:
+    """A refusal for a client outside the allow list, a forward and a random subset are
+    decided per query: none of them is kept in `fast`."""
+    a = answerer(forwarding=True, allowed=[])
+    outside = query("example.com")
+    assert isinstance(a.answer(outside, "172.30.0.5", True), bytes)
+    assert isinstance(a.answer(outside, "127.0.0.1", True), Forward)
+    big = query("big.internal")
+    ask(a, big)
+    ask(a, big)
+    assert a.fast == {}

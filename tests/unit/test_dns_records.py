@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytest
 
@@ -18,9 +21,12 @@ from controlplane.core.dns_records import (
     build_zone,
     local_zone,
     reverse_name,
+    zone_data,
+    zone_from_data,
 )
 from controlplane.core.lifecycle import StopMark
 from controlplane.core.model import ContainerFacts
+from tests.support.dns_stub import sample_zone
 from tests.unit.builders import container, container_id, state
 
 DOMAIN = "internal"
@@ -418,3 +424,47 @@ def test_a_service_with_no_live_backend_has_both_names_without_records() -> None
     z = zone(container("w1", status="paused"))
     assert z.lookup("web.internal", "A") == ()
     assert z.lookup("_web._tcp.internal", "SRV") == ()
+
+
+# ---------------------------------------------------------------- the zone as data (dns_process)
+
+
+def test_a_zone_goes_through_json_whole() -> None:
+    zone = sample_zone()
+    again = zone_from_data(json.loads(json.dumps(zone_data(zone))))
+    assert again == zone and again.records == zone.records
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda d: d.update(ttl=-1), "ttl must be a whole number"),
+        (lambda d: d.update(version=True), "version must be a whole number"),
+        (lambda d: d.update(domain="Internal"), "is not a lower-case DNS name"),
+        (lambda d: d["names"].update({"a..b": {}}), "'a..b' is not a lower-case DNS name"),
+        (lambda d: d["names"]["web.internal"].update(TXT=[]), "record type 'TXT'"),
+        (lambda d: d["names"]["web.internal"].update(A=[[5, "::1"]]), "not an IPv4 address"),
+        (lambda d: d["names"]["web.internal"].update(A=[[5, "x"]]), "not an IPv4 address"),
+        (lambda d: d["names"]["web.internal"].update(A=[5]), "must be [ttl, value]"),
+        (lambda d: d["names"]["web.internal"].update(SRV=[[5, [1, 2, 70000, "w.x"]]]), "65535"),
+        (lambda d: d["names"].pop("internal"), "no SOA record"),
+        (lambda d: d.update(names=[]), "names must be an object"),
+    ],
+)
+def test_zone_data_is_checked_field_by_field(
+    change: Callable[[dict[str, Any]], None], reason: str
+) -> None:
+    data = json.loads(json.dumps(zone_data(sample_zone())))
+    change(data)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        zone_from_data(data)
+
+
+def test_a_name_no_dns_name_can_hold_is_left_out_of_the_zone() -> None:
+    """A network name past 63 characters can't be a label: its scoped name is skipped, the
+    rest of the zone stands (and still goes through zone_data)."""
+    long_net = "n" * 70
+    built = zone(container("w1", network=long_net, ip="10.9.0.2"), networks=(long_net,))
+    assert values(built, "web.internal", "A") == ("10.9.0.2",)
+    assert not any(long_net in name for name in built.records)
+    assert zone_from_data(zone_data(built)) == built

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from dnslib import DNSRecord
 
-from controlplane import wiring
 from controlplane.cli import main
 from controlplane.errors import InvalidValue
 from controlplane.settings import Settings
-from tests.support.dns_stub import sample_zone
 
 
 @pytest.mark.parametrize(
@@ -52,24 +49,6 @@ def test_every_flag_of_run_has_its_environment_variable() -> None:
     assert names["--state-dir"] == "CONTROLPLANE_STATE_DIR"
     settable = {p.name for p in flags} - {"log_level"}
     assert settable <= set(Settings.__dataclass_fields__)
-
-
-def test_dns_udp_answers_reaches_the_resolver() -> None:
-    """--dns-udp-answers caps UDP answers of the server `controlplane run` wires (never TCP)."""
-
-    class Snapshot:
-        dns = sample_zone()
-
-    class Reconciler:
-        snapshot = Snapshot()
-
-    settings = Settings(dns_binds=("127.0.0.1:53",), dns_udp_answers=2)
-    server = wiring._dns_server(settings, Reconciler())  # type: ignore[arg-type]
-    assert server is not None
-    for udp, count in ((True, 2), (False, 3)):
-        reply = server.answer(bytes(DNSRecord.question("web.internal").pack()), "127.0.0.1", udp)
-        assert isinstance(reply, bytes)
-        assert len(DNSRecord.parse(reply).rr) == count
 
 
 @pytest.mark.parametrize("value", ["-1", "x"])

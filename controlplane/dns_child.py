@@ -1,0 +1,200 @@
+"""The controller's side of the DNS data plane: starts `controlplane dns` (dns_process) as a
+process of its own and feeds it each new zone, so DNS keeps answering when this process
+stops, crashes or is killed, and a restarted controller's DNS process takes the port over.
+
+Zones are written by a thread of their own, latest first, and `applied()` waits, bounded,
+until the DNS process answers from one: a pass is done when DNS is, and a slow or stuck DNS
+process delays it by that bound at most. A DNS process that died is started again at the
+next zone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from typing import IO
+
+from controlplane.addresses import SocketAddress
+from controlplane.core.dns_records import Zone, zone_data
+from controlplane.errors import ControlPlaneError
+from controlplane.settings import IpNetwork
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 20.0
+
+
+class DnsChild:
+    def __init__(
+        self,
+        binds: Sequence[SocketAddress],
+        upstreams: Sequence[SocketAddress],
+        udp_answers: int,
+        allow: Sequence[IpNetwork] | None,
+        keep: float,
+        command: Sequence[str] = (sys.executable, "-m", "controlplane", "dns"),
+    ) -> None:
+        self._argv = [
+            *command,
+            *(f"--bind={b}" for b in binds),
+            *(f"--upstream={u}" for u in upstreams),
+            f"--udp-answers={udp_answers}",
+            *(f"--allow={n}" for n in allow or ()),
+            f"--keep={keep:g}",
+            f"--log-level={logging.getLevelName(logging.getLogger().level).lower()}",
+        ]
+        self._binds = list(binds)
+        self._keep = keep
+        self._process: subprocess.Popen[str] | None = None
+        self._latest: str | None = None
+        self._sent: str | None = None
+        self._wake = threading.Condition()
+        self._closing = False
+        self._outcomes: dict[str, int] = {}
+        self._applied: int | None = None
+        self._applied_changed = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        """Returns once the DNS process listens (or will take over from its predecessor);
+        raises ControlPlaneError with its reason when it can't."""
+        self._spawn()
+        self._writer = threading.Thread(target=self._write, name="dns-feed", daemon=True)
+        self._writer.start()
+        where = ", ".join(map(str, self._binds))
+        log.info("DNS on %s served by process %s (UDP and TCP)", where, self.pid)
+
+    def _spawn(self) -> None:
+        process = subprocess.Popen(
+            self._argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a terminal's ^C or a process-group kill is not its end
+        )
+        assert process.stdout is not None
+        out = process.stdout
+        first: list[str] = []
+        reader = threading.Thread(target=lambda: first.append(out.readline()), daemon=True)
+        reader.start()
+        reader.join(READY_TIMEOUT)
+        message = json.loads(first[0]) if first and first[0] else {}
+        if "ready" not in message:
+            process.kill()
+            process.wait()
+            raise ControlPlaneError(
+                str(
+                    message.get("error")
+                    or "the DNS process did not start; run with --log-level debug to see why"
+                )
+            )
+        self._process = process
+        self.pid = process.pid
+        self._sent = None
+        threading.Thread(
+            target=self._read_reports, args=(process.stdout,), name="dns-reports", daemon=True
+        ).start()
+
+    def publish(self, zone: Zone | None, allowed: Iterable[str]) -> None:
+        """Queues `zone` for the DNS process, with the CIDRs that may use its forwarder; only
+        the latest queued is sent."""
+        line = json.dumps(
+            {"zone": zone_data(zone) if zone else None, "allowed": list(allowed)},
+            separators=(",", ":"),
+        )
+        with self._wake:
+            self._latest = line
+            self._wake.notify()
+
+    def _write(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and self._latest in (None, self._sent):
+                    self._wake.wait()
+                if self._closing:
+                    return
+                line = self._latest
+            assert line is not None
+            self._send(line)
+
+    def _send(self, line: str) -> None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            log.error("the DNS process exited (%s): starting another", self._exit(process))
+            try:
+                self._spawn()
+            except ControlPlaneError as error:
+                log.error("DNS is not served: %s", error)
+                return
+            process = self._process
+        assert process is not None and process.stdin is not None
+        try:
+            process.stdin.write(line + "\n")
+            process.stdin.flush()
+            self._sent = line
+        except (BrokenPipeError, ValueError):
+            log.error("the DNS process stopped reading its zones: starting another")
+            process.kill()
+
+    @staticmethod
+    def _exit(process: subprocess.Popen[str] | None) -> str:
+        return "never started" if process is None else f"exit code {process.returncode}"
+
+    def _read_reports(self, out: IO[str]) -> None:
+        for line in out:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            outcomes = message.get("outcomes")
+            if isinstance(outcomes, dict):
+                self._outcomes = {str(k): int(v) for k, v in outcomes.items()}
+            if isinstance(message.get("zone"), int):
+                with self._applied_changed:
+                    self._applied = message["zone"]
+                    self._applied_changed.notify_all()
+
+    def applied(self, version: int, timeout: float) -> bool:
+        """Waits until the DNS process answers from zone `version` (or a later one)."""
+        with self._applied_changed:
+            return self._applied_changed.wait_for(
+                lambda: self._applied is not None and self._applied >= version, timeout
+            )
+
+    def outcomes(self) -> dict[str, int]:
+        """Queries by outcome, as the DNS process last reported (each second)."""
+        return dict(self._outcomes)
+
+    def close(self) -> None:
+        """Ends the feed: the DNS process answers the last zone for --dns-keep seconds, unless
+        a new controller takes over first; with 0, it stops now and this waits for it."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._writer is not None:
+            self._writer.join(timeout=5)
+        process = self._process
+        if process is None:
+            return
+        if process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
+        if self._keep == 0:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        elif process.poll() is None:
+            log.info(
+                "DNS (process %s) keeps answering the last zone for %gs (--dns-keep), or "
+                "until a new controller takes it over",
+                process.pid,
+                self._keep,
+            )
