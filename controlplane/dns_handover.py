@@ -168,6 +168,10 @@ class Handover:
         self._given()
 
     def close(self) -> None:
+        """Frees the name at once: shutdown() wakes the thread in accept(), which would hold
+        the socket (and the name) until it returned."""
         server, self._server = self._server, None
         if server is not None:
+            with contextlib.suppress(OSError):
+                server.shutdown(socket.SHUT_RDWR)
             server.close()
