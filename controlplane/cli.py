@@ -445,7 +445,14 @@ def render(**values: Any) -> None:
     help="Follow this controller's API (http://HOST:PORT) instead of standard input: DNS as "
     "a service of its own.",
 )
-@click.option("--api-token", envvar="CONTROLPLANE_API_TOKEN", default=None, hidden=True)
+@click.option(
+    "--api-token",
+    envvar="CONTROLPLANE_API_TOKEN",
+    show_envvar=True,
+    default=None,
+    help="With --controller: the controller's API token; only zones it signed are taken "
+    "(never sent).",
+)
 @click.option("--log-level", default="info", type=click.Choice(LOG_LEVELS))
 def dns(**values: Any) -> None:
     """Serve DNS from a controller's zones: those of `run --dns-bind`, which starts this, on
@@ -469,8 +476,9 @@ def dns(**values: Any) -> None:
         )
     except ControlPlaneError as error:
         raise click.UsageError(str(error)) from error
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the controller's
-    sys.exit(serve(options, sys.stdin, sys.stdout))
+    if controller is None:  # fed by `run`: a terminal's ^C is the controller's
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(serve(options, sys.stdin, sys.stdout if controller is None else None))
 
 
 main.add_command(click.command("run")(_apply(DISCOVERY + RUN, run)))

@@ -112,10 +112,9 @@ class _Cache:
 class Answerer:
     """Answers from the zone last given to `use()` (none before the first sync: SERVFAIL).
 
-    `udp_answers`: at most this many records in a UDP answer (0: as many as fit)."""
-
-    fill_fast = True
-    """Whether UDP replies go into `fast`; off, every query comes through `answer()`."""
+    `udp_answers`: at most this many records in a UDP answer (0: as many as fit).
+    `fill_fast`: whether UDP replies go into `fast`; off, every query comes through
+    `answer()` (a test that counts them)."""
 
     def __init__(
         self,
@@ -124,7 +123,9 @@ class Answerer:
         *,
         udp_answers: int = 0,
         rng: random.Random | None = None,
+        fill_fast: bool = True,
     ) -> None:
+        self.fill_fast = fill_fast
         self._allowed = allowed
         self._forwarding = forwarding
         self._udp_answers = udp_answers

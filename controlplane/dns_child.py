@@ -4,8 +4,8 @@ stops, crashes or is killed, and a restarted controller's DNS process takes the 
 
 Zones are written by a thread of their own, latest first, and `applied()` waits, bounded,
 until the DNS process answers from one: a pass is done when DNS is, and a slow or stuck DNS
-process delays it by that bound at most. A DNS process that died is started again at the
-next zone.
+process delays it by that bound at most. A DNS process that dies is started again at once
+and given the latest zone (then after 1 s, 2 s, ... up to 30 s while it keeps failing).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterable, Sequence
-from typing import IO
 
 from controlplane.addresses import SocketAddress
 from controlplane.core.dns_records import Zone, zone_data
@@ -27,9 +26,12 @@ from controlplane.settings import IpNetwork
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 20.0
+RESPAWN_FIRST, RESPAWN_MAX = 1.0, 30.0
 
 
 class DnsChild:
+    """The DNS process of this controller, and what it was last told."""
+
     def __init__(
         self,
         binds: Sequence[SocketAddress],
@@ -59,6 +61,7 @@ class DnsChild:
         self._applied: int | None = None
         self._applied_changed = threading.Condition()
         self._writer: threading.Thread | None = None
+        self._respawn_after = 0.0
         self.pid: int | None = None
 
     def start(self) -> None:
@@ -84,8 +87,11 @@ class DnsChild:
         reader = threading.Thread(target=lambda: first.append(out.readline()), daemon=True)
         reader.start()
         reader.join(READY_TIMEOUT)
-        message = json.loads(first[0]) if first and first[0] else {}
-        if "ready" not in message:
+        try:
+            message = json.loads(first[0]) if first and first[0] else {}
+        except ValueError:
+            message = {"error": f"the DNS process said {first[0][:200]!r} where it reports"}
+        if not isinstance(message, dict) or "ready" not in message:
             process.kill()
             process.wait()
             raise ControlPlaneError(
@@ -94,11 +100,13 @@ class DnsChild:
                     or "the DNS process did not start; run with --log-level debug to see why"
                 )
             )
+        with self._applied_changed:
+            self._applied = None
         self._process = process
         self.pid = process.pid
         self._sent = None
         threading.Thread(
-            target=self._read_reports, args=(process.stdout,), name="dns-reports", daemon=True
+            target=self._read_reports, args=(process,), name="dns-reports", daemon=True
         ).start()
 
     def publish(self, zone: Zone | None, allowed: Iterable[str]) -> None:
@@ -121,17 +129,22 @@ class DnsChild:
                     return
                 line = self._latest
             assert line is not None
-            self._send(line)
+            if not self._send(line):
+                with self._wake:  # failing to start again: wait, then try again
+                    self._wake.wait_for(lambda: self._closing, self._respawn_after)
 
-    def _send(self, line: str) -> None:
+    def _send(self, line: str) -> bool:
+        """False when no DNS process could be started to take it."""
         process = self._process
         if process is None or process.poll() is not None:
             log.error("the DNS process exited (%s): starting another", self._exit(process))
             try:
                 self._spawn()
             except ControlPlaneError as error:
-                log.error("DNS is not served: %s", error)
-                return
+                self._respawn_after = min(max(self._respawn_after * 2, RESPAWN_FIRST), RESPAWN_MAX)
+                log.error("DNS is not served: %s; trying again in %gs", error, self._respawn_after)
+                return False
+            self._respawn_after = 0.0
             process = self._process
         assert process is not None and process.stdin is not None
         try:
@@ -141,13 +154,16 @@ class DnsChild:
         except (BrokenPipeError, ValueError):
             log.error("the DNS process stopped reading its zones: starting another")
             process.kill()
+        return True
 
     @staticmethod
     def _exit(process: subprocess.Popen[str] | None) -> str:
         return "never started" if process is None else f"exit code {process.returncode}"
 
-    def _read_reports(self, out: IO[str]) -> None:
-        for line in out:
+    def _read_reports(self, process: subprocess.Popen[str]) -> None:
+        """Until the process ends; then the writer starts another and sends it the latest."""
+        assert process.stdout is not None
+        for line in process.stdout:
             try:
                 message = json.loads(line)
             except ValueError:
@@ -159,13 +175,27 @@ class DnsChild:
                 with self._applied_changed:
                     self._applied = message["zone"]
                     self._applied_changed.notify_all()
+        process.wait()
+        with self._applied_changed:
+            self._applied_changed.notify_all()  # nobody waits on a dead process
+        with self._wake:
+            if not self._closing and process is self._process:
+                self._sent = None
+                self._wake.notify()
 
     def applied(self, version: int, timeout: float) -> bool:
-        """Waits until the DNS process answers from zone `version` (or a later one)."""
+        """Waits until the DNS process answers from zone `version` (or a later one); False
+        at once when it has exited."""
+        process = self._process
         with self._applied_changed:
             return self._applied_changed.wait_for(
-                lambda: self._applied is not None and self._applied >= version, timeout
-            )
+                lambda: (
+                    (self._applied is not None and self._applied >= version)
+                    or process is None
+                    or process.poll() is not None
+                ),
+                timeout,
+            ) and (self._applied is not None and self._applied >= version)
 
     def outcomes(self) -> dict[str, int]:
         """Queries by outcome, as the DNS process last reported (each second)."""
@@ -182,6 +212,9 @@ class DnsChild:
         process = self._process
         if process is None:
             return
+        if self._writer is not None and self._writer.is_alive():
+            log.error("the DNS process does not read its zones: stopping it")
+            process.kill()  # its pipe is full: closing it would wait on the stuck write
         if process.stdin is not None:
             with contextlib.suppress(BrokenPipeError):
                 process.stdin.close()

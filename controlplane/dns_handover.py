@@ -4,17 +4,22 @@ a controller restarts (the way nginx and HAProxy reload without closing their po
 A DNS process serving some binds listens on an abstract Unix socket named for them: per
 network namespace (host or container), nothing on disk, gone with the process. A successor
 for the same binds connects and says hello. The serving process agrees only once its own
-controller is gone (its feed ended): two live controllers never take a port from each other.
-When the successor has a zone to answer from, it asks, and gets the UDP and TCP socket of
-every bind (SCM_RIGHTS). Both read them until the predecessor has stopped reading and
-exits; each datagram is read by one of them, so none is lost in between.
+controller is gone (its feed ended), to one successor at a time, and only to a process of its
+own user (or root), as the successor only takes sockets from one: two live controllers never
+take a port from each other, and no other user's process can take it or pose as the serving
+one. When the successor has a zone to answer from, it asks, gets the UDP and TCP socket of
+every bind (SCM_RIGHTS), checks they are bound where it was told to listen, and both read
+them until the predecessor has stopped reading and exits: each datagram is read by one of
+them, so none is lost in between.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +28,8 @@ from controlplane.errors import ControlPlaneError
 
 log = logging.getLogger(__name__)
 
-HELLO, AGREED, BUSY, TAKE = b"hello\n", b"agreed\n", b"busy\n", b"take\n"
+HELLO, AGREED, BUSY, CLAIMED, TAKE = b"hello\n", b"agreed\n", b"busy\n", b"claimed\n", b"take\n"
+SOCKETS = b"sockets\n"
 Listening = list[tuple[socket.socket, socket.socket]]
 """Per bind, in the order of the binds: its UDP socket and its TCP listening socket."""
 
@@ -34,6 +40,21 @@ def rendezvous(binds: Sequence[object]) -> str:
     return "\0controlplane-dns " + " ".join(sorted(str(b) for b in binds))
 
 
+def _peer(conn: socket.socket) -> tuple[int, int]:
+    """The other end's pid and uid (SO_PEERCRED: the kernel's word, not the peer's)."""
+    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid
+
+
+def _trusted(uid: int) -> bool:
+    return uid in (os.getuid(), 0)
+
+
+def _where(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
 class Predecessor:
     """The DNS process serving our binds, which agreed to hand them over."""
 
@@ -41,53 +62,83 @@ class Predecessor:
         self._conn = conn
         self.pid = pid
 
-    def take(self, count: int, timeout: float = 5.0) -> Listening:
-        """Its sockets, `count` binds' worth. It stops reading them once they are sent."""
-        self._conn.settimeout(timeout)
-        self._conn.sendall(TAKE)
-        message, fds, _flags, _addr = socket.recv_fds(self._conn, 4096, 2 * count)
-        self._conn.close()
-        if len(fds) != 2 * count or message != b"sockets\n":
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    socket.close(fd)
-            raise ControlPlaneError(
-                f"the DNS process {self.pid} handed over {len(fds)} sockets, not {2 * count}; "
-                "stop it (kill it) and start the controller again"
-            )
+    def take(self, binds: Sequence[object], timeout: float = 5.0) -> Listening | None:
+        """Its sockets, one UDP and one TCP per bind, checked to be bound there; None when it
+        is gone or sends anything else (then bind afresh). It stops reading them once sent."""
+        fds: list[int] = []
+        try:
+            self._conn.settimeout(timeout)
+            self._conn.sendall(TAKE)
+            message, fds, _flags, _addr = socket.recv_fds(self._conn, 64, 2 * len(binds))
+        except OSError as error:
+            log.warning("process %s did not hand its DNS sockets over (%s)", self.pid, error)
+            message = b""
+        finally:
+            self._conn.close()
         sockets = [socket.socket(fileno=fd) for fd in fds]
+        pairs = [(sockets[i], sockets[i + 1]) for i in range(0, len(sockets) - 1, 2)]
+        wanted = [str(b) for b in binds]
+        if (
+            message == SOCKETS
+            and len(sockets) == 2 * len(binds)
+            and all(u.type == socket.SOCK_DGRAM and t.type == socket.SOCK_STREAM for u, t in pairs)
+            and [_where(u) for u, _ in pairs] == wanted
+            and [_where(t) for _, t in pairs] == wanted
+        ):
+            return pairs
         for sock in sockets:
-            sock.setblocking(True)
-        return [(sockets[i], sockets[i + 1]) for i in range(0, len(sockets), 2)]
+            sock.close()
+        if message:
+            log.warning(
+                "process %s handed over sockets other than %s: binding afresh",
+                self.pid,
+                ", ".join(wanted),
+            )
+        return None
 
     def close(self) -> None:
         self._conn.close()
 
 
 def find_predecessor(binds: Sequence[object], timeout: float = 5.0) -> Predecessor | None:
-    """None when no DNS process serves these binds. Raises when one does for a controller that
-    still runs."""
+    """None when no DNS process (of ours) serves these binds. Raises ControlPlaneError, saying
+    what to do, when one does for a controller that still runs, or when another user's
+    process holds the name."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(timeout)
+    where = ", ".join(map(str, binds))
     try:
         conn.connect(rendezvous(binds))
+        pid, uid = _peer(conn)
+        if not _trusted(uid):
+            raise ControlPlaneError(
+                f"process {pid} of user {uid} claims to serve DNS on {where}; only a DNS "
+                "process of this user or root is taken over: stop it, or pick other "
+                "addresses with --dns-bind"
+            )
+        conn.sendall(HELLO)
+        answer = conn.recv(64)
     except (FileNotFoundError, ConnectionRefusedError):
         conn.close()
         return None
-    try:
-        conn.sendall(HELLO)
-        answer = conn.recv(64)
     except OSError:
         conn.close()
         return None  # it went away in between: no one to take over from
-    pid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    peer = int.from_bytes(pid[:4], "little")
+    except ControlPlaneError:
+        conn.close()
+        raise
     if answer.startswith(AGREED):
-        return Predecessor(conn, peer)
+        return Predecessor(conn, pid)
     conn.close()
-    where = ", ".join(map(str, binds))
+    if answer.startswith(CLAIMED):
+        raise ControlPlaneError(
+            f"another controller is taking DNS on {where} over from process {pid} right now: "
+            "run one controller per DNS address"
+        )
+    if not answer:
+        return None  # it went away in between
     raise ControlPlaneError(
-        f"DNS on {where} is served by process {peer}, whose controller still runs: stop that "
+        f"DNS on {where} is served by process {pid}, whose controller still runs: stop that "
         "controller first, or pick other addresses with --dns-bind"
     )
 
@@ -109,6 +160,8 @@ class Handover:
         self._given = given
         self._server: socket.socket | None = None
         self._done = threading.Event()
+        self._claim = threading.Lock()
+        """Held from a successor's hello to its take (or its going away): one at a time."""
 
     def listen(self, wait: float = 5.0) -> None:
         """Binds the rendezvous name; a predecessor that just handed over may hold it for a
@@ -123,22 +176,23 @@ class Handover:
                 server.close()
                 if time.monotonic() > deadline:
                     log.warning(
-                        "no successor can take this DNS process's sockets over: %s is still taken",
+                        "no successor can take this DNS process's sockets over: %s is taken",
                         self._name[1:],
                     )
                     return
                 time.sleep(0.02)
         server.listen(4)
         self._server = server
-        threading.Thread(target=self._accept, name="dns-handover", daemon=True).start()
+        threading.Thread(
+            target=self._accept, args=(server,), name="dns-handover", daemon=True
+        ).start()
 
     @property
     def done(self) -> threading.Event:
         return self._done
 
-    def _accept(self) -> None:
-        server = self._server
-        while server is not None and not self._done.is_set():
+    def _accept(self, server: socket.socket) -> None:
+        while not self._done.is_set():
             try:
                 conn, _ = server.accept()
             except OSError:
@@ -149,22 +203,32 @@ class Handover:
         with conn:
             try:
                 conn.settimeout(30)
-                if conn.recv(64) != HELLO:
+                pid, uid = _peer(conn)
+                if not _trusted(uid) or conn.recv(64) != HELLO:
+                    log.warning("process %s (user %s) asked for the DNS sockets: refused", pid, uid)
                     return
                 if not self._may_go():
                     conn.sendall(BUSY)
                     return
-                conn.sendall(AGREED)
-                conn.settimeout(None)  # it asks once it has a zone: its controller's first pass
-                if conn.recv(64) != TAKE or self._done.is_set():
+                if not self._claim.acquire(blocking=False):
+                    conn.sendall(CLAIMED)
                     return
-                self.close()
-                fds = [s.fileno() for pair in self._listening() for s in pair]
-                socket.send_fds(conn, [b"sockets\n"], fds)
+                try:
+                    self._hand_over(conn)
+                finally:
+                    self._claim.release()
             except OSError as error:
                 log.warning("a successor's handover failed: %s", error)
-                return
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        conn.sendall(AGREED)
+        conn.settimeout(None)  # it asks once it has a zone: its controller's first pass
+        if conn.recv(64) != TAKE or self._done.is_set():
+            return
+        fds = [s.fileno() for pair in self._listening() for s in pair]
+        socket.send_fds(conn, [SOCKETS], fds)
         self._done.set()
+        self.close()
         self._given()
 
     def close(self) -> None:

@@ -21,15 +21,18 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from http.client import HTTPException
 from typing import TextIO
 
 from controlplane.addresses import SocketAddress
-from controlplane.core.dns_records import zone_from_data
+from controlplane.core.dns_records import MAX_ZONE_AGE, ZONE_SIGNATURE, signed_by, zone_from_data
 from controlplane.dns_answer import Answerer
 from controlplane.dns_handover import Handover, Predecessor, find_predecessor
 from controlplane.dns_server import DnsServer, Forwarder
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 REPORT_EVERY = 1.0
 ZONE_PATH = "/api/v1/dns/zone"
+MAX_ZONE_BYTES = 64 * 1024 * 1024  # a reply past this is no zone of ours
 FOLLOW_WAIT = 25.0  # seconds a long poll may wait at the controller for a newer zone
 FOLLOW_RETRY, FOLLOW_RETRY_MAX = 0.5, 5.0
 
@@ -56,18 +60,20 @@ class DnsOptions:
     controller: str | None = None
     """The controller API's URL to follow; None: zones come on standard input."""
     token: str | None = None
+    """The controller's API token: only zone replies signed with it are taken."""
 
 
 class _Report:
-    """Writes report lines; once the reader is gone (the controller died) it stops trying."""
+    """Writes report lines; once the reader is gone (the controller died) it stops trying.
+    None: nobody reads them (--controller: standard output is the container's log)."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO | None) -> None:
         self._out = out
         self._lock = threading.Lock()
-        self.gone = False
+        self.gone = out is None
 
     def send(self, **message: object) -> None:
-        if self.gone:
+        if self.gone or self._out is None:
             return
         with self._lock:
             try:
@@ -78,7 +84,10 @@ class _Report:
 
 
 class DnsProcess:
-    def __init__(self, options: DnsOptions, feed: TextIO, report: TextIO) -> None:
+    """One DNS process: its server, its feed (a pipe, or the controller's API), its handover
+    to a successor, and how long it answers on alone."""
+
+    def __init__(self, options: DnsOptions, feed: TextIO, report: TextIO | None) -> None:
         self.options = options
         self._feed = feed
         self._report = _Report(report)
@@ -95,17 +104,29 @@ class DnsProcess:
         self._stopped = threading.Event()
 
     def run(self) -> int:
-        """Serves until handed over or `keep` seconds after the feed ended; the exit code."""
+        """Serves until handed over, `keep` seconds after the feed ended, or SIGTERM (which
+        `Stopped` brings here out of any blocking read); the exit code."""
         try:
-            self._start()
-        except ControlPlaneError as error:
-            self._report.send(error=str(error))
-            return 1
+            try:
+                self._start()
+            except ControlPlaneError as error:
+                log.error("%s", error)
+                self._report.send(error=str(error))
+                return 1
+            return self._serve_until_done()
+        except Stopped:
+            self._stop()
+            return 0
+
+    def _serve_until_done(self) -> int:
         threading.Thread(target=self._report_outcomes, name="dns-report", daemon=True).start()
         if self.options.controller is not None:
-            self._follow(self.options.controller)
-            return 0
-        self._read_feed()
+            served = self._follow(self.options.controller)
+            self._stop()
+            return 0 if served else 1
+        if not self._read_feed():
+            self._stop()
+            return 1
         self._orphaned.set()
         if self._server is None:
             log.info("the controller went away before its first zone: nothing to serve")
@@ -136,7 +157,9 @@ class DnsProcess:
             self._report.send(ready={"pid": os.getpid(), "took_over": self._predecessor.pid})
 
     def _serve(self, predecessor: Predecessor | None) -> None:
-        sockets = None if predecessor is None else predecessor.take(len(self.options.binds))
+        """Serves on the predecessor's sockets, or binds its own when there is none (or it
+        went away before handing them over: its --dns-keep ran out first)."""
+        sockets = None if predecessor is None else predecessor.take(self.options.binds)
         forwarder = Forwarder(self.options.upstreams) if self.options.upstreams else None
         server = DnsServer(self.options.binds, self.answerer, forwarder, sockets)
         server.start()
@@ -146,92 +169,123 @@ class DnsProcess:
         )
         handover.listen()
         self._handover = handover
-        if predecessor is not None:
+        if predecessor is not None and sockets is not None:
             log.info("took DNS over from process %s", predecessor.pid)
 
     def _given(self) -> None:
         log.info("a new controller's DNS process took the sockets over: stopping")
 
-    def _read_feed(self) -> None:
+    def _read_feed(self) -> bool:
+        """Until the feed ends; False when serving could not start."""
         for line in self._feed:
             try:
                 message = json.loads(line)
             except ValueError as error:
                 self._unusable(error)
                 continue
-            if not self._apply(message):
-                return
+            if self._apply(message) is None:
+                return False
+        return True
 
-    def _apply(self, message: object) -> bool:
-        """Answers from the message's zone from now on; False when serving failed to start."""
+    def _apply(self, message: object) -> bool | None:
+        """Answers from the message's zone from now on: True; False when the zone can't be
+        used (the last one stays); None when serving failed to start."""
         try:
-            assert isinstance(message, dict), "not an object"
+            if not isinstance(message, dict):
+                raise ValueError("not a JSON object")
             zone = zone_from_data(message["zone"]) if message.get("zone") else None
             allowed = [ipaddress.ip_network(n, strict=False) for n in message["allowed"]]
-        except (ValueError, KeyError, TypeError, AssertionError) as error:
+        except (ValueError, KeyError, TypeError) as error:
             self._unusable(error)
-            return True
+            return False
         if self.options.allow is None:
             self._networks = allowed
-        self.answerer.use(zone)
-        self._report.send(zone=zone.version if zone else None)
+        if zone is None or zone != self.answerer.zone:  # the same again keeps its replies
+            self.answerer.use(zone)
         if self._server is None and zone is not None:
             try:
                 self._serve(self._predecessor)
             except ControlPlaneError as error:
                 log.error("%s", error)
                 self._report.send(error=str(error))
-                return False
+                return None
+        self._report.send(zone=zone.version if zone else None)  # answered from now on
         return True
 
     @staticmethod
     def _unusable(error: Exception) -> None:
         log.error(
             "the controller sent a zone that can't be used (%s): still answering the last "
-            "one; this is a bug, please report it",
+            "one; run the same controlplane version as the controller",
             error,
         )
 
-    def _follow(self, url: str) -> None:
-        """Long-polls the controller for each newer zone, for good (urllib, as the CLI
-        client: one GET needs no HTTP library in the image)."""
-        headers = {"Authorization": f"Bearer {self.options.token}"} if self.options.token else {}
-        version, contact, delay, away = -1, time.monotonic(), FOLLOW_RETRY, False
+    def _follow(self, url: str) -> bool:
+        """Long-polls the controller for each newer zone until stopped (urllib, as the CLI
+        client: one GET needs no HTTP library in the image); False when serving could not
+        start. `keep` counts from the last zone applied. The token is never sent (the read
+        needs none, and the network may be listened to): it only checks the signature."""
+        version, contact, delay = -1, time.monotonic(), FOLLOW_RETRY
+        away: str | None = None  # what went wrong since the last zone, as logged
         while not self._stopped.is_set():
             query = urllib.parse.urlencode({"after": version, "timeout": FOLLOW_WAIT})
-            request = urllib.request.Request(
-                f"{url.rstrip('/')}{ZONE_PATH}?{query}", headers=headers
-            )
+            request = urllib.request.Request(f"{url.rstrip('/')}{ZONE_PATH}?{query}")
+            applied: bool | None = False
             try:
                 with urllib.request.urlopen(request, timeout=FOLLOW_WAIT + 10) as reply:
-                    message = json.loads(reply.read())
-                version = int(message["version"])
-            except (OSError, ValueError, KeyError, TypeError) as error:  # URLError is an OSError
-                if not away:
-                    log.warning(
-                        "the controller at %s does not answer (%s): answering the last zone "
-                        "for %gs (--keep)",
-                        url,
-                        error,
-                        self.options.keep,
-                    )
-                    away = True
-                if self.answerer.zone is not None and time.monotonic() - contact > (
-                    self.options.keep
-                ):
-                    log.error(
-                        "no word from the controller for %gs: SERVFAIL until it answers",
-                        self.options.keep,
-                    )
-                    self.answerer.use(None)
-                self._stopped.wait(delay)
-                delay = min(delay * 2, FOLLOW_RETRY_MAX)
+                    body = reply.read(MAX_ZONE_BYTES + 1)
+                    signature = reply.headers.get(ZONE_SIGNATURE)
+                message = json.loads(body)
+                problem = self._untrusted(body, signature, message)
+                if not problem:
+                    version = int(message["version"])
+                    applied = self._apply(message)
+                    problem = "a zone that can't be used"  # read only when it was not
+            except urllib.error.HTTPError as error:
+                problem = f"HTTP {error.code}" + (
+                    ": check --controller and the API token" if 400 <= error.code < 500 else ""
+                )
+            except (OSError, HTTPException, ValueError, KeyError, TypeError) as error:
+                problem = str(error) or type(error).__name__
+            if applied is None:
+                return False
+            if applied:
+                if away:
+                    log.info("the controller at %s answers again", url)
+                contact, delay, away = time.monotonic(), FOLLOW_RETRY, None
                 continue
-            if away:
-                log.info("the controller at %s answers again", url)
-            contact, delay, away = time.monotonic(), FOLLOW_RETRY, False
-            if not self._apply(message):
-                return
+            version = -1  # asked again at once when it answers: its versions may restart
+            if problem != away:  # each new kind of trouble once
+                log.warning(
+                    "no zone from the controller at %s (%s): answering the last one for %gs "
+                    "(--keep)",
+                    url,
+                    problem,
+                    self.options.keep,
+                )
+                away = problem
+            if self.answerer.zone is not None and time.monotonic() - contact > self.options.keep:
+                log.error(
+                    "no zone from the controller for %gs: SERVFAIL until it answers",
+                    self.options.keep,
+                )
+                self.answerer.use(None)
+            self._stopped.wait(delay)
+            delay = min(delay * 2, FOLLOW_RETRY_MAX)
+        return True
+
+    def _untrusted(self, body: bytes, signature: str | None, message: object) -> str:
+        """Why a zone reply is not taken (empty: it is). With the API token, only a reply the
+        controller signed with it, issued in the last minute."""
+        token = self.options.token
+        if token is None:
+            return ""
+        if not signed_by(token, body, signature):
+            return "the reply is not signed with the API token: give this the controller's"
+        issued = message.get("issued") if isinstance(message, dict) else None
+        if not isinstance(issued, int | float) or abs(time.time() - issued) > MAX_ZONE_AGE:
+            return f"the reply was issued more than {MAX_ZONE_AGE:g}s ago: check both clocks"
+        return ""
 
     def _report_outcomes(self) -> None:
         while not self._stopped.wait(REPORT_EVERY):
@@ -249,5 +303,17 @@ class DnsProcess:
             self._server.stop()
 
 
-def serve(options: DnsOptions, feed: TextIO, report: TextIO) -> int:
+class Stopped(Exception):
+    """SIGTERM: raised by its handler in the main thread, wherever that thread waits."""
+
+
+def _stopped(_signum: int, _frame: object) -> None:
+    raise Stopped
+
+
+def serve(options: DnsOptions, feed: TextIO, report: TextIO | None) -> int:
+    """Runs a DNS process until it is done; SIGTERM stops it at once (Compose's stop)."""
+    signal.signal(signal.SIGTERM, _stopped)
+    if options.controller is not None:  # a service of its own: ^C too
+        signal.signal(signal.SIGINT, _stopped)
     return DnsProcess(options, feed, report).run()

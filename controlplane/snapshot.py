@@ -79,11 +79,13 @@ class PassTicket:
 
 class Published:
     """The snapshot of the last pass that finished, for a reader that waits for a newer one
-    (the DNS zone's long poll) without polling."""
+    (the DNS zone's long poll) without polling. At most `waiters` wait at once, so long polls
+    can't take every API thread; one more is answered at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, waiters: int = 4) -> None:
         self._changed = threading.Condition()
         self._snapshot: Snapshot | None = None
+        self._room = threading.BoundedSemaphore(waiters)
 
     def publish(self, snapshot: Snapshot | None) -> None:
         with self._changed:
@@ -94,8 +96,14 @@ class Published:
         """The first snapshot whose version is not `version` (a restarted controller counts
         from 1 again), waiting up to `timeout` for it; else the latest (None before the
         first pass)."""
-        with self._changed:
-            self._changed.wait_for(
-                lambda: self._snapshot is not None and self._snapshot.version != version, timeout
-            )
+        if not self._room.acquire(blocking=False):
             return self._snapshot
+        try:
+            with self._changed:
+                self._changed.wait_for(
+                    lambda: self._snapshot is not None and self._snapshot.version != version,
+                    timeout,
+                )
+                return self._snapshot
+        finally:
+            self._room.release()

@@ -4,6 +4,7 @@ so a reply never claims a change that a restart would lose."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app
@@ -14,7 +15,12 @@ from controlplane.api import views as V
 from controlplane.api.http import body, context, query, reply
 from controlplane.api.openapi import document, operation
 from controlplane.core import labels as L
-from controlplane.core.dns_records import forwarding_networks, zone_data
+from controlplane.core.dns_records import (
+    ZONE_SIGNATURE,
+    forwarding_networks,
+    zone_data,
+    zone_signature,
+)
 from controlplane.core.model import Backend, BackendOverride, Method, Service
 from controlplane.core.overrides import HealthSpec, describe_health, parse_container_name
 from controlplane.core.served import NginxState
@@ -486,13 +492,18 @@ def get_dns_zone() -> Response:
     read = query(bodies.ZoneQuery)
     newer = context().newer
     snapshot = (newer(read.after, read.timeout) if newer else None) or _snapshot()
-    return reply(
+    response = reply(
         V.DnsZone(
             version=snapshot.dns.version,
+            issued=time.time(),
             zone=zone_data(snapshot.dns),
             allowed=forwarding_networks(snapshot.topology),
         )
     )
+    token = context().token
+    if token:  # a DNS service with the token takes this zone from no one else
+        response.headers[ZONE_SIGNATURE] = zone_signature(token, response.get_data())
+    return response
 
 
 @routes.post(f"{PREFIX}/resync")

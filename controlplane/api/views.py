@@ -326,6 +326,7 @@ class DnsZone(Reply):
     """What `controlplane dns --controller` answers from."""
 
     version: int
+    issued: float = Field(description="when this reply was made, Unix time (a replay is old)")
     zone: dict[str, Any] = Field(description="the zone as data (core.dns_records.zone_data)")
     allowed: list[str] = Field(description="CIDRs that may use the forwarder by default")
 

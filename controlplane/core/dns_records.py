@@ -12,6 +12,8 @@ such queries never leak to the upstreams.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections import defaultdict
@@ -217,6 +219,21 @@ def forwarding_networks(topology: Topology) -> list[str]:
     ]
 
 
+ZONE_SIGNATURE = "X-Controlplane-Signature"
+MAX_ZONE_AGE = 60.0
+"""Seconds a signed zone reply is taken after it was issued: a replayed old one is not."""
+
+
+def zone_signature(token: str, body: bytes) -> str:
+    """What the controller signs a zone reply with, by the API token both ends know: a DNS
+    service following it over a network takes no zone from anyone else."""
+    return "sha256=" + hmac.new(token.encode(), body, hashlib.sha256).hexdigest()
+
+
+def signed_by(token: str, body: bytes, signature: str | None) -> bool:
+    return signature is not None and hmac.compare_digest(zone_signature(token, body), signature)
+
+
 def zone_data(zone: Zone) -> dict[str, object]:
     """The zone as JSON-ready data, for the DNS process to answer from (`zone_from_data`)."""
 
@@ -249,6 +266,8 @@ def zone_from_data(data: object) -> Zone:
     names: dict[str, dict[str, tuple[Record, ...]]] = {}
     for name, types in _mapping(top.get("names"), "names").items():
         name = _name(name, "a name")
+        if not (name == domain or name.endswith(("." + domain, ".in-addr.arpa", ".ip6.arpa"))):
+            raise ValueError(f"{name!r} is outside the zone {domain!r} and the reverse zones")
         kept: dict[str, tuple[Record, ...]] = {}
         for rtype, records in _mapping(types, name).items():
             if rtype not in RTYPES:
@@ -257,8 +276,8 @@ def zone_from_data(data: object) -> Zone:
                 raise ValueError(f"{name} {rtype}: records must be a list")
             kept[rtype] = tuple(_record(name, rtype, r) for r in records)
         names[name] = kept
-    if "SOA" not in names.get(domain, {}):
-        raise ValueError(f"the zone has no SOA record at its domain {domain!r}")
+    if len(names.get(domain, {}).get("SOA", ())) != 1:
+        raise ValueError(f"the zone needs exactly one SOA record at its domain {domain!r}")
     return Zone(domain, version, ttl, names)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -142,11 +141,9 @@ def test_a_dns_service_follows_the_controller_and_outlives_it(
     process = subprocess.Popen(
         [sys.executable, "-m", "controlplane", "dns", f"--bind=127.0.0.1:{port}",
          f"--controller={controller.api_url}", "--keep=2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert process.stdout is not None
-        assert "ready" in json.loads(process.stdout.readline())
         ips = sorted(ip_of(b, str(net.name)) for b in backends)
         wait_until(lambda: dig(port, "web.internal", "A") == ips, what="the backends in DNS")
         backends.append(lab.backend(net))
@@ -164,7 +161,7 @@ def test_a_dns_service_follows_the_controller_and_outlives_it(
     finally:
         process.terminate()
         _, errors = process.communicate(timeout=10)
-    assert "does not answer" in errors and "SERVFAIL until it answers" in errors
+    assert "no zone from the controller" in errors and "SERVFAIL until it answers" in errors
 
 
 def dig_full(port: int, name: str) -> str:

@@ -3,6 +3,7 @@ Docker: a feeder process stands for the controller, so it can be killed like one
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
@@ -15,10 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from dnslib import DNSRecord
+from dnslib import RCODE, DNSRecord
 
 from controlplane.addresses import SocketAddress
-from controlplane.core.dns_records import Zone, zone_data
+from controlplane.core.dns_records import ZONE_SIGNATURE, Zone, zone_data, zone_signature
 from controlplane.dns_child import DnsChild
 from controlplane.errors import ControlPlaneError
 from tests.support.dns_stub import LOOPBACK, WEB_IPS, sample_zone, tcp_ask, udp_ask
@@ -229,8 +230,8 @@ def test_keep_bounds_how_long_the_last_zone_is_answered(feeders: Feeders) -> Non
 
 
 def test_a_zone_it_cannot_read_keeps_the_last_one() -> None:
-    """A broken zone line (a bug, never an attack: the feed is a pipe from the controller) is
-    logged and skipped; the process answers the last good zone and reads on."""
+    """A zone line it can't use (another controlplane version, or worse) is logged and
+    skipped; the process answers the last good zone and reads on."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "controlplane", "dns", f"--bind={LOOPBACK}:{port}", "--keep=0"],
@@ -264,3 +265,209 @@ def test_a_zone_it_cannot_read_keeps_the_last_one() -> None:
     errors = process.stderr.read()
     assert errors.count("the controller sent a zone that can't be used") == 2
     assert "ttl must be a whole number" in errors
+
+
+def test_a_dns_process_that_dies_is_started_again_with_the_latest_zone() -> None:
+    """Nothing changes in the cluster, the DNS process is killed: the controller's side starts
+    another at once and gives it the zone it had."""
+    port = free_port()
+    child = DnsChild([SocketAddress(LOOPBACK, port)], [], 0, None, keep=0)
+    child.start()
+    try:
+        zone = zone_with(4, OTHER_IPS)
+        child.publish(zone, [])
+        assert child.applied(zone.version, 10)
+        first = child.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: child.pid != first, what="another DNS process")
+        wait_until(lambda: a_records(port) == set(OTHER_IPS), what="the zone answered again")
+        assert child.applied(zone.version, 1)
+    finally:
+        child.close()
+
+
+def test_a_successor_binds_afresh_when_its_predecessor_is_gone_before_its_first_zone(
+    feeders: Feeders,
+) -> None:
+    """The old DNS process agreed to hand over, then its --dns-keep ran out before the new
+    controller's first pass: the new one binds the port itself."""
+    first = feeders(zone_with(1), keep=1)
+    first.kill()
+    child = DnsChild([SocketAddress(LOOPBACK, feeders.port)], [], 0, None, keep=0)
+    child.start()  # finds the old one (still answering), which agrees
+    try:
+        wait_until(lambda: not alive(first.dns_pid), what="the old DNS process to go")
+        zone = zone_with(2, OTHER_IPS)
+        child.publish(zone, [])
+        assert child.applied(zone.version, 10)
+        assert a_records(feeders.port) == set(OTHER_IPS)
+    finally:
+        child.close()
+
+
+def test_one_successor_at_a_time(feeders: Feeders) -> None:
+    """Two controllers starting at once on one address: the second is told another is taking
+    over; the first takes over."""
+    first = feeders(zone_with(1))
+    first.kill()
+    one = DnsChild([SocketAddress(LOOPBACK, feeders.port)], [], 0, None, keep=0)
+    two = DnsChild([SocketAddress(LOOPBACK, feeders.port)], [], 0, None, keep=0)
+    one.start()
+    try:
+        with pytest.raises(ControlPlaneError, match="another controller is taking DNS"):
+            two.start()
+        zone = zone_with(2, OTHER_IPS)
+        one.publish(zone, [])
+        assert one.applied(zone.version, 10)
+        wait_until(lambda: not alive(first.dns_pid), what="the old DNS process to go")
+        assert a_records(feeders.port) == set(OTHER_IPS)
+    finally:
+        one.close()
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_sigterm_stops_a_dns_process_at_once(follow: bool) -> None:
+    """Compose's `docker stop` (and a supervisor's) is SIGTERM: it ends the process at once,
+    whether it reads zones from a pipe or follows a controller."""
+    port = free_port()
+    feed = ["--controller=http://127.0.0.1:9"] if follow else []  # port 9: nobody answers
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controlplane", "dns", f"--bind={LOOPBACK}:{port}", *feed],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: _answers_at_all(port), what="the DNS process listening")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _answers_at_all(port: int) -> bool:
+    try:
+        udp_ask(port, bytes(DNSRecord.question("web.internal").pack()), timeout=0.2)
+    except TimeoutError:
+        return False
+    return True
+
+
+class FakeController:
+    """GET /api/v1/dns/zone as a controller serves it, from `replies` (status, body), the
+    last one repeated; on loopback, in a thread."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+        """Signs each reply with it, as the controller does with its API token."""
+        self.replies: list[tuple[int, bytes]] = []
+        self.asked: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.asked.append(self.path)
+                status, body = outer.replies[0] if outer.replies else (503, b"{}")
+                if len(outer.replies) > 1:
+                    outer.replies.pop(0)
+                self.send_response(status)
+                if outer.token is not None:
+                    self.send_header(ZONE_SIGNATURE, zone_signature(outer.token, body))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                return
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def zone(zone: Zone, issued: float | None = None) -> tuple[int, bytes]:
+        body = {
+            "version": zone.version,
+            "issued": time.time() if issued is None else issued,
+            "zone": zone_data(zone),
+            "allowed": [],
+        }
+        return 200, json.dumps(body).encode()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_following_a_controller_keep_servfail_and_back() -> None:
+    """--controller: answers what the controller's zone holds; a 401 says to check the token;
+    an unusable zone keeps the last one; with no zone for --keep seconds, SERVFAIL; a
+    restarted controller (versions from 1 again) is followed at once."""
+    controller = FakeController()
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controlplane", "dns", f"--bind={LOOPBACK}:{port}",
+         f"--controller={controller.url}", "--keep=1.5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        controller.replies = [controller.zone(zone_with(7))]
+        wait_until(lambda: _answers_at_all(port) and a_records(port) == set(WEB_IPS), what="v7")
+        unusable = json.dumps({"version": 8, "zone": {"domain": "x"}, "allowed": []}).encode()
+        controller.replies = [(200, unusable), (401, b"{}")]
+        time.sleep(0.5)
+        assert a_records(port) == set(WEB_IPS)  # the last good zone, for --keep
+        wait_until(lambda: rcode(port) == "SERVFAIL", timeout=10, what="SERVFAIL after --keep")
+        controller.replies = [controller.zone(zone_with(1, OTHER_IPS))]
+        wait_until(lambda: a_records(port) == set(OTHER_IPS), timeout=10, what="v1 followed")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=10)
+        controller.close()
+    assert "ttl" in errors or "can't be used" in errors
+    assert "HTTP 401: check --controller and the API token" in errors
+    assert "SERVFAIL until it answers" in errors
+
+
+def rcode(port: int) -> str:
+    reply = DNSRecord.parse(udp_ask(port, bytes(DNSRecord.question("web.internal").pack())))
+    return str(RCODE[reply.header.rcode])
+
+
+def test_with_the_token_only_signed_fresh_zones_are_taken() -> None:
+    """--api-token: a reply not signed with it (someone posing as the controller) or issued
+    over a minute ago (a replay) is not taken; the token itself is never sent."""
+    impostor, controller = FakeController(token="not-the-token"), FakeController(token="t0k")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controlplane", "dns", f"--bind={LOOPBACK}:{port}",
+         f"--controller={impostor.url}", "--keep=60"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CONTROLPLANE_API_TOKEN": "t0k"},
+    )  # fmt: skip
+    try:
+        impostor.replies = [impostor.zone(zone_with(1, OTHER_IPS))]
+        wait_until(lambda: _answers_at_all(port) and len(impostor.asked) > 1, what="two asks")
+        assert rcode(port) == "SERVFAIL"  # never answered from the impostor's zone
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=10)
+        impostor.close()
+    assert "not signed with the API token" in errors
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controlplane", "dns", f"--bind={LOOPBACK}:{port}",
+         f"--controller={controller.url}", "--keep=60", "--api-token=t0k"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        controller.replies = [controller.zone(zone_with(2), issued=time.time() - 3600)]
+        wait_until(lambda: _answers_at_all(port) and len(controller.asked) > 1, what="two asks")
+        assert rcode(port) == "SERVFAIL"
+        controller.replies = [controller.zone(zone_with(3, OTHER_IPS))]
+        wait_until(lambda: a_records(port) == set(OTHER_IPS), timeout=10, what="the signed zone")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=10)
+        controller.close()
+    assert "issued more than 60s ago" in errors

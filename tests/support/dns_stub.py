@@ -175,14 +175,12 @@ class CountingAnswerer(Answerer):
     the count lives in shared memory so a sender in another process can pace itself by it.
     Every packet: so no reply goes into `fast`, which the server reads without a call."""
 
-    fill_fast = False
-
     def __init__(
         self,
         allowed: Callable[[], Iterable[IpNetwork]],
         forwarding: bool,
     ) -> None:
-        super().__init__(allowed, forwarding)
+        super().__init__(allowed, forwarding, fill_fast=False)
         self.shared_seen = multiprocessing.RawValue(ctypes.c_uint64, 0)
 
     @property

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from controlplane.core import labels as L
-from controlplane.core.dns_records import zone_from_data
+from controlplane.core.dns_records import ZONE_SIGNATURE, signed_by, zone_from_data
 from controlplane.errors import ApiError, ControlPlaneError, InvalidValue
 from tests.unit.builders import container, nginx, state, swarm_service, task
 from tests.unit.conftest import WEB, ApiHarness, HarnessFactory
@@ -200,6 +200,16 @@ def test_dns_zone_is_the_zone_the_dns_service_answers_from(api: ApiHarness) -> N
     assert time.monotonic() - started >= 0.15
     bad = api.call("GET", "/api/v1/dns/zone?timeout=31")
     assert bad.status_code == 422 and "timeout" in bad.get_data(as_text=True)
+
+
+def test_dns_zone_is_signed_with_the_api_token(make_api: HarnessFactory) -> None:
+    """A DNS service holding the token takes only the zone the controller signed."""
+    api = make_api(*WEB, token="t0k")
+    reply = api.call("GET", "/api/v1/dns/zone?timeout=0")  # a read: no token needed
+    assert reply.status_code == 200
+    assert signed_by("t0k", reply.get_data(), reply.headers.get(ZONE_SIGNATURE))
+    assert not signed_by("other", reply.get_data(), reply.headers.get(ZONE_SIGNATURE))
+    assert abs(reply.get_json()["issued"] - time.time()) < 60
 
 
 def test_resync_reinspects_and_reports(api: ApiHarness) -> None:

@@ -447,7 +447,12 @@ def test_a_zone_goes_through_json_whole() -> None:
         (lambda d: d["names"]["web.internal"].update(A=[[5, "x"]]), "not an IPv4 address"),
         (lambda d: d["names"]["web.internal"].update(A=[5]), "must be [ttl, value]"),
         (lambda d: d["names"]["web.internal"].update(SRV=[[5, [1, 2, 70000, "w.x"]]]), "65535"),
-        (lambda d: d["names"].pop("internal"), "no SOA record"),
+        (lambda d: d["names"].pop("internal"), "exactly one SOA record"),
+        (
+            lambda d: d["names"]["internal"]["SOA"].append(d["names"]["internal"]["SOA"][0]),
+            "one SOA",
+        ),
+        (lambda d: d["names"].update({"example.com": {}}), "outside the zone"),
         (lambda d: d.update(names=[]), "names must be an object"),
     ],
 )
