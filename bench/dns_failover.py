@@ -73,62 +73,44 @@ class Dnsperf:
             return Result.parse("dnsperf", self.output.read())
 
 
-class Controlplane:
-    """`controlplane run` whose process can be SIGKILLed and started again."""
+class Server:
+    """A resolver process that can be SIGKILLed and started again. `takes_over`: a
+    controller, whose DNS process outlives it until the new one's takes the sockets over."""
 
-    def __init__(self, cmd: list[str], work: Path, port: int, expected: dict[str, set[str]]):
+    def __init__(
+        self, cmd: list[str], work: Path, port: int, expected: dict[str, set[str]], takes_over: bool
+    ) -> None:
         self.cmd, self.work, self.port, self.expected = cmd, work, port, expected
+        self.takes_over = takes_over
         self._stack = contextlib.ExitStack()
         self.proc = self._start()
 
     def _start(self) -> subprocess.Popen[bytes]:
-        logfile = self.work / f"controlplane-{time.monotonic_ns()}.log"
+        logfile = self.work / f"{Path(self.cmd[0]).name}-{time.monotonic_ns()}.log"
         proc = self._stack.enter_context(process(self.cmd, logfile))
         wait_answers(proc, logfile, self.port, self.expected, timeout=30)
         return proc
 
     def kill_and_restart(self) -> float:
-        """Seconds from the restart to the old DNS process gone (taken over)."""
-        (old,) = dns_processes(self.port)
+        """Seconds from the restart to answers (a controller: to the takeover, the old DNS
+        process gone)."""
+        old = dns_processes(self.port) if self.takes_over else []
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         started = time.monotonic()
         self.proc = self._start()
-        wait_until(lambda: old not in dns_processes(self.port), 30, what="the takeover")
+        wait_until(lambda: not set(old) & set(dns_processes(self.port)), 30, what="takeover")
         return time.monotonic() - started
 
     def close(self) -> None:
         self._stack.close()
-        for pid in dns_processes(self.port):
+        for pid in dns_processes(self.port) if self.takes_over else ():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 
-class Dnsmasq:
-    def __init__(self, cmd: list[str], work: Path, port: int, expected: dict[str, set[str]]):
-        self.cmd, self.work, self.port, self.expected = cmd, work, port, expected
-        self._stack = contextlib.ExitStack()
-        self.proc = self._start()
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        logfile = self.work / f"dnsmasq-{time.monotonic_ns()}.log"
-        proc = self._stack.enter_context(process(self.cmd, logfile))
-        wait_answers(proc, logfile, self.port, self.expected, timeout=10)
-        return proc
-
-    def kill_and_restart(self) -> float:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        started = time.monotonic()
-        self.proc = self._start()
-        return time.monotonic() - started
-
-    def close(self) -> None:
-        self._stack.close()
-
-
 def run(
-    server: Controlplane | Dnsmasq, queries: Path, rate: int, seconds: int, kill: bool
+    server: Server, queries: Path, rate: int, seconds: int, kill: bool
 ) -> tuple[Result, float | None]:
     load = Dnsperf.start(server.port, queries, rate, seconds)
     took = None
@@ -168,9 +150,9 @@ def main() -> None:
         dm_cmd += ["--bind-interfaces", "--no-resolv", "--no-hosts", f"--addn-hosts={hosts}"]
         dm_cmd += ["--log-facility=-"]
         servers += [f"(a) {' '.join(cp_cmd)}", f"(b) {' '.join(dm_cmd)}"]
-        made: dict[str, Callable[[], Controlplane | Dnsmasq]] = {
-            "controlplane": lambda: Controlplane(cp_cmd, work, port_a, {name: ips}),
-            "dnsmasq": lambda: Dnsmasq(dm_cmd, work, port_b, {name: ips}),
+        made: dict[str, Callable[[], Server]] = {
+            "controlplane": lambda: Server(cp_cmd, work, port_a, {name: ips}, takes_over=True),
+            "dnsmasq": lambda: Server(dm_cmd, work, port_b, {name: ips}, takes_over=False),
         }
         with contextlib.ExitStack() as stack:
             running = {}

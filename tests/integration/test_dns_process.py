@@ -22,7 +22,14 @@ from controlplane.addresses import SocketAddress
 from controlplane.core.dns_records import ZONE_SIGNATURE, Zone, zone_data, zone_signature
 from controlplane.dns_child import DnsChild
 from controlplane.errors import ControlPlaneError
-from tests.support.dns_stub import LOOPBACK, WEB_IPS, sample_zone, tcp_ask, udp_ask
+from tests.support.dns_stub import (
+    LOOPBACK,
+    WEB_IPS,
+    following,
+    sample_zone,
+    tcp_ask,
+    udp_ask,
+)
 from tests.support.lab import wait_until
 from tests.support.ports import free_port
 
@@ -406,12 +413,7 @@ def test_following_a_controller_keep_servfail_and_back() -> None:
     restarted controller (versions from 1 again) is followed at once."""
     controller = FakeController()
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "controlplane", "dns", f"--bind={LOOPBACK}:{port}",
-         f"--controller={controller.url}", "--keep=1.5"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
+    with following(port, controller.url, "--keep=1.5") as log:
         controller.replies = [controller.zone(zone_with(7))]
         wait_until(lambda: _answers_at_all(port) and a_records(port) == set(WEB_IPS), what="v7")
         unusable = json.dumps({"version": 8, "zone": {"domain": "x"}, "allowed": []}).encode()
@@ -421,10 +423,8 @@ def test_following_a_controller_keep_servfail_and_back() -> None:
         wait_until(lambda: rcode(port) == "SERVFAIL", timeout=10, what="SERVFAIL after --keep")
         controller.replies = [controller.zone(zone_with(1, OTHER_IPS))]
         wait_until(lambda: a_records(port) == set(OTHER_IPS), timeout=10, what="v1 followed")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, errors = process.communicate(timeout=10)
-        controller.close()
+    controller.close()
+    (errors,) = log
     assert "ttl" in errors or "can't be used" in errors
     assert "HTTP 401: check --controller and the API token" in errors
     assert "SERVFAIL until it answers" in errors
@@ -440,34 +440,17 @@ def test_with_the_token_only_signed_fresh_zones_are_taken() -> None:
     over a minute ago (a replay) is not taken; the token itself is never sent."""
     impostor, controller = FakeController(token="not-the-token"), FakeController(token="t0k")
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "controlplane", "dns", f"--bind={LOOPBACK}:{port}",
-         f"--controller={impostor.url}", "--keep=60"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "CONTROLPLANE_API_TOKEN": "t0k"},
-    )  # fmt: skip
-    try:
+    with following(port, impostor.url, env={"CONTROLPLANE_API_TOKEN": "t0k"}) as log:
         impostor.replies = [impostor.zone(zone_with(1, OTHER_IPS))]
         wait_until(lambda: _answers_at_all(port) and len(impostor.asked) > 1, what="two asks")
         assert rcode(port) == "SERVFAIL"  # never answered from the impostor's zone
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, errors = process.communicate(timeout=10)
-        impostor.close()
-    assert "not signed with the API token" in errors
-    process = subprocess.Popen(
-        [sys.executable, "-m", "controlplane", "dns", f"--bind={LOOPBACK}:{port}",
-         f"--controller={controller.url}", "--keep=60", "--api-token=t0k"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
+    impostor.close()
+    assert "not signed with the API token" in log[0]
+    with following(port, controller.url, "--api-token=t0k") as log:
         controller.replies = [controller.zone(zone_with(2), issued=time.time() - 3600)]
         wait_until(lambda: _answers_at_all(port) and len(controller.asked) > 1, what="two asks")
         assert rcode(port) == "SERVFAIL"
         controller.replies = [controller.zone(zone_with(3, OTHER_IPS))]
         wait_until(lambda: a_records(port) == set(OTHER_IPS), timeout=10, what="the signed zone")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, errors = process.communicate(timeout=10)
-        controller.close()
-    assert "issued more than 60s ago" in errors
+    controller.close()
+    assert "issued more than 60s ago" in log[0]

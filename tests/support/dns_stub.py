@@ -11,8 +11,10 @@ import ctypes
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -353,3 +355,24 @@ class DnsLoad:
         if sent is None or lost is None:
             raise AssertionError(f"dnsperf printed no counts:\n{output[-2000:]}")
         return int(lost.group(1)), int(sent.group(1))
+
+
+@contextlib.contextmanager
+def following(
+    port: int, controller: str, *flags: str, env: Mapping[str, str] | None = None
+) -> Iterator[list[str]]:
+    """`controlplane dns --controller` on 127.0.0.1:port; yields a list that holds its log
+    (standard error) once it has been stopped with SIGTERM, as Compose stops it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controlplane", "dns", f"--bind={LOOPBACK}:{port}",
+         f"--controller={controller}", *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    log: list[str] = []
+    try:
+        yield log
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=10)
+        log.append(errors)
