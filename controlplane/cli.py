@@ -319,6 +319,14 @@ RUN: list[Decorator] = [
         help="CIDR allowed to use forwarding (repeatable). Default: loopback and watched networks.",
     ),
     setting(
+        "dns_forward_private_reverse",
+        "--dns-forward-private-reverse",
+        is_flag=True,
+        default=False,
+        help="Forward reverse lookups of private addresses that are no backend's to the "
+        "upstreams (as dnsmasq does without --bogus-priv), instead of NXDOMAIN (RFC 6303).",
+    ),
+    setting(
         "dns_keep",
         "--dns-keep",
         default=60.0,
@@ -432,6 +440,13 @@ def render(**values: Any) -> None:
     help="CIDR that may use forwarding (repeatable). Default: the controller's networks.",
 )
 @click.option(
+    "--forward-private-reverse",
+    is_flag=True,
+    default=False,
+    help="Forward private reverse names that are no backend's (as dnsmasq does) instead of "
+    "answering them NXDOMAIN here (RFC 6303).",
+)
+@click.option(
     "--keep",
     default=60.0,
     show_default=True,
@@ -469,6 +484,7 @@ def dns(**values: Any) -> None:
             binds=tuple(parse_address(b, default_port=53) for b in values["binds"]),
             upstreams=tuple(parse_address(u, default_port=53) for u in values["upstreams"]),
             udp_answers=values["udp_answers"],
+            forward_private_reverse=values["forward_private_reverse"],
             allow=values["allow"] or None,
             keep=values["keep"],
             controller=values["controller"],

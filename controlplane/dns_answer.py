@@ -114,7 +114,8 @@ class Answerer:
 
     `udp_answers`: at most this many records in a UDP answer (0: as many as fit).
     `fill_fast`: whether UDP replies go into `fast`; off, every query comes through
-    `answer()` (a test that counts them)."""
+    `answer()` (a test that counts them). `forward_private_reverse`: private reverse names
+    that are no backend's go to the upstreams (dnsmasq's default), not NXDOMAIN here."""
 
     def __init__(
         self,
@@ -124,8 +125,10 @@ class Answerer:
         udp_answers: int = 0,
         rng: random.Random | None = None,
         fill_fast: bool = True,
+        forward_private_reverse: bool = False,
     ) -> None:
         self.fill_fast = fill_fast
+        self._forward_private_reverse = forwarding and forward_private_reverse
         self._allowed = allowed
         self._forwarding = forwarding
         self._udp_answers = udp_answers
@@ -216,7 +219,9 @@ class Answerer:
         name = str(request.q.qname).rstrip(".").lower()
         if request.q.qclass not in (CLASS_IN, CLASS_ANY):
             return _status(request, RCODE.REFUSED, ra)  # CHAOS, HESIOD: not served here
-        if zone.in_zone(name):
+        if zone.in_zone(name) and not (
+            self._forward_private_reverse and zone.only_local_reverse(name)
+        ):
             return self._authoritative(request, name, zone, udp)
         if self._forwarding and self._client_allowed(client):
             return Forward(request)

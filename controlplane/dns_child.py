@@ -40,12 +40,14 @@ class DnsChild:
         allow: Sequence[IpNetwork] | None,
         keep: float,
         command: Sequence[str] = (sys.executable, "-m", "controlplane", "dns"),
+        forward_private_reverse: bool = False,
     ) -> None:
         self._argv = [
             *command,
             *(f"--bind={b}" for b in binds),
             *(f"--upstream={u}" for u in upstreams),
             f"--udp-answers={udp_answers}",
+            *(["--forward-private-reverse"] if forward_private_reverse else []),
             *(f"--allow={n}" for n in allow or ()),
             f"--keep={keep:g}",
             f"--log-level={logging.getLevelName(logging.getLogger().level).lower()}",

@@ -53,6 +53,7 @@ class DnsOptions:
     binds: tuple[SocketAddress, ...]
     upstreams: tuple[SocketAddress, ...] = ()
     udp_answers: int = 0
+    forward_private_reverse: bool = False
     allow: tuple[IpNetwork, ...] | None = None
     """Who may use the upstreams; None: the networks the controller sends."""
     keep: float = 60.0
@@ -96,6 +97,7 @@ class DnsProcess:
             lambda: self._networks,
             forwarding=bool(options.upstreams),
             udp_answers=options.udp_answers,
+            forward_private_reverse=options.forward_private_reverse,
         )
         self._server: DnsServer | None = None
         self._handover: Handover | None = None

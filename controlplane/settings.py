@@ -52,6 +52,8 @@ class Settings:
     dns_upstreams: tuple[str, ...] = ()
     dns_allow: tuple[IpNetwork, ...] | None = None
     """None: loopback and the watched networks' subnets may use the forwarder."""
+    dns_forward_private_reverse: bool = False
+    """Reverse names in the RFC 6303 zones that are no backend's go to the upstreams."""
     dns_keep: float = 60.0
     """Seconds the DNS process answers the last zone once the controller is gone (stopped or
     crashed), unless a new controller takes it over first (dns_process)."""

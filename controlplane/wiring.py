@@ -238,6 +238,7 @@ def _dns_server(settings: Settings, reconciler: Reconciler) -> DnsChild | None:
         settings.dns_udp_answers,
         settings.dns_allow,
         settings.dns_keep,
+        forward_private_reverse=settings.dns_forward_private_reverse,
     )
 
     def new_zone(snapshot: Snapshot) -> None:

@@ -103,6 +103,11 @@ class Zone:
             or local_zone(name) is not None
         )
 
+    def only_local_reverse(self, name: str) -> bool:
+        """Whether `name` is in a private reverse zone (RFC 6303) and no backend's PTR (or
+        above one): what an upstream may know better, when the operator says so."""
+        return name not in self.records and local_zone(name) is not None
+
     def soa_for(self, name: str) -> Record:
         """The SOA of the zone `name` is in: a local reverse zone's own, else the domain's."""
         apex = local_zone(name)

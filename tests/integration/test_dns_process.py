@@ -25,6 +25,7 @@ from controlplane.errors import ControlPlaneError
 from tests.support.dns_stub import (
     LOOPBACK,
     WEB_IPS,
+    StubUpstream,
     following,
     sample_zone,
     tcp_ask,
@@ -454,3 +455,31 @@ def test_with_the_token_only_signed_fresh_zones_are_taken() -> None:
         wait_until(lambda: a_records(port) == set(OTHER_IPS), timeout=10, what="the signed zone")
     controller.close()
     assert "issued more than 60s ago" in log[0]
+
+
+@pytest.mark.parametrize("forward", [False, True])
+def test_forward_private_reverse_reaches_the_dns_process(forward: bool) -> None:
+    """--dns-forward-private-reverse: a private address no backend has is asked upstream;
+    without it, NXDOMAIN here and the upstream never hears of it (RFC 6303)."""
+    port = free_port()
+    with StubUpstream() as stub:
+        child = DnsChild(
+            [SocketAddress(LOOPBACK, port)],
+            [stub.endpoint],
+            0,
+            None,
+            keep=0,
+            forward_private_reverse=forward,
+        )
+        child.start()
+        try:
+            zone = sample_zone()
+            child.publish(zone, [])
+            assert child.applied(zone.version, 10)
+            ptr = bytes(DNSRecord.question("3.2.1.10.in-addr.arpa", "PTR").pack())
+            reply = DNSRecord.parse(udp_ask(port, ptr))
+            assert reply.header.rcode == RCODE.NXDOMAIN
+            assert any("10.in-addr.arpa" in str(q.q.qname) for q in stub.queries) == forward
+            assert reply.header.aa == (0 if forward else 1)
+        finally:
+            child.close()

@@ -362,6 +362,29 @@ def test_private_reverse_zones_are_answered_here(
 
 
 @pytest.mark.parametrize(
+    ("name", "forwarded"),
+    [
+        ("3.2.1.10.in-addr.arpa", True),
+        ("9.9.20.172.in-addr.arpa", True),
+        ("10.in-addr.arpa", True),
+        ("2.0.20.172.in-addr.arpa", False),  # a backend's PTR stays ours
+        ("0.20.172.in-addr.arpa", False),  # above one
+        ("web.internal", False),
+    ],
+)
+def test_forward_private_reverse_sends_what_no_backend_holds_upstream(
+    name: str, forwarded: bool
+) -> None:
+    """--dns-forward-private-reverse (dnsmasq's default, its --bogus-priv off): a corporate
+    resolver's PTRs for private addresses are asked for; the backends' are still answered."""
+    a = answerer(forwarding=True, forward_private_reverse=True)
+    result = a.answer(query(name, "PTR"), "127.0.0.1", True)
+    assert isinstance(result, Forward) == forwarded
+    alone = answerer(forwarding=False, forward_private_reverse=True)  # no upstream: ours
+    assert not isinstance(alone.answer(query(name, "PTR"), "127.0.0.1", True), Forward)
+
+
+@pytest.mark.parametrize(
     "name", ["4.3.2.1.in-addr.arpa", "1.0.32.172.in-addr.arpa", "in-addr.arpa"]
 )
 def test_public_reverse_names_are_forwarded(name: str) -> None:
