@@ -26,6 +26,8 @@ from controlplane.settings import IpNetwork
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 20.0
+_Zone = tuple[Zone | None, list[str]]
+"""A zone to send, with the CIDRs that may use the forwarder."""
 RESPAWN_FIRST, RESPAWN_MAX = 1.0, 30.0
 
 
@@ -55,8 +57,9 @@ class DnsChild:
         self._binds = list(binds)
         self._keep = keep
         self._process: subprocess.Popen[str] | None = None
-        self._latest: str | None = None
-        self._sent: str | None = None
+        self._latest: _Zone | None = None
+        self._sent: _Zone | None = None
+        """The zone last written to the current process (by identity)."""
         self._wake = threading.Condition()
         self._closing = False
         self._outcomes: dict[str, int] = {}
@@ -113,29 +116,30 @@ class DnsChild:
 
     def publish(self, zone: Zone | None, allowed: Iterable[str]) -> None:
         """Queues `zone` for the DNS process, with the CIDRs that may use its forwarder; only
-        the latest queued is sent."""
-        line = json.dumps(
-            {"zone": zone_data(zone) if zone else None, "allowed": list(allowed)},
-            separators=(",", ":"),
-        )
+        the latest queued is sent. Encoding is the writer's: a pass only hands it over."""
         with self._wake:
-            self._latest = line
+            self._latest = (zone, list(allowed))
             self._wake.notify()
 
     def _write(self) -> None:
         while True:
             with self._wake:
-                while not self._closing and self._latest in (None, self._sent):
+                while not self._closing and (self._latest is None or self._latest is self._sent):
                     self._wake.wait()
                 if self._closing:
                     return
-                line = self._latest
-            assert line is not None
-            if not self._send(line):
+                latest = self._latest
+            assert latest is not None
+            zone, allowed = latest
+            line = json.dumps(
+                {"zone": zone_data(zone) if zone else None, "allowed": allowed},
+                separators=(",", ":"),
+            )
+            if not self._send(latest, line):
                 with self._wake:  # failing to start again: wait, then try again
                     self._wake.wait_for(lambda: self._closing, self._respawn_after)
 
-    def _send(self, line: str) -> bool:
+    def _send(self, latest: _Zone, line: str) -> bool:
         """False when no DNS process could be started to take it."""
         process = self._process
         if process is None or process.poll() is not None:
@@ -152,7 +156,7 @@ class DnsChild:
         try:
             process.stdin.write(line + "\n")
             process.stdin.flush()
-            self._sent = line
+            self._sent = latest
         except (BrokenPipeError, ValueError):
             log.error("the DNS process stopped reading its zones: starting another")
             process.kill()
