@@ -93,6 +93,21 @@ def describe(row: Row) -> str:
     return f"| {text} | {rcode} | {row.flags} | {counts} | {'agrees' if row.shared else ''} |"
 
 
+def private_reverse(id: str, name: str, shown: str = "") -> Row:
+    """A private address no backend has (RFC 6303): NXDOMAIN with that zone's SOA, here as
+    in dnsmasq."""
+    return Row(
+        id,
+        name,
+        "PTR",
+        rcode=RCODE.NXDOMAIN,
+        authority=1,
+        additional=1,
+        shared=True,
+        shown=shown,
+    )
+
+
 ROWS = (
     Row("a", "web.internal", answer=3, additional=1, shared=True),
     Row("a-no-edns", "web.internal", edns=False, answer=3, shared=True),
@@ -117,51 +132,17 @@ ROWS = (
         shared=True,
         shown="`3.0.20.172.in-addr.arpa PTR` (a backend)",
     ),
-    Row(
-        "ptr-rfc1918-10",
-        "3.2.1.10.in-addr.arpa",
-        "PTR",
-        rcode=RCODE.NXDOMAIN,
-        authority=1,
-        additional=1,
-        shared=True,
-    ),
-    Row(
-        "ptr-rfc1918-172",
-        "9.9.20.172.in-addr.arpa",
-        "PTR",
-        rcode=RCODE.NXDOMAIN,
-        authority=1,
-        additional=1,
-        shared=True,
-    ),
-    Row(
-        "ptr-rfc1918-192",
-        "9.9.168.192.in-addr.arpa",
-        "PTR",
-        rcode=RCODE.NXDOMAIN,
-        authority=1,
-        additional=1,
-        shared=True,
-    ),
-    Row(
+    private_reverse("ptr-rfc1918-10", "3.2.1.10.in-addr.arpa"),
+    private_reverse("ptr-rfc1918-172", "9.9.20.172.in-addr.arpa"),
+    private_reverse("ptr-rfc1918-192", "9.9.168.192.in-addr.arpa"),
+    private_reverse(
         "ptr-ula",
         "9.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa",
-        "PTR",
-        rcode=RCODE.NXDOMAIN,
-        authority=1,
-        additional=1,
-        shared=True,
         shown="PTR of `fd00::9` (unique local)",
     ),
-    Row(
+    private_reverse(
         "ptr-link-local",
         "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.e.f.ip6.arpa",
-        "PTR",
-        rcode=RCODE.NXDOMAIN,
-        authority=1,
-        additional=1,
-        shared=True,
         shown="PTR of `fe80::1` (link-local)",
     ),
     Row("rfc6303-apex-soa", "168.192.in-addr.arpa", "SOA", answer=1, additional=1),
