@@ -80,7 +80,7 @@ class PassTicket:
 class Published:
     """The snapshot of the last pass that finished, for a reader that waits for a newer one
     (the DNS zone's long poll) without polling. At most `waiters` wait at once, so long polls
-    can't take every API thread; one more is answered at once."""
+    can't take every API thread; any more are answered at once."""
 
     def __init__(self, waiters: int = 4) -> None:
         self._changed = threading.Condition()
