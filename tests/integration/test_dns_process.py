@@ -431,6 +431,21 @@ def test_following_a_controller_keep_servfail_and_back() -> None:
     assert "SERVFAIL until it answers" in errors
 
 
+def test_a_follower_answered_at_once_with_the_same_zone_does_not_spin() -> None:
+    """A controller whose long polls are all taken (a fifth follower) answers at once with
+    the zone the follower has: it asks again after a pause, not in a loop."""
+    controller = FakeController()
+    controller.replies = [controller.zone(zone_with(7))]
+    port = free_port()
+    with following(port, controller.url):
+        wait_until(lambda: _answers_at_all(port) and a_records(port) == set(WEB_IPS), what="v7")
+        before = len(controller.asked)
+        time.sleep(2)
+        asked = len(controller.asked) - before
+    controller.close()
+    assert 1 <= asked <= 6, asked
+
+
 def rcode(port: int) -> str:
     reply = DNSRecord.parse(udp_ask(port, bytes(DNSRecord.question("web.internal").pack())))
     return str(RCODE[reply.header.rcode])
