@@ -16,7 +16,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 from controlplane.addresses import SocketAddress
 from controlplane.core.dns_records import Zone
 from controlplane.dns_answer import UDP_PLAIN_LIMIT, Answerer
-from controlplane.dns_server import DnsServer
+from controlplane.dns_server import BATCH_AFTER, DnsServer, Forwarder, bind_sockets
 from controlplane.errors import ControlPlaneError
 from controlplane.metrics import Metrics
 from tests.support.dns_stub import (
@@ -269,6 +269,59 @@ def test_garbage_over_udp_gets_formerr_and_short_packets_nothing(dns: RunningDns
         with pytest.raises(TimeoutError):
             sock.recv(512)
     assert DNSRecord.parse(udp_ask(dns.port, query("web.internal"))).rr
+
+
+def test_one_batch_of_every_kind_of_query_answers_each_one() -> None:
+    """Sent before the server starts: the first BATCH_AFTER are read one at a time, which
+    shows a backlog, so the rest come in one batch: prebuilt replies, built ones, a
+    forward, FORMERR and a dropped scrap, in one row."""
+    with StubUpstream() as stub:
+        port = free_port()
+        sockets = bind_sockets([SocketAddress(LOOPBACK, port)])
+        answerer = Answerer(lambda: [], forwarding=True)
+        answerer.use(ZONE)
+        server = DnsServer(
+            [SocketAddress(LOOPBACK, port)], answerer, Forwarder([stub.endpoint]), sockets
+        )
+        one_by_one = [query("web.internal", ident=100 + n) for n in range(BATCH_AFTER)]
+        batched = [
+            query("web.internal", ident=1),
+            query("web.internal", ident=2),
+            query("example.test", ident=3),  # forwarded: leaves the row
+            b"\x00\x04" + b"\xff" * 30,  # FORMERR
+            b"\x05",  # nothing: too short for a header
+            query("nope.internal", ident=6),
+            query("web.internal", ident=7),
+        ]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(3)
+            for data in one_by_one + batched:
+                client.sendto(data, (LOOPBACK, port))
+            server.start()
+            try:
+                replies = {}
+                for _ in range(BATCH_AFTER + 6):
+                    reply = DNSRecord.parse(client.recv(4096))
+                    replies[reply.header.id] = reply
+            finally:
+                server.stop()
+    assert sorted(replies) == [1, 2, 3, 4, 6, 7, *range(100, 100 + BATCH_AFTER)]
+    web = [1, 2, 7, *range(100, 100 + BATCH_AFTER)]
+    assert {str(rr.rdata) for i in web for rr in replies[i].rr} == set(WEB_IPS)
+    assert all(str(replies[i].q.qname) == "web.internal." for i in web)
+    assert [str(rr.rdata) for rr in replies[3].rr] == ["192.0.2.1"]
+    assert replies[4].header.rcode == RCODE.FORMERR
+    assert replies[6].header.rcode == RCODE.NXDOMAIN
+
+
+def test_a_burst_past_one_batch_is_answered_whole(dns: RunningDns) -> None:
+    """Two and a half batches; not more, or the client's own receive buffer overflows."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(3)
+        for ident in range(160):
+            client.sendto(query("web.internal", ident=ident), dns.address)
+        idents = {DNSRecord.parse(client.recv(4096)).header.id for _ in range(160)}
+    assert idents == set(range(160))
 
 
 def test_a_tcp_message_without_a_header_closes_the_connection(dns: RunningDns) -> None:
