@@ -91,6 +91,7 @@ def _view(name: str, snapshot: Snapshot) -> V.Service:
         _nginx_states(snapshot),
         context().health(),
         context().traffic(V.traffic_keys(service)),
+        context().stats_sample,
     )
 
 
@@ -170,7 +171,14 @@ def list_services() -> Response:
         V.ServiceList(
             services=[
                 V.service_view(
-                    s, snapshot.topology, overrides, snapshot.serves, nginx, health, traffic
+                    s,
+                    snapshot.topology,
+                    overrides,
+                    snapshot.serves,
+                    nginx,
+                    health,
+                    traffic,
+                    context().stats_sample,
                 )
                 for s in services
             ]

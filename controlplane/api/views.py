@@ -143,6 +143,12 @@ class ServiceNginx(Reply):
         description="how it gets backends: pushed to its Lua balancer, or by a reload "
         "(null: not known yet)"
     )
+    stats_sample: int | None = Field(
+        default=None,
+        description="as in /api/v1/nginx: this nginx reports one in this many of its "
+        "ordinary answers, so the service's counts of them are estimates (null: every "
+        "request counted, or traffic figures are off)",
+    )
 
 
 class Excluded(Reply):
@@ -455,10 +461,11 @@ def dataplane(state: NginxState | None) -> Literal["dynamic", "reload"] | None:
 
 
 def service_nginx_views(
-    service: str, wanted: Serves, nginx: Sequence[NginxState]
+    service: str, wanted: Serves, nginx: Sequence[NginxState], stats_sample: int | None
 ) -> list[ServiceNginx]:
     """Per managed nginx: does the config it runs send this service's requests where the
-    controller wants them, and if not, what stopped the newer one."""
+    controller wants them, and if not, what stopped the newer one. `stats_sample`: the
+    controller's, which only a reload nginx applies."""
     return [
         ServiceNginx(
             name=n.container,
@@ -468,6 +475,7 @@ def service_nginx_views(
             serving=None if n.serves is None else len(n.serves.get(service, ())),
             failure=failure_view(n.failure),
             dataplane=dataplane(n),
+            stats_sample=stats_sample if dataplane(n) == "reload" else None,
         )
         for n in nginx
     ]
@@ -520,10 +528,11 @@ def service_view(
     nginx: Sequence[NginxState],
     health: Mapping[tuple[str, str], H.Health],
     traffic: Mapping[Key, Summary],
+    stats_sample: int | None,
 ) -> Service:
     """`wanted`: what the current config sends traffic to; `nginx`: what each nginx runs;
     `health`: what the checks say of each backend; `traffic`: figures by key (traffic_keys),
-    null where absent."""
+    null where absent; `stats_sample`: see service_nginx_views."""
     return Service(
         name=service.name,
         exists=True,
@@ -533,7 +542,7 @@ def service_view(
         hosts=list(service.names),
         health=check_view(service.health, service.health_source),
         backends=[backend_view(b, service.name, nginx, health, traffic) for b in service.backends],
-        nginx=service_nginx_views(service.name, wanted, nginx),
+        nginx=service_nginx_views(service.name, wanted, nginx, stats_sample),
         excluded=[
             Excluded(container=e.container, reason=e.reason)
             for e in topology.excluded

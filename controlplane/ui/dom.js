@@ -123,6 +123,22 @@ export function rate(traffic) {
   return traffic ? `${number(traffic.rps_10s)}/s` : NONE;
 }
 
+/** The largest --stats-sample of the nginx serving a service: past 1, its counts of
+ * ordinary answers are estimates (a reload nginx reports one in that many). */
+export function sampling(service) {
+  return Math.max(1, ...service.nginx.map((n) => n.stats_sample || 1));
+}
+
+/** A figure as text, marked "≈" with why when it is an estimate. */
+export function estimate(text, sample) {
+  if (sample <= 1) return text;
+  return h(
+    "span",
+    { title: `an estimate: a reload nginx reports 1 in ${sample} ordinary answers` },
+    `\u2248 ${text}`,
+  );
+}
+
 export function total(requests) {
   return requests ? Object.values(requests).reduce((sum, n) => sum + n, 0) : 0;
 }

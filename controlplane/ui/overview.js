@@ -5,11 +5,13 @@ import { API, get } from "./api.js";
 import {
   NONE,
   errorRate,
+  estimate,
   fill,
   h,
   methodText,
   ms,
   rate,
+  sampling,
   syncRows,
   timeEl,
 } from "./dom.js";
@@ -81,7 +83,7 @@ export function overview() {
           `${up} / ${s.backends.length}`,
           s.excluded.length ? h("span", { class: "hint" }, ` (${s.excluded.length} left out)`) : null,
         );
-        fill(rps, rate(s.traffic));
+        fill(rps, estimate(rate(s.traffic), sampling(s)));
         fill(errors, errorRate(s.traffic));
         fill(p95, ms(s.traffic ? s.traffic.p95_ms : null));
         fill(where, nginxWord(s.nginx));

@@ -5,11 +5,13 @@ import { API, ApiFailure, del, get, patch, put, servicePath } from "./api.js";
 import {
   NONE,
   errorRate,
+  estimate,
   fill,
   h,
   methodText,
   ms,
   rate,
+  sampling,
   setText,
   sparkline,
   syncRows,
@@ -121,7 +123,7 @@ export function servicePage(name, app) {
     fill(facts.hosts, service.hosts.join(", ") || NONE);
     fill(facts.networks, service.networks.join(", ") || NONE);
     fill(facts.nginx, nginxWord(service.nginx));
-    fill(facts.rps, rate(service.traffic));
+    fill(facts.rps, estimate(rate(service.traffic), sampling(service)));
     fill(facts.errors, errorRate(service.traffic));
     fill(facts.p95, ms(service.traffic ? service.traffic.p95_ms : null));
     method.show(service);
@@ -153,7 +155,13 @@ export function servicePage(name, app) {
       (row, n) => {
         const [who, mode, version, sync, serving, failure] = row.cells;
         fill(who, n.name);
-        fill(mode, n.dataplane || "not known yet");
+        fill(
+          mode,
+          n.dataplane || "not known yet",
+          n.stats_sample > 1
+            ? h("div", { class: "hint" }, `counts 1 in ${n.stats_sample} ordinary answers`)
+            : null,
+        );
         fill(version, n.version === null ? "not deployed to yet" : String(n.version));
         fill(sync, n.in_sync === null ? NONE : n.in_sync ? "yes" : "no");
         fill(serving, n.serving === null ? NONE : String(n.serving));
@@ -282,11 +290,16 @@ export function servicePage(name, app) {
         ),
       );
       const traffic = b.traffic;
+      const sample = sampling(service);
       fill(
         rps,
-        rate(traffic),
+        estimate(rate(traffic), sample),
         traffic
-          ? h("div", { class: "hint nowrap" }, `${total(traffic.requests)} in 1 min`)
+          ? h(
+              "div",
+              { class: "hint nowrap" },
+              estimate(`${total(traffic.requests)} in 1 min`, sample),
+            )
           : null,
       );
       fill(

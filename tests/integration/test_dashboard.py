@@ -279,6 +279,30 @@ def test_the_page_counts_what_was_sent_through_nginx(
     assert console.unexpected() == []
 
 
+def test_sampled_counts_are_marked_as_estimates(
+    lab: Lab,
+    start_controller: ControllerFactory,
+    http_for: type[Http],
+    page: Page,
+    request: pytest.FixtureRequest,
+) -> None:
+    """At the default --stats-sample (10) a reload nginx reports one in ten ordinary
+    answers: the page marks what it counts from them as estimates, and says why."""
+    stack = make_stack(lab, start_controller, http_for)
+    console = Console(page)
+    http_for(stack.port).bodies("web", 100)
+    open_service(page, stack)
+    name = stack.backends[0].name
+    counted = backend_row(page, name).locator("td").nth(5)
+    expect(counted).to_contain_text(re.compile(r"\u2248 \d+ in 1 min"))
+    expect(counted.locator("[title]").first).to_have_attribute(
+        "title", re.compile("reports 1 in 10 ordinary answers")
+    )
+    expect(page.locator("#main")).to_contain_text("counts 1 in 10 ordinary answers")
+    shot(page, request, "service-estimates")
+    assert console.unexpected() == []
+
+
 def backend_counts(stack: Stack) -> dict[str, int]:
     """Requests per backend over the last minute, as the API says."""
     reply = httpx.get(f"{stack.url}/api/v1/services/web", timeout=10).json()

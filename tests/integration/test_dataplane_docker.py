@@ -108,6 +108,7 @@ def test_auto_picks_the_data_plane_the_image_can_run(
     assert listed["stats_sample"] == (10 if lab.dataplane == "reload" else None)
     services = api(controller.api_url, "GET", "/api/v1/services/web").json()
     assert services["nginx"][0]["dataplane"] == lab.dataplane
+    assert services["nginx"][0]["stats_sample"] == listed["stats_sample"]
 
 
 @DYNAMIC
