@@ -233,7 +233,7 @@ class DnsProcess:
             query = urllib.parse.urlencode({"after": version, "timeout": FOLLOW_WAIT})
             request = urllib.request.Request(f"{url.rstrip('/')}{ZONE_PATH}?{query}")
             applied: bool | None = False
-            unchanged = False
+            unchanged, asked = False, time.monotonic()
             try:
                 with urllib.request.urlopen(request, timeout=FOLLOW_WAIT + 10) as reply:
                     body = reply.read(MAX_ZONE_BYTES + 1)
@@ -241,7 +241,10 @@ class DnsProcess:
                 message = json.loads(body)
                 problem = self._untrusted(body, signature, message)
                 if not problem:
-                    unchanged = int(message["version"]) == version
+                    # the same zone back before the wait ran out: its long polls are full
+                    unchanged = int(message["version"]) == version and (
+                        time.monotonic() - asked < FOLLOW_WAIT / 2
+                    )
                     version = int(message["version"])
                     applied = self._apply(message)
                     problem = "a zone that can't be used"  # read only when it was not
@@ -257,7 +260,7 @@ class DnsProcess:
                 if away:
                     log.info("the controller at %s answers again", url)
                 contact, delay, away = time.monotonic(), FOLLOW_RETRY, None
-                if unchanged:  # its wait ran out, or its long polls are full (answered at once)
+                if unchanged:  # ask again later, not in a loop
                     self._stopped.wait(FOLLOW_RETRY)
                 continue
             version = -1  # asked again at once when it answers: its versions may restart

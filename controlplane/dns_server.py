@@ -42,7 +42,7 @@ from controlplane.dns_answer import (
 )
 from controlplane.dns_handover import Listening
 from controlplane.errors import ControlPlaneError
-from controlplane.udp_batch import SLOT, Batch
+from controlplane.udp_batch import SLOT, UNSUPPORTED, Batch
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +208,19 @@ class _UdpReader:
     the event loop, which sends their replies through the same socket (sendto is safe from
     any thread).
 
-    Datagrams are read and answered in batches (`udp_batch`). Reads never block
-    (MSG_DONTWAIT): when nothing waits, the thread sleeps in poll() on the
-    socket and a wake-up pipe, so `stop()` never touches the socket itself, which a successor
-    process may be reading too (a handover)."""
+    Under load, datagrams are read and answered in batches (`udp_batch`), where the C
+    library and the sandbox allow it. Reads never block (MSG_DONTWAIT): when nothing waits,
+    the thread sleeps in poll() on the socket and a wake-up pipe, so `stop()` never touches
+    the socket itself, which a successor process may be reading too (a handover)."""
 
     def __init__(self, server: DnsServer, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
-        self.batch = Batch(sock.family)
+        self.batch: Batch | None = None
+        try:
+            self.batch = Batch(sock.family)
+        except ControlPlaneError as error:
+            log.warning("DNS over UDP reads one datagram per call: %s", error)
         self.forwarding: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._run, name="dns-udp", daemon=True)
         self._stopping = False
@@ -232,28 +236,16 @@ class _UdpReader:
         costs more than recvfrom for one); once BATCH_AFTER reads in a row found one waiting,
         a backlog has formed and reads take up to a batch, until one finds few."""
         receive, send = self.sock.recvfrom, self.sock.sendto
-        batch, fd, answerer, counts = (
-            self.batch,
-            self.sock.fileno(),
-            self.server.answerer,
-            self.server.counts,
-        )
+        answerer, counts = self.server.answerer, self.server.counts
         idle = select.poll()
         idle.register(self.sock, select.POLLIN)
         idle.register(self._wake_read, select.POLLIN)
-        streak = 0
+        streak, batch_after = 0, BATCH_AFTER if self.batch else math.inf
         while not self._stopping:
-            if streak >= BATCH_AFTER:
-                try:
-                    lengths = batch.receive(fd)
-                except OSError:  # the ICMP error of an earlier send, told on this socket
-                    continue
-                if len(lengths) < BATCH_AFTER:
-                    streak = 0
-                if lengths:
-                    self._answer_batch(lengths)
-                else:
-                    idle.poll()
+            if streak >= batch_after:
+                streak = self._read_batch(idle)
+                if self.batch is None:
+                    batch_after = math.inf
                 continue
             try:
                 data, addr = receive(SLOT, socket.MSG_DONTWAIT)
@@ -267,9 +259,29 @@ class _UdpReader:
                 streak = 0
                 idle.poll()
                 continue
-            except OSError:  # as above, or the client's address is unreachable
+            except OSError:  # the ICMP error of an earlier send, or an unreachable client
                 continue
             self._answer_one(data, addr)
+
+    def _read_batch(self, idle: select.poll) -> int:
+        """One batch read and answered; the streak to go on with (0: back to one at a time).
+        Batches stop for good when the calls can't be made here."""
+        assert self.batch is not None
+        try:
+            lengths = self.batch.receive(self.sock.fileno())
+            if lengths:
+                self._answer_batch(self.batch, lengths)
+            else:
+                idle.poll()
+        except OSError as error:
+            if error.errno in UNSUPPORTED:
+                log.warning("DNS over UDP reads one datagram per call from now: %s", error)
+                self.batch = None
+            return 0  # the next read is recvfrom's, which tells a socket's error its way
+        except Exception:  # a bug must cost this batch, not the UDP server
+            log.exception("a batch of DNS queries could not be answered")
+            return 0
+        return BATCH_AFTER if len(lengths) >= BATCH_AFTER else 0
 
     def _answer_one(self, data: bytes, addr: tuple[str, int]) -> None:
         result = self.server.answer(data, addr[0], udp=True)
@@ -279,10 +291,10 @@ class _UdpReader:
         elif isinstance(result, Forward):
             self.server.call_soon(self._forward_later, result, addr)
 
-    def _answer_batch(self, lengths: list[int]) -> None:
-        """Replies ready in a row go out in one sendmmsg; one that is not (forwarded or
-        dropped) ends the row."""
-        batch, fd, answer = self.batch, self.sock.fileno(), self.server.answer
+    def _answer_batch(self, batch: Batch, lengths: list[int]) -> None:
+        """Replies ready in a row go out in one sendmmsg; one that is not (forwarded,
+        dropped, or longer than a slot) ends the row."""
+        fd, answer = self.sock.fileno(), self.server.answer
         queries, replies, reply_length = batch.queries, batch.replies, batch.reply_length
         fast_replies, counts = self.server.answerer.fast, self.server.counts
         row = 0
@@ -297,13 +309,16 @@ class _UdpReader:
                 reply_length(i, 2 + len(body))
                 continue
             result = answer(queries[at : at + length].tobytes(), batch.sender(i)[0], udp=True)
-            if type(result) is bytes and len(result) <= SLOT:  # UDP replies: <= 1,232
+            if type(result) is bytes and len(result) <= SLOT:
                 replies[at : at + len(result)] = result
                 reply_length(i, len(result))
                 continue
             batch.send(fd, row, i)
             row = i + 1
-            if isinstance(result, Forward):
+            if type(result) is bytes:
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(result, batch.sender(i))
+            elif isinstance(result, Forward):
                 self.server.call_soon(self._forward_later, result, batch.sender(i))
         batch.send(fd, row, len(lengths))
 

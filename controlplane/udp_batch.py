@@ -23,7 +23,10 @@ from controlplane.errors import ControlPlaneError
 SLOT = 4096  # bytes per datagram, read or sent: a longer query is cut (so FORMERR)
 ADDRESS = 28  # sizeof(struct sockaddr_in6), which holds a sockaddr_in too
 _V4 = struct.Struct("!2xH4s")  # sockaddr_in: family (host order, skipped), port, address
-_V6 = struct.Struct("!2xHI16sI")  # sockaddr_in6: family, port, flow info, address, scope
+_V6 = struct.Struct("!2xHI16s")  # sockaddr_in6: family, port, flow info, address, then
+_SCOPE = struct.Struct("=I")  # the scope (interface index), in host order unlike the rest
+UNSUPPORTED = frozenset({errno.ENOSYS, errno.EOPNOTSUPP})
+"""Errors that say the call itself can't be made here (a sandbox's filter, an old kernel)."""
 
 
 class _Iovec(ctypes.Structure):
@@ -120,16 +123,24 @@ class Batch:
 
     def send(self, fd: int, start: int, stop: int) -> None:
         """Sends replies start..stop-1 to their senders; one that fails is skipped (a client
-        that went away is nothing to retry)."""
+        that went away is nothing to retry). OSError when sendmmsg can't be made at all."""
         while start < stop:
             sent = self._sendmmsg(fd, self._send_from[start], stop - start, 0)
-            start += sent if sent > 0 else 1
+            if sent > 0:
+                start += sent
+                continue
+            code = ctypes.get_errno()
+            if code in UNSUPPORTED:
+                raise OSError(code, os.strerror(code))
+            if code != errno.EINTR:
+                start += 1
 
     def sender(self, i: int) -> tuple[str, int] | tuple[str, int, int, int]:
         """Datagram i's sender, as `socket.recvfrom` would give it."""
         view = self._names_view
         if self._family == socket.AF_INET6:
-            port, flow, address, scope = _V6.unpack_from(view, i * ADDRESS)
+            port, flow, address = _V6.unpack_from(view, i * ADDRESS)
+            (scope,) = _SCOPE.unpack_from(view, i * ADDRESS + _V6.size)
             return socket.inet_ntop(socket.AF_INET6, address), port, flow, scope
         port, address = _V4.unpack_from(view, i * ADDRESS)
         return socket.inet_ntop(socket.AF_INET, address), port

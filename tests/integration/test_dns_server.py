@@ -3,6 +3,7 @@ forwarding to a stub upstream on loopback (never a real resolver)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import subprocess
@@ -16,9 +17,10 @@ from dnslib import QTYPE, RCODE, DNSRecord
 from controlplane.addresses import SocketAddress
 from controlplane.core.dns_records import Zone
 from controlplane.dns_answer import UDP_PLAIN_LIMIT, Answerer
-from controlplane.dns_server import BATCH_AFTER, DnsServer, Forwarder, bind_sockets
+from controlplane.dns_server import BATCH_AFTER, DnsServer, Forwarder, _UdpReader, bind_sockets
 from controlplane.errors import ControlPlaneError
 from controlplane.metrics import Metrics
+from controlplane.udp_batch import Batch
 from tests.support.dns_stub import (
     BIG,
     BIG_IPS,
@@ -271,7 +273,9 @@ def test_garbage_over_udp_gets_formerr_and_short_packets_nothing(dns: RunningDns
     assert DNSRecord.parse(udp_ask(dns.port, query("web.internal"))).rr
 
 
-def test_one_batch_of_every_kind_of_query_answers_each_one() -> None:
+def test_one_batch_of_every_kind_of_query_answers_each_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Sent before the server starts: the first BATCH_AFTER are read one at a time, which
     shows a backlog, so the rest come in one batch: prebuilt replies, built ones, a
     forward, FORMERR and a dropped scrap, in one row."""
@@ -283,6 +287,14 @@ def test_one_batch_of_every_kind_of_query_answers_each_one() -> None:
         server = DnsServer(
             [SocketAddress(LOOPBACK, port)], answerer, Forwarder([stub.endpoint]), sockets
         )
+        batches: list[int] = []
+        answer_batch = _UdpReader._answer_batch
+
+        def counted(reader: _UdpReader, batch: Batch, lengths: list[int]) -> None:
+            batches.append(len(lengths))
+            answer_batch(reader, batch, lengths)
+
+        monkeypatch.setattr(_UdpReader, "_answer_batch", counted)
         one_by_one = [query("web.internal", ident=100 + n) for n in range(BATCH_AFTER)]
         batched = [
             query("web.internal", ident=1),
@@ -305,6 +317,7 @@ def test_one_batch_of_every_kind_of_query_answers_each_one() -> None:
                     replies[reply.header.id] = reply
             finally:
                 server.stop()
+    assert batches == [len(batched)]
     assert sorted(replies) == [1, 2, 3, 4, 6, 7, *range(100, 100 + BATCH_AFTER)]
     web = [1, 2, 7, *range(100, 100 + BATCH_AFTER)]
     assert {str(rr.rdata) for i in web for rr in replies[i].rr} == set(WEB_IPS)
@@ -315,13 +328,30 @@ def test_one_batch_of_every_kind_of_query_answers_each_one() -> None:
 
 
 def test_a_burst_past_one_batch_is_answered_whole(dns: RunningDns) -> None:
-    """Two and a half batches; not more, or the client's own receive buffer overflows."""
+    """Two and a half batches."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # room for every reply
         client.settimeout(3)
         for ident in range(160):
             client.sendto(query("web.internal", ident=ident), dns.address)
         idents = {DNSRecord.parse(client.recv(4096)).header.id for _ in range(160)}
     assert idents == set(range(160))
+
+
+def test_where_batches_cannot_be_read_it_reads_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sandbox that filters recvmmsg out (ENOSYS): the first backlog finds it, and from
+    then on every datagram is read alone, and answered."""
+
+    def refused(_batch: Batch, _fd: int) -> list[int]:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(Batch, "receive", refused)
+    with running_dns(ZONE) as running:
+        test_a_burst_past_one_batch_is_answered_whole(running)
+        test_a_burst_past_one_batch_is_answered_whole(running)
+    assert "reads one datagram per call from now" in caplog.text
 
 
 def test_a_tcp_message_without_a_header_closes_the_connection(dns: RunningDns) -> None:

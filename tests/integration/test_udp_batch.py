@@ -4,12 +4,13 @@ its own sender, over IPv4 and IPv6."""
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from controlplane.udp_batch import SLOT, Batch
+from controlplane.udp_batch import ADDRESS, SLOT, Batch
 
 
 def bound(family: socket.AddressFamily, host: str) -> socket.socket:
@@ -75,3 +76,13 @@ def test_a_datagram_longer_than_a_slot_is_cut_to_it(server: socket.socket) -> No
         batch = Batch(server.family, 4)
         assert wait_for(batch, server, 2) == [SLOT, 5]
         assert batch.queries[SLOT : SLOT + 5].tobytes() == b"short"
+
+
+def test_a_link_local_sender_keeps_its_scope() -> None:
+    """The scope (interface index) of a sockaddr_in6 is in host order, the rest in network
+    order: a reply forwarded later must go back out of the interface the query came in on."""
+    batch = Batch(socket.AF_INET6, 2)
+    sockaddr = struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", 5353, 0)
+    sockaddr += socket.inet_pton(socket.AF_INET6, "fe80::1") + struct.pack("=I", 4)
+    batch._names_view[ADDRESS : 2 * ADDRESS] = sockaddr
+    assert batch.sender(1) == ("fe80::1", 5353, 0, 4)
