@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
@@ -43,24 +44,34 @@ def _running_tasks(swarm: PrivateSwarm, service: str) -> dict[str, str]:
     for task in swarm.client.api.tasks(filters={"service": service}):
         if task["Status"]["State"] == "running" and task["DesiredState"] == "running":
             address = task["NetworksAttachments"][0]["Addresses"][0].split("/")[0]
-            found[f"{service}.{task['Slot']}.{task['ID']}"] = address
+            found[_task_name(service, task)] = address
     return found
 
 
 def _states(swarm: PrivateSwarm, service: str) -> dict[str, str]:
     """Task name -> state, of every task Docker still lists."""
     return {
-        f"{service}.{t['Slot']}.{t['ID']}": str(t["Status"]["State"])
+        _task_name(service, t): str(t["Status"]["State"])
         for t in swarm.client.api.tasks(filters={"service": service})
     }
 
 
-def _live(controller: RunningController) -> set[str]:
-    """The addresses the controller's current snapshot serves."""
+def _task_name(service: str, task: dict[str, Any]) -> str:
+    """As Docker names its container: by slot, or by node for a global service's task."""
+    return f"{service}.{task.get('Slot') or task['NodeID']}.{task['ID']}"
+
+
+def _live(controller: RunningController, service: str | None = None) -> set[str]:
+    """The addresses the controller's current snapshot serves (for `service`, or any)."""
     snapshot = controller.controller.reconciler.snapshot
     if snapshot is None:
         return set()
-    return {b.ip for s in snapshot.topology.services for b in s.live_backends}
+    return {
+        b.ip
+        for s in snapshot.topology.services
+        if service in (None, s.name)
+        for b in s.live_backends
+    }
 
 
 def _docker(swarm: PrivateSwarm, *args: str) -> None:
@@ -115,18 +126,19 @@ class Stage:
     http: Http
 
     def service(self, name: str, replicas: int, **labels: str) -> dict[str, str]:
-        """Creates a draining service of `replicas` tasks, labelled `labels` on its spec,
-        and waits until they run: task name -> address."""
+        """Creates a draining service of `replicas` tasks (0: a global service, one task
+        on this one node), labelled `labels` on its spec, and waits until they run: task
+        name -> address."""
         self.swarm.client.services.create(
             self.swarm.images.backend,
             name=name,
             networks=[str(self.network.id)],
-            mode=ServiceMode("replicated", replicas),
+            mode=ServiceMode("replicated", replicas) if replicas else ServiceMode("global"),
             env=DRAINING,
             labels=labels,
             container_labels={L.PORT: "80"},
         )
-        return self.running(name, replicas)
+        return self.running(name, replicas or 1)
 
     def running(self, name: str, replicas: int) -> dict[str, str]:
         return wait_until(
@@ -142,7 +154,7 @@ class Stage:
         """The controller, nginx and DNS serve exactly these tasks."""
         addresses = set(tasks.values())
         wait_until(
-            lambda: _live(self.controller) == addresses,
+            lambda: _live(self.controller, name) == addresses,
             timeout=30,
             what=f"the controller serving the {len(tasks)} tasks",
         )
@@ -227,7 +239,7 @@ def test_a_swarm_service_is_served_by_task_address_and_scales_without_a_failed_r
 
 
 @DATAPLANES
-def test_rolling_updates_stop_first_and_start_first_fail_no_request(
+def test_rolling_updates_stop_first_start_first_and_global_fail_no_request(
     private_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
 ) -> None:
     swarm = private_swarm
@@ -254,6 +266,28 @@ def test_rolling_updates_stop_first_and_start_first_fail_no_request(
                 stage.served("web", tasks)
         assert load.failures == [], load.failures[:5]
         assert set(tasks) <= set(load.by_backend())  # the last round's tasks took over
+
+        # a global service: one task per node, replaced start-first
+        edge = stage.service("edge", 0)
+        stage.served("edge", edge)
+        with stage.load("edge") as load:
+            _docker(
+                swarm,
+                *("service", "update", "--detach", "--update-order", "start-first"),
+                *("--env-add", "ORDER=new", "edge"),
+            )
+            edge = wait_until(
+                lambda old=set(edge): (
+                    not (old & set(_running_tasks(swarm, "edge")))
+                    and len(_running_tasks(swarm, "edge")) == 1
+                    and _running_tasks(swarm, "edge")
+                ),
+                timeout=90,
+                what="the global service's new task",
+            )
+            stage.served("edge", edge)
+        assert load.failures == [], load.failures[:5]
+        assert set(edge) <= set(load.by_backend())
 
 
 @DATAPLANES
