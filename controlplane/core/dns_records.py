@@ -40,6 +40,8 @@ LOCAL_ZONES = frozenset(
         "100.51.198.in-addr.arpa",
         "113.0.203.in-addr.arpa",
         "255.255.255.255.in-addr.arpa",
+        # RFC 7793: the shared address space 100.64.0.0/10 (carrier-grade NAT)
+        *(f"{n}.100.in-addr.arpa" for n in range(64, 128)),
         # 4.4: the unspecified and loopback IPv6 addresses
         "0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa",
         "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa",

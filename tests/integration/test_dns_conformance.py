@@ -145,6 +145,15 @@ ROWS = (
         "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.e.f.ip6.arpa",
         shown="PTR of `fe80::1` (link-local)",
     ),
+    Row(
+        "ptr-shared-space",
+        "9.9.64.100.in-addr.arpa",
+        "PTR",
+        rcode=RCODE.NXDOMAIN,
+        authority=1,
+        additional=1,
+        shown="PTR of `100.64.9.9` (shared space, RFC 7793: dnsmasq forwards it)",
+    ),
     Row("rfc6303-apex-soa", "168.192.in-addr.arpa", "SOA", answer=1, additional=1),
     Row("nxdomain", "nope.internal", rcode=RCODE.NXDOMAIN, authority=1, additional=1),
     Row(
