@@ -213,6 +213,8 @@ def report(
         f"interleaved; kill -9 after {KILL_AFTER:g} s, restarted at once",
         table(rows, ("metric", "p50", "p99", "max", "n", "unit")),
         "lost: dnsperf's count of queries without an answer within 1 s (the max over rounds)",
+        "answers by RCODE, per round (all NOERROR: each query was for a name that exists):",
+        *(f"  {key}: {' / '.join(r.rcodes for r, _ in runs)}" for key, runs in results.items()),
         *servers,
     ]
     return "\n".join(lines)

@@ -461,9 +461,13 @@ def controller_kill(rig: Rig, dns_rate: int = 2000) -> Callable[[ScenarioResult]
         churn[0].stop(timeout=10)
         rig.add_backend(wait=False)
         timed(rig, result, rig.controller.start)
-        lost, sent = load.lost()
-        result.notes.append(f"DNS: {lost} of {sent} queries lost through the kill and restart")
-        assert sent > dns_rate * 5 and lost == 0, result.notes[-1]
+        dns = load.outcome()
+        result.notes.append(
+            f"DNS: {dns.lost} of {dns.sent} queries lost through the kill and restart; "
+            f"answers {dns.codes}"
+        )
+        assert dns.sent > dns_rate * 5 and dns.lost == 0, result.notes[-1]
+        assert set(dns.codes) == {"NOERROR"}, result.notes[-1]  # each one right, none SERVFAIL
         assert len(dns_processes(rig.controller.dns_port)) == 1, "the old DNS process is left"
         web = api.get(f"/api/v1/services/{SERVICE}").json()
         weights = {b["name"]: b["weight"] for b in web["backends"]}

@@ -328,8 +328,8 @@ def dns_processes(port: int) -> list[int]:
 
 @dataclass
 class DnsLoad:
-    """dnsperf at a fixed rate for a bounded time, in the background; `lost()` waits for it
-    and is its count of queries that got no answer within its timeout (1 s)."""
+    """dnsperf at a fixed rate for a bounded time, in the background; `outcome()` waits for
+    it: queries sent, those that got no answer within its timeout (1 s), answers by RCODE."""
 
     port: int
     rate: int
@@ -346,15 +346,31 @@ class DnsLoad:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 
-    def lost(self) -> tuple[int, int]:
-        """(lost, sent)."""
+    def outcome(self) -> DnsOutcome:
+        """Waits for dnsperf; what it counted."""
         output, _ = self._process.communicate(timeout=self.seconds + 30)
         self._queries.close()
         sent = re.search(r"Queries sent:\s+(\d+)", output)
         lost = re.search(r"Queries lost:\s+(\d+)", output)
+        codes = re.search(r"Response codes:\s+(.*)$", output, re.M)
         if sent is None or lost is None:
             raise AssertionError(f"dnsperf printed no counts:\n{output[-2000:]}")
-        return int(lost.group(1)), int(sent.group(1))
+        return DnsOutcome(
+            lost=int(lost.group(1)),
+            sent=int(sent.group(1)),
+            codes={
+                code: int(count)
+                for code, count in re.findall(r"([A-Z]+) (\d+) \(", codes.group(1) if codes else "")
+            },
+        )
+
+
+@dataclass(frozen=True)
+class DnsOutcome:
+    lost: int
+    sent: int
+    codes: dict[str, int]
+    """Answers by RCODE, as dnsperf's "Response codes" line gives them."""
 
 
 @contextlib.contextmanager
