@@ -71,8 +71,9 @@ class Stack:
         }
 
     @property
-    def dns_service_ip(self) -> str:
-        return self.env["CP_DNS2_IP"]
+    def dns_service_ips(self) -> tuple[str, str]:
+        """The two replicas of the `dns` service."""
+        return self.env["CP_DNS2_IP"], self.env["CP_DNS3_IP"]
 
     def dig(self, server: str | None = None) -> set[str]:
         """web.internal's addresses from the controller's DNS, or from `server`."""
@@ -114,6 +115,7 @@ def stack(
         "CP_SUBNET": str(subnet),
         "CP_DNS_IP": dns_ip,
         "CP_DNS2_IP": str(subnet.network_address + 54),
+        "CP_DNS3_IP": str(subnet.network_address + 55),
         "CP_HTTP_PORT": str(free_port()),
         "CP_API_PORT": str(free_port()),
         "CP_DNS_PORT": str(free_port()),
@@ -151,12 +153,14 @@ def test_scale_switch_and_tear_down(stack: Stack, http_for: type[Http]) -> None:
     )
     wait_until(lambda: stack.dig() == stack.web_ips(), what="DNS answering the 4 addresses")
     four = stack.web_ips()
-    wait_until(
-        lambda: stack.dig(stack.dns_service_ip) == four, what="the dns service answering them"
-    )
+    for replica in stack.dns_service_ips:
+        wait_until(lambda r=replica: stack.dig(r) == four, what=f"the dns service at {replica}")
     (controller,) = stack.containers("controlplane")
     controller.stop(timeout=10)  # the dns service answers on while the controller is down
-    assert stack.dig(stack.dns_service_ip) == four
+    assert [stack.dig(r) for r in stack.dns_service_ips] == [four, four]
+    (web,) = stack.containers("web")[:1]  # and a backend's own lookups go there
+    looked_up = web.exec_run(["nslookup", "web.internal"])
+    assert looked_up.exit_code == 0 and set(four) <= set(looked_up.output.decode().split())
     controller.start()
     wait_until(lambda: stack.dig() == four, timeout=30, what="the controller's DNS back")
 
@@ -175,7 +179,8 @@ def test_scale_switch_and_tear_down(stack: Stack, http_for: type[Http]) -> None:
         lambda: ips if len(ips := stack.web_ips()) == 1 else None, what="1 web container"
     )
     wait_until(lambda: stack.dig() == {last}, what="DNS answering the 1 address")
-    wait_until(lambda: stack.dig(stack.dns_service_ip) == {last}, what="the dns service following")
+    for replica in stack.dns_service_ips:
+        wait_until(lambda r=replica: stack.dig(r) == {last}, what=f"{replica} following")
     (remaining,) = stack.containers("web")
     wait_until(lambda: http.settled("web", {remaining.name}), what="nginx answering from 1")
     web = api.get("/api/v1/services/web").json()
