@@ -324,7 +324,8 @@ RUN: list[Decorator] = [
         is_flag=True,
         default=False,
         help="Forward reverse lookups of private addresses that are no backend's to the "
-        "upstreams (as dnsmasq does without --bogus-priv), instead of NXDOMAIN (RFC 6303).",
+        "upstreams (as dnsmasq does without --bogus-priv), instead of NXDOMAIN (RFC 6303; "
+        "RFC 7793's 100.64.0.0/10 too, which Tailscale and carrier-grade NAT use).",
     ),
     setting(
         "dns_keep",
@@ -444,7 +445,7 @@ def render(**values: Any) -> None:
     is_flag=True,
     default=False,
     help="Forward private reverse names that are no backend's (as dnsmasq does) instead of "
-    "answering them NXDOMAIN here (RFC 6303).",
+    "answering them NXDOMAIN here (RFC 6303, and RFC 7793's 100.64.0.0/10).",
 )
 @click.option(
     "--keep",

@@ -146,8 +146,8 @@ class ServiceNginx(Reply):
     stats_sample: int | None = Field(
         default=None,
         description="as in /api/v1/nginx: this nginx reports one in this many of its "
-        "ordinary answers, so the service's counts of them are estimates (null: every "
-        "request counted, or traffic figures are off)",
+        "ordinary answers, so the service's counts of them are estimates (1: every request; "
+        "null: it counts every request itself (dynamic), or traffic figures are off)",
     )
 
 

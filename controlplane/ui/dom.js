@@ -131,7 +131,7 @@ export function sampling(service) {
 
 /** A figure as text, marked "≈" with why when it is an estimate. */
 export function estimate(text, sample) {
-  if (sample <= 1) return text;
+  if (sample <= 1 || text === NONE) return text;
   return h(
     "span",
     { title: `an estimate: a reload nginx reports 1 in ${sample} ordinary answers` },

@@ -290,7 +290,7 @@ def test_sampled_counts_are_marked_as_estimates(
     answers: the page marks what it counts from them as estimates, and says why."""
     stack = make_stack(lab, start_controller, http_for)
     console = Console(page)
-    http_for(stack.port).bodies("web", 100)
+    http_for(stack.port).bodies("web", 400)  # some sampled for each backend, surely
     open_service(page, stack)
     name = stack.backends[0].name
     counted = backend_row(page, name).locator("td").nth(5)

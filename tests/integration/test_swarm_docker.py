@@ -312,12 +312,16 @@ def test_a_label_update_srv_answers_and_a_removed_service(
         # backend is checked, not requests through it.
         stage.service("api", 2, **{L.ENDPOINT: "vip"})
         vip = _virtual_ip(swarm, "api", stage.network)
-        wait_until(lambda: _backends_of(stage.controller, "api") == {vip}, what="api by its VIP")
+        wait_until(
+            lambda: _backends_of(stage.controller, "api") == {vip},
+            timeout=30,
+            what="api by its VIP",
+        )
         _docker(swarm, "service", "scale", "--detach", "api=3")
         stage.running("api", 3)
         assert _backends_of(stage.controller, "api") == {vip}  # a scale is Swarm's business
         _docker(swarm, "service", "rm", "api")
-        wait_until(lambda: not _backends_of(stage.controller, "api"), what="api gone")
+        wait_until(lambda: not _backends_of(stage.controller, "api"), timeout=30, what="api gone")
 
         # a label on the service's spec changes no task: the new method reaches nginx alone
         _docker(

@@ -360,7 +360,7 @@ class DnsLoad:
             sent=int(sent.group(1)),
             codes={
                 code: int(count)
-                for code, count in re.findall(r"([A-Z]+) (\d+) \(", codes.group(1) if codes else "")
+                for code, count in re.findall(r"(\w+) (\d+) \(", codes.group(1) if codes else "")
             },
         )
 
