@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -274,7 +275,9 @@ class _UdpReader:
             else:
                 idle.poll()
         except OSError as error:
-            if error.errno in UNSUPPORTED:
+            # EPERM too: no firewall refuses a receive, so it is a sandbox's filter (Docker's
+            # seccomp profile answers a blocked call with it)
+            if error.errno in UNSUPPORTED or error.errno == errno.EPERM:
                 log.warning("DNS over UDP reads one datagram per call from now: %s", error)
                 self.batch = None
             return 0  # the next read is recvfrom's, which tells a socket's error its way
