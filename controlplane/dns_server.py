@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import math
 import os
@@ -43,7 +42,7 @@ from controlplane.dns_answer import (
 )
 from controlplane.dns_handover import Listening
 from controlplane.errors import ControlPlaneError
-from controlplane.udp_batch import SLOT, UNSUPPORTED, Batch
+from controlplane.udp_batch import RECEIVE_UNSUPPORTED, SLOT, Batch
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +274,7 @@ class _UdpReader:
             else:
                 idle.poll()
         except OSError as error:
-            # EPERM too: no firewall refuses a receive, so it is a sandbox's filter (Docker's
-            # seccomp profile answers a blocked call with it)
-            if error.errno in UNSUPPORTED or error.errno == errno.EPERM:
+            if error.errno in RECEIVE_UNSUPPORTED:
                 log.warning("DNS over UDP reads one datagram per call from now: %s", error)
                 self.batch = None
             return 0  # the next read is recvfrom's, which tells a socket's error its way

@@ -27,6 +27,9 @@ _V6 = struct.Struct("!2xHI16s")  # sockaddr_in6: family, port, flow info, addres
 _SCOPE = struct.Struct("=I")  # the scope (interface index), in host order unlike the rest
 UNSUPPORTED = frozenset({errno.ENOSYS, errno.EOPNOTSUPP})
 """Errors that say the call itself can't be made here (a sandbox's filter, an old kernel)."""
+RECEIVE_UNSUPPORTED = UNSUPPORTED | {errno.EPERM}
+"""The same for recvmmsg, and EPERM: no firewall refuses a receive, so it is a sandbox's
+filter (Docker's seccomp profile answers a blocked call with it)."""
 
 
 class _Iovec(ctypes.Structure):
