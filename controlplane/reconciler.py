@@ -367,10 +367,11 @@ class Reconciler:
         """Deploy the plan's snapshot to each nginx where it is due (nowhere when the plan holds
         its change back), and publish the pass's report."""
         deployed: tuple[DeployResult, ...] = ()
+        current: tuple[str, ...] = ()
         timings = dict(plan.timings)
         if plan.held is None:
             mark = time.perf_counter()
-            deployed = self._deploy(plan.snapshot)
+            deployed, current = self._deploy(plan.snapshot)
             timings["deploy"] = time.perf_counter() - mark
         return self._publish(
             ReconcileReport(
@@ -384,6 +385,7 @@ class Reconciler:
                 checksum=plan.snapshot.checksum,
                 changes=plan.changes,
                 held=plan.held_changes,
+                current=current,
             )
         )
 
@@ -463,11 +465,12 @@ class Reconciler:
         self._dynamic[path] = (cache, snapshot.version, text, digest)
         return text, digest
 
-    def _deploy(self, snapshot: Snapshot) -> tuple[DeployResult, ...]:
+    def _deploy(self, snapshot: Snapshot) -> tuple[tuple[DeployResult, ...], tuple[str, ...]]:
         """Each nginx gets what its data plane needs and does not have yet: a reload one the
         config, a dynamic one the state (pushed first, so that new workers find it) and the
         dynamic config when its text changed. A config that failed is not sent again before
-        its wait (core.served) is over."""
+        its wait (core.served) is over. Returns what was sent, and the nginx that run the
+        snapshot now."""
         now = self._clock()
         keys = {(t.container_id, t.started_at): t for t in snapshot.topology.nginx}
         known_by_key = (
@@ -535,7 +538,13 @@ class Reconciler:
             )
             for key, target in keys.items()
         }
-        return tuple(results)
+        current = tuple(
+            target.container
+            for key, target in keys.items()
+            if self._deployed.get(key) == wanted[key]
+            and (key not in dynamic or self._pushed.get(key) == snapshot.version)
+        )
+        return tuple(results), current
 
     def config_of(self, snapshot: Snapshot, target: NginxTarget) -> str | None:
         """The config `target` is given by `snapshot`: the dynamic one once it runs that data

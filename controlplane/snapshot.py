@@ -45,6 +45,10 @@ class ReconcileReport:
     """What changed in the model, in words (core.diff)."""
     held: tuple[str, ...] = ()
     """What this pass found but held back for a scale-out, in words; nothing was applied."""
+    current: tuple[str, ...] = ()
+    """The nginx that run this pass's snapshot after it: loaded by this pass, or already by an
+    earlier one (a pass that started after a change was saved takes it before the pass asked
+    for it)."""
 
 
 class PassTicket:

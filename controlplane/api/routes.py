@@ -151,7 +151,7 @@ def _applied(ticket: PassTicket, snapshot: Snapshot, wait: bool, timeout: float)
     return V.Applied(
         version=snapshot.version,
         done=ticket.done.is_set() and ticket.error is None,
-        reloaded=[d.container for d in report.deployed if d.ok] if report else [],
+        reloaded=list(report.current) if report else [],
         errors=errors,
     )
 

@@ -221,7 +221,10 @@ class Service(Reply):
 class Applied(Reply):
     version: int
     done: bool = Field(description="the pass finished its deploys")
-    reloaded: list[str] = Field(description="nginx containers that loaded the change")
+    reloaded: list[str] = Field(
+        description="nginx containers that run the change: loaded by the pass that applied "
+        "it, or already by an earlier pass that started after it was saved"
+    )
     errors: list[str]
 
 

@@ -60,6 +60,19 @@ def test_deploys_once_per_config_and_nginx() -> None:
     assert third.changed and third.version == 2 and len(third.deployed) == 2
 
 
+def test_a_pass_says_which_nginx_run_its_snapshot_even_when_an_earlier_pass_loaded_it() -> None:
+    """A pass that started after a change was saved takes it first; the pass asked for it then
+    sends nothing, and must still say that the nginx runs it (the API's `reloaded`)."""
+    source, _, reconciler = make(nginx("lb"), container("w1"))
+    assert reconciler.reconcile("start").current == ("lb",)
+    source.state = state(nginx("lb"), container("w1"), container("w2", ip="172.20.0.3"))
+    earlier = reconciler.reconcile("resync")
+    asked = reconciler.reconcile("api: web hash")
+    assert [d.container for d in earlier.deployed] == ["lb"]
+    assert asked.deployed == () and asked.version == earlier.version
+    assert asked.current == ("lb",)
+
+
 def test_restarted_nginx_gets_the_config_again() -> None:
     source, _, reconciler = make(nginx("lb"), container("w1"))
     reconciler.reconcile("start")
