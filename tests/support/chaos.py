@@ -205,9 +205,11 @@ class Rig:
         (root / "templates").mkdir()
         (root / "templates" / "service.conf.j2").write_text(BAD_TEMPLATE)
         self.controller = Controller(str(self.net.name), root, root / "templates", docker_url)
-        self.controller.start()
+        # backends first: the controller's first pass takes them all, where backends started
+        # after it would wait out a reload nginx's scale-out hold (~2 s) in every test's setup
         for _ in range(backends):
             self.add_backend(wait=False)
+        self.controller.start()
         self.converge()
         self.port = lab.published_port(self.nginx[0])
         wait_until(lambda: self.serving(self.port), what="nginx serving web")
