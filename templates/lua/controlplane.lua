@@ -57,7 +57,9 @@ local M = {}
 local MORE_TRIES = 2 -- retries after the first try: three tries, as the reload data plane
 -- A refused connect uses up no try, up to every live peer once and MAX_TRIES in all (the
 -- config's proxy_next_upstream_tries): containers stopping at once refuse connections until
--- their drain reaches nginx, and that must fail no request.
+-- their drain reaches nginx, and that must fail no request. A timed-out connect (the address
+-- of a container already gone) gives its try back MORE_TRIES times at most: each cost the
+-- connect timeout, and proxy_next_upstream_timeout bounds them all.
 local MAX_TRIES = 16
 local REHASHES = 20 -- nginx's bound on rehashes (ip_hash, hash, random) before round robin
 local RING_POINTS = 160 -- consistent hash points per weight unit, as nginx's ketama
@@ -1203,7 +1205,7 @@ function M.route()
     -- than the rest of this phase): the tries, and what a hash or ip_hash computes once
     requests[request_key()] = {
         false, false, false, svc = hit, n = 0, left = 0, held = false, busy = false,
-        ejections = false, ip = false, key = false, point = false,
+        ejections = false, ip = false, key = false, point = false, timeouts = 0,
     }
 end
 
@@ -1214,13 +1216,19 @@ local function balance(st)
         if state == "failed" then
             failed(svc, st[n])
         end
-        -- `left`: the tries after this one. A refused connect (a 502 whose connect time is
-        -- "-": no answer from an application, which could make a retry storm) gives one back
-        -- while peers not tried yet outnumber them. The variable ends in " : " here: the
-        -- try about to start is listed, with no peer yet.
+        -- `left`: the tries after this one. A connect that failed (connect time "-": no
+        -- application saw the request, so another try cannot make a retry storm) gives one
+        -- back while peers not tried yet outnumber them: refused (502) always, timed out
+        -- (504) MORE_TRIES times. The variable ends in " : " here: the try about to start is
+        -- listed, with no peer yet.
         local left = st.left - 1
-        if status == 502 and left < svc.live - n - 1 and n + 1 + left < MAX_TRIES
+        local timeout = status == 504
+        if (status == 502 or timeout and st.timeouts < MORE_TRIES)
+            and left < svc.live - n - 1 and n + 1 + left < MAX_TRIES
             and find(ngx_var.upstream_connect_time or "", "-[ :]*$") then
+            if timeout then
+                st.timeouts = st.timeouts + 1
+            end
             left = left + 1
             balancer.set_more_tries(1)
         else

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -697,6 +699,45 @@ def test_refused_connects_use_up_no_try(setup: Setup) -> None:
     put(setup, stopping=service_json("round_robin", [Peer(p, max_fails=0) for p in dead]))
     failed = setup.nginx.get("stopping")
     assert failed.status == 502 and len(upstreams(failed)) == 5, failed
+
+
+@contextmanager
+def unanswered_ports(count: int) -> Iterator[list[int]]:
+    """Loopback ports whose accept queue is full (one connection queued, never accepted): the
+    kernel drops every further SYN, so a connect times out, as to the address of a container
+    that is gone."""
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            listener = stack.enter_context(socket.socket())
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            port = listener.getsockname()[1]
+            stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=2))
+            ports.append(port)
+        yield ports
+
+
+def test_timed_out_connects_give_their_try_back_twice(setup: Setup) -> None:
+    """Containers just gone time connects out until their stop reaches nginx: a request tries
+    on past two of them at no cost of a try, not more (each costs the 1 s connect timeout)."""
+    a = setup.ports[0]
+    with unanswered_ports(5) as gone:
+        put(
+            setup,
+            gone=service_json("round_robin", [*(Peer(p, max_fails=0) for p in gone[:3]), Peer(a)]),
+        )
+        reply = setup.nginx.get("gone")
+        assert reply.status == 200 and reply.body == str(a), reply
+        # round robin starts at the first peer: three timed out, the fourth try answered
+        assert len(upstreams(reply)) == 4, reply
+        # a new service, so that round robin starts at the first peer again
+        put(
+            setup,
+            more=service_json("round_robin", [*(Peer(p, max_fails=0) for p in gone), Peer(a)]),
+        )
+        failed = setup.nginx.get("more")
+        assert failed.status == 504 and len(upstreams(failed)) == 5, failed
 
 
 def test_a_502_answer_uses_up_its_try(setup: Setup) -> None:
