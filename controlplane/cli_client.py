@@ -214,8 +214,8 @@ def _show_change(reply: dict[str, Any], as_json: bool) -> None:
     else:
         click.echo(service_text(reply))
         applied = reply["applied"]
-        reloaded = ", ".join(applied["reloaded"]) or "no nginx"
-        click.echo(f"saved; version {applied['version']}, reloaded: {reloaded}")
+        running = ", ".join(applied["reloaded"]) or "none yet"
+        click.echo(f"saved; version {applied['version']}, nginx running it: {running}")
     if reply["applied"]["errors"]:
         raise click.ClickException(
             "saved, but not applied everywhere: " + "; ".join(reply["applied"]["errors"])

@@ -222,8 +222,9 @@ class Applied(Reply):
     version: int
     done: bool = Field(description="the pass finished its deploys")
     reloaded: list[str] = Field(
-        description="nginx containers that run the change: loaded by the pass that applied "
-        "it, or already by an earlier pass that started after it was saved"
+        description="nginx containers that run this version's config, whichever pass loaded "
+        "it (one that started just after the change was saved may have taken it first; a "
+        "change that leaves the config as it was lists every nginx already running it)"
     )
     errors: list[str]
 

@@ -71,7 +71,7 @@ def test_run_serves_scaled_service_and_stops_cleanly(
         timeout=30,
     )
     assert drained.returncode == 0, drained.stderr
-    assert f"reloaded: {lb.name}" in drained.stdout
+    assert f"nginx running it: {lb.name}" in drained.stdout
     rest = names - {backends[1].name}
     wait_until(lambda: http.only("web", rest), what="the drained one gone")
     assert (tmp_path / "overrides.sqlite3").exists()

@@ -97,7 +97,7 @@ def test_algorithm_weight_drain_undrain(served: tuple[ApiHarness, str]) -> None:
     result = cli(url, "algorithm", "web", "hash", "--key", "$request_uri", "--consistent")
     assert result.exit_code == 0, result.output
     assert "service web: hash $request_uri consistent (override)" in result.output
-    assert "reloaded: lb" in result.output
+    assert "nginx running it: lb" in result.output
     assert 'hash "$request_uri" consistent;' in api.config
     assert cli(url, "weight", "web", "w1", "9").exit_code == 0
     assert "weight=9" in api.config

@@ -273,6 +273,21 @@ def test_only_what_the_probe_says_of_lua_settles_the_mode(
     assert probe_verdict(took, said) is verdict
 
 
+def test_a_dynamic_nginx_runs_a_snapshot_once_its_push_took_and_only_then() -> None:
+    """`current` (the API's `reloaded`): a failed push leaves the nginx out, a later pass that
+    pushes it puts it in, and a pass with nothing left to send still names it."""
+    source, deployer, reconciler = make_dynamic(nginx("lb"), W1)
+    assert reconciler.reconcile("start").current == ("lb",)
+    deployer.push_fails = True
+    source.state = state(nginx("lb"), W1, W2)
+    assert reconciler.reconcile("event").current == ()
+    deployer.push_fails = False
+    reconciler.retry_refused()
+    assert reconciler.reconcile("api").current == ("lb",)
+    again = reconciler.reconcile("api")
+    assert again.deployed == () and again.current == ("lb",)
+
+
 def test_a_failed_push_is_due_again_after_its_wait() -> None:
     _, deployer, reconciler = make_dynamic(nginx("lb"), W1)
     deployer.push_fails = True
