@@ -29,7 +29,7 @@ from tests.support.witness import MachineEngineWitness
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use an engine (through any fixture) carry the `docker` marker."""
     for item in items:
-        if {"docker_client", "private_engine", "private_swarm"} & set(
+        if {"docker_client", "private_engine", "private_swarm", "two_node_swarm"} & set(
             getattr(item, "fixturenames", ())
         ):
             item.add_marker(pytest.mark.docker)
@@ -67,18 +67,43 @@ def private_engine() -> Iterator[PrivateEngine]:
         engine.close()
 
 
-@pytest.fixture
-def private_swarm() -> Iterator[PrivateSwarm]:
-    """A single-node swarm on an engine of the test's own: swarm mode refuses the machine's
-    engine (--live-restore), and a test must not reconfigure it anyway."""
+def _swarm(worker: bool) -> Iterator[PrivateSwarm]:
     try:
-        swarm = start_swarm()
+        swarm = start_swarm(worker=worker)
     except EngineUnavailable as error:
         unavailable(f"no private Docker engine for a swarm: {error}")
     try:
         yield swarm
     finally:
         swarm.close()
+
+
+@pytest.fixture(scope="module")
+def _module_swarm() -> Iterator[PrivateSwarm]:
+    yield from _swarm(worker=False)
+
+
+@pytest.fixture(scope="module")
+def _module_two_node_swarm() -> Iterator[PrivateSwarm]:
+    yield from _swarm(worker=True)
+
+
+@pytest.fixture
+def private_swarm(_module_swarm: PrivateSwarm) -> Iterator[PrivateSwarm]:
+    """A single-node swarm on an engine of the test's own: swarm mode refuses the machine's
+    engine (--live-restore), and a test must not reconfigure it anyway. The tests of a module
+    share it (it takes seconds to start and to stop); each finds it empty (reset)."""
+    yield _module_swarm
+    _module_swarm.reset()
+
+
+@pytest.fixture
+def two_node_swarm(_module_two_node_swarm: PrivateSwarm) -> Iterator[PrivateSwarm]:
+    """A manager and a worker, each an engine in a namespace of its own, joined by a link of
+    their own: two machines as far as Swarm, gossip and the overlay's VXLAN can tell. Shared
+    as private_swarm is."""
+    yield _module_two_node_swarm
+    _module_two_node_swarm.reset()
 
 
 @pytest.fixture

@@ -127,8 +127,8 @@ class Stage:
 
     def service(self, name: str, replicas: int, **labels: str) -> dict[str, str]:
         """Creates a draining service of `replicas` tasks (0: a global service, one task
-        on this one node), labelled `labels` on its spec, and waits until they run: task
-        name -> address."""
+        per node), labelled `labels` on its spec, and waits until they run: task name ->
+        address."""
         self.swarm.client.services.create(
             self.swarm.images.backend,
             name=name,
@@ -138,7 +138,7 @@ class Stage:
             labels=labels,
             container_labels={L.PORT: "80"},
         )
-        return self.running(name, replicas or 1)
+        return self.running(name, replicas or len(self.swarm.client.nodes.list()))
 
     def running(self, name: str, replicas: int) -> dict[str, str]:
         return wait_until(
@@ -461,3 +461,39 @@ def _serve_everywhere(clients: list[Http], tasks: dict[str, str]) -> None:
             timeout=30,
             what=f"nginx task {http.base} serving the {len(tasks)} tasks",
         )
+
+
+@DATAPLANES
+def test_a_task_on_another_node_is_served_over_the_overlay_and_leaves_when_its_node_drains(
+    two_node_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
+) -> None:
+    """Two nodes: the controller on the manager lists the worker's task through the manager's
+    API (no event of the worker's engine reaches it), nginx on the manager reaches that task
+    over the overlay; a task killed there goes out and its replacement comes in; draining the
+    worker takes its task out before it stops: no request fails."""
+    swarm = two_node_swarm
+    assert swarm.worker is not None
+    with staged(swarm, start_controller, dataplane) as stage:
+        edge = stage.service("edge", 0)  # global: one task per node
+        assert {name.split(".")[1] for name in edge} == {swarm.node_id, swarm.worker_id}
+        stage.served("edge", edge)
+
+        (remote,) = [c for c in swarm.worker.client.containers.list() if c.name in edge]
+        remote.kill()
+        wait_until(
+            lambda: (
+                edge[str(remote.name)] not in _live(stage.controller, "edge")
+                or bool(set(_running_tasks(swarm, "edge")) - set(edge))  # replaced already
+            ),
+            timeout=30,
+            what="the task killed on the worker out",
+        )
+        edge = stage.running("edge", 2)
+        stage.served("edge", edge)
+        with stage.load("edge") as load:
+            wait_until(lambda: set(edge) <= set(load.by_backend()), what="both tasks answering")
+            _docker(swarm, "node", "update", "--availability", "drain", swarm.worker_id)
+            left = stage.running("edge", 1)
+            assert {name.split(".")[1] for name in left} == {swarm.node_id}
+            stage.served("edge", left)
+        assert load.failures == [], load.failures[:5]

@@ -1,4 +1,4 @@
-"""A single-node Docker Swarm of the suite's own, on a private engine (tests/support/engine.py).
+"""A Docker Swarm of the suite's own, on private engines (tests/support/engine.py).
 
 Swarm mode refuses an engine started with --live-restore, which the machine's engine is, and a
 test must never reconfigure the machine's engine: so the swarm is a private engine started
@@ -6,13 +6,19 @@ without it, `swarm init` advertising its namespace's loopback, with the offline 
 in it: nothing can be pulled, and a service created through the API runs a local tag without
 asking a registry (what `--no-resolve-image` does for the CLI). Closing leaves the swarm and
 removes the engine.
+
+With a worker, each engine is a node in a network namespace of its own, the two joined by a
+veth pair with addresses of LINK only: the manager's API, gossip and the overlay's VXLAN go
+over it as between two machines, and nothing else can reach either end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
+import subprocess
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
@@ -20,13 +26,18 @@ import docker.errors
 from docker.models.containers import Container
 
 from images.build import OfflineImages, ensure_images
-from tests.support.engine import PrivateEngine
+from tests.support.engine import PREDEFINED_NETWORKS, PrivateEngine
+from tests.support.lab import remove_network
 from tests.support.netns import entered
 
+KEPT_NETWORKS = PREDEFINED_NETWORKS | {"ingress", "docker_gwbridge"}
+"""An engine's own networks, and those a swarm makes for itself."""
 SWARM_FLAGS = ("--userland-proxy=false",)
 """The machine engine's flags but --live-restore, which swarm mode refuses."""
 ADVERTISE = "127.0.0.1"
 """The engine's own loopback (in its namespace): a single node has no peer to reach it."""
+LINK = ("10.213.0.1", "10.213.0.2", 24)
+"""The manager's and the worker's addresses on the veth pair between their namespaces."""
 
 
 @dataclass
@@ -36,7 +47,11 @@ class PrivateSwarm:
     engine: PrivateEngine
     images: OfflineImages
     node_id: str
+    worker: PrivateEngine | None = None
+    """The second node, when there is one (`start_swarm(worker=True)`)."""
+    worker_id: str = ""
     closed: bool = False
+    _engines: list[PrivateEngine] = field(default_factory=list)
 
     @property
     def client(self) -> docker.DockerClient:
@@ -62,6 +77,30 @@ class PrivateSwarm:
         )
         return seat
 
+    def reset(self) -> None:
+        """For the next test on this swarm: every service, container and network a test made
+        is removed, on every node, and every node is active again (nothing, once closed)."""
+        if self.closed:
+            return
+        for service in self.client.services.list():
+            with contextlib.suppress(docker.errors.NotFound):
+                service.remove()  # type: ignore[no-untyped-call]  # untyped in types-docker
+        for engine in self._engines or [self.engine]:
+            for container in engine.client.containers.list(all=True):
+                try:
+                    container.remove(force=True)
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as error:
+                    if error.status_code != 409:  # its task's removal, already under way
+                        raise
+        for node in self.client.nodes.list():
+            if node.attrs["Spec"].get("Availability") != "active":
+                node.update({**node.attrs["Spec"], "Availability": "active"})
+        for network in self.client.networks.list():
+            if network.name not in KEPT_NETWORKS:
+                remove_network(network)
+
     def close(self) -> None:
         """`swarm leave --force` (services, tasks and overlay networks go with the swarm),
         then the engine is removed; raises, as PrivateEngine.close does, if anything is left.
@@ -69,19 +108,70 @@ class PrivateSwarm:
         if self.closed:
             return
         self.closed = True
-        with contextlib.suppress(docker.errors.APIError):
-            self.client.swarm.leave(force=True)
-        self.engine.close()
+        _close(self._engines or [self.engine])
 
 
-def start_swarm() -> PrivateSwarm:
-    """Raises EngineUnavailable where a private engine can't run."""
-    engine = PrivateEngine(flags=SWARM_FLAGS)
+def _close(engines: list[PrivateEngine]) -> None:
+    """Workers leave first, then the manager; every engine is closed whatever failed."""
     try:
-        node_id = engine.client.swarm.init(
-            advertise_addr=ADVERTISE, listen_addr=f"{ADVERTISE}:2377"
+        for engine in reversed(engines):
+            with contextlib.suppress(docker.errors.APIError, AssertionError):
+                engine.client.swarm.leave(force=True)
+    finally:
+        errors = []
+        for engine in reversed(engines):
+            try:
+                engine.close()
+            except RuntimeError as error:
+                errors.append(error)
+        if errors:
+            raise errors[0]
+
+
+def _link(manager: PrivateEngine, worker: PrivateEngine) -> None:
+    """A veth pair from the manager's namespace into the worker's (named by its dockerd's
+    PID, which lives there), each end up with its LINK address; it goes with the namespaces."""
+    token = secrets.token_hex(3)
+    ends = (f"cpm{token}", f"cpw{token}")
+    pair = f"link add {ends[0]} type veth peer name {ends[1]} netns {worker.pid}".split()
+    steps = [manager.netns.command(["ip", *pair])]
+    for engine, end, address in ((manager, ends[0], LINK[0]), (worker, ends[1], LINK[1])):
+        steps.append(
+            engine.netns.command(["ip", "addr", "add", f"{address}/{LINK[2]}", "dev", end])
         )
-        return PrivateSwarm(engine, ensure_images(engine.client), str(node_id))
+        steps.append(engine.netns.command(["ip", "link", "set", end, "up"]))
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(step)}` failed: {done.stderr.strip()}")
+
+
+def start_swarm(worker: bool = False) -> PrivateSwarm:
+    """A manager, and with `worker` a second node joined to it over a link of their own.
+    Raises EngineUnavailable where a private engine can't run."""
+    engines = [PrivateEngine(flags=SWARM_FLAGS)]
+    try:
+        manager = engines[0]
+        if not worker:
+            node_id = manager.client.swarm.init(
+                advertise_addr=ADVERTISE, listen_addr=f"{ADVERTISE}:2377"
+            )
+            return PrivateSwarm(manager, ensure_images(manager.client), str(node_id))
+        engines.append(PrivateEngine(flags=SWARM_FLAGS))
+        second = engines[1]
+        _link(manager, second)
+        node_id = manager.client.swarm.init(advertise_addr=LINK[0], listen_addr=f"{LINK[0]}:2377")
+        token = manager.client.swarm.attrs["JoinTokens"]["Worker"]
+        second.client.swarm.join(
+            remote_addrs=[f"{LINK[0]}:2377"],
+            join_token=token,
+            advertise_addr=LINK[1],
+            listen_addr=f"{LINK[1]}:2377",
+        )
+        images = ensure_images(manager.client)
+        ensure_images(second.client)
+        worker_id = str(second.client.info()["Swarm"]["NodeID"])
+        return PrivateSwarm(manager, images, str(node_id), second, worker_id, _engines=engines)
     except BaseException:
-        engine.close()
+        _close(engines)
         raise
