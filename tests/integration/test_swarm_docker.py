@@ -150,12 +150,12 @@ class Stage:
             what=f"{replicas} running tasks of {name}",
         )
 
-    def served(self, name: str, tasks: dict[str, str]) -> None:
+    def served(self, name: str, tasks: dict[str, str], timeout: float = 30) -> None:
         """The controller, nginx and DNS serve exactly these tasks."""
         addresses = set(tasks.values())
         wait_until(
             lambda: _live(self.controller, name) == addresses,
-            timeout=30,
+            timeout=timeout,
             what=f"the controller serving the {len(tasks)} tasks",
         )
         wait_until(
@@ -464,13 +464,14 @@ def _serve_everywhere(clients: list[Http], tasks: dict[str, str]) -> None:
 
 
 @DATAPLANES
-def test_a_task_on_another_node_is_served_over_the_overlay_and_leaves_when_its_node_drains(
+def test_a_task_on_another_node_is_served_and_leaves_when_killed_lost_or_drained(
     two_node_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
 ) -> None:
     """Two nodes: the controller on the manager lists the worker's task through the manager's
     API (no event of the worker's engine reaches it), nginx on the manager reaches that task
-    over the overlay; a task killed there goes out and its replacement comes in; draining the
-    worker takes its task out before it stops: no request fails."""
+    over the overlay; a task killed there goes out and its replacement comes in; the worker
+    lost, its task goes out, and back, a new one comes in; the worker drained, its task goes
+    out before it stops. Under load from the loss on: no request fails."""
     swarm = two_node_swarm
     assert swarm.worker is not None
     with staged(swarm, start_controller, dataplane) as stage:
@@ -490,10 +491,22 @@ def test_a_task_on_another_node_is_served_over_the_overlay_and_leaves_when_its_n
         )
         edge = stage.running("edge", 2)
         stage.served("edge", edge)
+        (on_manager,) = [name for name in edge if name.split(".")[1] == swarm.node_id]
+
         with stage.load("edge") as load:
+            # the worker lost (its link cut): its task's connects time out and are tried again
+            # on the manager's; once the manager marks the node down (~15 s of missed
+            # heartbeats) the task's desired state is shutdown, and it leaves nginx and DNS
+            swarm.set_link(up=False)
+            stage.served("edge", {on_manager: edge[on_manager]}, timeout=60)
+            # back: the worker rejoins and the global service starts a task there again
+            swarm.set_link(up=True)
+            edge = stage.running("edge", 2)
+            stage.served("edge", edge)
+            # drained: its task leaves nginx before it stops
             wait_until(lambda: set(edge) <= set(load.by_backend()), what="both tasks answering")
             _docker(swarm, "node", "update", "--availability", "drain", swarm.worker_id)
             left = stage.running("edge", 1)
-            assert {name.split(".")[1] for name in left} == {swarm.node_id}
+            assert set(left) == {on_manager}
             stage.served("edge", left)
         assert load.failures == [], load.failures[:5]

@@ -27,7 +27,7 @@ from docker.models.containers import Container
 
 from images.build import OfflineImages, ensure_images
 from tests.support.engine import PREDEFINED_NETWORKS, PrivateEngine
-from tests.support.lab import remove_network
+from tests.support.lab import remove_network, wait_until
 from tests.support.netns import entered
 
 KEPT_NETWORKS = PREDEFINED_NETWORKS | {"ingress", "docker_gwbridge"}
@@ -50,6 +50,8 @@ class PrivateSwarm:
     worker: PrivateEngine | None = None
     """The second node, when there is one (`start_swarm(worker=True)`)."""
     worker_id: str = ""
+    link: str = ""
+    """The worker's end of the link (in its namespace)."""
     closed: bool = False
     _engines: list[PrivateEngine] = field(default_factory=list)
 
@@ -77,6 +79,15 @@ class PrivateSwarm:
         )
         return seat
 
+    def set_link(self, up: bool) -> None:
+        """Down: the worker is cut off from the manager, as a machine lost or partitioned (its
+        engine and tasks go on); up: it comes back, and rejoins by itself."""
+        assert self.worker is not None, "a single-node swarm has no link"
+        command = self.worker.netns.command(
+            ["ip", "link", "set", self.link, "up" if up else "down"]
+        )
+        subprocess.run(command, check=True, capture_output=True)
+
     def reset(self) -> None:
         """For the next test on this swarm: every service, container and network a test made
         is removed, on every node, and every node is active again (nothing, once closed)."""
@@ -94,6 +105,15 @@ class PrivateSwarm:
                 except docker.errors.APIError as error:
                     if error.status_code != 409:  # its task's removal, already under way
                         raise
+        if self.worker is not None:
+            self.set_link(up=True)
+            wait_until(
+                lambda: all(
+                    n.attrs["Status"]["State"] == "ready" for n in self.client.nodes.list()
+                ),
+                timeout=60,
+                what="every node ready again",
+            )
         for node in self.client.nodes.list():
             if node.attrs["Spec"].get("Availability") != "active":
                 node.update({**node.attrs["Spec"], "Availability": "active"})
@@ -128,9 +148,10 @@ def _close(engines: list[PrivateEngine]) -> None:
             raise errors[0]
 
 
-def _link(manager: PrivateEngine, worker: PrivateEngine) -> None:
+def _link(manager: PrivateEngine, worker: PrivateEngine) -> str:
     """A veth pair from the manager's namespace into the worker's (named by its dockerd's
-    PID, which lives there), each end up with its LINK address; it goes with the namespaces."""
+    PID, which lives there), each end up with its LINK address; it goes with the namespaces.
+    Returns the worker's end."""
     token = secrets.token_hex(3)
     ends = (f"cpm{token}", f"cpw{token}")
     pair = f"link add {ends[0]} type veth peer name {ends[1]} netns {worker.pid}".split()
@@ -144,6 +165,7 @@ def _link(manager: PrivateEngine, worker: PrivateEngine) -> None:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"`{' '.join(step)}` failed: {done.stderr.strip()}")
+    return ends[1]
 
 
 def start_swarm(worker: bool = False) -> PrivateSwarm:
@@ -159,7 +181,7 @@ def start_swarm(worker: bool = False) -> PrivateSwarm:
             return PrivateSwarm(manager, ensure_images(manager.client), str(node_id))
         engines.append(PrivateEngine(flags=SWARM_FLAGS))
         second = engines[1]
-        _link(manager, second)
+        link = _link(manager, second)
         node_id = manager.client.swarm.init(advertise_addr=LINK[0], listen_addr=f"{LINK[0]}:2377")
         token = manager.client.swarm.attrs["JoinTokens"]["Worker"]
         second.client.swarm.join(
@@ -171,7 +193,9 @@ def start_swarm(worker: bool = False) -> PrivateSwarm:
         images = ensure_images(manager.client)
         ensure_images(second.client)
         worker_id = str(second.client.info()["Swarm"]["NodeID"])
-        return PrivateSwarm(manager, images, str(node_id), second, worker_id, _engines=engines)
+        return PrivateSwarm(
+            manager, images, str(node_id), second, worker_id, link, _engines=engines
+        )
     except BaseException:
         _close(engines)
         raise
