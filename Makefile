@@ -25,11 +25,14 @@ demo-down:
 demo-clean:
 	$(BIN)/python scripts/demo.py clean
 
+# The unit tests share nothing (ports are the kernel's, files the test's own), so they run on
+# two processes; the integration tests share the engine and time-bound loads: one at a time.
 test: dev lint
-	$(BIN)/pytest
+	$(BIN)/pytest tests/unit -n 2
+	$(BIN)/pytest tests/integration
 
 unit: $(BIN)/controlplane
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest tests/unit -n 2
 
 lint: $(BIN)/controlplane
 	$(BIN)/ruff check controlplane tests bench images scripts
