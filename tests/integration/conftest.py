@@ -88,13 +88,28 @@ def _module_two_node_swarm() -> Iterator[PrivateSwarm]:
     yield from _swarm(worker=True)
 
 
+def _shared(swarm: PrivateSwarm) -> Iterator[PrivateSwarm]:
+    """The module's swarm for one test, emptied after it; one that can't be emptied is closed,
+    and the module's next tests fail at once rather than on what it left."""
+    if swarm.closed:
+        pytest.fail(
+            "this module's swarm is closed: a test closed it, or it could not be emptied after "
+            "an earlier test (that test's teardown error says why)"
+        )
+    yield swarm
+    try:
+        swarm.reset()
+    except BaseException:
+        swarm.close()
+        raise
+
+
 @pytest.fixture
 def private_swarm(_module_swarm: PrivateSwarm) -> Iterator[PrivateSwarm]:
     """A single-node swarm on an engine of the test's own: swarm mode refuses the machine's
     engine (--live-restore), and a test must not reconfigure it anyway. The tests of a module
     share it (it takes seconds to start and to stop); each finds it empty (reset)."""
-    yield _module_swarm
-    _module_swarm.reset()
+    yield from _shared(_module_swarm)
 
 
 @pytest.fixture
@@ -102,8 +117,7 @@ def two_node_swarm(_module_two_node_swarm: PrivateSwarm) -> Iterator[PrivateSwar
     """A manager and a worker, each an engine in a namespace of its own, joined by a link of
     their own: two machines as far as Swarm, gossip and the overlay's VXLAN can tell. Shared
     as private_swarm is."""
-    yield _module_two_node_swarm
-    _module_two_node_swarm.reset()
+    yield from _shared(_module_two_node_swarm)
 
 
 @pytest.fixture

@@ -165,7 +165,13 @@ def test_scale_switch_and_tear_down(stack: Stack, http_for: type[Http]) -> None:
     wait_until(lambda: stack.dig() == four, timeout=30, what="the controller's DNS back")
 
     (nginx,) = stack.containers("nginx")
-    assert api.get("/api/v1/nginx").json()["nginx"][0]["dataplane"] == stack.dataplane
+    # the restarted controller answers DNS from the zone it was handed at once; it knows
+    # nginx's data plane once its first pass has probed it
+    wait_until(
+        lambda: api.get("/api/v1/nginx").json()["nginx"][0]["dataplane"] == stack.dataplane,
+        timeout=30,
+        what="the restarted controller naming nginx's data plane",
+    )
     reloads = reconfigured(nginx)
     reply = api.put("/api/v1/services/web/algorithm?wait=true", json={"method": "least_conn"})
     assert reply.status_code == 200, reply.text

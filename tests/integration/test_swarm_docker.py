@@ -1,7 +1,7 @@
-"""Swarm services served end to end on a single-node swarm of the test's own
-(tests/support/swarm.py): nginx and DNS answer with their tasks' overlay addresses, and what an
-operator does to a service (scale, rolling update, label change, removal) reaches them with no
-failed request.
+"""Swarm services served end to end on a swarm of the test's own (tests/support/swarm.py):
+nginx and DNS answer with their tasks' overlay addresses, and what an operator does to a
+service (scale, rolling update, label change, removal) reaches them with no failed request; on
+one node, and on two (a task on the worker killed, lost with its node, drained).
 
 The controller runs in this process, in the network namespace of a container attached to the
 overlay network: where a controller deployed on the swarm sits, and the only place its
@@ -72,6 +72,19 @@ def _live(controller: RunningController, service: str | None = None) -> set[str]
         if service in (None, s.name)
         for b in s.live_backends
     }
+
+
+def _node_state(swarm: PrivateSwarm, node_id: str) -> str:
+    return str(swarm.client.nodes.get(node_id).attrs["Status"]["State"])
+
+
+def _load_covers(load: Load, until: float) -> None:
+    """The load was still sending at `until` (it stops by itself at its bounds)."""
+    wait_until(
+        lambda: any(r.started >= until for r in list(load.responses)),
+        timeout=10,
+        what="the load still sending at the end of the step",
+    )
 
 
 def _docker(swarm: PrivateSwarm, *args: str) -> None:
@@ -465,18 +478,19 @@ def _serve_everywhere(clients: list[Http], tasks: dict[str, str]) -> None:
         )
 
 
-@DATAPLANES
 def test_a_task_on_another_node_is_served_and_leaves_when_killed_lost_or_drained(
-    two_node_swarm: PrivateSwarm, start_controller: ControllerFactory, dataplane: str
+    two_node_swarm: PrivateSwarm, start_controller: ControllerFactory
 ) -> None:
     """Two nodes: the controller on the manager lists the worker's task through the manager's
     API (no event of the worker's engine reaches it), nginx on the manager reaches that task
     over the overlay; a task killed there goes out and its replacement comes in; the worker
     lost, its task goes out, and back, a new one comes in; the worker drained, its task goes
-    out before it stops. Under load from the loss on: no request fails."""
+    out before it stops. Under load from the loss on: no request fails. On the dynamic data
+    plane (the default) only: what a second node adds is the controller's listing and the
+    overlay, which both planes share; every single-node test runs on both."""
     swarm = two_node_swarm
     assert swarm.worker is not None
-    with staged(swarm, start_controller, dataplane) as stage:
+    with staged(swarm, start_controller, "dynamic") as stage:
         edge = stage.service("edge", 0)  # global: one task per node
         assert {name.split(".")[1] for name in edge} == {swarm.node_id, swarm.worker_id}
         stage.served("edge", edge)
@@ -495,20 +509,35 @@ def test_a_task_on_another_node_is_served_and_leaves_when_killed_lost_or_drained
         stage.served("edge", edge)
         (on_manager,) = [name for name in edge if name.split(".")[1] == swarm.node_id]
 
+        # the worker lost (its link cut): once the manager marks the node down (missed
+        # heartbeats) the task's desired state is shutdown, and it leaves nginx and DNS;
+        # requests sent to it meanwhile must be answered by the manager's
         with stage.load("edge") as load:
-            # the worker lost (its link cut): its task's connects time out and are tried again
-            # on the manager's; once the manager marks the node down (~15 s of missed
-            # heartbeats) the task's desired state is shutdown, and it leaves nginx and DNS
+            wait_until(lambda: set(edge) <= set(load.by_backend()), what="both tasks answering")
             swarm.set_link(up=False)
             stage.served("edge", {on_manager: edge[on_manager]}, timeout=60)
-            # back: the worker rejoins and the global service starts a task there again
-            swarm.set_link(up=True)
-            edge = stage.running("edge", 2)
-            stage.served("edge", edge)
-            # drained: its task leaves nginx before it stops
+            assert _node_state(swarm, swarm.worker_id) == "down"
+            _load_covers(load, time.monotonic())
+        assert load.failures == [], load.failures[:5]
+
+        # back: the worker rejoins and the global service starts a task there again
+        swarm.set_link(up=True)
+        edge = stage.running("edge", 2)
+        stage.served("edge", edge)
+
+        # drained: its task's desired state is shutdown, and it leaves nginx while it runs
+        with stage.load("edge") as load:
             wait_until(lambda: set(edge) <= set(load.by_backend()), what="both tasks answering")
             _docker(swarm, "node", "update", "--availability", "drain", swarm.worker_id)
             left = stage.running("edge", 1)
             assert set(left) == {on_manager}
+            wait_until(
+                lambda: _live(stage.controller, "edge") == set(left.values()),
+                timeout=30,
+                what="the drained task out",
+            )
+            (leaving,) = set(edge) - set(left)
+            assert _states(swarm, "edge").get(leaving) == "running"  # out before it stopped
             stage.served("edge", left)
+            _load_covers(load, time.monotonic())
         assert load.failures == [], load.failures[:5]

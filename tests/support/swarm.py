@@ -36,8 +36,9 @@ SWARM_FLAGS = ("--userland-proxy=false",)
 """The machine engine's flags but --live-restore, which swarm mode refuses."""
 ADVERTISE = "127.0.0.1"
 """The engine's own loopback (in its namespace): a single node has no peer to reach it."""
-LINK = ("10.213.0.1", "10.213.0.2", 24)
-"""The manager's and the worker's addresses on the veth pair between their namespaces."""
+LINK = ("100.64.213.1", "100.64.213.2", 24)
+"""The manager's and the worker's addresses on the veth pair between their namespaces: in no
+pool Docker allocates networks from (10/8 for overlays, 172.17-31 and 192.168 for bridges)."""
 
 
 @dataclass
@@ -97,7 +98,7 @@ class PrivateSwarm:
             with contextlib.suppress(docker.errors.NotFound):
                 service.remove()  # type: ignore[no-untyped-call]  # untyped in types-docker
         for engine in self._engines or [self.engine]:
-            for container in engine.client.containers.list(all=True):
+            for container in engine.client.containers.list(all=True, ignore_removed=True):
                 try:
                     container.remove(force=True)
                 except docker.errors.NotFound:
@@ -142,7 +143,7 @@ def _close(engines: list[PrivateEngine]) -> None:
         for engine in reversed(engines):
             try:
                 engine.close()
-            except RuntimeError as error:
+            except Exception as error:  # the next engine is closed all the same
                 errors.append(error)
         if errors:
             raise errors[0]

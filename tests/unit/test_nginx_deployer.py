@@ -167,8 +167,8 @@ def test_one_stalled_nginx_does_not_delay_the_others_results() -> None:
     assert results[0].ok and results[2].ok and not results[1].ok
     assert "within 2 s (it was at: nginx -t)" in (results[1].error or "")
     assert not results[1].refused
-    assert heard["a"] < 1.0 and heard["c"] < 1.0, heard
-    assert 2.0 <= heard["b"] < 2.5 and took < 2.5, heard
+    # a and c before b's deadline; b at it (the upper bounds leave room for a loaded machine)
+    assert max(heard["a"], heard["c"]) < 2.0 <= heard["b"] < 3.5 and took < 3.5, heard
     assert api.files[b.container_id] == NEW  # the test still runs
 
     release.set()
