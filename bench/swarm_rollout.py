@@ -18,7 +18,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import signal
 import subprocess
@@ -36,6 +35,7 @@ from docker.types import ServiceMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Running, machine_line, table
+from bench.swarm_converge import docker
 from controlplane.core import labels as L
 from controlplane.settings import Settings
 from images.build import ensure_haproxy_image
@@ -48,11 +48,6 @@ PLANES = ("dynamic", "reload", "haproxy")
 DRAINING = ["STOP_DELAY=1", "DRAIN_STATUS=200"]
 TIMEOUT = 120.0
 """Seconds any one wait may take (a task to run, a proxy to serve it)."""
-
-
-def docker(swarm: PrivateSwarm, *args: str) -> None:
-    environment = {**os.environ, "DOCKER_HOST": swarm.engine.url}
-    subprocess.run(["docker", *args], check=True, capture_output=True, env=environment)
 
 
 def running(swarm: PrivateSwarm) -> set[str]:
